@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch first (the CPU wheel on disk), then the exact pins, then this package without deps,
+# so that nothing can pull another torch build.
+$(STAMP): requirements.txt pyproject.toml
+	@start=$$(date +%s); \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 && \
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt && \
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e . && \
+	echo "setup took $$(( $$(date +%s) - start ))s" && touch $(STAMP)
+
+demo: setup
+	$(BIN)/vlmforge demo --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+lint: setup
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,209 @@
+"""Typed configuration: the single source of truth for models, data and training.
+
+The CLI flags and YAML files (`--config FILE.yaml`) are generated from these dataclasses by
+jsonargparse; the resolved config is written next to every model and checkpoint, so each artefact
+says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    """How a VLM is assembled from its three parts.
+
+    Args:
+        vision: vision encoder: a Hub id or a local folder (SigLIP, CLIP or any HF vision model).
+        lm: decoder language model: a Hub id or a local folder (any HF causal LM).
+        tokenizer: tokenizer folder or id; defaults to `lm`.
+        connector: connector name from the registry (`vlmforge.model.connectors`).
+        connector_hidden: hidden width of the connector's MLP; defaults to the LM width.
+        connector_layers: self-attention blocks of the `attention` connector.
+        connector_heads: attention heads of the `attention` connector.
+        feature_layer: encoder layer whose patch features feed the connector; -1 is the last
+            hidden state after the encoder's final norm, other values index `hidden_states`.
+        image_size: encoder input resolution; defaults to the encoder's own processor settings.
+        resize: `pad` keeps the aspect ratio (resize the long side, pad the rest); `squash`
+            resizes to a square regardless of aspect.
+        layout: `llama3v` puts `<image>`…`</image>` before the text wrapped in `<text>`…`</text>`;
+            `inline` replaces the `<image>` marker in place.
+        dtype: weights dtype of the backbones (float32, bfloat16, float16).
+    """
+
+    vision: str = ""
+    lm: str = ""
+    tokenizer: str | None = None
+    connector: str = "mlp"
+    connector_hidden: int | None = None
+    connector_layers: int = 2
+    connector_heads: int = 4
+    feature_layer: int = -1
+    image_size: int | None = None
+    resize: Literal["pad", "squash"] = "pad"
+    layout: Literal["llama3v", "inline"] = "llama3v"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class TrainConfig:
+    """One training stage. A stage is data: what trains, at which learning rate, on what.
+
+    Args:
+        stage: `align` trains only the connector; `sft` trains the connector and the LM.
+        data: LLaVA-format JSON files to train on (image paths relative to each file).
+        out: run folder: checkpoint, metrics.jsonl, loss.png and the final `model/`.
+        lm_mode: how the LM trains: frozen, full or lora; default from the stage.
+        epochs: passes over the data (fractions allowed).
+        max_steps: stop after this many optimizer steps (overrides epochs when smaller).
+        batch_size: records per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate of the connector.
+        lm_lr: peak learning rate of the LM (full or LoRA); default lr / 3.
+        weight_decay: AdamW weight decay on matrices.
+        warmup: fraction of steps of linear warm-up.
+        min_lr_ratio: the cosine decays to this fraction of the peak.
+        clip: gradient-norm clipping (0 disables).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha.
+        max_len: maximum tokens per record; longer records are skipped and counted.
+        bad_images: what to do with an unreadable image: skip (and count) or fail.
+        max_image_pixels: larger images are refused as bad input.
+        num_workers: DataLoader worker processes for image decoding.
+        seed: seed of initialisation, shuffling and dropout.
+        save_every: write a checkpoint every this many optimizer steps.
+        log_every: write a metrics line every this many optimizer steps.
+        time_budget: stop (with a checkpoint and the model saved) after this many seconds.
+    """
+
+    stage: Literal["align", "sft"] = "sft"
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/train"
+    lm_mode: Literal["frozen", "full", "lora"] | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    lm_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_len: int = 512
+    bad_images: Literal["skip", "fail"] = "skip"
+    max_image_pixels: int = 64_000_000
+    num_workers: int = 0
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    time_budget: float | None = None
+
+
+@dataclass
+class TinySpec:
+    """Sizes and pretraining budgets of the tiny backbones.
+
+    Args:
+        image_size: encoder resolution.
+        patch_size: ViT patch size.
+        vision_hidden: ViT width.
+        vision_layers: ViT depth.
+        vision_heads: ViT heads.
+        text_hidden: width of SigLIP's text tower (used only in pretraining).
+        text_layers: depth of SigLIP's text tower.
+        text_len: caption length in tokens for SigLIP pretraining.
+        lm_hidden: Llama width.
+        lm_layers: Llama depth.
+        lm_heads: Llama heads.
+        lm_intermediate: Llama MLP width.
+        vocab_size: BPE vocabulary size.
+        siglip_steps: SigLIP pretraining steps.
+        siglip_batch: SigLIP batch size.
+        siglip_lr: SigLIP peak learning rate.
+        lm_steps: Llama pretraining steps.
+        lm_batch: Llama batch size (conversations).
+        lm_lr: Llama peak learning rate.
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_len: int = 24
+    lm_hidden: int = 256
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_intermediate: int = 688
+    vocab_size: int = 512
+    siglip_steps: int = 150
+    siglip_batch: int = 256
+    siglip_lr: float = 2e-3
+    lm_steps: int = 150
+    lm_batch: int = 32
+    lm_lr: float = 2e-3
+
+
+def _align_default() -> TrainConfig:
+    return TrainConfig(stage="align", epochs=1.0, batch_size=64, lr=2e-3, save_every=50, log_every=5)
+
+
+def _sft_default() -> TrainConfig:
+    return TrainConfig(stage="sft", epochs=2.0, batch_size=32, lr=1e-3, lm_lr=5e-4, save_every=50, log_every=5)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and budgets of the demo.
+
+    Args:
+        out: run folder.
+        n_shapes: training images of the shapes task.
+        n_text: training images of the text task.
+        n_test: held-out images per task.
+        seed: data and training seed (held-out data uses seed + 1).
+        spec: tiny backbone sizes and pretraining budgets.
+        align: the align stage (data and output are set by the demo).
+        sft: the sft stage (data and output are set by the demo).
+        fresh: delete the run folder first instead of continuing it.
+    """
+
+    out: str = "runs/demo"
+    n_shapes: int = 3000
+    n_text: int = 1000
+    n_test: int = 300
+    seed: int = 0
+    spec: TinySpec = field(default_factory=TinySpec)
+    align: TrainConfig = field(default_factory=_align_default)
+    sft: TrainConfig = field(default_factory=_sft_default)
+    fresh: bool = False
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build a dataclass from a dict, naming unknown keys instead of silently dropping them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    return cls(**data)
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    from vlmforge.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,1 @@
+"""Data: LLaVA-format records, image loading and processing, prompts and label masks, batching."""

@@ -1,0 +1,93 @@
+"""Loading and validating LLaVA conversation data.
+
+A record is `{"id", "image", "conversations": [{"from": "human"|"gpt", "value": "<image>\\n…"}]}`;
+`image` (a path relative to the JSON file, or a list of them) is optional. Files may be a JSON
+list or JSON lines. Every record is validated when the file is read, so a malformed record fails
+before any training starts, with an error naming the file and the record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_MARKER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """Malformed data; the message names the file and the record."""
+
+
+@dataclass
+class Record:
+    id: str
+    images: list[Path]
+    messages: list[dict]  # [{"role": "user"|"assistant"|"system", "content": str}]
+    where: str = ""  # "file.json record 12 (id=...)" for error messages
+    extra: dict = field(default_factory=dict)
+
+
+def _read(path: Path) -> list:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: malformed JSON line ({e.msg})") from e
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg})") from e
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    return rows
+
+
+def parse_record(row: object, index: int, path: Path, image_root: Path) -> Record:
+    rid = row.get("id") if isinstance(row, dict) else None
+    where = f"{path} record {index}" + (f" (id={rid})" if rid is not None else "")
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list")
+    messages = []
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise DataError(
+                f"{where}: turn {t} must be {{'from': 'human'|'gpt'|'system', 'value': str}}, got {turn!r:.80}"
+            )
+        messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if not roles or roles[0] != "user" or any(a == b for a, b in zip(roles, roles[1:])):
+        raise DataError(f"{where}: turns must alternate human/gpt starting with human, got {roles}")
+    image = row.get("image")
+    names = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    if names and markers == 0:  # LLaVA convention: the image goes before the first question
+        first = next(m for m in messages if m["role"] == "user")
+        first["content"] = IMAGE_MARKER * len(names) + "\n" + first["content"]
+    elif markers != len(names):
+        raise DataError(f"{where}: {markers} '<image>' markers in the text but {len(names)} images")
+    if any(IMAGE_MARKER in m["content"] for m in messages if m["role"] != "user"):
+        raise DataError(f"{where}: '<image>' markers are only allowed in human turns")
+    extra = {k: v for k, v in row.items() if k not in ("id", "image", "conversations")}
+    return Record(str(rid if rid is not None else index), [image_root / n for n in names], messages, where, extra)
+
+
+def load_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+    """Read and validate a LLaVA JSON/JSONL file; image paths are relative to `image_root`
+    (default: the file's folder)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    return [parse_record(row, i, path, root) for i, row in enumerate(_read(path))]

@@ -1,0 +1,126 @@
+"""Image loading and processing.
+
+Loading refuses missing, corrupt, truncated and oversized files with an `ImageError` naming the
+file. Processing follows Idefics2's finding that images should keep their aspect ratio: the long
+side is resized to the encoder resolution and the rest padded with the normalisation mean (so the
+padding is zero after normalisation). `split_image` cuts an image into a grid of crops plus the
+whole image, as in LLaVA-UHD / Idefics2 image splitting.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# A truncated file must fail loudly, never decode as a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the reason."""
+
+
+def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise `ImageError` naming `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageError(f"{path}: image too large ({w}x{h} = {w * h} pixels > {max_pixels})")
+                img.load()
+                return img.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: image too large ({e})") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError… for bad files
+        raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def resize_pad(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """Resize so the long side is `size`, keeping the aspect ratio, and centre on a square canvas."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else img
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
+def split_image(img: Image.Image, grid: tuple[int, int] = (2, 2)) -> list[Image.Image]:
+    """Cut `img` into rows x cols crops (row-major) followed by the whole image."""
+    rows, cols = grid
+    w, h = img.size
+    xs = [round(i * w / cols) for i in range(cols + 1)]
+    ys = [round(j * h / rows) for j in range(rows + 1)]
+    crops = [img.crop((xs[i], ys[j], xs[i + 1], ys[j + 1])) for j in range(rows) for i in range(cols)]
+    return crops + [img]
+
+
+@dataclass
+class ImageProcessor:
+    """Turns PIL images into normalised tensors with the encoder's own settings.
+
+    Args:
+        size: square input resolution of the encoder.
+        mean: per-channel normalisation mean (0-1 scale).
+        std: per-channel normalisation std.
+        resize: `pad` (keep aspect) or `squash`.
+    """
+
+    size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = "pad"
+
+    @classmethod
+    def from_encoder(cls, path: str, size: int | None = None, resize: str = "pad") -> ImageProcessor:
+        """Read mean, std and resolution from an encoder's `preprocessor_config.json`."""
+        from transformers import AutoImageProcessor
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            proc = AutoImageProcessor.from_pretrained(path)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        s = proc.size
+        native = getattr(s, "height", None) or getattr(s, "shortest_edge", None)
+        if native is None and isinstance(s, dict):
+            native = s.get("height") or s.get("shortest_edge")
+        crop = getattr(proc, "crop_size", None)
+        if crop is not None:  # CLIP: resize shortest edge then centre-crop; the crop is the input size
+            native = getattr(crop, "height", None) or (crop.get("height") if isinstance(crop, dict) else native)
+        return cls(
+            size=int(size or native),
+            mean=tuple(float(x) for x in proc.image_mean),
+            std=tuple(float(x) for x in proc.image_std),
+            resize=resize,
+        )
+
+    def prepare(self, img: Image.Image) -> Image.Image:
+        if self.resize == "pad":
+            fill = tuple(int(round(m * 255)) for m in self.mean)
+            return resize_pad(img, self.size, fill)
+        if self.resize == "squash":
+            return img.resize((self.size, self.size), Image.BICUBIC)
+        raise ValueError(f"unknown resize policy {self.resize!r} (use 'pad' or 'squash')")
+
+    def __call__(self, img: Image.Image):
+        """Return a float tensor [3, size, size] normalised with the encoder's mean and std."""
+        import torch
+
+        arr = np.asarray(self.prepare(img), dtype=np.float32) / 255.0  # [H, W, 3]
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())

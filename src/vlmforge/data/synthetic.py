@@ -1,0 +1,181 @@
+"""Synthetic VQA data, deterministic by seed, written as LLaVA conversation JSON + PNG images.
+
+Two tasks, with fixed question templates that evaluation code elsewhere relies on:
+
+* `shapes`: 1-4 non-overlapping circles, squares and triangles in six colours on a light
+  background, each of half-size 1/10-1/6 of the image's shorter side. Questions:
+  "What color is the {shape}?" (only when that shape occurs once), "What shape is the {color}
+  object?" (only when that colour occurs once), "How many shapes are there?", "Is there a
+  {color} {shape}?" (yes/no, balanced). Each image also has a caption, listing its shapes from left
+  to right, e.g. "a red circle, a blue square and a green triangle".
+* `text`: a random lowercase string of 3-6 letters on a white image; "What does the text say?".
+
+For each task three files are written: `{task}_captions.json` (one caption per image, for the
+align stage), `{task}_sft.json` (every question of an image in one multi-turn conversation) and
+`{task}_qa.json` (one question per record, one record per question type, for evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from vlmforge.io import atomic_write_text
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 205, 20),
+    "purple": (140, 50, 180),
+    "orange": (250, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+
+COLOR_Q = "What color is the {shape}?"
+SHAPE_Q = "What shape is the {color} object?"
+COUNT_Q = "How many shapes are there?"
+EXIST_Q = "Is there a {color} {shape}?"
+TEXT_Q = "What does the text say?"
+CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    cx: float
+    cy: float
+    r: float  # half-size
+
+    def describe(self) -> str:
+        return f"{self.color} {self.kind}"
+
+
+def sample_scene(rng: random.Random, width: int, height: int, max_tries: int = 200) -> list[Shape]:
+    """1-4 shapes whose bounding boxes (plus a 1-pixel gap) do not overlap."""
+    side = min(width, height)
+    n = rng.randint(1, 4)
+    while True:
+        shapes: list[Shape] = []
+        for _ in range(max_tries):
+            if len(shapes) == n:
+                break
+            r = rng.uniform(side / 10, side / 6)
+            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+            if all(abs(cx - s.cx) > r + s.r + 1 or abs(cy - s.cy) > r + s.r + 1 for s in shapes):
+                shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), cx, cy, r))
+        if len(shapes) == n:
+            return shapes
+
+
+def draw_scene(shapes: list[Shape], width: int, height: int, background: tuple[int, int, int]) -> Image.Image:
+    img = Image.new("RGB", (width, height), background)
+    d = ImageDraw.Draw(img)
+    for s in shapes:
+        box = (s.cx - s.r, s.cy - s.r, s.cx + s.r, s.cy + s.r)
+        fill = COLORS[s.color]
+        if s.kind == "circle":
+            d.ellipse(box, fill=fill)
+        elif s.kind == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.polygon([(s.cx, s.cy - s.r), (s.cx - s.r, s.cy + s.r), (s.cx + s.r, s.cy + s.r)], fill=fill)
+    return img
+
+
+def caption(shapes: list[Shape]) -> str:
+    """Shapes from left to right: "a red circle, a blue square and a green triangle"."""
+    parts = [f"a {s.describe()}" for s in sorted(shapes, key=lambda s: s.cx)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def shape_questions(shapes: list[Shape], rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """Every valid question of each type; `exist` holds one "yes" and one "no" question."""
+    kinds = [s.kind for s in shapes]
+    colors = [s.color for s in shapes]
+    present = {(s.color, s.kind) for s in shapes}
+    absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
+    yes_c, yes_k = rng.choice(sorted(present))
+    no_c, no_k = rng.choice(absent)
+    return {
+        "color": [(COLOR_Q.format(shape=k), colors[kinds.index(k)]) for k in SHAPES if kinds.count(k) == 1],
+        "shape": [(SHAPE_Q.format(color=c), kinds[colors.index(c)]) for c in COLORS if colors.count(c) == 1],
+        "count": [(COUNT_Q, str(len(shapes)))],
+        "exist": [(EXIST_Q.format(color=yes_c, shape=yes_k), "yes"), (EXIST_Q.format(color=no_c, shape=no_k), "no")],
+    }
+
+
+def text_image(word: str, width: int, height: int, rng: random.Random) -> Image.Image:
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    font_size = max(8, int(min(height * 0.45, width * 1.6 / max(len(word), 1))))
+    font = ImageFont.load_default(size=font_size)
+    x0, y0, x1, y1 = d.textbbox((0, 0), word, font=font)
+    tw, th = x1 - x0, y1 - y0
+    x = rng.uniform(0, max(0, width - tw)) - x0
+    y = rng.uniform(0, max(0, height - th)) - y0
+    d.text((x, y), word, fill=(0, 0, 0), font=font)
+    return img
+
+
+def _record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv.append({"from": "human", "value": ("<image>\n" + q) if i == 0 else q})
+        conv.append({"from": "gpt", "value": a})
+    return {"id": rid, "image": image, "conversations": conv}
+
+
+def synth(
+    out: str | Path,
+    task: str = "shapes",
+    n: int = 1000,
+    seed: int = 0,
+    width: int = 64,
+    height: int = 64,
+    prefix: str | None = None,
+) -> dict[str, Path]:
+    """Write `n` images of `task` and its three JSON files under `out`; return the JSON paths."""
+    if task not in ("shapes", "text"):
+        raise ValueError(f"unknown synthetic task {task!r} (use 'shapes' or 'text')")
+    out = Path(out)
+    prefix = prefix or task
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{task}-{seed}")
+    captions, sft, qa = [], [], []
+    for i in tqdm(range(n), desc=f"synth {prefix}", unit="img", leave=False):
+        name = f"images/{prefix}_{i:06d}.png"
+        rid = f"{prefix}_{i:06d}"
+        if task == "shapes":
+            shapes = sample_scene(rng, width, height)
+            bg = tuple(rng.randint(225, 255) for _ in range(3))
+            img = draw_scene(shapes, width, height, bg)
+            cap = caption(shapes)
+            qs = shape_questions(shapes, rng)
+            turns = [q for qtype in qs.values() for q in qtype] + [(CAPTION_PROMPT, cap)]
+            rng.shuffle(turns)
+            for qtype, items in qs.items():
+                if not items:  # e.g. no colour occurs exactly once
+                    continue
+                q, a = rng.choice(items)
+                qa.append(_record(f"{rid}_{qtype}", name, [(q, a)]))
+        else:
+            word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+            img = text_image(word, width, height, rng)
+            cap = f'the text "{word}"'
+            turns = [(TEXT_Q, word)]
+            qa.append(_record(f"{rid}_text", name, [(TEXT_Q, word)]))
+        img.save(out / name)
+        captions.append(_record(rid, name, [(CAPTION_PROMPT, cap)]))
+        sft.append(_record(rid, name, turns))
+    paths = {}
+    for kind, records in (("captions", captions), ("sft", sft), ("qa", qa)):
+        paths[kind] = out / f"{prefix}_{kind}.json"
+        atomic_write_text(paths[kind], json.dumps(records, indent=1))
+    return paths

@@ -1,0 +1,173 @@
+"""`vlmforge demo`: the whole flow on the tiny model, in one command.
+
+data → tokenizer and backbones → align → sft → eval on held-out images → three sample answers,
+all under `runs/demo/` (final model in `runs/demo/model`). Each phase records its completion in
+`state.json`, and the training stages checkpoint, so an interrupted demo continues where it
+stopped. The demo measures and prints its own wall time and the accuracy targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from vlmforge.config import DemoConfig, save_json
+
+TARGETS = {"wall_time_s": 600, "shapes_overall": 0.90, "shapes_per_type": 0.80}
+
+
+def _setup_seconds() -> float | None:
+    stamp = Path(".venv/.installed")
+    try:
+        return float(stamp.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run(cfg: DemoConfig) -> dict:
+    from tqdm import tqdm
+
+    from vlmforge.data.synthetic import synth
+    from vlmforge.eval.runner import evaluate, format_report, save_report
+    from vlmforge.model.tiny import pretrain
+    from vlmforge.model.vlm import VLM
+    from vlmforge.train.loop import train
+
+    t0 = time.time()
+    out = Path(cfg.out)
+    if cfg.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"phases": {}}
+    save_json({"demo": dataclasses.asdict(cfg)}, out / "demo_config.json")
+
+    def phase(name: str, fn):
+        if name in state["phases"]:
+            tqdm.write(f"[{name}] done earlier ({state['phases'][name]['seconds']:.0f}s), skipped")
+            return state["phases"][name].get("result")
+        tqdm.write(f"[{name}]")
+        t = time.time()
+        result = fn()
+        state["phases"][name] = {"seconds": round(time.time() - t, 1), "result": result}
+        save_json(state, state_file)
+        return result
+
+    d = out / "data"
+
+    def make_data():
+        paths = {}
+        for split, n_shapes, n_text, seed in (
+            ("train", cfg.n_shapes, cfg.n_text, cfg.seed),
+            ("test", cfg.n_test, cfg.n_test, cfg.seed + 1),
+        ):
+            for task, n in (("shapes", n_shapes), ("text", n_text)):
+                for kind, p in synth(d / split, task, n, seed).items():
+                    paths[f"{split}_{task}_{kind}"] = str(p)
+        return paths
+
+    data = phase("data", make_data)
+    train_files = [data[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
+    phase(
+        "backbones",
+        lambda: {k: str(v) for k, v in pretrain(train_files, out / "backbones", cfg.spec, cfg.seed).items()},
+    )
+
+    from vlmforge.config import ModelConfig
+
+    bb = out / "backbones"
+    model_cfg = ModelConfig(vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"), connector="mlp")
+    align_cfg = dataclasses.replace(
+        cfg.align,
+        data=[data["train_shapes_captions"], data["train_text_captions"]],
+        out=str(out / "align"),
+        seed=cfg.seed,
+    )
+    sft_cfg = dataclasses.replace(
+        cfg.sft, data=[data["train_shapes_sft"], data["train_text_sft"]], out=str(out / "sft"), seed=cfg.seed
+    )
+    phase("align", lambda: str(train(align_cfg, model_cfg, None, resume=True)))
+    phase("sft", lambda: str(train(sft_cfg, None, str(out / "align" / "model"), resume=True)))
+
+    def finalize():
+        final = out / "model"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(out / "sft" / "model", final)
+        return str(final)
+
+    phase("model", finalize)
+    model = VLM.from_pretrained(out / "model")
+
+    def run_eval():
+        res = {}
+        for task in ("shapes", "text"):
+            rep = evaluate(model, data[f"test_{task}_qa"], batch_size=64)
+            save_report(rep, out / f"eval_{task}.json")
+            tqdm.write(format_report(rep))
+            res[task] = {
+                "accuracy": rep["accuracy"],
+                "per_type": {k: v["accuracy"] for k, v in rep["per_type"].items()},
+            }
+        return res
+
+    scores = phase("eval", run_eval)
+
+    from vlmforge.data.formats import load_records
+    from vlmforge.data.images import load_image
+
+    samples = []
+    recs = load_records(data["test_shapes_qa"])
+    picks = [recs[0], recs[1], load_records(data["test_text_qa"])[0]]
+    answers = model.answer(
+        [load_image(r.images[0]) for r in picks],
+        [r.messages[0]["content"].replace("<image>", "").strip() for r in picks],
+    )
+    for r, a in zip(picks, answers):
+        q = r.messages[0]["content"].replace("<image>", "").strip()
+        samples.append({"image": str(r.images[0]), "question": q, "answer": a, "reference": r.messages[1]["content"]})
+
+    wall = time.time() - t0
+    earlier = sum(p["seconds"] for p in state["phases"].values())
+    shapes = scores["shapes"]
+    met = {
+        "wall_time": wall <= TARGETS["wall_time_s"],
+        "shapes_overall": shapes["accuracy"] >= TARGETS["shapes_overall"],
+        "shapes_per_type": all(v >= TARGETS["shapes_per_type"] for v in shapes["per_type"].values()),
+    }
+    summary = {
+        "wall_time_s": round(wall, 1),
+        "phase_seconds": {k: v["seconds"] for k, v in state["phases"].items()},
+        "phases_total_s": round(earlier, 1),
+        "setup_s": _setup_seconds(),
+        "scores": scores,
+        "samples": samples,
+        "targets": TARGETS,
+        "targets_met": met,
+    }
+    save_json(summary, out / "summary.json")
+    lines = ["", "=" * 64, "vlmforge demo summary", "-" * 64]
+    lines += [f"  {k:<10} {v:7.1f}s" for k, v in summary["phase_seconds"].items()]
+    lines.append(
+        f"  demo wall time {wall:.1f}s (target <= {TARGETS['wall_time_s']}s)"
+        + ("" if len(state["phases"]) and wall >= earlier else "  [continued run: phases done earlier not counted]")
+    )
+    setup = summary["setup_s"]
+    lines.append(f"  setup (make setup, separate): {f'{setup:.0f}s' if setup is not None else 'not measured'}")
+    lines.append(
+        f"  shapes accuracy {100 * shapes['accuracy']:.1f}% (target >= 90%); per type: "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shapes["per_type"].items())
+        + " (target >= 80% each)"
+    )
+    lines.append(f"  text accuracy {100 * scores['text']['accuracy']:.1f}% (no target)")
+    lines.append("  sample answers:")
+    for s in samples:
+        lines.append(f"    {s['image']}: {s['question']} -> {s['answer']!r} (reference {s['reference']!r})")
+    lines.append(f"  targets met: {met}")
+    lines.append(f"  model: {out / 'model'}   (try: vlmforge chat --model {out / 'model'} --image IMG --question ...)")
+    lines.append("=" * 64)
+    print("\n".join(lines))
+    return summary

@@ -1,0 +1,1 @@
+"""Evaluation: answer normalisation, metrics and the eval runner."""

@@ -1,0 +1,1 @@
+"""Inference front-ends over the model's generation."""

@@ -1,0 +1,225 @@
+"""Tiny backbones made from scratch on synthetic data, saved in the real formats.
+
+Real users load e.g. `google/siglip-so400m-patch14-384` and `meta-llama/Meta-Llama-3-8B-Instruct`.
+The demo and the tests cannot download them, so they make small ones with the same classes and
+save them with `save_pretrained`; everything downstream loads them with `from_pretrained`, the
+same code that loads a Hub checkpoint:
+
+* a byte-level BPE tokenizer (HF `tokenizers`) with a Llama-3-style chat template and the special
+  tokens `<image>`, `</image>`, `<text>`, `</text>`, `<|image_pad|>`;
+* a SigLIP model (transformers' `SiglipModel`) pretrained with SigLIP's pairwise sigmoid loss
+  (Zhai et al. 2023) on image-caption pairs; identical captions in a batch count as positives;
+* a Llama (`LlamaForCausalLM`) pretrained on the text of the synthetic conversations.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlmforge.config import TinySpec
+from vlmforge.data.formats import Record
+from vlmforge.data.images import ImageProcessor, load_image
+from vlmforge.data.prompts import SPECIAL_TOKENS
+from vlmforge.io import atomic_dir
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CONTROL_TOKENS = ["<|begin_of_text|>", "<|eot_id|>", "<|pad|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_tokenizer(texts: list[str], out: str | Path, vocab_size: int = 512):
+    """Train a byte-level BPE on `texts` and save it as an HF tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = CONTROL_TOKENS + SPECIAL_TOKENS
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS + ["<|start_header_id|>", "<|end_header_id|>"],
+    )
+    tok.chat_template = LLAMA3_TEMPLATE
+    with atomic_dir(out) as tmp:
+        tok.save_pretrained(tmp)
+    return tok
+
+
+def _log(msg: str) -> None:
+    tqdm.write(msg)
+
+
+def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
+    """Pretrain a small SiglipModel on (image, caption) records with the pairwise sigmoid loss."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vcfg = dict(
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        intermediate_size=4 * spec.vision_hidden,
+    )
+    tcfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=max(1, spec.text_hidden // 32),
+        intermediate_size=4 * spec.text_hidden,
+        max_position_embeddings=spec.text_len,
+        projection_size=spec.vision_hidden,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = SiglipModel(SiglipConfig(vision_config=vcfg, text_config=tcfg))
+    proc = ImageProcessor(spec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
+    pixels = torch.stack([proc(load_image(r.images[0])) for r in records])  # [N, 3, S, S]
+    captions = [r.messages[-1]["content"] for r in records]
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=spec.text_len)["input_ids"]
+    ids = torch.tensor(ids)
+    cap_index = {c: i for i, c in enumerate(sorted(set(captions)))}
+    cap_ids = torch.tensor([cap_index[c] for c in captions])
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.siglip_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, spec.siglip_steps, spec.siglip_steps // 10))
+    model.train()
+    t0, order = time.time(), []
+    bar = tqdm(range(spec.siglip_steps), desc="pretrain siglip", unit="step")
+    for _step in bar:
+        if len(order) < spec.siglip_batch:
+            order += rng.sample(range(len(records)), len(records))
+        idx, order = order[: spec.siglip_batch], order[spec.siglip_batch :]
+        logits = model(input_ids=ids[idx], pixel_values=pixels[idx]).logits_per_image  # [B, B], scaled and biased
+        same = (cap_ids[idx][:, None] == cap_ids[idx][None, :]).float()
+        loss = -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        SiglipImageProcessor(
+            size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ).save_pretrained(tmp)
+    return {"final_loss": loss.item(), "seconds": time.time() - t0}
+
+
+def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
+    """Pretrain a small LlamaForCausalLM on `texts` (rendered chat conversations)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.lm_hidden,
+        intermediate_size=spec.lm_intermediate,
+        num_hidden_layers=spec.lm_layers,
+        num_attention_heads=spec.lm_heads,
+        num_key_value_heads=spec.lm_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lm_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, spec.lm_steps, spec.lm_steps // 10))
+    model.train()
+    t0, order = time.time(), []
+    bar = tqdm(range(spec.lm_steps), desc="pretrain llama", unit="step")
+    for _step in bar:
+        if len(order) < spec.lm_batch:
+            order += rng.sample(range(len(enc)), len(enc))
+        batch, order = [enc[i] for i in order[: spec.lm_batch]], order[spec.lm_batch :]
+        width = max(len(b) for b in batch)
+        ids = torch.tensor([b + [tokenizer.pad_token_id] * (width - len(b)) for b in batch])
+        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"final_loss": loss.item(), "seconds": time.time() - t0}
+
+
+def conversation_texts(records: list[Record], tokenizer) -> list[str]:
+    """The conversations of `records` rendered with the chat template, images left out."""
+    out = []
+    for r in records:
+        msgs = [{"role": m["role"], "content": m["content"].replace("<image>", "").strip()} for m in r.messages]
+        out.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+    return out
+
+
+def pretrain(
+    data: list[str], out: str | Path, spec: TinySpec | None = None, seed: int = 0, force: bool = False
+) -> dict[str, Path]:
+    """Make the tokenizer, the SigLIP encoder and the Llama in `out/{tokenizer,vision,lm}`.
+
+    Captions (records with one "Describe the image." turn) pretrain SigLIP; all conversation text
+    pretrains the LM. Each part is written atomically and skipped when already present.
+    """
+    from transformers import AutoTokenizer
+
+    from vlmforge.data.formats import load_records
+
+    spec = spec or TinySpec()
+    out = Path(out)
+    records = [r for f in data for r in load_records(f)]
+    paths = {k: out / k for k in ("tokenizer", "vision", "lm")}
+    if force or not paths["tokenizer"].is_dir():
+        corpus = [m["content"].replace("<image>", "") for r in records for m in r.messages]
+        train_tokenizer(corpus, paths["tokenizer"], spec.vocab_size)
+    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    if force or not paths["vision"].is_dir():
+        caps = [r for r in records if r.images and len(r.messages) == 2]
+        if not caps:
+            raise ValueError("SigLIP pretraining needs caption records (one human and one gpt turn with an image)")
+        info = pretrain_siglip(caps, tok, paths["vision"], spec, seed)
+        _log(f"siglip: {len(caps)} pairs, final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")
+    if force or not paths["lm"].is_dir():
+        info = pretrain_llama(conversation_texts(records, tok), tok, paths["lm"], spec, seed)
+        _log(f"llama: final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")
+    return paths

@@ -1,0 +1,72 @@
+"""The vision tower: any HF vision encoder, loaded like a Hub checkpoint, returning patch features.
+
+Dual-encoder checkpoints (SigLIP, CLIP) are loaded through their vision-only classes so the text
+tower is never materialised. `feature_layer=-1` takes the last hidden state (after the encoder's
+final norm, as Idefics2 does); other values index `hidden_states` (LLaVA uses -2). A CLS token, if
+the encoder has one, is dropped so that only patch features remain.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Vision-only classes of dual-encoder checkpoints, by the checkpoint's model_type.
+_VISION_CLASSES = {
+    "siglip": "SiglipVisionModel",
+    "siglip2": "Siglip2VisionModel",
+    "clip": "CLIPVisionModel",
+}
+
+
+def _quiet_hf():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load the vision part of `path` (Hub id or folder) with `from_pretrained`."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    _quiet_hf()
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a vision encoder from {path!r}: {e}") from e
+    cls_name = _VISION_CLASSES.get(config.model_type)
+    if cls_name is not None:
+        return getattr(transformers, cls_name).from_pretrained(path, dtype=dtype)
+    model = AutoModel.from_pretrained(path, dtype=dtype)
+    return getattr(model, "vision_model", model)
+
+
+class VisionTower(nn.Module):
+    """Wraps an HF vision model; `forward` maps pixels [N, 3, H, W] to patch features [N, P, Dv]."""
+
+    def __init__(self, model: nn.Module, feature_layer: int = -1):
+        super().__init__()
+        self.model = model
+        self.feature_layer = feature_layer
+        cfg = getattr(model.config, "vision_config", model.config)
+        self.hidden_size = cfg.hidden_size
+        self.image_size = cfg.image_size
+        self.patch_size = cfg.patch_size
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+
+    @classmethod
+    def from_pretrained(cls, path: str, feature_layer: int = -1, dtype: torch.dtype = torch.float32) -> VisionTower:
+        return cls(load_vision_model(path, dtype), feature_layer)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
+        if self.feature_layer == -1:
+            feats = self.model(pixel_values=pixel_values).last_hidden_state
+        else:
+            out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+            feats = out.hidden_states[self.feature_layer]
+        if feats.shape[1] == self.num_patches + 1:  # drop CLS
+            feats = feats[:, 1:]
+        return feats  # [N, P, Dv]

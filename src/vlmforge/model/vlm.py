@@ -1,0 +1,259 @@
+"""The VLM: vision tower → connector → visual tokens spliced into a causal LM's input embeddings.
+
+The model takes *either* pixel values *or* precomputed image features (the output of the vision
+tower); everything after the encoder is identical for both, which is the seam that feature
+caching and serving use. Placeholder tokens (`<|image_pad|>`) mark where visual tokens go; their
+count must equal images × visual tokens per image, else a ValueError names both numbers.
+
+Saved as a folder: `config.json` (the resolved ModelConfig and how the LM was trained),
+`vision/` and `lm/` written with `save_pretrained` (the tokenizer beside the LM), `lm_adapter/`
+for LoRA, and `connector.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmforge.config import ModelConfig, from_dict, save_json
+from vlmforge.data.images import ImageProcessor
+from vlmforge.data.prompts import DEFAULT_CHAT_TEMPLATE, IGNORE, SPECIAL_TOKENS, PromptBuilder
+from vlmforge.io import atomic_dir
+from vlmforge.model.connectors import build_connector
+from vlmforge.model.vision import VisionTower, _quiet_hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None = None  # mean over label tokens
+    loss_sum: torch.Tensor | None = None  # sum over label tokens (for exact gradient accumulation)
+    n_tokens: int = 0
+    logits: torch.Tensor | None = None  # [B, L, V], only when no labels are given
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    _quiet_hf()
+    tok = AutoTokenizer.from_pretrained(path)
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    if tok.chat_template is None:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _quiet_hf()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a causal LM from {path!r}: {e}") from e
+
+
+class VLM(nn.Module):
+    def __init__(self, config: ModelConfig, vision: VisionTower, lm: nn.Module, tokenizer, processor: ImageProcessor):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.processor = processor
+        lm_dim = self.causal_lm.get_input_embeddings().weight.shape[1]
+        self.connector = build_connector(
+            config.connector,
+            vision.hidden_size,
+            lm_dim,
+            hidden=config.connector_hidden,
+            layers=config.connector_layers,
+            heads=config.connector_heads,
+        )
+        self.tokens_per_image = self.connector.num_tokens(vision.num_patches)
+        self.prompts = PromptBuilder(tokenizer, self.tokens_per_image, config.layout)
+        self.image_token_id = self.prompts.image_token_id
+        self.lm_mode = "frozen"
+
+    # ---- construction and persistence -------------------------------------------------------
+    @classmethod
+    def from_backbones(cls, config: ModelConfig) -> VLM:
+        """Assemble a fresh VLM (new connector) from a vision encoder and an LM, Hub ids or folders."""
+        if not config.vision or not config.lm:
+            raise ValueError("a model needs both a vision encoder (--model.vision) and an LM (--model.lm)")
+        dtype = DTYPES[config.dtype]
+        vision = VisionTower.from_pretrained(config.vision, config.feature_layer, dtype)
+        tok = load_tokenizer(config.tokenizer or config.lm)
+        lm = load_lm(config.lm, dtype)
+        if len(tok) > lm.get_input_embeddings().weight.shape[0]:
+            lm.resize_token_embeddings(len(tok))
+        size = config.image_size or vision.image_size
+        if size != vision.image_size:
+            raise ValueError(f"image_size {size} differs from the encoder's {vision.image_size}")
+        proc = ImageProcessor.from_encoder(config.vision, size, config.resize)
+        model = cls(config, vision, lm, tok, proc)
+        model._vision_source = config.vision
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VLM:
+        """Load a folder written by `save_pretrained`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_file = path / "config.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: not a vlmforge model (no config.json)")
+        meta = json.loads(meta_file.read_text())
+        if "vlmforge" not in meta:
+            raise ValueError(f"{meta_file}: not a vlmforge model config")
+        cfg = from_dict(ModelConfig, meta["model"])
+        cfg = dataclasses.replace(cfg, vision=str(path / "vision"), lm=str(path / "lm"), tokenizer=str(path / "lm"))
+        model = cls.from_backbones(cfg)
+        model.connector.load_state_dict(load_file(str(path / "connector.safetensors")))
+        if (path / "lm_adapter").is_dir():
+            from peft import PeftModel
+
+            model.lm = PeftModel.from_pretrained(model.lm, str(path / "lm_adapter"))
+            model.lm_mode = "lora"
+        else:
+            model.lm_mode = meta.get("lm_mode", "frozen")
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write the whole model to `path` atomically (a temp folder renamed into place)."""
+        from safetensors.torch import save_file
+        from transformers import AutoImageProcessor
+
+        with atomic_dir(path) as tmp:
+            self.vision.model.save_pretrained(tmp / "vision")
+            src = getattr(self, "_vision_source", None)
+            if src:
+                AutoImageProcessor.from_pretrained(src).save_pretrained(tmp / "vision")
+            if self.lm_mode == "lora":
+                self.lm.get_base_model().save_pretrained(tmp / "lm")
+                self.lm.save_pretrained(tmp / "lm_adapter")
+            else:
+                self.lm.save_pretrained(tmp / "lm")
+            self.tokenizer.save_pretrained(tmp / "lm")
+            state = {k: v.detach().contiguous() for k, v in self.connector.state_dict().items()}
+            save_file(state, str(tmp / "connector.safetensors"))
+            meta = {
+                "vlmforge": __import__("vlmforge").__version__,
+                "model": dataclasses.asdict(self.config),
+                "lm_mode": self.lm_mode,
+                "tokens_per_image": self.tokens_per_image,
+                **(extra or {}),
+            }
+            save_json(meta, tmp / "config.json")
+
+    # ---- the forward pass -------------------------------------------------------------------
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The HF causal LM (the base model under a peft wrapper; LoRA layers are in place)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels [N, 3, H, W] → patch features [N, P, Dv] (no graph when the tower is frozen)."""
+        trainable = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            return self.vision(pixel_values)
+
+    def image_embeds(self, pixel_values=None, image_features=None) -> torch.Tensor:
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or image_features")
+            image_features = self.encode_images(pixel_values)
+        if image_features.dim() != 3 or image_features.shape[-1] != self.vision.hidden_size:
+            raise ValueError(
+                f"image_features must be [images, patches, {self.vision.hidden_size}], got {list(image_features.shape)}"
+            )
+        dtype = next(self.connector.parameters()).dtype
+        return self.connector(image_features.to(dtype))  # [N, T, D]
+
+    def embed(self, input_ids, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Token embeddings with visual tokens written at the placeholder positions. [B, L, D]"""
+        embeds = self.causal_lm.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id  # [B, L]
+        n_placeholders = int(mask.sum())
+        if pixel_values is None and image_features is None:
+            if n_placeholders:
+                raise ValueError(f"{n_placeholders} image placeholder tokens in the input but no images given")
+            return embeds
+        vis = self.image_embeds(pixel_values, image_features)  # [N, T, D]
+        n_features = vis.shape[0] * vis.shape[1]
+        if n_placeholders != n_features:
+            raise ValueError(
+                f"image placeholder tokens ({n_placeholders}) do not match visual features "
+                f"({vis.shape[0]} images x {vis.shape[1]} tokens = {n_features})"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), vis.to(embeds.dtype))
+
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        lm = self.causal_lm
+        hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
+        head = lm.get_output_embeddings()
+        if labels is None:
+            return VLMOutput(logits=head(hidden))
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        # The LM head runs only where there is a label: most positions (image tokens, prompts) have none.
+        logits = head(hidden[:, :-1][keep]).float()  # [T, V]
+        loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        n = int(keep.sum())
+        return VLMOutput(loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_tokens=n)
+
+    # ---- inference --------------------------------------------------------------------------
+    def build_prompt(self, question: str, n_images: int = 1, history: list[dict] | None = None) -> list[int]:
+        text = "<image>" * n_images + "\n" + question if n_images else question
+        messages = list(history or []) + [{"role": "user", "content": text}]
+        return self.prompts.encode_prompt(messages)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+    ) -> list[list[int]]:
+        """Greedy decoding of a batch of token-id prompts (left-padded); returns the new ids,
+        stopping at the end-of-turn tokens."""
+        device = next(self.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        embeds = self.embed(ids, pixel_values, image_features)
+        out = self.causal_lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.prompts.stop_ids,
+            pad_token_id=pad,
+        )
+        results = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in self.prompts.stop_ids), len(row))
+            results.append(row[:cut])
+        return results
+
+    def answer(self, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
+        """Answer one question per PIL image (batched greedy decoding)."""
+        pixels = torch.stack([self.processor(im) for im in images]) if images else None
+        prompts = [self.build_prompt(q, 1 if images else 0) for q in questions]
+        outs = self.generate(prompts, pixel_values=pixels, max_new_tokens=max_new_tokens)
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]

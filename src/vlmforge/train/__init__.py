@@ -1,0 +1,1 @@
+"""Training: stages (what trains), the loop, checkpoints."""

@@ -1,0 +1,207 @@
+"""The training loop: one function for every stage.
+
+AdamW with per-module learning rates, linear warm-up then cosine decay, gradient accumulation
+with the loss normalised over all label tokens of the accumulated batch, gradient clipping. Writes
+`metrics.jsonl`, `loss.png`, an atomic `checkpoint.pt` every `save_every` steps (and on Ctrl-C or a
+fatal data error, so no finished step is lost), and the final model to `out/model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vlmforge.config import ModelConfig, TrainConfig, save_json
+from vlmforge.data.collate import VQADataset, collate
+from vlmforge.data.formats import load_records
+from vlmforge.model.vlm import VLM
+from vlmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from vlmforge.train.stages import apply_stage, lm_mode, trainable_report
+
+
+def lr_lambda(total: int, warmup: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled micro-batches of one epoch; a function of (seed, epoch) alone, so a resumed run
+    sees exactly the batches it would have seen."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int):
+    """Yield (micro-batch index, batch) forever from global micro-batch index `start`."""
+    per_epoch = math.ceil(len(ds) / cfg.batch_size)
+    index = start
+    while True:
+        epoch, offset = divmod(index, per_epoch)
+        batches = epoch_batches(len(ds), cfg.batch_size, cfg.seed, epoch)[offset:]
+        loader = DataLoader(
+            ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=lambda items: collate(items, pad_id)
+        )
+        for batch in loader:
+            yield index, batch
+            index += 1
+
+
+def plot_loss(metrics_file: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vlmforge.io import atomic_save
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(out.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_save(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(
+    cfg: TrainConfig, model_cfg: ModelConfig | None = None, init: str | None = None, resume: bool = False
+) -> Path:
+    """Run one stage; return the folder of the trained model (`cfg.out/model`)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    if not cfg.data:
+        raise ValueError("no training data: pass --train.data FILE.json [FILE2.json …]")
+    records = [r for f in cfg.data for r in load_records(f)]
+
+    torch.manual_seed(cfg.seed)
+    if init:
+        model = VLM.from_pretrained(init)
+    elif model_cfg is not None:
+        model = VLM.from_backbones(model_cfg)
+    else:
+        raise ValueError("pass --init MODEL_DIR (a vlmforge model) or --model.vision and --model.lm")
+    save_json(
+        {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config), "init": init},
+        out / "run_config.json",
+    )
+    groups = apply_stage(model, cfg)
+    model.train()
+    tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {len(records)} records\n{trainable_report(model)}")
+
+    ds = VQADataset(records, model.prompts, model.processor, cfg.max_len, cfg.bad_images, cfg.max_image_pixels)
+    per_epoch = math.ceil(len(ds) / (cfg.batch_size * cfg.grad_accum))
+    total = max(1, math.ceil(cfg.epochs * per_epoch))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.warmup * total)), cfg.min_lr_ratio))
+    progress = {"step": 0, "micro_batch": 0, "skipped": 0, "samples": 0, "tokens": 0, "elapsed": 0.0}
+    if resume and ckpt_path.exists():
+        progress = load_checkpoint(ckpt_path, model, opt, sched)
+        _truncate_metrics(metrics_path, progress["step"])
+        tqdm.write(f"resumed from {ckpt_path} at step {progress['step']}")
+    elif not resume and metrics_path.exists():
+        metrics_path.unlink()
+
+    params = [p for g in groups for p in g["params"]]
+    pad_id = model.tokenizer.pad_token_id
+    stream = micro_batches(ds, cfg, pad_id, progress["micro_batch"])
+    bar = tqdm(total=total, initial=progress["step"], desc=f"train {cfg.stage}", unit="step")
+    t_start, elapsed0 = time.time(), progress["elapsed"]
+    last_log, skipped_seen = time.time(), []
+    try:
+        while progress["step"] < total:
+            if cfg.time_budget and elapsed0 + time.time() - t_start > cfg.time_budget:
+                tqdm.write(f"time budget of {cfg.time_budget:.0f}s reached at step {progress['step']}")
+                break
+            group = [next(stream) for _ in range(cfg.grad_accum)]
+            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group if b["n"])
+            loss_sum = 0.0
+            for _, b in group:
+                for msg in b["skipped"]:
+                    skipped_seen.append(msg)
+                    tqdm.write(f"skipped {msg}")
+                if not b["n"] or not n_tok:
+                    continue
+                o = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+                (o.loss_sum / n_tok).backward()
+                loss_sum += o.loss_sum.item()
+                progress["samples"] += b["n"]
+                progress["tokens"] += int(b["attention_mask"].sum())
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            progress["micro_batch"] = group[-1][0] + 1
+            progress["skipped"] += sum(len(b["skipped"]) for _, b in group)
+            progress["elapsed"] = elapsed0 + time.time() - t_start
+            loss = loss_sum / max(n_tok, 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", skipped=progress["skipped"])
+            if progress["step"] % cfg.log_every == 0 or progress["step"] == total:
+                dt = max(time.time() - last_log, 1e-9)
+                row = {
+                    "step": progress["step"],
+                    "loss": loss,
+                    "lr": sched.get_last_lr()[0],
+                    "grad_norm": float(gnorm),
+                    "elapsed": round(progress["elapsed"], 2),
+                    "samples": progress["samples"],
+                    "tokens": progress["tokens"],
+                    "skipped": progress["skipped"],
+                    "seconds_since_last": round(dt, 3),
+                }
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                last_log = time.time()
+            if progress["step"] % cfg.save_every == 0:
+                save_checkpoint(ckpt_path, model, opt, sched, progress)
+    except KeyboardInterrupt:
+        save_checkpoint(ckpt_path, model, opt, sched, progress)
+        bar.close()
+        tqdm.write(f"interrupted at step {progress['step']}; checkpoint saved, continue with --resume")
+        raise
+    except Exception:
+        if progress["step"] > 0:
+            save_checkpoint(ckpt_path, model, opt, sched, progress)
+            tqdm.write(f"stopped by an error at step {progress['step']}; checkpoint saved to {ckpt_path}")
+        raise
+    bar.close()
+    save_checkpoint(ckpt_path, model, opt, sched, progress)
+    if metrics_path.exists():
+        plot_loss(metrics_path, out / "loss.png")
+    model.eval()
+    summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
+    summary["skipped_records"] = skipped_seen[:100]
+    model.save_pretrained(out / "model", extra={"trained": {"stage": cfg.stage, **summary}})
+    save_json(summary, out / "summary.json")
+    if progress["skipped"]:
+        tqdm.write(f"{progress['skipped']} records skipped (bad images or too long); see {out / 'summary.json'}")
+    return out / "model"

@@ -1,0 +1,71 @@
+"""Training stages as data: which modules train and at which learning rate.
+
+* `align` (Llama3-V stage 1, LLaVA pretraining): the connector only; encoder and LM frozen.
+* `sft` (stage 2, instruction tuning): the connector and the LM, fully or with LoRA (peft).
+The vision tower stays frozen in both, as in the Llama3-V recipe.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vlmforge.config import TrainConfig
+
+DEFAULT_LM_MODE = {"align": "frozen", "sft": "full"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lm_mode(cfg: TrainConfig) -> str:
+    return cfg.lm_mode or DEFAULT_LM_MODE[cfg.stage]
+
+
+def apply_stage(model, cfg: TrainConfig) -> list[dict]:
+    """Set requires_grad for the stage and return AdamW parameter groups."""
+    mode = lm_mode(cfg)
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    if mode == "lora" and model.lm_mode != "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.causal_lm.named_modules() if isinstance(m, nn.Linear)}
+            & set(LORA_TARGETS)
+        )
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
+        model.lm = get_peft_model(model.lm, lcfg)
+    if mode == "full":
+        model.causal_lm.requires_grad_(True)
+    elif mode == "lora":
+        for n, p in model.lm.named_parameters():
+            p.requires_grad_("lora_" in n)
+    if hasattr(model.lm, "peft_config"):
+        model.lm_mode = "lora"
+    elif mode == "full":
+        model.lm_mode = "full"
+    lm_lr = cfg.lm_lr if cfg.lm_lr is not None else cfg.lr / 3
+    groups = []
+    for name, module, lr in (("connector", model.connector, cfg.lr), ("lm", model.lm, lm_lr)):
+        params = [p for p in module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        other = [p for p in params if p.dim() < 2]
+        if decay:
+            groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
+        if other:
+            groups.append({"name": name, "params": other, "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def trainable_report(model) -> str:
+    """A table of what trains: module, trainable and total parameters."""
+    rows = []
+    for name in ("vision", "connector", "lm"):
+        module = getattr(model, name)
+        total = sum(p.numel() for p in module.parameters())
+        train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        rows.append((name, train, total))
+    t_all = sum(r[1] for r in rows)
+    n_all = sum(r[2] for r in rows)
+    lines = [f"{'module':<10} {'trainable':>12} {'total':>12}"]
+    lines += [f"{n:<10} {t:>12,} {a:>12,}" for n, t, a in rows]
+    lines.append(f"{'all':<10} {t_all:>12,} {n_all:>12,}  ({100 * t_all / max(n_all, 1):.1f}% trainable)")
+    return "\n".join(lines)
