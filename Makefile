@@ -16,13 +16,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 && \
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt && \
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e . && \
-	echo "setup took $$(( $$(date +%s) - start ))s" && touch $(STAMP)
+	secs=$$(( $$(date +%s) - start )) && echo "setup took $${secs}s" && echo "$${secs} seconds for make setup" > $(STAMP)
 
 demo: setup
 	$(BIN)/vlmforge demo --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -28,6 +28,8 @@ class ModelConfig:
         connector_heads: attention heads of the `attention` connector.
         feature_layer: encoder layer whose patch features feed the connector; -1 is the last
             hidden state after the encoder's final norm, other values index `hidden_states`.
+        vision_pooled: also feed the encoder's pooled embedding (SigLIP's attention-pool head, CLIP's
+            projected CLS) to the connector, as one extra visual token before the patches.
         image_size: encoder input resolution; defaults to the encoder's own processor settings.
         resize: `pad` keeps the aspect ratio (resize the long side, pad the rest); `squash`
             resizes to a square regardless of aspect.
@@ -44,6 +46,7 @@ class ModelConfig:
     connector_layers: int = 2
     connector_heads: int = 4
     feature_layer: int = -1
+    vision_pooled: bool = False
     image_size: int | None = None
     resize: Literal["pad", "squash"] = "pad"
     layout: Literal["llama3v", "inline"] = "llama3v"
@@ -79,6 +82,8 @@ class TrainConfig:
         save_every: write a checkpoint every this many optimizer steps.
         log_every: write a metrics line every this many optimizer steps.
         time_budget: stop (with a checkpoint and the model saved) after this many seconds.
+        threads: torch CPU threads for this stage (None keeps torch's default). On small models
+            one thread can be faster than two: the per-op threading overhead outweighs the gain.
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -105,6 +110,7 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     time_budget: float | None = None
+    threads: int | None = None
 
 
 @dataclass
@@ -131,35 +137,44 @@ class TinySpec:
         lm_steps: Llama pretraining steps.
         lm_batch: Llama batch size (conversations).
         lm_lr: Llama peak learning rate.
+        lm_threads: torch CPU threads while pretraining the Llama (None: torch's default).
     """
 
     image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 128
+    patch_size: int = 16
+    vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 2
     text_len: int = 24
     lm_hidden: int = 256
-    lm_layers: int = 4
+    lm_layers: int = 2
     lm_heads: int = 4
     lm_intermediate: int = 688
     vocab_size: int = 512
-    siglip_steps: int = 150
-    siglip_batch: int = 256
+    siglip_steps: int = 400
+    siglip_batch: int = 64
     siglip_lr: float = 2e-3
-    lm_steps: int = 150
+    lm_steps: int = 60
     lm_batch: int = 32
     lm_lr: float = 2e-3
+    lm_threads: int | None = 1
 
 
+# Demo budgets, measured on the 2-core machine (docs/tiny-demo-experiments.md): one thread is
+# faster than two for the LM-side stages of models this small.
 def _align_default() -> TrainConfig:
-    return TrainConfig(stage="align", epochs=1.0, batch_size=64, lr=2e-3, save_every=50, log_every=5)
+    return TrainConfig(
+        stage="align", epochs=1.0, max_steps=60, batch_size=64, lr=3e-3, save_every=30, log_every=5, threads=1
+    )
 
 
 def _sft_default() -> TrainConfig:
-    return TrainConfig(stage="sft", epochs=2.0, batch_size=32, lr=1e-3, lm_lr=5e-4, save_every=50, log_every=5)
+    return TrainConfig(
+        stage="sft", epochs=10.0, max_steps=240, batch_size=32, lr=3e-3, lm_lr=2e-3, save_every=40, log_every=5,
+        threads=1,
+    )  # fmt: skip
 
 
 @dataclass
@@ -180,7 +195,7 @@ class DemoConfig:
 
     out: str = "runs/demo"
     n_shapes: int = 3000
-    n_text: int = 1000
+    n_text: int = 500
     n_test: int = 300
     seed: int = 0
     spec: TinySpec = field(default_factory=TinySpec)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def train_tokenizer(texts: list[str], out: str | Path, vocab_size: int = 512):
     return tok
 
 
+def caption_phrases(caption: str) -> frozenset[str]:
+    """The phrases of a list caption: "a red circle, a blue square and a green triangle" → 3 phrases."""
+    return frozenset(p.strip() for p in re.split(r",\s*|\s+and\s+", caption) if p.strip())
+
+
 def _log(msg: str) -> None:
     tqdm.write(msg)
 
@@ -100,13 +106,25 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
         eos_token_id=tokenizer.eos_token_id,
     )
     model = SiglipModel(SiglipConfig(vision_config=vcfg, text_config=tcfg))
+    with torch.no_grad():  # the paper's initialisation: t' = log 10, b = -10
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
     proc = ImageProcessor(spec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
     pixels = torch.stack([proc(load_image(r.images[0])) for r in records])  # [N, 3, S, S]
     captions = [r.messages[-1]["content"] for r in records]
-    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=spec.text_len)["input_ids"]
-    ids = torch.tensor(ids)
-    cap_index = {c: i for i, c in enumerate(sorted(set(captions)))}
-    cap_ids = torch.tensor([cap_index[c] for c in captions])
+    # Texts are whole captions and their phrases ("a red circle"); a text is a positive for an image
+    # when everything it says holds for that image, so identical captions never count as negatives
+    # and each object of a scene gets its own supervision.
+    image_sets = [caption_phrases(c) for c in captions]
+    texts = sorted(set(captions) | {p for c in captions for p in caption_phrases(c)})
+    text_index = {t: k for k, t in enumerate(texts)}
+    text_sets = [caption_phrases(t) for t in texts]
+    text_ids = torch.tensor(
+        tokenizer(texts, padding="max_length", truncation=True, max_length=spec.text_len)["input_ids"]
+    )
+    n_val = min(256, len(records) // 5)  # held out to measure image->caption retrieval
+    perm = rng.sample(range(len(records)), len(records))
+    val, train_idx = perm[:n_val], perm[n_val:]
     opt = torch.optim.AdamW(model.parameters(), lr=spec.siglip_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, spec.siglip_steps, spec.siglip_steps // 10))
     model.train()
@@ -114,10 +132,11 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
     bar = tqdm(range(spec.siglip_steps), desc="pretrain siglip", unit="step")
     for _step in bar:
         if len(order) < spec.siglip_batch:
-            order += rng.sample(range(len(records)), len(records))
+            order += rng.sample(train_idx, len(train_idx))
         idx, order = order[: spec.siglip_batch], order[spec.siglip_batch :]
-        logits = model(input_ids=ids[idx], pixel_values=pixels[idx]).logits_per_image  # [B, B], scaled and biased
-        same = (cap_ids[idx][:, None] == cap_ids[idx][None, :]).float()
+        picks = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
+        logits = model(input_ids=text_ids[picks], pixel_values=pixels[idx]).logits_per_image  # [B, B]
+        same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
         loss = -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -126,12 +145,17 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    with torch.no_grad():
+        val_texts = [text_index[captions[i]] for i in val]
+        sims = model(input_ids=text_ids[val_texts], pixel_values=pixels[val]).logits_per_image  # [V, V]
+        retrieval = sum(captions[val[j]] == captions[i] for i, j in zip(val, sims.argmax(1).tolist())) / n_val
+    _log(f"siglip: held-out image->caption retrieval top-1 {100 * retrieval:.1f}% among {n_val}")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         SiglipImageProcessor(
             size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         ).save_pretrained(tmp)
-    return {"final_loss": loss.item(), "seconds": time.time() - t0}
+    return {"final_loss": loss.item(), "seconds": time.time() - t0, "retrieval_top1": retrieval}
 
 
 def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
@@ -140,6 +164,9 @@ def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec,
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    threads = torch.get_num_threads()
+    if spec.lm_threads:
+        torch.set_num_threads(spec.lm_threads)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.lm_hidden,
@@ -175,6 +202,7 @@ def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec,
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    torch.set_num_threads(threads)
     model.eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -210,7 +238,8 @@ def pretrain(
     records = [r for f in data for r in load_records(f)]
     paths = {k: out / k for k in ("tokenizer", "vision", "lm")}
     if force or not paths["tokenizer"].is_dir():
-        corpus = [m["content"].replace("<image>", "") for r in records for m in r.messages]
+        # role names and the blank line of the chat template are part of every turn: learn them too
+        corpus = [f"{m['role']}\n\n{m['content'].replace('<image>', '').strip()}" for r in records for m in r.messages]
         train_tokenizer(corpus, paths["tokenizer"], spec.vocab_size)
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     if force or not paths["vision"].is_dir():

@@ -36,37 +36,45 @@ def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a vision encoder from {path!r}: {e}") from e
+    from vlmforge.model.vlm import check_loading_info
+
     cls_name = _VISION_CLASSES.get(config.model_type)
-    if cls_name is not None:
-        return getattr(transformers, cls_name).from_pretrained(path, dtype=dtype)
-    model = AutoModel.from_pretrained(path, dtype=dtype)
-    return getattr(model, "vision_model", model)
+    cls = getattr(transformers, cls_name) if cls_name else AutoModel
+    model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    check_loading_info(path, info)
+    return getattr(model, "vision_model", model) if cls_name is None else model
 
 
 class VisionTower(nn.Module):
     """Wraps an HF vision model; `forward` maps pixels [N, 3, H, W] to patch features [N, P, Dv]."""
 
-    def __init__(self, model: nn.Module, feature_layer: int = -1):
+    def __init__(self, model: nn.Module, feature_layer: int = -1, pooled: bool = False):
         super().__init__()
         self.model = model
         self.feature_layer = feature_layer
+        self.pooled = pooled
         cfg = getattr(model.config, "vision_config", model.config)
         self.hidden_size = cfg.hidden_size
         self.image_size = cfg.image_size
         self.patch_size = cfg.patch_size
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        # the encoder's pooled embedding (SigLIP's attention-pool head) as one extra leading feature
+        self.num_features = self.num_patches + int(pooled)
 
     @classmethod
-    def from_pretrained(cls, path: str, feature_layer: int = -1, dtype: torch.dtype = torch.float32) -> VisionTower:
-        return cls(load_vision_model(path, dtype), feature_layer)
+    def from_pretrained(
+        cls, path: str, feature_layer: int = -1, dtype: torch.dtype = torch.float32, pooled: bool = False
+    ) -> VisionTower:
+        return cls(load_vision_model(path, dtype), feature_layer, pooled)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
-        if self.feature_layer == -1:
-            feats = self.model(pixel_values=pixel_values).last_hidden_state
-        else:
-            out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-            feats = out.hidden_states[self.feature_layer]
+        out = self.model(pixel_values=pixel_values, output_hidden_states=self.feature_layer != -1)
+        feats = out.last_hidden_state if self.feature_layer == -1 else out.hidden_states[self.feature_layer]
         if feats.shape[1] == self.num_patches + 1:  # drop CLS
             feats = feats[:, 1:]
-        return feats  # [N, P, Dv]
+        if self.pooled:
+            if getattr(out, "pooler_output", None) is None:
+                raise ValueError("this vision encoder has no pooled output; set pooled to false")
+            feats = torch.cat([out.pooler_output[:, None].to(feats.dtype), feats], dim=1)
+        return feats  # [N, P (+1), Dv]

@@ -59,9 +59,19 @@ def load_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     _quiet_hf()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a causal LM from {path!r}: {e}") from e
+    check_loading_info(path, info)
+    return model
+
+
+def check_loading_info(path: str, info: dict) -> None:
+    """Refuse a checkpoint that leaves weights uninitialised (wrong architecture or a broken file)."""
+    missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise ValueError(f"{path}: {len(missing)} weights missing from the checkpoint (e.g. {shown})")
 
 
 class VLM(nn.Module):
@@ -81,7 +91,7 @@ class VLM(nn.Module):
             layers=config.connector_layers,
             heads=config.connector_heads,
         )
-        self.tokens_per_image = self.connector.num_tokens(vision.num_patches)
+        self.tokens_per_image = self.connector.num_tokens(vision.num_features)
         self.prompts = PromptBuilder(tokenizer, self.tokens_per_image, config.layout)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
@@ -93,7 +103,7 @@ class VLM(nn.Module):
         if not config.vision or not config.lm:
             raise ValueError("a model needs both a vision encoder (--model.vision) and an LM (--model.lm)")
         dtype = DTYPES[config.dtype]
-        vision = VisionTower.from_pretrained(config.vision, config.feature_layer, dtype)
+        vision = VisionTower.from_pretrained(config.vision, config.feature_layer, dtype, config.vision_pooled)
         tok = load_tokenizer(config.tokenizer or config.lm)
         lm = load_lm(config.lm, dtype)
         if len(tok) > lm.get_input_embeddings().weight.shape[0]:
@@ -142,7 +152,13 @@ class VLM(nn.Module):
             if src:
                 AutoImageProcessor.from_pretrained(src).save_pretrained(tmp / "vision")
             if self.lm_mode == "lora":
-                self.lm.get_base_model().save_pretrained(tmp / "lm")
+                # the base weights under their own names (LoRA layers wrap them as `base_layer`)
+                base = {
+                    k.replace(".base_layer.", "."): v
+                    for k, v in self.causal_lm.state_dict().items()
+                    if "lora_" not in k
+                }
+                self.causal_lm.save_pretrained(tmp / "lm", state_dict=base)
                 self.lm.save_pretrained(tmp / "lm_adapter")
             else:
                 self.lm.save_pretrained(tmp / "lm")

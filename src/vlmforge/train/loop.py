@@ -99,6 +99,8 @@ def train(
         raise ValueError("no training data: pass --train.data FILE.json [FILE2.json …]")
     records = [r for f in cfg.data for r in load_records(f)]
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if init:
         model = VLM.from_pretrained(init)

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from vlmforge.data.formats import load_records
+from vlmforge.model.connectors import CONNECTORS, build_connector
+from vlmforge.model.vlm import VLM
+
+
+def _batch(model, data_dir, n=3):
+    from vlmforge.data.collate import VQADataset, collate
+
+    recs = load_records(data_dir / "shapes_sft.json")[:n]
+    ds = VQADataset(recs, model.prompts, model.processor)
+    return collate([ds[i] for i in range(n)], model.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("name", sorted(CONNECTORS))
+def test_connector_shapes(name):
+    c = build_connector(name, 32, 48, layers=2, heads=4)
+    x = torch.randn(3, 16, 32)  # [N, P, Dv]
+    assert c(x).shape == (3, c.num_tokens(16), 48)
+
+
+def test_module_shapes(model, data_dir):
+    b = _batch(model, data_dir)
+    feats = model.encode_images(b["pixel_values"])
+    assert b["pixel_values"].shape == (3, 3, 32, 32)
+    assert feats.shape == (3, model.vision.num_patches, model.vision.hidden_size) == (3, 16, 32)
+    vis = model.image_embeds(image_features=feats)
+    assert vis.shape == (3, model.tokens_per_image, 64)
+    out = model(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"])
+    assert out.logits.shape == (*b["input_ids"].shape, len(model.tokenizer))
+    lossy = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+    assert lossy.n_tokens == int((b["labels"][:, 1:] != -100).sum()) > 0
+    assert torch.isfinite(lossy.loss)
+
+
+def test_placeholder_count_mismatch_names_both_numbers(model, data_dir):
+    b = _batch(model, data_dir)
+    with pytest.raises(ValueError, match=r"placeholder tokens \(48\).*2 images x 16 tokens = 32"):
+        model(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"][:2])
+    with pytest.raises(ValueError, match="48 image placeholder tokens in the input but no images"):
+        model(b["input_ids"], b["attention_mask"])
+    with pytest.raises(ValueError, match="image_features must be"):
+        model(b["input_ids"], b["attention_mask"], image_features=torch.randn(3, 16, 7))
+
+
+def test_pixels_and_precomputed_features_give_identical_logits(model, data_dir):
+    b = _batch(model, data_dir)
+    with torch.no_grad():
+        a = model(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+        feats = model.encode_images(b["pixel_values"])
+        c = model(b["input_ids"], b["attention_mask"], image_features=feats).logits
+    assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("connector", ["mlp", "attention"])
+@pytest.mark.parametrize("lm_mode", ["full", "lora"])
+def test_save_and_from_pretrained_round_trip(model_cfg, data_dir, tmp_path, connector, lm_mode):
+    import dataclasses
+
+    from vlmforge.config import TrainConfig
+    from vlmforge.train.stages import apply_stage
+
+    torch.manual_seed(0)
+    model = VLM.from_backbones(dataclasses.replace(model_cfg, connector=connector))
+    apply_stage(model, TrainConfig(stage="sft", lm_mode=lm_mode))
+    with torch.no_grad():  # move the weights away from their initial values
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    b = _batch(model, data_dir)
+    with torch.no_grad():
+        before = model(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "lm_adapter").is_dir() == (lm_mode == "lora")
+    loaded = VLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        after = loaded(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert loaded.config.connector == connector and loaded.lm_mode == lm_mode
+
+
+def test_batched_generation_equals_one_by_one(model, data_dir):
+    from vlmforge.data.images import load_image
+
+    recs = load_records(data_dir / "shapes_qa.json")[:4]
+    images = [load_image(r.images[0]) for r in recs]
+    questions = ["What color is the circle?", "How many shapes are there?", "Is there a red square?", "Describe it."]
+    pixels = torch.stack([model.processor(im) for im in images])
+    prompts = [model.build_prompt(q) for q in questions]
+    assert len({len(p) for p in prompts}) > 1  # different lengths, so left padding is exercised
+    batched = model.generate(prompts, pixel_values=pixels, max_new_tokens=6)
+    single = [model.generate([p], pixel_values=pixels[i : i + 1], max_new_tokens=6)[0] for i, p in enumerate(prompts)]
+    assert batched == single
+
+
+def test_loading_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a vlmforge model"):
+        VLM.from_pretrained(tmp_path)
+    from vlmforge.config import ModelConfig
+
+    with pytest.raises(ValueError, match="cannot load a vision encoder"):
+        VLM.from_backbones(ModelConfig(vision=str(tmp_path / "missing"), lm=str(tmp_path / "missing")))
+
+
+def test_pooled_embedding_adds_one_visual_token(model_cfg, data_dir):
+    import dataclasses
+
+    m = VLM.from_backbones(dataclasses.replace(model_cfg, vision_pooled=True)).eval()
+    assert m.tokens_per_image == m.vision.num_patches + 1
+    b = _batch(m, data_dir, n=2)
+    assert int((b["input_ids"] == m.image_token_id).sum()) == 2 * m.tokens_per_image
+    with torch.no_grad():
+        feats = m.encode_images(b["pixel_values"])
+        pooled = m.vision.model(pixel_values=b["pixel_values"]).pooler_output
+    torch.testing.assert_close(feats[:, 0], pooled)
+    assert torch.isfinite(m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"]).loss)

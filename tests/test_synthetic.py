@@ -1,0 +1,99 @@
+import json
+import re
+
+from PIL import Image
+
+from vlmforge.data.synthetic import COLORS, SHAPES, caption, sample_scene, shape_questions, synth
+from vlmforge.eval.runner import question_type
+
+
+def test_deterministic_by_seed(tmp_path):
+    a = synth(tmp_path / "a", "shapes", 12, seed=3)
+    b = synth(tmp_path / "b", "shapes", 12, seed=3)
+    c = synth(tmp_path / "c", "shapes", 12, seed=4)
+    assert a["sft"].read_text() == b["sft"].read_text()
+    assert a["sft"].read_text() != c["sft"].read_text()
+    for i in range(12):
+        name = f"images/shapes_{i:06d}.png"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_scene_rules():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        w, h = rng.choice([(64, 64), (96, 48), (40, 80)])
+        shapes = sample_scene(rng, w, h)
+        assert 1 <= len(shapes) <= 4
+        side = min(w, h)
+        for s in shapes:
+            assert side / 10 <= s.r <= side / 6
+            assert s.r <= s.cx <= w - s.r and s.r <= s.cy <= h - s.r
+            assert s.kind in SHAPES and s.color in COLORS
+        for i, s in enumerate(shapes):
+            for t in shapes[i + 1 :]:  # bounding boxes apart
+                assert abs(s.cx - t.cx) > s.r + t.r or abs(s.cy - t.cy) > s.r + t.r
+
+
+def test_questions_follow_templates_and_are_correct():
+    import random
+
+    rng = random.Random(1)
+    yes = no = 0
+    for _ in range(200):
+        shapes = sample_scene(rng, 64, 64)
+        qs = shape_questions(shapes, rng)
+        kinds = [s.kind for s in shapes]
+        colors = [s.color for s in shapes]
+        for q, a in qs["color"]:
+            k = re.match(r"What color is the (\w+)\?$", q).group(1)
+            assert kinds.count(k) == 1 and colors[kinds.index(k)] == a
+        for q, a in qs["shape"]:
+            c = re.match(r"What shape is the (\w+) object\?$", q).group(1)
+            assert colors.count(c) == 1 and kinds[colors.index(c)] == a
+        assert qs["count"] == [("How many shapes are there?", str(len(shapes)))]
+        for q, a in qs["exist"]:
+            c, k = re.match(r"Is there a (\w+) (\w+)\?$", q).groups()
+            assert a == ("yes" if (c, k) in set(zip(colors, kinds)) else "no")
+            yes += a == "yes"
+            no += a == "no"
+        for items in qs.values():
+            for q, _ in items:
+                assert question_type(q) in ("color", "shape", "count", "exist")
+    assert yes == no  # balanced
+
+
+def test_caption_lists_shapes_left_to_right():
+    from vlmforge.data.synthetic import Shape
+
+    shapes = [Shape("square", "blue", 40, 10, 5), Shape("circle", "red", 10, 30, 5)]
+    shapes.append(Shape("triangle", "green", 55, 50, 5))
+    assert caption(shapes) == "a red circle, a blue square and a green triangle"
+    assert caption(shapes[:1]) == "a blue square"
+    assert caption(shapes[:2]) == "a red circle and a blue square"
+
+
+def test_files_written_in_llava_format(tmp_path):
+    paths = synth(tmp_path, "text", 5, seed=0, width=80, height=40)
+    recs = json.loads(paths["qa"].read_text())
+    assert len(recs) == 5
+    for r in recs:
+        conv = r["conversations"]
+        assert conv[0]["from"] == "human" and conv[0]["value"] == "<image>\nWhat does the text say?"
+        assert re.fullmatch(r"[a-z]{3,6}", conv[1]["value"])
+        img = Image.open(tmp_path / r["image"])
+        assert img.size == (80, 40)
+    sft = json.loads((tmp_path / "text_sft.json").read_text())
+    assert all(len(r["conversations"]) == 2 for r in sft)
+
+
+def test_caption_phrases_split_list_captions():
+    from vlmforge.model.tiny import caption_phrases
+
+    assert caption_phrases("a red circle, a blue square and a green triangle") == {
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+    }
+    assert caption_phrases("a red circle") == {"a red circle"}

@@ -1,0 +1,114 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from vlmforge.config import TrainConfig
+from vlmforge.data.formats import DataError
+from vlmforge.model.vlm import VLM
+from vlmforge.train.loop import train
+
+
+def _cfg(data_dir, out, **kw):
+    base = dict(stage="sft", data=[str(data_dir / "shapes_sft.json")], out=str(out), batch_size=8, lr=3e-3,
+                lm_lr=3e-3, max_steps=12, epochs=10, warmup=0.1, save_every=4, log_every=1, seed=0)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_training_run_loss_falls_and_saves_everything(model_cfg, data_dir, tmp_path):
+    model_dir = train(_cfg(data_dir, tmp_path / "run", max_steps=25), model_cfg)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 25
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    for name in ("checkpoint.pt", "loss.png", "run_config.json", "summary.json"):
+        assert (tmp_path / "run" / name).is_file()
+    loaded = VLM.from_pretrained(model_dir)
+    assert loaded.lm_mode == "full"
+
+
+def test_align_stage_trains_only_the_connector(model_cfg, data_dir, tmp_path):
+    cfg = _cfg(data_dir, tmp_path / "align", stage="align", data=[str(data_dir / "shapes_captions.json")], max_steps=2)
+    model_dir = train(cfg, model_cfg)
+    trained = VLM.from_pretrained(model_dir)
+    fresh = VLM.from_backbones(model_cfg)
+    for a, b in zip(trained.causal_lm.parameters(), fresh.causal_lm.parameters()):
+        assert torch.equal(a, b)
+    assert trained.lm_mode == "frozen"
+
+
+def test_lora_stage_from_an_aligned_model(model_cfg, data_dir, tmp_path):
+    align = train(_cfg(data_dir, tmp_path / "a", stage="align", max_steps=1), model_cfg)
+    model_dir = train(_cfg(data_dir, tmp_path / "s", lm_mode="lora", max_steps=2), init=str(align))
+    loaded = VLM.from_pretrained(model_dir)
+    assert loaded.lm_mode == "lora"
+    assert (model_dir / "lm_adapter" / "adapter_config.json").is_file()
+
+
+def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypatch):
+    full = train(_cfg(data_dir, tmp_path / "full", max_steps=8, save_every=3), model_cfg)
+    reference = VLM.from_pretrained(full)
+
+    calls = {"n": 0}
+    original = VLM.forward
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 6: the checkpoint of step 5 must be written, nothing lost
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(VLM, "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3), model_cfg)
+    blob = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert blob["progress"]["step"] == 5
+    monkeypatch.setattr(VLM, "forward", original)
+    resumed = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3), model_cfg,
+                                        resume=True))  # fmt: skip
+    assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
+    for (n, a), b in zip(reference.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+def _with_bad_images(data_dir, tmp_path):
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    (d / "images" / "shapes_000001.png").write_bytes(b"garbage")
+    png = (d / "images" / "shapes_000002.png").read_bytes()
+    (d / "images" / "shapes_000002.png").write_bytes(png[: len(png) // 2])
+    (d / "images" / "shapes_000003.png").unlink()
+    return d
+
+
+def test_bad_images_are_skipped_and_counted(model_cfg, tmp_path, data_dir):
+    d = _with_bad_images(data_dir, tmp_path)
+    train(_cfg(d, tmp_path / "run", max_steps=6, epochs=1, batch_size=8), model_cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped"] == 3
+    assert summary["samples"] == 48 - 3
+    assert any("shapes_000002.png" in s and "cannot decode" in s for s in summary["skipped_records"])
+    assert any("shapes_000003.png" in s and "not found" in s for s in summary["skipped_records"])
+
+
+def test_bad_image_with_fail_policy_names_the_file_and_keeps_progress(model_cfg, tmp_path, data_dir):
+    d = _with_bad_images(data_dir, tmp_path)
+    cfg = _cfg(d, tmp_path / "run", max_steps=6, epochs=1, batch_size=8, bad_images="fail", save_every=100)
+    with pytest.raises(DataError, match=r"shapes_sft.json record \d+ \(id=shapes_00000[123]\).*shapes_00000[123].png"):
+        train(cfg, model_cfg)
+    blob = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert blob["progress"]["step"] >= 1  # the steps done before the bad batch are kept
+
+
+def test_malformed_record_fails_before_training(model_cfg, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "a"}]}]))
+    with pytest.raises(DataError, match="bad.json record 0 \\(id=x\\)"):
+        train(TrainConfig(data=[str(bad)], out=str(tmp_path / "run")), model_cfg)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
