@@ -37,7 +37,14 @@ def data_synth(
         print(f"{kind}: {path}")
 
 
-def pretrain(data: list[str], out: str, spec: TinySpec = TinySpec(), seed: int = 0, force: bool = False) -> None:  # noqa: B008
+def pretrain(
+    data: list[str],
+    out: str,
+    spec: TinySpec = TinySpec(),  # noqa: B008
+    seed: int = 0,
+    force: bool = False,
+    captions: list[str] | None = None,
+) -> None:
     """Make the tiny backbones (BPE tokenizer, SigLIP encoder, Llama LM) from synthetic data.
 
     Args:
@@ -46,10 +53,11 @@ def pretrain(data: list[str], out: str, spec: TinySpec = TinySpec(), seed: int =
         spec: sizes and pretraining budgets.
         seed: random seed.
         force: remake parts that already exist.
+        captions: caption files for SigLIP (default: the one-turn image records of --data).
     """
     from vlmforge.model.tiny import pretrain as run
 
-    for k, p in run(data, out, spec, seed, force).items():
+    for k, p in run(data, out, spec, seed, force, captions).items():
         print(f"{k}: {p}")
 
 
@@ -111,6 +119,7 @@ def demo(
     n_shapes: int = DemoConfig.n_shapes,
     n_text: int = DemoConfig.n_text,
     n_test: int = DemoConfig.n_test,
+    n_pretrain: int = DemoConfig.n_pretrain,
     seed: int = 0,
     spec: TinySpec = TinySpec(),  # noqa: B008
     align: TrainConfig = DemoConfig().align,  # noqa: B008
@@ -124,6 +133,7 @@ def demo(
         n_shapes: training images of the shapes task.
         n_text: training images of the text task.
         n_test: held-out images per task.
+        n_pretrain: extra captioned shapes images for pretraining the encoder.
         seed: data and training seed (held-out data uses seed + 1).
         spec: tiny backbone sizes and pretraining budgets.
         align: the align stage (its data and output folder are set by the demo).
@@ -132,7 +142,20 @@ def demo(
     """
     from vlmforge.demo import run
 
-    run(DemoConfig(out, n_shapes, n_text, n_test, seed, spec, align, sft, fresh))
+    run(
+        DemoConfig(
+            out=out,
+            n_shapes=n_shapes,
+            n_text=n_text,
+            n_pretrain=n_pretrain,
+            n_test=n_test,
+            seed=seed,
+            spec=spec,
+            align=align,
+            sft=sft,
+            fresh=fresh,
+        )  # fmt: skip
+    )
 
 
 COMMANDS = {

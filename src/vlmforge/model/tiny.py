@@ -44,6 +44,35 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def _batches(rng: random.Random, pool: list[int], size: int):
+    """Endless batches of `size` indices: shuffled passes over `pool`."""
+    order: list[int] = []
+    while True:
+        if len(order) < size:
+            order += rng.sample(pool, len(pool))
+        yield order[:size]
+        order = order[size:]
+
+
+def _optimize(model, loss_of, batches, steps: int, lr: float, weight_decay: float, desc: str) -> float:
+    """AdamW with warm-up + cosine and clipping for `steps`; returns the last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 10)))
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    loss = torch.tensor(float("nan"))
+    for _ in bar:
+        loss = loss_of(next(batches))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
 def train_tokenizer(texts: list[str], out: str | Path, vocab_size: int = 512):
     """Train a byte-level BPE on `texts` and save it as an HF tokenizer with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -125,26 +154,16 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
     n_val = min(256, len(records) // 5)  # held out to measure image->caption retrieval
     perm = rng.sample(range(len(records)), len(records))
     val, train_idx = perm[:n_val], perm[n_val:]
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.siglip_lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, spec.siglip_steps, spec.siglip_steps // 10))
-    model.train()
-    t0, order = time.time(), []
-    bar = tqdm(range(spec.siglip_steps), desc="pretrain siglip", unit="step")
-    for _step in bar:
-        if len(order) < spec.siglip_batch:
-            order += rng.sample(train_idx, len(train_idx))
-        idx, order = order[: spec.siglip_batch], order[spec.siglip_batch :]
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
         picks = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
         logits = model(input_ids=text_ids[picks], pixel_values=pixels[idx]).logits_per_image  # [B, B]
         same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
-        loss = -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
+
+    t0 = time.time()
+    final = _optimize(model, loss_of, _batches(rng, train_idx, spec.siglip_batch), spec.siglip_steps,
+                      spec.siglip_lr, 1e-4, "pretrain siglip")  # fmt: skip
     with torch.no_grad():
         val_texts = [text_index[captions[i]] for i in val]
         sims = model(input_ids=text_ids[val_texts], pixel_values=pixels[val]).logits_per_image  # [V, V]
@@ -155,7 +174,7 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
         SiglipImageProcessor(
             size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         ).save_pretrained(tmp)
-    return {"final_loss": loss.item(), "seconds": time.time() - t0, "retrieval_top1": retrieval}
+    return {"final_loss": final, "seconds": time.time() - t0, "retrieval_top1": retrieval}
 
 
 def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
@@ -182,34 +201,31 @@ def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec,
     )
     model = LlamaForCausalLM(cfg)
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lm_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, spec.lm_steps, spec.lm_steps // 10))
-    model.train()
-    t0, order = time.time(), []
-    bar = tqdm(range(spec.lm_steps), desc="pretrain llama", unit="step")
-    for _step in bar:
-        if len(order) < spec.lm_batch:
-            order += rng.sample(range(len(enc)), len(enc))
-        batch, order = [enc[i] for i in order[: spec.lm_batch]], order[spec.lm_batch :]
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        batch = [enc[i] for i in idx]
         width = max(len(b) for b in batch)
         ids = torch.tensor([b + [tokenizer.pad_token_id] * (width - len(b)) for b in batch])
         mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+
+    t0 = time.time()
+    final = _optimize(
+        model,
+        loss_of,
+        _batches(rng, list(range(len(enc))), spec.lm_batch),
+        spec.lm_steps,
+        spec.lm_lr,
+        0.0,
+        "pretrain llama",
+    )
     torch.set_num_threads(threads)
-    model.eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return {"final_loss": loss.item(), "seconds": time.time() - t0}
+    return {"final_loss": final, "seconds": time.time() - t0}
 
 
 def conversation_texts(records: list[Record], tokenizer) -> list[str]:
@@ -222,12 +238,18 @@ def conversation_texts(records: list[Record], tokenizer) -> list[str]:
 
 
 def pretrain(
-    data: list[str], out: str | Path, spec: TinySpec | None = None, seed: int = 0, force: bool = False
+    data: list[str],
+    out: str | Path,
+    spec: TinySpec | None = None,
+    seed: int = 0,
+    force: bool = False,
+    captions: list[str] | None = None,
 ) -> dict[str, Path]:
     """Make the tokenizer, the SigLIP encoder and the Llama in `out/{tokenizer,vision,lm}`.
 
-    Captions (records with one "Describe the image." turn) pretrain SigLIP; all conversation text
-    pretrains the LM. Each part is written atomically and skipped when already present.
+    The text of `data` trains the tokenizer and the LM. SigLIP is pretrained on the records of
+    `captions` (default: the records of `data` with one image and one question-answer turn).
+    Each part is written atomically and skipped when already present.
     """
     from transformers import AutoTokenizer
 
@@ -243,7 +265,8 @@ def pretrain(
         train_tokenizer(corpus, paths["tokenizer"], spec.vocab_size)
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     if force or not paths["vision"].is_dir():
-        caps = [r for r in records if r.images and len(r.messages) == 2]
+        pool = [r for f in captions for r in load_records(f)] if captions else records
+        caps = [r for r in pool if r.images and len(r.messages) == 2]
         if not caps:
             raise ValueError("SigLIP pretraining needs caption records (one human and one gpt turn with an image)")
         info = pretrain_siglip(caps, tok, paths["vision"], spec, seed)
