@@ -112,3 +112,15 @@ def test_malformed_record_fails_before_training(model_cfg, tmp_path):
     with pytest.raises(DataError, match="bad.json record 0 \\(id=x\\)"):
         train(TrainConfig(data=[str(bad)], out=str(tmp_path / "run")), model_cfg)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_gradient_accumulation_matches_one_big_batch(model_cfg, data_dir, tmp_path):
+    # 2 micro-batches of 4 cover the same records as one batch of 8 (same permutation), and the
+    # loss is normalised over all label tokens of the accumulated batch, so the update is the same.
+    big = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "big", batch_size=8, max_steps=2), model_cfg))
+    acc = VLM.from_pretrained(
+        train(_cfg(data_dir, tmp_path / "acc", batch_size=4, grad_accum=2, max_steps=2), model_cfg)
+    )
+    assert _losses(tmp_path / "big") == pytest.approx(_losses(tmp_path / "acc"), rel=1e-5)
+    for (n, a), b in zip(big.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)

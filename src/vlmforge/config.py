@@ -153,7 +153,7 @@ class TinySpec:
     lm_heads: int = 4
     lm_intermediate: int = 688
     vocab_size: int = 512
-    siglip_steps: int = 600
+    siglip_steps: int = 400
     siglip_batch: int = 64
     siglip_lr: float = 2e-3
     lm_steps: int = 60
@@ -172,7 +172,7 @@ def _align_default() -> TrainConfig:
 
 def _sft_default() -> TrainConfig:
     return TrainConfig(
-        stage="sft", epochs=10.0, max_steps=200, batch_size=32, lr=3e-3, lm_lr=2e-3, save_every=40, log_every=5,
+        stage="sft", epochs=10.0, max_steps=240, batch_size=32, lr=3e-3, lm_lr=2e-3, save_every=40, log_every=5,
         threads=1,
     )  # fmt: skip
 
@@ -197,7 +197,7 @@ class DemoConfig:
     out: str = "runs/demo"
     n_shapes: int = 3000
     n_text: int = 500
-    n_pretrain: int = 10000
+    n_pretrain: int = 0
     n_test: int = 300
     seed: int = 0
     spec: TinySpec = field(default_factory=TinySpec)
