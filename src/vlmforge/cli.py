@@ -168,12 +168,32 @@ COMMANDS = {
 }
 
 
+def _positional_question(argv: list[str]) -> list[str]:
+    """Allow `vlmforge chat --model DIR --image IMG "question"`: a bare word is the question."""
+    if not argv or argv[0] != "chat":
+        return argv
+    out, i = [argv[0]], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            out.append(arg)
+            takes_value = arg.startswith("--") and "=" not in arg and arg not in ("--help", "--print_config")
+            if takes_value and i + 1 < len(argv):
+                out.append(argv[i + 1])
+                i += 1
+        else:
+            out += ["--question", arg]
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     from vlmforge.data.formats import DataError
     from vlmforge.data.images import ImageError
 
+    argv = _positional_question(list(sys.argv[1:] if argv is None else argv))
     try:
         CLI(COMMANDS, args=argv, as_positional=False, description=__doc__.split("\n")[0])
     except (DataError, ImageError, FileNotFoundError, ValueError) as e:
