@@ -29,6 +29,7 @@ from vlmforge.data.formats import Record
 from vlmforge.data.images import ImageProcessor, load_image
 from vlmforge.data.prompts import SPECIAL_TOKENS
 from vlmforge.io import atomic_dir
+from vlmforge.train.loop import lr_lambda
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -36,12 +37,6 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 CONTROL_TOKENS = ["<|begin_of_text|>", "<|eot_id|>", "<|pad|>", "<|start_header_id|>", "<|end_header_id|>"]
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def _batches(rng: random.Random, pool: list[int], size: int):
@@ -57,7 +52,7 @@ def _batches(rng: random.Random, pool: list[int], size: int):
 def _optimize(model, loss_of, batches, steps: int, lr: float, weight_decay: float, desc: str) -> float:
     """AdamW with warm-up + cosine and clipping for `steps`; returns the last loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 10)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 10), 0.0))
     model.train()
     bar = tqdm(range(steps), desc=desc, unit="step")
     loss = torch.tensor(float("nan"))
@@ -210,16 +205,18 @@ def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec,
         return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
 
     t0 = time.time()
-    final = _optimize(
-        model,
-        loss_of,
-        _batches(rng, list(range(len(enc))), spec.lm_batch),
-        spec.lm_steps,
-        spec.lm_lr,
-        0.0,
-        "pretrain llama",
-    )
-    torch.set_num_threads(threads)
+    try:
+        final = _optimize(
+            model,
+            loss_of,
+            _batches(rng, list(range(len(enc))), spec.lm_batch),
+            spec.lm_steps,
+            spec.lm_lr,
+            0.0,
+            "pretrain llama",
+        )
+    finally:
+        torch.set_num_threads(threads)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out) as tmp:

@@ -26,6 +26,14 @@ def _quiet_hf():
     hf_logging.disable_progress_bar()
 
 
+def check_loading_info(path: str, info: dict) -> None:
+    """Refuse a checkpoint that leaves weights uninitialised (wrong architecture or a broken file)."""
+    missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise ValueError(f"{path}: {len(missing)} weights missing from the checkpoint (e.g. {shown})")
+
+
 def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load the vision part of `path` (Hub id or folder) with `from_pretrained`."""
     import transformers
@@ -36,8 +44,6 @@ def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a vision encoder from {path!r}: {e}") from e
-    from vlmforge.model.vlm import check_loading_info
-
     cls_name = _VISION_CLASSES.get(config.model_type)
     cls = getattr(transformers, cls_name) if cls_name else AutoModel
     model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)

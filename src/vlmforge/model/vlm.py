@@ -26,7 +26,7 @@ from vlmforge.data.images import ImageProcessor
 from vlmforge.data.prompts import DEFAULT_CHAT_TEMPLATE, IGNORE, SPECIAL_TOKENS, PromptBuilder
 from vlmforge.io import atomic_dir
 from vlmforge.model.connectors import build_connector
-from vlmforge.model.vision import VisionTower, _quiet_hf
+from vlmforge.model.vision import VisionTower, _quiet_hf, check_loading_info
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,14 +64,6 @@ def load_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise ValueError(f"cannot load a causal LM from {path!r}: {e}") from e
     check_loading_info(path, info)
     return model
-
-
-def check_loading_info(path: str, info: dict) -> None:
-    """Refuse a checkpoint that leaves weights uninitialised (wrong architecture or a broken file)."""
-    missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
-    if missing:
-        shown = ", ".join(sorted(missing)[:5])
-        raise ValueError(f"{path}: {len(missing)} weights missing from the checkpoint (e.g. {shown})")
 
 
 class VLM(nn.Module):
