@@ -33,6 +33,8 @@ class ModelConfig:
         image_size: encoder input resolution; defaults to the encoder's own processor settings.
         resize: `pad` keeps the aspect ratio (resize the long side, pad the rest); `squash`
             resizes to a square regardless of aspect.
+        split_grid: image splitting (LLaVA-UHD, Idefics2): 0 is off; k cuts each image into k x k
+            crops plus the whole image, each encoded and connected (k=2: 5 views per image).
         layout: `llama3v` puts `<image>`…`</image>` before the text wrapped in `<text>`…`</text>`;
             `inline` replaces the `<image>` marker in place.
         dtype: weights dtype of the backbones (float32, bfloat16, float16).
@@ -49,6 +51,7 @@ class ModelConfig:
     vision_pooled: bool = False
     image_size: int | None = None
     resize: Literal["pad", "squash"] = "pad"
+    split_grid: int = 0
     layout: Literal["llama3v", "inline"] = "llama3v"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -84,6 +87,11 @@ class TrainConfig:
         time_budget: stop (with a checkpoint and the model saved) after this many seconds.
         threads: torch CPU threads for this stage (None keeps torch's default). On small models
             one thread can be faster than two: the per-op threading overhead outweighs the gain.
+        cache: a feature store (`vlmforge cache build`): image features are read from it instead
+            of running the frozen encoder; when every image is found the encoder is not kept in memory.
+        cache_dtype: which stored dtype to read (fp32, fp16, bf16); default the most precise one built.
+        cache_missing: an image without features in the store is encoded on the fly (`encode`) or
+            stops the run before the first step with the list of what is missing (`fail`).
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -111,6 +119,9 @@ class TrainConfig:
     log_every: int = 10
     time_budget: float | None = None
     threads: int | None = None
+    cache: str | None = None
+    cache_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    cache_missing: Literal["encode", "fail"] = "fail"
 
 
 @dataclass

@@ -76,15 +76,32 @@ class ImageProcessor:
         mean: per-channel normalisation mean (0-1 scale).
         std: per-channel normalisation std.
         resize: `pad` (keep aspect) or `squash`.
+        grid: image splitting: 0 encodes the whole image only; k cuts it into k x k crops plus the
+            whole image (`views` returns k*k + 1 tensors).
     """
 
     size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize: str = "pad"
+    grid: int = 0
+
+    @property
+    def num_views(self) -> int:
+        return self.grid * self.grid + 1 if self.grid else 1
+
+    def settings(self) -> dict:
+        """Every setting that changes the pixels the encoder sees (part of a feature-cache key)."""
+        return {
+            "image_size": self.size,
+            "mean": [round(x, 6) for x in self.mean],
+            "std": [round(x, 6) for x in self.std],
+            "resize": self.resize,
+            "grid": self.grid,
+        }
 
     @classmethod
-    def from_encoder(cls, path: str, size: int | None = None, resize: str = "pad") -> ImageProcessor:
+    def from_encoder(cls, path: str, size: int | None = None, resize: str = "pad", grid: int = 0) -> ImageProcessor:
         """Read mean, std and resolution from an encoder's `preprocessor_config.json`."""
         from transformers import AutoImageProcessor
         from transformers.utils import logging as hf_logging
@@ -107,6 +124,7 @@ class ImageProcessor:
             mean=tuple(float(x) for x in proc.image_mean),
             std=tuple(float(x) for x in proc.image_std),
             resize=resize,
+            grid=grid,
         )
 
     def prepare(self, img: Image.Image) -> Image.Image:
@@ -124,3 +142,10 @@ class ImageProcessor:
         arr = np.asarray(self.prepare(img), dtype=np.float32) / 255.0  # [H, W, 3]
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+    def views(self, img: Image.Image):
+        """The encoder inputs of one image: [num_views, 3, size, size] (crops first, then the whole)."""
+        import torch
+
+        parts = split_image(img, (self.grid, self.grid)) if self.grid else [img]
+        return torch.stack([self(p) for p in parts])

@@ -54,10 +54,10 @@ def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = 
             items.append((r, images, question, reference))
         if not items:
             continue
-        pixels = [model.processor(im) for _, ims, _, _ in items for im in ims]
+        pixels = [model.processor.views(im) for _, ims, _, _ in items for im in ims]
         prompts = [model.prompts.encode_prompt([{"role": "user", "content": q}]) for _, _, q, _ in items]
         outs = model.generate(
-            prompts, pixel_values=torch.stack(pixels) if pixels else None, max_new_tokens=max_new_tokens
+            prompts, pixel_values=torch.cat(pixels) if pixels else None, max_new_tokens=max_new_tokens
         )
         for (r, _, q, ref), o in zip(items, outs):
             pred = model.tokenizer.decode(o, skip_special_tokens=True).strip()

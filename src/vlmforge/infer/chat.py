@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from vlmforge.data.images import load_image
 
 
 def chat(model, image: str | None, question: str | None = None, max_new_tokens: int = 64) -> list[str]:
-    pixels = torch.stack([model.processor(load_image(image))]) if image else None
+    pixels = model.processor.views(load_image(image)) if image else None
     history: list[dict] = []
     answers = []
 

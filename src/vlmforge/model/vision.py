@@ -8,6 +8,8 @@ the encoder has one, is dropped so that only patch features remain.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -66,6 +68,35 @@ class VisionTower(nn.Module):
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
         # the encoder's pooled embedding (SigLIP's attention-pool head) as one extra leading feature
         self.num_features = self.num_patches + int(pooled)
+        self.released = False
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """sha256 over the weights (names, dtypes, shapes, bytes): the encoder's identity in
+        feature-cache keys, the same for a Hub id, a local copy or a model folder's `vision/`."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def settings(self) -> dict:
+        """Everything about the encoder that changes its features (part of a feature-cache key)."""
+        return {
+            "encoder": self.fingerprint(),
+            "encoder_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "feature_layer": self.feature_layer,
+            "pooled": self.pooled,
+        }
+
+    def release(self) -> None:
+        """Free the weights when every feature comes from a cache; `forward` then refuses to run."""
+        self.fingerprint()
+        self.model.to("meta")
+        self.released = True
 
     @classmethod
     def from_pretrained(
@@ -74,6 +105,8 @@ class VisionTower(nn.Module):
         return cls(load_vision_model(path, dtype), feature_layer, pooled)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.released:
+            raise RuntimeError("the vision encoder was released (features come from a cache); it cannot encode pixels")
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
         out = self.model(pixel_values=pixel_values, output_hidden_states=self.feature_layer != -1)
         feats = out.last_hidden_state if self.feature_layer == -1 else out.hidden_states[self.feature_layer]

@@ -26,7 +26,7 @@ from vlmforge.data.images import ImageProcessor
 from vlmforge.data.prompts import DEFAULT_CHAT_TEMPLATE, IGNORE, SPECIAL_TOKENS, PromptBuilder
 from vlmforge.io import atomic_dir
 from vlmforge.model.connectors import build_connector
-from vlmforge.model.vision import VisionTower, _quiet_hf, check_loading_info
+from vlmforge.model.vision import VisionTower, _quiet_hf, check_loading_info, load_vision_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +83,9 @@ class VLM(nn.Module):
             layers=config.connector_layers,
             heads=config.connector_heads,
         )
-        self.tokens_per_image = self.connector.num_tokens(vision.num_features)
+        # with image splitting every view (crops + the whole image) gets its own visual tokens
+        self.tokens_per_view = self.connector.num_tokens(vision.num_features)
+        self.tokens_per_image = self.tokens_per_view * processor.num_views
         self.prompts = PromptBuilder(tokenizer, self.tokens_per_image, config.layout)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
@@ -103,7 +105,9 @@ class VLM(nn.Module):
         size = config.image_size or vision.image_size
         if size != vision.image_size:
             raise ValueError(f"image_size {size} differs from the encoder's {vision.image_size}")
-        proc = ImageProcessor.from_encoder(config.vision, size, config.resize)
+        if config.split_grid < 0:
+            raise ValueError(f"split_grid must be 0 (off) or a grid size k >= 1, got {config.split_grid}")
+        proc = ImageProcessor.from_encoder(config.vision, size, config.resize, config.split_grid)
         model = cls(config, vision, lm, tok, proc)
         model._vision_source = config.vision
         return model
@@ -138,9 +142,14 @@ class VLM(nn.Module):
         from safetensors.torch import save_file
         from transformers import AutoImageProcessor
 
+        src = getattr(self, "_vision_source", None)
         with atomic_dir(path) as tmp:
-            self.vision.model.save_pretrained(tmp / "vision")
-            src = getattr(self, "_vision_source", None)
+            if self.vision.released:  # frozen, so the weights are the source's: load them to save
+                if not src:
+                    raise RuntimeError("the vision encoder was released and its source is unknown")
+                load_vision_model(src, next(self.vision.model.parameters()).dtype).save_pretrained(tmp / "vision")
+            else:
+                self.vision.model.save_pretrained(tmp / "vision")
             if src:
                 AutoImageProcessor.from_pretrained(src).save_pretrained(tmp / "vision")
             if self.lm_mode == "lora":
@@ -173,7 +182,8 @@ class VLM(nn.Module):
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels [N, 3, H, W] → patch features [N, P, Dv] (no graph when the tower is frozen)."""
+        """Pixels [N, 3, H, W] → patch features [N, P, Dv] (no graph when the tower is frozen).
+        With image splitting, N counts views (crops and whole images), in prompt order."""
         trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             return self.vision(pixel_values)
@@ -261,7 +271,7 @@ class VLM(nn.Module):
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
         """Answer one question per PIL image (batched greedy decoding)."""
-        pixels = torch.stack([self.processor(im) for im in images]) if images else None
+        pixels = torch.cat([self.processor.views(im) for im in images]) if images else None
         prompts = [self.build_prompt(q, 1 if images else 0) for q in questions]
         outs = self.generate(prompts, pixel_values=pixels, max_new_tokens=max_new_tokens)
         return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlmforge.config import ModelConfig, TrainConfig, save_json
-from vlmforge.data.collate import VQADataset, collate
+from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
 from vlmforge.data.formats import load_records
 from vlmforge.model.vlm import VLM
 from vlmforge.train.checkpoint import load_checkpoint, save_checkpoint
@@ -88,6 +88,48 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def open_features(cfg: TrainConfig, model: VLM, records: list):
+    """The feature reader of `cfg.cache` for this model; checks every image before the first step.
+
+    Missing features stop the run here (`cache_missing=fail`) with what to build, or are encoded on
+    the fly (`encode`). When nothing is missing the encoder is released: it is not needed.
+    """
+    from vlmforge.cache.store import CacheError, FeatureStore
+
+    store = FeatureStore(cfg.cache)
+    reader = store.reader(model.vision, model.processor, cfg.cache_dtype)
+    paths = [(r.where, p) for r in records for p in r.images]
+    missing = []
+    for where, p in tqdm(paths, desc="look up features", unit="img", leave=False):
+        try:
+            if not reader.has(p):
+                missing.append((where, p))
+        except FileNotFoundError:
+            pass  # a missing image file is a bad image: the bad_images policy deals with it
+    if missing and cfg.cache_missing == "fail":
+        where, p = missing[0]
+        if reader.ns is None:
+            why = (
+                "the store has no features for this encoder and these settings ("
+                + (f"dtype {cfg.cache_dtype}, " if cfg.cache_dtype else "")
+                + "see `vlmforge cache info`)"
+            )
+        else:
+            why = f"{len(missing)} of {len(paths)} images have no features in it (e.g. {where}: {p})"
+        raise CacheError(
+            f"feature store {cfg.cache}: {why}; build them with `vlmforge cache build --model ... --data ...` "
+            "or pass --train.cache_missing encode to encode them during training"
+        )
+    ns = f"namespace {reader.ns.id}, {reader.ns.settings['dtype']}" if reader.ns else "no matching namespace"
+    tqdm.write(
+        f"features: {len(paths) - len(missing)} of {len(paths)} images from {cfg.cache} ({ns})"
+        + (f"; {len(missing)} encoded on the fly" if missing else "; encoder released")
+    )
+    if not missing:
+        model.vision.release()
+    return reader
+
+
 def train(
     cfg: TrainConfig, model_cfg: ModelConfig | None = None, init: str | None = None, resume: bool = False
 ) -> Path:
@@ -112,11 +154,14 @@ def train(
         {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config), "init": init},
         out / "run_config.json",
     )
+    features = open_features(cfg, model, records) if cfg.cache else None
     groups = apply_stage(model, cfg)
     model.train()
     tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {len(records)} records\n{trainable_report(model)}")
 
-    ds = VQADataset(records, model.prompts, model.processor, cfg.max_len, cfg.bad_images, cfg.max_image_pixels)
+    ds = VQADataset(
+        records, model.prompts, model.processor, cfg.max_len, cfg.bad_images, cfg.max_image_pixels, features
+    )
     per_epoch = math.ceil(len(ds) / (cfg.batch_size * cfg.grad_accum))
     total = max(1, math.ceil(cfg.epochs * per_epoch))
     if cfg.max_steps is not None:
@@ -151,7 +196,7 @@ def train(
                     tqdm.write(f"skipped {msg}")
                 if not b["n"] or not n_tok:
                     continue
-                o = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+                o = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
                 (o.loss_sum / n_tok).backward()
                 loss_sum += o.loss_sum.item()
                 progress["samples"] += b["n"]

@@ -1,0 +1,291 @@
+"""`vlmforge cache build`: run the frozen encoder over every image once and fill a feature store.
+
+What is stored is the vision tower's output (patch features of the chosen layer, per view when
+images are split): the connector trains in every stage, so the tower is everything frozen before
+the first trained module.
+
+The build is planned before anything is encoded: the distinct images (by content hash) missing
+from the namespace are sorted and cut into shards, and the plan is saved. Images are decoded in
+DataLoader workers and encoded in batches that never straddle a shard, so a shard's features do
+not depend on how the work was split: a build resumed after SIGKILL recomputes exactly the
+unfinished shards of the saved plan, and `torchrun --nproc_per_node=N` (ranks take every N-th
+shard; gloo on CPU, NCCL on GPUs) writes the same features as one process. Rank 0 merges the
+finished shards into the manifest at the end; a killed build's shards are merged by the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vlmforge.cache.store import (
+    DEFAULT_DTYPE,
+    STORE_DTYPES,
+    CacheError,
+    FeatureStore,
+    ImageHasher,
+    _read_json,
+    _write_json,
+    feature_settings,
+)
+from vlmforge.data.images import ImageError, ImageProcessor, load_image
+
+
+class _Views(Dataset):
+    """(key, views [V, 3, S, S] or None, error or None) for each planned image; runs in workers."""
+
+    def __init__(self, items: list[tuple[str, str]], processor: ImageProcessor, max_pixels: int):
+        self.items, self.processor, self.max_pixels = items, processor, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        key, path = self.items[i]
+        try:
+            return key, self.processor.views(load_image(path, self.max_pixels)), None
+        except ImageError as e:
+            return key, None, str(e)
+
+
+def _dist(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes in the environment."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _plan(ns, key_to_path: dict[str, str], shard_size: int) -> list[dict]:
+    """Unfinished shards of a saved plan (kept exactly, so a resumed build redoes the same shards)
+    followed by new shards for the images no shard covers."""
+    done = set(ns.manifest()) | set(ns.journal())
+    have = {k for e in list(ns.manifest().values()) + list(ns.journal().values()) for k in e["keys"]}
+    pending = []
+    if ns.plan_path.exists():
+        pending = [s for s in _read_json(ns.plan_path, "build plan")["shards"] if s["name"] not in done]
+        if any(k not in key_to_path for s in pending for k in s["keys"]):
+            pending = []  # the data changed since the plan was made: plan afresh
+    covered = have | {k for s in pending for k in s["keys"]}
+    new = sorted(k for k in key_to_path if k not in covered)
+    tag = hashlib.sha256("".join(new).encode()).hexdigest()[:8]
+    chunks = [new[i : i + shard_size] for i in range(0, len(new), shard_size)]
+    fresh = [{"name": f"{tag}-{j:05d}", "keys": keys} for j, keys in enumerate(chunks)]
+    return pending + fresh
+
+
+def build(
+    store_dir: str | Path,
+    vision,
+    processor: ImageProcessor,
+    images: list[str | Path],
+    dtype: str = DEFAULT_DTYPE,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    num_workers: int = 1,
+    bad_images: str = "skip",
+    max_image_pixels: int = 64_000_000,
+    source: str = "",
+    progress: bool = True,
+    on_shard=None,
+) -> dict:
+    """Encode the images of `images` missing from the store; return what was done.
+
+    `vision` is a `VisionTower` on the device to encode on; `on_shard(name)` is called after each
+    finished shard (progress reporting). Bad images are skipped and listed, or, with
+    `bad_images="fail"`, stop the build after the shards already finished are saved.
+    """
+    if dtype not in STORE_DTYPES:
+        raise CacheError(f"unknown feature dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
+    if bad_images not in ("skip", "fail"):
+        raise ValueError(f"bad_images must be 'skip' or 'fail', got {bad_images!r}")
+    t0 = time.time()
+    device = str(next(vision.parameters()).device)
+    rank, world = _dist(device)
+    show = progress and rank == 0
+    if rank == 0:
+        FeatureStore(store_dir, create=True)
+    _barrier(world)
+    store = FeatureStore(store_dir)
+
+    # content keys, each rank hashing its slice of the paths
+    paths = sorted({os.path.abspath(p) for p in images})
+    hasher = ImageHasher(store.hashes())
+    keys, errors = {}, []
+    for p in tqdm(paths[rank::world], desc="hash images", unit="img", disable=not show, leave=False):
+        try:
+            keys[p] = hasher.key(p)
+        except FileNotFoundError as e:
+            errors.append(str(e))
+    parts = _gather((keys, errors, hasher.updated), world)
+    keys = {p: k for part in parts for p, k in part[0].items()}
+    errors = [e for part in parts for e in part[1]]
+    if errors and bad_images == "fail":
+        raise ImageError(f"{len(errors)} image file(s) cannot be read, e.g. {errors[0]}")
+    key_to_path: dict[str, str] = {}
+    for p in sorted(keys):
+        key_to_path.setdefault(keys[p], p)
+
+    ns = store.namespace(feature_settings(vision, processor, dtype))
+    dropped: list[str] = []
+    if rank == 0:
+        ns.create(source)
+        ns.merge_journal()
+        bad = [
+            n
+            for n, e in tqdm(ns.manifest().items(), desc="check shards", unit="shard", disable=not show, leave=False)
+            if ns.check_shard(n, e)
+        ]
+        if bad:
+            ns.drop(bad)
+            dropped = bad
+            tqdm.write(f"{len(bad)} damaged shards dropped, their images are encoded again: {', '.join(bad[:5])}")
+        plan = _plan(ns, key_to_path, shard_size)
+        if plan:
+            _write_json(ns.plan_path, {"shards": plan})
+        ns.remove_orphans()
+        store.save_hashes({p: e for part in parts for p, e in part[2].items()})
+    _barrier(world)
+    plan = _read_json(ns.plan_path, "build plan")["shards"] if ns.plan_path.exists() else []
+    mine = [s for i, s in enumerate(plan) if i % world == rank]
+    cached = len(key_to_path) - sum(len(s["keys"]) for s in plan)
+
+    encoded, skipped = 0, []
+    if mine:
+        items, batches = [], []
+        for s in mine:
+            start = len(items)
+            items += [(k, key_to_path[k]) for k in s["keys"]]
+            batches += [list(range(i, min(i + batch_size, len(items)))) for i in range(start, len(items), batch_size)]
+        loader = DataLoader(
+            _Views(items, processor, max_image_pixels),
+            batch_sampler=batches,
+            num_workers=num_workers,
+            collate_fn=list,
+            persistent_workers=False,
+        )
+        stored = STORE_DTYPES[dtype]
+        bar = tqdm(total=len(items), desc=f"cache build ({world} proc)" if world > 1 else "cache build",
+                   unit="img", disable=not show)  # fmt: skip
+        shard_iter = iter(mine)
+        shard, shard_keys, shard_feats, left = None, [], [], 0
+        try:
+            for batch in loader:
+                if left == 0:
+                    shard = next(shard_iter)
+                    shard_keys, shard_feats, left = [], [], len(shard["keys"])
+                good = [(k, v) for k, v, err in batch if err is None]
+                for _, _, err in batch:
+                    if err is not None:
+                        if bad_images == "fail":
+                            raise ImageError(err)
+                        skipped.append(err)
+                if good:
+                    views = torch.cat([v for _, v in good]).to(device)
+                    with torch.no_grad():
+                        feats = vision(views)  # [n * V, P, D]
+                    feats = feats.reshape(len(good), -1, *feats.shape[1:]).to(stored).cpu()
+                    shard_keys += [k for k, _ in good]
+                    shard_feats.append(feats)
+                left -= len(batch)
+                bar.update(len(batch))
+                if left == 0 and shard_keys:
+                    ns.write_shard(shard["name"], shard_keys, torch.cat(shard_feats))
+                    encoded += len(shard_keys)
+                    if on_shard is not None:
+                        on_shard(shard["name"])
+        finally:
+            bar.close()
+
+    totals = _gather((encoded, skipped), world)
+    _barrier(world)
+    if rank == 0:
+        ns.merge_journal()
+        ns.plan_path.unlink(missing_ok=True)
+    _barrier(world)
+    seconds = time.time() - t0
+    skipped_all = errors + [e for _, s in totals for e in s]
+    n_encoded = sum(n for n, _ in totals)
+    return {
+        "store": str(store.root),
+        "namespace": ns.id,
+        "images": len(paths),
+        "unique": len(key_to_path),
+        "already_cached": cached,
+        "encoded": n_encoded,
+        "skipped": skipped_all,
+        "dropped_shards": dropped,
+        "processes": world,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n_encoded / seconds, 2) if seconds > 0 else None,
+        "dtype": dtype,
+    }
+
+
+def images_of(data: list[str | Path]) -> list[Path]:
+    """Every image path of LLaVA-format files (validated as for training)."""
+    from vlmforge.data.formats import load_records
+
+    return [p for f in data for r in load_records(f) for p in r.images]
+
+
+def encoder_for(
+    model: str | None = None,
+    encoder: str | None = None,
+    feature_layer: int = -1,
+    pooled: bool = False,
+    resize: str = "pad",
+    image_size: int | None = None,
+    split_grid: int | None = None,
+    device: str = "cpu",
+):
+    """(VisionTower, ImageProcessor, source) from a vlmforge model folder (its own settings) or an
+    encoder (Hub id or folder) with explicit settings; `split_grid` overrides either."""
+    import json
+
+    from vlmforge.model.vision import VisionTower
+
+    if bool(model) == bool(encoder):
+        raise ValueError("pass exactly one of --model (a vlmforge model folder) or --encoder (a vision encoder)")
+    if model:
+        cfg_file = Path(model) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{model}: not a vlmforge model (no config.json)")
+        cfg = json.loads(cfg_file.read_text())["model"]
+        encoder = str(Path(model) / "vision")
+        feature_layer, pooled, resize = cfg["feature_layer"], cfg["vision_pooled"], cfg["resize"]
+        image_size = cfg.get("image_size")
+        split_grid = cfg.get("split_grid", 0) if split_grid is None else split_grid
+    vision = VisionTower.from_pretrained(encoder, feature_layer, pooled=pooled).to(device).eval()
+    size = image_size or vision.image_size
+    if size != vision.image_size:
+        raise ValueError(f"image_size {size} differs from the encoder's {vision.image_size}")
+    processor = ImageProcessor.from_encoder(encoder, size, resize, split_grid or 0)
+    return vision, processor, encoder
