@@ -125,9 +125,11 @@ def demo(
     spec: TinySpec = TinySpec(),  # noqa: B008
     align: TrainConfig = DemoConfig().align,  # noqa: B008
     sft: TrainConfig = DemoConfig().sft,  # noqa: B008
+    cache: bool = True,
+    cache_dtype: str = DemoConfig.cache_dtype,
     fresh: bool = False,
 ) -> None:
-    """The main job: data → tiny backbones → align → sft → eval → sample answers, in OUT.
+    """The main job: data → tiny backbones → feature cache → align → sft → eval → sample answers, in OUT.
 
     Args:
         out: run folder (final model in OUT/model, figures in OUT/summary.json).
@@ -139,6 +141,8 @@ def demo(
         spec: tiny backbone sizes and pretraining budgets.
         align: the align stage (its data and output folder are set by the demo).
         sft: the sft stage (its data and output folder are set by the demo).
+        cache: train both stages from a feature store of the training images (OUT/cache).
+        cache_dtype: stored feature dtype (fp32, fp16, bf16).
         fresh: delete OUT first instead of continuing an earlier run there.
     """
     from vlmforge.demo import run
@@ -154,6 +158,8 @@ def demo(
             spec=spec,
             align=align,
             sft=sft,
+            cache=cache,
+            cache_dtype=cache_dtype,
             fresh=fresh,
         )  # fmt: skip
     )
@@ -277,6 +283,41 @@ def cache_verify(store: str, repair: bool = False) -> None:
         raise CacheError(f"{store}: {len(report['bad'])} damaged shards (run with --repair true, then cache build)")
 
 
+def bench_cache(
+    out: str | None = None,
+    work: str = "runs/bench-cache",
+    presets: list[str] | None = None,
+    n_images: int = 1024,
+    batch_size: int | None = None,
+    steps: int = 20,
+    threads: int = 1,
+    num_workers: int = 1,
+    build_images: int = 4096,
+    accuracy: bool = False,
+    demo_dir: str = "runs/demo",
+) -> None:
+    """Measure the feature store: align step time re-encoding vs cached vs LM-only, peak memory,
+    cache build throughput (1 and 2 processes) against the encoder alone, disk per dtype.
+
+    Args:
+        out: write the figures to this JSON file.
+        work: folder for the bench's data, backbones and stores.
+        presets: model presets (tiny, llama3v_shape); default both.
+        n_images: images in the step-time data.
+        batch_size: records per align step (default per preset: tiny 64, llama3v_shape 16).
+        steps: timed steps per variant (after 3 warm-up steps).
+        threads: torch CPU threads of each measurement.
+        num_workers: DataLoader workers decoding images (re-encode variant, cache build).
+        build_images: images in the cache build measurement.
+        accuracy: also train the demo from fp32, fp16 and bf16 stores and score each (needs a
+            finished demo in --demo_dir; about 20 minutes here).
+        demo_dir: the demo run whose data and backbones the accuracy part uses.
+    """
+    from vlmforge.bench.cache import run
+
+    run(out, work, presets, n_images, batch_size, steps, 3, threads, num_workers, build_images, accuracy, demo_dir)
+
+
 COMMANDS = {
     "data": {"synth": data_synth},
     "pretrain": pretrain,
@@ -285,6 +326,7 @@ COMMANDS = {
     "chat": chat,
     "demo": demo,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},
+    "bench": {"cache": bench_cache},
 }
 
 
@@ -313,6 +355,7 @@ LIST_FLAGS = {
     ("pretrain",): {"--data", "--captions"},
     ("train",): {"--train.data"},
     ("cache", "build"): {"--data"},
+    ("bench", "cache"): {"--presets"},
 }
 
 

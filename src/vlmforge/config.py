@@ -202,6 +202,9 @@ class DemoConfig:
         spec: tiny backbone sizes and pretraining budgets.
         align: the align stage (data and output are set by the demo).
         sft: the sft stage (data and output are set by the demo).
+        cache: encode the training images once into a feature store (OUT/cache) and train both
+            stages from it; false re-encodes the images every step.
+        cache_dtype: stored dtype of the features (fp32, fp16, bf16).
         fresh: delete the run folder first instead of continuing it.
     """
 
@@ -214,6 +217,8 @@ class DemoConfig:
     spec: TinySpec = field(default_factory=TinySpec)
     align: TrainConfig = field(default_factory=_align_default)
     sft: TrainConfig = field(default_factory=_sft_default)
+    cache: bool = True
+    cache_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     fresh: bool = False
 
 

@@ -1,9 +1,9 @@
 """`vlmforge demo`: the whole flow on the tiny model, in one command.
 
-data → tokenizer and backbones → align → sft → eval on held-out images → three sample answers,
-all under `runs/demo/` (final model in `runs/demo/model`). Each phase records its completion in
-`state.json`, and the training stages checkpoint, so an interrupted demo continues where it
-stopped. The demo measures and prints its own wall time and the accuracy targets.
+data → tokenizer and backbones → feature cache → align → sft → eval on held-out images → three
+sample answers, all under `runs/demo/` (final model in `runs/demo/model`). Each phase records its
+completion in `state.json`, and the training stages checkpoint, so an interrupted demo continues
+where it stopped. The demo measures and prints its own wall time and the accuracy targets.
 """
 
 from __future__ import annotations
@@ -91,15 +91,23 @@ def run(cfg: DemoConfig) -> dict:
 
     bb = out / "backbones"
     model_cfg = ModelConfig(vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"), connector="mlp")
-    align_cfg = dataclasses.replace(
-        cfg.align,
-        data=[data["train_shapes_captions"], data["train_text_captions"]],
-        out=str(out / "align"),
-        seed=cfg.seed,
-    )
-    sft_cfg = dataclasses.replace(
-        cfg.sft, data=[data["train_shapes_sft"], data["train_text_sft"]], out=str(out / "sft"), seed=cfg.seed
-    )
+    align_data = [data["train_shapes_captions"], data["train_text_captions"]]
+    sft_data = [data["train_shapes_sft"], data["train_text_sft"]]
+    store = None
+    if cfg.cache:
+        from vlmforge.cache.build import build, encoder_for, images_of
+
+        store = str(out / "cache")
+
+        def make_cache():
+            vision, proc, src = encoder_for(encoder=model_cfg.vision, resize=model_cfg.resize)
+            stats = build(store, vision, proc, images_of(align_data + sft_data), cfg.cache_dtype, source=src)
+            return {k: stats[k] for k in ("namespace", "unique", "encoded", "images_per_s")}
+
+        phase("cache", make_cache)
+    stage = {"seed": cfg.seed, "cache": store, "cache_dtype": cfg.cache_dtype if store else None}
+    align_cfg = dataclasses.replace(cfg.align, data=align_data, out=str(out / "align"), **stage)
+    sft_cfg = dataclasses.replace(cfg.sft, data=sft_data, out=str(out / "sft"), **stage)
     phase("align", lambda: str(train(align_cfg, model_cfg, None, resume=True)))
     phase("sft", lambda: str(train(sft_cfg, None, str(out / "align" / "model"), resume=True)))
 

@@ -55,6 +55,14 @@ class _Views(Dataset):
             return key, None, str(e)
 
 
+def _collate(items: list) -> tuple[list[str], torch.Tensor | None, list[str]]:
+    """(keys of the good images, their views stacked in one tensor, errors). One tensor per batch
+    crosses the worker boundary, not one per image."""
+    good = [(k, v) for k, v, err in items if err is None]
+    views = torch.cat([v for _, v in good]) if good else None
+    return [k for k, _ in good], views, [err for _, _, err in items if err is not None]
+
+
 def _dist(device: str) -> tuple[int, int]:
     """(rank, world size); joins the process group torchrun describes in the environment."""
     import torch.distributed as dist
@@ -188,7 +196,7 @@ def build(
             _Views(items, processor, max_image_pixels),
             batch_sampler=batches,
             num_workers=num_workers,
-            collate_fn=list,
+            collate_fn=_collate,
             persistent_workers=False,
         )
         stored = STORE_DTYPES[dtype]
@@ -197,25 +205,21 @@ def build(
         shard_iter = iter(mine)
         shard, shard_keys, shard_feats, left = None, [], [], 0
         try:
-            for batch in loader:
+            for keys_ok, views, errs in loader:
                 if left == 0:
                     shard = next(shard_iter)
                     shard_keys, shard_feats, left = [], [], len(shard["keys"])
-                good = [(k, v) for k, v, err in batch if err is None]
-                for _, _, err in batch:
-                    if err is not None:
-                        if bad_images == "fail":
-                            raise ImageError(err)
-                        skipped.append(err)
-                if good:
-                    views = torch.cat([v for _, v in good]).to(device)
+                if errs and bad_images == "fail":
+                    raise ImageError(errs[0])
+                skipped += errs
+                if keys_ok:
                     with torch.no_grad():
-                        feats = vision(views)  # [n * V, P, D]
-                    feats = feats.reshape(len(good), -1, *feats.shape[1:]).to(stored).cpu()
-                    shard_keys += [k for k, _ in good]
+                        feats = vision(views.to(device))  # [n * V, P, D]
+                    feats = feats.reshape(len(keys_ok), -1, *feats.shape[1:]).to(stored).cpu()
+                    shard_keys += keys_ok
                     shard_feats.append(feats)
-                left -= len(batch)
-                bar.update(len(batch))
+                left -= len(keys_ok) + len(errs)
+                bar.update(len(keys_ok) + len(errs))
                 if left == 0 and shard_keys:
                     ns.write_shard(shard["name"], shard_keys, torch.cat(shard_feats))
                     encoded += len(shard_keys)

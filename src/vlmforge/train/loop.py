@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int):
         epoch, offset = divmod(index, per_epoch)
         batches = epoch_batches(len(ds), cfg.batch_size, cfg.seed, epoch)[offset:]
         loader = DataLoader(
-            ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=lambda items: collate(items, pad_id)
+            ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=partial(collate, pad_id=pad_id)
         )
         for batch in loader:
             yield index, batch

@@ -1,0 +1,398 @@
+"""`vlmforge bench cache`: what the feature store buys, measured side by side in one run.
+
+For each model preset, three stage-1 (`align`) step times on the same data and model:
+
+* `reencode`: images read from disk, decoded (DataLoader worker) and encoded every step;
+* `cached`: features read from the store, the encoder not in memory;
+* `lm_only`: batches already collated in memory with their features: the bound the cache can reach.
+
+Each runs in its own process, so the peak resident memory of each is its own. Then, on the tiny
+preset: `cache build` throughput against the encoder's pure forward on pre-decoded tensors, with
+1 process and with 2 (torchrun, gloo); disk bytes per image per stored dtype; and, with
+`--accuracy true`, the demo's training from an fp32, fp16 and bf16 store, scored on held-out data.
+
+Presets: `tiny` is the demo's model; `llama3v_shape` scales Llama3-V (SigLIP-so400m, 729 tokens per
+image, beside Llama-3-8B) down to CPU size, keeping the encoder's share of the step's FLOPs.
+Weights are random (timing does not depend on them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vlmforge.config import TinySpec, TrainConfig
+
+PRESETS = {
+    "tiny": TinySpec(),
+    # encoder : LM parameters ~ 1 : 16 and image tokens ~ 70% of the LM sequence, as SigLIP-so400m
+    # (0.4B, 729 tokens) beside Llama-3-8B (7.5B non-embedding) on a short caption.
+    "llama3v_shape": TinySpec(
+        image_size=64,
+        patch_size=8,
+        vision_hidden=128,
+        vision_layers=2,
+        vision_heads=4,
+        lm_hidden=384,
+        lm_layers=3,
+        lm_heads=6,
+        lm_intermediate=1344,
+    ),  # fmt: skip
+}
+# Records per align step: the larger preset's steps are 6x longer, so it takes smaller batches.
+PRESET_BATCH = {"tiny": 64, "llama3v_shape": 16}
+# Llama3-V at full size, for the FLOP share printed beside the presets'.
+LLAMA3V = {"enc_params": 0.40e9, "enc_tokens": 729, "lm_params": 7.5e9, "lm_tokens": 729 + 40}
+
+
+def flop_share(enc_params: float, enc_tokens: int, lm_params: float, lm_tokens: float) -> float:
+    """The encoder's share of an align step's FLOPs: encoder forward (2·N·T) against the frozen LM's
+    forward plus its backward to the inputs (about another forward)."""
+    enc = 2 * enc_params * enc_tokens
+    return enc / (enc + 2 * (2 * lm_params * lm_tokens))
+
+
+def _setup(work: Path, preset: str, n_images: int, seed: int = 0) -> dict:
+    """Synthetic data and random-weight backbones in the real formats (made once, reused)."""
+    from vlmforge.data.synthetic import synth
+    from vlmforge.model.tiny import pretrain
+
+    spec = PRESETS[preset]
+    data_dir = work / f"data-{spec.image_size}-{n_images}"
+    if not (data_dir / "shapes_captions.json").exists():
+        synth(data_dir, "shapes", n_images, seed, spec.image_size, spec.image_size)
+    bb = work / f"backbones-{preset}"
+    random_weights = dataclasses.replace(spec, siglip_steps=0, lm_steps=0)
+    files = [str(data_dir / "shapes_captions.json"), str(data_dir / "shapes_sft.json")]
+    pretrain(files, bb, random_weights, seed, captions=[files[0]])
+    return {"data": files[0], "vision": str(bb / "vision"), "lm": str(bb / "lm"), "spec": spec}
+
+
+VARIANTS = ("reencode", "cached", "lm_only")
+
+
+def _align_setup(args: dict, release: bool):
+    """(model, optimizer, {variant: batch stream}) for align steps on the bench data."""
+    import torch
+
+    from vlmforge.cache.store import FeatureStore
+    from vlmforge.config import ModelConfig
+    from vlmforge.data.collate import VQADataset
+    from vlmforge.data.formats import load_records
+    from vlmforge.model.vlm import VLM
+    from vlmforge.train.loop import micro_batches
+    from vlmforge.train.stages import apply_stage
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    cfg = TrainConfig(stage="align", batch_size=args["batch_size"], num_workers=args["num_workers"], seed=0)
+    model = VLM.from_backbones(ModelConfig(vision=args["vision"], lm=args["lm"], connector="mlp"))
+    records = load_records(args["data"])
+    reader = FeatureStore(args["store"]).reader(model.vision, model.processor)
+    if reader.ns is None or not all(reader.has(p) for r in records for p in r.images):
+        raise RuntimeError(f"{args['store']}: features missing for the bench data")
+    if release:
+        model.vision.release()
+    model.train()
+    opt = torch.optim.AdamW(apply_stage(model, cfg))
+    pad, n = model.tokenizer.pad_token_id, args["warmup"] + args["steps"]
+
+    def stream(features):
+        return micro_batches(VQADataset(records, model.prompts, model.processor, features=features), cfg, pad, 0)
+
+    streams = {"reencode": stream(None), "cached": stream(reader)}
+    if args.get("lm_only", True):  # every batch collated with its features, in memory before timing
+        first = stream(reader)
+        streams["lm_only"] = iter(enumerate([next(first)[1] for _ in range(n)]))
+    return model, opt, streams
+
+
+def _step(model, opt, stream) -> float:
+    from vlmforge.data.collate import merge_image_inputs
+
+    t = time.perf_counter()
+    _, b = next(stream)
+    out = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def _step_times(args: dict) -> dict:
+    """Align step times of the three variants, interleaved step by step in one process so that
+    drift of the machine's speed hits all three alike: median and mean per variant."""
+    model, opt, streams = _align_setup(args, release=False)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for i in range(args["warmup"] + args["steps"]):
+        for v in VARIANTS[i % 3 :] + VARIANTS[: i % 3]:
+            dt = _step(model, opt, streams[v])
+            if i >= args["warmup"]:
+                times[v].append(dt)
+    return {v: {"step_s": statistics.median(t), "step_s_mean": statistics.fmean(t)} for v, t in times.items()}
+
+
+def _peak_memory(args: dict) -> dict:
+    """Peak resident memory of a process training with one variant (the encoder released unless
+    it re-encodes)."""
+    import resource
+
+    variant = args["variant"]
+    model, opt, streams = _align_setup({**args, "lm_only": variant == "lm_only"}, release=variant != "reencode")
+    for _ in range(args["warmup"]):
+        _step(model, opt, streams[variant])
+    resident = sum(p.numel() for p in model.vision.parameters() if p.device.type != "meta")
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "encoder_params_resident": resident,
+    }
+
+
+def _child(fn, args: dict, queue) -> None:
+    try:
+        queue.put(("ok", fn(args)))
+    except BaseException as e:  # report, don't hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _in_process(fn, args: dict) -> dict:
+    """Run `fn(args)` in a fresh (non-daemon, so it may start DataLoader workers) process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"bench variant {args.get('variant')} failed: {value}")
+    return value
+
+
+def _encoder_bound(vision_path: str, data: str, batch_size: int, threads: int, repeats: int = 2) -> float:
+    """Images/s of the encoder's forward alone, on pre-decoded tensors in memory."""
+    import torch
+
+    from vlmforge.cache.build import encoder_for, images_of
+    from vlmforge.data.images import load_image
+
+    torch.set_num_threads(threads)
+    vision, proc, _ = encoder_for(encoder=vision_path)
+    pixels = torch.cat([proc.views(load_image(p)) for p in images_of([data])])
+    best = float("inf")
+    with torch.no_grad():
+        vision(pixels[:batch_size])
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for i in range(0, len(pixels), batch_size):
+                vision(pixels[i : i + batch_size])
+            best = min(best, time.perf_counter() - t)
+    return len(pixels) / best
+
+
+def _build_rate(vision_path: str, data: str, store: Path, dtype: str, batch_size: int, threads: int, workers: int):
+    import shutil
+
+    import torch
+
+    from vlmforge.cache.build import build, encoder_for, images_of
+
+    torch.set_num_threads(threads)
+    shutil.rmtree(store, ignore_errors=True)
+    vision, proc, src = encoder_for(encoder=vision_path)
+    return build(store, vision, proc, images_of([data]), dtype, batch_size, num_workers=workers, source=src)
+
+
+def _build_rate_2proc(vision_path: str, data: str, store: Path, batch_size: int) -> dict:
+    import shutil
+
+    shutil.rmtree(store, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vlmforge",
+           "cache", "build", "--encoder", vision_path, "--data", data, "--out", str(store), "--dtype", "fp16",
+           "--batch_size", str(batch_size), "--num_workers", "0", "--device", "cpu", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"2-process cache build failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
+
+
+def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
+    """The demo's align + sft from a store of each dtype, scored on the demo's held-out data."""
+    from vlmforge.cache.build import build, encoder_for, images_of
+    from vlmforge.config import DemoConfig, ModelConfig
+    from vlmforge.eval.runner import evaluate
+    from vlmforge.model.vlm import VLM
+    from vlmforge.train.loop import train
+
+    state = json.loads((demo_dir / "state.json").read_text())
+    data = state["phases"]["data"]["result"]
+    bb = demo_dir / "backbones"
+    model_cfg = ModelConfig(vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"), connector="mlp")
+    demo = DemoConfig()
+    align_data = [data["train_shapes_captions"], data["train_text_captions"]]
+    sft_data = [data["train_shapes_sft"], data["train_text_sft"]]
+    results = {}
+    for dtype in dtypes:
+        store, run = work / "accuracy" / "store", work / "accuracy" / dtype
+        vision, proc, src = encoder_for(encoder=model_cfg.vision)
+        build(store, vision, proc, images_of(align_data + sft_data), dtype, source=src)
+        common = {"cache": str(store), "cache_dtype": dtype, "seed": 0}
+        align = train(dataclasses.replace(demo.align, data=align_data, out=str(run / "align"), **common), model_cfg)
+        sft = train(dataclasses.replace(demo.sft, data=sft_data, out=str(run / "sft"), **common), None, str(align))
+        model = VLM.from_pretrained(sft)
+        results[dtype] = {
+            task: evaluate(model, data[f"test_{task}_qa"], batch_size=64)["accuracy"] for task in ("shapes", "text")
+        }
+    return results
+
+
+def run(
+    out: str | None = None,
+    work: str = "runs/bench-cache",
+    presets: list[str] | None = None,
+    n_images: int = 1024,
+    batch_size: int | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    threads: int = 1,
+    num_workers: int = 1,
+    build_images: int = 4096,
+    accuracy: bool = False,
+    demo_dir: str = "runs/demo",
+) -> dict:
+    from vlmforge.cache.store import FeatureStore
+    from vlmforge.config import save_json
+
+    presets = presets or list(PRESETS)
+    work_dir = Path(work)
+    result: dict = {"machine": _machine(), "threads": threads, "steps": steps, "presets": {}}
+    for preset in presets:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        s = _setup(work_dir, preset, n_images)
+        store = work_dir / f"store-{preset}"
+        _build_rate(s["vision"], s["data"], store, "fp16", 64, threads, num_workers)
+        base = {"vision": s["vision"], "lm": s["lm"], "data": s["data"], "store": str(store), "threads": threads,
+                "batch_size": batch_size or PRESET_BATCH[preset], "num_workers": num_workers, "steps": steps,
+                "warmup": warmup}  # fmt: skip
+        rows = _in_process(_step_times, base)
+        for v in VARIANTS:
+            rows[v].update(_in_process(_peak_memory, {**base, "variant": v}))
+        spec = s["spec"]
+        enc_params = spec.vision_layers * 12 * spec.vision_hidden**2
+        lm_params = spec.lm_layers * (4 * spec.lm_hidden**2 + 3 * spec.lm_hidden * spec.lm_intermediate)
+        tokens = (spec.image_size // spec.patch_size) ** 2
+        rows["speedup_vs_reencode"] = rows["reencode"]["step_s"] / rows["cached"]["step_s"]
+        rows["fraction_of_lm_only_bound"] = rows["lm_only"]["step_s"] / rows["cached"]["step_s"]
+        rows["measured_encoder_share"] = 1 - rows["lm_only"]["step_s"] / rows["reencode"]["step_s"]
+        rows["flop_encoder_share"] = flop_share(enc_params, tokens, lm_params, tokens + 30)
+        rows["batch_size"] = base["batch_size"]
+        result["presets"][preset] = rows
+    result["llama3v_flop_encoder_share"] = flop_share(**LLAMA3V)
+
+    tiny = _setup(work_dir, "tiny", build_images)
+    # this machine's speed drifts: the encoder alone and the build alternate, best of 3 each
+    enc_rate, one, two = 0.0, None, None
+    for _ in range(3):
+        enc_rate = max(enc_rate, _encoder_bound(tiny["vision"], tiny["data"], 64, threads))
+        st = _build_rate(tiny["vision"], tiny["data"], work_dir / "store-build", "fp16", 64, threads, num_workers)
+        one = st if one is None or st["images_per_s"] > one["images_per_s"] else one
+        st = _build_rate_2proc(tiny["vision"], tiny["data"], work_dir / "store-build2", 64)
+        two = st if two is None or st["images_per_s"] > two["images_per_s"] else two
+    disk = {}
+    for dtype in ("fp32", "fp16", "bf16"):
+        st = _build_rate(tiny["vision"], tiny["data"], work_dir / f"store-{dtype}", dtype, 64, threads, num_workers)
+        info = FeatureStore(work_dir / f"store-{dtype}").info()["namespaces"][0]
+        disk[dtype] = {
+            "bytes_per_image": info["bytes_per_image"],
+            "view_shape": info["view_shape"],
+            "images": st["encoded"],
+        }
+    ref = _all_features(work_dir / "store-fp32")
+    for dtype in ("fp16", "bf16"):
+        got = _all_features(work_dir / f"store-{dtype}")
+        err = [(got[k].float() - ref[k]).norm() / ref[k].norm() for k in ref]
+        disk[dtype]["relative_error_vs_fp32"] = float(sum(err) / len(err))
+    result["build"] = {
+        "images": one["encoded"],
+        "encoder_forward_images_per_s": enc_rate,
+        "build_1proc_images_per_s": one["images_per_s"],
+        "build_2proc_images_per_s": two["images_per_s"],
+        "build_fraction_of_encoder_bound": one["images_per_s"] / enc_rate,
+        "two_vs_one_process": two["images_per_s"] / one["images_per_s"],
+    }
+    result["disk"] = disk
+    if accuracy:
+        result["accuracy"] = _accuracy(Path(demo_dir), work_dir, ["fp32", "fp16", "bf16"])
+
+    tiny_rows = result["presets"].get("tiny")
+    if tiny_rows:
+        for k in ("speedup_vs_reencode", "fraction_of_lm_only_bound"):
+            result[k] = tiny_rows[k]
+    result["build_fraction_of_encoder_bound"] = result["build"]["build_fraction_of_encoder_bound"]
+    print(format_table(result))
+    if out:
+        save_json(result, out)
+        print(f"written to {out}")
+    return result
+
+
+def _all_features(store: Path) -> dict:
+    from vlmforge.cache.store import FeatureReader, FeatureStore
+
+    ns = FeatureStore(store).namespaces()[0][0]
+    reader = FeatureReader(ns)
+    return {key: reader._shard(name)[row] for key, (name, row) in reader.index.items()}
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+
+
+def format_table(r: dict) -> str:
+    lines = [f"align step time, {r['threads']} torch thread(s), median of {r['steps']} interleaved steps"]
+    lines.append(f"{'preset':<18} {'reencode':>10} {'cached':>10} {'lm_only':>10} {'speedup':>8} {'of bound':>9} "
+                 f"{'enc share':>10} {'enc FLOPs':>10} {'peak MB re/ca/lm':>18}")  # fmt: skip
+    for name, p in r["presets"].items():
+        name = f"{name} b{p['batch_size']}"
+        peaks = "/".join(f"{p[v]['peak_rss_mb']:.0f}" for v in ("reencode", "cached", "lm_only"))
+        lines.append(
+            f"{name:<18} {1e3 * p['reencode']['step_s']:>8.1f}ms {1e3 * p['cached']['step_s']:>8.1f}ms "
+            f"{1e3 * p['lm_only']['step_s']:>8.1f}ms {p['speedup_vs_reencode']:>7.2f}x "
+            f"{p['fraction_of_lm_only_bound']:>9.3f} "
+            f"{100 * p['measured_encoder_share']:>9.1f}% {100 * p['flop_encoder_share']:>9.1f}% {peaks:>18}"
+        )
+    lines.append(
+        f"(Llama3-V at full size: encoder {100 * r['llama3v_flop_encoder_share']:.1f}% of an align step's FLOPs)"
+    )
+    b = r["build"]
+    lines.append(
+        f"cache build, {b['images']} images: {b['build_1proc_images_per_s']:.0f} img/s (1 process), "
+        f"{b['build_2proc_images_per_s']:.0f} img/s (2 processes, x{b['two_vs_one_process']:.2f}); encoder forward "
+        f"alone {b['encoder_forward_images_per_s']:.0f} img/s -> build at "
+        f"{b['build_fraction_of_encoder_bound']:.2f} of it"
+    )
+    lines.append("disk per image: " + ", ".join(f"{k} {v['bytes_per_image']} B" for k, v in r["disk"].items()))
+    lines.append(
+        "feature error vs fp32 (relative L2, mean over images): "
+        + ", ".join(f"{k} {v['relative_error_vs_fp32']:.1e}" for k, v in r["disk"].items() if k != "fp32")
+    )
+    if "accuracy" in r:
+        lines.append(
+            "accuracy after the demo's training: "
+            + ", ".join(
+                f"{k}: shapes {100 * v['shapes']:.1f}% text {100 * v['text']:.1f}%" for k, v in r["accuracy"].items()
+            )
+        )
+    return "\n".join(lines)
