@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from vlmforge.bench.cache import run as bench_cache
 from vlmforge.config import DemoConfig, ModelConfig, TinySpec, TrainConfig
 
 
@@ -281,41 +282,6 @@ def cache_verify(store: str, repair: bool = False) -> None:
     print(f"{report['checked']} shards checked, {len(report['bad'])} bad{dropped}")
     if report["bad"] and not repair:
         raise CacheError(f"{store}: {len(report['bad'])} damaged shards (run with --repair true, then cache build)")
-
-
-def bench_cache(
-    out: str | None = None,
-    work: str = "runs/bench-cache",
-    presets: list[str] | None = None,
-    n_images: int = 1024,
-    batch_size: int | None = None,
-    steps: int = 20,
-    threads: int = 1,
-    num_workers: int = 1,
-    build_images: int = 4096,
-    accuracy: bool = False,
-    demo_dir: str = "runs/demo",
-) -> None:
-    """Measure the feature store: align step time re-encoding vs cached vs LM-only, peak memory,
-    cache build throughput (1 and 2 processes) against the encoder alone, disk per dtype.
-
-    Args:
-        out: write the figures to this JSON file.
-        work: folder for the bench's data, backbones and stores.
-        presets: model presets (tiny, llama3v_shape); default both.
-        n_images: images in the step-time data.
-        batch_size: records per align step (default per preset: tiny 64, llama3v_shape 16).
-        steps: timed steps per variant (after 3 warm-up steps).
-        threads: torch CPU threads of each measurement.
-        num_workers: DataLoader workers decoding images (re-encode variant, cache build).
-        build_images: images in the cache build measurement.
-        accuracy: also train the demo from fp32, fp16 and bf16 stores and score each (needs a
-            finished demo in --demo_dir; about 20 minutes here).
-        demo_dir: the demo run whose data and backbones the accuracy part uses.
-    """
-    from vlmforge.bench.cache import run
-
-    run(out, work, presets, n_images, batch_size, steps, 3, threads, num_workers, build_images, accuracy, demo_dir)
 
 
 COMMANDS = {

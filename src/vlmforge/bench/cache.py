@@ -267,6 +267,24 @@ def run(
     accuracy: bool = False,
     demo_dir: str = "runs/demo",
 ) -> dict:
+    """Measure the feature store: align step time re-encoding vs cached vs LM-only, peak memory,
+    cache build throughput (1 and 2 processes) against the encoder alone, disk per dtype.
+
+    Args:
+        out: write the figures to this JSON file.
+        work: folder for the bench's data, backbones and stores.
+        presets: model presets (tiny, llama3v_shape); default both.
+        n_images: images in the step-time data.
+        batch_size: records per align step (default per preset: tiny 64, llama3v_shape 16).
+        steps: timed steps per variant.
+        warmup: untimed steps first.
+        threads: torch CPU threads of each measurement.
+        num_workers: DataLoader workers decoding images (re-encode variant, cache build).
+        build_images: images in the cache build measurement.
+        accuracy: also train the demo from fp32, fp16 and bf16 stores and score each (needs a
+            finished demo in --demo_dir; about 20 minutes here).
+        demo_dir: the demo run whose data and backbones the accuracy part uses.
+    """
     from vlmforge.cache.store import FeatureStore
     from vlmforge.config import save_json
 
