@@ -82,20 +82,74 @@ def train(
     print(run(train, None if init else model, init, resume))
 
 
-def eval(model: str, data: str, out: str | None = None, batch_size: int = 32, limit: int | None = None) -> None:
-    """Evaluate a model on LLaVA-format QA records; prints overall and per-type accuracy.
+def eval(
+    model: str | None = None,
+    data: str | None = None,
+    bench: str | None = None,
+    data_root: str | None = None,
+    split: str | None = None,
+    out: str | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    max_new_tokens: int = 32,
+    endpoint: str | None = None,
+    endpoint_model: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 8,
+    seed: int | None = None,
+) -> None:
+    """Evaluate a model: on standard benchmarks (--bench) or on LLaVA-format QA records (--data).
+
+    `--bench textvqa,docvqa --data-root ROOT --out DIR` answers each benchmark (resumable: answers are
+    saved as they come) and writes DIR/report.md and DIR/report.json. Benchmarks: vqav2, textvqa,
+    docvqa, mmmu, pope, mmstar, coco_cap, read from ROOT/NAME (Hugging Face parquet or LLaVA eval
+    layout). `--endpoint URL` asks an OpenAI-compatible server instead of a local model.
 
     Args:
         model: vlmforge model folder.
         data: LLaVA JSON file; the first human turn is asked, the first gpt turn is the reference.
-        out: where to write the JSON report.
+        bench: comma-separated benchmark names.
+        data_root: folder holding one folder per benchmark.
+        split: split to read (default: each benchmark's usual evaluation split).
+        out: report folder with --bench (required there); JSON report file with --data.
         batch_size: questions per generation batch.
-        limit: evaluate only the first N records.
+        limit: only the first N questions of each benchmark / file.
+        max_new_tokens: longest answer.
+        endpoint: base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1).
+        endpoint_model: model name to request (default: the first of GET /v1/models).
+        api_key: bearer token for the endpoint (default: $OPENAI_API_KEY).
+        concurrency: requests in flight at once with --endpoint.
+        seed: pick a seeded random letter for unparsable multiple-choice answers (default: count them wrong).
     """
+    import os
+
+    if (model is None) == (endpoint is None):
+        raise ValueError("give exactly one of --model DIR and --endpoint URL")
+    if (data is None) == (bench is None):
+        raise ValueError("give exactly one of --data FILE.json and --bench NAMES")
+    if bench is not None:
+        from vlmforge.eval.harness import EndpointGenerator, LocalGenerator, evaluate_benchmarks, format_markdown
+
+        if not data_root or not out:
+            raise ValueError("--bench needs --data-root PATH and --out DIR")
+        names = [b for b in bench.split(",") if b.strip()]
+        if endpoint:
+            key = api_key or os.environ.get("OPENAI_API_KEY")
+            gen = EndpointGenerator(endpoint, endpoint_model, key, max_new_tokens, concurrency)
+        else:
+            from vlmforge.model.vlm import VLM
+
+            gen = LocalGenerator(VLM.from_pretrained(model), model, max_new_tokens)
+        report = evaluate_benchmarks(names, gen, data_root, out, split, limit, batch_size, seed)
+        print(format_markdown(report).split("\n## ")[0].rstrip())
+        print(f"report: {out}/report.md, {out}/report.json")
+        return
+    if endpoint:
+        raise ValueError("--endpoint works with --bench (the --data evaluation runs a local model)")
     from vlmforge.eval.runner import evaluate, format_report, save_report
     from vlmforge.model.vlm import VLM
 
-    report = evaluate(VLM.from_pretrained(model), data, batch_size, limit)
+    report = evaluate(VLM.from_pretrained(model), data, batch_size, limit, max_new_tokens)
     print(format_report(report))
     if out:
         save_report(report, out)
@@ -346,16 +400,28 @@ def _list_flags(argv: list[str]) -> list[str]:
     return [x for a in out for x in ((a, "[" + ",".join(lists[a]) + "]") if a in lists else (a,))]
 
 
+def _underscores(argv: list[str]) -> list[str]:
+    """Accept `--data-root` for `--data_root` (flag names only, never values)."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     from vlmforge.data.formats import DataError
     from vlmforge.data.images import ImageError
+    from vlmforge.eval.harness import EndpointError
 
-    argv = _list_flags(_positional_question(list(sys.argv[1:] if argv is None else argv)))
+    argv = _list_flags(_positional_question(_underscores(list(sys.argv[1:] if argv is None else argv))))
     try:
         CLI(COMMANDS, args=argv, as_positional=False, description=__doc__.split("\n")[0])
-    except (DataError, ImageError, FileNotFoundError, ValueError) as e:
+    except (DataError, ImageError, FileNotFoundError, ValueError, EndpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ whole image, as in LLaVA-UHD / Idefics2 image splitting.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +30,32 @@ def load_image(path: str | Path, max_pixels: int = 64_000_000) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
+    return _decode(path, str(path), max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int = 64_000_000) -> Image.Image:
+    """Decode an image held in memory (a parquet cell, a data URL); errors name `name`."""
+    if not data:
+        raise ImageError(f"{name}: empty image data")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise ImageError(f"{path}: image too large ({w}x{h} = {w * h} pixels > {max_pixels})")
+                    raise ImageError(f"{name}: image too large ({w}x{h} = {w * h} pixels > {max_pixels})")
                 img.load()
                 return img.convert("RGB")
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: image too large ({e})") from e
+        raise ImageError(f"{name}: image too large ({e})") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError… for bad files
-        raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def resize_pad(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:

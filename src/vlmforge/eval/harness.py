@@ -1,0 +1,281 @@
+"""`vlmforge eval --bench …`: standard benchmarks, answered by a local model or any
+OpenAI-compatible endpoint, saved as they come, scored, and reported in markdown and JSON.
+
+OUT/NAME/predictions.jsonl gets one line per answered question (flushed and fsynced per batch), so
+an interrupted run resumes where it stopped and never answers a question twice. Scores are
+recomputed from that file at the end, so a report always matches its predictions. A record whose
+image cannot be decoded is listed in the report and left out of the score (its count is shown).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vlmforge.data.formats import DataError
+from vlmforge.data.images import ImageError, load_image, load_image_bytes
+from vlmforge.eval.benchmarks import Sample, get_benchmark
+from vlmforge.eval.metrics import METRICS_VERSION
+from vlmforge.io import atomic_write_text
+
+
+def decode_images(sample: Sample) -> list:
+    return [
+        load_image_bytes(im, f"{sample.id} image {k}") if isinstance(im, bytes) else load_image(im)
+        for k, im in enumerate(sample.images)
+    ]
+
+
+class LocalGenerator:
+    """Greedy answers from a vlmforge model, a batch at a time."""
+
+    def __init__(self, model, source: str, max_new_tokens: int = 32):
+        self.model, self.source, self.max_new_tokens = model, source, max_new_tokens
+
+    def describe(self) -> dict:
+        return {"model": self.source, "decoding": "greedy", "max_new_tokens": self.max_new_tokens}
+
+    def __call__(self, samples: list[Sample], images: list[list]) -> list[str]:
+        import torch
+
+        m = self.model
+        flat = [im for ims in images for im in ims]
+        pixels = torch.cat([m.processor.views(im) for im in flat]) if flat else None
+        prompts = [m.build_prompt(s.prompt, len(ims)) for s, ims in zip(samples, images)]
+        outs = m.generate(prompts, pixel_values=pixels, max_new_tokens=self.max_new_tokens)
+        return [m.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
+class EndpointError(RuntimeError):
+    """The endpoint refused or failed a request; the message names the URL and the question."""
+
+
+class EndpointGenerator:
+    """Answers from an OpenAI-compatible `/v1/chat/completions` server (vLLM, `vlmforge serve`,
+    llama.cpp, …): one request per question, images as base64 data URLs, temperature 0."""
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None,
+                 max_new_tokens: int = 32, concurrency: int = 8, timeout: float = 120.0, retries: int = 3):  # fmt: skip
+        self.base = url.rstrip("/").removesuffix("/chat/completions")
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        self.api_key, self.max_new_tokens = api_key, max_new_tokens
+        self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
+        self.model = model or self._first_model()
+
+    def describe(self) -> dict:
+        return {"endpoint": self.base, "model": self.model, "decoding": "temperature 0",
+                "max_new_tokens": self.max_new_tokens}  # fmt: skip
+
+    def _request(self, path: str, body: dict | None, what: str) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        last = None
+        for attempt in range(self.retries):
+            req = urllib.request.Request(self.base + path, data=data, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:300]
+                last = f"HTTP {e.code}: {detail}"
+                if e.code < 500 and e.code != 429:
+                    break  # the request itself is wrong: retrying will not help
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(min(2**attempt, 10) * 0.5)
+        raise EndpointError(f"{self.base}{path} ({what}): {last}")
+
+    def _first_model(self) -> str:
+        models = self._request("/models", None, "list models").get("data") or []
+        if not models:
+            raise EndpointError(f"{self.base}/models lists no model; pass --endpoint_model")
+        return models[0]["id"]
+
+    def _ask(self, sample: Sample, images: list) -> str:
+        content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
+        content.append({"type": "text", "text": sample.prompt})
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "max_tokens": self.max_new_tokens, "temperature": 0}  # fmt: skip
+        out = self._request("/chat/completions", body, f"question {sample.id}")
+        try:
+            return (out["choices"][0]["message"]["content"] or "").strip()
+        except (KeyError, IndexError, TypeError) as e:
+            raise EndpointError(
+                f"{self.base}/chat/completions (question {sample.id}): unexpected reply {str(out)[:200]}"
+            ) from e
+
+    def __call__(self, samples: list[Sample], images: list[list]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._ask, samples, images))
+
+
+def data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _done_rows(path: Path) -> list[dict]:
+    """Rows already answered; a torn last line (a killed write) is cut off, the rest kept."""
+    if not path.exists():
+        return []
+    rows, good = [], 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good += len(line)
+    if good != path.stat().st_size:
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+    return rows
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def run_benchmark(name: str, generate, data_root: str | Path, out: str | Path, split: str | None = None,
+                  limit: int | None = None, batch_size: int = 8, seed: int | None = None) -> dict:  # fmt: skip
+    """Answer (or resume answering) one benchmark and score it; returns its report section."""
+    bench = get_benchmark(name)
+    total, records, source = bench.rows(data_root, split)
+    n = min(total, limit) if limit is not None else total
+    folder = Path(out) / bench.name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "predictions.jsonl"
+    rows = _done_rows(path)
+    done = {r["id"] for r in rows}
+    t0, answered = time.time(), 0
+    bar = tqdm(total=n, desc=f"eval {bench.name}", unit="q", initial=0)
+    batch: list[tuple[Sample, list]] = []
+
+    def flush():
+        nonlocal answered
+        if not batch:
+            return
+        preds = generate([s for s, _ in batch], [ims for _, ims in batch])
+        new = [{"id": s.id, "prompt": s.prompt, "prediction": p, "answer": s.answer, "meta": s.meta}
+               for (s, _), p in zip(batch, preds)]  # fmt: skip
+        _append(path, new)
+        rows.extend(new)
+        answered += len(new)
+        bar.update(len(new))
+        batch.clear()
+
+    try:
+        for i, record in enumerate(records):
+            if i >= n:
+                break
+            sample = bench.sample(record)
+            if sample.id in done:
+                bar.update(1)
+                continue
+            if sample.answer is None or sample.answer == []:
+                raise DataError(f"{bench.name}: question {sample.id} has no reference answer in {source}")
+            try:
+                images = decode_images(sample)
+            except ImageError as e:
+                row = {"id": sample.id, "error": str(e), "meta": sample.meta}
+                _append(path, [row])
+                rows.append(row)
+                bar.update(1)
+                continue
+            done.add(sample.id)
+            batch.append((sample, images))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+    scored = [r for r in rows if "error" not in r]
+    errors = [r for r in rows if "error" in r]
+    result = bench.score(scored, seed) if bench.name == "mmmu" else bench.score(scored)
+    return {
+        **bench.describe(),
+        "split": split or bench.split,
+        "source": source,
+        "n": len(scored),
+        "image_errors": [{"id": r["id"], "error": r["error"]} for r in errors],
+        "answered_this_run": answered,
+        "seconds_this_run": round(time.time() - t0, 2),
+        **result,
+    }
+
+
+def evaluate_benchmarks(names: list[str], generate, data_root, out, split=None, limit=None, batch_size=8,
+                        seed: int | None = None) -> dict:  # fmt: skip
+    """Run every benchmark in `names` and write OUT/report.json and OUT/report.md."""
+    for name in names:
+        get_benchmark(name)  # unknown names fail before any work
+    report = {
+        "generation": generate.describe(),
+        "metrics_version": METRICS_VERSION,
+        "limit": limit,
+        "multiple_choice_fallback": (
+            f"random letter, seeded with {seed}" if seed is not None else "none (an unparsable answer is wrong)"
+        ),  # fmt: skip
+        "benchmarks": {},
+    }
+    for name in names:
+        report["benchmarks"][get_benchmark(name).name] = run_benchmark(
+            name, generate, data_root, out, split, limit, batch_size, seed
+        )
+        save_report(report, out)  # the finished benchmarks survive a later failure
+    return report
+
+
+def format_markdown(report: dict) -> str:
+    g = report["generation"]
+    lines = [
+        "# vlmforge eval",
+        "",
+        f"Generation: {', '.join(f'{k} {v}' for k, v in g.items())}. Metrics version {report['metrics_version']}."
+        + (f" First {report['limit']} questions of each benchmark." if report.get("limit") else ""),
+        f"Multiple-choice fallback: {report['multiple_choice_fallback']}.",
+        "",
+        "| benchmark | split | metric | score | n | image errors |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name, b in report["benchmarks"].items():
+        lines.append(
+            f"| {name} | {b['split']} | {b['metric']} | {100 * b['score']:.2f} | {b['n']} | {len(b['image_errors'])} |"
+        )
+    for name, b in report["benchmarks"].items():
+        lines += ["", f"## {name}", "", f"- scoring: {b['scoring']}"]
+        lines.append(f"- prompt: `{b['prompt']!r}`")
+        lines.append(f"- source: {b['source']}")
+        extra = {k: v for k, v in b.items() if k in ("accuracy", "precision", "recall", "yes_ratio", "strict_accuracy")}
+        if extra:
+            lines.append("- " + ", ".join(f"{k} {100 * v:.2f}" for k, v in extra.items()))
+        for key, v in (b.get("breakdown") or {}).items():
+            lines.append(f"  - {key}: {100 * v['score']:.2f} (n={v['n']})")
+        for e in b["image_errors"][:10]:
+            lines.append(f"- skipped {e['id']}: {e['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def save_report(report: dict, out) -> None:
+    atomic_write_text(Path(out) / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(Path(out) / "report.md", format_markdown(report))
