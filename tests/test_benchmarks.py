@@ -304,15 +304,19 @@ def endpoint():
     OpenAIStub.key = None
 
 
-def test_cli_eval_of_a_saved_model(saved_model, data_root, tmp_path, capsys):
-    main(["eval", "--model", str(saved_model), "--bench", "textvqa,mmmu,pope,coco_cap", "--data-root", str(data_root),
-          "--limit", "3", "--max-new-tokens", "6", "--out", str(tmp_path)])  # fmt: skip
+def test_cli_eval_of_a_saved_model_in_every_layout(saved_model, data_root, llava_root, tmp_path, capsys):
+    common = ["--model", str(saved_model), "--limit", "3", "--max-new-tokens", "6"]
+    main(["eval", *common, "--bench", ",".join(ALL), "--data-root", str(data_root), "--out", str(tmp_path / "hf")])
     out = capsys.readouterr().out
     assert "| textvqa | validation | accuracy |" in out and "report:" in out
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "hf/report.json").read_text())
     assert report["generation"] == {"model": str(saved_model), "decoding": "greedy", "max_new_tokens": 6}
-    assert report["metrics_version"] and all(b["n"] == 3 for b in report["benchmarks"].values())
-    assert "## mmmu" in (tmp_path / "report.md").read_text()
+    assert report["metrics_version"] and [b["n"] for b in report["benchmarks"].values()] == [3] * len(ALL)
+    assert "## mmmu" in (tmp_path / "hf/report.md").read_text()
+    main(["eval", *common, "--bench", "textvqa,pope", "--data-root", str(llava_root), "--out", str(tmp_path / "llava")])
+    report = json.loads((tmp_path / "llava/report.json").read_text())
+    assert [b["n"] for b in report["benchmarks"].values()] == [3, 3]
+    assert all(b["source"].startswith("llava jsonl") for b in report["benchmarks"].values())
 
 
 def test_endpoint_gives_the_same_answers_and_scores(endpoint, data_root, tmp_path):
