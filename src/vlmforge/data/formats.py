@@ -29,19 +29,25 @@ class Record:
     extra: dict = field(default_factory=dict)
 
 
-def _read(path: Path) -> list:
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
+def read_jsonl(path: str | Path) -> list:
+    """One JSON value per non-blank line; a bad line raises `DataError` naming the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: malformed JSON line ({e.msg})") from e
-        return rows
+    return rows
+
+
+def _read(path: Path) -> list:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    text = path.read_text(encoding="utf-8")
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:

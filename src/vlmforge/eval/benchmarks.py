@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.data.formats import DataError
+from vlmforge.data.formats import DataError, read_jsonl
 from vlmforge.eval import metrics as M
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -144,18 +144,6 @@ def parquet_rows(files: list[Path]) -> tuple[int, Iterator[dict]]:
                 raise DataError(f"{f}: cannot read parquet ({type(e).__name__}: {e})") from e
 
     return sum(counts), it()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from e
-    return rows
 
 
 def read_json(path: Path):
@@ -318,7 +306,7 @@ class POPE(Benchmark):
             return rows
         for label_file in sorted(folder.rglob("coco_pope_*.json")):
             category = label_file.stem.removeprefix("coco_pope_")
-            labels = [json.loads(line)["label"] for line in label_file.read_text().splitlines() if line.strip()]
+            labels = [line.get("label") for line in read_jsonl(label_file)]
             asked = [r for r in rows if r.get("category") == category]
             if len(asked) != len(labels):
                 raise DataError(
