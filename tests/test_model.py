@@ -21,6 +21,47 @@ def test_connector_shapes(name):
     assert c(x).shape == (3, c.num_tokens(16), 48)
 
 
+@pytest.mark.parametrize("patches", [16, 64, 144])
+def test_connector_token_counts(patches):
+    x = torch.randn(2, patches, 32)  # [N, P, Dv]
+    counts = {"linear": patches, "mlp": patches, "attention": patches, "pixel_shuffle": patches // 4}
+    for name, n in counts.items():
+        assert build_connector(name, 32, 48)(x).shape == (2, n, 48), name
+    for latents in (64, 16):  # the perceiver emits its latents, whatever the number of patches
+        c = build_connector("perceiver", 32, 48, latents=latents, layers=2)
+        assert c.num_tokens(patches) == latents and c(x).shape == (2, latents, 48)
+    c = build_connector("pixel_shuffle", 32, 48, factor=4)
+    assert c(x).shape == (2, patches // 16, 48)
+
+
+def test_pixel_shuffle_groups_neighbouring_patches_and_refuses_odd_grids():
+    c = build_connector("pixel_shuffle", 2, 8)
+    c.proj = torch.nn.Identity()
+    x = torch.arange(16 * 2, dtype=torch.float32).view(1, 16, 2)  # a 4 x 4 grid, 2 channels
+    out = c(x)  # [1, 4, 8]: each token the 2 x 2 block of patches, row-major
+    torch.testing.assert_close(out[0, 0], torch.cat([x[0, 0], x[0, 1], x[0, 4], x[0, 5]]))
+    torch.testing.assert_close(out[0, 3], torch.cat([x[0, 10], x[0, 11], x[0, 14], x[0, 15]]))
+    with pytest.raises(ValueError, match="17 patch tokens are not a square grid.*pooled"):
+        c(torch.randn(1, 17, 2))
+    with pytest.raises(ValueError, match="9 patch tokens"):
+        c.num_tokens(9)  # 3 x 3 does not divide by 2
+
+
+@pytest.mark.parametrize("connector", sorted(CONNECTORS))
+def test_every_connector_with_image_splitting(model_cfg, data_dir, connector):
+    import dataclasses
+
+    cfg = dataclasses.replace(model_cfg, connector=connector, split_grid=2, connector_latents=8)
+    m = VLM.from_backbones(cfg)
+    per_view = {"perceiver": 8, "pixel_shuffle": 4}.get(connector, 16)
+    assert m.tokens_per_view == per_view and m.tokens_per_image == 5 * per_view  # 4 crops + the whole image
+    b = _batch(m, data_dir, n=2)
+    assert int((b["input_ids"] == m.image_token_id).sum()) == 2 * m.tokens_per_image
+    out = m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in m.connector.parameters())
+
+
 def test_module_shapes(model, data_dir):
     b = _batch(model, data_dir)
     feats = model.encode_images(b["pixel_values"])
@@ -54,7 +95,7 @@ def test_pixels_and_precomputed_features_give_identical_logits(model, data_dir):
     assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("connector", ["mlp", "attention"])
+@pytest.mark.parametrize("connector", sorted(CONNECTORS))
 @pytest.mark.parametrize("lm_mode", ["full", "lora"])
 def test_save_and_from_pretrained_round_trip(model_cfg, data_dir, tmp_path, connector, lm_mode):
     import dataclasses

@@ -24,8 +24,11 @@ class ModelConfig:
         tokenizer: tokenizer folder or id; defaults to `lm`.
         connector: connector name from the registry (`vlmforge.model.connectors`).
         connector_hidden: hidden width of the connector's MLP; defaults to the LM width.
-        connector_layers: self-attention blocks of the `attention` connector.
-        connector_heads: attention heads of the `attention` connector.
+        connector_layers: self-attention blocks of the `attention` connector, resampler layers of
+            the `perceiver`.
+        connector_heads: attention heads of the `attention` and `perceiver` connectors.
+        connector_latents: visual tokens per image (or crop) of the `perceiver` (Idefics2: 64).
+        pixel_shuffle_factor: r of the `pixel_shuffle` connector: r x r patches become one token.
         feature_layer: encoder layer whose patch features feed the connector; -1 is the last
             hidden state after the encoder's final norm, other values index `hidden_states`.
         vision_pooled: also feed the encoder's pooled embedding (SigLIP's attention-pool head, CLIP's
@@ -47,6 +50,8 @@ class ModelConfig:
     connector_hidden: int | None = None
     connector_layers: int = 2
     connector_heads: int = 4
+    connector_latents: int = 64
+    pixel_shuffle_factor: int = 2
     feature_layer: int = -1
     vision_pooled: bool = False
     image_size: int | None = None

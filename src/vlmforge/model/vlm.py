@@ -82,6 +82,8 @@ class VLM(nn.Module):
             hidden=config.connector_hidden,
             layers=config.connector_layers,
             heads=config.connector_heads,
+            latents=config.connector_latents,
+            factor=config.pixel_shuffle_factor,
         )
         # with image splitting every view (crops + the whole image) gets its own visual tokens
         self.tokens_per_view = self.connector.num_tokens(vision.num_features)
