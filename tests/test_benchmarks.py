@@ -157,6 +157,8 @@ def test_reference_answers_score_full_marks_in_every_layout(data_root, tmp_path)
     assert rows[0]["prompt"] == "What does it say?" + SUFFIX
     mmmu = [json.loads(x) for x in (tmp_path / "oracle/mmmu/predictions.jsonl").read_text().splitlines()]
     assert "\nA. red\nB. green\nC. blue\nD. yellow\n\nAnswer with the option's letter" in mmmu[0]["prompt"]
+    star = json.loads((tmp_path / "oracle/mmstar/predictions.jsonl").read_text().splitlines()[0])
+    assert star["prompt"].endswith("D: yellow\nAnswer with the option's letter from the given choices directly")
     oracle_cider = b["coco_cap"]["score"]
     assert oracle_cider > 0.5
     md = (tmp_path / "oracle/report.md").read_text()

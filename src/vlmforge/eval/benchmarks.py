@@ -253,7 +253,7 @@ class DocVQA(Benchmark):
 class MMMU(Benchmark):
     name, folders, metric = "mmmu", ("MMMU",), "accuracy (MMMU letter / open-answer parsing)"
     prompt_template = (
-        "{question}\\n{A. option ...}\\n\\n" + LETTER_ANSWER + "  |  open: {question}\\n\\n" + SHORT_ANSWER.strip()
+        "{question}\n{A. option}\n{B. option}…\n\n" + LETTER_ANSWER + "  |  open: {question}\n\n" + SHORT_ANSWER.strip()
     )
 
     def sample(self, row):
@@ -332,13 +332,16 @@ class POPE(Benchmark):
 class MMStar(Benchmark):
     name, folders, metric = "mmstar", ("MMStar",), "accuracy (MMStar matcher; mean over l2 categories)"
     split = "val"
-    prompt_template = "{question}\\n" + LETTER_ANSWER
+    # lmms-eval's MMStar suffix has no final period; " Please answer yes or no." is removed first
+    suffix = "\nAnswer with the option's letter from the given choices directly"
+    prompt_template = "{question}" + suffix
 
     def sample(self, row):
         qid = str(row["index"])
         img = image_cell(row["image"], f"mmstar {qid}")
         meta = {"category": row.get("category", "all"), "l2_category": row.get("l2_category", "all")}
-        return Sample(qid, row["question"].strip() + "\n" + LETTER_ANSWER, [img], row["answer"], meta)
+        question = row["question"].strip().replace(" Please answer yes or no.", "")
+        return Sample(qid, question + self.suffix, [img], row["answer"], meta)
 
     def score(self, rows):
         fn = lambda rs: mean(M.mmstar_match(r["prediction"], r["answer"]) for r in rs)
