@@ -158,3 +158,68 @@ def test_pooled_embedding_adds_one_visual_token(model_cfg, data_dir):
         pooled = m.vision.model(pixel_values=b["pixel_values"]).pooler_output
     torch.testing.assert_close(feats[:, 0], pooled)
     assert torch.isfinite(m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"]).loss)
+
+
+def _xattn(model_cfg, **kw):
+    import dataclasses
+
+    torch.manual_seed(0)
+    return VLM.from_backbones(dataclasses.replace(model_cfg, architecture="cross_attention", **kw)).eval()
+
+
+def test_cross_attention_with_zero_gates_is_exactly_the_text_only_lm(model_cfg, data_dir):
+    m = _xattn(model_cfg, xattn_every=1)
+    assert m.sequence_tokens_per_image == 0 and m.tokens_per_image == 16
+    assert len(m.connector.layers) == len(m.causal_lm.get_decoder().layers)
+    b = _batch(m, data_dir)
+    assert int((b["input_ids"] == m.image_token_id).sum()) == 0  # no visual tokens in the sequence
+    assert int((b["input_ids"] == m.image_start_id).sum()) == 3  # only the <image></image> markers
+    with torch.no_grad():
+        vlm = m(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+        text_only = m.causal_lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        assert m.connector.context is None  # cleared after the forward pass
+        assert torch.equal(vlm, text_only)
+        for layer in m.connector.layers:  # open the gates: now the image matters
+            layer.gate_attn.fill_(1.0)
+        a = m(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+        c = m(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"].flip(0)).logits
+    assert not torch.allclose(a, text_only) and not torch.allclose(a, c)
+
+
+def test_cross_attention_trains_in_align_splits_images_generates_and_round_trips(model_cfg, data_dir, tmp_path):
+    from vlmforge.config import TrainConfig
+    from vlmforge.train.stages import apply_stage
+
+    m = _xattn(model_cfg, xattn_every=2, split_grid=2, connector="perceiver", connector_latents=4)
+    assert len(m.connector.layers) == 1 and m.tokens_per_image == 5 * 4
+    apply_stage(m, TrainConfig(stage="align"))
+    m.train()
+    b = _batch(m, data_dir, n=2)
+    out = m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+    out.loss.backward()
+    gates = [layer.gate_attn for layer in m.connector.layers]
+    assert all(g.grad is not None for g in gates) and all(p.grad is None for p in m.causal_lm.parameters())
+    with pytest.raises(ValueError, match="2 images x 5 views = 10 views, but 5 were given"):
+        m(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"][:5])
+    m.eval()
+    with torch.no_grad():
+        for layer in m.connector.layers:
+            layer.gate_attn.fill_(0.5)
+            layer.gate_ffn.fill_(0.5)
+    from vlmforge.data.images import load_image
+
+    recs = load_records(data_dir / "shapes_qa.json")[:3]
+    pixels = torch.cat([m.processor.views(load_image(r.images[0])) for r in recs])  # [3 * 5, 3, S, S]
+    prompts = [m.build_prompt(q) for q in ("What color is the circle?", "How many shapes are there?", "Hi")]
+    batched = m.generate(prompts, pixel_values=pixels, max_new_tokens=5)
+    views = [pixels[5 * i : 5 * (i + 1)] for i in range(3)]
+    single = [m.generate([p], pixel_values=v, max_new_tokens=5)[0] for p, v in zip(prompts, views)]
+    assert batched == single
+    with torch.no_grad():
+        before = m(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+    m.save_pretrained(tmp_path / "x")
+    loaded = VLM.from_pretrained(tmp_path / "x")
+    assert loaded.config.architecture == "cross_attention"
+    with torch.no_grad():
+        after = loaded(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)

@@ -38,6 +38,11 @@ class ModelConfig:
             resizes to a square regardless of aspect.
         split_grid: image splitting (LLaVA-UHD, Idefics2): 0 is off; k cuts each image into k x k
             crops plus the whole image, each encoded and connected (k=2: 5 views per image).
+        architecture: `autoregressive` (Idefics2's "fully autoregressive": visual tokens in the LM's
+            sequence) or `cross_attention` (Flamingo: zero-gated cross-attention layers before
+            every `xattn_every`-th LM layer attend to the visual tokens; the sequence keeps only
+            the `<image></image>` markers).
+        xattn_every: k of the cross-attention architecture.
         layout: `llama3v` puts `<image>`…`</image>` before the text wrapped in `<text>`…`</text>`;
             `inline` replaces the `<image>` marker in place.
         dtype: weights dtype of the backbones (float32, bfloat16, float16).
@@ -57,6 +62,8 @@ class ModelConfig:
     image_size: int | None = None
     resize: Literal["pad", "squash"] = "pad"
     split_grid: int = 0
+    architecture: Literal["autoregressive", "cross_attention"] = "autoregressive"
+    xattn_every: int = 4
     layout: Literal["llama3v", "inline"] = "llama3v"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from vlmforge.config import ModelConfig, from_dict, save_json
 from vlmforge.data.images import ImageProcessor
-from vlmforge.data.prompts import DEFAULT_CHAT_TEMPLATE, IGNORE, SPECIAL_TOKENS, PromptBuilder
+from vlmforge.data.prompts import DEFAULT_CHAT_TEMPLATE, IGNORE, IMAGE_START, SPECIAL_TOKENS, PromptBuilder
 from vlmforge.io import atomic_dir
 from vlmforge.model.connectors import build_connector
 from vlmforge.model.vision import VisionTower, _quiet_hf, check_loading_info, load_vision_model
@@ -85,10 +85,21 @@ class VLM(nn.Module):
             latents=config.connector_latents,
             factor=config.pixel_shuffle_factor,
         )
+        if config.architecture == "cross_attention":
+            from vlmforge.model.cross_attention import CrossAttentionBridge
+
+            layers = self.causal_lm.get_decoder().layers
+            heads, every = config.connector_heads, config.xattn_every
+            self.connector = CrossAttentionBridge(self.connector, layers, lm_dim, heads, every)
+        elif config.architecture != "autoregressive":
+            raise ValueError(f"unknown architecture {config.architecture!r} (autoregressive or cross_attention)")
         # with image splitting every view (crops + the whole image) gets its own visual tokens
         self.tokens_per_view = self.connector.num_tokens(vision.num_features)
         self.tokens_per_image = self.tokens_per_view * processor.num_views
-        self.prompts = PromptBuilder(tokenizer, self.tokens_per_image, config.layout)
+        # visual tokens placed in the LM's sequence: none with cross-attention (only the markers)
+        self.sequence_tokens_per_image = 0 if self.cross_attention else self.tokens_per_image
+        self.prompts = PromptBuilder(tokenizer, self.sequence_tokens_per_image, config.layout)
+        self.image_start_id = tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
 
@@ -202,9 +213,22 @@ class VLM(nn.Module):
         dtype = next(self.connector.parameters()).dtype
         return self.connector(image_features.to(dtype))  # [N, T, D]
 
+    @property
+    def cross_attention(self) -> bool:
+        return self.config.architecture == "cross_attention"
+
     def embed(self, input_ids, pixel_values=None, image_features=None) -> torch.Tensor:
-        """Token embeddings with visual tokens written at the placeholder positions. [B, L, D]"""
+        """Token embeddings with visual tokens written at the placeholder positions. [B, L, D]
+        With the cross-attention architecture the embeddings are the text's own, and the visual
+        tokens become the context of the gated cross-attention layers (until `clear_context`)."""
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
+        if self.cross_attention:
+            self.connector.clear_context()
+            if pixel_values is not None or image_features is not None:
+                vis = self.image_embeds(pixel_values, image_features)  # [N_views, T, D]
+                images = (input_ids == self.image_start_id).sum(dim=1)  # [B]
+                self.connector.set_context(vis, images, self.processor.num_views)
+            return embeds
         mask = input_ids == self.image_token_id  # [B, L]
         n_placeholders = int(mask.sum())
         if pixel_values is None and image_features is None:
@@ -223,7 +247,12 @@ class VLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None) -> VLMOutput:
         embeds = self.embed(input_ids, pixel_values, image_features)
         lm = self.causal_lm
-        hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
+        try:
+            out = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask)
+            hidden = out.last_hidden_state  # [B, L, D]
+        finally:
+            if self.cross_attention:
+                self.connector.clear_context()
         head = lm.get_output_embeddings()
         if labels is None:
             return VLMOutput(logits=head(hidden))
@@ -257,14 +286,18 @@ class VLM(nn.Module):
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         embeds = self.embed(ids, pixel_values, image_features)
-        out = self.causal_lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.prompts.stop_ids,
-            pad_token_id=pad,
-        )
+        try:
+            out = self.causal_lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.prompts.stop_ids,
+                pad_token_id=pad,
+            )
+        finally:
+            if self.cross_attention:
+                self.connector.clear_context()
         results = []
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t in self.prompts.stop_ids), len(row))
