@@ -8,6 +8,7 @@ dataclasses; docstrings are the help.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from vlmforge.bench.cache import run as bench_cache
 from vlmforge.config import DemoConfig, ModelConfig, TinySpec, TrainConfig
@@ -338,6 +339,24 @@ def cache_verify(store: str, repair: bool = False) -> None:
         raise CacheError(f"{store}: {len(report['bad'])} damaged shards (run with --repair true, then cache build)")
 
 
+def ablate(grid: str = "idefics2", out: str = "runs/ablate", quick: bool = False, seeds: int | None = None) -> None:
+    """Re-run the Idefics2 design comparisons on the synthetic tasks, several seeds per cell.
+
+    Writes OUT/results.md (mean ± 95% CI per task, parameters, visual tokens, train time,
+    tokens/s), OUT/results.png and OUT/results.json; finished runs are not re-run.
+
+    Args:
+        grid: a built-in grid (idefics2) or a YAML file (groups of cells of model/align/sft overrides).
+        out: output folder.
+        quick: small data and budgets (same grid and seeds).
+        seeds: seeds per cell (default: the grid's, 3 for idefics2).
+    """
+    from vlmforge.ablate import ablate as run
+
+    run(grid, out, quick, seeds)
+    print((Path(out) / "results.md").read_text())
+
+
 COMMANDS = {
     "data": {"synth": data_synth},
     "pretrain": pretrain,
@@ -345,6 +364,7 @@ COMMANDS = {
     "eval": eval,
     "chat": chat,
     "demo": demo,
+    "ablate": ablate,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},
     "bench": {"cache": bench_cache},
 }

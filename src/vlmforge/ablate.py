@@ -1,0 +1,294 @@
+"""`vlmforge ablate`: the Idefics2 comparisons (Laurençon et al. 2024, "What matters when building
+vision-language models?"), re-run on the built-in synthetic tasks with several seeds.
+
+A grid is groups of cells; a cell is a set of overrides of the model and of the two training
+stages (align, sft). Every cell of every group runs `seeds` times (seed s: same data, different
+initialisation and order) through the same align → sft → eval pipeline as `vlmforge demo`, on
+shared data and backbones made once per output folder. After every run `results.json` is written
+(atomically), so an interrupted ablation resumes with the runs it has not finished; then
+`results.md` (mean ± 95% t-interval per task, parameters, visual tokens per image, train time,
+tokens/s) and `results.png` are redrawn from it.
+
+Built-in grid `idefics2`: (1) fully autoregressive vs cross-attention, each with the LM frozen
+and with LoRA; (2) connectors: linear, mlp, attention, perceiver 64 and 16, pixel shuffle;
+(3) image splitting off vs on; (4) a smaller vs a larger LM. `--quick true` shrinks data and
+budgets, not the grid or the seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from vlmforge.config import ModelConfig, TinySpec, _align_default, _sft_default, from_dict, save_json
+
+# The paper's figures, kept for the report (Idefics2, Tables 2-4 and section 3.3).
+PAPER = {
+    "architecture": "FA + LoRA 69.5 vs CA + LoRA 67.3 (avg. score, Table 3)",
+    "connector": "perceiver 60.3 vs mapping network 51.8 vs linear 44.5 (Table 4: pooling + projection)",
+    "splitting": "TextVQA 70.4 -> 73.0, DocVQA 67.3 -> 74.0 with image splitting",
+    "lm": "a better LM backbone gives a better VLM (Table 2)",
+}
+
+_LORA = {"lm_mode": "lora"}
+_CA = {"architecture": "cross_attention", "xattn_every": 1}
+IDEFICS2 = {
+    "name": "idefics2",
+    "seeds": 3,
+    "base": {"model": {"connector": "mlp"}, "sft": _LORA},
+    "groups": {
+        "architecture": [
+            {"name": "FA, LM frozen", "sft": {"lm_mode": "frozen"}},
+            {"name": "FA + LoRA", "sft": _LORA},
+            {"name": "CA, LM frozen", "model": _CA, "sft": {"lm_mode": "frozen"}},
+            {"name": "CA + LoRA", "model": _CA, "sft": _LORA},
+        ],
+        "connector": [
+            {"name": "linear", "model": {"connector": "linear"}},
+            {"name": "mlp", "model": {"connector": "mlp"}},
+            {"name": "attention", "model": {"connector": "attention"}},
+            {"name": "perceiver 64", "model": {"connector": "perceiver", "connector_latents": 64}},
+            {"name": "perceiver 16", "model": {"connector": "perceiver", "connector_latents": 16}},
+            {"name": "pixel shuffle", "model": {"connector": "pixel_shuffle"}},
+        ],
+        "splitting": [
+            {"name": "no splitting", "model": {"split_grid": 0}},
+            {"name": "2x2 + whole", "model": {"split_grid": 2}},
+        ],
+        "lm": [
+            {"name": "smaller LM", "lm": "small"},
+            {"name": "larger LM", "lm": "large"},
+        ],
+    },
+}  # fmt: skip
+GRIDS = {"idefics2": IDEFICS2}
+
+# Budgets: data sizes, backbone specs and stage overrides, full and quick.
+FULL = {"n_shapes": 3000, "n_text": 500, "n_test": 300, "spec": {}, "large_spec": {"lm_hidden": 256, "lm_layers": 6},
+        "align": {"max_steps": 60}, "sft": {"max_steps": 240}}  # fmt: skip
+QUICK = {"n_shapes": 600, "n_text": 200, "n_test": 100, "spec": {"siglip_steps": 150, "lm_steps": 150},
+         "large_spec": {"lm_hidden": 256, "lm_layers": 6}, "align": {"max_steps": 15}, "sft": {"max_steps": 30},
+         "batch_size": 32}  # fmt: skip
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval (0 for a single value)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, 0.0
+    t = T975.get(len(values) - 1, 1.96)
+    return m, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def load_grid(grid: str) -> dict:
+    if grid in GRIDS:
+        return GRIDS[grid]
+    path = Path(grid)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid {grid!r}: neither a built-in grid ({', '.join(GRIDS)}) nor a YAML file")
+    try:
+        g = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: malformed YAML ({e})") from e
+    if not isinstance(g, dict) or not isinstance(g.get("groups"), dict) or not g["groups"]:
+        raise ValueError(f"{path}: a grid needs `groups:` mapping group names to lists of cells")
+    for group, cells in g["groups"].items():
+        for cell in cells:
+            if not isinstance(cell, dict) or "name" not in cell:
+                raise ValueError(f"{path}: every cell of group {group!r} needs a name")
+            unknown = set(cell) - {"name", "model", "align", "sft", "lm"}
+            if unknown:
+                raise ValueError(f"{path}: cell {cell['name']!r} has unknown keys {sorted(unknown)}")
+    return g
+
+
+def _merge(*dicts: dict | None) -> dict:
+    out: dict = {}
+    for d in dicts:
+        out.update(d or {})
+    return out
+
+
+def _prepare(out: Path, budget: dict, need_large: bool) -> dict:
+    """Shared data and backbones (made once; reused on resume)."""
+    from vlmforge.data.synthetic import synth
+    from vlmforge.model.tiny import pretrain
+
+    done = out / "shared.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    paths = {}
+    for split, n_shapes, n_text, seed in (
+        ("train", budget["n_shapes"], budget["n_text"], 0),
+        ("test", budget["n_test"], budget["n_test"], 1),
+    ):
+        for task, n in (("shapes", n_shapes), ("text", n_text)):
+            for kind, p in synth(out / "data" / split, task, n, seed).items():
+                paths[f"{split}_{task}_{kind}"] = str(p)
+    train_files = [paths[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
+    spec = dataclasses.replace(TinySpec(), **budget["spec"])
+    small = pretrain(train_files, out / "backbones" / "small", spec, 0)
+    paths["small"] = {k: str(v) for k, v in small.items()}
+    if need_large:  # same tokenizer and encoder, only the LM differs
+        large_dir = out / "backbones" / "large"
+        for part in ("tokenizer", "vision"):
+            if not (large_dir / part).exists():
+                shutil.copytree(small[part], large_dir / part)
+        large = pretrain(train_files, large_dir, dataclasses.replace(spec, **budget["large_spec"]), 0)
+        paths["large"] = {k: str(v) for k, v in large.items()}
+    save_json(paths, done)
+    return paths
+
+
+def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir: Path) -> dict:
+    from vlmforge.eval.runner import evaluate
+    from vlmforge.model.vlm import VLM
+    from vlmforge.train.loop import train
+    from vlmforge.train.stages import apply_stage
+
+    bb = shared[cell.get("lm", "small")]
+    model_cfg = from_dict(ModelConfig, _merge({"vision": bb["vision"], "lm": bb["lm"], "tokenizer": bb["lm"]},
+                                             base.get("model"), cell.get("model")))  # fmt: skip
+    bs = {"batch_size": budget["batch_size"]} if "batch_size" in budget else {}
+    align_data = [shared["train_shapes_captions"], shared["train_text_captions"]]
+    sft_data = [shared["train_shapes_sft"], shared["train_text_sft"]]
+    align = dataclasses.replace(_align_default(), **_merge(bs, budget["align"], base.get("align"), cell.get("align")))
+    sft = dataclasses.replace(_sft_default(), **_merge(bs, budget["sft"], base.get("sft"), cell.get("sft")))
+    align = dataclasses.replace(align, data=align_data, out=str(run_dir / "align"), seed=seed, save_every=10**9)
+    sft = dataclasses.replace(sft, data=sft_data, out=str(run_dir / "sft"), seed=seed, save_every=10**9)
+    t0 = time.time()
+    train(align, model_cfg, None, resume=True)
+    model_dir = train(sft, None, str(run_dir / "align" / "model"), resume=True)
+    seconds = time.time() - t0
+    summaries = [json.loads((run_dir / s / "summary.json").read_text()) for s in ("align", "sft")]
+    model = VLM.from_pretrained(model_dir)
+    apply_stage(model, sft)  # what the sft stage trained
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.eval()
+    scores = {t: evaluate(model, shared[f"test_{t}_qa"], batch_size=64)["accuracy"] for t in ("shapes", "text")}
+    tokens = sum(s["tokens"] for s in summaries)
+    return {
+        "scores": scores,
+        "trainable_params": trainable,
+        "total_params": params,
+        "visual_tokens_per_image": model.tokens_per_image,
+        "train_seconds": round(seconds, 1),
+        "tokens_per_s": round(tokens / max(sum(s["elapsed"] for s in summaries), 1e-9), 1),
+    }
+
+
+def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = None) -> dict:
+    """Run (or resume) every cell x seed of `grid`; write results.json, results.md, results.png."""
+    from tqdm import tqdm
+
+    g = load_grid(grid)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = _merge(QUICK if quick else FULL, g.get("budget"))
+    n_seeds = seeds or int(g.get("seeds", 3))
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
+    if results.get("grid", g) != g or results.get("quick", quick) != quick:
+        raise ValueError(f"{res_path} holds results of another grid or budget; use a new --out")
+    results.update(grid=g, quick=quick, budget=budget, seeds=n_seeds)
+    need_large = any(c.get("lm") == "large" for cells in g["groups"].values() for c in cells)
+    shared = _prepare(out, budget, need_large)
+    todo = [(grp, c, s) for grp, cells in g["groups"].items() for c in cells for s in range(n_seeds)]
+    bar = tqdm(todo, desc="ablate", unit="run")
+    for group, cell, seed in bar:
+        key = f"{group}/{cell['name']}/seed{seed}"
+        if key in results["runs"]:
+            continue
+        bar.set_postfix_str(key)
+        run_dir = out / "runs" / group / cell["name"].replace(" ", "_").replace("/", "_") / f"seed{seed}"
+        results["runs"][key] = {"group": group, "cell": cell["name"], "seed": seed,
+                                **_run(cell, g.get("base", {}), shared, budget, seed, run_dir)}  # fmt: skip
+        save_json(results, res_path)
+        shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints and models of finished runs are not kept
+    save_json(results, res_path)
+    write_report(results, out)
+    return results
+
+
+def summarize(results: dict) -> dict:
+    """{group: [{cell, n, shapes: (mean, ci), text: (mean, ci), …}]} in grid order."""
+    table = {}
+    for group, cells in results["grid"]["groups"].items():
+        rows = []
+        for cell in cells:
+            runs = [r for r in results["runs"].values() if r["group"] == group and r["cell"] == cell["name"]]
+            if not runs:
+                continue
+            row = {"cell": cell["name"], "n": len(runs)}
+            for task in ("shapes", "text"):
+                row[task] = mean_ci([100 * r["scores"][task] for r in runs])
+            for k in ("trainable_params", "total_params", "visual_tokens_per_image"):
+                row[k] = runs[0][k]
+            row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
+            row["tokens_per_s"] = statistics.fmean(r["tokens_per_s"] for r in runs)
+            rows.append(row)
+        table[group] = rows
+    return table
+
+
+def write_report(results: dict, out: Path) -> None:
+    from vlmforge.io import atomic_write_text
+
+    table = summarize(results)
+    lines = [f"# vlmforge ablate: {results['grid'].get('name', 'grid')}{' (quick)' if results['quick'] else ''}", "",
+             f"Accuracy (%) on held-out synthetic `shapes` and `text` questions, mean ± 95% t-interval over "
+             f"{results['seeds']} seeds; budget {json.dumps(results['budget'])}.", ""]  # fmt: skip
+    for group, rows in table.items():
+        lines += [f"## {group}", ""]
+        if group in PAPER:
+            lines += [f"Paper: {PAPER[group]}.", ""]
+        lines += ["| cell | shapes | text | trainable | total | visual tokens/image | train s | tokens/s | seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows:
+            lines.append(
+                f"| {r['cell']} | {r['shapes'][0]:.1f} ± {r['shapes'][1]:.1f} "
+                f"| {r['text'][0]:.1f} ± {r['text'][1]:.1f} "
+                f"| {r['trainable_params']:,} | {r['total_params']:,} | {r['visual_tokens_per_image']} "
+                f"| {r['train_seconds']:.0f} | {r['tokens_per_s']:.0f} | {r['n']} |"
+            )
+        lines.append("")
+    atomic_write_text(out / "results.md", "\n".join(lines))
+    _plot(table, out / "results.png")
+
+
+def _plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g, rows in table.items() if rows]
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        rows = table[group]
+        x = range(len(rows))
+        for task, off in (("shapes", -0.2), ("text", 0.2)):
+            ax.bar([i + off for i in x], [r[task][0] for r in rows], 0.4, yerr=[r[task][1] for r in rows],
+                   label=task, capsize=3)  # fmt: skip
+        ax.set_xticks(list(x), [r["cell"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_title(group)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+    axes[0][0].legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,73 @@
+"""`vlmforge ablate`: a two-cell grid with two seeds, end to end, resumed, reported."""
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from conftest import SMALL
+
+
+def test_mean_ci_is_the_student_t_interval():
+    from vlmforge.ablate import mean_ci
+
+    m, h = mean_ci([50.0, 60.0, 70.0])  # sd 10, t(0.975, 2) = 4.303
+    assert m == 60.0 and h == pytest.approx(4.303 * 10 / 3**0.5)
+    assert mean_ci([42.0]) == (42.0, 0.0)
+
+
+def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    from vlmforge import ablate as ab
+    from vlmforge.cli import main
+
+    spec = dataclasses.asdict(SMALL)
+    grid = {
+        "name": "tiny",
+        "seeds": 2,
+        "budget": {"n_shapes": 24, "n_text": 8, "n_test": 8, "spec": spec, "batch_size": 8,
+                   "align": {"max_steps": 2}, "sft": {"max_steps": 2}},
+        "base": {"sft": {"lm_mode": "lora"}},
+        "groups": {"connector": [{"name": "linear", "model": {"connector": "linear"}},
+                                 {"name": "perceiver 4", "model": {"connector": "perceiver", "connector_latents": 4}}]},
+    }  # fmt: skip
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "out"
+    main(["ablate", "--grid", str(path), "--out", str(out)])
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["runs"]) == [f"connector/{c}/seed{s}" for c in ("linear", "perceiver 4") for s in (0, 1)]
+    run = results["runs"]["connector/perceiver 4/seed0"]
+    assert run["visual_tokens_per_image"] == 4
+    assert results["runs"]["connector/linear/seed1"]["visual_tokens_per_image"] == 16
+    assert 0 < run["trainable_params"] < run["total_params"] and 0 <= run["scores"]["shapes"] <= 1
+    md = (out / "results.md").read_text()
+    assert md in printed and "| linear |" in md and "| perceiver 4 |" in md and " ± " in md
+    assert "Paper: perceiver 60.3" in md
+    assert (out / "results.png").stat().st_size > 1000
+    # finished runs are not re-run; a run lost mid-way is redone
+    del results["runs"]["connector/linear/seed1"]
+    (out / "results.json").write_text(json.dumps(results))
+    calls = []
+    real = ab._run
+    monkeypatch.setattr(ab, "_run", lambda *a: calls.append(a[0]["name"]) or real(*a))
+    ab.ablate(str(path), out)
+    assert calls == ["linear"]
+    with pytest.raises(ValueError, match="another grid or budget"):
+        ab.ablate(str(path), out, quick=True)
+
+
+def test_bad_grids_are_named(tmp_path):
+    from vlmforge.ablate import load_grid
+
+    with pytest.raises(FileNotFoundError, match="neither a built-in grid"):
+        load_grid(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups: {g: [{name: a, modle: {}}]}")
+    with pytest.raises(ValueError, match=r"cell 'a' has unknown keys \['modle'\]"):
+        load_grid(str(bad))
+    bad.write_text("groups: [")
+    with pytest.raises(ValueError, match="malformed YAML"):
+        load_grid(str(bad))
+    assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "lm"}
