@@ -201,7 +201,16 @@ def test_cross_attention_trains_in_align_splits_images_generates_and_round_trips
     assert all(g.grad is not None for g in gates) and all(p.grad is None for p in m.causal_lm.parameters())
     with pytest.raises(ValueError, match="2 images x 5 views = 10 views, but 5 were given"):
         m(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"][:5])
+    m.zero_grad()
+    apply_stage(m, TrainConfig(stage="sft", lm_mode="lora"))  # LoRA on the LM, the bridge trains too
+    m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"]).loss.backward()
+    lora = [p for n, p in m.lm.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora) and all(g.grad is not None for g in gates)
     m.eval()
+    with torch.no_grad():  # the feature-store seam: precomputed features give the same logits
+        by_pixels = m(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
+        feats = m.encode_images(b["pixel_values"])
+        assert torch.equal(by_pixels, m(b["input_ids"], b["attention_mask"], image_features=feats).logits)
     with torch.no_grad():
         for layer in m.connector.layers:
             layer.gate_attn.fill_(0.5)
