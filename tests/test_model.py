@@ -232,3 +232,22 @@ def test_cross_attention_trains_in_align_splits_images_generates_and_round_trips
     with torch.no_grad():
         after = loaded(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"]).logits
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_image_splitting_names_each_view_with_a_separator_token(model_cfg, data_dir):
+    import dataclasses
+
+    from vlmforge.data.prompts import IMAGE_PAD, view_tokens
+
+    m = VLM.from_backbones(dataclasses.replace(model_cfg, split_grid=2))
+    seps = view_tokens(2)
+    assert seps == ["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>", "<row_2_col_2>", "<global_img>"]
+    ids = m.build_prompt("How many shapes are there?")
+    text = m.tokenizer.convert_ids_to_tokens(ids)
+    starts = [text.index(s) for s in seps]
+    assert starts == sorted(starts)  # crops row-major, then the whole image
+    pad = m.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    for a, b in zip(starts, starts[1:] + [text.index("</image>")]):
+        assert ids[a + 1 : b] == [pad] * m.tokens_per_view  # each view's own placeholders
+    b = _batch(m, data_dir, n=2)
+    assert torch.isfinite(m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"]).loss)

@@ -1,9 +1,11 @@
 """Prompts and label masks.
 
 Each `<image>` marker of the data becomes `<image>` + N image placeholders + `</image>`, N being
-the number of visual tokens the connector emits. With the Llama3-V layout the image blocks come
-before the text, which is wrapped in `<text>`…`</text>`. The conversation is then rendered with
-the tokenizer's own chat template.
+the number of visual tokens the connector emits. With image splitting (a k x k grid of crops plus
+the whole image) each view's placeholders are preceded by a separator token naming it,
+`<row_i_col_j>` or `<global_img>` (as Idefics3 does), so the LM knows which crop is which. With
+the Llama3-V layout the image blocks come before the text, which is wrapped in `<text>`…`</text>`.
+The conversation is then rendered with the tokenizer's own chat template.
 
 Labels come from character offsets: each assistant span is located by rendering the conversation
 up to that turn (with and without the generation prompt), and a token is trained on when its first
@@ -17,6 +19,16 @@ IMAGE_START, IMAGE_END = "<image>", "</image>"
 TEXT_START, TEXT_END = "<text>", "</text>"
 IMAGE_PAD = "<|image_pad|>"
 SPECIAL_TOKENS = [IMAGE_START, IMAGE_END, TEXT_START, TEXT_END, IMAGE_PAD]
+
+
+def view_tokens(grid: int) -> list[str]:
+    """Separator tokens of the views of a k x k split, in view order (crops row-major, then the
+    whole image); none without splitting."""
+    if grid <= 0:
+        return []
+    return [f"<row_{r}_col_{c}>" for r in range(1, grid + 1) for c in range(1, grid + 1)] + ["<global_img>"]
+
+
 IGNORE = -100
 
 # Used only for tokenizers that ship without a chat template (base LMs).
@@ -35,13 +47,21 @@ class TemplateError(ValueError):
 class PromptBuilder:
     """Renders conversations to token ids and labels for one tokenizer and visual-token count."""
 
-    def __init__(self, tokenizer, tokens_per_image: int, layout: str = "llama3v"):
+    def __init__(self, tokenizer, tokens_per_image: int, layout: str = "llama3v", split_grid: int = 0):
         if layout not in ("llama3v", "inline"):
             raise ValueError(f"unknown prompt layout {layout!r} (use 'llama3v' or 'inline')")
         self.tok = tokenizer
         self.tokens_per_image = tokens_per_image
         self.layout = layout
-        self.image_block = IMAGE_START + IMAGE_PAD * tokens_per_image + IMAGE_END
+        seps = view_tokens(split_grid) if tokens_per_image else []
+        missing = [t for t in seps if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the view separator tokens {missing[:3]} (use load_tokenizer)")
+        if seps and tokens_per_image % len(seps):
+            raise ValueError(f"{tokens_per_image} visual tokens per image do not split into {len(seps)} views")
+        per_view = tokens_per_image // max(len(seps), 1)
+        views = "".join(sep + IMAGE_PAD * per_view for sep in seps) if seps else IMAGE_PAD * tokens_per_image
+        self.image_block = IMAGE_START + views + IMAGE_END
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         eot = [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()]
         self.stop_ids = sorted({i for i in eot + [tokenizer.eos_token_id] if i is not None})

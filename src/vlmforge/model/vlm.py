@@ -23,7 +23,14 @@ from torch import nn
 
 from vlmforge.config import ModelConfig, from_dict, save_json
 from vlmforge.data.images import ImageProcessor
-from vlmforge.data.prompts import DEFAULT_CHAT_TEMPLATE, IGNORE, IMAGE_START, SPECIAL_TOKENS, PromptBuilder
+from vlmforge.data.prompts import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE,
+    IMAGE_START,
+    SPECIAL_TOKENS,
+    PromptBuilder,
+    view_tokens,
+)
 from vlmforge.io import atomic_dir
 from vlmforge.model.connectors import build_connector
 from vlmforge.model.vision import VisionTower, _quiet_hf, check_loading_info, load_vision_model
@@ -39,12 +46,12 @@ class VLMOutput:
     logits: torch.Tensor | None = None  # [B, L, V], only when no labels are given
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, split_grid: int = 0):
     from transformers import AutoTokenizer
 
     _quiet_hf()
     tok = AutoTokenizer.from_pretrained(path)
-    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    missing = [t for t in SPECIAL_TOKENS + view_tokens(split_grid) if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
     if tok.chat_template is None:
@@ -98,7 +105,7 @@ class VLM(nn.Module):
         self.tokens_per_image = self.tokens_per_view * processor.num_views
         # visual tokens placed in the LM's sequence: none with cross-attention (only the markers)
         self.sequence_tokens_per_image = 0 if self.cross_attention else self.tokens_per_image
-        self.prompts = PromptBuilder(tokenizer, self.sequence_tokens_per_image, config.layout)
+        self.prompts = PromptBuilder(tokenizer, self.sequence_tokens_per_image, config.layout, config.split_grid)
         self.image_start_id = tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
@@ -111,7 +118,7 @@ class VLM(nn.Module):
             raise ValueError("a model needs both a vision encoder (--model.vision) and an LM (--model.lm)")
         dtype = DTYPES[config.dtype]
         vision = VisionTower.from_pretrained(config.vision, config.feature_layer, dtype, config.vision_pooled)
-        tok = load_tokenizer(config.tokenizer or config.lm)
+        tok = load_tokenizer(config.tokenizer or config.lm, max(config.split_grid, 0))
         lm = load_lm(config.lm, dtype)
         if len(tok) > lm.get_input_embeddings().weight.shape[0]:
             lm.resize_token_embeddings(len(tok))
