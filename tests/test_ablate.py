@@ -70,4 +70,4 @@ def test_bad_grids_are_named(tmp_path):
     bad.write_text("groups: [")
     with pytest.raises(ValueError, match="malformed YAML"):
         load_grid(str(bad))
-    assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "lm"}
+    assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "aspect", "lm"}

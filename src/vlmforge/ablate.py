@@ -11,8 +11,9 @@ tokens/s) and `results.png` are redrawn from it.
 
 Built-in grid `idefics2`: (1) fully autoregressive vs cross-attention, each with the LM frozen
 and with LoRA; (2) connectors: linear, mlp, attention, perceiver 64 and 16, pixel shuffle;
-(3) image splitting off vs on; (4) a smaller vs a larger LM. `--quick true` shrinks data and
-budgets, not the grid or the seeds.
+(3) image splitting off vs on; (4) aspect ratio kept vs squashed; (5) a smaller vs a larger LM
+(twice as deep, same tokenizer and encoder). `--quick true` shrinks data and budgets, not the
+grid or the seeds. `--jobs N` runs N cells at once, each in its own process on one CPU thread.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ IDEFICS2 = {
             {"name": "no splitting", "model": {"split_grid": 0}},
             {"name": "2x2 + whole", "model": {"split_grid": 2}},
         ],
+        "aspect": [
+            {"name": "aspect kept (pad)", "model": {"resize": "pad"}},
+            {"name": "squashed", "model": {"resize": "squash"}},
+        ],
         "lm": [
             {"name": "smaller LM", "lm": "small"},
             {"name": "larger LM", "lm": "large"},
@@ -71,11 +76,10 @@ IDEFICS2 = {
 GRIDS = {"idefics2": IDEFICS2}
 
 # Budgets: data sizes, backbone specs and stage overrides, full and quick.
-FULL = {"n_shapes": 3000, "n_text": 500, "n_test": 300, "spec": {}, "large_spec": {"lm_hidden": 256, "lm_layers": 6},
+FULL = {"n_shapes": 3000, "n_text": 500, "n_test": 300, "spec": {}, "large_spec": {"lm_layers": 6},
         "align": {"max_steps": 60}, "sft": {"max_steps": 240}}  # fmt: skip
-QUICK = {"n_shapes": 600, "n_text": 200, "n_test": 100, "spec": {"siglip_steps": 150, "lm_steps": 150},
-         "large_spec": {"lm_hidden": 256, "lm_layers": 6}, "align": {"max_steps": 15}, "sft": {"max_steps": 30},
-         "batch_size": 32}  # fmt: skip
+QUICK = {"n_shapes": 600, "n_text": 200, "n_test": 100, "spec": {}, "large_spec": {"lm_layers": 4},
+         "align": {"max_steps": 10}, "sft": {"max_steps": 25}, "batch_size": 32}  # fmt: skip
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -187,8 +191,20 @@ def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir:
     }
 
 
-def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = None) -> dict:
+def _worker_init() -> None:
+    import os
+
+    import torch
+
+    os.environ["TQDM_DISABLE"] = "1"  # one progress bar: the parent's
+    torch.set_num_threads(1)
+
+
+def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = None, jobs: int = 1) -> dict:
     """Run (or resume) every cell x seed of `grid`; write results.json, results.md, results.png."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     from tqdm import tqdm
 
     g = load_grid(grid)
@@ -203,18 +219,36 @@ def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = 
     results.update(grid=g, quick=quick, budget=budget, seeds=n_seeds)
     need_large = any(c.get("lm") == "large" for cells in g["groups"].values() for c in cells)
     shared = _prepare(out, budget, need_large)
-    todo = [(grp, c, s) for grp, cells in g["groups"].items() for c in cells for s in range(n_seeds)]
-    bar = tqdm(todo, desc="ablate", unit="run")
-    for group, cell, seed in bar:
-        key = f"{group}/{cell['name']}/seed{seed}"
-        if key in results["runs"]:
-            continue
-        bar.set_postfix_str(key)
-        run_dir = out / "runs" / group / cell["name"].replace(" ", "_").replace("/", "_") / f"seed{seed}"
-        results["runs"][key] = {"group": group, "cell": cell["name"], "seed": seed,
-                                **_run(cell, g.get("base", {}), shared, budget, seed, run_dir)}  # fmt: skip
+    todo = []
+    for group, cells in g["groups"].items():
+        for cell in cells:
+            for seed in range(n_seeds):
+                key = f"{group}/{cell['name']}/seed{seed}"
+                if key not in results["runs"]:
+                    safe = cell["name"].replace(" ", "_").replace("/", "_")
+                    todo.append((key, group, cell, seed, out / "runs" / group / safe / f"seed{seed}"))
+    bar = tqdm(total=len(todo), desc="ablate", unit="run")
+
+    def record(key, group, cell, seed, run_dir, result):
+        results["runs"][key] = {"group": group, "cell": cell["name"], "seed": seed, **result}
         save_json(results, res_path)
         shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints and models of finished runs are not kept
+        bar.update(1)
+        bar.set_postfix_str(key)
+
+    base = g.get("base", {})
+    if jobs <= 1:
+        for key, group, cell, seed, run_dir in todo:
+            record(key, group, cell, seed, run_dir, _run(cell, base, shared, budget, seed, run_dir))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            running = {pool.submit(_run, t[2], base, shared, budget, t[3], t[4]): t for t in todo}
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    record(*running.pop(fut), fut.result())  # a failed run raises here; finished ones are saved
+    bar.close()
     save_json(results, res_path)
     write_report(results, out)
     return results

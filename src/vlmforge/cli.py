@@ -339,7 +339,9 @@ def cache_verify(store: str, repair: bool = False) -> None:
         raise CacheError(f"{store}: {len(report['bad'])} damaged shards (run with --repair true, then cache build)")
 
 
-def ablate(grid: str = "idefics2", out: str = "runs/ablate", quick: bool = False, seeds: int | None = None) -> None:
+def ablate(
+    grid: str = "idefics2", out: str = "runs/ablate", quick: bool = False, seeds: int | None = None, jobs: int = 0
+) -> None:
     """Re-run the Idefics2 design comparisons on the synthetic tasks, several seeds per cell.
 
     Writes OUT/results.md (mean ± 95% CI per task, parameters, visual tokens, train time,
@@ -350,10 +352,13 @@ def ablate(grid: str = "idefics2", out: str = "runs/ablate", quick: bool = False
         out: output folder.
         quick: small data and budgets (same grid and seeds).
         seeds: seeds per cell (default: the grid's, 3 for idefics2).
+        jobs: cells run at once, each in its own process on one CPU thread (0: one per CPU core).
     """
+    import os
+
     from vlmforge.ablate import ablate as run
 
-    run(grid, out, quick, seeds)
+    run(grid, out, quick, seeds, jobs or os.cpu_count() or 1)
     print((Path(out) / "results.md").read_text())
 
 
