@@ -29,7 +29,8 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
                    "align": {"max_steps": 2}, "sft": {"max_steps": 2}},
         "base": {"sft": {"lm_mode": "lora"}},
         "groups": {"connector": [{"name": "linear", "model": {"connector": "linear"}},
-                                 {"name": "perceiver 4", "model": {"connector": "perceiver", "connector_latents": 4}}]},
+                                 {"name": "perceiver 4", "model": {"connector": "perceiver", "connector_latents": 4}}],
+                   "again": [{"name": "linear again", "model": {"connector": "linear", "split_grid": 0}}]},
     }  # fmt: skip
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -37,7 +38,13 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
     main(["ablate", "--grid", str(path), "--out", str(out)])
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results["runs"]) == [f"connector/{c}/seed{s}" for c in ("linear", "perceiver 4") for s in (0, 1)]
+    assert sorted(results["runs"]) == ["again/linear again/seed0", "again/linear again/seed1"] + [
+        f"connector/{c}/seed{s}" for c in ("linear", "perceiver 4") for s in (0, 1)
+    ]
+    # the same resolved configuration in another group is not trained twice
+    pair = {"again/linear again/seed1", "connector/linear/seed1"}
+    alias = [k for k in pair if "same_as" in results["runs"][k]]
+    assert len(alias) == 1 and results["runs"][alias[0]]["same_as"] == (pair - set(alias)).pop()
     run = results["runs"]["connector/perceiver 4/seed0"]
     assert run["visual_tokens_per_image"] == 4
     assert results["runs"]["connector/linear/seed1"]["visual_tokens_per_image"] == 16
@@ -47,15 +54,23 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
     assert "Paper: perceiver 60.3" in md
     assert (out / "results.png").stat().st_size > 1000
     # finished runs are not re-run; a run lost mid-way is redone
-    del results["runs"]["connector/linear/seed1"]
+    del results["runs"]["connector/linear/seed1"], results["runs"]["again/linear again/seed1"]
     (out / "results.json").write_text(json.dumps(results))
     calls = []
     real = ab._run
     monkeypatch.setattr(ab, "_run", lambda *a: calls.append(a[0]["name"]) or real(*a))
     ab.ablate(str(path), out)
-    assert calls == ["linear"]
+    assert len(calls) == 1 and calls[0] in ("linear", "linear again")  # one run serves both cells
+    assert pair <= set(json.loads((out / "results.json").read_text())["runs"])
     with pytest.raises(ValueError, match="another grid or budget"):
         ab.ablate(str(path), out, quick=True)
+    # in parallel, a failing cell stops the ablation with its own error
+    monkeypatch.setattr(ab, "_run", real)
+    grid["seeds"] = 1
+    grid["groups"] = {"connector": [{"name": "bad", "model": {"connector": "nope"}}, {"name": "linear"}]}
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ValueError, match="unknown connector 'nope'"):
+        ab.ablate(str(path), tmp_path / "out2", jobs=2)
 
 
 def test_bad_grids_are_named(tmp_path):

@@ -19,8 +19,10 @@ grid or the seeds. `--jobs N` runs N cells at once, each in its own process on o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -153,20 +155,33 @@ def _prepare(out: Path, budget: dict, need_large: bool) -> dict:
     return paths
 
 
+def _resolve(cell: dict, base: dict, shared: dict, budget: dict):
+    """The model config and the two stage configs a cell trains with (data, output, seed unset)."""
+    bb = shared[cell.get("lm", "small")]
+    model_cfg = from_dict(ModelConfig, _merge({"vision": bb["vision"], "lm": bb["lm"], "tokenizer": bb["lm"]},
+                                             base.get("model"), cell.get("model")))  # fmt: skip
+    bs = {"batch_size": budget["batch_size"]} if "batch_size" in budget else {}
+    align = dataclasses.replace(_align_default(), **_merge(bs, budget["align"], base.get("align"), cell.get("align")))
+    sft = dataclasses.replace(_sft_default(), **_merge(bs, budget["sft"], base.get("sft"), cell.get("sft")))
+    return model_cfg, align, sft
+
+
+def fingerprint(cell: dict, base: dict, shared: dict, budget: dict) -> str:
+    """Cells of different groups that resolve to the same configuration (e.g. every group's
+    baseline) share one run per seed."""
+    configs = [dataclasses.asdict(c) for c in _resolve(cell, base, shared, budget)]
+    return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir: Path) -> dict:
     from vlmforge.eval.runner import evaluate
     from vlmforge.model.vlm import VLM
     from vlmforge.train.loop import train
     from vlmforge.train.stages import apply_stage
 
-    bb = shared[cell.get("lm", "small")]
-    model_cfg = from_dict(ModelConfig, _merge({"vision": bb["vision"], "lm": bb["lm"], "tokenizer": bb["lm"]},
-                                             base.get("model"), cell.get("model")))  # fmt: skip
-    bs = {"batch_size": budget["batch_size"]} if "batch_size" in budget else {}
+    model_cfg, align, sft = _resolve(cell, base, shared, budget)
     align_data = [shared["train_shapes_captions"], shared["train_text_captions"]]
     sft_data = [shared["train_shapes_sft"], shared["train_text_sft"]]
-    align = dataclasses.replace(_align_default(), **_merge(bs, budget["align"], base.get("align"), cell.get("align")))
-    sft = dataclasses.replace(_sft_default(), **_merge(bs, budget["sft"], base.get("sft"), cell.get("sft")))
     align = dataclasses.replace(align, data=align_data, out=str(run_dir / "align"), seed=seed, save_every=10**9)
     sft = dataclasses.replace(sft, data=sft_data, out=str(run_dir / "sft"), seed=seed, save_every=10**9)
     t0 = time.time()
@@ -192,11 +207,8 @@ def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir:
 
 
 def _worker_init() -> None:
-    import os
-
     import torch
 
-    os.environ["TQDM_DISABLE"] = "1"  # one progress bar: the parent's
     torch.set_num_threads(1)
 
 
@@ -219,35 +231,60 @@ def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = 
     results.update(grid=g, quick=quick, budget=budget, seeds=n_seeds)
     need_large = any(c.get("lm") == "large" for cells in g["groups"].values() for c in cells)
     shared = _prepare(out, budget, need_large)
-    todo = []
+    base = g.get("base", {})
+    done_by_config = {(r.get("config"), r["seed"]): k for k, r in results["runs"].items()}
+    todo, aliases = [], {}  # aliases: the first key of a (config, seed) -> the other cells' keys
     for group, cells in g["groups"].items():
         for cell in cells:
+            fp = fingerprint(cell, base, shared, budget)
             for seed in range(n_seeds):
                 key = f"{group}/{cell['name']}/seed{seed}"
-                if key not in results["runs"]:
-                    safe = cell["name"].replace(" ", "_").replace("/", "_")
-                    todo.append((key, group, cell, seed, out / "runs" / group / safe / f"seed{seed}"))
+                if key in results["runs"]:
+                    continue
+                first = done_by_config.get((fp, seed))
+                if first in results["runs"]:  # the same configuration already ran for another cell
+                    same = {"group": group, "cell": cell["name"], "same_as": first}
+                    results["runs"][key] = {**results["runs"][first], **same}
+                    continue
+                if first is not None:
+                    aliases[first].append((key, group, cell))
+                    continue
+                done_by_config[(fp, seed)] = key
+                aliases[key] = []
+                safe = cell["name"].replace(" ", "_").replace("/", "_")
+                todo.append((key, group, cell, seed, fp, out / "runs" / group / safe / f"seed{seed}"))
+    save_json(results, res_path)
     bar = tqdm(total=len(todo), desc="ablate", unit="run")
 
-    def record(key, group, cell, seed, run_dir, result):
-        results["runs"][key] = {"group": group, "cell": cell["name"], "seed": seed, **result}
+    def record(key, group, cell, seed, fp, run_dir, result):
+        results["runs"][key] = {"group": group, "cell": cell["name"], "seed": seed, "config": fp, **result}
+        for other, other_group, other_cell in aliases[key]:
+            results["runs"][other] = {**results["runs"][key], "group": other_group, "cell": other_cell["name"],
+                                      "same_as": key}  # fmt: skip
         save_json(results, res_path)
         shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints and models of finished runs are not kept
         bar.update(1)
         bar.set_postfix_str(key)
 
-    base = g.get("base", {})
     if jobs <= 1:
-        for key, group, cell, seed, run_dir in todo:
-            record(key, group, cell, seed, run_dir, _run(cell, base, shared, budget, seed, run_dir))
+        for key, group, cell, seed, fp, run_dir in todo:
+            record(key, group, cell, seed, fp, run_dir, _run(cell, base, shared, budget, seed, run_dir))
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
-            running = {pool.submit(_run, t[2], base, shared, budget, t[3], t[4]): t for t in todo}
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    record(*running.pop(fut), fut.result())  # a failed run raises here; finished ones are saved
+        os.environ["TQDM_DISABLE"] = "1"  # inherited by the workers: one progress bar, the parent's
+        try:
+            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+                running = {pool.submit(_run, t[2], base, shared, budget, t[3], t[5]): t for t in todo}
+                try:
+                    while running:
+                        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            record(*running.pop(fut), fut.result())  # a failed run raises here
+                except BaseException:  # finished runs are saved; queued ones are not started
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+        finally:
+            os.environ.pop("TQDM_DISABLE", None)
     bar.close()
     save_json(results, res_path)
     write_report(results, out)
