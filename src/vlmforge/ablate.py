@@ -126,20 +126,16 @@ def _merge(*dicts: dict | None) -> dict:
 
 def _prepare(out: Path, budget: dict, need_large: bool) -> dict:
     """Shared data and backbones (made once; reused on resume)."""
-    from vlmforge.data.synthetic import synth
+    from vlmforge.data.synthetic import synth_splits
     from vlmforge.model.tiny import pretrain
 
     done = out / "shared.json"
     if done.exists():
         return json.loads(done.read_text())
-    paths = {}
-    for split, n_shapes, n_text, seed in (
+    paths = synth_splits(out / "data", [
         ("train", budget["n_shapes"], budget["n_text"], 0),
         ("test", budget["n_test"], budget["n_test"], 1),
-    ):
-        for task, n in (("shapes", n_shapes), ("text", n_text)):
-            for kind, p in synth(out / "data" / split, task, n, seed).items():
-                paths[f"{split}_{task}_{kind}"] = str(p)
+    ])  # fmt: skip
     train_files = [paths[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
     spec = dataclasses.replace(TinySpec(), **budget["spec"])
     small = pretrain(train_files, out / "backbones" / "small", spec, 0)

@@ -30,7 +30,7 @@ def _setup_seconds() -> float | None:
 def run(cfg: DemoConfig) -> dict:
     from tqdm import tqdm
 
-    from vlmforge.data.synthetic import synth
+    from vlmforge.data.synthetic import synth_splits
     from vlmforge.eval.runner import evaluate, format_report, save_report
     from vlmforge.model.tiny import pretrain
     from vlmforge.model.vlm import VLM
@@ -62,18 +62,11 @@ def run(cfg: DemoConfig) -> dict:
     d = out / "data"
 
     def make_data():
-        paths = {}
-        for split, n_shapes, n_text, seed in (
+        return synth_splits(d, [
             ("train", cfg.n_shapes, cfg.n_text, cfg.seed),
             ("test", cfg.n_test, cfg.n_test, cfg.seed + 1),
             ("pretrain", cfg.n_pretrain, 0, cfg.seed + 2),
-        ):
-            for task, n in (("shapes", n_shapes), ("text", n_text)):
-                if n == 0:
-                    continue
-                for kind, p in synth(d / split, task, n, seed).items():
-                    paths[f"{split}_{task}_{kind}"] = str(p)
-        return paths
+        ])  # fmt: skip
 
     data = phase("data", make_data)
     train_files = [data[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]

@@ -179,3 +179,16 @@ def synth(
         paths[kind] = out / f"{prefix}_{kind}.json"
         atomic_write_text(paths[kind], json.dumps(records, indent=1))
     return paths
+
+
+def synth_splits(folder: str | Path, splits: list[tuple[str, int, int, int]]) -> dict[str, str]:
+    """Several splits of both tasks: `splits` holds (split, n_shapes, n_text, seed); returns
+    {"{split}_{task}_{kind}": path} for every file written (a count of 0 writes nothing)."""
+    paths = {}
+    for split, n_shapes, n_text, seed in splits:
+        for task, n in (("shapes", n_shapes), ("text", n_text)):
+            if n == 0:
+                continue
+            for kind, p in synth(Path(folder) / split, task, n, seed).items():
+                paths[f"{split}_{task}_{kind}"] = str(p)
+    return paths
