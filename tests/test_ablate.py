@@ -62,7 +62,7 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
     ab.ablate(str(path), out)
     assert len(calls) == 1 and calls[0] in ("linear", "linear again")  # one run serves both cells
     assert pair <= set(json.loads((out / "results.json").read_text())["runs"])
-    with pytest.raises(ValueError, match="another grid or budget"):
+    with pytest.raises(ValueError, match="another grid, budget or eval tasks"):
         ab.ablate(str(path), out, quick=True)
     # in parallel, a failing cell stops the ablation with its own error
     monkeypatch.setattr(ab, "_run", real)
@@ -86,3 +86,52 @@ def test_bad_grids_are_named(tmp_path):
     with pytest.raises(ValueError, match="malformed YAML"):
         load_grid(str(bad))
     assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "aspect", "lm"}
+
+
+def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monkeypatch, capsys):
+    """`data:` in the grid trains on the user's files; `--eval` scores on a QA file and a benchmark."""
+    from test_benchmarks import cell, write_parquet
+    from vlmforge.ablate import ablate, load_grid
+    from vlmforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").symlink_to(data_dir)
+    root = tmp_path / "bench"
+    write_parquet(root / "textvqa/data/validation-00000-of-00001.parquet", [
+        {"image_id": str(i), "question_id": i, "question": "what color?", "image": cell(c), "answers": [c] * 10,
+         "ocr_tokens": []}
+        for i, c in enumerate(["red", "green", "blue", "yellow"])
+    ])  # fmt: skip
+    grid = {
+        "name": "own", "seeds": 1,
+        "budget": {"n_shapes": 8, "n_text": 4, "n_test": 4, "spec": dataclasses.asdict(SMALL), "batch_size": 8,
+                   "sft": {"max_steps": 2}},
+        "data": {"sft": ["d/shapes_sft.json"]},
+        "eval": {"qa": "d/shapes_qa.json"},
+        "groups": {"connector": [{"name": "linear", "model": {"connector": "linear"}}]},
+    }  # fmt: skip
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    g = load_grid("grid.yaml")
+    assert g["data"] == {"sft": [str(tmp_path / "d/shapes_sft.json")]}  # relative to the YAML
+    assert g["eval"] == {"qa": {"file": str(tmp_path / "d/shapes_qa.json")}}
+    # unreadable tasks fail before any training
+    for words, message in (
+        (["textvqa"], "'textvqa' is a benchmark: give --data-root"),
+        (["shapes", "nowhere.json"], f"eval task 'nowhere': no file {tmp_path / 'nowhere.json'}"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["ablate", "--grid", "grid.yaml", "--out", "o", "--eval", *words])
+        assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+    main(["ablate", "--grid", "grid.yaml", "--out", "o", "--eval", "shapes", "d/shapes_qa.json", "tv=textvqa",
+          "--data-root", str(root), "--limit", "3"])  # fmt: skip
+    results = json.loads((tmp_path / "o/results.json").read_text())
+    assert list(results["tasks"]) == ["shapes", "shapes_qa", "tv"]
+    assert results["tasks"]["tv"] == {"bench": "textvqa", "root": str(root), "limit": 3}
+    run = results["runs"]["connector/linear/seed0"]
+    assert set(run["scores"]) == {"shapes", "shapes_qa", "tv"} and all(0 <= v <= 1 for v in run["scores"].values())
+    md = (tmp_path / "o/results.md").read_text()
+    assert "| cell | shapes | shapes_qa | tv | trainable |" in md and "benchmark textvqa" in md
+    assert "vqa_accuracy" in md and "first 3" in md
+    with pytest.raises(ValueError, match="another grid, budget or eval tasks"):
+        ablate("grid.yaml", "o")  # the grid's own tasks differ

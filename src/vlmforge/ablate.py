@@ -1,5 +1,6 @@
 """`vlmforge ablate`: the Idefics2 comparisons (Laurençon et al. 2024, "What matters when building
-vision-language models?"), re-run on the built-in synthetic tasks with several seeds.
+vision-language models?"), re-run with several seeds on the built-in synthetic tasks or on any
+eval data: vlmforge/LLaVA QA files and the registered benchmarks of `vlmforge eval --bench`.
 
 A grid is groups of cells; a cell is a set of overrides of the model and of the two training
 stages (align, sft). Every cell of every group runs `seeds` times (seed s: same data, different
@@ -14,6 +15,12 @@ and with LoRA; (2) connectors: linear, mlp, attention, perceiver 64 and 16, pixe
 (3) image splitting off vs on; (4) aspect ratio kept vs squashed; (5) a smaller vs a larger LM
 (twice as deep, same tokenizer and encoder). `--quick true` shrinks data and budgets, not the
 grid or the seeds. `--jobs N` runs N cells at once, each in its own process on one CPU thread.
+
+Tasks (what every run is scored on): `shapes` and `text` (held-out synthetic questions, the
+default), a QA file (JSON/JSONL, scored by normalised exact match as `vlmforge eval --data`), or
+a benchmark name (`textvqa`, `docvqa`, …, read from `--data-root` and scored by its community
+metric as `vlmforge eval --bench`). A grid YAML may name its tasks (`eval:`) and its own training
+data (`data: {align: [...], sft: [...]}`); paths in a YAML are relative to the YAML's folder.
 """
 
 from __future__ import annotations
@@ -95,6 +102,69 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
+SYNTHETIC_TASKS = ("shapes", "text")
+
+
+def parse_tasks(items, base: Path | None = None, data_root: str | None = None, limit: int | None = None) -> dict:
+    """Eval tasks from `--eval` words or a grid's `eval:` → {name: spec}.
+
+    A word is `shapes` / `text` (synthetic), a registered benchmark name (read from `data_root`),
+    or a QA file path; `NAME=WORD` names the column. A YAML mapping may also give
+    `{bench: NAME, root: DIR, split: S, limit: N}` or `{file: PATH, limit: N}`.
+    """
+    from vlmforge.eval.benchmarks import BENCHMARKS
+
+    if not items:
+        return {t: {"synthetic": t} for t in SYNTHETIC_TASKS}
+    if isinstance(items, str):
+        items = [items]
+    pairs = list(items.items()) if isinstance(items, dict) else [
+        tuple(w.split("=", 1)) if "=" in w else (None, w) for w in map(str, items)
+    ]  # fmt: skip
+    tasks = {}
+    for name, spec in pairs:
+        if isinstance(spec, dict):
+            spec = dict(spec)
+        elif spec in SYNTHETIC_TASKS:
+            spec = {"synthetic": spec}
+        elif spec.lower() in BENCHMARKS:
+            spec = {"bench": spec.lower()}
+        else:
+            spec = {"file": spec}
+        if "file" in spec:
+            path = Path(spec["file"])
+            spec["file"] = str(path.absolute() if base is None else base / path)
+        if "bench" in spec:
+            spec.setdefault("root", data_root)
+            if spec["root"] is None:
+                raise ValueError(f"eval task {spec['bench']!r} is a benchmark: give --data-root (or `root:`)")
+            root = Path(spec["root"])
+            spec["root"] = str(root.absolute() if base is None else base / root)
+        if limit is not None and "synthetic" not in spec:
+            spec.setdefault("limit", limit)
+        if not {"synthetic", "file", "bench"} & set(spec):
+            raise ValueError(f"eval task {name!r}: give `file:` or `bench:` ({spec})")
+        name = name or spec.get("synthetic") or spec.get("bench") or Path(spec["file"]).stem
+        if name in tasks:
+            raise ValueError(f"eval task {name!r} is given twice")
+        tasks[name] = spec
+    return tasks
+
+
+def check_tasks(tasks: dict) -> None:
+    """Fail before any training when an eval task cannot be read."""
+    from vlmforge.data.formats import load_records
+    from vlmforge.eval.benchmarks import get_benchmark
+
+    for name, spec in tasks.items():
+        if "file" in spec:
+            if not Path(spec["file"]).is_file():
+                raise FileNotFoundError(f"eval task {name!r}: no file {spec['file']}")
+            load_records(spec["file"])  # validates every record, naming the file and the row
+        elif "bench" in spec:
+            get_benchmark(spec["bench"]).rows(spec["root"], spec.get("split"))
+
+
 def load_grid(grid: str) -> dict:
     if grid in GRIDS:
         return GRIDS[grid]
@@ -114,6 +184,17 @@ def load_grid(grid: str) -> dict:
             unknown = set(cell) - {"name", "model", "align", "sft", "lm"}
             if unknown:
                 raise ValueError(f"{path}: cell {cell['name']!r} has unknown keys {sorted(unknown)}")
+    base = path.resolve().parent
+    if g.get("eval"):
+        g["eval"] = parse_tasks(g["eval"], base)
+    if g.get("data") is not None:
+        data = g["data"]
+        if not isinstance(data, dict) or not data.get("sft") or set(data) - {"align", "sft"}:
+            raise ValueError(f"{path}: `data:` needs `sft:` (and optionally `align:`) lists of files")
+        g["data"] = {k: [str(base / f) for f in ([v] if isinstance(v, str) else v)] for k, v in data.items()}
+        for f in (f for v in g["data"].values() for f in v):
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"{path}: training data {f} does not exist")
     return g
 
 
@@ -124,7 +205,7 @@ def _merge(*dicts: dict | None) -> dict:
     return out
 
 
-def _prepare(out: Path, budget: dict, need_large: bool) -> dict:
+def _prepare(out: Path, budget: dict, need_large: bool, data: dict | None) -> dict:
     """Shared data and backbones (made once; reused on resume)."""
     from vlmforge.data.synthetic import synth_splits
     from vlmforge.model.tiny import pretrain
@@ -136,7 +217,14 @@ def _prepare(out: Path, budget: dict, need_large: bool) -> dict:
         ("train", budget["n_shapes"], budget["n_text"], 0),
         ("test", budget["n_test"], budget["n_test"], 1),
     ])  # fmt: skip
-    train_files = [paths[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
+    synthetic = [paths[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
+    if data:  # the grid's own training data
+        paths["align_data"], paths["sft_data"] = data.get("align", []), data["sft"]
+    else:
+        paths["align_data"], paths["sft_data"] = synthetic[0::2], synthetic[1::2]
+    # the tiny backbones stand in for pretrained checkpoints: made from the synthetic corpus plus
+    # the grid's own data (so that the tokenizer covers its words)
+    train_files = list(dict.fromkeys(synthetic + paths["align_data"] + paths["sft_data"]))
     spec = dataclasses.replace(TinySpec(), **budget["spec"])
     small = pretrain(train_files, out / "backbones" / "small", spec, 0)
     paths["small"] = {k: str(v) for k, v in small.items()}
@@ -169,28 +257,49 @@ def fingerprint(cell: dict, base: dict, shared: dict, budget: dict) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir: Path) -> dict:
+def _score(model, model_dir: str, tasks: dict, shared: dict, run_dir: Path) -> dict:
+    """Each task's score in [0, 1] (CIDEr-D may exceed 1)."""
+    from vlmforge.eval.harness import LocalGenerator, run_benchmark
     from vlmforge.eval.runner import evaluate
+
+    scores = {}
+    for name, spec in tasks.items():
+        if "synthetic" in spec:
+            scores[name] = evaluate(model, shared[f"test_{spec['synthetic']}_qa"], batch_size=64)["accuracy"]
+        elif "file" in spec:
+            scores[name] = evaluate(model, spec["file"], batch_size=32, limit=spec.get("limit"))["accuracy"]
+        else:
+            gen = LocalGenerator(model, model_dir, max_new_tokens=spec.get("max_new_tokens", 32))
+            report = run_benchmark(spec["bench"], gen, spec["root"], run_dir / "eval", spec.get("split"),
+                                   spec.get("limit"), batch_size=16)  # fmt: skip
+            scores[name] = report["score"]
+    return scores
+
+
+def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir: Path, tasks: dict) -> dict:
     from vlmforge.model.vlm import VLM
     from vlmforge.train.loop import train
     from vlmforge.train.stages import apply_stage
 
     model_cfg, align, sft = _resolve(cell, base, shared, budget)
-    align_data = [shared["train_shapes_captions"], shared["train_text_captions"]]
-    sft_data = [shared["train_shapes_sft"], shared["train_text_sft"]]
-    align = dataclasses.replace(align, data=align_data, out=str(run_dir / "align"), seed=seed, save_every=10**9)
-    sft = dataclasses.replace(sft, data=sft_data, out=str(run_dir / "sft"), seed=seed, save_every=10**9)
+    align = dataclasses.replace(align, data=shared["align_data"], out=str(run_dir / "align"), seed=seed,
+                                save_every=10**9)  # fmt: skip
+    sft = dataclasses.replace(sft, data=shared["sft_data"], out=str(run_dir / "sft"), seed=seed, save_every=10**9)
     t0 = time.time()
-    train(align, model_cfg, None, resume=True)
-    model_dir = train(sft, None, str(run_dir / "align" / "model"), resume=True)
+    if shared["align_data"]:
+        train(align, model_cfg, None, resume=True)
+        model_dir = train(sft, None, str(run_dir / "align" / "model"), resume=True)
+    else:  # no image-caption data: straight to instruction tuning
+        model_dir = train(sft, model_cfg, None, resume=True)
     seconds = time.time() - t0
-    summaries = [json.loads((run_dir / s / "summary.json").read_text()) for s in ("align", "sft")]
+    summaries = [json.loads((run_dir / s / "summary.json").read_text()) for s in ("align", "sft")
+                 if (run_dir / s / "summary.json").exists()]  # fmt: skip
     model = VLM.from_pretrained(model_dir)
     apply_stage(model, sft)  # what the sft stage trained
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.eval()
-    scores = {t: evaluate(model, shared[f"test_{t}_qa"], batch_size=64)["accuracy"] for t in ("shapes", "text")}
+    scores = _score(model, str(model_dir), tasks, shared, run_dir)
     tokens = sum(s["tokens"] for s in summaries)
     return {
         "scores": scores,
@@ -208,25 +317,40 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = None, jobs: int = 1) -> dict:
-    """Run (or resume) every cell x seed of `grid`; write results.json, results.md, results.png."""
+def ablate(
+    grid: str,
+    out: str | Path,
+    quick: bool = False,
+    seeds: int | None = None,
+    jobs: int = 1,
+    eval: list[str] | None = None,
+    data_root: str | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Run (or resume) every cell x seed of `grid`; write results.json, results.md, results.png.
+
+    `eval` (task words, see `parse_tasks`) replaces the grid's tasks; `limit` caps the questions
+    of each file or benchmark task."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from tqdm import tqdm
 
     g = load_grid(grid)
+    tasks = parse_tasks(eval or g.get("eval"), None, data_root, limit)
+    check_tasks(tasks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     budget = _merge(QUICK if quick else FULL, g.get("budget"))
     n_seeds = seeds or int(g.get("seeds", 3))
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
-    if results.get("grid", g) != g or results.get("quick", quick) != quick:
-        raise ValueError(f"{res_path} holds results of another grid or budget; use a new --out")
-    results.update(grid=g, quick=quick, budget=budget, seeds=n_seeds)
+    old_tasks = results.get("tasks", {t: {"synthetic": t} for t in SYNTHETIC_TASKS})
+    if results.get("grid", g) != g or results.get("quick", quick) != quick or (results["runs"] and old_tasks != tasks):
+        raise ValueError(f"{res_path} holds results of another grid, budget or eval tasks; use a new --out")
+    results.update(grid=g, quick=quick, budget=budget, seeds=n_seeds, tasks=tasks)
     need_large = any(c.get("lm") == "large" for cells in g["groups"].values() for c in cells)
-    shared = _prepare(out, budget, need_large)
+    shared = _prepare(out, budget, need_large, g.get("data"))
     base = g.get("base", {})
     done_by_config = {(r.get("config"), r["seed"]): k for k, r in results["runs"].items()}
     todo, aliases = [], {}  # aliases: the first key of a (config, seed) -> the other cells' keys
@@ -264,13 +388,13 @@ def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = 
 
     if jobs <= 1:
         for key, group, cell, seed, fp, run_dir in todo:
-            record(key, group, cell, seed, fp, run_dir, _run(cell, base, shared, budget, seed, run_dir))
+            record(key, group, cell, seed, fp, run_dir, _run(cell, base, shared, budget, seed, run_dir, tasks))
     else:
         ctx = multiprocessing.get_context("spawn")
         os.environ["TQDM_DISABLE"] = "1"  # inherited by the workers: one progress bar, the parent's
         try:
             with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
-                running = {pool.submit(_run, t[2], base, shared, budget, t[3], t[5]): t for t in todo}
+                running = {pool.submit(_run, t[2], base, shared, budget, t[3], t[5], tasks): t for t in todo}
                 try:
                     while running:
                         finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -287,8 +411,12 @@ def ablate(grid: str, out: str | Path, quick: bool = False, seeds: int | None = 
     return results
 
 
+def task_names(results: dict) -> list[str]:
+    return list(results.get("tasks") or SYNTHETIC_TASKS)
+
+
 def summarize(results: dict) -> dict:
-    """{group: [{cell, n, shapes: (mean, ci), text: (mean, ci), …}]} in grid order."""
+    """{group: [{cell, n, scores: {task: (mean, ci)}, …}]} in grid order, scores x100."""
     table = {}
     for group, cells in results["grid"]["groups"].items():
         rows = []
@@ -297,8 +425,7 @@ def summarize(results: dict) -> dict:
             if not runs:
                 continue
             row = {"cell": cell["name"], "n": len(runs)}
-            for task in ("shapes", "text"):
-                row[task] = mean_ci([100 * r["scores"][task] for r in runs])
+            row["scores"] = {t: mean_ci([100 * r["scores"][t] for r in runs]) for t in task_names(results)}
             for k in ("trainable_params", "total_params", "visual_tokens_per_image"):
                 row[k] = runs[0][k]
             row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
@@ -312,25 +439,38 @@ def write_report(results: dict, out: Path) -> None:
     from vlmforge.io import atomic_write_text
 
     table = summarize(results)
+    names = task_names(results)
     lines = [f"# vlmforge ablate: {results['grid'].get('name', 'grid')}{' (quick)' if results['quick'] else ''}", "",
-             f"Accuracy (%) on held-out synthetic `shapes` and `text` questions, mean ± 95% t-interval over "
-             f"{results['seeds']} seeds; budget {json.dumps(results['budget'])}.", ""]  # fmt: skip
+             f"Scores (x100), mean ± 95% t-interval over {results['seeds']} seeds, on: "
+             + "; ".join(f"`{t}` ({_describe_task(s)})" for t, s in (results.get("tasks") or parse_tasks(None)).items())
+             + f". Budget {json.dumps(results['budget'])}.", ""]  # fmt: skip
     for group, rows in table.items():
         lines += [f"## {group}", ""]
         if group in PAPER:
             lines += [f"Paper: {PAPER[group]}.", ""]
-        lines += ["| cell | shapes | text | trainable | total | visual tokens/image | train s | tokens/s | seeds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        head = ["cell", *names, "trainable", "total", "visual tokens/image", "train s", "tokens/s", "seeds"]
+        lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for r in rows:
+            cols = " | ".join(f"{r['scores'][t][0]:.1f} ± {r['scores'][t][1]:.1f}" for t in names)
             lines.append(
-                f"| {r['cell']} | {r['shapes'][0]:.1f} ± {r['shapes'][1]:.1f} "
-                f"| {r['text'][0]:.1f} ± {r['text'][1]:.1f} "
+                f"| {r['cell']} | {cols} "
                 f"| {r['trainable_params']:,} | {r['total_params']:,} | {r['visual_tokens_per_image']} "
                 f"| {r['train_seconds']:.0f} | {r['tokens_per_s']:.0f} | {r['n']} |"
             )
         lines.append("")
     atomic_write_text(out / "results.md", "\n".join(lines))
     _plot(table, out / "results.png")
+
+
+def _describe_task(spec: dict) -> str:
+    if "synthetic" in spec:
+        return "held-out synthetic questions, exact match"
+    limit = f", first {spec['limit']}" if spec.get("limit") else ""
+    if "file" in spec:
+        return f"{spec['file']}, normalised exact match{limit}"
+    from vlmforge.eval.benchmarks import get_benchmark
+
+    return f"benchmark {spec['bench']} from {spec['root']}, {get_benchmark(spec['bench']).metric}{limit}"
 
 
 def _plot(table: dict, path: Path) -> None:
@@ -346,13 +486,16 @@ def _plot(table: dict, path: Path) -> None:
     for ax, group in zip(axes[0], groups):
         rows = table[group]
         x = range(len(rows))
-        for task, off in (("shapes", -0.2), ("text", 0.2)):
-            ax.bar([i + off for i in x], [r[task][0] for r in rows], 0.4, yerr=[r[task][1] for r in rows],
-                   label=task, capsize=3)  # fmt: skip
+        names = list(rows[0]["scores"])
+        width = 0.8 / len(names)
+        for k, task in enumerate(names):
+            off = (k - (len(names) - 1) / 2) * width
+            ax.bar([i + off for i in x], [r["scores"][task][0] for r in rows], width,
+                   yerr=[r["scores"][task][1] for r in rows], label=task, capsize=3)  # fmt: skip
         ax.set_xticks(list(x), [r["cell"] for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_title(group)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylabel("score (x100)")
+        ax.set_ylim(0, max(100, *(r["scores"][t][0] + r["scores"][t][1] for r in rows for t in names)))
     axes[0][0].legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

@@ -340,9 +340,16 @@ def cache_verify(store: str, repair: bool = False) -> None:
 
 
 def ablate(
-    grid: str = "idefics2", out: str = "runs/ablate", quick: bool = False, seeds: int | None = None, jobs: int = 0
+    grid: str = "idefics2",
+    out: str = "runs/ablate",
+    quick: bool = False,
+    seeds: int | None = None,
+    jobs: int = 0,
+    eval: list[str] | None = None,
+    data_root: str | None = None,
+    limit: int | None = None,
 ) -> None:
-    """Re-run the Idefics2 design comparisons on the synthetic tasks, several seeds per cell.
+    """Re-run the Idefics2 design comparisons, several seeds per cell, on the synthetic tasks or any eval data.
 
     Writes OUT/results.md (mean ± 95% CI per task, parameters, visual tokens, train time,
     tokens/s), OUT/results.png and OUT/results.json; finished runs are not re-run.
@@ -353,12 +360,16 @@ def ablate(
         quick: small data and budgets (same grid and seeds).
         seeds: seeds per cell (default: the grid's, 3 for idefics2).
         jobs: cells run at once, each in its own process on one CPU thread (0: one per CPU core).
+        eval: tasks to score every run on (default: the grid's, else shapes text): `shapes`, `text`,
+            a benchmark name (textvqa, docvqa, ...; needs --data-root), or a QA file; NAME=... names a column.
+        data_root: folder holding one folder per benchmark (as `vlmforge eval --bench`).
+        limit: only the first N questions of each file or benchmark task.
     """
     import os
 
     from vlmforge.ablate import ablate as run
 
-    run(grid, out, quick, seeds, jobs or os.cpu_count() or 1)
+    run(grid, out, quick, seeds, jobs or os.cpu_count() or 1, eval, data_root, limit)
     print((Path(out) / "results.md").read_text())
 
 
@@ -401,6 +412,7 @@ LIST_FLAGS = {
     ("train",): {"--train.data"},
     ("cache", "build"): {"--data"},
     ("bench", "cache"): {"--presets"},
+    ("ablate",): {"--eval"},
 }
 
 
