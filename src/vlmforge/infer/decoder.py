@@ -1,0 +1,205 @@
+"""The engine's LM forward pass: a lean loop over a Llama-family decoder's own modules.
+
+A decode step of a small model is mostly per-call overhead (module dispatch, mask building,
+output bookkeeping), not arithmetic. For the decoders whose layer is exactly
+`x + o(attn(rope(q(n1(x))), rope(k(...)), v(...))); x + down(act(gate(n2(x))) * up(n2(x)))` —
+Llama, Mistral, Qwen2, Qwen3 (which adds per-head q/k norms) — this module runs that formula with
+the model's own weights: plain `nn.Linear`s as `F.linear`, LoRA-wrapped ones through their module,
+a rotary table computed once by the model's own rotary module, and `scaled_dot_product_attention`
+on the engine's slot cache. Every other decoder (or a rotary scaling that changes with length,
+or a sliding window shorter than the context) runs through the Hugging Face forward, with the
+same cache and mask. The cross-attention architecture's gated layers are applied before the
+layers they are attached to, as their hooks would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
+
+
+def _fuse(mods: list[nn.Module], extra: list[torch.Tensor] = (), extra_bias: list = ()):
+    """One weight for several projections of the same input (q, k, v; gate, up), as vLLM does:
+    a copy (the modules are left as they are, so training and saving see no change), plus
+    `extra` rows (the rotated q/k below). Returns the fused weight and bias."""
+    with torch.no_grad():
+        w = torch.cat([m.weight for m in mods] + list(extra))
+        biases = [m.bias for m in mods] + list(extra_bias)
+        b = None
+        if any(x is not None for x in biases):
+            sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
+            b = torch.cat([x if x is not None else w.new_zeros(n) for x, n in zip(biases, sizes)])
+    return w, b
+
+
+def _plain(*mods: nn.Module) -> bool:
+    """Plain `nn.Linear`s on one dtype and device (not LoRA wrappers): these can be fused."""
+    return all(type(m) is nn.Linear for m in mods) and len({(m.weight.dtype, m.weight.device) for m in mods}) == 1
+
+
+def _rotated(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of `rotate_half(W x)` per head: [-W_2, W_1] for each head's halves [W_1, W_2]."""
+    v = w.view(-1, head_dim, *w.shape[1:])
+    half = head_dim // 2
+    return torch.cat((-v[:, half:], v[:, :half]), dim=1).reshape(w.shape)
+
+
+def _residual(m: nn.Module):
+    """`(x, h) -> h + m(x)`, as one addmm for a plain bias-free `nn.Linear` (x, h: [B, T, *])."""
+    if type(m) is nn.Linear and m.bias is None:
+        w = m.weight
+        return lambda x, h: torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), w.t()).view(h.shape)
+    return lambda x, h: h + m(x)
+
+
+def _rms(norm: nn.Module):
+    """LlamaRMSNorm (float32 statistics, weight applied in the input dtype) as one fused op."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    if type(norm).__name__.endswith("RMSNorm") and eps is not None and "gemma" not in type(norm).__name__.lower():
+        w = norm.weight
+        if w.dtype == torch.float32:
+            return lambda x: F.rms_norm(x, w.shape, w, eps) if x.dtype == torch.float32 else norm(x)
+        return lambda x: w * F.rms_norm(x.float(), w.shape, eps=eps).to(x.dtype)
+    return norm
+
+
+def fast_path_reason(lm_config, max_len: int) -> str | None:
+    """Why the lean forward cannot run this LM (None: it can)."""
+    kind = getattr(lm_config, "model_type", None)
+    if kind not in FAST_TYPES:
+        return f"model_type {kind!r}"
+    rope = getattr(lm_config, "rope_parameters", None) or getattr(lm_config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) not in STATIC_ROPE:
+        return f"rope type {rope.get('rope_type')!r}"
+    window = getattr(lm_config, "sliding_window", None)
+    if window and getattr(lm_config, "use_sliding_window", True) and window < max_len:
+        return f"sliding window {window} < context {max_len}"
+    return None
+
+
+class _Layer:
+    """One decoder layer's weights, arranged for few calls per token."""
+
+    def __init__(self, layer, heads: int, kv_heads: int, head_dim: int, xattn, fuse: bool):
+        a, mlp = layer.self_attn, layer.mlp
+        self.n1, self.n2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
+        self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
+        self.o, self.down = _residual(a.o_proj), _residual(mlp.down_proj)
+        self.qk = (heads + kv_heads) * head_dim
+        self.fold = fuse and self.q_norm is None and _plain(a.q_proj, a.k_proj, a.v_proj)
+        if self.fold:
+            # rotate_half(q) is a linear map of the input too: its rows join the fused projection,
+            # so rotary embedding costs two multiplications and an addition. Output: [q k | v | q' k']
+            rot = [_rotated(a.q_proj.weight, head_dim), _rotated(a.k_proj.weight, head_dim)]
+            rot_b = [None if m.bias is None else _rotated(m.bias[:, None], head_dim)[:, 0]
+                     for m in (a.q_proj, a.k_proj)]  # fmt: skip
+            self.w_qkv, self.b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], rot, rot_b)
+        elif fuse and _plain(a.q_proj, a.k_proj, a.v_proj):
+            self.w_qkv, self.b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+        else:
+            self.w_qkv = None
+            self.q, self.k, self.v = a.q_proj, a.k_proj, a.v_proj
+        self.kv = kv_heads * head_dim
+        self.w_gu = None
+        if fuse and _plain(mlp.gate_proj, mlp.up_proj):
+            self.w_gu, self.b_gu = _fuse([mlp.gate_proj, mlp.up_proj])
+            self.inter = mlp.gate_proj.out_features
+        else:
+            self.gate, self.up = mlp.gate_proj, mlp.up_proj
+
+
+class Decoder:
+    """`forward(embeds [B, T, D], positions [B, T], mask [B, 1, T, L] or None, cache, cross_context)`
+    → last hidden states [B, T, D]."""
+
+    def __init__(self, model, max_len: int, fast: bool | None = None):
+        lm = model.causal_lm
+        self.hf = lm.get_decoder()
+        self.bridge = model.connector if model.cross_attention else None
+        reason = fast_path_reason(lm.config, max_len)
+        self.fast = reason is None if fast is None else fast
+        self.why_slow = reason
+        if not self.fast:
+            return
+        cfg = lm.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        param = next(lm.parameters())
+        with torch.no_grad():  # the model's own rotary module, evaluated once for every position
+            pos = torch.arange(max_len, device=param.device)[None]
+            cos, sin = self.hf.rotary_emb(param.new_zeros(1, dtype=param.dtype), position_ids=pos)
+        self.cos, self.sin = cos[0], sin[0]  # [L, head_dim]
+        xattn = dict(zip(self.bridge.at, self.bridge.layers)) if self.bridge is not None else {}
+        # On a CPU every operation costs its dispatch: there, q/k/v and gate/up are fused into one
+        # weight each (a copy, made now: the engine serves the weights it was built with) and the
+        # rotation is folded into the projection. Not on accelerators, whose memory is dearer.
+        fuse = param.device.type == "cpu"
+        self.layers = [
+            _Layer(layer, self.heads, self.kv_heads, self.head_dim, xattn.get(i), fuse)
+            for i, layer in enumerate(self.hf.layers[: cfg.num_hidden_layers])
+        ]
+        self.norm = _rms(self.hf.norm)
+
+    def forward(self, embeds, positions, mask, cache, cross_context=None) -> torch.Tensor:
+        """`positions`: [B, T] tensor, or an int when T is 1 and every row is at that position."""
+        if not self.fast:
+            if isinstance(positions, int):
+                positions = torch.full((embeds.shape[0], 1), positions, device=embeds.device)
+            if self.bridge is not None:
+                self.bridge.context = cross_context
+            try:
+                return self.hf(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+            finally:
+                if self.bridge is not None:
+                    self.bridge.clear_context()
+        b, t, _ = embeds.shape
+        hd, nh = self.head_dim, self.heads
+        if isinstance(positions, int):  # one new token per row, all at this position
+            cos = self.cos[positions : positions + 1, None]  # [1, 1, hd]: broadcast over [B, T, H, hd]
+            sin = self.sin[positions : positions + 1, None]
+        else:
+            cos = self.cos[positions][:, :, None]  # [B, T, 1, hd]
+            sin = self.sin[positions][:, :, None]
+        half = hd // 2
+        gqa = self.kv_heads != nh
+
+        def rope(x):  # [B, T, H, hd]
+            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+        h = embeds
+        for i, L in enumerate(self.layers):
+            if L.xattn is not None and cross_context is not None:
+                h = L.xattn(h, *cross_context)
+            x = L.n1(h)
+            if L.w_qkv is not None:
+                y = F.linear(x, L.w_qkv, L.b_qkv)
+                qk, vs = y[..., : L.qk], y[..., L.qk : L.qk + L.kv]
+                if L.fold:  # rope(x) = x cos + rotate_half(x) sin, rotate_half(x) computed above
+                    qk = qk.view(b, t, -1, hd) * cos + y[..., L.qk + L.kv :].view(b, t, -1, hd) * sin
+                else:
+                    qk = qk.view(b, t, -1, hd)
+            else:
+                qk = torch.cat((L.q(x), L.k(x)), dim=-1).view(b, t, -1, hd)
+                vs = L.v(x)
+            if not L.fold:
+                if L.q_norm is not None:
+                    qk = torch.cat((L.q_norm(qk[:, :, :nh]), L.k_norm(qk[:, :, nh:])), dim=2)
+                qk = rope(qk)
+            qs = qk[:, :, :nh].transpose(1, 2)
+            ks, vs = cache.update(qk[:, :, nh:].transpose(1, 2), vs.view(b, t, -1, hd).transpose(1, 2), i)
+            att = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=L.scale, enable_gqa=gqa)
+            h = L.o(att.transpose(1, 2).reshape(b, t, -1), h)
+            x = L.n2(h)
+            if L.w_gu is not None:
+                gu = F.linear(x, L.w_gu, L.b_gu)
+                h = L.down(L.act(gu[..., : L.inter]) * gu[..., L.inter :], h)
+            else:
+                h = L.down(L.act(L.gate(x)) * L.up(x), h)
+        return self.norm(h)

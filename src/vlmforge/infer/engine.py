@@ -1,0 +1,700 @@
+"""The generation engine under `chat`, `eval` and `serve`: token ids in, token ids (and text) out.
+
+It knows nothing of HTTP. What it does, in the manner of vLLM / SGLang, at toy scale:
+
+* **KV cache in slots.** Every running request owns a slot of a per-layer key/value buffer
+  `[slots, kv_heads, length, head_dim]`; the running requests occupy slots `0..B-1`, so a decode
+  step is one LM forward over `[B, 1]` tokens with a 4-D mask that hides each slot's unused tail.
+  The buffers are handed to the Hugging Face decoder as its `past_key_values` (`SlotCache`), so
+  any HF causal LM that takes a custom cache and a 4-D mask runs unchanged (LoRA included).
+* **Continuous batching.** Requests wait in a bounded queue; between two decode steps the engine
+  admits waiting requests (prefill) and retires finished or cancelled ones, so a short request
+  never waits for a long one.
+* **Image features once per image.** Visual tokens are kept in an LRU keyed by the image's content
+  hash: a repeated image skips the encoder and the connector.
+* **Prefix KV reuse** (SGLang's radix cache, vLLM's automatic prefix caching): after a prefill,
+  the keys and values of the prompt are kept, indexed by chained hashes of 16-token blocks (a
+  block's hash covers its tokens and the content hashes of the images it holds). A later prompt
+  starting with the same blocks (same system prompt, same image, ...) copies them and prefills
+  only the rest; when the image tokens are covered, the encoder is not run at all.
+* **Sampling**: greedy, or temperature / top-k / top-p with a per-request seed; `max_tokens`,
+  end-of-turn tokens and stop strings end a request; text is streamed as it is decoded.
+
+Use it synchronously (`generate`, `run_until_done`) or from a background thread (`start`), as
+the server does; `submit` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import hashlib
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vlmforge.infer.decoder import Decoder
+
+BLOCK = 16  # prefix-cache granularity (tokens)
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt (plus the requested tokens) does not fit the context."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in self.stop if s)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if len(self.stop) > 8:
+            raise ValueError(f"at most 8 stop strings, got {len(self.stop)}")
+
+
+@dataclass
+class ImageInput:
+    """An image and its content hash; `load` is called only when its features are needed."""
+
+    key: str
+    load: Callable
+
+    @classmethod
+    def from_pil(cls, image) -> ImageInput:
+        h = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
+        h.update(image.tobytes())
+        return cls(h.hexdigest(), lambda: image)
+
+
+@dataclass
+class Event:
+    """What a request produced since the last event: new text and token ids; `finish_reason`
+    ("stop", "length", "abort", "error") on the last one."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    images: list[ImageInput]
+    params: SamplingParams
+    on_event: Callable[[Event], None] | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the text emitted so far
+    finish_reason: str | None = None
+    error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self):
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._cancel = False
+        self._pending = ""  # decoded text held back (a possible stop-string start)
+        self._cut = False  # ended by a stop string
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._prefix_offset = self._read_offset = 0
+        self._generator = None
+        if self.params.seed is not None:
+            self._generator = torch.Generator().manual_seed(self.params.seed)
+
+    def cancel(self) -> None:
+        """End the request at the next step; its slot is freed."""
+        self._cancel = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Request:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        return self
+
+    def stream(self, timeout: float | None = None):
+        """Yield events until the request ends (blocking; for threads, not for event loops)."""
+        while True:
+            ev = self._events.get(timeout=timeout)
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted
+
+    def _emit(self, ev: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(ev)
+        else:
+            self._events.put(ev)
+
+
+class SlotCache:
+    """Per-layer key/value buffers `[slots, kv_heads, length, head_dim]`, passed to the HF decoder
+    as `past_key_values`. `prefill(slot, start)` or `decode(positions)` says where the next forward
+    writes; `update` (called by every attention layer) writes and returns what to attend to."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.layers, self.kv_heads, self.head_dim, self.dtype, self.device = layers, kv_heads, head_dim, dtype, device
+        self.slots, self.length = 0, 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._mode: tuple = ()
+
+    def reserve(self, slots: int, length: int, max_length: int | None = None) -> None:
+        """Grow (never shrink) to at least `slots` x `length`, keeping the contents; growth
+        doubles, so that a growing batch or context copies the buffers rarely."""
+        if slots <= self.slots and length <= self.length:
+            return
+        new_s = max(slots, 2 * self.slots) if slots > self.slots else self.slots
+        new_l = max(length, 2 * self.length, BLOCK) if length > self.length else self.length
+        if max_length:
+            new_l = max(min(new_l, max_length), length)
+        shape = (new_s, self.kv_heads, new_l, self.head_dim)
+        for buffers in (self.k, self.v):
+            for i in range(self.layers):
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if i < len(buffers):
+                    fresh[: self.slots, :, : self.length] = buffers[i]
+                    buffers[i] = fresh
+                else:
+                    buffers.append(fresh)
+        self.slots, self.length = new_s, new_l
+
+    def prefill(self, slot: int, start: int) -> None:
+        self._mode = ("prefill", slot, start)
+
+    def decode(self, positions: torch.Tensor | int, width: int) -> None:
+        """Positions [B] of the new token of each slot, or one int when all slots share it."""
+        self._mode = ("decode", positions, width)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self._mode[0] == "prefill":
+            _, s, start = self._mode
+            end = start + key.shape[2]
+            k[s, :, start:end] = key[0]
+            v[s, :, start:end] = value[0]
+            return k[s : s + 1, :, :end], v[s : s + 1, :, :end]
+        _, pos, width = self._mode
+        b = key.shape[0]
+        if isinstance(pos, int):
+            k[:b, :, pos : pos + 1] = key
+            v[:b, :, pos : pos + 1] = value
+        else:
+            rows = torch.arange(b, device=key.device)
+            k[rows, :, pos] = key[:, :, 0]
+            v[rows, :, pos] = value[:, :, 0]
+        return k[:b, :, :width], v[:b, :, :width]
+
+    def read(self, slot: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [k[slot, :, :n].clone() for k in self.k], [v[slot, :, :n].clone() for v in self.v]
+
+    def write(self, slot: int, ks: list[torch.Tensor], vs: list[torch.Tensor], n: int) -> None:
+        for i in range(self.layers):
+            self.k[i][slot, :, :n] = ks[i][:, :n]
+            self.v[i][slot, :, :n] = vs[i][:, :n]
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        for buffers in (self.k, self.v):
+            for b in buffers:
+                b[dst, :, :n] = b[src, :, :n]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # asked for only when no positions are given
+        return 0
+
+
+class LRU(collections.OrderedDict):
+    """An OrderedDict that forgets its least recently used entries beyond `capacity` (by `size`)."""
+
+    def __init__(self, capacity: int, size: Callable = lambda v: 1, on_evict: Callable | None = None):
+        super().__init__()
+        self.capacity, self.size, self.on_evict, self.total = capacity, size, on_evict, 0
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def put(self, key, value) -> None:
+        if key in self:
+            self.total -= self.size(self.pop(key))
+        self[key] = value
+        self.total += self.size(value)
+        while self.total > self.capacity and len(self) > 1:
+            k, v = self.popitem(last=False)
+            self.total -= self.size(v)
+            if self.on_evict:
+                self.on_evict(k, v)
+
+
+def byte_level_table(tok) -> list[bytes] | None:
+    """Each token id's bytes, for byte-level BPE tokenizers (GPT-2, Llama 3, ours) whose decode
+    is exactly the concatenation of those bytes (special tokens skipped); None otherwise. Lets
+    the engine decode one token per step instead of re-decoding a window."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel" or getattr(
+        tok, "clean_up_tokenization_spaces", False
+    ):  # fmt: skip
+        return None
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):  # GPT-2's bytes_to_unicode, inverted
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    special = set(tok.all_special_ids)
+    added = {i: t.content for i, t in tok.added_tokens_decoder.items()}
+    table = []
+    for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
+        if i in special or piece is None:
+            table.append(b"")
+        elif i in added:
+            table.append(added[i].encode())
+        elif all(c in chars for c in piece):
+            table.append(bytes(chars[c] for c in piece))
+        else:
+            return None
+    return table
+
+
+def _logits_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+class Engine:
+    """Batched generation with a slot KV cache, continuous batching, feature and prefix caches.
+
+    Args:
+        model: a `VLM` (eval mode is set).
+        max_batch: requests decoded together (slots).
+        max_queue: requests waiting beyond the running ones; `submit` raises `EngineBusy` past it.
+        max_len: context length (default: the LM's `max_position_embeddings`).
+        feature_cache: images whose visual tokens are kept.
+        prefix_cache_tokens: prompt tokens whose keys/values are kept for reuse (0: off).
+        max_prefills_per_step: new requests admitted between two decode steps.
+        fast: the lean Llama-family forward (`decoder.Decoder`); None: wherever it applies.
+    """
+
+    def __init__(self, model, max_batch: int = 32, max_queue: int = 256, max_len: int | None = None,
+                 feature_cache: int = 256, prefix_cache_tokens: int = 16384, max_prefills_per_step: int = 4,
+                 fast: bool | None = None):  # fmt: skip
+        self.model = model.eval()
+        lm = model.causal_lm
+        cfg = lm.config
+        self.embed_tokens = lm.get_input_embeddings()
+        self.head = lm.get_output_embeddings()
+        self.max_len = max_len or getattr(cfg, "max_position_embeddings", 4096)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        param = next(lm.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.lm_forward = Decoder(model, self.max_len, fast)
+        self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
+        self.max_batch, self.max_queue, self.max_prefills = max_batch, max_queue, max_prefills_per_step
+        self.tok = model.tokenizer
+        self.token_bytes = byte_level_table(self.tok)
+        self.stop_ids = set(model.prompts.stop_ids)
+        self.image_token_id = model.image_token_id
+        self.image_start_id = model.image_start_id
+        self.cross_attention = model.cross_attention
+        self.features = LRU(feature_cache)  # image key -> visual tokens [views * T, D]
+        self.prefix_store = LRU(prefix_cache_tokens, size=lambda e: e[2], on_evict=self._forget_prefix)
+        self.prefix_index: dict[str, tuple[int, int]] = {}  # block-chain hash -> (entry id, tokens)
+        self._entry_ids = itertools.count()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # running[i] holds slot i
+        self.lengths: list[int] = []  # tokens in each slot's cache
+        self.contexts: list[torch.Tensor | None] = []  # cross-attention: visual tokens per slot
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = collections.Counter()
+
+    # ---- submission ---------------------------------------------------------------------------
+    def submit(self, prompt: list[int], images: list | None = None, params: SamplingParams | None = None,
+               on_event: Callable[[Event], None] | None = None) -> Request:  # fmt: skip
+        """Queue a request (thread-safe). Images: `ImageInput`s or PIL images, in prompt order."""
+        params = params or SamplingParams()
+        images = [im if isinstance(im, ImageInput) else ImageInput.from_pil(im) for im in images or []]
+        if not prompt:
+            raise ValueError("empty prompt")
+        n_img = sum(1 for t in prompt if t == self.image_start_id)
+        if n_img != len(images):
+            raise ValueError(f"the prompt has {n_img} image blocks but {len(images)} images were given")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise PromptTooLong(
+                f"the prompt has {len(prompt)} tokens; with max_tokens {params.max_tokens} that exceeds "
+                f"the context of {self.max_len} tokens"
+            )
+        req = Request(list(prompt), images, params, on_event)
+        with self._lock:
+            if self._stopping:
+                raise EngineBusy("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise EngineBusy(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            self.waiting.append(req)
+            self._lock.notify()
+        return req
+
+    def generate(self, prompts: list[list[int]], images: list[list] | None = None,
+                 params: SamplingParams | None = None) -> list[Request]:  # fmt: skip
+        """Submit a batch and wait for all of it (driving the engine here unless it runs in a thread)."""
+        reqs = []
+        for i, p in enumerate(prompts):
+            while True:
+                try:
+                    reqs.append(self.submit(p, images[i] if images else None, params))
+                    break
+                except EngineBusy:
+                    if self._thread is not None:
+                        time.sleep(0.001)
+                    else:
+                        self.step()
+        if self._thread is None:
+            while not all(r.done for r in reqs):
+                self.step()
+        for r in reqs:
+            r.wait()
+        return reqs
+
+    def run_until_done(self) -> None:
+        while self.waiting or self.running:
+            self.step()
+
+    # ---- the background loop ------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="vlmforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self.waiting and not self.running and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self.waiting and not self.running:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug must not leave clients waiting forever
+                for r in list(self.running) + list(self.waiting):
+                    r.error = f"{type(e).__name__}: {e}"
+                    self._finish(r, "error")
+                self.running, self.lengths, self.contexts = [], [], []
+                self.waiting.clear()
+
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Refuse new requests, let the admitted ones finish for up to `drain_seconds`, then end
+        the rest with finish_reason "abort"."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        deadline = time.monotonic() + drain_seconds
+        while (self.waiting or self.running) and time.monotonic() < deadline:
+            if self._thread is None:
+                self.step()
+            else:
+                time.sleep(0.005)
+        for r in list(self.waiting) + list(self.running):
+            r.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        else:
+            self.run_until_done()
+
+    # ---- one step: admit, then decode ---------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._retire_cancelled()
+        admitted = 0
+        while self.waiting and len(self.running) < self.max_batch and admitted < self.max_prefills:
+            with self._lock:
+                req = self.waiting.popleft()
+            if req._cancel:
+                self._finish(req, "abort")
+                continue
+            try:
+                self._prefill(req)
+            except Exception as e:  # e.g. an image that cannot be read: this request fails alone
+                req.error = f"{type(e).__name__}: {e}"
+                if self.running and self.running[-1] is req:
+                    self._release(len(self.running) - 1, "error")
+                self._finish(req, "error")
+            admitted += 1
+        if self.running:
+            self._decode()
+
+    def _retire_cancelled(self) -> None:
+        for i in reversed(range(len(self.running))):
+            if self.running[i]._cancel:
+                self._release(i, "abort")
+
+    def _visual(self, images: list[ImageInput]) -> list[torch.Tensor]:
+        """Visual tokens [views * T, D] per image, from the feature cache or the encoder."""
+        out, todo = [], []
+        for im in images:
+            hit = self.features.get(im.key)
+            out.append(hit)
+            if hit is None:
+                todo.append(len(out) - 1)
+        if todo:
+            proc = self.model.processor
+            pixels = torch.cat([proc.views(images[i].load()) for i in todo]).to(self.device)
+            vis = self.model.image_embeds(pixel_values=pixels)  # [N_views, T, D]
+            per = proc.num_views
+            for j, i in enumerate(todo):
+                tokens = vis[j * per : (j + 1) * per].reshape(-1, vis.shape[-1]).to(self.dtype)
+                self.features.put(images[i].key, tokens)
+                out[i] = tokens
+            self.stats["encoded_images"] += len(todo)
+        self.stats["images"] += len(images)
+        return out
+
+    def _block_hashes(self, req: Request) -> list[str]:
+        """Chained hashes of the prompt's full blocks (the last token is never covered, so that
+        the prefill always computes it)."""
+        image_at = [i for i, t in enumerate(req.prompt) if t == self.image_start_id]
+        # with cross-attention every token sees every image of the request
+        h = hashlib.blake2b(digest_size=16)
+        if self.cross_attention:
+            h.update("".join(im.key for im in req.images).encode())
+        hashes, k = [], 0
+        for b in range((len(req.prompt) - 1) // BLOCK):
+            lo, hi = b * BLOCK, (b + 1) * BLOCK
+            h.update(torch.tensor(req.prompt[lo:hi], dtype=torch.int64).numpy().tobytes())
+            while not self.cross_attention and k < len(image_at) and image_at[k] < hi:
+                h.update(req.images[k].key.encode())
+                k += 1
+            hashes.append(h.copy().hexdigest())
+        return hashes
+
+    def _forget_prefix(self, entry_id, entry) -> None:
+        for hsh in entry[3]:
+            if self.prefix_index.get(hsh, (None,))[0] == entry_id:
+                del self.prefix_index[hsh]
+
+    def _prefill(self, req: Request) -> None:
+        slot, n = len(self.running), len(req.prompt)
+        self.cache.reserve(slot + 1, n + req.params.max_tokens, self.max_len)
+        hashes = self._block_hashes(req) if self.prefix_store.capacity else []
+        start = 0
+        for b in reversed(range(len(hashes))):
+            hit = self.prefix_index.get(hashes[b])
+            if hit is not None and hit[0] in self.prefix_store:
+                ks, vs, _, _ = self.prefix_store.get(hit[0])
+                start = (b + 1) * BLOCK
+                self.cache.write(slot, ks, vs, start)
+                break
+        req.cached_tokens = start
+        self.stats["prompt_tokens"] += n
+        self.stats["cached_tokens"] += start
+        ids = torch.tensor([req.prompt[start:]], device=self.device)
+        embeds = self.embed_tokens(ids)  # [1, n - start, D]
+        context = None
+        if req.images:
+            if self.cross_attention:  # every token attends to every image of the request
+                context = torch.cat(self._visual(req.images))
+            else:  # only the images with placeholders after the cached prefix are encoded
+                mask = ids[0] == self.image_token_id
+                m = int(mask.sum())
+                if m:
+                    per = self.model.sequence_tokens_per_image
+                    vis = torch.cat(self._visual(req.images[len(req.images) - -(-m // per) :]))
+                    embeds[0, mask] = vis[vis.shape[0] - m :]
+        pos = torch.arange(start, n, device=self.device)[None]
+        q = n - start
+        mask = torch.full((1, 1, q, n), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(torch.arange(n, device=self.device)[None] <= pos[0][:, None], 0)
+        self.cache.prefill(slot, start)
+        hidden = self.lm_forward.forward(embeds, pos, mask, self.cache, self._context([context]))
+        logits = self.head(hidden[:, -1]).float()  # [1, V]
+        self.running.append(req)
+        self.lengths.append(n)
+        self.contexts.append(context)
+        if hashes and len(hashes) * BLOCK > start:  # keep this prompt's blocks for later requests
+            ks, vs = self.cache.read(slot, len(hashes) * BLOCK)
+            entry_id = next(self._entry_ids)
+            self.prefix_store.put(entry_id, (ks, vs, len(hashes) * BLOCK, hashes))
+            for b, hsh in enumerate(hashes):
+                self.prefix_index[hsh] = (entry_id, (b + 1) * BLOCK)
+        self._accept(slot, self._sample(logits, [req])[0])
+
+    def _context(self, contexts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cross-attention: the slots' visual tokens, padded, and which are real. [B, W, D], [B, W]"""
+        if not self.cross_attention:
+            return None
+        width = max([c.shape[0] for c in contexts if c is not None] + [1])
+        dim = self.embed_tokens.weight.shape[1]
+        ctx = torch.zeros(len(contexts), width, dim, dtype=self.dtype, device=self.device)
+        valid = torch.zeros(len(contexts), width, dtype=torch.bool, device=self.device)
+        for i, c in enumerate(contexts):
+            if c is not None:
+                ctx[i, : c.shape[0]] = c
+                valid[i, : c.shape[0]] = True
+        return ctx, valid
+
+    def _decode(self) -> None:
+        b = len(self.running)
+        last = torch.tensor([[r.tokens[-1]] for r in self.running], device=self.device)  # [B, 1]
+        top = max(self.lengths)  # where each new token goes: lengths[i]
+        width = top + 1
+        self.cache.reserve(b, width, self.max_len)
+        if min(self.lengths) == top:  # every slot at the same position: nothing to hide, one write
+            mask, positions = None, top
+            self.cache.decode(top, width)
+        else:
+            pos = torch.tensor(self.lengths, device=self.device)
+            mask = torch.where(torch.arange(width, device=self.device)[None] <= pos[:, None], 0.0,
+                               torch.finfo(self.dtype).min).to(self.dtype)[:, None, None, :]  # fmt: skip
+            self.cache.decode(pos, width)
+            positions = pos[:, None]
+        embeds = F.embedding(last, self.embed_tokens.weight)  # [B, 1, D]
+        hidden = self.lm_forward.forward(embeds, positions, mask, self.cache, self._context(self.contexts))
+        logits = F.linear(hidden[:, -1], self.head.weight, self.head.bias).float()  # [B, V]
+        for i in range(b):
+            self.lengths[i] += 1
+        nxt = self._sample(logits, self.running)
+        self.stats["decode_steps"] += 1
+        for i in reversed(range(b)):  # reversed: releasing slot i moves the last slot into it
+            self._accept(i, nxt[i])
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        out = logits.argmax(-1).tolist()
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.temperature > 0:
+                probs = _logits_filter(logits[i], p).softmax(-1)
+                out[i] = int(torch.multinomial(probs, 1, generator=r._generator))
+        return out
+
+    def _accept(self, slot: int, token: int) -> None:
+        req = self.running[slot]
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        p = req.params
+        if token in self.stop_ids and not p.ignore_eos:
+            self._release(slot, "stop")
+            return
+        req.tokens.append(token)
+        self.stats["generated_tokens"] += 1
+        stopped = self._detokenize(req)
+        if stopped:
+            self._release(slot, "stop")
+        elif len(req.tokens) >= p.max_tokens or self.lengths[slot] + 1 >= self.max_len:
+            self._release(slot, "length")
+
+    def _detokenize(self, req: Request) -> bool:
+        """Decode the new token; emit what cannot belong to a stop string; True when a stop
+        string appeared (the text is cut before it)."""
+        toks = req.tokens
+        if self.token_bytes is not None:  # byte-level BPE: each token is a byte string
+            new = req._utf8.decode(self.token_bytes[toks[-1]])
+        else:  # any tokenizer: decode a window of tokens, as TGI does
+            prefix = self.tok.decode(toks[req._prefix_offset : req._read_offset], skip_special_tokens=True)
+            full = self.tok.decode(toks[req._prefix_offset :], skip_special_tokens=True)
+            new = ""
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                new = full[len(prefix) :]
+                req._prefix_offset, req._read_offset = req._read_offset, len(toks)
+        pending = req._pending + new
+        if not req.params.stop:
+            req._pending = ""
+            self._send(req, pending, [toks[-1]])
+            return False
+        for s in req.params.stop:
+            at = pending.find(s)
+            if at >= 0:
+                req._pending, req._cut = "", True
+                self._send(req, pending[:at], [toks[-1]])
+                return True
+        hold = 0
+        for s in req.params.stop:  # the longest tail that could start a stop string
+            for k in range(min(len(s) - 1, len(pending)), 0, -1):
+                if pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        req._pending = pending[len(pending) - hold :] if hold else ""
+        self._send(req, pending[: len(pending) - hold], [toks[-1]])
+        return False
+
+    def _send(self, req: Request, text: str, ids: list[int]) -> None:
+        req.text += text
+        req._emit(Event(text, ids))
+
+    def _release(self, slot: int, reason: str) -> None:
+        req = self.running[slot]
+        last = len(self.running) - 1
+        if slot != last:  # keep running requests in slots 0..B-1
+            self.cache.move(last, slot, self.lengths[last])
+            self.running[slot], self.lengths[slot], self.contexts[slot] = (
+                self.running[last], self.lengths[last], self.contexts[last])  # fmt: skip
+        self.running.pop()
+        self.lengths.pop()
+        self.contexts.pop()
+        self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.done:
+            return
+        tail, req._pending = req._pending, ""
+        if self.token_bytes is not None and not req._cut:
+            tail += req._utf8.decode(b"", final=True)  # an incomplete character, as decode shows it
+        req.text += tail
+        req.finish_reason = reason
+        req.finished_at = time.perf_counter()
+        req._emit(Event(tail, [], reason, req.error))
+        req._done.set()

@@ -1,0 +1,170 @@
+"""The generation engine: KV-cache parity, batching parity, caches, sampling, stops, limits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmforge.infer.engine import Engine, EngineBusy, PromptTooLong, SamplingParams, byte_level_table
+from vlmforge.model.vlm import VLM
+
+COLORS = ["red", "green", "blue", "yellow", "purple"]
+
+
+def image(color, size=(40, 30)):
+    return Image.new("RGB", size, color)
+
+
+@pytest.fixture(scope="module", params=["autoregressive", "cross_attention"])
+def vlm(request, model_cfg):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(model_cfg, architecture=request.param, xattn_every=1)
+    m = VLM.from_backbones(cfg).eval()
+    with torch.no_grad():  # a model whose answers depend on the image and vary token to token
+        for p in m.connector.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return m
+
+
+def prompts(m, questions):
+    return [m.build_prompt(q, 1) for q in questions]
+
+
+QUESTIONS = ["what is it?", "describe the picture in many words please", "color?", "how many shapes are there"]
+
+
+def no_cache_greedy(m, prompt, img, n):
+    """Greedy decoding by re-running the whole sequence every step (no KV cache at all)."""
+    ids = list(prompt)
+    pixels = m.processor.views(img)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(torch.tensor([ids]), pixel_values=pixels).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_kv_cache_output_equals_no_cache_output(vlm, fast):
+    eng = Engine(vlm, fast=fast)
+    assert eng.lm_forward.fast == fast
+    p = prompts(vlm, QUESTIONS[:2])
+    reqs = eng.generate(p, [[image("red")], [image("blue")]], SamplingParams(max_tokens=12, ignore_eos=True))
+    for r, prompt, color in zip(reqs, p, ["red", "blue"]):
+        assert r.tokens == no_cache_greedy(vlm, prompt, image(color), 12)
+        assert r.finish_reason == "length" and len(r.tokens) == 12
+
+
+def test_batched_equals_one_by_one_and_hf_generate(vlm):
+    p = prompts(vlm, QUESTIONS)  # different lengths: slots at different positions
+    imgs = [[image(c)] for c in COLORS[:4]]
+    params = SamplingParams(max_tokens=10)
+    alone = [Engine(vlm, prefix_cache_tokens=0).generate([q], [i], params)[0] for q, i in zip(p, imgs)]
+    batched = Engine(vlm, max_batch=3, max_prefills_per_step=1).generate(p, imgs, params)  # requests join mid-way
+    assert [r.tokens for r in batched] == [r.tokens for r in alone]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    views = [vlm.processor.views(i[0]) for i in imgs]
+    reference = [vlm.generate([q], pixel_values=v, max_new_tokens=10)[0] for q, v in zip(p, views)]
+    assert [r.tokens for r in alone] == reference
+    for r in alone:  # the streamed text is the decoded answer
+        assert r.text == vlm.tokenizer.decode(r.tokens, skip_special_tokens=True)
+
+
+def test_repeated_image_reuses_features_and_prefix(vlm):
+    eng = Engine(vlm)
+    p = prompts(vlm, QUESTIONS[:2])
+    first = eng.generate(p[:1], [[image("red")]], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    encoded = eng.stats["encoded_images"]
+    assert encoded == 1 and first.cached_tokens == 0
+    again = eng.generate(p, [[image("red")], [image("red")]], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert eng.stats["encoded_images"] == encoded  # the encoder did not run again
+    assert again[0].tokens == first.tokens and again[0].cached_tokens >= len(p[0]) - 16
+    if not vlm.cross_attention:  # a different question shares the image's tokens (with cross-attention
+        assert again[1].cached_tokens >= vlm.tokens_per_image  # the image is no tokens of the prompt)
+    cold = Engine(vlm, prefix_cache_tokens=0, feature_cache=1)
+    fresh = cold.generate(p[1:], [[image("red")]], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert again[1].tokens == fresh[0].tokens
+
+
+def test_sampling_seed_top_k_and_stop_strings(vlm):
+    eng = Engine(vlm)
+    p = prompts(vlm, QUESTIONS[:1]) * 2
+    imgs = [[image("green")]] * 2
+    hot = SamplingParams(max_tokens=16, temperature=1.5, seed=7, ignore_eos=True)
+    a, b = eng.generate(p, imgs, hot)
+    assert a.tokens == b.tokens  # same seed, same tokens
+    c = eng.generate(p[:1], imgs[:1], dataclasses.replace(hot, seed=8))[0]
+    greedy = eng.generate(p[:1], imgs[:1], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert c.tokens != a.tokens or a.tokens != greedy.tokens
+    top1 = eng.generate(p[:1], imgs[:1], SamplingParams(max_tokens=16, temperature=1.0, top_k=1, ignore_eos=True))[0]
+    assert top1.tokens == greedy.tokens
+    nucleus = eng.generate(p[:1], imgs[:1], SamplingParams(max_tokens=16, temperature=1.0, top_p=1e-6,
+                                                           ignore_eos=True))[0]  # fmt: skip
+    assert nucleus.tokens == greedy.tokens
+    text = greedy.text
+    assert len(text) > 4
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = eng.generate(p[:1], imgs[:1], SamplingParams(max_tokens=16, stop=(stop,), ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_limits_cancel_and_errors(vlm):
+    eng = Engine(vlm, max_queue=2, max_len=96)
+    p = prompts(vlm, QUESTIONS[:1])[0]
+    with pytest.raises(PromptTooLong, match="exceeds the context of 96"):
+        eng.submit(p, [image("red")], SamplingParams(max_tokens=96))
+    with pytest.raises(ValueError, match="1 image blocks but 0 images"):
+        eng.submit(p, [], SamplingParams(max_tokens=4))
+    r1 = eng.submit(p, [image("red")], SamplingParams(max_tokens=20, ignore_eos=True))
+    eng.submit(p, [image("red")], SamplingParams(max_tokens=4))
+    with pytest.raises(EngineBusy, match="max_queue 2"):
+        eng.submit(p, [image("red")], SamplingParams(max_tokens=4))
+    eng.step()
+    assert len(eng.running) == 2
+    r1.cancel()
+    eng.step()
+    assert r1.finish_reason == "abort" and len(eng.running) <= 1
+    eng.run_until_done()
+    assert not eng.running and not eng.waiting
+    # an image that cannot be read fails its own request only
+    from vlmforge.infer.engine import ImageInput
+
+    def broken():
+        raise OSError("truncated file")
+
+    bad = eng.submit(p, [ImageInput("x", broken)], SamplingParams(max_tokens=4))
+    good = eng.submit(p, [image("blue")], SamplingParams(max_tokens=4))
+    eng.run_until_done()
+    assert bad.finish_reason == "error" and "truncated file" in bad.error
+    assert good.finish_reason in ("stop", "length")
+
+
+def test_background_thread_and_byte_level_decoding(vlm):
+    eng = Engine(vlm).start()
+    try:
+        p = prompts(vlm, QUESTIONS)
+        reqs = [eng.submit(q, [image(c)], SamplingParams(max_tokens=6)) for q, c in zip(p, COLORS)]
+        events = list(reqs[0].stream(timeout=60))
+        assert events[-1].finish_reason in ("stop", "length")
+        assert "".join(e.text for e in events) == reqs[0].text
+        for r in reqs:
+            r.wait(60)
+    finally:
+        eng.stop(drain_seconds=5)
+    tok = vlm.tokenizer
+    table = byte_level_table(tok)
+    assert table is not None
+    import codecs
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 20))]
+        d = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = "".join(d.decode(table[i]) for i in ids) + d.decode(b"", final=True)
+        assert text == tok.decode(ids, skip_special_tokens=True)
