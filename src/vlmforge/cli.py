@@ -373,12 +373,54 @@ def ablate(
     print((Path(out) / "results.md").read_text())
 
 
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    name: str | None = None,
+    allow_remote_images: bool = False,
+    max_image_bytes: int = 20_000_000,
+    max_image_pixels: int = 40_000_000,
+    max_images: int = 8,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    drain_seconds: float = 10.0,
+) -> None:
+    """Serve a model with the OpenAI chat-completions API (/v1/chat/completions, /v1/models, /health).
+
+    Args:
+        model: vlmforge model folder.
+        host: address to bind (127.0.0.1: this machine only).
+        port: TCP port.
+        api_key: require `Authorization: Bearer KEY` (default: $VLMFORGE_API_KEY, else no key).
+        name: model id clients send (default: the folder's name).
+        allow_remote_images: fetch http(s) image URLs (public addresses only); file:// is always refused.
+        max_image_bytes: bytes of one image.
+        max_image_pixels: width x height of one image.
+        max_images: images in one request.
+        max_batch: requests decoded together.
+        max_queue: requests waiting; beyond, 503.
+        drain_seconds: on shutdown, how long running requests may finish before they are ended.
+    """
+    import os
+
+    from vlmforge.infer.server import ServeLimits
+    from vlmforge.infer.server import serve as run
+
+    limits = ServeLimits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
+                         allow_remote_images=allow_remote_images)  # fmt: skip
+    key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
+    run(model, host, port, key, name, limits, max_batch, max_queue, drain_seconds)
+
+
 COMMANDS = {
     "data": {"synth": data_synth},
     "pretrain": pretrain,
     "train": train,
     "eval": eval,
     "chat": chat,
+    "serve": serve,
     "demo": demo,
     "ablate": ablate,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},

@@ -45,14 +45,12 @@ class LocalGenerator:
         return {"model": self.source, "decoding": "greedy", "max_new_tokens": self.max_new_tokens}
 
     def __call__(self, samples: list[Sample], images: list[list]) -> list[str]:
-        import torch
+        from vlmforge.infer.engine import SamplingParams
 
         m = self.model
-        flat = [im for ims in images for im in ims]
-        pixels = torch.cat([m.processor.views(im) for im in flat]) if flat else None
         prompts = [m.build_prompt(s.prompt, len(ims)) for s, ims in zip(samples, images)]
-        outs = m.generate(prompts, pixel_values=pixels, max_new_tokens=self.max_new_tokens)
-        return [m.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+        reqs = m.engine().generate(prompts, images, SamplingParams(max_tokens=self.max_new_tokens))
+        return [r.text.strip() for r in reqs]
 
 
 class EndpointError(RuntimeError):

@@ -13,12 +13,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from vlmforge.data.formats import load_records
 from vlmforge.data.images import ImageError, load_image
 from vlmforge.eval.metrics import exact_match, normalize_answer
+from vlmforge.infer.engine import SamplingParams
 from vlmforge.io import atomic_write_text
 
 _TYPES = [
@@ -54,13 +54,11 @@ def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = 
             items.append((r, images, question, reference))
         if not items:
             continue
-        pixels = [model.processor.views(im) for _, ims, _, _ in items for im in ims]
         prompts = [model.prompts.encode_prompt([{"role": "user", "content": q}]) for _, _, q, _ in items]
-        outs = model.generate(
-            prompts, pixel_values=torch.cat(pixels) if pixels else None, max_new_tokens=max_new_tokens
-        )
-        for (r, _, q, ref), o in zip(items, outs):
-            pred = model.tokenizer.decode(o, skip_special_tokens=True).strip()
+        params = SamplingParams(max_tokens=max_new_tokens)
+        reqs = model.engine().generate(prompts, [ims for _, ims, _, _ in items], params)
+        for (r, _, q, ref), o in zip(items, reqs):
+            pred = o.text.strip()
             rows.append({
                 "id": r.id, "type": question_type(q), "question": q.replace("<image>", "").strip(),
                 "answer": ref, "prediction": pred, "correct": exact_match(pred, ref),
@@ -76,7 +74,7 @@ def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = 
         "image_errors": errors,
         "seconds": round(time.time() - t0, 2),
         "normalization": "vqa (lowercase, punctuation, articles, number words)",
-        "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
+        "decoding": {"greedy": True, "max_new_tokens": max_new_tokens, "engine": "vlmforge"},
         "rows": rows,
     }
 

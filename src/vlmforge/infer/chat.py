@@ -8,25 +8,40 @@ from __future__ import annotations
 import sys
 
 from vlmforge.data.images import load_image
+from vlmforge.infer.engine import SamplingParams
 
 
 def chat(model, image: str | None, question: str | None = None, max_new_tokens: int = 64) -> list[str]:
-    pixels = model.processor.views(load_image(image)) if image else None
+    """Answers are printed as they are generated (the engine streams them); each turn reuses
+    the keys and values of the conversation so far (the engine's prefix cache)."""
+    picture = load_image(image) if image else None
     history: list[dict] = []
     answers = []
+    engine = model.engine()
 
     def ask(q: str) -> str:
-        content = ("<image>\n" + q) if (pixels is not None and not history) else q
+        content = ("<image>\n" + q) if (picture is not None and not history) else q
         msgs = history + [{"role": "user", "content": content}]
         ids = model.prompts.encode_prompt(msgs)
-        out = model.generate([ids], pixel_values=pixels, max_new_tokens=max_new_tokens)[0]
-        ans = model.tokenizer.decode(out, skip_special_tokens=True).strip()
+        shown = []
+
+        def show(ev):
+            text = ev.text if shown else ev.text.lstrip()
+            if text:
+                print(text, end="", flush=True)
+                shown.append(text)
+
+        images = [picture] if picture is not None else []
+        req = engine.submit(ids, images, SamplingParams(max_tokens=max_new_tokens), on_event=show)
+        while not req.done:
+            engine.step()
+        print(flush=True)
+        ans = req.text.strip()
         history.extend([{"role": "user", "content": content}, {"role": "assistant", "content": ans}])
         return ans
 
     if question:
         answers.append(ask(question))
-        print(answers[-1])
         return answers
     interactive = sys.stdin.isatty()
     while True:
@@ -37,5 +52,4 @@ def chat(model, image: str | None, question: str | None = None, max_new_tokens: 
             break
         if line.strip():
             answers.append(ask(line.strip()))
-            print(answers[-1], flush=True)
     return answers

@@ -109,6 +109,21 @@ class VLM(nn.Module):
         self.image_start_id = tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
+        self._engine = None
+
+    def train(self, mode: bool = True) -> VLM:
+        self._engine = None  # weights may change: the next generation builds a new engine
+        return super().train(mode)
+
+    def engine(self):
+        """The generation engine of this model (`infer.engine.Engine`), made on first use and kept
+        until the model is put back in training mode. Chat, eval and `answer` use it."""
+        from vlmforge.infer.engine import Engine
+
+        if self._engine is None:
+            engine = Engine(self)
+            self._engine = engine
+        return self._engine
 
     # ---- construction and persistence -------------------------------------------------------
     @classmethod
@@ -285,8 +300,9 @@ class VLM(nn.Module):
         image_features: torch.Tensor | None = None,
         max_new_tokens: int = 32,
     ) -> list[list[int]]:
-        """Greedy decoding of a batch of token-id prompts (left-padded); returns the new ids,
-        stopping at the end-of-turn tokens."""
+        """Greedy decoding of a batch of token-id prompts (left-padded) with transformers'
+        `generate`; returns the new ids, stopping at the end-of-turn tokens. The reference the
+        engine (`engine()`) is tested and benchmarked against."""
         device = next(self.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -312,8 +328,10 @@ class VLM(nn.Module):
         return results
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
-        """Answer one question per PIL image (batched greedy decoding)."""
-        pixels = torch.cat([self.processor.views(im) for im in images]) if images else None
+        """Answer one question per PIL image (greedy, batched by the engine)."""
+        from vlmforge.infer.engine import SamplingParams
+
         prompts = [self.build_prompt(q, 1 if images else 0) for q in questions]
-        outs = self.generate(prompts, pixel_values=pixels, max_new_tokens=max_new_tokens)
-        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+        reqs = self.engine().generate(prompts, [[im] for im in images] if images else None,
+                                      SamplingParams(max_tokens=max_new_tokens))  # fmt: skip
+        return [r.text.strip() for r in reqs]

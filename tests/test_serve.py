@@ -1,0 +1,211 @@
+"""`vlmforge serve`: the OpenAI API on a live server (real sockets), with the `openai` client."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmforge.infer.engine import Engine, SamplingParams
+from vlmforge.infer.server import ServeLimits, Server, graceful
+from vlmforge.model.vlm import VLM
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def png(color, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(raw: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def user(text, *images):
+    return [{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in images),
+                                         {"type": "text", "text": text}]}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def live(model_cfg):
+    import uvicorn
+
+    torch.manual_seed(0)
+    model = VLM.from_backbones(model_cfg).eval()
+    with torch.no_grad():
+        for p in model.connector.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    engine = Engine(model, max_batch=8, max_queue=64, max_len=1024)
+    limits = ServeLimits(max_image_bytes=20_000, max_image_pixels=300 * 300, max_images=2)
+    srv = Server(engine, "tiny", limits, drain_seconds=2)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = graceful(uvicorn.Config(srv.app(), log_level="warning"), srv)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield srv, port
+    server.should_exit = True
+    thread.join(10)
+
+
+def expected(srv, text, color, max_tokens=8):
+    """The answer of the engine itself (greedy), no HTTP."""
+    m = srv.model
+    prompt = m.prompts.encode_prompt(
+        [{"role": "user", "content": "<image>" + "\n" + text}]
+    )  # what the server renders for [image, text]
+    eng = Engine(m)
+    return eng.generate([prompt], [[Image.open(io.BytesIO(png(color))).convert("RGB")]],
+                        SamplingParams(max_tokens=max_tokens))[0].text  # fmt: skip
+
+
+def post(port, body, headers=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=raw if raw is not None else json.dumps(body),
+                 headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, json.loads(data) if data else None
+
+
+def test_openai_client_chat_with_an_image_and_streaming(live):
+    from openai import OpenAI
+
+    srv, port = live
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    msgs = user("what color is it?", data_url(png("red")))
+    out = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    ref = expected(srv, "what color is it?", "red")
+    assert out.choices[0].message.content == ref and out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens >= 1 and out.usage.prompt_tokens > srv.model.tokens_per_image
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    # a repeated image: its prefix comes from the cache
+    again = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == ref
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_every_limit_is_an_openai_error_with_its_status(live):
+    srv, port = live
+    ok = user("hi", data_url(png("red")))
+    big = png("red", (400, 400))  # more pixels than allowed, few bytes
+    noisy = io.BytesIO()
+    Image.frombytes("RGB", (120, 120), torch.randint(0, 256, (120 * 120 * 3,), dtype=torch.uint8,
+                                                      generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+                    ).save(noisy, format="PNG")  # fmt: skip
+    cases = [
+        (None, b"{not json", 400, "malformed JSON"),
+        ({"model": "tiny"}, None, 400, "missing `messages`"),
+        ({"messages": ok}, None, 400, "missing `model`"),
+        ({"model": "nope", "messages": ok}, None, 404, "does not exist"),
+        ({"model": "tiny", "messages": user("x", "data:image/png;base64,@@@@")}, None, 400, "invalid base64"),
+        ({"model": "tiny", "messages": user("x", data_url(b"not an image at all"))}, None, 400, "cannot decode image"),
+        ({"model": "tiny", "messages": user("x", data_url(big))}, None, 400, "image too large"),
+        ({"model": "tiny", "messages": user("x", data_url(noisy.getvalue()))}, None, 413, "larger than 20000 bytes"),
+        ({"model": "tiny", "messages": user("x", *[data_url(png(c)) for c in COLORS[:3]])}, None, 400,
+         "at most 2"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 2000}]}, None, 400,
+         "exceeds the context"),
+        ({"model": "tiny", "messages": user("x", "http://example.com/a.png")}, None, 400,
+         "remote image URLs are refused"),
+        ({"model": "tiny", "messages": user("x", "file:///etc/passwd")}, None, 400, "file:// image URLs are refused"),
+        ({"model": "tiny", "messages": ok, "temperature": 7}, None, 400, "`temperature` must be between"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, None, 400, "needs a `role`"),
+    ]  # fmt: skip
+    assert len(noisy.getvalue()) > 20_000
+    for body, raw, status, message in cases:
+        code, err = post(port, body, raw=raw)
+        assert code == status, (message, err)
+        assert set(err["error"]) == {"message", "type", "param", "code"} and message in err["error"]["message"]
+    code, err = post(port, {"model": "tiny", "messages": [{"role": "user", "content": "word " * 2000}]})
+    assert err["error"]["code"] == "context_length_exceeded"
+    # remote URLs, when allowed, only to public addresses
+    srv.limits.allow_remote_images = True
+    try:
+        code, err = post(port, {"model": "tiny", "messages": user("x", f"http://127.0.0.1:{port}/health")})
+        assert code == 400 and "non-public address" in err["error"]["message"]
+    finally:
+        srv.limits.allow_remote_images = False
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/v2/nothing")
+    resp = conn.getresponse()
+    assert resp.status == 404 and "error" in json.loads(resp.read())
+    assert srv.engine.running == [] or len(srv.engine.running) <= 8  # nothing leaked into the engine
+
+
+def test_api_key_is_required_when_set(live):
+    srv, port = live
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    srv.api_key = "sesame"
+    try:
+        code, err = post(port, body)
+        assert code == 401 and err["error"]["code"] == "invalid_api_key"
+        assert post(port, body, {"Authorization": "Bearer wrong"})[0] == 401
+        assert post(port, body, {"Authorization": "Bearer sesame"})[0] == 200
+    finally:
+        srv.api_key = None
+
+
+def test_32_concurrent_requests_are_all_answered_correctly(live):
+    srv, port = live
+    jobs = [(f"what is shape {i}?", COLORS[i % len(COLORS)]) for i in range(32)]
+    refs = {j: expected(srv, *j) for j in set(jobs)}
+
+    def ask(job):
+        text, color = job
+        code, out = post(port, {"model": "tiny", "messages": user(text, data_url(png(color))), "max_tokens": 8,
+                                "temperature": 0})  # fmt: skip
+        assert code == 200, out
+        return out["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert answers == [refs[j] for j in jobs]
+
+
+def test_a_request_cancelled_mid_stream_frees_its_slot(live):
+    srv, port = live
+    body = {"model": "tiny", "messages": user("tell me everything", data_url(png("blue"))), "max_tokens": 800,
+            "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")  # the stream has begun
+    deadline = time.time() + 20
+    while not srv.engine.running and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(srv.engine.running) == 1
+    handle = srv.engine.running[0]
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    while srv.engine.running and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.engine.running == [] and handle.finish_reason == "abort" and len(handle.tokens) < 800
