@@ -200,8 +200,9 @@ class SlotCache:
                     buffers.append(fresh)
         self.slots, self.length = new_s, new_l
 
-    def prefill(self, slot: int, start: int) -> None:
-        self._mode = ("prefill", slot, start)
+    def prefill(self, slot: int, starts: list[int], lengths: list[int]) -> None:
+        """Rows i of the next forward go to slot `slot + i`, positions `starts[i]` on, `lengths[i]` real tokens."""
+        self._mode = ("prefill", slot, starts, lengths)
 
     def decode(self, positions: torch.Tensor | int, width: int) -> None:
         """Positions [B] of the new token of each slot, or one int when all slots share it."""
@@ -210,11 +211,12 @@ class SlotCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         k, v = self.k[layer_idx], self.v[layer_idx]
         if self._mode[0] == "prefill":
-            _, s, start = self._mode
-            end = start + key.shape[2]
-            k[s, :, start:end] = key[0]
-            v[s, :, start:end] = value[0]
-            return k[s : s + 1, :, :end], v[s : s + 1, :, :end]
+            _, s, starts, lengths = self._mode
+            for i, (a, n) in enumerate(zip(starts, lengths)):
+                k[s + i, :, a : a + n] = key[i, :, :n]
+                v[s + i, :, a : a + n] = value[i, :, :n]
+            end = max(a + n for a, n in zip(starts, lengths))
+            return k[s : s + len(starts), :, :end], v[s : s + len(starts), :, :end]
         _, pos, width = self._mode
         b = key.shape[0]
         if isinstance(pos, int):
@@ -323,12 +325,14 @@ class Engine:
         max_len: context length (default: the LM's `max_position_embeddings`).
         feature_cache: images whose visual tokens are kept.
         prefix_cache_tokens: prompt tokens whose keys/values are kept for reuse (0: off).
-        max_prefills_per_step: new requests admitted between two decode steps.
+        max_prefills_per_step: new requests admitted (prefilled together) between two decode steps.
+        prefill_tokens: prompt tokens prefilled together at most (one request always goes).
         fast: the lean Llama-family forward (`decoder.Decoder`); None: wherever it applies.
     """
 
     def __init__(self, model, max_batch: int = 32, max_queue: int = 256, max_len: int | None = None,
-                 feature_cache: int = 256, prefix_cache_tokens: int = 16384, max_prefills_per_step: int = 4,
+                 feature_cache: int = 256, prefix_cache_tokens: int = 16384, max_prefills_per_step: int = 16,
+                 prefill_tokens: int = 8192,
                  fast: bool | None = None):  # fmt: skip
         self.model = model.eval()
         lm = model.causal_lm
@@ -344,6 +348,7 @@ class Engine:
         self.lm_forward = Decoder(model, self.max_len, fast)
         self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
         self.max_batch, self.max_queue, self.max_prefills = max_batch, max_queue, max_prefills_per_step
+        self.prefill_tokens = prefill_tokens
         self.tok = model.tokenizer
         self.token_bytes = byte_level_table(self.tok)
         self.stop_ids = set(model.prompts.stop_ids)
@@ -460,21 +465,27 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         self._retire_cancelled()
-        admitted = 0
-        while self.waiting and len(self.running) < self.max_batch and admitted < self.max_prefills:
+        batch, tokens = [], 0
+        while self.waiting and len(self.running) + len(batch) < self.max_batch and len(batch) < self.max_prefills:
             with self._lock:
-                req = self.waiting.popleft()
+                req = self.waiting[0]
+                if batch and tokens + len(req.prompt) > self.prefill_tokens:
+                    break
+                self.waiting.popleft()
             if req._cancel:
                 self._finish(req, "abort")
                 continue
+            batch.append(req)
+            tokens += len(req.prompt)
+        if batch:
             try:
-                self._prefill(req)
-            except Exception as e:  # e.g. an image that cannot be read: this request fails alone
-                req.error = f"{type(e).__name__}: {e}"
-                if self.running and self.running[-1] is req:
-                    self._release(len(self.running) - 1, "error")
-                self._finish(req, "error")
-            admitted += 1
+                self._prefill_batch(batch)
+            except Exception as e:  # a failure of the batch's forward: its requests fail, others go on
+                for req in batch:
+                    if req in self.running:
+                        self._release(self.running.index(req), "error")
+                    req.error = req.error or f"{type(e).__name__}: {e}"
+                    self._finish(req, "error")
         if self.running:
             self._decode()
 
@@ -483,25 +494,20 @@ class Engine:
             if self.running[i]._cancel:
                 self._release(i, "abort")
 
-    def _visual(self, images: list[ImageInput]) -> list[torch.Tensor]:
-        """Visual tokens [views * T, D] per image, from the feature cache or the encoder."""
-        out, todo = [], []
-        for im in images:
-            hit = self.features.get(im.key)
-            out.append(hit)
-            if hit is None:
-                todo.append(len(out) - 1)
-        if todo:
-            proc = self.model.processor
-            pixels = torch.cat([proc.views(images[i].load()) for i in todo]).to(self.device)
-            vis = self.model.image_embeds(pixel_values=pixels)  # [N_views, T, D]
-            per = proc.num_views
-            for j, i in enumerate(todo):
-                tokens = vis[j * per : (j + 1) * per].reshape(-1, vis.shape[-1]).to(self.dtype)
-                self.features.put(images[i].key, tokens)
-                out[i] = tokens
-            self.stats["encoded_images"] += len(todo)
-        self.stats["images"] += len(images)
+    def _encode(self, images: dict[str, object]) -> dict[str, torch.Tensor]:
+        """Visual tokens [views * T, D] of decoded images {key: PIL image}, in one encoder batch;
+        kept in the feature cache."""
+        if not images:
+            return {}
+        proc = self.model.processor
+        pixels = torch.cat([proc.views(im) for im in images.values()]).to(self.device)
+        vis = self.model.image_embeds(pixel_values=pixels)  # [N_views, T, D]
+        per = proc.num_views
+        out = {}
+        for j, key in enumerate(images):
+            out[key] = vis[j * per : (j + 1) * per].reshape(-1, vis.shape[-1]).to(self.dtype)
+            self.features.put(key, out[key])
+        self.stats["encoded_images"] += len(images)
         return out
 
     def _block_hashes(self, req: Request) -> list[str]:
@@ -527,51 +533,99 @@ class Engine:
             if self.prefix_index.get(hsh, (None,))[0] == entry_id:
                 del self.prefix_index[hsh]
 
-    def _prefill(self, req: Request) -> None:
-        slot, n = len(self.running), len(req.prompt)
-        self.cache.reserve(slot + 1, n + req.params.max_tokens, self.max_len)
+    def _lookup_prefix(self, req: Request, slot: int) -> tuple[int, list[str]]:
+        """Copy the longest cached prefix of `req` into `slot`; returns its length and the
+        prompt's block hashes."""
         hashes = self._block_hashes(req) if self.prefix_store.capacity else []
-        start = 0
         for b in reversed(range(len(hashes))):
             hit = self.prefix_index.get(hashes[b])
             if hit is not None and hit[0] in self.prefix_store:
                 ks, vs, _, _ = self.prefix_store.get(hit[0])
-                start = (b + 1) * BLOCK
-                self.cache.write(slot, ks, vs, start)
-                break
-        req.cached_tokens = start
-        self.stats["prompt_tokens"] += n
-        self.stats["cached_tokens"] += start
-        ids = torch.tensor([req.prompt[start:]], device=self.device)
-        embeds = self.embed_tokens(ids)  # [1, n - start, D]
-        context = None
-        if req.images:
-            if self.cross_attention:  # every token attends to every image of the request
-                context = torch.cat(self._visual(req.images))
-            else:  # only the images with placeholders after the cached prefix are encoded
-                mask = ids[0] == self.image_token_id
-                m = int(mask.sum())
-                if m:
-                    per = self.model.sequence_tokens_per_image
-                    vis = torch.cat(self._visual(req.images[len(req.images) - -(-m // per) :]))
-                    embeds[0, mask] = vis[vis.shape[0] - m :]
-        pos = torch.arange(start, n, device=self.device)[None]
-        q = n - start
-        mask = torch.full((1, 1, q, n), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(torch.arange(n, device=self.device)[None] <= pos[0][:, None], 0)
-        self.cache.prefill(slot, start)
-        hidden = self.lm_forward.forward(embeds, pos, mask, self.cache, self._context([context]))
-        logits = self.head(hidden[:, -1]).float()  # [1, V]
-        self.running.append(req)
-        self.lengths.append(n)
-        self.contexts.append(context)
-        if hashes and len(hashes) * BLOCK > start:  # keep this prompt's blocks for later requests
-            ks, vs = self.cache.read(slot, len(hashes) * BLOCK)
-            entry_id = next(self._entry_ids)
-            self.prefix_store.put(entry_id, (ks, vs, len(hashes) * BLOCK, hashes))
-            for b, hsh in enumerate(hashes):
-                self.prefix_index[hsh] = (entry_id, (b + 1) * BLOCK)
-        self._accept(slot, self._sample(logits, [req])[0])
+                self.cache.write(slot, ks, vs, (b + 1) * BLOCK)
+                return (b + 1) * BLOCK, hashes
+        return 0, hashes
+
+    def _needed_images(self, req: Request, start: int) -> list[ImageInput]:
+        if self.cross_attention:  # every token attends to every image of the request
+            return req.images
+        m = sum(1 for t in req.prompt[start:] if t == self.image_token_id)  # placeholders not cached
+        per = self.model.sequence_tokens_per_image
+        return req.images[len(req.images) - -(-m // per) :] if m else []
+
+    def _prefill_batch(self, reqs: list[Request]) -> None:
+        """Admit `reqs`: reuse cached prefixes, encode their new images in one batch, run the rest
+        of every prompt through the LM in one padded forward, and sample each first token."""
+        base = len(self.running)
+        self.cache.reserve(base + len(reqs), max(len(r.prompt) + r.params.max_tokens for r in reqs), self.max_len)
+        starts, hashes, needed, decoded, have = [], [], [], {}, {}
+        for req in list(reqs):  # images are decoded first: a bad one fails its request alone
+            start, h = self._lookup_prefix(req, base + len(starts))
+            need = self._needed_images(req, start)
+            try:
+                for im in need:
+                    if im.key in decoded or im.key in have:
+                        continue
+                    hit = self.features.get(im.key)
+                    if hit is not None:
+                        have[im.key] = hit
+                    else:
+                        decoded[im.key] = im.load()
+            except Exception as e:
+                req.error = f"{type(e).__name__}: {e}"
+                self._finish(req, "error")
+                reqs.remove(req)
+                continue
+            starts.append(start)
+            hashes.append(h)
+            needed.append(need)
+        if not reqs:
+            return
+        self.stats["images"] += sum(len(r.images) for r in reqs)
+        have.update(self._encode(decoded))  # visual tokens of every image this batch needs
+        n = [len(r.prompt) for r in reqs]
+        q = [a - b for a, b in zip(n, starts)]
+        width, length = max(q), max(n)
+        pad = 0
+        ids = torch.tensor([r.prompt[s:] + [pad] * (width - len(r.prompt) + s) for r, s in zip(reqs, starts)],
+                           device=self.device)  # fmt: skip
+        embeds = F.embedding(ids, self.embed_tokens.weight)  # [N, W, D]
+        contexts = []
+        for i, need in enumerate(needed):
+            vis = [have[im.key] for im in need]
+            if self.cross_attention:
+                contexts.append(torch.cat(vis) if vis else None)
+            elif vis:
+                mask = ids[i, : q[i]] == self.image_token_id
+                flat = torch.cat(vis)
+                embeds[i, : q[i]][mask] = flat[flat.shape[0] - int(mask.sum()) :]
+        start_t = torch.tensor(starts, device=self.device)[:, None]
+        pos = (start_t + torch.arange(width, device=self.device)[None]).clamp(max=self.max_len - 1)  # [N, W]
+        keys = torch.arange(length, device=self.device)[None, None]  # [1, 1, L]
+        n_t = torch.tensor(n, device=self.device)[:, None, None]
+        allowed = (keys <= pos[:, :, None]) & (keys < n_t)  # [N, W, L]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)[:, None]  # fmt: skip
+        self.cache.prefill(base, starts, q)
+        hidden = self.lm_forward.forward(embeds, pos, mask, self.cache, self._context(contexts) if contexts else None)
+        last = hidden[torch.arange(len(reqs)), torch.tensor(q) - 1]  # [N, D]
+        logits = F.linear(last, self.head.weight, self.head.bias).float()  # [N, V]
+        for i, req in enumerate(reqs):
+            req.cached_tokens = starts[i]
+            self.running.append(req)
+            self.lengths.append(n[i])
+            self.contexts.append(contexts[i] if contexts else None)
+            self.stats["prompt_tokens"] += n[i]
+            self.stats["cached_tokens"] += starts[i]
+            h = hashes[i]
+            if h and len(h) * BLOCK > starts[i]:  # keep this prompt's blocks for later requests
+                ks, vs = self.cache.read(base + i, len(h) * BLOCK)
+                entry_id = next(self._entry_ids)
+                self.prefix_store.put(entry_id, (ks, vs, len(h) * BLOCK, h))
+                for b, hsh in enumerate(h):
+                    self.prefix_index[hsh] = (entry_id, (b + 1) * BLOCK)
+        tokens = self._sample(logits, reqs)
+        for i in reversed(range(len(reqs))):  # reversed: releasing a slot moves the last one into it
+            self._accept(base + i, tokens[i])
 
     def _context(self, contexts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Cross-attention: the slots' visual tokens, padded, and which are real. [B, W, D], [B, W]"""

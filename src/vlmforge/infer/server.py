@@ -409,7 +409,7 @@ class Server:
             yield chunk({"role": "assistant", "content": ""})
             while True:
                 ev = await events.get()
-                if ev.text:
+                if ev.text or ev.token_ids:  # one chunk per token (its text may be held back or empty)
                     yield chunk({"content": ev.text})
                 if ev.finish_reason is not None:
                     if ev.finish_reason == "error":
