@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Up to this many rows (batch x new tokens) a forward folds the rotation into the projection:
+# below it, operations cost more than the extra matmul columns; above, the other way round.
+FOLD_ROWS = 4
 FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
 
@@ -178,17 +181,20 @@ class Decoder:
             if L.xattn is not None and cross_context is not None:
                 h = L.xattn(h, *cross_context)
             x = L.n1(h)
+            fold = L.fold and b * t <= FOLD_ROWS
             if L.w_qkv is not None:
-                y = F.linear(x, L.w_qkv, L.b_qkv)
-                qk, vs = y[..., : L.qk], y[..., L.qk : L.qk + L.kv]
-                if L.fold:  # rope(x) = x cos + rotate_half(x) sin, rotate_half(x) computed above
-                    qk = qk.view(b, t, -1, hd) * cos + y[..., L.qk + L.kv :].view(b, t, -1, hd) * sin
-                else:
-                    qk = qk.view(b, t, -1, hd)
+                if fold:  # the rotated rows too: rope(x) = x cos + rotate_half(x) sin in three operations
+                    y = F.linear(x, L.w_qkv, L.b_qkv)
+                    qk = y[..., : L.qk].view(b, t, -1, hd) * cos + y[..., L.qk + L.kv :].view(b, t, -1, hd) * sin
+                else:  # many rows: the matmul dominates, so only [q k v] (a prefix of the fused weight)
+                    n = L.qk + L.kv
+                    y = F.linear(x, L.w_qkv[:n], None if L.b_qkv is None else L.b_qkv[:n])
+                    qk = y[..., : L.qk].view(b, t, -1, hd)
+                vs = y[..., L.qk : L.qk + L.kv]
             else:
                 qk = torch.cat((L.q(x), L.k(x)), dim=-1).view(b, t, -1, hd)
                 vs = L.v(x)
-            if not L.fold:
+            if not fold:
                 if L.q_norm is not None:
                     qk = torch.cat((L.q_norm(qk[:, :, :nh]), L.k_norm(qk[:, :, nh:])), dim=2)
                 qk = rope(qk)

@@ -179,6 +179,7 @@ class SlotCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._mode: tuple = ()
+        self._flat = None  # (positions, flat row indices) of the current decode step
 
     def reserve(self, slots: int, length: int, max_length: int | None = None) -> None:
         """Grow (never shrink) to at least `slots` x `length`, keeping the contents; growth
@@ -222,10 +223,15 @@ class SlotCache:
         if isinstance(pos, int):
             k[:b, :, pos : pos + 1] = key
             v[:b, :, pos : pos + 1] = value
-        else:
-            rows = torch.arange(b, device=key.device)
-            k[rows, :, pos] = key[:, :, 0]
-            v[rows, :, pos] = value[:, :, 0]
+        else:  # one row of [slots * heads * length, head_dim] per (slot, head): one index_copy_
+            if self._flat is None or self._flat[0] is not pos:
+                heads = torch.arange(self.kv_heads, device=key.device)[None]
+                slots = torch.arange(b, device=key.device)[:, None]
+                rows = (slots * self.kv_heads + heads) * self.length + pos[:, None]
+                self._flat = (pos, rows.reshape(-1))
+            idx = self._flat[1]
+            k.view(-1, self.head_dim).index_copy_(0, idx, key.reshape(-1, self.head_dim))
+            v.view(-1, self.head_dim).index_copy_(0, idx, value.reshape(-1, self.head_dim))
         return k[:b, :, :width], v[:b, :, :width]
 
     def read(self, slot: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
