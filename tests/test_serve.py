@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmforge.infer.engine import Engine, SamplingParams
-from vlmforge.infer.server import ServeLimits, Server, graceful
+from vlmforge.infer.server import ServeLimits, Server, graceful, listen
 from vlmforge.model.vlm import VLM
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -49,8 +49,7 @@ def live(model_cfg):
     engine = Engine(model, max_batch=8, max_queue=64, max_len=1024)
     limits = ServeLimits(max_image_bytes=20_000, max_image_pixels=300 * 300, max_images=2)
     srv = Server(engine, "tiny", limits, drain_seconds=2)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = graceful(uvicorn.Config(srv.app(), log_level="warning"), srv)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

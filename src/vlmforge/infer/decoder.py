@@ -4,9 +4,9 @@ A decode step of a small model is mostly per-call overhead (module dispatch, mas
 output bookkeeping), not arithmetic. For the decoders whose layer is exactly
 `x + o(attn(rope(q(n1(x))), rope(k(...)), v(...))); x + down(act(gate(n2(x))) * up(n2(x)))` —
 Llama, Mistral, Qwen2, Qwen3 (which adds per-head q/k norms) — this module runs that formula with
-the model's own weights: plain `nn.Linear`s as `F.linear`, LoRA-wrapped ones through their module,
-a rotary table computed once by the model's own rotary module, and `scaled_dot_product_attention`
-on the engine's slot cache. Every other decoder (or a rotary scaling that changes with length,
+the model's own weights: plain `nn.Linear`s as matmuls (on CPUs on fused, transposed copies: q/k/v
+and gate/up as one matmul each), LoRA-wrapped ones through their module, a rotary table computed
+once by the model's own rotary module, and `scaled_dot_product_attention` on the engine's slot cache. Every other decoder (or a rotary scaling that changes with length,
 or a sliding window shorter than the context) runs through the Hugging Face forward, with the
 same cache and mask. The cross-attention architecture's gated layers are applied before the
 layers they are attached to, as their hooks would.
@@ -26,17 +26,25 @@ STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
 
 
 def _fuse(mods: list[nn.Module], extra: list[torch.Tensor] = (), extra_bias: list = ()):
-    """One weight for several projections of the same input (q, k, v; gate, up), as vLLM does:
-    a copy (the modules are left as they are, so training and saving see no change), plus
-    `extra` rows (the rotated q/k below). Returns the fused weight and bias."""
+    """One weight for several projections of the same input (q, k, v; gate, up), as vLLM does,
+    plus `extra` rows (the rotated q/k below); stored transposed, [in, out], because on CPUs
+    `x @ W` with a contiguous W runs up to 10x faster than `F.linear` for 4 to 16 rows. A copy:
+    the modules are left as they are, so training and saving see no change. Returns (W^T, bias)."""
     with torch.no_grad():
-        w = torch.cat([m.weight for m in mods] + list(extra))
+        w = torch.cat([m.weight for m in mods] + list(extra)).t().contiguous()
         biases = [m.bias for m in mods] + list(extra_bias)
         b = None
         if any(x is not None for x in biases):
             sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
             b = torch.cat([x if x is not None else w.new_zeros(n) for x, n in zip(biases, sizes)])
     return w, b
+
+
+def _mm(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ wt [in, out] (+ b)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
+    return y.view(*x.shape[:-1], wt.shape[1])
 
 
 def _plain(*mods: nn.Module) -> bool:
@@ -51,11 +59,13 @@ def _rotated(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat((-v[:, half:], v[:, :half]), dim=1).reshape(w.shape)
 
 
-def _residual(m: nn.Module):
-    """`(x, h) -> h + m(x)`, as one addmm for a plain bias-free `nn.Linear` (x, h: [B, T, *])."""
+def _residual(m: nn.Module, copy: bool):
+    """`(x, h) -> h + m(x)`, as one addmm for a plain bias-free `nn.Linear` (x, h: [B, T, *]); with
+    `copy`, on a transposed contiguous copy of the weight (see `_fuse`)."""
     if type(m) is nn.Linear and m.bias is None:
-        w = m.weight
-        return lambda x, h: torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), w.t()).view(h.shape)
+        with torch.no_grad():
+            wt = m.weight.t().contiguous() if copy else m.weight.t()
+        return lambda x, h: torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), wt).view(h.shape)
     return lambda x, h: h + m(x)
 
 
@@ -92,7 +102,7 @@ class _Layer:
         self.n1, self.n2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
         self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
-        self.o, self.down = _residual(a.o_proj), _residual(mlp.down_proj)
+        self.o, self.down = _residual(a.o_proj, fuse), _residual(mlp.down_proj, fuse)
         self.qk = (heads + kv_heads) * head_dim
         self.fold = fuse and self.q_norm is None and _plain(a.q_proj, a.k_proj, a.v_proj)
         if self.fold:
@@ -184,11 +194,11 @@ class Decoder:
             fold = L.fold and b * t <= FOLD_ROWS
             if L.w_qkv is not None:
                 if fold:  # the rotated rows too: rope(x) = x cos + rotate_half(x) sin in three operations
-                    y = F.linear(x, L.w_qkv, L.b_qkv)
+                    y = _mm(x, L.w_qkv, L.b_qkv)
                     qk = y[..., : L.qk].view(b, t, -1, hd) * cos + y[..., L.qk + L.kv :].view(b, t, -1, hd) * sin
-                else:  # many rows: the matmul dominates, so only [q k v] (a prefix of the fused weight)
+                else:  # many rows: the matmul dominates, so only [q k v] (the first columns)
                     n = L.qk + L.kv
-                    y = F.linear(x, L.w_qkv[:n], None if L.b_qkv is None else L.b_qkv[:n])
+                    y = _mm(x, L.w_qkv[:, :n], None if L.b_qkv is None else L.b_qkv[:n])
                     qk = y[..., : L.qk].view(b, t, -1, hd)
                 vs = y[..., L.qk : L.qk + L.kv]
             else:
@@ -204,7 +214,7 @@ class Decoder:
             h = L.o(att.transpose(1, 2).reshape(b, t, -1), h)
             x = L.n2(h)
             if L.w_gu is not None:
-                gu = F.linear(x, L.w_gu, L.b_gu)
+                gu = _mm(x, L.w_gu, L.b_gu)
                 h = L.down(L.act(gu[..., : L.inter]) * gu[..., L.inter :], h)
             else:
                 h = L.down(L.act(L.gate(x)) * L.up(x), h)

@@ -13,7 +13,7 @@ It knows nothing of HTTP. What it does, in the manner of vLLM / SGLang, at toy s
 * **Image features once per image.** Visual tokens are kept in an LRU keyed by the image's content
   hash: a repeated image skips the encoder and the connector.
 * **Prefix KV reuse** (SGLang's radix cache, vLLM's automatic prefix caching): after a prefill,
-  the keys and values of the prompt are kept, indexed by chained hashes of 16-token blocks (a
+  the keys and values of the prompt are kept, indexed by chained hashes of 8-token blocks (a
   block's hash covers its tokens and the content hashes of the images it holds). A later prompt
   starting with the same blocks (same system prompt, same image, ...) copies them and prefills
   only the rest; when the image tokens are covered, the encoder is not run at all.
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from vlmforge.infer.decoder import Decoder
 
-BLOCK = 16  # prefix-cache granularity (tokens)
+BLOCK = 8  # prefix-cache granularity (tokens)
 
 
 class EngineBusy(RuntimeError):
@@ -352,6 +352,10 @@ class Engine:
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.lm_forward = Decoder(model, self.max_len, fast)
+        # the LM head as [D, V], contiguous (a copy; see decoder._fuse for why), on CPUs
+        with torch.no_grad():
+            cpu = self.device.type == "cpu" and self.lm_forward.fast
+            self.head_t = self.head.weight.t().contiguous() if cpu else self.head.weight.t()
         self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
         self.max_batch, self.max_queue, self.max_prefills = max_batch, max_queue, max_prefills_per_step
         self.prefill_tokens = prefill_tokens
@@ -614,7 +618,7 @@ class Engine:
         self.cache.prefill(base, starts, q)
         hidden = self.lm_forward.forward(embeds, pos, mask, self.cache, self._context(contexts) if contexts else None)
         last = hidden[torch.arange(len(reqs)), torch.tensor(q) - 1]  # [N, D]
-        logits = F.linear(last, self.head.weight, self.head.bias).float()  # [N, V]
+        logits = self._logits(last)  # [N, V]
         for i, req in enumerate(reqs):
             req.cached_tokens = starts[i]
             self.running.append(req)
@@ -664,13 +668,17 @@ class Engine:
             positions = pos[:, None]
         embeds = F.embedding(last, self.embed_tokens.weight)  # [B, 1, D]
         hidden = self.lm_forward.forward(embeds, positions, mask, self.cache, self._context(self.contexts))
-        logits = F.linear(hidden[:, -1], self.head.weight, self.head.bias).float()  # [B, V]
+        logits = self._logits(hidden[:, -1])  # [B, V]
         for i in range(b):
             self.lengths[i] += 1
         nxt = self._sample(logits, self.running)
         self.stats["decode_steps"] += 1
         for i in reversed(range(b)):  # reversed: releasing slot i moves the last slot into it
             self._accept(i, nxt[i])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V], float32
+        b = self.head.bias
+        return (torch.mm(hidden, self.head_t) if b is None else torch.addmm(b, hidden, self.head_t)).float()
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         out = logits.argmax(-1).tolist()
