@@ -6,10 +6,11 @@ output bookkeeping), not arithmetic. For the decoders whose layer is exactly
 Llama, Mistral, Qwen2, Qwen3 (which adds per-head q/k norms) — this module runs that formula with
 the model's own weights: plain `nn.Linear`s as matmuls (on CPUs on fused, transposed copies: q/k/v
 and gate/up as one matmul each), LoRA-wrapped ones through their module, a rotary table computed
-once by the model's own rotary module, and `scaled_dot_product_attention` on the engine's slot cache. Every other decoder (or a rotary scaling that changes with length,
-or a sliding window shorter than the context) runs through the Hugging Face forward, with the
-same cache and mask. The cross-attention architecture's gated layers are applied before the
-layers they are attached to, as their hooks would.
+once by the model's own rotary module, and `scaled_dot_product_attention` on the engine's slot
+cache. Every other decoder (or a rotary scaling that changes with length, or a sliding window
+shorter than the context) runs through the Hugging Face forward, with the same cache and mask.
+The cross-attention architecture's gated layers are applied before the layers they are attached
+to, as their hooks would.
 """
 
 from __future__ import annotations
