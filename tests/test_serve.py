@@ -208,3 +208,49 @@ def test_a_request_cancelled_mid_stream_frees_its_slot(live):
     while srv.engine.running and time.time() < deadline:
         time.sleep(0.02)
     assert srv.engine.running == [] and handle.finish_reason == "abort" and len(handle.tokens) < 800
+
+
+def test_shutdown_ends_running_streams_cleanly(model_cfg):
+    """On SIGTERM (uvicorn's handle_exit) the server refuses new work and, after the drain time,
+    ends what still runs with finish_reason "abort" and [DONE]: clients never see a cut stream."""
+    import signal
+
+    import uvicorn
+
+    model = VLM.from_backbones(model_cfg).eval()
+    srv = Server(Engine(model, max_len=60_000), "tiny", drain_seconds=0.2)
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = graceful(uvicorn.Config(srv.app(), log_level="warning", timeout_graceful_shutdown=10), srv)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 50_000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")
+    server.handle_exit(signal.SIGTERM, None)
+    assert post(port, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})[0] == 503
+    lines = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "abort"
+    thread.join(15)
+    assert not thread.is_alive()
+
+
+def test_bench_serve_writes_every_figure(model_cfg, tmp_path, capsys):
+    from vlmforge.cli import main
+
+    model_dir = tmp_path / "model"
+    VLM.from_backbones(model_cfg).save_pretrained(model_dir)
+    out = tmp_path / "bench.json"
+    main(["bench", "serve", "--model", str(model_dir), "--levels", "1", "16", "--requests", "16", "--tokens", "4",
+          "--repeats", "1", "--serve_tokens", "4", "--out", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    for key in ("throughput_ratio_16", "ttft_repeat_speedup", "ttft_repeat_speedup_engine", "generate_speedup_b1"):
+        assert r[key] > 0
+    assert set(r["serve"]) == {"1", "16"} and r["serve"]["16"]["completion_tokens"] == 16 * 4
+    assert "| 16 |" in capsys.readouterr().out

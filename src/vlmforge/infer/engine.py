@@ -370,6 +370,7 @@ class Engine:
         self.prefix_index: dict[str, tuple[int, int]] = {}  # block-chain hash -> (entry id, tokens)
         self._entry_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
+        self.live: set[Request] = set()  # submitted and not finished
         self.running: list[Request] = []  # running[i] holds slot i
         self.lengths: list[int] = []  # tokens in each slot's cache
         self.contexts: list[torch.Tensor | None] = []  # cross-attention: visual tokens per slot
@@ -401,6 +402,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise EngineBusy(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
             self.waiting.append(req)
+            self.live.add(req)
             self._lock.notify()
         return req
 
@@ -459,12 +461,12 @@ class Engine:
             self._stopping = True
             self._lock.notify()
         deadline = time.monotonic() + drain_seconds
-        while (self.waiting or self.running) and time.monotonic() < deadline:
+        while self.live and time.monotonic() < deadline:  # (a request being prefilled is in neither queue)
             if self._thread is None:
                 self.step()
             else:
                 time.sleep(0.005)
-        for r in list(self.waiting) + list(self.running):
+        for r in list(self.live):
             r.cancel()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -764,5 +766,6 @@ class Engine:
         req.text += tail
         req.finish_reason = reason
         req.finished_at = time.perf_counter()
+        self.live.discard(req)
         req._emit(Event(tail, [], reason, req.error))
         req._done.set()
