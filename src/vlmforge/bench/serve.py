@@ -21,7 +21,6 @@ the image-heavy prompts of real VLMs (Llama3-V: 729 image tokens beside a questi
 from __future__ import annotations
 
 import base64
-import copy
 import http.client
 import io
 import json
@@ -73,21 +72,11 @@ def hf_generate(model, prompts: list[list[int]], images: list, tokens: int) -> i
     """transformers' `generate` on the VLM's embeddings (left-padded), exactly `tokens` new tokens."""
     import torch
 
-    lm = model.causal_lm
-    pad = model.tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     pixels = torch.cat([model.processor.views(im) for im in images])
-    gc = copy.deepcopy(lm.generation_config)
-    gc.eos_token_id, gc.min_new_tokens, gc.do_sample, gc.pad_token_id = None, None, False, pad
-    gc.max_new_tokens = tokens
-    with torch.inference_mode():
-        embeds = model.embed(ids, pixels)
-        out = lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gc)
-    if out.shape[1] != tokens:
-        raise RuntimeError(f"transformers generated {out.shape[1]} tokens, not {tokens}")
-    return out.numel()
+    out = model.generate(prompts, pixel_values=pixels, max_new_tokens=tokens, ignore_eos=True)
+    if any(len(row) != tokens for row in out):
+        raise RuntimeError(f"transformers generated {[len(r) for r in out]} tokens, not {tokens}")
+    return sum(len(row) for row in out)
 
 
 def bench_generate(model, tokens: int = 64, repeats: int = 5, batches=(1, 8)) -> dict:

@@ -299,28 +299,31 @@ class VLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         max_new_tokens: int = 32,
+        ignore_eos: bool = False,
     ) -> list[list[int]]:
         """Greedy decoding of a batch of token-id prompts (left-padded) with transformers'
-        `generate`; returns the new ids, stopping at the end-of-turn tokens. The reference the
-        engine (`engine()`) is tested and benchmarked against."""
+        `generate`; returns the new ids, stopping at the end-of-turn tokens (with `ignore_eos`,
+        exactly `max_new_tokens` of them). The reference the engine (`engine()`) is tested and
+        benchmarked against."""
+        import copy
+
         device = next(self.parameters()).device
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        embeds = self.embed(ids, pixel_values, image_features)
-        try:
-            out = self.causal_lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=self.prompts.stop_ids,
-                pad_token_id=pad,
-            )
-        finally:
-            if self.cross_attention:
-                self.connector.clear_context()
+        gc = copy.deepcopy(self.causal_lm.generation_config)
+        gc.max_new_tokens, gc.min_new_tokens, gc.do_sample, gc.pad_token_id = max_new_tokens, None, False, pad
+        gc.eos_token_id = None if ignore_eos else self.prompts.stop_ids
+        with torch.inference_mode():
+            embeds = self.embed(ids, pixel_values, image_features)
+            try:
+                out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gc)
+            finally:
+                if self.cross_attention:
+                    self.connector.clear_context()
+        if ignore_eos:
+            return out.tolist()
         results = []
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t in self.prompts.stop_ids), len(row))
