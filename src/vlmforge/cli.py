@@ -373,6 +373,40 @@ def ablate(
     print((Path(out) / "results.md").read_text())
 
 
+def merge_lora(model: str, out: str) -> None:
+    """Fold a model's LoRA adapters into its LM weights and save the result as a plain model.
+
+    The merged model computes the same function (checked here on a probe input before saving)
+    and needs no peft at load time; `vlmforge export` and other tools read it as a plain LM.
+
+    Args:
+        model: vlmforge model folder with `lm_adapter/`.
+        out: folder for the merged model (must differ from --model).
+    """
+    import json
+
+    import torch
+
+    from vlmforge.model.vlm import VLM
+
+    if Path(out).resolve() == Path(model).resolve():
+        raise ValueError("--out must differ from --model (the adapter model is kept)")
+    vlm = VLM.from_pretrained(model)
+    probe = torch.tensor([vlm.prompts.encode_prompt([{"role": "user", "content": "Describe the picture."}])])
+    with torch.no_grad():
+        before = vlm(probe).logits
+        n = vlm.merge_lora()
+        after = vlm(probe).logits
+    diff = float((after - before).abs().max())
+    scale = float(before.abs().max())
+    if diff > 1e-3 * max(scale, 1.0):
+        raise RuntimeError(f"merged logits differ by {diff:.3g} (max |logit| {scale:.3g}): not saved")
+    meta = json.loads((Path(model) / "config.json").read_text())
+    extra = {k: v for k, v in meta.items() if k not in ("vlmforge", "model", "lm_mode", "tokens_per_image")}
+    vlm.save_pretrained(out, {**extra, "merged_from": str(Path(model).resolve()), "merged_lora_layers": n})
+    print(f"merged {n} LoRA layers into the LM (max logit difference {diff:.2e}); saved to {out}")
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -478,6 +512,7 @@ COMMANDS = {
     "eval": eval,
     "chat": chat,
     "serve": serve,
+    "merge-lora": merge_lora,
     "demo": demo,
     "ablate": ablate,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},

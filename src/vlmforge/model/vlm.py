@@ -172,6 +172,17 @@ class VLM(nn.Module):
             model.lm_mode = meta.get("lm_mode", "frozen")
         return model.eval()
 
+    def merge_lora(self) -> int:
+        """Fold the LoRA adapters into the LM's weights (W + B A x scale), leaving a plain LM;
+        returns how many layers were merged. The model computes the same function."""
+        if not hasattr(self.lm, "merge_and_unload"):
+            raise ValueError("this model has no LoRA adapters to merge (its LM was trained frozen or in full)")
+        merged = sum(1 for n, _ in self.lm.named_modules() if n.endswith("lora_A"))
+        self.lm = self.lm.merge_and_unload()
+        self.lm_mode = "full"
+        self._engine = None
+        return merged
+
     def save_pretrained(self, path: str | Path, extra: dict | None = None) -> None:
         """Write the whole model to `path` atomically (a temp folder renamed into place)."""
         from safetensors.torch import save_file
