@@ -373,6 +373,70 @@ def ablate(
     print((Path(out) / "results.md").read_text())
 
 
+def presets(show: str | None = None) -> None:
+    """List the model presets (real backbones by Hub id, and the tiny demo model).
+
+    Args:
+        show: print this preset's model config as YAML, for `vlmforge train --config FILE`.
+    """
+    import dataclasses
+
+    import yaml
+
+    from vlmforge.presets import PRESETS, describe, get_preset
+
+    if show:
+        print(yaml.safe_dump({"model": dataclasses.asdict(get_preset(show).model_config())}, sort_keys=False))
+        return
+    for p in PRESETS.values():
+        print(describe(p))
+
+
+def plan(
+    preset: str = "llama3-v",
+    data_sizes: list[int] | None = None,
+    gpu: str = "h100",
+    price: float = 2.5,
+    mfu: float = 0.4,
+    gpus: int = 8,
+    sft_lm: str = "lora",
+    epochs: list[float] | None = None,
+    views: int = 1,
+    runs: int = 1,
+    out: str | None = None,
+) -> None:
+    """A preset's two-stage recipe on paper: visual tokens, parameters, memory per GPU, FLOPs,
+    GPU-hours and dollars, with and without the feature store; the arithmetic is printed.
+
+    Args:
+        preset: a preset name (`vlmforge presets`).
+        data_sizes: samples of stage 1 (image-text pairs) and stage 2 (instructions).
+        gpu: h100, h200, a100, l40s or a10g (dense bf16 peak from the data sheet).
+        price: dollars per GPU-hour.
+        mfu: model FLOPs utilisation assumed (0-1).
+        gpus: GPUs of the job (memory per GPU with FSDP; wall time).
+        sft_lm: how stage 2 trains the LM: lora or full.
+        epochs: epochs of stage 1 and stage 2.
+        views: views per image (5 with 2x2 image splitting).
+        runs: training runs that reuse one feature store (ablations, reruns).
+        out: also write the figures to this JSON file.
+    """
+    from vlmforge.config import save_json
+    from vlmforge.presets import format_plan
+    from vlmforge.presets import plan as run
+
+    sizes = tuple(data_sizes or (600_000, 1_000_000))
+    if len(sizes) != 2:
+        raise ValueError(f"--data_sizes needs two numbers (stage 1, stage 2), got {list(sizes)}")
+    ep = tuple(epochs or (1.0, 1.0))
+    if len(ep) != 2:
+        raise ValueError(f"--epochs needs two numbers (stage 1, stage 2), got {list(ep)}")
+    r = run(preset, sizes, gpu, price, mfu, gpus, epochs=ep, sft_lm=sft_lm, views=views, runs=runs)
+    print(format_plan(r))
+    if out:
+        save_json(r, out)
+
+
 def merge_lora(model: str, out: str) -> None:
     """Fold a model's LoRA adapters into its LM weights and save the result as a plain model.
 
@@ -513,6 +577,8 @@ COMMANDS = {
     "chat": chat,
     "serve": serve,
     "merge-lora": merge_lora,
+    "presets": presets,
+    "plan": plan,
     "demo": demo,
     "ablate": ablate,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},
@@ -548,6 +614,7 @@ LIST_FLAGS = {
     ("bench", "cache"): {"--presets"},
     ("ablate",): {"--eval"},
     ("bench", "serve"): {"--levels"},
+    ("plan",): {"--data_sizes", "--epochs"},
 }
 
 
