@@ -69,18 +69,54 @@ def train(
     model: ModelConfig = ModelConfig(),  # noqa: B008
     init: str | None = None,
     resume: bool = False,
+    nproc: int = 1,
 ) -> None:
     """Train one stage (align or sft) and save the model to OUT/model.
+
+    Several processes: `--nproc N` (or `torchrun --nproc_per_node N -m vlmforge train …`, also with
+    --nnodes / --rdzv-endpoint for several machines): data parallel, gradients summed over ranks; a
+    step takes grad_accum x ranks micro-batches, so the same global batch gives the same run.
 
     Args:
         train: the stage: data, what trains, schedule, checkpoints.
         model: backbones and connector, when starting from backbones (not --init).
         init: a vlmforge model folder to start from (e.g. the align stage's output).
-        resume: continue from OUT/checkpoint.pt.
+        resume: continue from OUT/checkpoint.pt (on any number of processes).
+        nproc: processes on this machine, launched with torchrun (gloo on CPU, NCCL on GPUs).
     """
+    import os
+    import subprocess
+
+    if nproc > 1 and "RANK" not in os.environ:
+        argv = _without_flag(_ARGV, "--nproc")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "vlmforge", *argv]  # fmt: skip
+        sys.exit(subprocess.call(cmd))
     from vlmforge.train.loop import train as run
 
-    print(run(train, None if init else model, init, resume))
+    path = run(train, None if init else model, init, resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(path)
+
+
+_ARGV: list[str] = []
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` / `flag=VALUE` (dashes or underscores)."""
+    names = {flag, flag.replace("_", "-")}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in names:
+            continue
+        out.append(a)
+    return out
 
 
 def eval(
@@ -658,6 +694,7 @@ def main(argv: list[str] | None = None) -> None:
     from vlmforge.eval.harness import EndpointError
 
     argv = _list_flags(_positional_question(_underscores(list(sys.argv[1:] if argv is None else argv))))
+    _ARGV[:] = argv  # `train --nproc` hands the same arguments to each torchrun process
     try:
         CLI(COMMANDS, args=argv, as_positional=False, description=__doc__.split("\n")[0])
     except (DataError, ImageError, FileNotFoundError, ValueError, EndpointError) as e:

@@ -104,6 +104,10 @@ class TrainConfig:
         cache_dtype: which stored dtype to read (fp32, fp16, bf16); default the most precise one built.
         cache_missing: an image without features in the store is encoded on the fly (`encode`) or
             stops the run before the first step with the list of what is missing (`fail`).
+        dist_timeout: under torchrun, seconds a collective may wait for the other ranks before the
+            job fails (a rank that died must not leave the others hanging).
+        stop_at: stop after this optimizer step (checkpoint and model saved), the schedule still
+            the whole run's: a job that must fit a time slot continues later with --resume.
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -134,6 +138,8 @@ class TrainConfig:
     cache: str | None = None
     cache_dtype: Literal["fp32", "fp16", "bf16"] | None = None
     cache_missing: Literal["encode", "fail"] = "fail"
+    dist_timeout: float = 600.0
+    stop_at: int | None = None
 
 
 @dataclass

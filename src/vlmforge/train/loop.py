@@ -45,19 +45,25 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int):
-    """Yield (micro-batch index, batch) forever from global micro-batch index `start`."""
+def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int, rank: int = 0, world: int = 1):
+    """Yield (micro-batch index, batch) forever from global micro-batch index `start`. With several
+    ranks, each optimizer step takes `grad_accum x world` consecutive micro-batches and this rank
+    reads only its `grad_accum` of them (the `rank`-th chunk), so no image is loaded twice."""
     per_epoch = math.ceil(len(ds) / cfg.batch_size)
+    mine = lambda i: (i - start) // cfg.grad_accum % world == rank  # noqa: E731
     index = start
     while True:
         epoch, offset = divmod(index, per_epoch)
         batches = epoch_batches(len(ds), cfg.batch_size, cfg.seed, epoch)[offset:]
+        indices = [index + k for k in range(len(batches)) if mine(index + k)]
         loader = DataLoader(
-            ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=partial(collate, pad_id=pad_id)
+            ds,
+            batch_sampler=[batches[i - index] for i in indices],
+            num_workers=cfg.num_workers,
+            collate_fn=partial(collate, pad_id=pad_id),
         )
-        for batch in loader:
-            yield index, batch
-            index += 1
+        yield from zip(indices, loader)
+        index += len(batches)
 
 
 def plot_loss(metrics_file: Path, out: Path) -> None:
@@ -134,7 +140,20 @@ def open_features(cfg: TrainConfig, model: VLM, records: list):
 def train(
     cfg: TrainConfig, model_cfg: ModelConfig | None = None, init: str | None = None, resume: bool = False
 ) -> Path:
-    """Run one stage; return the folder of the trained model (`cfg.out/model`)."""
+    """Run one stage; return the folder of the trained model (`cfg.out/model`). Under torchrun,
+    every rank runs this (see `train.distributed`); only rank 0 writes."""
+    from vlmforge.train.distributed import setup
+
+    d = setup(cfg.dist_timeout)
+    try:
+        return _train(cfg, model_cfg, init, resume, d)
+    except Exception as e:
+        if d.enabled:  # name the rank: torchrun stops the others, whose collectives then fail
+            tqdm.write(f"rank {d.rank} of {d.world} failed: {type(e).__name__}: {e}")
+        raise
+
+
+def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, resume: bool, d) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
@@ -151,19 +170,23 @@ def train(
         model = VLM.from_backbones(model_cfg)
     else:
         raise ValueError("pass --init MODEL_DIR (a vlmforge model) or --model.vision and --model.lm")
-    save_json(
-        {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config), "init": init},
-        out / "run_config.json",
-    )
+    if d.main:
+        save_json(
+            {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config), "init": init,
+             "world_size": d.world},
+            out / "run_config.json",
+        )  # fmt: skip
     features = open_features(cfg, model, records) if cfg.cache else None
     groups = apply_stage(model, cfg)
     model.train()
-    tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {len(records)} records\n{trainable_report(model)}")
+    if d.main:
+        ranks = f", {d.world} ranks x {cfg.grad_accum} micro-batches of {cfg.batch_size} per step" if d.enabled else ""
+        tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {len(records)} records{ranks}\n{trainable_report(model)}")
 
     ds = VQADataset(
         records, model.prompts, model.processor, cfg.max_len, cfg.bad_images, cfg.max_image_pixels, features
     )
-    per_epoch = math.ceil(len(ds) / (cfg.batch_size * cfg.grad_accum))
+    per_epoch = math.ceil(len(ds) / (cfg.batch_size * cfg.grad_accum * d.world))
     total = max(1, math.ceil(cfg.epochs * per_epoch))
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -172,15 +195,18 @@ def train(
     progress = {"step": 0, "micro_batch": 0, "skipped": 0, "samples": 0, "tokens": 0, "elapsed": 0.0}
     if resume and ckpt_path.exists():
         progress = load_checkpoint(ckpt_path, model, opt, sched)
-        _truncate_metrics(metrics_path, progress["step"])
-        tqdm.write(f"resumed from {ckpt_path} at step {progress['step']}")
-    elif not resume and metrics_path.exists():
+        if d.main:
+            _truncate_metrics(metrics_path, progress["step"])
+            tqdm.write(f"resumed from {ckpt_path} at step {progress['step']}")
+    elif not resume and metrics_path.exists() and d.main:
         metrics_path.unlink()
+    d.barrier()
 
     params = [p for g in groups for p in g["params"]]
     pad_id = model.tokenizer.pad_token_id
-    stream = micro_batches(ds, cfg, pad_id, progress["micro_batch"])
-    bar = tqdm(total=total, initial=progress["step"], desc=f"train {cfg.stage}", unit="step")
+    stream = micro_batches(ds, cfg, pad_id, progress["micro_batch"], d.rank, d.world)
+    quiet = {} if d.main else {"disable": True}  # one progress bar: rank 0's
+    bar = tqdm(total=total, initial=progress["step"], desc=f"train {cfg.stage}", unit="step", **quiet)
     t_start, elapsed0 = time.time(), progress["elapsed"]
     last_log, skipped_seen = time.time(), []
     try:
@@ -188,32 +214,41 @@ def train(
             if cfg.time_budget and elapsed0 + time.time() - t_start > cfg.time_budget:
                 tqdm.write(f"time budget of {cfg.time_budget:.0f}s reached at step {progress['step']}")
                 break
+            if cfg.stop_at is not None and progress["step"] >= cfg.stop_at:
+                tqdm.write(f"stopping at step {cfg.stop_at} of {total}; continue with --resume")
+                break
             group = [next(stream) for _ in range(cfg.grad_accum)]
-            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group if b["n"])
-            loss_sum = 0.0
+            local_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group if b["n"])
+            n_tok = int(d.sum([local_tok])[0])  # label tokens of the global batch
+            loss_sum, samples, tokens, skipped = 0.0, 0, 0, 0
             for _, b in group:
                 for msg in b["skipped"]:
                     skipped_seen.append(msg)
                     tqdm.write(f"skipped {msg}")
+                skipped += len(b["skipped"])
                 if not b["n"] or not n_tok:
                     continue
                 o = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
                 (o.loss_sum / n_tok).backward()
                 loss_sum += o.loss_sum.item()
-                progress["samples"] += b["n"]
-                progress["tokens"] += int(b["attention_mask"].sum())
+                samples += b["n"]
+                tokens += int(b["attention_mask"].sum())
+            d.all_reduce_grads(params)  # summed: each rank's loss was already divided by the global count
+            loss_sum, samples, tokens, skipped = d.sum([loss_sum, samples, tokens, skipped])
+            progress["samples"] += int(samples)
+            progress["tokens"] += int(tokens)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             progress["step"] += 1
-            progress["micro_batch"] = group[-1][0] + 1
-            progress["skipped"] += sum(len(b["skipped"]) for _, b in group)
+            progress["micro_batch"] += cfg.grad_accum * d.world
+            progress["skipped"] += int(skipped)
             progress["elapsed"] = elapsed0 + time.time() - t_start
             loss = loss_sum / max(n_tok, 1)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", skipped=progress["skipped"])
-            if progress["step"] % cfg.log_every == 0 or progress["step"] == total:
+            if d.main and (progress["step"] % cfg.log_every == 0 or progress["step"] == total):
                 dt = max(time.time() - last_log, 1e-9)
                 row = {
                     "step": progress["step"],
@@ -229,27 +264,30 @@ def train(
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 last_log = time.time()
-            if progress["step"] % cfg.save_every == 0:
+            if progress["step"] % cfg.save_every == 0 and d.main:
                 save_checkpoint(ckpt_path, model, opt, sched, progress)
     except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, model, opt, sched, progress)
+        if d.main:
+            save_checkpoint(ckpt_path, model, opt, sched, progress)
         bar.close()
         tqdm.write(f"interrupted at step {progress['step']}; checkpoint saved, continue with --resume")
         raise
     except Exception:
-        if progress["step"] > 0:
+        if progress["step"] > 0 and d.main:
             save_checkpoint(ckpt_path, model, opt, sched, progress)
             tqdm.write(f"stopped by an error at step {progress['step']}; checkpoint saved to {ckpt_path}")
         raise
     bar.close()
-    save_checkpoint(ckpt_path, model, opt, sched, progress)
-    if metrics_path.exists():
-        plot_loss(metrics_path, out / "loss.png")
     model.eval()
-    summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
-    summary["skipped_records"] = skipped_seen[:100]
-    model.save_pretrained(out / "model", extra={"trained": {"stage": cfg.stage, **summary}})
-    save_json(summary, out / "summary.json")
-    if progress["skipped"]:
-        tqdm.write(f"{progress['skipped']} records skipped (bad images or too long); see {out / 'summary.json'}")
+    if d.main:
+        save_checkpoint(ckpt_path, model, opt, sched, progress)
+        if metrics_path.exists():
+            plot_loss(metrics_path, out / "loss.png")
+        summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
+        summary["skipped_records"] = skipped_seen[:100]
+        model.save_pretrained(out / "model", extra={"trained": {"stage": cfg.stage, **summary}})
+        save_json(summary, out / "summary.json")
+        if progress["skipped"]:
+            tqdm.write(f"{progress['skipped']} records skipped (bad images or too long); see {out / 'summary.json'}")
+    d.barrier()  # the other ranks return once the model is on disk
     return out / "model"

@@ -1,0 +1,68 @@
+"""torchrun with 2 CPU processes (gloo): the same global batch gives the same run; a checkpoint of
+2 ranks resumes on 1; a rank that fails stops the job, named, instead of hanging the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def train(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "vlmforge", "train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)  # fmt: skip
+
+
+def common(data, backbones, out):
+    return ["--train.data", str(data), "--train.batch_size", "4", "--train.log_every", "1", "--train.stage", "sft",
+            "--train.lm_mode", "lora", "--train.max_steps", "4", "--train.threads", "1", "--train.out", str(out),
+            "--model.vision", str(backbones["vision"]), "--model.lm", str(backbones["lm"])]  # fmt: skip
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path):
+    data = data_dir / "shapes_sft.json"
+    two, one = tmp_path / "two", tmp_path / "one"
+    # 2 ranks x 1 micro-batch per step, stopped after step 2 ...
+    r = train(*common(data, backbones, two), "--nproc", "2", "--train.grad_accum", "1", "--train.stop_at", "2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(losses(two)) == 2 and json.loads((two / "run_config.json").read_text())["world_size"] == 2
+    # ... resumed on 1 rank x 2 micro-batches per step (the same global batch of 8)
+    r = train(*common(data, backbones, two), "--train.grad_accum", "2", "--resume", "true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = train(*common(data, backbones, one), "--train.grad_accum", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 4
+    for part in ("connector.safetensors", "lm_adapter/adapter_model.safetensors"):
+        a, b = load_file(str(two / "model" / part)), load_file(str(one / "model" / part))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_rank_stops_the_job_with_its_name(data_dir, backbones, tmp_path):
+    from vlmforge.train.loop import epoch_batches
+
+    rows = json.loads((data_dir / "shapes_sft.json").read_text())
+    for row in rows:
+        row["image"] = str((data_dir / row["image"]).resolve())
+    victim = epoch_batches(len(rows), 4, 0, 0)[1][0]  # rank 1's first micro-batch
+    rows[victim]["image"] = str(tmp_path / "gone.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    t0 = time.time()
+    r = train(*common(data, backbones, tmp_path / "out"), "--nproc", "2", "--train.bad_images", "fail",
+              "--train.dist_timeout", "60")  # fmt: skip
+    assert r.returncode != 0 and time.time() - t0 < 120
+    log = r.stdout + r.stderr
+    assert "rank 1 of 2 failed" in log and "gone.png" in log
