@@ -268,14 +268,6 @@ def bench_ttft(port: int, size: int, n: int = 12, tokens: int = 4) -> dict:
     }
 
 
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
-
-
 def run(
     what: str = "serve",
     model: str | None = None,
@@ -292,6 +284,7 @@ def run(
     """Measure the engine (and with `serve`, the server) side by side; print a table, save JSON."""
     import torch
 
+    from vlmforge.bench.cache import _machine
     from vlmforge.config import save_json
     from vlmforge.model.vlm import VLM
 
