@@ -66,3 +66,18 @@ def test_a_failing_rank_stops_the_job_with_its_name(data_dir, backbones, tmp_pat
     assert r.returncode != 0 and time.time() - t0 < 120
     log = r.stdout + r.stderr
     assert "rank 1 of 2 failed" in log and "gone.png" in log
+
+
+def test_bench_train_writes_its_figures(tmp_path, capsys):
+    from vlmforge.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", "train", "--work", str(tmp_path / "w"), "--batch_size", "4", "--steps", "1",
+          "--process_steps", "2", "--out", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["matmul_peak_flops"] > 1e8
+    for stage in ("align", "sft"):
+        m = r["mfu"][stage]
+        assert m["flops_per_step"] > 0 and 0 < m["mfu"] < 1.5
+    assert r["processes"]["2"]["steps"] == r["processes"]["1"]["steps"] == 2 and r["two_vs_one_process"] > 0
+    assert "MFU" in capsys.readouterr().out

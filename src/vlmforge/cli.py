@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from vlmforge.bench.cache import run as bench_cache
+from vlmforge.bench.train import run as bench_train
 from vlmforge.config import DemoConfig, ModelConfig, TinySpec, TrainConfig
 
 
@@ -618,7 +619,7 @@ COMMANDS = {
     "demo": demo,
     "ablate": ablate,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},
-    "bench": {"cache": bench_cache, "generate": bench_generate, "serve": bench_serve},
+    "bench": {"cache": bench_cache, "generate": bench_generate, "serve": bench_serve, "train": bench_train},
 }
 
 

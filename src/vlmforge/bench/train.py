@@ -1,0 +1,161 @@
+"""`vlmforge bench train`: training throughput on 1 and 2 processes, and MFU, in one run.
+
+* Peak: this machine's own fp32 matmul rate, measured here (square `torch.mm`, the best of a few
+  sizes) with the same number of torch threads as the measured training.
+* MFU: the FLOPs of one real training step (forward and backward of the model as `vlmforge train`
+  runs it, counted by `torch.utils.flop_counter.FlopCounterMode`: matmuls and attention) divided
+  by the median step time (forward, backward, clipping-free AdamW step, batches collated in
+  memory beforehand) and by the peak.
+* Processes: `vlmforge train` itself on 1 process and on 2 (`--nproc 2`, gloo), one torch thread
+  each, the same global batch (1 x grad_accum 2 vs 2 x 1); samples/s and tokens/s from the runs'
+  own `summary.json` (their training time, not the start-up).
+
+The model is a preset with random weights (timing does not depend on them); the data the
+bench's synthetic images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def matmul_peak(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> float:
+    """FLOP/s of the fastest square fp32 matmul here."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        best = max(best, 2 * n**3 / min(times))
+    return best
+
+
+def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threads: int, steps: int,
+             peak: float) -> dict:  # fmt: skip
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlmforge.config import ModelConfig, TrainConfig
+    from vlmforge.data.collate import VQADataset, merge_image_inputs
+    from vlmforge.data.formats import load_records
+    from vlmforge.model.vlm import VLM
+    from vlmforge.train.loop import micro_batches
+    from vlmforge.train.stages import apply_stage
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = TrainConfig(stage=stage, batch_size=batch_size, seed=0)
+    model = VLM.from_backbones(ModelConfig(vision=vision, lm=lm, connector="mlp"))
+    records = load_records(data)
+    opt = torch.optim.AdamW(apply_stage(model, cfg))
+    model.train()
+    stream = micro_batches(VQADataset(records, model.prompts, model.processor), cfg, model.tokenizer.pad_token_id, 0)
+    batches = [next(stream)[1] for _ in range(steps + 2)]
+
+    def step(b):
+        out = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step(batches[0])
+    flops = counter.get_total_flops()
+    step(batches[1])  # warm-up
+    times = []
+    for b in batches[2:]:
+        t = time.perf_counter()
+        step(b)
+        times.append(time.perf_counter() - t)
+    s = statistics.median(times)
+    tokens = statistics.fmean(int(b["attention_mask"].sum()) for b in batches[2:])
+    return {"stage": stage, "batch_size": batch_size, "threads": threads, "flops_per_step": flops,
+            "step_s": round(s, 4), "achieved_flops": flops / s, "mfu": flops / s / peak,
+            "tokens_per_s": round(tokens / s, 1), "samples_per_s": round(batch_size / s, 2)}  # fmt: skip
+
+
+def process_run(vision: str, lm: str, data: str, out: Path, nproc: int, batch_size: int, steps: int) -> dict:
+    accum = 2 // nproc
+    cmd = [sys.executable, "-m", "vlmforge", "train", "--train.stage", "align", "--train.data", data,
+           "--train.batch_size", str(batch_size), "--train.grad_accum", str(accum), "--train.max_steps", str(steps),
+           "--train.threads", "1", "--train.save_every", "100000", "--train.out", str(out), "--model.vision", vision,
+           "--model.lm", lm, "--nproc", str(nproc)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"training on {nproc} process(es) failed: {(r.stdout + r.stderr)[-2000:]}")
+    s = json.loads((out / "summary.json").read_text())
+    return {"processes": nproc, "grad_accum": accum, "steps": s["step"], "seconds": round(s["elapsed"], 2),
+            "samples_per_s": round(s["samples"] / s["elapsed"], 2),
+            "tokens_per_s": round(s["tokens"] / s["elapsed"], 1)}  # fmt: skip
+
+
+def run(
+    out: str | None = None,
+    work: str = "runs/bench-train",
+    preset: str = "tiny",
+    batch_size: int = 16,
+    steps: int = 10,
+    threads: int = 2,
+    process_steps: int = 20,
+) -> dict:
+    """Training MFU against this machine's own matmul peak, and `vlmforge train` on 1 vs 2 processes.
+
+    Args:
+        out: write the figures to this JSON file.
+        work: folder for the bench's data, backbones and runs.
+        preset: model preset (tiny, llama3v_shape), random weights.
+        batch_size: records per step (the process runs: half per micro-batch, 2 per step).
+        steps: timed steps per stage in the MFU part.
+        threads: torch threads for the peak and the MFU part.
+        process_steps: optimizer steps of each process run.
+    """
+    from vlmforge.bench.cache import _machine, _setup
+    from vlmforge.config import save_json
+
+    s = _setup(Path(work), preset, 256)
+    vision, lm, data = s["vision"], s["lm"], s["data"]
+    result = {"machine": _machine(), "preset": preset, "batch_size": batch_size}
+    peak = matmul_peak(threads)
+    result["matmul_peak_flops"] = peak
+    result["threads"] = threads
+    result["mfu"] = {st: step_mfu(vision, lm, data, st, batch_size, threads, steps, peak) for st in ("align", "sft")}
+    result["processes"] = {str(n): process_run(vision, lm, data, Path(work) / f"run-{n}p", n, batch_size // 2,
+                                               process_steps) for n in (1, 2)}  # fmt: skip
+    result["two_vs_one_process"] = round(
+        result["processes"]["2"]["samples_per_s"] / result["processes"]["1"]["samples_per_s"], 3
+    )
+    print(format_table(result))
+    if out:
+        save_json(result, out)
+        print(f"figures saved to {out}")
+    return result
+
+
+def format_table(r: dict) -> str:
+    peak = r["matmul_peak_flops"] / 1e9
+    lines = [f"preset {r['preset']} (random weights), fp32; matmul peak {peak:.1f} GFLOP/s with {r['threads']} "
+             "thread(s)", "", "| stage | batch | FLOPs/step | step | achieved | MFU | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for st, m in r["mfu"].items():
+        achieved = f"{m['achieved_flops'] / 1e9:.1f} GFLOP/s"
+        lines.append(f"| {st} | {m['batch_size']} | {m['flops_per_step'] / 1e9:.2f} G | {1e3 * m['step_s']:.0f} ms "
+                     f"| {achieved} | {100 * m['mfu']:.1f}% | {m['tokens_per_s']:.0f} |")  # fmt: skip
+    lines += ["", "| processes (1 thread each) | grad_accum | samples/s | tokens/s |", "|---:|---:|---:|---:|"]
+    for n, p in r["processes"].items():
+        lines.append(f"| {n} | {p['grad_accum']} | {p['samples_per_s']:.1f} | {p['tokens_per_s']:.0f} |")
+    lines.append(f"2 processes vs 1: x{r['two_vs_one_process']:.2f}")
+    return "\n".join(lines)
