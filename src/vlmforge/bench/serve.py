@@ -284,14 +284,24 @@ def run(
     """Measure the engine (and with `serve`, the server) side by side; print a table, save JSON."""
     import torch
 
+    if what not in ("generate", "serve"):
+        raise ValueError(f"bench {what!r}: use generate or serve")
+    threads_before = torch.get_num_threads()
+    try:  # torch's thread count is process-wide: put it back afterwards
+        if threads:
+            torch.set_num_threads(threads)
+        return _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:
+    import torch
+
     from vlmforge.bench.cache import _machine
     from vlmforge.config import save_json
     from vlmforge.model.vlm import VLM
 
-    if what not in ("generate", "serve"):
-        raise ValueError(f"bench {what!r}: use generate or serve")
-    if threads:
-        torch.set_num_threads(threads)
     model_dir = model or bench_model(Path(work), preset)
     vlm = VLM.from_pretrained(model_dir).eval()
     size = vlm.processor.size

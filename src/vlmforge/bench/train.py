@@ -123,6 +123,16 @@ def run(
         threads: torch threads for the peak and the MFU part.
         process_steps: optimizer steps of each process run.
     """
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:  # the measurements set torch's (process-wide) thread count: put it back afterwards
+        return _run(out, work, preset, batch_size, steps, threads, process_steps)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(out, work, preset, batch_size, steps, threads, process_steps) -> dict:
     from vlmforge.bench.cache import _machine, _setup
     from vlmforge.config import save_json
 
