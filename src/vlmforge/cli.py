@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from vlmforge.bench.cache import run as bench_cache
+from vlmforge.bench.serve import generate as bench_generate
+from vlmforge.bench.serve import serve as bench_serve
 from vlmforge.bench.train import run as bench_train
 from vlmforge.config import DemoConfig, ModelConfig, TinySpec, TrainConfig
 
@@ -547,63 +549,6 @@ def serve(
                          allow_remote_images=allow_remote_images)  # fmt: skip
     key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
     run(model, host, port, key, name, limits, max_batch, max_queue, drain_seconds)
-
-
-def bench_generate(
-    model: str | None = None,
-    preset: str = "tiny",
-    out: str | None = None,
-    work: str = "runs/bench-serve",
-    tokens: int = 64,
-    repeats: int = 5,
-    threads: int | None = None,
-) -> None:
-    """Engine tokens/s against transformers' generate on the same weights, batch 1 and 8.
-
-    Args:
-        model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (the demo's model) or llama3v_shape (more visual tokens per image).
-        out: write the figures to this JSON file.
-        work: folder for the preset's model.
-        tokens: tokens generated per request.
-        repeats: interleaved runs per side (medians are reported).
-        threads: torch CPU threads (default: torch's).
-    """
-    from vlmforge.bench.serve import run
-
-    run("generate", model, preset, out, work, tokens, repeats, threads=threads)
-
-
-def bench_serve(
-    model: str | None = None,
-    preset: str = "tiny",
-    out: str | None = None,
-    work: str = "runs/bench-serve",
-    tokens: int = 64,
-    repeats: int = 5,
-    requests: int = 64,
-    levels: list[int] | None = None,
-    serve_tokens: int = 32,
-    threads: int | None = None,
-) -> None:
-    """`bench generate`, then a live `vlmforge serve`: throughput and p50/p95 latency at 1, 4, 16, 64
-    concurrent clients against one by one, and time to first token for a repeated image vs a new one.
-
-    Args:
-        model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (the demo's model) or llama3v_shape (more visual tokens per image).
-        out: write the figures to this JSON file (throughput_ratio_16, ttft_repeat_speedup, generate_speedup_b1, ...).
-        work: folder for the preset's model.
-        tokens: tokens per request in the generate part.
-        repeats: interleaved runs per side in the generate part.
-        requests: requests per concurrency level.
-        levels: concurrency levels (default 1 4 16 64).
-        serve_tokens: tokens per request in the server part.
-        threads: torch CPU threads, here and in the server (default: torch's).
-    """
-    from vlmforge.bench.serve import run
-
-    run("serve", model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
 
 
 COMMANDS = {

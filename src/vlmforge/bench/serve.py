@@ -268,8 +268,30 @@ def bench_ttft(port: int, size: int, n: int = 12, tokens: int = 4) -> dict:
     }
 
 
-def run(
-    what: str = "serve",
+def generate(
+    model: str | None = None,
+    preset: str = "tiny",
+    out: str | None = None,
+    work: str = "runs/bench-serve",
+    tokens: int = 64,
+    repeats: int = 5,
+    threads: int | None = None,
+) -> dict:
+    """Engine tokens/s against transformers' generate on the same weights, batch 1 and 8.
+
+    Args:
+        model: a vlmforge model folder (default: a random-weight model of --preset).
+        preset: tiny (the demo's model) or llama3v_shape (more visual tokens per image).
+        out: write the figures to this JSON file.
+        work: folder for the preset's model.
+        tokens: tokens generated per request.
+        repeats: interleaved runs per side (medians are reported).
+        threads: torch CPU threads (default: torch's).
+    """
+    return _run("generate", model, preset, out, work, tokens, repeats, 0, None, 0, threads)
+
+
+def serve(
     model: str | None = None,
     preset: str = "tiny",
     out: str | None = None,
@@ -281,13 +303,30 @@ def run(
     serve_tokens: int = 32,
     threads: int | None = None,
 ) -> dict:
-    """Measure the engine (and with `serve`, the server) side by side; print a table, save JSON."""
+    """`bench generate`, then a live `vlmforge serve`: throughput and p50/p95 latency at 1, 4, 16, 64
+    concurrent clients against one by one, and time to first token for a repeated image vs a new one.
+
+    Args:
+        model: a vlmforge model folder (default: a random-weight model of --preset).
+        preset: tiny (the demo's model) or llama3v_shape (more visual tokens per image).
+        out: write the figures to this JSON file (throughput_ratio_16, ttft_repeat_speedup, generate_speedup_b1, ...).
+        work: folder for the preset's model.
+        tokens: tokens per request in the generate part.
+        repeats: interleaved runs per side in the generate part.
+        requests: requests per concurrency level.
+        levels: concurrency levels (default 1 4 16 64).
+        serve_tokens: tokens per request in the server part.
+        threads: torch CPU threads, here and in the server (default: torch's).
+    """
+    return _run("serve", model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
+
+
+def _run(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:
+    """Measure, print a table, save the JSON; torch's (process-wide) thread count is put back after."""
     import torch
 
-    if what not in ("generate", "serve"):
-        raise ValueError(f"bench {what!r}: use generate or serve")
     threads_before = torch.get_num_threads()
-    try:  # torch's thread count is process-wide: put it back afterwards
+    try:
         if threads:
             torch.set_num_threads(threads)
         return _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
