@@ -34,8 +34,9 @@ class ModelConfig:
         vision_pooled: also feed the encoder's pooled embedding (SigLIP's attention-pool head, CLIP's
             projected CLS) to the connector, as one extra visual token before the patches.
         image_size: encoder input resolution; defaults to the encoder's own processor settings.
-        resize: `pad` keeps the aspect ratio (resize the long side, pad the rest); `squash`
-            resizes to a square regardless of aspect.
+        resize: `pad` keeps the aspect ratio (resize the long side, pad the rest); `expand` keeps
+            it as LLaVA-1.5 does (pad to a square, then resize); `squash` resizes to a square
+            regardless of aspect; `crop` is CLIP's (resize the short side, centre-crop).
         split_grid: image splitting (LLaVA-UHD, Idefics2): 0 is off; k cuts each image into k x k
             crops plus the whole image, each encoded and connected (k=2: 5 views per image).
         architecture: `autoregressive` (Idefics2's "fully autoregressive": visual tokens in the LM's
@@ -44,8 +45,12 @@ class ModelConfig:
             the `<image></image>` markers).
         xattn_every: k of the cross-attention architecture.
         layout: `llama3v` puts `<image>`…`</image>` before the text wrapped in `<text>`…`</text>`;
-            `inline` replaces the `<image>` marker in place.
+            `inline` replaces the `<image>` marker in place; `bare` puts the placeholders alone in
+            its place, unwrapped (LLaVA-1.5; not with cross-attention, which counts the wrappers).
         dtype: weights dtype of the backbones (float32, bfloat16, float16).
+        device_map: where `from_pretrained` places the LM's layers (`auto` spreads them over the
+            GPUs, or a device such as `cuda:0`); the vision tower and connector go to the device of
+            the LM's input embeddings. None loads on the CPU.
     """
 
     vision: str = ""
@@ -60,12 +65,13 @@ class ModelConfig:
     feature_layer: int = -1
     vision_pooled: bool = False
     image_size: int | None = None
-    resize: Literal["pad", "squash"] = "pad"
+    resize: Literal["pad", "expand", "squash", "crop"] = "pad"
     split_grid: int = 0
     architecture: Literal["autoregressive", "cross_attention"] = "autoregressive"
     xattn_every: int = 4
-    layout: Literal["llama3v", "inline"] = "llama3v"
+    layout: Literal["llama3v", "inline", "bare"] = "llama3v"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device_map: str | None = None
 
 
 @dataclass

@@ -69,6 +69,29 @@ def resize_pad(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image
     return canvas
 
 
+def expand_square(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's `expand2square`: pad to a square around the image first, then resize the
+    square (bicubic); what `LlavaImageProcessor(do_pad=True)` does."""
+    w, h = img.size
+    if w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas
+    return img.resize((size, size), Image.BICUBIC) if img.size != (size, size) else img
+
+
+def resize_crop(img: Image.Image, size: int) -> Image.Image:
+    """CLIP's preprocessing: resize the short side to `size` (bicubic), then centre-crop a square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, int(round(w * scale))), max(size, int(round(h * scale)))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def split_image(img: Image.Image, grid: tuple[int, int] = (2, 2)) -> list[Image.Image]:
     """Cut `img` into rows x cols crops (row-major) followed by the whole image."""
     rows, cols = grid
@@ -87,7 +110,9 @@ class ImageProcessor:
         size: square input resolution of the encoder.
         mean: per-channel normalisation mean (0-1 scale).
         std: per-channel normalisation std.
-        resize: `pad` (keep aspect) or `squash`.
+        resize: `pad` (keep aspect: resize the long side, then pad), `expand` (keep aspect the way
+            LLaVA-1.5 does: pad to a square, then resize), `squash` (ignore aspect) or `crop`
+            (CLIP: resize the short side, centre-crop).
         grid: image splitting: 0 encodes the whole image only; k cuts it into k x k crops plus the
             whole image (`views` returns k*k + 1 tensors).
     """
@@ -143,9 +168,13 @@ class ImageProcessor:
         if self.resize == "pad":
             fill = tuple(int(round(m * 255)) for m in self.mean)
             return resize_pad(img, self.size, fill)
+        if self.resize == "expand":
+            return expand_square(img, self.size, tuple(int(m * 255) for m in self.mean))
         if self.resize == "squash":
             return img.resize((self.size, self.size), Image.BICUBIC)
-        raise ValueError(f"unknown resize policy {self.resize!r} (use 'pad' or 'squash')")
+        if self.resize == "crop":
+            return resize_crop(img, self.size)
+        raise ValueError(f"unknown resize policy {self.resize!r} (use pad, expand, squash or crop)")
 
     def __call__(self, img: Image.Image):
         """Return a float tensor [3, size, size] normalised with the encoder's mean and std."""

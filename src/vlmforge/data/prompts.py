@@ -4,7 +4,8 @@ Each `<image>` marker of the data becomes `<image>` + N image placeholders + `</
 the number of visual tokens the connector emits. With image splitting (a k x k grid of crops plus
 the whole image) each view's placeholders are preceded by a separator token naming it,
 `<row_i_col_j>` or `<global_img>` (as Idefics3 does), so the LM knows which crop is which. With
-the Llama3-V layout the image blocks come before the text, which is wrapped in `<text>`…`</text>`.
+the Llama3-V layout the image blocks come before the text, which is wrapped in `<text>`…`</text>`;
+the `bare` layout puts the placeholders alone in place of the marker (LLaVA-1.5's prompts).
 The conversation is then rendered with the tokenizer's own chat template.
 
 Labels come from character offsets: each assistant span is located by rendering the conversation
@@ -48,8 +49,8 @@ class PromptBuilder:
     """Renders conversations to token ids and labels for one tokenizer and visual-token count."""
 
     def __init__(self, tokenizer, tokens_per_image: int, layout: str = "llama3v", split_grid: int = 0):
-        if layout not in ("llama3v", "inline"):
-            raise ValueError(f"unknown prompt layout {layout!r} (use 'llama3v' or 'inline')")
+        if layout not in ("llama3v", "inline", "bare"):
+            raise ValueError(f"unknown prompt layout {layout!r} (use 'llama3v', 'inline' or 'bare')")
         self.tok = tokenizer
         self.tokens_per_image = tokens_per_image
         self.layout = layout
@@ -61,7 +62,7 @@ class PromptBuilder:
             raise ValueError(f"{tokens_per_image} visual tokens per image do not split into {len(seps)} views")
         per_view = tokens_per_image // max(len(seps), 1)
         views = "".join(sep + IMAGE_PAD * per_view for sep in seps) if seps else IMAGE_PAD * tokens_per_image
-        self.image_block = IMAGE_START + views + IMAGE_END
+        self.image_block = views if layout == "bare" else IMAGE_START + views + IMAGE_END
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         eot = [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()]
         self.stop_ids = sorted({i for i in eot + [tokenizer.eos_token_id] if i is not None})
@@ -70,7 +71,7 @@ class PromptBuilder:
         n = content.count("<image>")
         if n == 0:
             return content
-        if self.layout == "inline":
+        if self.layout in ("inline", "bare"):
             return content.replace("<image>", self.image_block)
         text = content.replace("<image>", "").strip()
         return self.image_block * n + TEXT_START + text + TEXT_END

@@ -363,7 +363,6 @@ class Engine:
         self.token_bytes = byte_level_table(self.tok)
         self.stop_ids = set(model.prompts.stop_ids)
         self.image_token_id = model.image_token_id
-        self.image_start_id = model.image_start_id
         self.cross_attention = model.cross_attention
         self.features = LRU(feature_cache)  # image key -> visual tokens [views * T, D]
         self.prefix_store = LRU(prefix_cache_tokens, size=lambda e: e[2], on_evict=self._forget_prefix)
@@ -387,7 +386,7 @@ class Engine:
         images = [im if isinstance(im, ImageInput) else ImageInput.from_pil(im) for im in images or []]
         if not prompt:
             raise ValueError("empty prompt")
-        n_img = sum(1 for t in prompt if t == self.image_start_id)
+        n_img = len(self.model.image_starts(prompt))
         if n_img != len(images):
             raise ValueError(f"the prompt has {n_img} image blocks but {len(images)} images were given")
         if len(prompt) + params.max_tokens > self.max_len:
@@ -525,7 +524,7 @@ class Engine:
     def _block_hashes(self, req: Request) -> list[str]:
         """Chained hashes of the prompt's full blocks (the last token is never covered, so that
         the prefill always computes it)."""
-        image_at = [i for i, t in enumerate(req.prompt) if t == self.image_start_id]
+        image_at = self.model.image_starts(req.prompt)
         # with cross-attention every token sees every image of the request
         h = hashlib.blake2b(digest_size=16)
         if self.cross_attention:

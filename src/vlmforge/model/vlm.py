@@ -61,12 +61,13 @@ def load_tokenizer(path: str, split_grid: int = 0):
     return tok
 
 
-def load_lm(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_lm(path: str, dtype: torch.dtype = torch.float32, device_map: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     _quiet_hf()
+    placed = {"device_map": device_map} if device_map else {}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **placed)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a causal LM from {path!r}: {e}") from e
     check_loading_info(path, info)
@@ -98,6 +99,10 @@ class VLM(nn.Module):
             layers = self.causal_lm.get_decoder().layers
             heads, every = config.connector_heads, config.xattn_every
             self.connector = CrossAttentionBridge(self.connector, layers, lm_dim, heads, every)
+            if config.layout == "bare":
+                raise ValueError(
+                    "the cross-attention architecture needs the <image> markers: use layout llama3v or inline"
+                )
         elif config.architecture != "autoregressive":
             raise ValueError(f"unknown architecture {config.architecture!r} (autoregressive or cross_attention)")
         # with image splitting every view (crops + the whole image) gets its own visual tokens
@@ -109,6 +114,7 @@ class VLM(nn.Module):
         self.image_start_id = tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
+        self.history: list[dict] = []  # the training stages that made this model (the model card's)
         self._engine = None
 
     def train(self, mode: bool = True) -> VLM:
@@ -134,7 +140,7 @@ class VLM(nn.Module):
         dtype = DTYPES[config.dtype]
         vision = VisionTower.from_pretrained(config.vision, config.feature_layer, dtype, config.vision_pooled)
         tok = load_tokenizer(config.tokenizer or config.lm, max(config.split_grid, 0))
-        lm = load_lm(config.lm, dtype)
+        lm = load_lm(config.lm, dtype, config.device_map)
         if len(tok) > lm.get_input_embeddings().weight.shape[0]:
             lm.resize_token_embeddings(len(tok))
         size = config.image_size or vision.image_size
@@ -145,11 +151,16 @@ class VLM(nn.Module):
         proc = ImageProcessor.from_encoder(config.vision, size, config.resize, config.split_grid)
         model = cls(config, vision, lm, tok, proc)
         model._vision_source = config.vision
+        if config.device_map:  # the LM is placed; the rest goes where its input embeddings are
+            device = lm.get_input_embeddings().weight.device
+            model.vision.to(device)
+            model.connector.to(device)
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> VLM:
-        """Load a folder written by `save_pretrained`."""
+    def from_pretrained(cls, path: str | Path, device_map: str | None = None) -> VLM:
+        """Load a folder written by `save_pretrained`; `device_map` places the LM as in
+        transformers' `from_pretrained` (default: the saved config's, usually none: the CPU)."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -161,8 +172,11 @@ class VLM(nn.Module):
             raise ValueError(f"{meta_file}: not a vlmforge model config")
         cfg = from_dict(ModelConfig, meta["model"])
         cfg = dataclasses.replace(cfg, vision=str(path / "vision"), lm=str(path / "lm"), tokenizer=str(path / "lm"))
+        if device_map is not None:
+            cfg = dataclasses.replace(cfg, device_map=device_map)
         model = cls.from_backbones(cfg)
-        model.connector.load_state_dict(load_file(str(path / "connector.safetensors")))
+        device = next(model.connector.parameters()).device
+        model.connector.load_state_dict(load_file(str(path / "connector.safetensors"), device=str(device)))
         if (path / "lm_adapter").is_dir():
             from peft import PeftModel
 
@@ -170,6 +184,7 @@ class VLM(nn.Module):
             model.lm_mode = "lora"
         else:
             model.lm_mode = meta.get("lm_mode", "frozen")
+        model.history = meta.get("history") or ([meta["trained"]] if "trained" in meta else [])
         return model.eval()
 
     def merge_lora(self) -> int:
@@ -217,6 +232,7 @@ class VLM(nn.Module):
                 "model": dataclasses.asdict(self.config),
                 "lm_mode": self.lm_mode,
                 "tokens_per_image": self.tokens_per_image,
+                "history": self.history,
                 **(extra or {}),
             }
             save_json(meta, tmp / "config.json")
@@ -245,6 +261,19 @@ class VLM(nn.Module):
             )
         dtype = next(self.connector.parameters()).dtype
         return self.connector(image_features.to(dtype))  # [N, T, D]
+
+    def image_starts(self, ids: list[int]) -> list[int]:
+        """Where each image's block begins in a prompt: its `<image>` marker, or with the bare
+        layout its first placeholder (every `sequence_tokens_per_image` placeholders make one)."""
+        if self.config.layout != "bare":
+            return [i for i, t in enumerate(ids) if t == self.image_start_id]
+        per, seen, out = max(self.sequence_tokens_per_image, 1), 0, []
+        for i, t in enumerate(ids):
+            if t == self.image_token_id:
+                if seen % per == 0:
+                    out.append(i)
+                seen += 1
+        return out
 
     @property
     def cross_attention(self) -> bool:
@@ -275,7 +304,7 @@ class VLM(nn.Module):
                 f"image placeholder tokens ({n_placeholders}) do not match visual features "
                 f"({vis.shape[0]} images x {vis.shape[1]} tokens = {n_features})"
             )
-        return embeds.masked_scatter(mask.unsqueeze(-1), vis.to(embeds.dtype))
+        return embeds.masked_scatter(mask.unsqueeze(-1), vis.to(embeds.device, embeds.dtype))
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None) -> VLMOutput:
         embeds = self.embed(input_ids, pixel_values, image_features)
@@ -289,7 +318,7 @@ class VLM(nn.Module):
         head = lm.get_output_embeddings()
         if labels is None:
             return VLMOutput(logits=head(hidden))
-        target = labels[:, 1:]
+        target = labels[:, 1:].to(hidden.device)  # the last layers may sit on another device (device_map)
         keep = target != IGNORE
         # The LM head runs only where there is a label: most positions (image tokens, prompts) have none.
         logits = head(hidden[:, :-1][keep]).float()  # [T, V]

@@ -285,6 +285,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             plot_loss(metrics_path, out / "loss.png")
         summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
         summary["skipped_records"] = skipped_seen[:100]
+        model.history.append({
+            "stage": cfg.stage, "data": [Path(f).name for f in cfg.data], "records": len(records),
+            "lm_mode": lm_mode(cfg), "epochs": cfg.epochs, "lr": cfg.lr, "lm_lr": cfg.lm_lr,
+            "global_batch": cfg.batch_size * cfg.grad_accum * d.world, "feature_cache": bool(cfg.cache),
+            **{k: summary[k] for k in ("step", "samples", "tokens", "elapsed")},
+        })  # fmt: skip
         model.save_pretrained(out / "model", extra={"trained": {"stage": cfg.stage, **summary}})
         save_json(summary, out / "summary.json")
         if progress["skipped"]:
