@@ -73,6 +73,7 @@ def train(
     init: str | None = None,
     resume: bool = False,
     nproc: int = 1,
+    preset: str | None = None,
 ) -> None:
     """Train one stage (align or sft) and save the model to OUT/model.
 
@@ -86,6 +87,8 @@ def train(
         init: a vlmforge model folder to start from (e.g. the align stage's output).
         resume: continue from OUT/checkpoint.pt (on any number of processes).
         nproc: processes on this machine, launched with torchrun (gloo on CPU, NCCL on GPUs).
+        preset: start from a preset's backbones and connector (`vlmforge presets`); --model.*
+            flags given with a non-default value override it.
     """
     import os
     import subprocess
@@ -97,12 +100,31 @@ def train(
         sys.exit(subprocess.call(cmd))
     from vlmforge.train.loop import train as run
 
+    if preset:
+        if init:
+            raise ValueError("--preset and --init both choose the model: pass one")
+        model = _with_preset(preset, model)
     path = run(train, None if init else model, init, resume)
     if os.environ.get("RANK", "0") == "0":
         print(path)
 
 
 _ARGV: list[str] = []
+
+
+def _with_preset(name: str, model: ModelConfig) -> ModelConfig:
+    """The preset's model config, with the fields `model` sets to non-default values on top."""
+    import dataclasses
+
+    from vlmforge.presets import get_preset
+
+    base, default = get_preset(name).model_config(), ModelConfig()
+    changed = {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelConfig)
+               if getattr(model, f.name) != getattr(default, f.name)}  # fmt: skip
+    merged = dataclasses.replace(base, **changed)
+    if not merged.vision or not merged.lm:
+        raise ValueError(f"preset {name!r} names no backbones here: pass --model.vision and --model.lm")
+    return merged
 
 
 def _without_flag(argv: list[str], flag: str) -> list[str]:
@@ -292,7 +314,7 @@ def cache_build(
         encoder: or a vision encoder (Hub id or folder) with the settings below.
         feature_layer: encoder layer (-1: last hidden state after the final norm).
         pooled: also store the pooled embedding as a leading token.
-        resize: pad (keep aspect) or squash.
+        resize: pad or expand (keep aspect), squash, or crop (see `--model.resize`).
         image_size: encoder resolution (default the encoder's own).
         split_images: cache image splitting's views: 2 x 2 crops plus the whole image.
         split_grid: image splitting grid k (k x k crops + whole; 0 off); default from the model.
@@ -510,6 +532,48 @@ def merge_lora(model: str, out: str) -> None:
     print(f"merged {n} LoRA layers into the LM (max logit difference {diff:.2e}); saved to {out}")
 
 
+def export(model: str, out: str, format: str = "auto", eval: list[str] | None = None) -> None:
+    """Write a model for the rest of the ecosystem, with a model card (README.md).
+
+    `llava-hf` is transformers' `LlavaForConditionalGeneration` + `AutoProcessor` (what vLLM
+    serves): models with the `mlp` or `linear` connector, no image splitting. Other connectors
+    (`attention`, `perceiver`, `pixel_shuffle`) have no transformers class and are written in
+    vlmforge's own format; `auto` picks llava-hf when the model maps onto it and says why not
+    otherwise. LoRA adapters are merged into the LM on the way out.
+
+    Args:
+        model: vlmforge model folder.
+        out: output folder (written atomically; must not be --model).
+        format: auto, llava-hf, idefics2-hf (refused, with the reason) or vlmforge.
+        eval: `vlmforge eval` report files whose scores go into the model card.
+    """
+    from vlmforge.export import export as run
+
+    written, notes = run(model, out, format, eval)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"exported as {written} to {out} (model card: {Path(out) / 'README.md'})")
+
+
+def import_(src: str, out: str, format: str = "llava-hf", dtype: str | None = None) -> None:
+    """Convert a checkpoint in transformers' LLaVA format into a vlmforge model folder, which
+    then trains, evaluates, chats and serves like any other (same logits as transformers).
+
+    Args:
+        src: folder of a `LlavaForConditionalGeneration` checkpoint (or a Hub id, when online).
+        out: output vlmforge model folder.
+        format: llava-hf (the only import format).
+        dtype: load and write the weights in this dtype (float32, bfloat16, float16); default: as stored.
+    """
+    from vlmforge.export import import_llava
+
+    if format != "llava-hf":
+        raise ValueError(f"unknown import format {format!r} (llava-hf)")
+    for n in import_llava(src, out, dtype):
+        print(f"note: {n}")
+    print(f"imported {src} as a vlmforge model in {out}")
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -559,6 +623,8 @@ COMMANDS = {
     "chat": chat,
     "serve": serve,
     "merge-lora": merge_lora,
+    "export": export,
+    "import": import_,
     "presets": presets,
     "plan": plan,
     "demo": demo,
@@ -597,6 +663,7 @@ LIST_FLAGS = {
     ("ablate",): {"--eval"},
     ("bench", "serve"): {"--levels"},
     ("plan",): {"--data_sizes", "--epochs"},
+    ("export",): {"--eval"},
 }
 
 

@@ -104,7 +104,7 @@ PRESETS = {
                SIGLIP_SO400M, MISTRAL_7B, {"connector_latents": 64, "layout": "inline"}),
         Preset("llava-1.5", "LLaVA-1.5: CLIP ViT-L/14-336 (second-to-last layer) + Vicuna-7B, 2-layer MLP",
                "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "mlp",
-               CLIP_L_336, VICUNA_7B, {"feature_layer": -2, "layout": "inline"}),
+               CLIP_L_336, VICUNA_7B, {"feature_layer": -2, "layout": "bare", "resize": "expand"}),
         Preset("smol", "SmolVLM-like: SigLIP-base + SmolLM2-135M-Instruct, pixel shuffle x2",
                "google/siglip-base-patch16-224", "HuggingFaceTB/SmolLM2-135M-Instruct", "pixel_shuffle",
                SIGLIP_BASE, SMOLLM2_135M, {"pixel_shuffle_factor": 2}),

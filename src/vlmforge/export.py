@@ -1,0 +1,467 @@
+"""Models in and out: export to transformers' LLaVA format (what vLLM and TGI serve) or to
+vlmforge's own, with a model card; import LLaVA checkpoints.
+
+`llava-hf` is `LlavaForConditionalGeneration` + `LlavaProcessor`: vision tower → feature layer →
+two-layer projector → visual tokens at the image-token positions of a causal LM. A vlmforge
+model maps onto it exactly when it is autoregressive, has the `mlp` connector (hidden width = LM
+width) or the `linear` one (written as an MLP whose second layer is the identity), no image
+splitting and no pooled feature. The rest carries over as configuration:
+
+* the feature layer: vlmforge's -1 is the encoder's output *after* its final norm (Idefics2's
+  choice), which transformers' `hidden_states[-1]` is not for SigLIP; the exported vision config
+  sets `tie_last_hidden_states`, which makes `hidden_states[-1]` that output;
+* the prompt layout: the processor's chat template turns `{"type": "image"}` items into
+  vlmforge's image block (`<image>` + placeholder + `</image>`, before the text wrapped in
+  `<text>`…`</text>` for the Llama3-V layout) and then renders the LM's own chat template; the
+  processor expands the placeholder to the visual-token count;
+* image processing: `squash`, `expand` (LLaVA-1.5's pad-to-square) and `crop` (CLIP's) are
+  what `LlavaImageProcessor` does; `pad` (resize the long side, then pad) has no exact
+  counterpart, so it is written as `expand` (pad first, then resize) and the command says the
+  pixels, hence the logits, differ slightly.
+
+Idefics2's transformers class needs its own vision transformer (patch masks and fractional
+position buckets for native aspect ratio), image processor (no padding to a square) and
+`<fake_token_around_image>` prompt: a vlmforge perceiver model's connector maps onto it, but its
+images would be processed and encoded differently, so `idefics2-hf` is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlmforge.data.prompts import IMAGE_END, IMAGE_PAD, IMAGE_START, TEXT_END, TEXT_START
+from vlmforge.io import atomic_dir, atomic_write_text
+from vlmforge.model.vision import _quiet_hf
+
+FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge")
+
+IDEFICS2_REASON = (
+    "idefics2-hf is not written: transformers' Idefics2 runs its own vision transformer (patch "
+    "attention masks, fractional position buckets) on images its processor keeps at native aspect "
+    "ratio without padding, and marks images with <fake_token_around_image>; a vlmforge perceiver "
+    "model would see different pixels and positions there, so its outputs would not be the same"
+)
+
+
+class ExportError(ValueError):
+    """The model cannot be written in the requested format; the message says why."""
+
+
+def llava_obstacles(vlm) -> list[str]:
+    """Why `vlm` cannot be written as `LlavaForConditionalGeneration` (empty when it can)."""
+    from transformers import AutoModel
+
+    c = vlm.config
+    out = []
+    if c.architecture != "autoregressive":
+        out.append(f"architecture {c.architecture!r} (LLaVA places visual tokens in the sequence)")
+    if c.connector not in ("mlp", "linear"):
+        out.append(f"connector {c.connector!r} has no transformers class (LLaVA's projector is a 2-layer MLP)")
+    lm_dim = vlm.causal_lm.get_input_embeddings().weight.shape[1]
+    if c.connector == "mlp" and (c.connector_hidden or lm_dim) != lm_dim:
+        out.append(f"mlp connector hidden width {c.connector_hidden} != LM width {lm_dim}")
+    if c.split_grid:
+        out.append(f"image splitting (split_grid {c.split_grid})")
+    if c.vision_pooled:
+        out.append("the pooled vision feature (vision_pooled)")
+    vcfg = vlm.vision.model.config
+    try:
+        with torch.device("meta"):
+            tower = type(AutoModel.from_config(vcfg))
+    except (ValueError, KeyError) as e:
+        tower = f"none ({e})"
+    if tower is not type(vlm.vision.model):
+        out.append(
+            f"vision model {type(vlm.vision.model).__name__} is not what AutoModel builds from its config ({tower})"
+        )
+    decoder = vlm.causal_lm.get_decoder()
+    with torch.device("meta"):
+        built = type(AutoModel.from_config(vlm.causal_lm.config))
+    if built is not type(decoder):
+        out.append(f"LM decoder {type(decoder).__name__} is not what AutoModel builds from its config")
+    if c.feature_layer != -1 and not -len(_vision_layers(vlm)) - 1 <= c.feature_layer <= len(_vision_layers(vlm)):
+        out.append(f"feature_layer {c.feature_layer} is out of range")
+    return out
+
+
+def _core(model):
+    """The vision transformer of a vision model (some classes wrap it as `vision_model`)."""
+    return getattr(model, "vision_model", model)
+
+
+def _vision_layers(vlm):
+    return getattr(getattr(_core(vlm.vision.model), "encoder", None), "layers", [])
+
+
+def processor_chat_template(lm_template: str, layout: str) -> str:
+    """A chat template for the exported processor: messages whose content is a list of
+    `{"type": "image"}` / `{"type": "text"}` items (or a string with `<image>` markers) become
+    vlmforge's prompt text, then the LM's own template renders them. One placeholder per image;
+    the processor expands it to the visual-token count."""
+    block = IMAGE_PAD if layout == "bare" else IMAGE_START + IMAGE_PAD + IMAGE_END
+    if layout == "llama3v":
+        compose = f"block * n + '{TEXT_START}' + (text | trim) + '{TEXT_END}'"
+        from_string = f"block * n + '{TEXT_START}' + (c.replace('<image>', '') | trim) + '{TEXT_END}'"
+    else:
+        compose = "block * n + '\\n' + text"
+        from_string = "c.replace('<image>', block)"
+    head = (
+        "{%- set block = '" + block + "' -%}"
+        "{%- set ns = namespace(messages=[]) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['content'] is string -%}"
+        "{%- set c = m['content'] -%}{%- set n = c.count('<image>') -%}"
+        "{%- set c = (" + from_string + ") if n else c -%}"
+        "{%- else -%}"
+        "{%- set n = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+        "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
+        "{%- set c = (" + compose + ") if n else text -%}"
+        "{%- endif -%}"
+        "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': c}] -%}"
+        "{%- endfor -%}"
+        "{%- set messages = ns.messages -%}"
+    )
+    return head + lm_template
+
+
+def llava_image_processor(proc):
+    """`LlavaImageProcessor` settings giving vlmforge's pixels (exactly for squash, expand and crop)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    s = proc.size
+    common = {"image_mean": list(proc.mean), "image_std": list(proc.std), "resample": 3, "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True}  # fmt: skip
+    if proc.resize == "crop":
+        return LlavaImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                                      do_center_crop=True, do_pad=False, **common)  # fmt: skip
+    return LlavaImageProcessorPil(size={"height": s, "width": s}, crop_size={"height": s, "width": s},
+                                  do_center_crop=False, do_pad=proc.resize in ("pad", "expand"), **common)  # fmt: skip
+
+
+def to_llava(vlm):
+    """(LlavaForConditionalGeneration, LlavaProcessor, notes) computing what `vlm` computes.
+    The weights are assigned, not copied: the returned model shares the tensors of `vlm`."""
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    _quiet_hf()
+    problems = llava_obstacles(vlm)
+    if problems:
+        raise ExportError("cannot export to llava-hf: " + "; ".join(problems))
+    if vlm.lm_mode == "lora":
+        vlm.merge_lora()
+    notes = []
+    c, lm = vlm.config, vlm.causal_lm
+    vcfg = vlm.vision.model.config.__class__.from_dict(vlm.vision.model.config.to_dict())
+    has_cls = vlm.vision.num_patches + 1 == _num_tokens_out(vlm)
+    if c.feature_layer == -1:
+        vcfg.tie_last_hidden_states = True  # hidden_states[-1] is then the output after the final norm
+        if getattr(_core(vlm.vision.model), "post_layernorm", None) is not None:
+            notes.append(
+                "feature layer -1 is the encoder's output after its final norm: transformers computes it "
+                "(tie_last_hidden_states), but vLLM's LLaVA builds the vision tower without that norm "
+                "(require_post_norm=False), so under vLLM the outputs would differ; for vLLM, train with "
+                "--model.feature_layer -2 (LLaVA's choice) or another index"
+            )
+    conn = vlm.connector
+    lm_dim = lm.get_input_embeddings().weight.shape[1]
+    if c.connector == "mlp":
+        proj = {"linear_1": conn.net[0], "linear_2": conn.net[2]}
+        act = "gelu"
+    else:  # linear: the second layer is the identity, the activation linear
+        eye = torch.nn.Linear(lm_dim, lm_dim, dtype=conn.proj.weight.dtype)
+        with torch.no_grad():
+            eye.weight.copy_(torch.eye(lm_dim))
+            eye.bias.zero_()
+        proj = {"linear_1": conn.proj, "linear_2": eye}
+        act = "linear"
+    dtype = next(lm.parameters()).dtype
+    config = LlavaConfig(
+        vision_config=vcfg,
+        text_config=lm.config,
+        image_token_index=vlm.image_token_id,
+        image_seq_length=vlm.tokens_per_image,
+        projector_hidden_act=act,
+        vision_feature_select_strategy="default" if has_cls else "full",
+        vision_feature_layer=c.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    config.dtype = dtype
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(config)
+    hf.model.vision_tower.load_state_dict(vlm.vision.model.state_dict(), assign=True)
+    hf.model.language_model.load_state_dict(lm.get_decoder().state_dict(), assign=True)
+    hf.lm_head.load_state_dict(lm.get_output_embeddings().state_dict(), assign=True)
+    for name, layer in proj.items():
+        getattr(hf.model.multi_modal_projector, name).load_state_dict(layer.state_dict(), assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    _restore_buffers(hf, vlm)
+    hf.generation_config = GenerationConfig(
+        eos_token_id=vlm.prompts.stop_ids, pad_token_id=vlm.tokenizer.pad_token_id,
+        bos_token_id=vlm.tokenizer.bos_token_id,
+    )  # fmt: skip
+    tok = vlm.tokenizer
+    processor = LlavaProcessor(
+        image_processor=llava_image_processor(vlm.processor),
+        tokenizer=tok,
+        patch_size=vlm.vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=processor_chat_template(tok.chat_template, c.layout),
+        image_token=IMAGE_PAD,
+        num_additional_image_tokens=int(has_cls),
+    )
+    if vlm.processor.resize == "pad":
+        notes.append(
+            "images: vlmforge's `pad` (resize the long side, then pad) is written as LLaVA's pad-to-square "
+            "then resize; pixels near the padding edge differ slightly, so outputs on non-square images do too "
+            "(train with --model.resize expand for an exact match)"
+        )
+    return hf, processor, notes
+
+
+def _num_tokens_out(vlm) -> int:
+    """Tokens the vision tower's hidden states have per image (patches, + 1 with a CLS token)."""
+    emb = getattr(_core(vlm.vision.model), "embeddings", None)
+    n = getattr(emb, "num_positions", None)
+    return int(n) if n is not None else vlm.vision.num_patches
+
+
+def _restore_buffers(hf, vlm) -> None:
+    """Non-persistent buffers (position ids, rotary frequencies) stay on the meta device after an
+    assigning load: take them from the source modules, which have the same structure."""
+    sources = {
+        "model.vision_tower": vlm.vision.model,
+        "model.language_model": vlm.causal_lm.get_decoder(),
+    }
+    for prefix, src in sources.items():
+        mine = dict(src.named_buffers())
+        for name, buf in hf.get_submodule(prefix).named_buffers():
+            if buf.is_meta:
+                owner, _, attr = name.rpartition(".")
+                hf.get_submodule(f"{prefix}.{owner}" if owner else prefix).register_buffer(
+                    attr, mine[name].clone(), persistent=False
+                )
+
+
+def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] | None = None,
+               sources: tuple[str, str] | None = None) -> str:  # fmt: skip
+    """README.md of an export: what the model is, how it was made and how it scored. `sources`:
+    the vision encoder and LM the model was first built from (Hub ids become `base_model`)."""
+    c = vlm.config
+    vision_src, lm_src = sources or (c.vision, c.lm)
+    base = [b for b in (vision_src, lm_src) if b and not Path(b).exists()]
+    lines = ["---", "library_name: transformers" if fmt == "llava-hf" else "library_name: vlmforge",
+             "pipeline_tag: image-text-to-text", "tags: [vlmforge, vision-language]"]  # fmt: skip
+    if base:
+        lines += ["base_model:"] + [f"- {b}" for b in base]
+    lines += ["---", "", "# Vision-language model built with vlmforge", ""]
+    lines.append(
+        f"Format: **{fmt}**. Vision encoder `{vision_src}` (frozen, feature layer {c.feature_layer}, "
+        f"{vlm.vision.num_patches} patches) → `{c.connector}` connector → {vlm.tokens_per_image} visual tokens per "
+        f"image in the sequence of the LM `{lm_src}` (LM trained: {vlm.lm_mode}), prompt layout `{c.layout}`, "
+        f"images `{c.resize}` to {vlm.processor.size}px."
+    )
+    lines += ["", "## Configuration", "", "| setting | value |", "|---|---|"]
+    for k, v in dataclasses.asdict(c).items():
+        if k not in ("vision", "lm", "tokenizer"):
+            lines.append(f"| {k} | {v} |")
+    lines += ["", "## Training", ""]
+    if vlm.history:
+        lines += ["| stage | data | records | LM | epochs | lr | global batch | steps | samples | feature cache |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for h in vlm.history:
+            cells = [h.get("stage"), ", ".join(h.get("data", []))] + [
+                h.get(k, "") for k in ("records", "lm_mode", "epochs", "lr", "global_batch", "step", "samples")
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells + [h.get("feature_cache", "")]) + " |")
+    else:
+        lines.append("No training record (the connector is as initialised, or the model was imported).")
+    lines += ["", "## Evaluation", ""]
+    if evals:
+        lines += ["| data | metric | score | n |", "|---|---|---|---|"]
+        for e in evals:
+            lines.append(f"| {e['name']} | {e['metric']} | {100 * e['score']:.1f} | {e.get('n', '')} |")
+    else:
+        lines.append("No evaluation was attached (`vlmforge export --eval REPORT.json`).")
+    if fmt == "llava-hf":
+        lines += ["", "## Use", "", "```python",
+                  "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+                  "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
+                  "processor = AutoProcessor.from_pretrained(PATH)",
+                  'messages = [{"role": "user", "content": [{"type": "image"},',
+                  '                                         {"type": "text", "text": "What is shown?"}]}]',
+                  "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+                  'inputs = processor(images=[image], text=prompt, return_tensors="pt")',
+                  "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
+                  "```", "", "This is the LLaVA layout vLLM serves (`vllm serve PATH`); see the notes."]  # fmt: skip
+    else:
+        lines += ["", "## Use", "", "`vlmforge chat --model PATH` or `vlmforge serve --model PATH` (an "
+                  "OpenAI-compatible server); in Python `vlmforge.model.vlm.VLM.from_pretrained(PATH)`."]  # fmt: skip
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def read_evals(paths: list[str]) -> list[dict]:
+    """Scores from `vlmforge eval` reports: `--data` reports (accuracy) and `--bench` report.json."""
+    rows = []
+    for p in paths:
+        try:
+            rep = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: not a readable eval report ({e})") from e
+        if isinstance(rep, dict) and "accuracy" in rep:
+            rows.append({"name": Path(rep.get("data", p)).name, "metric": "accuracy", "score": rep["accuracy"],
+                         "n": rep.get("n")})  # fmt: skip
+            continue
+        found = _bench_rows(rep)
+        if not found:
+            raise ValueError(f"{p}: no scores found (expected a `vlmforge eval` report)")
+        rows += found
+    return rows
+
+
+def _bench_rows(rep) -> list[dict]:
+    rows = []
+    items = rep.get("benchmarks", rep) if isinstance(rep, dict) else {}
+    for name, r in items.items() if isinstance(items, dict) else []:
+        if isinstance(r, dict):
+            for metric in ("score", "accuracy", "vqa_accuracy", "anls", "f1", "cider"):
+                if isinstance(r.get(metric), int | float):
+                    rows.append({"name": name, "metric": metric, "score": float(r[metric]), "n": r.get("n")})
+                    break
+    return rows
+
+
+def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = None) -> tuple[str, list[str]]:
+    """Write `model` (a vlmforge folder) to `out` in `fmt`; returns (format written, notes)."""
+    from vlmforge.model.vlm import VLM
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (use {', '.join(FORMATS)})")
+    if Path(out).resolve() == Path(model).resolve():
+        raise ValueError("--out must differ from --model")
+    scores = read_evals(evals or [])
+    vlm = VLM.from_pretrained(model)
+    vlm._vision_source = str(Path(model) / "vision")
+    meta = json.loads((Path(model) / "config.json").read_text())
+    sources = (meta["model"].get("vision", ""), meta["model"].get("lm", ""))
+    notes: list[str] = []
+    if fmt == "idefics2-hf":
+        raise ExportError(IDEFICS2_REASON)
+    if fmt == "auto":
+        problems = llava_obstacles(vlm)
+        fmt = "vlmforge" if problems else "llava-hf"
+        if problems:
+            notes.append("written in vlmforge's own format, not llava-hf: " + "; ".join(problems))
+    if fmt == "llava-hf":
+        hf, processor, more = to_llava(vlm)
+        notes += more
+        with atomic_dir(out) as tmp:
+            hf.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["vlmforge"] = {"model": meta["model"], "history": vlm.history}  # for `vlmforge import`
+            atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
+            atomic_write_text(tmp / "README.md", model_card(vlm, fmt, scores, notes, sources))
+        return fmt, notes
+    with atomic_dir(out) as tmp:
+        for item in Path(model).iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        atomic_write_text(tmp / "README.md", model_card(vlm, fmt, scores, notes, sources))
+    return fmt, notes
+
+
+def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
+    """Convert a `LlavaForConditionalGeneration` folder (transformers' format) into a vlmforge model
+    folder; returns notes on what could not carry over exactly."""
+    from safetensors.torch import save_file
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,
+    )
+
+    from vlmforge.config import ModelConfig, from_dict, save_json
+
+    _quiet_hf()
+    try:
+        config = AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read a model config from {src!r}: {e}") from e
+    if config.model_type != "llava":
+        raise ValueError(f"{src}: a {config.model_type!r} checkpoint, not llava (LlavaForConditionalGeneration)")
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    vcfg = config.vision_config
+    if not isinstance(layer, int):
+        raise ValueError(f"{src}: several vision feature layers {layer} (vlmforge reads one)")
+    if config.projector_hidden_act not in ("gelu", "linear"):
+        raise ValueError(
+            f"{src}: projector activation {config.projector_hidden_act!r} (vlmforge's mlp uses exact gelu)"
+        )
+    notes = []
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
+    hf = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+    tied = bool(getattr(vcfg, "tie_last_hidden_states", False))
+    n_layers = vcfg.num_hidden_layers
+    core = _core(hf.model.vision_tower)
+    if layer == -1 and not tied and getattr(core, "post_layernorm", None) is not None:
+        layer = n_layers  # transformers' hidden_states[-1] is before the final norm; vlmforge's -1 is after
+    cls_token = getattr(core.embeddings, "class_embedding", None) is not None
+    if cls_token != (strategy == "default"):
+        has = "with" if cls_token else "without"
+        raise ValueError(f"{src}: vision_feature_select_strategy {strategy!r} with an encoder {has} a CLS token "
+                         "(vlmforge drops exactly the CLS token)")  # fmt: skip
+    own = getattr(config, "vlmforge", None)
+    ip = AutoImageProcessor.from_pretrained(src)
+    if own:
+        mc = from_dict(ModelConfig, own["model"])
+    else:
+        size = ip.crop_size["height"] if getattr(ip, "do_center_crop", False) else (
+            ip.size.get("height") or ip.size.get("shortest_edge"))  # fmt: skip
+        resize = (
+            "crop" if getattr(ip, "do_center_crop", False) else ("expand" if getattr(ip, "do_pad", False) else "squash")
+        )
+        mc = ModelConfig(connector="mlp", layout="bare", resize=resize, image_size=int(size))
+        notes.append(
+            f"prompts: layout `bare` (the image placeholders alone, in place of <image>); image processing `{resize}`"
+        )
+    lm_dim = config.text_config.hidden_size
+    mc = dataclasses.replace(mc, connector="mlp" if config.projector_hidden_act == "gelu" else "linear",
+                             connector_hidden=lm_dim, feature_layer=layer, split_grid=0, vision_pooled=False,
+                             architecture="autoregressive")  # fmt: skip
+    with atomic_dir(out) as tmp:
+        hf.model.vision_tower.save_pretrained(tmp / "vision")
+        ip_cls = AutoImageProcessor.from_pretrained(src)
+        ip_cls.save_pretrained(tmp / "vision")
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config.text_config)
+        setattr(lm, lm.base_model_prefix, hf.model.language_model)
+        lm.set_output_embeddings(hf.lm_head)
+        lm.save_pretrained(tmp / "lm")
+        tok = AutoTokenizer.from_pretrained(src)
+        tok.save_pretrained(tmp / "lm")
+        p = hf.model.multi_modal_projector
+        if mc.connector == "mlp":
+            state = {"net.0.weight": p.linear_1.weight, "net.0.bias": p.linear_1.bias,
+                     "net.2.weight": p.linear_2.weight, "net.2.bias": p.linear_2.bias}  # fmt: skip
+        else:
+            w2 = p.linear_2.weight
+            if not torch.equal(w2, torch.eye(w2.shape[0], dtype=w2.dtype)):
+                raise ValueError(f"{src}: a linear-activation projector whose second layer is not the identity")
+            state = {"proj.weight": p.linear_1.weight, "proj.bias": p.linear_1.bias}
+        if any(v is None for v in state.values()):
+            raise ValueError(f"{src}: a projector without biases (multimodal_projector_bias false)")
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "connector.safetensors"))
+        meta = {"vlmforge": __import__("vlmforge").__version__, "model": dataclasses.asdict(mc), "lm_mode": "full",
+                "history": (own or {}).get("history", []), "imported_from": str(src)}  # fmt: skip
+        save_json(meta, tmp / "config.json")
+    return notes

@@ -1,0 +1,200 @@
+"""`vlmforge export` / `vlmforge import`: transformers' LLaVA classes load what vlmforge writes and
+compute the same thing, and LLaVA checkpoints load into vlmforge with the same logits."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmforge.cli import main
+from vlmforge.model.vlm import VLM
+
+# Tolerances: the same float32 computations in a different order (fused vs separate ops); the
+# logits of these tiny models are O(10).
+ATOL = 1e-4
+
+
+def _image(w=40, h=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def _greedy_hf(hf, inputs, n):
+    gc = copy.deepcopy(hf.generation_config)
+    gc.max_new_tokens, gc.do_sample, gc.eos_token_id = n, False, None
+    out = hf.generate(**inputs, generation_config=gc)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("layout,connector", [("llama3v", "mlp"), ("inline", "linear")])
+def test_llava_hf_export_runs_in_transformers_with_the_same_outputs(model_cfg, tmp_path, capsys, layout, connector):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlmforge.infer.engine import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(model_cfg, resize="expand", layout=layout, connector=connector)
+    vlm = VLM.from_backbones(cfg).eval()
+    with torch.no_grad():  # a connector whose output matters (the fresh init is near zero)
+        for p in vlm.connector.parameters():
+            p.mul_(4.0)
+    vlm.save_pretrained(tmp_path / "m")
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"data": "shapes_test.json", "accuracy": 0.5, "n": 10, "per_type": {}}))
+    main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf"), "--format", "llava-hf",
+          "--eval", str(report)])  # fmt: skip
+    assert "exported as llava-hf" in capsys.readouterr().out
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "library_name: transformers" in card and f"`{connector}` connector" in card
+    assert "| shapes_test.json | accuracy | 50.0 | 10 |" in card
+
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    im = _image()  # not square: the aspect-keeping padding is exercised
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[im], text=prompt, return_tensors="pt")
+    ids = vlm.build_prompt("what is it?", 1)
+    assert inputs["input_ids"][0].tolist() == ids  # the same prompt, visual tokens included
+    pixels = vlm.processor.views(im)
+    torch.testing.assert_close(inputs["pixel_values"], pixels, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        want = vlm(torch.tensor([ids]), pixel_values=pixels).logits
+        got = hf(**inputs).logits
+    assert (want - vlm(torch.tensor([ids]), pixel_values=torch.zeros_like(pixels)).logits).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    ours = vlm.engine().generate([ids], [[im]], SamplingParams(max_tokens=8, ignore_eos=True))[0].tokens
+    assert _greedy_hf(hf, inputs, 8) == ours
+
+    main(["import", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    back = VLM.from_pretrained(tmp_path / "back")
+    assert back.config.layout == layout and back.config.resize == "expand"
+    with torch.no_grad():
+        torch.testing.assert_close(back(torch.tensor([ids]), pixel_values=pixels).logits, want, rtol=0, atol=ATOL)
+
+
+def test_llava_checkpoint_from_transformers_imports_with_the_same_logits(backbones, tmp_path):
+    """A LLaVA-1.5-shaped checkpoint made with transformers' own classes: CLIP tower (CLS token,
+    feature layer -2, centre crop), Llama LM, `<image>` placeholder token."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(backbones["lm"])
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)  # fmt: skip
+    image_id = tok.convert_tokens_to_ids("<image>")
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=16,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    ip = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(tmp_path / "llava")  # fmt: skip
+    hf.save_pretrained(tmp_path / "llava")
+
+    main(["import", "--src", str(tmp_path / "llava"), "--out", str(tmp_path / "vf")])
+    vlm = VLM.from_pretrained(tmp_path / "vf")
+    assert vlm.config.resize == "crop" and vlm.config.feature_layer == -2 and vlm.tokens_per_image == 16
+    im = _image(48, 32, seed=1)
+    pixels = vlm.processor.views(im)
+    torch.testing.assert_close(ip(im, return_tensors="pt")["pixel_values"], pixels, rtol=0, atol=1e-5)
+    words = tok("the red square", add_special_tokens=False)["input_ids"]
+    hf_ids = torch.tensor([words[:1] + [image_id] * 16 + words[1:]])
+    vf_ids = torch.where(hf_ids == image_id, vlm.image_token_id, hf_ids)
+    with torch.no_grad():
+        want = hf(input_ids=hf_ids, pixel_values=pixels).logits
+        got = vlm(vf_ids, pixel_values=pixels).logits[..., : want.shape[-1]]
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    # the imported model is a vlmforge model like any other: its prompts carry the placeholders bare
+    assert vlm.build_prompt("what?", 1).count(vlm.image_token_id) == 16
+
+
+def test_connectors_without_a_transformers_class_export_in_vlmforge_format(model_cfg, tmp_path, capsys):
+    torch.manual_seed(0)
+    vlm = VLM.from_backbones(dataclasses.replace(model_cfg, connector="attention"))
+    vlm.save_pretrained(tmp_path / "m")
+    main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "x")])
+    out = capsys.readouterr().out
+    assert "written in vlmforge's own format, not llava-hf: connector 'attention' has no transformers class" in out
+    assert "exported as vlmforge" in out
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "library_name: vlmforge" in card and "No evaluation was attached" in card
+    again = VLM.from_pretrained(tmp_path / "x")
+    assert again.config.connector == "attention"
+    for fmt, msg in (("llava-hf", "cannot export to llava-hf: connector 'attention'"),
+                     ("idefics2-hf", "idefics2-hf is not written")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / fmt), "--format", fmt])
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / fmt).exists()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "export",
+                "--model",
+                str(tmp_path / "m"),
+                "--out",
+                str(tmp_path / "y"),
+                "--eval",
+                str(tmp_path / "bad.json"),
+            ]
+        )
+    assert "bad.json: not a readable eval report" in capsys.readouterr().err
+
+
+def test_a_preset_trained_here_exports_to_llava_hf(backbones, data_dir, tmp_path, capsys):
+    """`train --preset llava-1.5` with local backbones (feature layer -2, LLaVA's pad-to-square,
+    bare placeholders), then `export` (auto picks llava-hf), and transformers generates the same."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlmforge.infer.engine import SamplingParams
+
+    out = tmp_path / "run"
+    main(["train", "--preset", "llava-1.5", "--model.vision", str(backbones["vision"]), "--model.lm",
+          str(backbones["lm"]), "--train.data", str(data_dir / "shapes_sft.json"), "--train.stage", "align",
+          "--train.max_steps", "2", "--train.batch_size", "4", "--train.out", str(out)])  # fmt: skip
+    vlm = VLM.from_pretrained(out / "model")
+    c = vlm.config
+    assert (c.feature_layer, c.layout, c.resize, c.connector) == (-2, "bare", "expand", "mlp")
+    assert vlm.history[-1]["stage"] == "align" and vlm.history[-1]["step"] == 2
+    main(["export", "--model", str(out / "model"), "--out", str(tmp_path / "hf")])
+    assert "exported as llava-hf" in capsys.readouterr().out
+    assert "| align | shapes_sft.json |" in (tmp_path / "hf" / "README.md").read_text()
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    im = _image(24, 40, seed=2)
+    messages = [{"role": "user", "content": "<image>\nwhat shape is it?"}]  # string content works too
+    inputs = processor(images=[im], text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")  # fmt: skip
+    ids = vlm.build_prompt("what shape is it?", 1)
+    assert inputs["input_ids"][0].tolist() == ids
+    ours = vlm.engine().generate([ids], [[im]], SamplingParams(max_tokens=6, ignore_eos=True))[0].tokens
+    assert _greedy_hf(hf, inputs, 6) == ours
+
+
+def test_device_map_places_the_model_and_keeps_its_outputs(model, tmp_path):
+    """`device_map` goes to transformers' loader (accelerate); on a machine without GPUs `auto`
+    places everything on the CPU, which is all this test can check here."""
+    model.save_pretrained(tmp_path / "m")
+    placed = VLM.from_pretrained(tmp_path / "m", device_map="auto")
+    assert placed.config.device_map == "auto"
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}
+    ids = torch.tensor([model.build_prompt("what is it?", 1)])
+    pixels = model.processor.views(_image())
+    with torch.no_grad():
+        torch.testing.assert_close(placed(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
