@@ -19,10 +19,9 @@ splitting and no pooled feature. The rest carries over as configuration:
   counterpart, so it is written as `expand` (pad first, then resize) and the command says the
   pixels, hence the logits, differ slightly.
 
-Idefics2's transformers class needs its own vision transformer (patch masks and fractional
-position buckets for native aspect ratio), image processor (no padding to a square) and
-`<fake_token_around_image>` prompt: a vlmforge perceiver model's connector maps onto it, but its
-images would be processed and encoded differently, so `idefics2-hf` is refused with that reason.
+`idefics2-hf` is refused with the reason (`IDEFICS2_REASON`): the perceiver's weights map onto
+Idefics2's connector, but its processor, vision transformer and prompt tokens would not compute
+the same model.
 """
 
 from __future__ import annotations
@@ -41,10 +40,12 @@ from vlmforge.model.vision import _quiet_hf
 FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge")
 
 IDEFICS2_REASON = (
-    "idefics2-hf is not written: transformers' Idefics2 runs its own vision transformer (patch "
-    "attention masks, fractional position buckets) on images its processor keeps at native aspect "
-    "ratio without padding, and marks images with <fake_token_around_image>; a vlmforge perceiver "
-    "model would see different pixels and positions there, so its outputs would not be the same"
+    "idefics2-hf is not written: the perceiver's weights would map onto Idefics2's connector, but "
+    "transformers' Idefics2 would not compute the same model: its processor resizes images keeping "
+    "their aspect ratio without padding them to a square (vlmforge's pixels match only for square "
+    "images), its vision transformer places patches by fractional position buckets, and its prompt "
+    "uses <image> as the placeholder inside <fake_token_around_image>, where vlmforge's <image> is "
+    "the opening marker; export the perceiver model in vlmforge's format (--format vlmforge)"
 )
 
 
