@@ -1,5 +1,6 @@
-"""torchrun with 2 CPU processes (gloo): the same global batch gives the same run; a checkpoint of
-2 ranks resumes on 1; a rank that fails stops the job, named, instead of hanging the others."""
+"""torchrun with 2 CPU processes (gloo), DDP and FSDP2: the same global batch gives the same run;
+a checkpoint of 2 ranks resumes on 1; a rank that fails stops the job, named, instead of hanging
+the others; a rank whose micro-batch was all bad images does not hang the others either."""
 
 from __future__ import annotations
 
@@ -50,6 +51,56 @@ def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path):
+    """FSDP2 shards the fully trained LM over 2 ranks; its checkpoint (gathered, by name) resumes on
+    1 process, and the run matches 1 process with the same global batch: losses to 1e-5, weights
+    to 1e-4 (the same sums in another order)."""
+    data = data_dir / "shapes_sft.json"
+    two, one = tmp_path / "two", tmp_path / "one"
+    full = ["--train.lm_mode", "full"]
+    r = train(*common(data, backbones, two), *full, "--nproc", "2", "--train.strategy", "fsdp",
+              "--train.grad_accum", "1", "--train.stop_at", "2")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 ranks (fsdp)" in r.stdout + r.stderr and len(losses(two)) == 2
+    r = train(*common(data, backbones, two), *full, "--train.grad_accum", "2", "--resume", "true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = train(*common(data, backbones, one), *full, "--train.grad_accum", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 4
+    for part in ("connector.safetensors", "lm/model.safetensors"):
+        a, b = load_file(str(two / "model" / part)), load_file(str(one / "model" / part))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_writes_the_whole_model_from_its_shards(data_dir, backbones, tmp_path):
+    """The model folder of an FSDP run is gathered from the shards: the same as a DDP run's, and a
+    rank whose micro-batch was all bad images (skipped) still takes part in every collective."""
+    rows = json.loads((data_dir / "shapes_sft.json").read_text())
+    for row in rows:
+        row["image"] = str((data_dir / row["image"]).resolve())
+    from vlmforge.train.loop import epoch_batches
+
+    for victim in epoch_batches(len(rows), 4, 0, 0)[1]:  # rank 1's whole first micro-batch
+        rows[victim]["image"] = str(tmp_path / "gone.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    runs = {}
+    for strategy in ("fsdp", "ddp"):
+        out = tmp_path / strategy
+        r = train(*common(data, backbones, out), "--nproc", "2", "--train.strategy", strategy,
+                  "--train.max_steps", "2", "--train.dist_timeout", "60", timeout=200)  # fmt: skip
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert json.loads((out / "summary.json").read_text())["skipped"] == 4
+        runs[strategy] = out
+    for part in ("connector.safetensors", "lm_adapter/adapter_model.safetensors"):
+        a, b = (load_file(str(runs[s] / "model" / part)) for s in ("fsdp", "ddp"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert losses(runs["fsdp"]) == pytest.approx(losses(runs["ddp"]), rel=1e-5)
+
+
 def test_a_failing_rank_stops_the_job_with_its_name(data_dir, backbones, tmp_path):
     from vlmforge.train.loop import epoch_batches
 
@@ -79,5 +130,6 @@ def test_bench_train_writes_its_figures(tmp_path, capsys):
     for stage in ("align", "sft"):
         m = r["mfu"][stage]
         assert m["flops_per_step"] > 0 and 0 < m["mfu"] < 1.5
-    assert r["processes"]["2"]["steps"] == r["processes"]["1"]["steps"] == 2 and r["two_vs_one_process"] > 0
+    assert r["processes"]["2"]["steps"] == r["processes"]["1"]["steps"] == r["processes"]["2-fsdp"]["steps"] == 2
+    assert r["two_vs_one_process"] > 0 and r["fsdp_two_vs_one_process"] > 0
     assert "MFU" in capsys.readouterr().out

@@ -124,3 +124,27 @@ def test_gradient_accumulation_matches_one_big_batch(model_cfg, data_dir, tmp_pa
     assert _losses(tmp_path / "big") == pytest.approx(_losses(tmp_path / "acc"), rel=1e-5)
     for (n, a), b in zip(big.named_parameters(), acc.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_activation_checkpointing_changes_memory_not_results_and_bf16_trains(
+    model_cfg, data_dir, tmp_path, monkeypatch
+):
+    """Recomputing the LM's activations in the backward pass (each layer runs twice) gives the
+    very same run; bf16 autocast gives one within bf16's precision (relative 2e-2 on the loss)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    calls, forward = [0], LlamaMLP.forward  # inside each decoder layer: runs again in the recompute
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    runs, layer_calls = {}, {}
+    for name, kw in (("plain", {}), ("ckpt", {"activation_checkpointing": True}), ("bf16", {"precision": "bf16"})):
+        calls[0] = 0
+        train(_cfg(data_dir, tmp_path / name, max_steps=3, lm_mode="full", **kw), model_cfg)
+        runs[name], layer_calls[name] = _losses(tmp_path / name), calls[0]
+    assert layer_calls["ckpt"] == 2 * layer_calls["plain"] > 0
+    assert runs["ckpt"] == pytest.approx(runs["plain"], rel=1e-6)
+    assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2) and runs["bf16"] != runs["plain"]

@@ -114,6 +114,14 @@ class TrainConfig:
             job fails (a rank that died must not leave the others hanging).
         stop_at: stop after this optimizer step (checkpoint and model saved), the schedule still
             the whole run's: a job that must fit a time slot continues later with --resume.
+        strategy: on several ranks, `ddp` (every rank holds the model; DistributedDataParallel
+            all-reduces gradients in buckets during the backward pass) or `fsdp` (FSDP2
+            `fully_shard`: each LM decoder layer, then the rest, sharded over the ranks, the frozen
+            vision tower replicated; for models that do not fit one GPU).
+        precision: `bf16` computes in bfloat16 (FSDP: bf16 parameters for compute, fp32 gradient
+            reduction and master weights; otherwise autocast), `fp32` does not.
+        activation_checkpointing: recompute each LM layer's activations in the backward pass
+            instead of storing them (less memory, about a third more compute).
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -146,6 +154,9 @@ class TrainConfig:
     cache_missing: Literal["encode", "fail"] = "fail"
     dist_timeout: float = 600.0
     stop_at: int | None = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -6,9 +6,9 @@
   runs it, counted by `torch.utils.flop_counter.FlopCounterMode`: matmuls and attention) divided
   by the median step time (forward, backward, clipping-free AdamW step, batches collated in
   memory beforehand) and by the peak.
-* Processes: `vlmforge train` itself on 1 process and on 2 (`--nproc 2`, gloo), one torch thread
-  each, the same global batch (1 x grad_accum 2 vs 2 x 1); samples/s and tokens/s from the runs'
-  own `summary.json` (their training time, not the start-up).
+* Processes: `vlmforge train` itself on 1 process and on 2 (`--nproc 2`, gloo; DDP, then FSDP),
+  one torch thread each, the same global batch (1 x grad_accum 2 vs 2 x 1); samples/s and
+  tokens/s from the runs' own `summary.json` (their training time, not the start-up).
 
 The model is a preset with random weights (timing does not depend on them); the data the
 bench's synthetic images.
@@ -87,18 +87,20 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
             "tokens_per_s": round(tokens / s, 1), "samples_per_s": round(batch_size / s, 2)}  # fmt: skip
 
 
-def process_run(vision: str, lm: str, data: str, out: Path, nproc: int, batch_size: int, steps: int) -> dict:
+def process_run(vision: str, lm: str, data: str, out: Path, nproc: int, batch_size: int, steps: int,
+                strategy: str = "ddp") -> dict:  # fmt: skip
     accum = 2 // nproc
     cmd = [sys.executable, "-m", "vlmforge", "train", "--train.stage", "align", "--train.data", data,
            "--train.batch_size", str(batch_size), "--train.grad_accum", str(accum), "--train.max_steps", str(steps),
            "--train.threads", "1", "--train.save_every", "100000", "--train.out", str(out), "--model.vision", vision,
-           "--model.lm", lm, "--nproc", str(nproc)]  # fmt: skip
+           "--model.lm", lm, "--nproc", str(nproc), "--train.strategy", strategy]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         raise RuntimeError(f"training on {nproc} process(es) failed: {(r.stdout + r.stderr)[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    return {"processes": nproc, "grad_accum": accum, "steps": s["step"], "seconds": round(s["elapsed"], 2),
+    return {"processes": nproc, "strategy": strategy if nproc > 1 else "-", "grad_accum": accum, "steps": s["step"],
+            "seconds": round(s["elapsed"], 2),
             "samples_per_s": round(s["samples"] / s["elapsed"], 2),
             "tokens_per_s": round(s["tokens"] / s["elapsed"], 1)}  # fmt: skip
 
@@ -143,11 +145,12 @@ def _run(out, work, preset, batch_size, steps, threads, process_steps) -> dict:
     result["matmul_peak_flops"] = peak
     result["threads"] = threads
     result["mfu"] = {st: step_mfu(vision, lm, data, st, batch_size, threads, steps, peak) for st in ("align", "sft")}
-    result["processes"] = {str(n): process_run(vision, lm, data, Path(work) / f"run-{n}p", n, batch_size // 2,
-                                               process_steps) for n in (1, 2)}  # fmt: skip
-    result["two_vs_one_process"] = round(
-        result["processes"]["2"]["samples_per_s"] / result["processes"]["1"]["samples_per_s"], 3
-    )
+    runs = {"1": (1, "ddp"), "2": (2, "ddp"), "2-fsdp": (2, "fsdp")}
+    result["processes"] = {k: process_run(vision, lm, data, Path(work) / f"run-{k}p", n, batch_size // 2,
+                                          process_steps, strategy) for k, (n, strategy) in runs.items()}  # fmt: skip
+    one = result["processes"]["1"]["samples_per_s"]
+    result["two_vs_one_process"] = round(result["processes"]["2"]["samples_per_s"] / one, 3)
+    result["fsdp_two_vs_one_process"] = round(result["processes"]["2-fsdp"]["samples_per_s"] / one, 3)
     print(format_table(result))
     if out:
         save_json(result, out)
@@ -164,8 +167,10 @@ def format_table(r: dict) -> str:
         achieved = f"{m['achieved_flops'] / 1e9:.1f} GFLOP/s"
         lines.append(f"| {st} | {m['batch_size']} | {m['flops_per_step'] / 1e9:.2f} G | {1e3 * m['step_s']:.0f} ms "
                      f"| {achieved} | {100 * m['mfu']:.1f}% | {m['tokens_per_s']:.0f} |")  # fmt: skip
-    lines += ["", "| processes (1 thread each) | grad_accum | samples/s | tokens/s |", "|---:|---:|---:|---:|"]
-    for n, p in r["processes"].items():
-        lines.append(f"| {n} | {p['grad_accum']} | {p['samples_per_s']:.1f} | {p['tokens_per_s']:.0f} |")
-    lines.append(f"2 processes vs 1: x{r['two_vs_one_process']:.2f}")
+    lines += ["", "| processes (1 thread each) | strategy | grad_accum | samples/s | tokens/s |",
+              "|---:|---|---:|---:|---:|"]  # fmt: skip
+    for p in r["processes"].values():
+        lines.append(f"| {p['processes']} | {p['strategy']} | {p['grad_accum']} | {p['samples_per_s']:.1f} "
+                     f"| {p['tokens_per_s']:.0f} |")  # fmt: skip
+    lines.append(f"2 processes vs 1: x{r['two_vs_one_process']:.2f} (DDP), x{r['fsdp_two_vs_one_process']:.2f} (FSDP)")
     return "\n".join(lines)

@@ -198,34 +198,40 @@ class VLM(nn.Module):
         self._engine = None
         return merged
 
-    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write the whole model to `path` atomically (a temp folder renamed into place)."""
+    def save_pretrained(self, path: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+        """Write the whole model to `path` atomically (a temp folder renamed into place).
+        `state_dict`: the model's full weights by name when its own are sharded (FSDP)."""
         from safetensors.torch import save_file
         from transformers import AutoImageProcessor
 
+        def part(prefix: str, module: nn.Module | None = None) -> dict | None:
+            """The weights of the submodule at `prefix`: from `state_dict` when given, else the
+            module's own (or None, which lets `save_pretrained` take them itself)."""
+            if state_dict is None:
+                return module.state_dict() if module is not None else None
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
         src = getattr(self, "_vision_source", None)
+        peft = hasattr(self.lm, "peft_config")
         with atomic_dir(path) as tmp:
             if self.vision.released:  # frozen, so the weights are the source's: load them to save
                 if not src:
                     raise RuntimeError("the vision encoder was released and its source is unknown")
                 load_vision_model(src, next(self.vision.model.parameters()).dtype).save_pretrained(tmp / "vision")
             else:
-                self.vision.model.save_pretrained(tmp / "vision")
+                self.vision.model.save_pretrained(tmp / "vision", state_dict=part("vision.model."))
             if src:
                 AutoImageProcessor.from_pretrained(src).save_pretrained(tmp / "vision")
             if self.lm_mode == "lora":
                 # the base weights under their own names (LoRA layers wrap them as `base_layer`)
-                base = {
-                    k.replace(".base_layer.", "."): v
-                    for k, v in self.causal_lm.state_dict().items()
-                    if "lora_" not in k
-                }
+                causal = part("lm.base_model.model." if peft else "lm.", self.causal_lm)
+                base = {k.replace(".base_layer.", "."): v for k, v in causal.items() if "lora_" not in k}
                 self.causal_lm.save_pretrained(tmp / "lm", state_dict=base)
-                self.lm.save_pretrained(tmp / "lm_adapter")
+                self.lm.save_pretrained(tmp / "lm_adapter", state_dict=part("lm."))
             else:
-                self.lm.save_pretrained(tmp / "lm")
+                self.lm.save_pretrained(tmp / "lm", state_dict=part("lm."))
             self.tokenizer.save_pretrained(tmp / "lm")
-            state = {k: v.detach().contiguous() for k, v in self.connector.state_dict().items()}
+            state = {k: v.detach().contiguous() for k, v in part("connector.", self.connector).items()}
             save_file(state, str(tmp / "connector.safetensors"))
             meta = {
                 "vlmforge": __import__("vlmforge").__version__,
@@ -306,8 +312,15 @@ class VLM(nn.Module):
             )
         return embeds.masked_scatter(mask.unsqueeze(-1), vis.to(embeds.device, embeds.dtype))
 
-    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None) -> VLMOutput:
+    def forward(
+        self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None, all_params=False
+    ) -> VLMOutput:
+        """`all_params`: without images, still run the connector (on zeros, times 0) so that every
+        trainable parameter gets a gradient; FSDP needs every rank to reduce the same ones."""
         embeds = self.embed(input_ids, pixel_values, image_features)
+        if all_params and pixel_values is None and image_features is None and not self.cross_attention:
+            zeros = embeds.new_zeros(1, self.vision.num_features, self.vision.hidden_size)
+            embeds = embeds + 0.0 * self.image_embeds(image_features=zeros).sum().to(embeds.dtype)
         lm = self.causal_lm
         try:
             out = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask)

@@ -22,11 +22,25 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dict) -> None:
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def gather_state(model, optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) trainable weights and optimizer state, keyed by parameter name, on CPU.
+    A collective under FSDP (every rank calls it; rank 0 gets the result)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dict, state=None, write=True) -> None:
+    """Write the checkpoint; `state` is `gather_state`'s result when the caller already has it (it
+    must, under FSDP, where gathering is collective and only rank 0 writes)."""
+    weights, optim = state if state is not None else gather_state(model, optimizer)
+    if not write:
+        return
     blob = {
-        "trainable": trainable,
-        "optimizer": optimizer.state_dict(),
+        "format": 2,
+        "weights": weights,
+        "optim": optim,
         "scheduler": scheduler.state_dict(),
         "progress": progress,
         "rng": rng_state(),
@@ -35,8 +49,28 @@ def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dic
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore a checkpoint written on any number of ranks, with any strategy (every rank reads it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     blob = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
+    if "weights" not in blob:  # format 1: named trainable tensors + the optimizer's own state dict
+        return _load_v1(path, blob, params, optimizer, scheduler)
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(blob["weights"]) != trainable:
+        extra, lacking = sorted(set(blob["weights"]) - trainable), sorted(trainable - set(blob["weights"]))
+        raise ValueError(
+            f"{path}: the checkpoint's trainable weights differ from this run's (different stage or model?): "
+            f"only in the checkpoint {extra[:3]}, only in the run {lacking[:3]}"
+        )
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=blob["weights"], optim_state_dict=blob["optim"], options=opts)
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return blob["progress"]
+
+
+def _load_v1(path, blob: dict, params: dict, optimizer, scheduler) -> dict:
     missing = [n for n in blob["trainable"] if n not in params]
     if missing:
         raise ValueError(f"{path}: checkpoint has weights the model lacks (different stage or model?): {missing[:3]}")

@@ -10,10 +10,19 @@ its own `grad_accum` of them; the loss is normalised by the label tokens of the 
 and gradients are summed across ranks. So a run on W ranks with accumulation A follows the same
 loss curve as one process with accumulation A x W (within float tolerance), and a checkpoint
 (written once, by rank 0) resumes on any number of ranks.
+
+Two strategies (`--train.strategy`): `ddp` wraps the model in DistributedDataParallel, which
+all-reduces gradients in buckets while the backward pass runs; `fsdp` shards it with FSDP2's
+`fully_shard` (each LM decoder layer its own unit, the rest in the root; the frozen vision tower
+replicated), so that a rank holds 1/W of the LM's weights, gradients and optimizer state. Both average
+gradients over ranks, so the loss of a rank is scaled by W to keep the sum. Checkpoints hold the
+full (unsharded) trainable state keyed by parameter name, whatever the strategy, so a run saved by
+2 FSDP ranks resumes on 1 process, or on 4 DDP ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -47,19 +56,68 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients of `params` over ranks, as one flat buffer."""
-        if not self.enabled:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+
+class Parallel:
+    """The model as the training step calls it, for the strategy and the number of ranks."""
+
+    def __init__(self, model, strategy: str, precision: str, d: Dist):
+        self.model, self.d = model, d
+        self.strategy = strategy if d.enabled else "single"
+        self.device_type = next(model.parameters()).device.type
+        self.bf16 = precision == "bf16"
+        self.module = model
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [d.local_rank] if self.device_type == "cuda" else None
+            # unused parameters happen: a text-only batch leaves the connector out of the graph
+            self.module = DistributedDataParallel(
+                model, ids, find_unused_parameters=True, broadcast_buffers=False, gradient_as_bucket_view=True
+            )
+        elif self.strategy == "fsdp":
+            shard(model, self.bf16)
+        elif self.strategy != "single":
+            raise ValueError(f"unknown strategy {strategy!r} (ddp or fsdp)")
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    @property
+    def loss_scale(self) -> float:
+        """DDP and FSDP average gradients over ranks; the loss is already normalised by the global
+        batch's label tokens, so each rank's loss is multiplied by W to make the average a sum."""
+        return float(self.d.world) if self.strategy in ("ddp", "fsdp") else 1.0
+
+    def micro_batch(self, last: bool):
+        """Context of one micro-batch's forward and backward: gradients are synchronised only on
+        the last micro-batch of a step (the others accumulate locally)."""
+        ctx = contextlib.ExitStack()
+        if self.strategy == "ddp" and not last:
+            ctx.enter_context(self.module.no_sync())
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        if self.bf16 and not self.sharded:  # FSDP casts through its mixed-precision policy
+            ctx.enter_context(torch.autocast(self.device_type, dtype=torch.bfloat16))
+        return ctx
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def shard(model, bf16: bool = False) -> None:
+    """FSDP2: each LM decoder layer a unit, then the rest (embeddings, head, norms, connector) as
+    the root. The vision tower, frozen, is replicated rather than sharded: FSDP would make every
+    rank gather its layers in step with the others, which a text-only micro-batch on one rank (or
+    features from a cache) would not do; a frozen SigLIP-so400m costs 0.8 GB in bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if any(p.requires_grad for p in model.vision.parameters()):
+        raise ValueError("--train.strategy fsdp replicates the vision tower, which must stay frozen")
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in model.causal_lm.get_decoder().layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=set(model.vision.parameters()))
 
 
 def setup(timeout_s: float = 600.0) -> Dist:

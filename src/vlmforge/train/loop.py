@@ -24,7 +24,8 @@ from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
 from vlmforge.data.formats import load_records
 from vlmforge.model.vlm import VLM
 from vlmforge.train.checkpoint import load_checkpoint, save_checkpoint
-from vlmforge.train.stages import apply_stage, lm_mode, trainable_report
+from vlmforge.train.distributed import Parallel
+from vlmforge.train.stages import apply_stage, lm_mode, param_groups, trainable_report
 
 
 def lr_lambda(total: int, warmup: int, min_ratio: float):
@@ -93,6 +94,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def empty_batch(pad_id: int) -> dict:
+    """Two padding tokens and no label: a forward and backward that add nothing to the gradients."""
+    ids = torch.full((1, 2), pad_id)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100), "n": 0,
+            "skipped": []}  # fmt: skip
+
+
+def _kept(par, ckpt_path: Path) -> str:
+    if par.sharded:  # saving would gather the shards, a collective the other ranks may not reach
+        return f"the last periodic checkpoint ({ckpt_path}, if any) stands; continue with --resume"
+    return f"checkpoint saved to {ckpt_path}, continue with --resume"
 
 
 def open_features(cfg: TrainConfig, model: VLM, records: list):
@@ -177,10 +197,17 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             out / "run_config.json",
         )  # fmt: skip
     features = open_features(cfg, model, records) if cfg.cache else None
-    groups = apply_stage(model, cfg)
+    apply_stage(model, cfg)
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    if model.config.device_map is None:
+        model.to(device)
+    if cfg.activation_checkpointing:
+        model.causal_lm.activation_checkpointing_enable({"use_reentrant": False})
+    par = Parallel(model, cfg.strategy, cfg.precision, d)
+    groups = param_groups(model, cfg)  # after sharding: FSDP replaced the parameters by shards
     model.train()
     if d.main:
-        ranks = f", {d.world} ranks x {cfg.grad_accum} micro-batches of {cfg.batch_size} per step" if d.enabled else ""
+        ranks = f", {d.world} ranks ({par.strategy}) x {cfg.grad_accum} x {cfg.batch_size}" if d.enabled else ""
         tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {len(records)} records{ranks}\n{trainable_report(model)}")
 
     ds = VQADataset(
@@ -221,23 +248,32 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             local_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group if b["n"])
             n_tok = int(d.sum([local_tok])[0])  # label tokens of the global batch
             loss_sum, samples, tokens, skipped = 0.0, 0, 0, 0
-            for _, b in group:
+            for i, (_, b) in enumerate(group):
                 for msg in b["skipped"]:
                     skipped_seen.append(msg)
                     tqdm.write(f"skipped {msg}")
                 skipped += len(b["skipped"])
-                if not b["n"] or not n_tok:
+                if not n_tok:
                     continue
-                o = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
-                (o.loss_sum / n_tok).backward()
-                loss_sum += o.loss_sum.item()
-                samples += b["n"]
-                tokens += int(b["attention_mask"].sum())
-            d.all_reduce_grads(params)  # summed: each rank's loss was already divided by the global count
+                if not b["n"]:  # all its records skipped
+                    if par.strategy == "single":
+                        continue
+                    b = empty_batch(pad_id)  # every rank runs every backward: the collectives pair up
+                b = to_device(b, device)
+                with par.micro_batch(last=i == len(group) - 1):
+                    images = merge_image_inputs(model, b)
+                    o = par(b["input_ids"], b["attention_mask"], b["labels"], **images, all_params=par.sharded)
+                    (o.loss_sum * (par.loss_scale / n_tok)).backward()
+                if b["n"]:
+                    loss_sum += o.loss_sum.item()
+                    samples += b["n"]
+                    tokens += int(b["attention_mask"].sum())
             loss_sum, samples, tokens, skipped = d.sum([loss_sum, samples, tokens, skipped])
             progress["samples"] += int(samples)
             progress["tokens"] += int(tokens)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP
+                gnorm = gnorm.full_tensor()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -264,23 +300,31 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 last_log = time.time()
-            if progress["step"] % cfg.save_every == 0 and d.main:
-                save_checkpoint(ckpt_path, model, opt, sched, progress)
+            if progress["step"] % cfg.save_every == 0 and (d.main or par.sharded):
+                save_checkpoint(ckpt_path, model, opt, sched, progress, write=d.main)
     except KeyboardInterrupt:
-        if d.main:
+        if d.main and not par.sharded:
             save_checkpoint(ckpt_path, model, opt, sched, progress)
         bar.close()
-        tqdm.write(f"interrupted at step {progress['step']}; checkpoint saved, continue with --resume")
+        tqdm.write(f"interrupted at step {progress['step']}; " + _kept(par, ckpt_path))
         raise
     except Exception:
         if progress["step"] > 0 and d.main:
-            save_checkpoint(ckpt_path, model, opt, sched, progress)
-            tqdm.write(f"stopped by an error at step {progress['step']}; checkpoint saved to {ckpt_path}")
+            if not par.sharded:
+                save_checkpoint(ckpt_path, model, opt, sched, progress)
+            tqdm.write(f"stopped by an error at step {progress['step']}; " + _kept(par, ckpt_path))
         raise
     bar.close()
     model.eval()
+    full = None
+    if par.sharded:  # gathering the shards is collective: every rank takes part, rank 0 writes
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        save_checkpoint(ckpt_path, model, opt, sched, progress, write=d.main)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
-        save_checkpoint(ckpt_path, model, opt, sched, progress)
+        if not par.sharded:
+            save_checkpoint(ckpt_path, model, opt, sched, progress)
         if metrics_path.exists():
             plot_loss(metrics_path, out / "loss.png")
         summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
@@ -291,7 +335,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             "global_batch": cfg.batch_size * cfg.grad_accum * d.world, "feature_cache": bool(cfg.cache),
             **{k: summary[k] for k in ("step", "samples", "tokens", "elapsed")},
         })  # fmt: skip
-        model.save_pretrained(out / "model", extra={"trained": {"stage": cfg.stage, **summary}})
+        model.save_pretrained(out / "model", extra={"trained": {"stage": cfg.stage, **summary}}, state_dict=full)
         save_json(summary, out / "summary.json")
         if progress["skipped"]:
             tqdm.write(f"{progress['skipped']} records skipped (bad images or too long); see {out / 'summary.json'}")

@@ -42,6 +42,11 @@ def apply_stage(model, cfg: TrainConfig) -> list[dict]:
         model.lm_mode = "lora"
     elif mode == "full":
         model.lm_mode = "full"
+    return param_groups(model, cfg)
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups of the trainable parameters (built again after FSDP replaces them by shards)."""
     lm_lr = cfg.lm_lr if cfg.lm_lr is not None else cfg.lr / 3
     groups = []
     for name, module, lr in (("connector", model.connector, cfg.lr), ("lm", model.lm, lm_lr)):
