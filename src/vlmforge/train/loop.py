@@ -199,8 +199,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
     features = open_features(cfg, model, records) if cfg.cache else None
     apply_stage(model, cfg)
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    if model.config.device_map is None:
-        model.to(device)
+    if model.config.device_map is None and device.type != "cpu":
+        for part in (model.connector, model.lm) + (() if model.vision.released else (model.vision,)):
+            part.to(device)  # a released vision tower has no weights to move
     if cfg.activation_checkpointing:
         model.causal_lm.activation_checkpointing_enable({"use_reentrant": False})
     par = Parallel(model, cfg.strategy, cfg.precision, d)
