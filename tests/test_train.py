@@ -148,3 +148,19 @@ def test_activation_checkpointing_changes_memory_not_results_and_bf16_trains(
     assert layer_calls["ckpt"] == 2 * layer_calls["plain"] > 0
     assert runs["ckpt"] == pytest.approx(runs["plain"], rel=1e-6)
     assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2) and runs["bf16"] != runs["plain"]
+
+
+def test_compiled_layers_train_the_same(model_cfg, data_dir, tmp_path):
+    """`--train.compile`: the compiled decoder and encoder layers compute the same run (losses to
+    1e-4: fused kernels sum in another order)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for name, kw in (("eager", {}), ("compiled", {"compile": True})):
+        counters.clear()
+        train(_cfg(data_dir, tmp_path / name, max_steps=3, lm_mode="full", **kw), model_cfg)
+        runs[name], graphs = _losses(tmp_path / name), counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()  # the compiled layers are gone; free their graphs
+    assert graphs >= 2  # a decoder layer and an encoder layer, compiled
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)

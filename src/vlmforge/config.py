@@ -122,6 +122,9 @@ class TrainConfig:
             reduction and master weights; otherwise autocast), `fp32` does not.
         activation_checkpointing: recompute each LM layer's activations in the backward pass
             instead of storing them (less memory, about a third more compute).
+        compile: `torch.compile` each LM decoder layer and vision encoder layer (one compiled
+            graph per kind of layer, reused: seconds to a minute at start-up, then fused
+            element-wise work; the first steps recompile as sequence lengths vary).
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -157,6 +160,7 @@ class TrainConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
+    compile: bool = False
 
 
 @dataclass

@@ -25,26 +25,36 @@ import time
 from pathlib import Path
 
 
-def matmul_peak(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> float:
-    """FLOP/s of the fastest square fp32 matmul here."""
+def _mm_flops_per_s(n: int, a=None, b=None) -> float:
+    import torch
+
+    a = torch.randn(n, n) if a is None else a
+    b = torch.randn(n, n) if b is None else b
+    t = time.perf_counter()
+    torch.mm(a, b)
+    return 2 * n**3 / (time.perf_counter() - t)
+
+
+def matmul_peak(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> tuple[float, int]:
+    """FLOP/s of the fastest square fp32 matmul here, and its size."""
     import torch
 
     torch.set_num_threads(threads)
-    best = 0.0
+    best, best_n = 0.0, sizes[-1]
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         torch.mm(a, b)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t)
-        best = max(best, 2 * n**3 / min(times))
-    return best
+        rate = max(_mm_flops_per_s(n, a, b) for _ in range(repeats))
+        if rate > best:
+            best, best_n = rate, n
+    return best, best_n
 
 
 def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threads: int, steps: int,
-             peak: float) -> dict:  # fmt: skip
+             peak_n: int, compile: bool = False) -> dict:  # fmt: skip
+    """MFU of a training step. This machine's speed drifts (a shared VM: the matmul rate moved by
+    1.7x within minutes), so every timed step is paired with a matmul of the peak's size run just
+    before it, and the MFU is the median over steps of step FLOP/s over that matmul's FLOP/s."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -52,7 +62,7 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     from vlmforge.data.collate import VQADataset, merge_image_inputs
     from vlmforge.data.formats import load_records
     from vlmforge.model.vlm import VLM
-    from vlmforge.train.loop import micro_batches
+    from vlmforge.train.loop import compile_layers, micro_batches
     from vlmforge.train.stages import apply_stage
 
     torch.set_num_threads(threads)
@@ -63,7 +73,7 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     opt = torch.optim.AdamW(apply_stage(model, cfg))
     model.train()
     stream = micro_batches(VQADataset(records, model.prompts, model.processor), cfg, model.tokenizer.pad_token_id, 0)
-    batches = [next(stream)[1] for _ in range(steps + 2)]
+    batches = [next(stream)[1] for _ in range(steps + 3)]
 
     def step(b):
         out = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
@@ -74,17 +84,32 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     with FlopCounterMode(display=False) as counter:
         step(batches[0])
     flops = counter.get_total_flops()
-    step(batches[1])  # warm-up
-    times = []
-    for b in batches[2:]:
+    if compile:
+        compile_layers(model)
+    t = time.perf_counter()
+    step(batches[1])  # warm-up (and compilation)
+    step(batches[2])
+    warmup = time.perf_counter() - t
+    a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
+    times, ratios, peaks = [], [], []
+    for batch in batches[3:]:
+        ref = _mm_flops_per_s(peak_n, a, b)
         t = time.perf_counter()
-        step(b)
+        step(batch)
         times.append(time.perf_counter() - t)
+        peaks.append(ref)
+        ratios.append(flops / times[-1] / ref)
+    if compile:
+        import torch._dynamo
+
+        torch._dynamo.reset()
     s = statistics.median(times)
-    tokens = statistics.fmean(int(b["attention_mask"].sum()) for b in batches[2:])
-    return {"stage": stage, "batch_size": batch_size, "threads": threads, "flops_per_step": flops,
-            "step_s": round(s, 4), "achieved_flops": flops / s, "mfu": flops / s / peak,
-            "tokens_per_s": round(tokens / s, 1), "samples_per_s": round(batch_size / s, 2)}  # fmt: skip
+    tokens = statistics.fmean(int(b["attention_mask"].sum()) for b in batches[3:])
+    return {"stage": stage, "compiled": compile, "batch_size": batch_size, "threads": threads,
+            "flops_per_step": flops, "step_s": round(s, 4), "achieved_flops": flops / s,
+            "paired_peak_flops": statistics.median(peaks), "mfu": statistics.median(ratios),
+            "warmup_s": round(warmup, 2), "tokens_per_s": round(tokens / s, 1),
+            "samples_per_s": round(batch_size / s, 2)}  # fmt: skip
 
 
 def process_run(vision: str, lm: str, data: str, out: Path, nproc: int, batch_size: int, steps: int,
@@ -113,6 +138,7 @@ def run(
     steps: int = 10,
     threads: int = 2,
     process_steps: int = 20,
+    compile: bool = True,
 ) -> dict:
     """Training MFU against this machine's own matmul peak, and `vlmforge train` on 1 vs 2 processes.
 
@@ -124,27 +150,31 @@ def run(
         steps: timed steps per stage in the MFU part.
         threads: torch threads for the peak and the MFU part.
         process_steps: optimizer steps of each process run.
+        compile: also measure the MFU with `--train.compile` (compiled decoder and encoder layers).
     """
     import torch
 
     threads_before = torch.get_num_threads()
     try:  # the measurements set torch's (process-wide) thread count: put it back afterwards
-        return _run(out, work, preset, batch_size, steps, threads, process_steps)
+        return _run(out, work, preset, batch_size, steps, threads, process_steps, compile)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(out, work, preset, batch_size, steps, threads, process_steps) -> dict:
+def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) -> dict:
     from vlmforge.bench.cache import _machine, _setup
     from vlmforge.config import save_json
 
     s = _setup(Path(work), preset, 256)
     vision, lm, data = s["vision"], s["lm"], s["data"]
     result = {"machine": _machine(), "preset": preset, "batch_size": batch_size}
-    peak = matmul_peak(threads)
-    result["matmul_peak_flops"] = peak
+    peak, peak_n = matmul_peak(threads)
+    result["matmul_peak_flops"], result["matmul_peak_size"] = peak, peak_n
     result["threads"] = threads
-    result["mfu"] = {st: step_mfu(vision, lm, data, st, batch_size, threads, steps, peak) for st in ("align", "sft")}
+    result["mfu"] = {
+        f"{st}{' compiled' if c else ''}": step_mfu(vision, lm, data, st, batch_size, threads, steps, peak_n, c)
+        for st in ("align", "sft") for c in ((False, True) if compile else (False,))
+    }  # fmt: skip
     runs = {"1": (1, "ddp"), "2": (2, "ddp"), "2-fsdp": (2, "fsdp")}
     result["processes"] = {k: process_run(vision, lm, data, Path(work) / f"run-{k}p", n, batch_size // 2,
                                           process_steps, strategy) for k, (n, strategy) in runs.items()}  # fmt: skip
@@ -160,13 +190,15 @@ def _run(out, work, preset, batch_size, steps, threads, process_steps) -> dict:
 
 def format_table(r: dict) -> str:
     peak = r["matmul_peak_flops"] / 1e9
-    lines = [f"preset {r['preset']} (random weights), fp32; matmul peak {peak:.1f} GFLOP/s with {r['threads']} "
-             "thread(s)", "", "| stage | batch | FLOPs/step | step | achieved | MFU | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [f"preset {r['preset']} (random weights), fp32, {r['threads']} thread(s); matmul peak {peak:.1f} GFLOP/s "
+             f"({r['matmul_peak_size']}^2); MFU: each step against a matmul of that size run just before it", "",
+             "| stage | batch | FLOPs/step | step | achieved | paired peak | MFU | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for st, m in r["mfu"].items():
         achieved = f"{m['achieved_flops'] / 1e9:.1f} GFLOP/s"
         lines.append(f"| {st} | {m['batch_size']} | {m['flops_per_step'] / 1e9:.2f} G | {1e3 * m['step_s']:.0f} ms "
-                     f"| {achieved} | {100 * m['mfu']:.1f}% | {m['tokens_per_s']:.0f} |")  # fmt: skip
+                     f"| {achieved} | {m['paired_peak_flops'] / 1e9:.0f} GFLOP/s | {100 * m['mfu']:.1f}% "
+                     f"| {m['tokens_per_s']:.0f} |")  # fmt: skip
     lines += ["", "| processes (1 thread each) | strategy | grad_accum | samples/s | tokens/s |",
               "|---:|---|---:|---:|---:|"]  # fmt: skip
     for p in r["processes"].values():
