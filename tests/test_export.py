@@ -39,10 +39,20 @@ def test_llava_hf_export_runs_in_transformers_with_the_same_outputs(model_cfg, t
     torch.manual_seed(0)
     cfg = dataclasses.replace(model_cfg, resize="expand", layout=layout, connector=connector)
     vlm = VLM.from_backbones(cfg).eval()
-    with torch.no_grad():  # a connector whose output matters (the fresh init is near zero)
-        for p in vlm.connector.parameters():
-            p.mul_(4.0)
+    if connector == "linear":  # with LoRA adapters, which the export merges into the LM
+        from vlmforge.config import TrainConfig
+        from vlmforge.train.stages import apply_stage
+
+        apply_stage(vlm, TrainConfig(stage="sft", lm_mode="lora"))
+        vlm.eval()
+    with torch.no_grad():  # a connector (and adapters) whose output matters (the fresh init is near zero)
+        for n, p in vlm.named_parameters():
+            if n.startswith("connector."):
+                p.mul_(4.0)
+            elif "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
     vlm.save_pretrained(tmp_path / "m")
+    vlm = VLM.from_pretrained(tmp_path / "m")  # as the export reads it (adapters and all)
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"data": "shapes_test.json", "accuracy": 0.5, "n": 10, "per_type": {}}))
     main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf"), "--format", "llava-hf",
