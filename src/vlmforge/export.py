@@ -217,6 +217,11 @@ def to_llava(vlm):
         image_token=IMAGE_PAD,
         num_additional_image_tokens=int(has_cls),
     )
+    notes.append(
+        "pixels match vlmforge's with transformers' PIL image backend (what it uses without torchvision, "
+        "and what the export was tested with); its torchvision backend resizes with torch's bicubic "
+        "interpolation, which differs slightly"
+    )
     if vlm.processor.resize == "pad":
         notes.append(
             "images: vlmforge's `pad` (resize the long side, then pad) is written as LLaVA's pad-to-square "
