@@ -31,63 +31,45 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def with_a_bad_micro_batch(data_dir, tmp_path):
-    """The shapes data with rank 1's whole first micro-batch (of 4) pointing at missing images: that
-    rank has nothing to train on in step 1, and must still take part in every collective."""
+def with_bad_images(data_dir, tmp_path, victims: int = 4):
+    """The shapes data with the first `victims` records of rank 1's first micro-batch (of 4)
+    pointing at a missing image; all 4: that rank has nothing to train on in step 1, and must still
+    take part in every collective."""
     from vlmforge.train.loop import epoch_batches
 
     rows = json.loads((data_dir / "shapes_sft.json").read_text())
     for row in rows:
         row["image"] = str((data_dir / row["image"]).resolve())
-    for victim in epoch_batches(len(rows), 4, 0, 0)[1]:
+    for victim in epoch_batches(len(rows), 4, 0, 0)[1][:victims]:
         rows[victim]["image"] = str(tmp_path / "gone.png")
     data = tmp_path / "data.json"
     data.write_text(json.dumps(rows))
     return data
 
 
-def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path):
-    """DDP over 2 ranks, a bad micro-batch on one of them, stopped and resumed on 1 process: the
-    same run as 1 process with the same global batch (losses to 1e-5, weights to 1e-4)."""
-    data = with_a_bad_micro_batch(data_dir, tmp_path)
+@pytest.mark.parametrize("strategy,lm_mode,lm_part", [("ddp", "lora", "lm_adapter/adapter_model.safetensors"),
+                                                      ("fsdp", "full", "lm/model.safetensors")])  # fmt: skip
+def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, strategy, lm_mode, lm_part):
+    """2 ranks (DDP; FSDP2 sharding the fully trained LM), one with a wholly bad micro-batch,
+    stopped, then resumed on 1 process from the checkpoint (gathered by name under FSDP): the same
+    run as 1 process with the same global batch, losses to 1e-5 and saved weights to 1e-4."""
+    data = with_bad_images(data_dir, tmp_path)
     two, one = tmp_path / "two", tmp_path / "one"
+    mode = ["--train.lm_mode", lm_mode]
     # 2 ranks x 1 micro-batch per step, stopped after step 2 ...
-    r = train(*common(data, backbones, two), "--nproc", "2", "--train.grad_accum", "1", "--train.stop_at", "2",
-              "--train.dist_timeout", "60")  # fmt: skip
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert len(losses(two)) == 2 and json.loads((two / "run_config.json").read_text())["world_size"] == 2
-    assert json.loads((two / "summary.json").read_text())["skipped"] == 4
-    # ... resumed on 1 rank x 2 micro-batches per step (the same global batch of 8)
-    r = train(*common(data, backbones, two), "--train.grad_accum", "2", "--resume", "true")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = train(*common(data, backbones, one), "--train.grad_accum", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 4
-    for part in ("connector.safetensors", "lm_adapter/adapter_model.safetensors"):
-        a, b = load_file(str(two / "model" / part)), load_file(str(one / "model" / part))
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-
-
-def test_fsdp_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path):
-    """FSDP2 shards the fully trained LM over 2 ranks (one of which has a bad micro-batch); its
-    checkpoint (gathered, by name) resumes on 1 process; the model is written from the shards; the
-    run matches 1 process with the same global batch: losses to 1e-5, weights to 1e-4."""
-    data = with_a_bad_micro_batch(data_dir, tmp_path)
-    two, one = tmp_path / "two", tmp_path / "one"
-    full = ["--train.lm_mode", "full"]
-    r = train(*common(data, backbones, two), *full, "--nproc", "2", "--train.strategy", "fsdp",
+    r = train(*common(data, backbones, two), *mode, "--nproc", "2", "--train.strategy", strategy,
               "--train.grad_accum", "1", "--train.stop_at", "2", "--train.dist_timeout", "60")  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "2 ranks (fsdp)" in r.stdout + r.stderr and len(losses(two)) == 2
+    assert f"2 ranks ({strategy})" in r.stdout + r.stderr and len(losses(two)) == 2
+    assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
     assert json.loads((two / "summary.json").read_text())["skipped"] == 4
-    r = train(*common(data, backbones, two), *full, "--train.grad_accum", "2", "--resume", "true")
+    # ... resumed on 1 rank x 2 micro-batches per step (the same global batch of 8)
+    r = train(*common(data, backbones, two), *mode, "--train.grad_accum", "2", "--resume", "true")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = train(*common(data, backbones, one), *full, "--train.grad_accum", "2")
+    r = train(*common(data, backbones, one), *mode, "--train.grad_accum", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 4
-    for part in ("connector.safetensors", "lm/model.safetensors"):
+    for part in ("connector.safetensors", lm_part):
         a, b = load_file(str(two / "model" / part)), load_file(str(one / "model" / part))
         assert a.keys() == b.keys()
         for k in a:
@@ -95,15 +77,7 @@ def test_fsdp_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_pat
 
 
 def test_a_failing_rank_stops_the_job_with_its_name(data_dir, backbones, tmp_path):
-    from vlmforge.train.loop import epoch_batches
-
-    rows = json.loads((data_dir / "shapes_sft.json").read_text())
-    for row in rows:
-        row["image"] = str((data_dir / row["image"]).resolve())
-    victim = epoch_batches(len(rows), 4, 0, 0)[1][0]  # rank 1's first micro-batch
-    rows[victim]["image"] = str(tmp_path / "gone.png")
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
+    data = with_bad_images(data_dir, tmp_path, victims=1)
     t0 = time.time()
     r = train(*common(data, backbones, tmp_path / "out"), "--nproc", "2", "--train.bad_images", "fail",
               "--train.dist_timeout", "60")  # fmt: skip

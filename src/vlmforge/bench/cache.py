@@ -285,8 +285,8 @@ def run(
             finished demo in --demo_dir; about 20 minutes here).
         demo_dir: the demo run whose data and backbones the accuracy part uses.
     """
+    from vlmforge.bench import publish
     from vlmforge.cache.store import FeatureStore
-    from vlmforge.config import save_json
 
     presets = presets or list(PRESETS)
     work_dir = Path(work)
@@ -355,11 +355,7 @@ def run(
         for k in ("speedup_vs_reencode", "fraction_of_lm_only_bound"):
             result[k] = tiny_rows[k]
     result["build_fraction_of_encoder_bound"] = result["build"]["build_fraction_of_encoder_bound"]
-    print(format_table(result))
-    if out:
-        save_json(result, out)
-        print(f"written to {out}")
-    return result
+    return publish(result, format_table(result), out)
 
 
 def _all_features(store: Path) -> dict:

@@ -337,8 +337,8 @@ def _run(what, model, preset, out, work, tokens, repeats, requests, levels, serv
 def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:
     import torch
 
+    from vlmforge.bench import publish
     from vlmforge.bench.cache import _machine
-    from vlmforge.config import save_json
     from vlmforge.model.vlm import VLM
 
     model_dir = model or bench_model(Path(work), preset)
@@ -370,11 +370,7 @@ def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, 
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print(format_table(result))
-    if out:
-        save_json(result, out)
-        print(f"figures saved to {out}")
-    return result
+    return publish(result, format_table(result), out)
 
 
 def format_table(r: dict) -> str:

@@ -162,8 +162,8 @@ def run(
 
 
 def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) -> dict:
+    from vlmforge.bench import publish
     from vlmforge.bench.cache import _machine, _setup
-    from vlmforge.config import save_json
 
     s = _setup(Path(work), preset, 256)
     vision, lm, data = s["vision"], s["lm"], s["data"]
@@ -181,11 +181,7 @@ def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) 
     one = result["processes"]["1"]["samples_per_s"]
     result["two_vs_one_process"] = round(result["processes"]["2"]["samples_per_s"] / one, 3)
     result["fsdp_two_vs_one_process"] = round(result["processes"]["2-fsdp"]["samples_per_s"] / one, 3)
-    print(format_table(result))
-    if out:
-        save_json(result, out)
-        print(f"figures saved to {out}")
-    return result
+    return publish(result, format_table(result), out)
 
 
 def format_table(r: dict) -> str:
