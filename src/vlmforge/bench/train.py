@@ -115,10 +115,12 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
 def process_run(vision: str, lm: str, data: str, out: Path, nproc: int, batch_size: int, steps: int,
                 strategy: str = "ddp") -> dict:  # fmt: skip
     accum = 2 // nproc
+    # epochs without end: --train.max_steps alone decides the length, whatever the data's size
     cmd = [sys.executable, "-m", "vlmforge", "train", "--train.stage", "align", "--train.data", data,
-           "--train.batch_size", str(batch_size), "--train.grad_accum", str(accum), "--train.max_steps", str(steps),
-           "--train.threads", "1", "--train.save_every", "100000", "--train.out", str(out), "--model.vision", vision,
-           "--model.lm", lm, "--nproc", str(nproc), "--train.strategy", strategy]  # fmt: skip
+           "--train.batch_size", str(batch_size), "--train.grad_accum", str(accum), "--train.epochs", "1000",
+           "--train.max_steps", str(steps), "--train.threads", "1", "--train.save_every", "100000",
+           "--train.out", str(out), "--model.vision", vision, "--model.lm", lm, "--nproc", str(nproc),
+           "--train.strategy", strategy]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
