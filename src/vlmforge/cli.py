@@ -556,8 +556,9 @@ def export(model: str, out: str, format: str = "auto", eval: list[str] | None = 
 
 
 def import_(src: str, out: str, format: str = "llava-hf", dtype: str | None = None) -> None:
-    """Convert a checkpoint in transformers' LLaVA format into a vlmforge model folder, which
-    then trains, evaluates, chats and serves like any other (same logits as transformers).
+    """Convert a checkpoint in transformers' LLaVA format into a vlmforge model folder.
+
+    The folder then trains, evaluates, chats and serves like any other (same logits as transformers).
 
     Args:
         src: folder of a `LlavaForConditionalGeneration` checkpoint (or a Hub id, when online).

@@ -123,8 +123,8 @@ class TrainConfig:
         activation_checkpointing: recompute each LM layer's activations in the backward pass
             instead of storing them (less memory, about a third more compute).
         compile: `torch.compile` each LM decoder layer and vision encoder layer (one compiled
-            graph per kind of layer, reused: seconds to a minute at start-up, then fused
-            element-wise work; the first steps recompile as sequence lengths vary).
+            graph per kind of layer, reused, for any sequence length: seconds to a minute at
+            start-up, then fused element-wise work).
     """
 
     stage: Literal["align", "sft"] = "sft"
