@@ -133,6 +133,15 @@ def test_llava_checkpoint_from_transformers_imports_with_the_same_logits(backbon
     assert vlm.build_prompt("what?", 1).count(vlm.image_token_id) == 16
 
 
+def test_import_names_what_is_wrong_with_its_source(backbones, tmp_path, capsys):
+    for src, msg in ((str(tmp_path / "nowhere"), "nowhere: no such folder"),
+                     (str(backbones["lm"]), "a 'llama' checkpoint, not llava")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["import", "--src", src, "--out", str(tmp_path / "out")])
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
 def test_connectors_without_a_transformers_class_export_in_vlmforge_format(model_cfg, tmp_path, capsys):
     torch.manual_seed(0)
     vlm = VLM.from_backbones(dataclasses.replace(model_cfg, connector="attention"))

@@ -399,6 +399,8 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
     from vlmforge.config import ModelConfig, from_dict, save_json
 
     _quiet_hf()
+    if (Path(src).is_absolute() or src.startswith(".")) and not Path(src).is_dir():
+        raise FileNotFoundError(f"{src}: no such folder")
     try:
         config = AutoConfig.from_pretrained(src)
     except (OSError, ValueError) as e:
