@@ -125,6 +125,9 @@ class TrainConfig:
         compile: `torch.compile` each LM decoder layer and vision encoder layer (one compiled
             graph per kind of layer, reused, for any sequence length: seconds to a minute at
             start-up, then fused element-wise work).
+        compile_backend: `torch.compile` backend: `inductor` (generates fused kernels) or
+            `aot_eager` (traces forward and backward without generating code: to tell a tracing
+            problem from a code-generation one, and what the tests use, being fast to start).
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -161,6 +164,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 
 
 @dataclass

@@ -102,15 +102,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def compile_layers(model) -> None:
+def compile_layers(model, backend: str = "inductor") -> None:
     """`torch.compile` the repeated blocks (LM decoder layers, vision encoder layers) in place:
     the layers of one kind share a compiled graph, so compiling costs one layer's time."""
     for layer in model.causal_lm.get_decoder().layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
     if not model.vision.released:
         vm = getattr(model.vision.model, "vision_model", model.vision.model)
         for layer in getattr(getattr(vm, "encoder", None), "layers", []):
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, backend=backend)
 
 
 def empty_batch(pad_id: int) -> dict:
@@ -216,7 +216,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
     if cfg.activation_checkpointing:
         model.causal_lm.activation_checkpointing_enable({"use_reentrant": False})
     if cfg.compile:
-        compile_layers(model)
+        compile_layers(model, cfg.compile_backend)
     par = Parallel(model, cfg.strategy, cfg.precision, d)
     groups = param_groups(model, cfg)  # after sharding: FSDP replaced the parameters by shards
     model.train()
