@@ -35,7 +35,7 @@ import torch
 
 from vlmforge.data.prompts import IMAGE_END, IMAGE_PAD, IMAGE_START, TEXT_END, TEXT_START
 from vlmforge.io import atomic_dir, atomic_write_text
-from vlmforge.model.vision import _quiet_hf
+from vlmforge.model.vision import _quiet_hf, vision_core
 
 FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge")
 
@@ -85,18 +85,10 @@ def llava_obstacles(vlm) -> list[str]:
         built = type(AutoModel.from_config(vlm.causal_lm.config))
     if built is not type(decoder):
         out.append(f"LM decoder {type(decoder).__name__} is not what AutoModel builds from its config")
-    if c.feature_layer != -1 and not -len(_vision_layers(vlm)) - 1 <= c.feature_layer <= len(_vision_layers(vlm)):
+    n_layers = len(vlm.vision.layers)
+    if c.feature_layer != -1 and not -n_layers - 1 <= c.feature_layer <= n_layers:
         out.append(f"feature_layer {c.feature_layer} is out of range")
     return out
-
-
-def _core(model):
-    """The vision transformer of a vision model (some classes wrap it as `vision_model`)."""
-    return getattr(model, "vision_model", model)
-
-
-def _vision_layers(vlm):
-    return getattr(getattr(_core(vlm.vision.model), "encoder", None), "layers", [])
 
 
 def processor_chat_template(lm_template: str, layout: str) -> str:
@@ -161,7 +153,7 @@ def to_llava(vlm):
     has_cls = vlm.vision.num_patches + 1 == _num_tokens_out(vlm)
     if c.feature_layer == -1:
         vcfg.tie_last_hidden_states = True  # hidden_states[-1] is then the output after the final norm
-        if getattr(_core(vlm.vision.model), "post_layernorm", None) is not None:
+        if getattr(vision_core(vlm.vision.model), "post_layernorm", None) is not None:
             notes.append(
                 "feature layer -1 is the encoder's output after its final norm: transformers computes it "
                 "(tie_last_hidden_states), but vLLM's LLaVA builds the vision tower without that norm "
@@ -233,7 +225,7 @@ def to_llava(vlm):
 
 def _num_tokens_out(vlm) -> int:
     """Tokens the vision tower's hidden states have per image (patches, + 1 with a CLS token)."""
-    emb = getattr(_core(vlm.vision.model), "embeddings", None)
+    emb = getattr(vision_core(vlm.vision.model), "embeddings", None)
     n = getattr(emb, "num_positions", None)
     return int(n) if n is not None else vlm.vision.num_patches
 
@@ -420,7 +412,7 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
     hf = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
     tied = bool(getattr(vcfg, "tie_last_hidden_states", False))
     n_layers = vcfg.num_hidden_layers
-    core = _core(hf.model.vision_tower)
+    core = vision_core(hf.model.vision_tower)
     if layer == -1 and not tied and getattr(core, "post_layernorm", None) is not None:
         layer = n_layers  # transformers' hidden_states[-1] is before the final norm; vlmforge's -1 is after
     cls_token = getattr(core.embeddings, "class_embedding", None) is not None
@@ -448,8 +440,7 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
                              architecture="autoregressive")  # fmt: skip
     with atomic_dir(out) as tmp:
         hf.model.vision_tower.save_pretrained(tmp / "vision")
-        ip_cls = AutoImageProcessor.from_pretrained(src)
-        ip_cls.save_pretrained(tmp / "vision")
+        ip.save_pretrained(tmp / "vision")
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config.text_config)
         setattr(lm, lm.base_model_prefix, hf.model.language_model)

@@ -28,6 +28,11 @@ def _quiet_hf():
     hf_logging.disable_progress_bar()
 
 
+def vision_core(model: nn.Module) -> nn.Module:
+    """The vision transformer of an HF vision model (some classes wrap it as `vision_model`)."""
+    return getattr(model, "vision_model", model)
+
+
 def check_loading_info(path: str, info: dict) -> None:
     """Refuse a checkpoint that leaves weights uninitialised (wrong architecture or a broken file)."""
     missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
@@ -50,7 +55,7 @@ def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     cls = getattr(transformers, cls_name) if cls_name else AutoModel
     model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
     check_loading_info(path, info)
-    return getattr(model, "vision_model", model) if cls_name is None else model
+    return vision_core(model) if cls_name is None else model
 
 
 class VisionTower(nn.Module):
@@ -70,6 +75,11 @@ class VisionTower(nn.Module):
         self.num_features = self.num_patches + int(pooled)
         self.released = False
         self._fingerprint: str | None = None
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The encoder's transformer layers (empty for a model without an `encoder.layers` list)."""
+        return list(getattr(getattr(vision_core(self.model), "encoder", None), "layers", []))
 
     def fingerprint(self) -> str:
         """sha256 over the weights (names, dtypes, shapes, bytes): the encoder's identity in

@@ -31,10 +31,10 @@ def gather_state(model, optimizer) -> tuple[dict, dict]:
     return get_state_dict(model, optimizer, options=opts)
 
 
-def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dict, state=None, write=True) -> None:
-    """Write the checkpoint; `state` is `gather_state`'s result when the caller already has it (it
-    must, under FSDP, where gathering is collective and only rank 0 writes)."""
-    weights, optim = state if state is not None else gather_state(model, optimizer)
+def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dict, write=True) -> None:
+    """Write the checkpoint. Under FSDP every rank calls this (gathering the shards is collective)
+    and only rank 0 passes `write`."""
+    weights, optim = gather_state(model, optimizer)
     if not write:
         return
     blob = {

@@ -108,8 +108,7 @@ def compile_layers(model, backend: str = "inductor") -> None:
     for layer in model.causal_lm.get_decoder().layers:
         layer.compile(dynamic=True, backend=backend)
     if not model.vision.released:
-        vm = getattr(model.vision.model, "vision_model", model.vision.model)
-        for layer in getattr(getattr(vm, "encoder", None), "layers", []):
+        for layer in model.vision.layers:
             layer.compile(dynamic=True, backend=backend)
 
 
@@ -244,6 +243,11 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
     d.barrier()
 
     params = [p for g in groups for p in g["params"]]
+
+    def checkpoint() -> None:  # under FSDP every rank gathers its shards (a collective); rank 0 writes
+        if d.main or par.sharded:
+            save_checkpoint(ckpt_path, model, opt, sched, progress, write=d.main)
+
     pad_id = model.tokenizer.pad_token_id
     stream = micro_batches(ds, cfg, pad_id, progress["micro_batch"], d.rank, d.world)
     quiet = {} if d.main else {"disable": True}  # one progress bar: rank 0's
@@ -314,8 +318,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 last_log = time.time()
-            if progress["step"] % cfg.save_every == 0 and (d.main or par.sharded):
-                save_checkpoint(ckpt_path, model, opt, sched, progress, write=d.main)
+            if progress["step"] % cfg.save_every == 0:
+                checkpoint()
     except KeyboardInterrupt:
         if d.main and not par.sharded:
             save_checkpoint(ckpt_path, model, opt, sched, progress)
@@ -330,15 +334,13 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         raise
     bar.close()
     model.eval()
+    checkpoint()
     full = None
-    if par.sharded:  # gathering the shards is collective: every rank takes part, rank 0 writes
+    if par.sharded:  # the whole model for rank 0 to write, gathered from every rank's shards
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        save_checkpoint(ckpt_path, model, opt, sched, progress, write=d.main)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
-        if not par.sharded:
-            save_checkpoint(ckpt_path, model, opt, sched, progress)
         if metrics_path.exists():
             plot_loss(metrics_path, out / "loss.png")
         summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
