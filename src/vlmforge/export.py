@@ -70,6 +70,12 @@ def llava_obstacles(vlm) -> list[str]:
         out.append(f"image splitting (split_grid {c.split_grid})")
     if c.vision_pooled:
         out.append("the pooled vision feature (vision_pooled)")
+    if vlm.vision.convolutional:
+        out.append(
+            f"convolutional vision tower {type(vlm.vision.model).__name__} (LLaVA's vision tower returns "
+            "patch tokens; a feature map [C, H, W] has no place there)"
+        )
+        return out
     vcfg = vlm.vision.model.config
     try:
         with torch.device("meta"):

@@ -287,9 +287,7 @@ def encoder_for(
         feature_layer, pooled, resize = cfg["feature_layer"], cfg["vision_pooled"], cfg["resize"]
         image_size = cfg.get("image_size")
         split_grid = cfg.get("split_grid", 0) if split_grid is None else split_grid
-    vision = VisionTower.from_pretrained(encoder, feature_layer, pooled=pooled).to(device).eval()
-    size = image_size or vision.image_size
-    if size != vision.image_size:
-        raise ValueError(f"image_size {size} differs from the encoder's {vision.image_size}")
-    processor = ImageProcessor.from_encoder(encoder, size, resize, split_grid or 0)
+    vision = VisionTower.from_pretrained(encoder, feature_layer, pooled=pooled, image_size=image_size)
+    vision = vision.to(device).eval()
+    processor = ImageProcessor.from_encoder(encoder, vision.image_size, resize, split_grid or 0)
     return vision, processor, encoder

@@ -4,6 +4,14 @@ Dual-encoder checkpoints (SigLIP, CLIP) are loaded through their vision-only cla
 tower is never materialised. `feature_layer=-1` takes the last hidden state (after the encoder's
 final norm, as Idefics2 does); other values index `hidden_states` (LLaVA uses -2). A CLS token, if
 the encoder has one, is dropped so that only patch features remain.
+
+Convolutional and hybrid towers (ResNet, ConvNeXt, RegNet, MobileNet, EfficientNet, MobileViT…:
+any class whose outputs are feature maps [N, C, H, W]) work the same way, as ConvLLaVA, FastVLM
+and OpenCLIP's ConvNeXt towers use them: `feature_layer` picks a stage of `hidden_states` (-1 the
+last), and the map becomes H x W visual tokens in row-major order. Their grid and width are read
+from one probe forward at the input size, since they depend on the stage and the resolution.
+A frozen tower stays in eval mode whatever the rest of the model does, so BatchNorm statistics
+never move.
 """
 
 from __future__ import annotations
@@ -58,23 +66,79 @@ def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     return vision_core(model) if cls_name is None else model
 
 
-class VisionTower(nn.Module):
-    """Wraps an HF vision model; `forward` maps pixels [N, 3, H, W] to patch features [N, P, Dv]."""
+def is_vit(config) -> bool:
+    """A plain ViT config (fixed patch grid, one width); conv and hybrid towers are not."""
+    cfg = getattr(config, "vision_config", config)
+    return all(isinstance(getattr(cfg, k, None), int) for k in ("hidden_size", "image_size", "patch_size"))
 
-    def __init__(self, model: nn.Module, feature_layer: int = -1, pooled: bool = False):
+
+class VisionTower(nn.Module):
+    """Wraps an HF vision model; `forward` maps pixels [N, 3, H, W] to patch features [N, P, Dv].
+
+    `image_size`: input resolution of a conv or hybrid tower (a ViT's is fixed by its config);
+    `VisionTower.from_pretrained` takes it from the checkpoint's image processor."""
+
+    def __init__(self, model: nn.Module, feature_layer: int = -1, pooled: bool = False, image_size: int | None = None):
         super().__init__()
         self.model = model
         self.feature_layer = feature_layer
         self.pooled = pooled
         cfg = getattr(model.config, "vision_config", model.config)
-        self.hidden_size = cfg.hidden_size
-        self.image_size = cfg.image_size
-        self.patch_size = cfg.patch_size
-        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.convolutional = not is_vit(model.config)
+        if self.convolutional:
+            size = image_size or getattr(cfg, "image_size", None)
+            if not isinstance(size, int):
+                raise ValueError(f"{type(model).__name__}: the input resolution is unknown; pass image_size")
+            self.image_size = size
+            self.grid, self.hidden_size = self._probe()
+            self.num_patches = self.grid[0] * self.grid[1]
+            self.patch_size = size // self.grid[0]  # the stage's stride in pixels
+        else:
+            if image_size not in (None, cfg.image_size):
+                raise ValueError(f"image_size {image_size} differs from the encoder's {cfg.image_size}")
+            self.hidden_size = cfg.hidden_size
+            self.image_size = cfg.image_size
+            self.patch_size = cfg.patch_size
+            side = cfg.image_size // cfg.patch_size
+            self.grid = (side, side)
+            self.num_patches = side * side
         # the encoder's pooled embedding (SigLIP's attention-pool head) as one extra leading feature
         self.num_features = self.num_patches + int(pooled)
         self.released = False
         self._fingerprint: str | None = None
+
+    @torch.no_grad()
+    def _probe(self) -> tuple[tuple[int, int], int]:
+        """(grid (H, W), channels) of the selected stage, from one forward of a blank image."""
+        p = next(self.model.parameters())
+        was = self.model.training
+        self.model.eval()  # a probe must not move BatchNorm statistics
+        try:
+            x = torch.zeros(1, 3, self.image_size, self.image_size, dtype=p.dtype, device=p.device)
+            feats = self._select(self.model(pixel_values=x, output_hidden_states=self.feature_layer != -1))
+        finally:
+            self.model.train(was)
+        if feats.dim() == 4:  # [1, C, H, W]
+            return (feats.shape[2], feats.shape[3]), feats.shape[1]
+        if feats.dim() == 3:  # a hybrid that already returns tokens [1, P, C]
+            return (1, feats.shape[1]), feats.shape[2]
+        raise ValueError(f"{type(self.model).__name__}: stage {self.feature_layer} is not a feature map or tokens")
+
+    def _select(self, out) -> torch.Tensor:
+        """The features of `feature_layer` from a model output."""
+        if self.feature_layer == -1:
+            return out.last_hidden_state
+        states = out.hidden_states
+        if not -len(states) <= self.feature_layer < len(states):
+            raise ValueError(
+                f"feature_layer {self.feature_layer} is out of range: this encoder has {len(states)} hidden states"
+            )
+        return states[self.feature_layer]
+
+    def train(self, mode: bool = True) -> VisionTower:
+        """A frozen tower stays in eval mode (no BatchNorm update, no dropout) while the rest trains."""
+        trainable = any(p.requires_grad for p in self.parameters())
+        return super().train(mode and trainable)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -105,25 +169,47 @@ class VisionTower(nn.Module):
     def release(self) -> None:
         """Free the weights when every feature comes from a cache; `forward` then refuses to run."""
         self.fingerprint()
-        self.model.to("meta")
+        with torch.no_grad():  # the weights go; buffers (BatchNorm statistics: a few KB) stay readable
+            for module in self.model.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    setattr(module, name, nn.Parameter(p.to("meta"), requires_grad=False))
         self.released = True
 
     @classmethod
     def from_pretrained(
-        cls, path: str, feature_layer: int = -1, dtype: torch.dtype = torch.float32, pooled: bool = False
+        cls,
+        path: str,
+        feature_layer: int = -1,
+        dtype: torch.dtype = torch.float32,
+        pooled: bool = False,
+        image_size: int | None = None,
     ) -> VisionTower:
-        return cls(load_vision_model(path, dtype), feature_layer, pooled)
+        """Load `path`; a conv tower's resolution is `image_size` or its image processor's."""
+        model = load_vision_model(path, dtype)
+        if image_size is None and not is_vit(model.config):
+            from vlmforge.data.images import ImageProcessor
+
+            image_size = ImageProcessor.from_encoder(path).size
+        return cls(model, feature_layer, pooled, image_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.released:
             raise RuntimeError("the vision encoder was released (features come from a cache); it cannot encode pixels")
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
         out = self.model(pixel_values=pixel_values, output_hidden_states=self.feature_layer != -1)
-        feats = out.last_hidden_state if self.feature_layer == -1 else out.hidden_states[self.feature_layer]
-        if feats.shape[1] == self.num_patches + 1:  # drop CLS
+        feats = self._select(out)
+        if feats.dim() == 4:  # a feature map [N, C, H, W] -> H x W tokens, row-major
+            feats = feats.flatten(2).transpose(1, 2)
+        elif feats.shape[1] == self.num_patches + 1:  # drop CLS
             feats = feats[:, 1:]
         if self.pooled:
-            if getattr(out, "pooler_output", None) is None:
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
                 raise ValueError("this vision encoder has no pooled output; set pooled to false")
-            feats = torch.cat([out.pooler_output[:, None].to(feats.dtype), feats], dim=1)
+            if pooled.flatten(1).shape[-1] != feats.shape[-1]:
+                raise ValueError(
+                    f"the pooled output ({pooled.flatten(1).shape[-1]} wide) and stage {self.feature_layer}'s "
+                    f"features ({feats.shape[-1]} wide) differ in width; set pooled to false"
+                )
+            feats = torch.cat([pooled.flatten(1)[:, None].to(feats.dtype), feats], dim=1)
         return feats  # [N, P (+1), Dv]

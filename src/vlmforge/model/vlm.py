@@ -138,14 +138,14 @@ class VLM(nn.Module):
         if not config.vision or not config.lm:
             raise ValueError("a model needs both a vision encoder (--model.vision) and an LM (--model.lm)")
         dtype = DTYPES[config.dtype]
-        vision = VisionTower.from_pretrained(config.vision, config.feature_layer, dtype, config.vision_pooled)
+        vision = VisionTower.from_pretrained(
+            config.vision, config.feature_layer, dtype, config.vision_pooled, config.image_size
+        )
         tok = load_tokenizer(config.tokenizer or config.lm, max(config.split_grid, 0))
         lm = load_lm(config.lm, dtype, config.device_map)
         if len(tok) > lm.get_input_embeddings().weight.shape[0]:
             lm.resize_token_embeddings(len(tok))
-        size = config.image_size or vision.image_size
-        if size != vision.image_size:
-            raise ValueError(f"image_size {size} differs from the encoder's {vision.image_size}")
+        size = vision.image_size
         if config.split_grid < 0:
             raise ValueError(f"split_grid must be 0 (off) or a grid size k >= 1, got {config.split_grid}")
         proc = ImageProcessor.from_encoder(config.vision, size, config.resize, config.split_grid)

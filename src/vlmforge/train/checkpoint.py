@@ -28,7 +28,9 @@ def gather_state(model, optimizer) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_state_dict(model, optimizer, options=opts)
+    weights, optim = get_state_dict(model, optimizer, options=opts)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in weights.items() if k in trainable}, optim  # buffers (a frozen BatchNorm's) are not
 
 
 def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dict, write=True) -> None:
