@@ -51,8 +51,18 @@ def test_lora_stage_from_an_aligned_model(model_cfg, data_dir, tmp_path):
     assert (model_dir / "lm_adapter" / "adapter_config.json").is_file()
 
 
-def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypatch):
-    full = train(_cfg(data_dir, tmp_path / "full", max_steps=8, save_every=3), model_cfg)
+@pytest.mark.parametrize("cached", [False, True])
+def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypatch, cached):
+    """Also from the feature store, where the encoder is released (its weights on the meta device):
+    resuming must go on training the very parameters the optimizer holds."""
+    extra = {}
+    if cached:
+        from vlmforge.cache.build import build, encoder_for, images_of
+
+        vision, proc, src = encoder_for(encoder=model_cfg.vision)
+        build(str(tmp_path / "store"), vision, proc, images_of([data_dir / "shapes_sft.json"]), "fp32", source=src)
+        extra = {"cache": str(tmp_path / "store")}
+    full = train(_cfg(data_dir, tmp_path / "full", max_steps=8, save_every=3, **extra), model_cfg)
     reference = VLM.from_pretrained(full)
 
     calls = {"n": 0}
@@ -66,12 +76,12 @@ def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(VLM, "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3), model_cfg)
+        train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3, **extra), model_cfg)
     blob = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert blob["progress"]["step"] == 5
     monkeypatch.setattr(VLM, "forward", original)
-    resumed = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3), model_cfg,
-                                        resume=True))  # fmt: skip
+    resumed = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3, **extra),
+                                        model_cfg, resume=True))  # fmt: skip
     assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
     for (n, a), b in zip(reference.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)

@@ -65,11 +65,27 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
             f"{path}: the checkpoint's trainable weights differ from this run's (different stage or model?): "
             f"only in the checkpoint {extra[:3]}, only in the run {lacking[:3]}"
         )
+    _copy_weights(params, blob["weights"])
+    # the weights are copied above, in place: torch's own loader assigns new parameter objects when
+    # any parameter is on the meta device (a released encoder), orphaning those the optimizer holds
     opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_state_dict(model, optimizer, model_state_dict=blob["weights"], optim_state_dict=blob["optim"], options=opts)
+    set_state_dict(model, optimizer, model_state_dict={}, optim_state_dict=blob["optim"], options=opts)
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return blob["progress"]
+
+
+@torch.no_grad()
+def _copy_weights(params: dict, weights: dict) -> None:
+    """Copy full tensors into the model's parameters in place (sharded ones get their shard)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, full in weights.items():
+        p = params[name]
+        if isinstance(p, DTensor):
+            p.copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements))
+        else:
+            p.copy_(full)
 
 
 def _load_v1(path, blob: dict, params: dict, optimizer, scheduler) -> dict:
