@@ -13,6 +13,7 @@ from vlmforge.config import ModelConfig, TinySpec  # noqa: E402
 
 SMALL = TinySpec(
     image_size=32,
+    vision_kind="vit",  # the path of real SigLIP checkpoints; conv towers have tests of their own
     patch_size=8,
     vision_hidden=32,
     vision_layers=2,

@@ -173,6 +173,11 @@ class TinySpec:
 
     Args:
         image_size: encoder resolution.
+        vision_kind: the encoder: `resnet` (transformers' ResNetModel, basic blocks: learns these
+            shapes in seconds) or `vit` (a SigLIP ViT, as the real checkpoints are).
+        conv_embedding: ResNet stem width.
+        conv_hidden: ResNet stage widths (each stage after the first halves the grid).
+        conv_depths: ResNet blocks per stage.
         patch_size: ViT patch size.
         vision_hidden: ViT width.
         vision_layers: ViT depth.
@@ -188,6 +193,8 @@ class TinySpec:
         siglip_steps: SigLIP pretraining steps.
         siglip_batch: SigLIP batch size.
         siglip_lr: SigLIP peak learning rate.
+        siglip_texts: caption phrases of the whole corpus ("a red circle", 'the text "abc"') drawn
+            as extra texts of every batch, beside the batch's own captions and phrases.
         lm_steps: Llama pretraining steps.
         lm_batch: Llama batch size (conversations).
         lm_lr: Llama peak learning rate.
@@ -195,6 +202,10 @@ class TinySpec:
     """
 
     image_size: int = 64
+    vision_kind: Literal["resnet", "vit"] = "resnet"
+    conv_embedding: int = 32
+    conv_hidden: list[int] = field(default_factory=lambda: [64, 128, 192])
+    conv_depths: list[int] = field(default_factory=lambda: [1, 1, 1])
     patch_size: int = 16
     vision_hidden: int = 192
     vision_layers: int = 4
@@ -210,6 +221,7 @@ class TinySpec:
     siglip_steps: int = 400
     siglip_batch: int = 64
     siglip_lr: float = 2e-3
+    siglip_texts: int = 512
     lm_steps: int = 60
     lm_batch: int = 32
     lm_lr: float = 2e-3
@@ -241,6 +253,9 @@ class DemoConfig:
         n_text: training images of the text task.
         n_pretrain: extra captioned shapes images for pretraining the encoder (its own seed).
         n_test: held-out images per task.
+        other_sizes: held-out shapes images at other sizes and aspect ratios (WIDTHxHEIGHT), drawn
+            with other seeds, to measure generalisation beyond the 64 x 64 training canvas.
+        n_other: held-out images per other size.
         seed: data and training seed (held-out data uses seed + 1).
         spec: tiny backbone sizes and pretraining budgets.
         align: the align stage (data and output are set by the demo).
@@ -256,6 +271,8 @@ class DemoConfig:
     n_text: int = 500
     n_pretrain: int = 0
     n_test: int = 300
+    other_sizes: list[str] = field(default_factory=lambda: ["96x64", "64x96", "128x128"])
+    n_other: int = 100
     seed: int = 0
     spec: TinySpec = field(default_factory=TinySpec)
     align: TrainConfig = field(default_factory=_align_default)

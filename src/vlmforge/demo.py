@@ -16,7 +16,18 @@ from pathlib import Path
 
 from vlmforge.config import DemoConfig, save_json
 
-TARGETS = {"wall_time_s": 600, "shapes_overall": 0.90, "shapes_per_type": 0.80}
+TARGETS = {"wall_time_s": 600, "shapes_overall": 0.95, "shapes_per_type": 0.90, "shapes_other_sizes": 0.90}
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`96x64` -> (96, 64), or a ValueError naming the text."""
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size {text!r} is not WIDTHxHEIGHT (e.g. 96x64)") from None
+    if w < 16 or h < 16:
+        raise ValueError(f"image size {text!r}: each side must be at least 16 pixels")
+    return w, h
 
 
 def _setup_seconds() -> float | None:
@@ -61,12 +72,14 @@ def run(cfg: DemoConfig) -> dict:
 
     d = out / "data"
 
+    sizes = [_size(s) for s in cfg.other_sizes]
+
     def make_data():
         return synth_splits(d, [
             ("train", cfg.n_shapes, cfg.n_text, cfg.seed),
             ("test", cfg.n_test, cfg.n_test, cfg.seed + 1),
             ("pretrain", cfg.n_pretrain, 0, cfg.seed + 2),
-        ])  # fmt: skip
+        ] + [(f"other_{w}x{h}", cfg.n_other, 0, cfg.seed + 3 + i, w, h) for i, (w, h) in enumerate(sizes)])  # fmt: skip
 
     data = phase("data", make_data)
     train_files = [data[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
@@ -116,14 +129,21 @@ def run(cfg: DemoConfig) -> dict:
 
     def run_eval():
         res = {}
-        for task in ("shapes", "text"):
-            rep = evaluate(model, data[f"test_{task}_qa"], batch_size=64)
-            save_report(rep, out / f"eval_{task}.json")
+        evals = [(task, data[f"test_{task}_qa"]) for task in ("shapes", "text")]
+        evals += [(f"shapes_{w}x{h}", data[f"other_{w}x{h}_shapes_qa"]) for w, h in sizes]
+        for name, qa in evals:
+            rep = evaluate(model, qa, batch_size=64)
+            save_report(rep, out / f"eval_{name}.json")
             tqdm.write(format_report(rep))
-            res[task] = {
+            res[name] = {
                 "accuracy": rep["accuracy"],
+                "n": rep["n"],
                 "per_type": {k: v["accuracy"] for k, v in rep["per_type"].items()},
             }
+        other = [res[f"shapes_{w}x{h}"] for w, h in sizes]
+        if other:  # every other size together, each question once
+            n = sum(r["n"] for r in other)
+            res["shapes_other_sizes"] = {"accuracy": sum(r["accuracy"] * r["n"] for r in other) / n, "n": n}
         return res
 
     scores = phase("eval", run_eval)
@@ -140,7 +160,8 @@ def run(cfg: DemoConfig) -> dict:
     )
     for r, a in zip(picks, answers):
         q = r.messages[0]["content"].replace("<image>", "").strip()
-        samples.append({"image": str(r.images[0]), "question": q, "answer": a, "reference": r.messages[1]["content"]})
+        ref = r.messages[1]["content"]
+        samples.append({"image": str(r.images[0]), "question": q, "answer": a, "reference": ref, "right": a == ref})
 
     wall = time.time() - t0
     phases_total = sum(p["seconds"] for p in state["phases"].values())
@@ -149,6 +170,10 @@ def run(cfg: DemoConfig) -> dict:
         "wall_time": (wall <= TARGETS["wall_time_s"]) if not resumed else None,  # unknown for a continued run
         "shapes_overall": shapes["accuracy"] >= TARGETS["shapes_overall"],
         "shapes_per_type": all(v >= TARGETS["shapes_per_type"] for v in shapes["per_type"].values()),
+        "shapes_other_sizes": scores["shapes_other_sizes"]["accuracy"] >= TARGETS["shapes_other_sizes"]
+        if "shapes_other_sizes" in scores
+        else None,
+        "sample_answers": all(s["right"] for s in samples[:2]),  # the text sample has no target
     }
     summary = {
         "wall_time_s": round(wall, 1),
@@ -171,14 +196,21 @@ def run(cfg: DemoConfig) -> dict:
     setup = summary["setup_s"]
     lines.append(f"  setup (make setup, separate): {f'{setup:.0f}s' if setup is not None else 'not measured'}")
     lines.append(
-        f"  shapes accuracy {100 * shapes['accuracy']:.1f}% (target >= 90%); per type: "
+        f"  shapes accuracy {100 * shapes['accuracy']:.1f}% (target >= {TARGETS['shapes_overall']:.0%}); per type: "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shapes["per_type"].items())
-        + " (target >= 80% each)"
+        + f" (target >= {TARGETS['shapes_per_type']:.0%} each)"
     )
+    if "shapes_other_sizes" in scores:
+        each = ", ".join(f"{w}x{h} {100 * scores[f'shapes_{w}x{h}']['accuracy']:.1f}%" for w, h in sizes)
+        lines.append(
+            f"  shapes at other sizes (seed {cfg.seed + 3}+) {100 * scores['shapes_other_sizes']['accuracy']:.1f}% "
+            f"(target >= {TARGETS['shapes_other_sizes']:.0%}): {each}"
+        )
     lines.append(f"  text accuracy {100 * scores['text']['accuracy']:.1f}% (no target)")
     lines.append("  sample answers:")
     for s in samples:
-        lines.append(f"    {s['image']}: {s['question']} -> {s['answer']!r} (reference {s['reference']!r})")
+        mark = "right" if s["right"] else "WRONG"
+        lines.append(f"    {s['image']}: {s['question']} -> {s['answer']!r} (reference {s['reference']!r}: {mark})")
     lines.append(f"  targets met: {met}")
     lines.append(f"  model: {out / 'model'}   (try: vlmforge chat --model {out / 'model'} --image IMG --question ...)")
     lines.append("=" * 64)

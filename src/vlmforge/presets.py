@@ -18,6 +18,7 @@ stated in the output.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -37,6 +38,49 @@ class VisionShape:
     def params(self) -> int:  # transformer blocks + patch embedding (heads and norms are small)
         blocks = self.layers * (4 * self.hidden**2 + 2 * self.hidden * self.intermediate)
         return blocks + 3 * self.patch_size**2 * self.hidden
+
+    @property
+    def flops(self) -> float:  # forward FLOPs per view: 2 per parameter per patch
+        return 2 * self.params * self.patches
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A convolutional tower's numbers, counted on its transformers class (`conv_shape`): a conv
+    reuses each weight at every position of its map, so its FLOPs are not 2·params·tokens."""
+
+    hidden: int  # channels of the stage fed to the connector
+    patches: int  # H x W of that stage's map
+    params: int
+    flops: float  # forward FLOPs per view
+
+
+def conv_shape(config, image_size: int, feature_layer: int = -1) -> ConvShape:
+    """Parameters, FLOPs and the token grid of a conv tower built from `config` on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config).eval()
+        x = torch.zeros(1, 3, image_size, image_size)
+        with FlopCounterMode(display=False) as counter:
+            out = model(pixel_values=x, output_hidden_states=True)
+    fmap = out.last_hidden_state if feature_layer == -1 else out.hidden_states[feature_layer]  # [1, C, H, W]
+    params = sum(p.numel() for p in model.parameters())
+    return ConvShape(fmap.shape[1], fmap.shape[2] * fmap.shape[3], params, float(counter.get_total_flops()))
+
+
+def tiny_vision_shape() -> ConvShape:
+    """The demo's encoder (`TinySpec`'s ResNet at its resolution, last stage)."""
+    from transformers import ResNetConfig
+
+    from vlmforge.config import TinySpec
+
+    s = TinySpec()
+    cfg = ResNetConfig(embedding_size=s.conv_embedding, hidden_sizes=list(s.conv_hidden), depths=list(s.conv_depths),
+                       layer_type="basic", downsample_in_first_stage=False)  # fmt: skip
+    return conv_shape(cfg, s.image_size)
 
 
 @dataclass(frozen=True)
@@ -75,9 +119,13 @@ class Preset:
     vision: str
     lm: str
     connector: str
-    vision_shape: VisionShape
+    vision_shape: VisionShape | ConvShape | Callable[[], ConvShape]  # a callable: counted when asked
     lm_shape: LMShape
     model: dict = field(default_factory=dict)  # further ModelConfig fields
+
+    @property
+    def vshape(self) -> VisionShape | ConvShape:
+        return self.vision_shape() if callable(self.vision_shape) else self.vision_shape
 
     def model_config(self):
         from vlmforge.config import ModelConfig
@@ -109,7 +157,7 @@ PRESETS = {
                "google/siglip-base-patch16-224", "HuggingFaceTB/SmolLM2-135M-Instruct", "pixel_shuffle",
                SIGLIP_BASE, SMOLLM2_135M, {"pixel_shuffle_factor": 2}),
         Preset("tiny", "the demo's model, made here by `vlmforge pretrain` (no Hub ids)", "", "", "mlp",
-               VisionShape(hidden=192, layers=4, intermediate=768, image_size=64, patch_size=16),
+               tiny_vision_shape,
                LMShape(hidden=256, layers=2, intermediate=688, heads=4, kv_heads=4, vocab=512)),
     ]
 }  # fmt: skip
@@ -133,10 +181,10 @@ def connector_params_and_tokens(p: Preset) -> tuple[int, int]:
 
     cfg = dataclasses.replace(ModelConfig(), connector=p.connector, **p.model)
     with torch.device("meta"):
-        conn = build_connector(p.connector, p.vision_shape.hidden, p.lm_shape.hidden, hidden=cfg.connector_hidden,
+        conn = build_connector(p.connector, p.vshape.hidden, p.lm_shape.hidden, hidden=cfg.connector_hidden,
                                layers=cfg.connector_layers, heads=cfg.connector_heads, latents=cfg.connector_latents,
                                factor=cfg.pixel_shuffle_factor)  # fmt: skip
-    return sum(t.numel() for t in conn.parameters()), conn.num_tokens(p.vision_shape.patches)
+    return sum(t.numel() for t in conn.parameters()), conn.num_tokens(p.vshape.patches)
 
 
 def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: str = "h100", price: float = 2.5,
@@ -151,11 +199,11 @@ def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: s
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     if sft_lm not in ("lora", "full"):
         raise ValueError(f"sft_lm is lora or full, got {sft_lm!r}")
-    v, lm = p.vision_shape, p.lm_shape
+    v, lm = p.vshape, p.lm_shape
     conn_params, tokens_per_view = connector_params_and_tokens(p)
     visual = tokens_per_view * views
     n, d, layers = lm.non_embedding, lm.hidden, lm.layers
-    enc_per_image = 2 * v.params * v.patches * views
+    enc_per_image = v.flops * views
     stages = {}
     for i, (name, lm_mode) in enumerate((("align", "frozen"), ("sft", sft_lm))):
         length = visual + text_tokens[i]

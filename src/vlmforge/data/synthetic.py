@@ -181,14 +181,16 @@ def synth(
     return paths
 
 
-def synth_splits(folder: str | Path, splits: list[tuple[str, int, int, int]]) -> dict[str, str]:
-    """Several splits of both tasks: `splits` holds (split, n_shapes, n_text, seed); returns
-    {"{split}_{task}_{kind}": path} for every file written (a count of 0 writes nothing)."""
+def synth_splits(folder: str | Path, splits: list[tuple]) -> dict[str, str]:
+    """Several splits of both tasks: `splits` holds (split, n_shapes, n_text, seed) or (split,
+    n_shapes, n_text, seed, width, height); returns {"{split}_{task}_{kind}": path} for every file
+    written (a count of 0 writes nothing). Images are 64 x 64 unless a split says otherwise."""
     paths = {}
-    for split, n_shapes, n_text, seed in splits:
+    for split, n_shapes, n_text, seed, *size in splits:
+        width, height = size or (64, 64)
         for task, n in (("shapes", n_shapes), ("text", n_text)):
             if n == 0:
                 continue
-            for kind, p in synth(Path(folder) / split, task, n, seed).items():
+            for kind, p in synth(Path(folder) / split, task, n, seed, width, height).items():
                 paths[f"{split}_{task}_{kind}"] = str(p)
     return paths

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from vlmforge.config import TinySpec
@@ -103,12 +104,61 @@ def _log(msg: str) -> None:
     tqdm.write(msg)
 
 
-def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
-    """Pretrain a small SiglipModel on (image, caption) records with the pairwise sigmoid loss."""
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+class ConvSiglip(nn.Module):
+    """SigLIP's dual encoder with a convolutional image tower: the tower's pooled map, projected
+    to the text tower's embedding width; logits as SigLIP's, t' = log 10 and b = -10 at the start."""
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
+    def __init__(self, vision: nn.Module, text: nn.Module, width: int):
+        super().__init__()
+        self.vision, self.text = vision, text
+        self.proj = nn.Linear(vision.config.hidden_sizes[-1], width)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        img = self.proj(self.vision(pixel_values=pixel_values).pooler_output.flatten(1))  # [B, E]
+        txt = self.text(input_ids=input_ids).pooler_output  # [T, E]
+        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        return img @ txt.T * self.logit_scale.exp() + self.logit_bias  # [B, T]
+
+
+def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, object]:
+    """(dual encoder whose forward gives image-text logits [B, T], the part saved as the vision
+    encoder, its image processor), as `spec.vision_kind` says."""
+    from transformers import (
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipTextConfig,
+        SiglipTextModel,
+    )
+
+    tcfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=max(1, spec.text_hidden // 32),
+        intermediate_size=4 * spec.text_hidden,
+        max_position_embeddings=spec.text_len,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if spec.vision_kind == "resnet":
+        vision = ResNetModel(ResNetConfig(
+            embedding_size=spec.conv_embedding, hidden_sizes=list(spec.conv_hidden), depths=list(spec.conv_depths),
+            layer_type="basic", downsample_in_first_stage=False,
+        ))  # fmt: skip
+        text = SiglipTextModel(SiglipTextConfig(**tcfg, projection_size=spec.conv_hidden[-1]))
+        proc = ConvNextImageProcessor(
+            size={"shortest_edge": spec.image_size}, crop_pct=1.0, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+        return ConvSiglip(vision, text, spec.conv_hidden[-1]), vision, proc
+    if spec.vision_kind != "vit":
+        raise ValueError(f"unknown tiny vision kind {spec.vision_kind!r} (resnet or vit)")
     vcfg = dict(
         image_size=spec.image_size,
         patch_size=spec.patch_size,
@@ -117,22 +167,31 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
         num_attention_heads=spec.vision_heads,
         intermediate_size=4 * spec.vision_hidden,
     )
-    tcfg = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=max(1, spec.text_hidden // 32),
-        intermediate_size=4 * spec.text_hidden,
-        max_position_embeddings=spec.text_len,
-        projection_size=spec.vision_hidden,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = SiglipModel(SiglipConfig(vision_config=vcfg, text_config=tcfg))
+    model = SiglipModel(SiglipConfig(vision_config=vcfg, text_config={**tcfg, "projection_size": spec.vision_hidden}))
     with torch.no_grad():  # the paper's initialisation: t' = log 10, b = -10
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-10.0)
+
+    class _Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, pixel_values):
+            return self.model(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
+
+    proc = SiglipImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    return _Logits(), model, proc
+
+
+def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
+    """Pretrain a small vision encoder (a ResNet or a SigLIP ViT, `spec.vision_kind`) with SigLIP's
+    pairwise sigmoid loss on (image, caption) records; saves the image tower with `save_pretrained`."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model, tower, image_processor = _dual_encoder(spec, tokenizer)
     proc = ImageProcessor(spec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
     pixels = torch.stack([proc(load_image(r.images[0])) for r in records])  # [N, 3, S, S]
     captions = [r.messages[-1]["content"] for r in records]
@@ -150,25 +209,30 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
     perm = rng.sample(range(len(records)), len(records))
     val, train_idx = perm[:n_val], perm[n_val:]
 
+    # beside the batch's own captions and phrases, `siglip_texts` phrases of the whole corpus are
+    # texts of every batch: each image gets a verdict on many objects it could hold, not only on
+    # the few texts its batch happens to draw (far more negatives per step than the batch gives)
+    pool = sorted({text_index[p] for s in image_sets for p in s})
+
     def loss_of(idx: list[int]) -> torch.Tensor:
-        picks = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
-        logits = model(input_ids=text_ids[picks], pixel_values=pixels[idx]).logits_per_image  # [B, B]
+        drawn = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
+        extra = rng.sample(pool, min(spec.siglip_texts, len(pool)))
+        picks = sorted(set(drawn) | set(extra))
+        logits = model(text_ids[picks], pixels[idx])  # [B, T]
         same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
         return -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
 
     t0 = time.time()
     final = _optimize(model, loss_of, _batches(rng, train_idx, spec.siglip_batch), spec.siglip_steps,
-                      spec.siglip_lr, 1e-4, "pretrain siglip")  # fmt: skip
+                      spec.siglip_lr, 1e-4, f"pretrain {spec.vision_kind} (siglip loss)")  # fmt: skip
     with torch.no_grad():
         val_texts = [text_index[captions[i]] for i in val]
-        sims = model(input_ids=text_ids[val_texts], pixel_values=pixels[val]).logits_per_image  # [V, V]
+        sims = model(text_ids[val_texts], pixels[val])  # [V, V]
         retrieval = sum(captions[val[j]] == captions[i] for i, j in zip(val, sims.argmax(1).tolist())) / n_val
-    _log(f"siglip: held-out image->caption retrieval top-1 {100 * retrieval:.1f}% among {n_val}")
+    _log(f"{spec.vision_kind}: held-out image->caption retrieval top-1 {100 * retrieval:.1f}% among {n_val}")
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        SiglipImageProcessor(
-            size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        ).save_pretrained(tmp)
+        tower.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
     return {"final_loss": final, "seconds": time.time() - t0, "retrieval_top1": retrieval}
 
 
