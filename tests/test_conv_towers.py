@@ -150,3 +150,23 @@ def test_frozen_batchnorm_stays_in_eval_mode_while_training(resnet_cfg, data_dir
     for k, v in before.items():
         torch.testing.assert_close(after[k], v, msg=k)
     assert json.loads((out / "config.json").read_text())["model"]["vision"] == resnet_cfg.vision
+
+
+def test_tiny_resnet_pretrains_with_the_sigmoid_loss_and_loads_as_a_tower(backbones, data_dir, tmp_path):
+    """The demo's encoder: a ResNetModel pretrained with SigLIP's loss (phrases scored cell by cell),
+    saved with `save_pretrained`, then a vision tower like any Hub checkpoint."""
+    from tests.conftest import SMALL
+    from transformers import AutoTokenizer
+
+    from vlmforge.data.formats import load_records
+    from vlmforge.model.tiny import pretrain_siglip
+    from vlmforge.model.vision import VisionTower
+
+    spec = dataclasses.replace(SMALL, vision_kind="resnet", conv_embedding=8, conv_hidden=[8, 16], conv_depths=[1, 1],
+                               siglip_steps=3, siglip_texts=8)  # fmt: skip
+    recs = load_records(data_dir / "shapes_captions.json")
+    info = pretrain_siglip(recs, AutoTokenizer.from_pretrained(backbones["tokenizer"]), tmp_path / "v", spec)
+    assert info["final_loss"] == info["final_loss"]  # finite, not NaN
+    tower = VisionTower.from_pretrained(str(tmp_path / "v"))
+    assert type(tower.model).__name__ == "ResNetModel" and tower.convolutional and tower.image_size == 32
+    assert tower(torch.zeros(1, 3, 32, 32)).shape == (1, tower.num_patches, 16)

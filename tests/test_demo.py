@@ -9,7 +9,7 @@ from vlmforge.demo import run
 def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     base = DemoConfig()
     cfg = DemoConfig(
-        out=str(tmp_path / "demo"), n_shapes=48, n_text=8, n_test=8, spec=SMALL,
+        out=str(tmp_path / "demo"), n_shapes=48, n_text=8, n_test=8, n_shapes_other=12, n_other=4, spec=SMALL,
         align=dataclasses.replace(base.align, max_steps=2, batch_size=8),
         sft=dataclasses.replace(base.sft, max_steps=2, batch_size=8),
     )  # fmt: skip
@@ -24,7 +24,29 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
         assert run_cfg["cache"] == str(out / "cache") and run_cfg["cache_dtype"] == "fp16"
     assert (out / "model" / "vision" / "model.safetensors").is_file()
     assert 0.0 <= summary["scores"]["shapes"]["accuracy"] <= 1.0 and len(summary["samples"]) == 3
+    # held out at other sizes, each scored and together; the extra training canvases were used
+    for size in ("96x64", "64x96", "128x128"):
+        assert (out / f"eval_shapes_{size}.json").is_file()
+        assert summary["scores"][f"shapes_{size}"]["n"] > 0
+    assert summary["scores"]["shapes_other_sizes"]["n"] == sum(
+        summary["scores"][f"shapes_{s}"]["n"] for s in ("96x64", "64x96", "128x128")
+    )
+    sft_data = json.loads((out / "sft" / "run_config.json").read_text())["train"]["data"]
+    assert any("train_80x64" in f for f in sft_data) and len(sft_data) == 5
+    assert all(isinstance(s["right"], bool) for s in summary["samples"])
     assert "vlmforge demo summary" in capsys.readouterr().out
     # a second run continues: every phase is reported as done earlier
     again = run(cfg)
     assert again["phases_done_earlier"] == ["data", "backbones", "cache", "align", "sft", "model", "eval"]
+
+
+def test_demo_sizes_are_checked():
+    import pytest
+
+    from vlmforge.demo import _size
+
+    assert _size("96x64") == (96, 64)
+    with pytest.raises(ValueError, match="'96by64' is not WIDTHxHEIGHT"):
+        _size("96by64")
+    with pytest.raises(ValueError, match="at least 16 pixels"):
+        _size("8x64")

@@ -238,8 +238,13 @@ def demo(
     n_text: int = DemoConfig.n_text,
     n_test: int = DemoConfig.n_test,
     n_pretrain: int = DemoConfig.n_pretrain,
+    train_sizes: list[str] = DemoConfig().train_sizes,  # noqa: B008
+    n_shapes_other: int = DemoConfig.n_shapes_other,
+    other_sizes: list[str] = DemoConfig().other_sizes,  # noqa: B008
+    n_other: int = DemoConfig.n_other,
     seed: int = 0,
     spec: TinySpec = TinySpec(),  # noqa: B008
+    model: ModelConfig = DemoConfig().model,  # noqa: B008
     align: TrainConfig = DemoConfig().align,  # noqa: B008
     sft: TrainConfig = DemoConfig().sft,  # noqa: B008
     cache: bool = True,
@@ -254,8 +259,14 @@ def demo(
         n_text: training images of the text task.
         n_test: held-out images per task.
         n_pretrain: extra captioned shapes images for pretraining the encoder.
+        train_sizes: further training canvases of the shapes task (WIDTHxHEIGHT).
+        n_shapes_other: training shapes images over those canvases, in equal parts.
+        other_sizes: held-out shapes images at other sizes (WIDTHxHEIGHT), other seeds.
+        n_other: held-out images per other size.
         seed: data and training seed (held-out data uses seed + 1).
         spec: tiny backbone sizes and pretraining budgets.
+        model: connector and feature settings of the VLM (its vision, lm and tokenizer are the
+            demo's backbones).
         align: the align stage (its data and output folder are set by the demo).
         sft: the sft stage (its data and output folder are set by the demo).
         cache: train both stages from a feature store of the training images (OUT/cache).
@@ -271,8 +282,13 @@ def demo(
             n_text=n_text,
             n_pretrain=n_pretrain,
             n_test=n_test,
+            train_sizes=train_sizes,
+            n_shapes_other=n_shapes_other,
+            other_sizes=other_sizes,
+            n_other=n_other,
             seed=seed,
             spec=spec,
+            model=model,
             align=align,
             sft=sft,
             cache=cache,

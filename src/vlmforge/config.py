@@ -195,6 +195,8 @@ class TinySpec:
         siglip_lr: SigLIP peak learning rate.
         siglip_texts: caption phrases of the whole corpus ("a red circle", 'the text "abc"') drawn
             as extra texts of every batch, beside the batch's own captions and phrases.
+        siglip_cells: a conv encoder scores a one-object phrase against each cell of its map (the
+            best cell counts) and a whole caption against the pooled map; false: both pooled.
         lm_steps: Llama pretraining steps.
         lm_batch: Llama batch size (conversations).
         lm_lr: Llama peak learning rate.
@@ -221,7 +223,8 @@ class TinySpec:
     siglip_steps: int = 400
     siglip_batch: int = 64
     siglip_lr: float = 2e-3
-    siglip_texts: int = 512
+    siglip_texts: int = 0
+    siglip_cells: bool = True
     lm_steps: int = 60
     lm_batch: int = 32
     lm_lr: float = 2e-3
@@ -252,12 +255,17 @@ class DemoConfig:
         n_shapes: training images of the shapes task.
         n_text: training images of the text task.
         n_pretrain: extra captioned shapes images for pretraining the encoder (its own seed).
+        train_sizes: further training canvases of the shapes task (WIDTHxHEIGHT), beside the
+            64 x 64 images: the encoder pads a non-square image, and the model learns that
+            padding is no object. None of them is a held-out size.
+        n_shapes_other: training shapes images over those canvases, in equal parts.
         n_test: held-out images per task.
         other_sizes: held-out shapes images at other sizes and aspect ratios (WIDTHxHEIGHT), drawn
             with other seeds, to measure generalisation beyond the 64 x 64 training canvas.
         n_other: held-out images per other size.
         seed: data and training seed (held-out data uses seed + 1).
         spec: tiny backbone sizes and pretraining budgets.
+        model: the VLM made from the tiny backbones (vision, lm and tokenizer are set by the demo).
         align: the align stage (data and output are set by the demo).
         sft: the sft stage (data and output are set by the demo).
         cache: encode the training images once into a feature store (OUT/cache) and train both
@@ -270,11 +278,14 @@ class DemoConfig:
     n_shapes: int = 3000
     n_text: int = 500
     n_pretrain: int = 0
+    train_sizes: list[str] = field(default_factory=lambda: ["80x64", "64x80", "96x96"])
+    n_shapes_other: int = 900
     n_test: int = 300
     other_sizes: list[str] = field(default_factory=lambda: ["96x64", "64x96", "128x128"])
     n_other: int = 100
     seed: int = 0
     spec: TinySpec = field(default_factory=TinySpec)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(connector="mlp", vision_pooled=True))
     align: TrainConfig = field(default_factory=_align_default)
     sft: TrainConfig = field(default_factory=_sft_default)
     cache: bool = True

@@ -73,17 +73,27 @@ def run(cfg: DemoConfig) -> dict:
     d = out / "data"
 
     sizes = [_size(s) for s in cfg.other_sizes]
-
-    def make_data():
-        return synth_splits(d, [
-            ("train", cfg.n_shapes, cfg.n_text, cfg.seed),
-            ("test", cfg.n_test, cfg.n_test, cfg.seed + 1),
-            ("pretrain", cfg.n_pretrain, 0, cfg.seed + 2),
-        ] + [(f"other_{w}x{h}", cfg.n_other, 0, cfg.seed + 3 + i, w, h) for i, (w, h) in enumerate(sizes)])  # fmt: skip
-
-    data = phase("data", make_data)
+    canvases = [_size(s) for s in cfg.train_sizes]
+    n_each = cfg.n_shapes_other // max(len(canvases), 1)
+    # held-out seeds: test seed + 1, other sizes seed + 3…; extra training canvases seed + 100…
+    splits = [
+        ("train", cfg.n_shapes, cfg.n_text, cfg.seed),
+        ("test", cfg.n_test, cfg.n_test, cfg.seed + 1),
+        ("pretrain", cfg.n_pretrain, 0, cfg.seed + 2),
+    ] + [(f"other_{w}x{h}", cfg.n_other, 0, cfg.seed + 3 + i, w, h) for i, (w, h) in enumerate(sizes)] + [
+        (f"train_{w}x{h}", n_each, 0, cfg.seed + 100 + i, w, h) for i, (w, h) in enumerate(canvases)
+    ]  # fmt: skip
+    data = phase("data", lambda: synth_splits(d, splits))
+    if any(f"{split}_shapes_qa" not in data for split, n, *_ in splits if n):  # a folder of other settings
+        tqdm.write("[data] the settings changed since it was made: made again")
+        data = synth_splits(d, splits)
+        state["phases"]["data"]["result"] = data
+        save_json(state, state_file)
+    extra = [f"train_{w}x{h}" for w, h in canvases if n_each]
     train_files = [data[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
+    train_files += [data[f"{split}_shapes_{k}"] for split in extra for k in ("captions", "sft")]
     caption_files = [data["train_text_captions"], data["train_shapes_captions"]]
+    caption_files += [data[f"{split}_shapes_captions"] for split in extra]
     if "pretrain_shapes_captions" in data:
         caption_files.append(data["pretrain_shapes_captions"])
 
@@ -93,12 +103,11 @@ def run(cfg: DemoConfig) -> dict:
 
     phase("backbones", backbones)
 
-    from vlmforge.config import ModelConfig
-
     bb = out / "backbones"
-    model_cfg = ModelConfig(vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"), connector="mlp")
+    model_cfg = dataclasses.replace(cfg.model, vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"))
     align_data = [data["train_shapes_captions"], data["train_text_captions"]]
-    sft_data = [data["train_shapes_sft"], data["train_text_sft"]]
+    align_data += [data[f"{split}_shapes_captions"] for split in extra]
+    sft_data = [data["train_shapes_sft"], data["train_text_sft"]] + [data[f"{split}_shapes_sft"] for split in extra]
     store = None
     if cfg.cache:
         from vlmforge.cache.build import build, encoder_for, images_of
@@ -106,7 +115,10 @@ def run(cfg: DemoConfig) -> dict:
         store = str(out / "cache")
 
         def make_cache():
-            vision, proc, src = encoder_for(encoder=model_cfg.vision, resize=model_cfg.resize)
+            vision, proc, src = encoder_for(
+                encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer, pooled=model_cfg.vision_pooled,
+                resize=model_cfg.resize, image_size=model_cfg.image_size, split_grid=model_cfg.split_grid,
+            )  # fmt: skip
             stats = build(store, vision, proc, images_of(align_data + sft_data), cfg.cache_dtype, source=src)
             return {k: stats[k] for k in ("namespace", "unique", "encoded", "images_per_s")}
 
@@ -201,7 +213,11 @@ def run(cfg: DemoConfig) -> dict:
         + f" (target >= {TARGETS['shapes_per_type']:.0%} each)"
     )
     if "shapes_other_sizes" in scores:
-        each = ", ".join(f"{w}x{h} {100 * scores[f'shapes_{w}x{h}']['accuracy']:.1f}%" for w, h in sizes)
+        each = ", ".join(
+            f"{w}x{h} {100 * scores[f'shapes_{w}x{h}']['accuracy']:.1f}%"
+            for w, h in sizes
+            if f"shapes_{w}x{h}" in scores
+        )
         lines.append(
             f"  shapes at other sizes (seed {cfg.seed + 3}+) {100 * scores['shapes_other_sizes']['accuracy']:.1f}% "
             f"(target >= {TARGETS['shapes_other_sizes']:.0%}): {each}"

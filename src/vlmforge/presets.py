@@ -158,7 +158,8 @@ PRESETS = {
                SIGLIP_BASE, SMOLLM2_135M, {"pixel_shuffle_factor": 2}),
         Preset("tiny", "the demo's model, made here by `vlmforge pretrain` (no Hub ids)", "", "", "mlp",
                tiny_vision_shape,
-               LMShape(hidden=256, layers=2, intermediate=688, heads=4, kv_heads=4, vocab=512)),
+               LMShape(hidden=256, layers=2, intermediate=688, heads=4, kv_heads=4, vocab=512),
+               {"vision_pooled": True}),
     ]
 }  # fmt: skip
 
@@ -184,7 +185,7 @@ def connector_params_and_tokens(p: Preset) -> tuple[int, int]:
         conn = build_connector(p.connector, p.vshape.hidden, p.lm_shape.hidden, hidden=cfg.connector_hidden,
                                layers=cfg.connector_layers, heads=cfg.connector_heads, latents=cfg.connector_latents,
                                factor=cfg.pixel_shuffle_factor)  # fmt: skip
-    return sum(t.numel() for t in conn.parameters()), conn.num_tokens(p.vshape.patches)
+    return sum(t.numel() for t in conn.parameters()), conn.num_tokens(p.vshape.patches + int(cfg.vision_pooled))
 
 
 def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: str = "h100", price: float = 2.5,

@@ -105,8 +105,11 @@ def _log(msg: str) -> None:
 
 
 class ConvSiglip(nn.Module):
-    """SigLIP's dual encoder with a convolutional image tower: the tower's pooled map, projected
-    to the text tower's embedding width; logits as SigLIP's, t' = log 10 and b = -10 at the start."""
+    """SigLIP's dual encoder with a convolutional image tower. A whole caption is scored against
+    the tower's pooled map; a phrase naming one object ("a red circle") against each cell of the
+    map, keeping the best cell (multiple-instance learning, as FILIP's token-wise matching), so
+    that each cell learns the object it holds, colour and shape bound together: the visual tokens
+    the LM later reads. Logits as SigLIP's, t' = log 10 and b = -10 at the start."""
 
     def __init__(self, vision: nn.Module, text: nn.Module, width: int):
         super().__init__()
@@ -115,11 +118,14 @@ class ConvSiglip(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        img = self.proj(self.vision(pixel_values=pixel_values).pooler_output.flatten(1))  # [B, E]
-        txt = self.text(input_ids=input_ids).pooler_output  # [T, E]
-        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-        return img @ txt.T * self.logit_scale.exp() + self.logit_bias  # [B, T]
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, per_cell: torch.Tensor) -> torch.Tensor:
+        fmap = self.vision(pixel_values=pixel_values).last_hidden_state  # [B, C, H, W]
+        cells = F.normalize(self.proj(fmap.flatten(2).transpose(1, 2)), dim=-1)  # [B, HW, E]
+        pooled = F.normalize(self.proj(fmap.mean((2, 3))), dim=-1)  # [B, E]
+        txt = F.normalize(self.text(input_ids=input_ids).pooler_output, dim=-1)  # [T, E]
+        best = torch.einsum("bpe,te->btp", cells, txt).amax(-1)  # [B, T]
+        sim = torch.where(per_cell[None], best, pooled @ txt.T)
+        return sim * self.logit_scale.exp() + self.logit_bias  # [B, T]
 
 
 def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, object]:
@@ -177,7 +183,7 @@ def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, obje
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, pixel_values):
+        def forward(self, input_ids, pixel_values, per_cell=None):
             return self.model(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
 
     proc = SiglipImageProcessor(
@@ -213,12 +219,14 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
     # texts of every batch: each image gets a verdict on many objects it could hold, not only on
     # the few texts its batch happens to draw (far more negatives per step than the batch gives)
     pool = sorted({text_index[p] for s in image_sets for p in s})
+    # texts naming one object, scored cell by cell when the tower has cells (`spec.siglip_cells`)
+    single = torch.tensor([len(t) == 1 and spec.siglip_cells for t in text_sets])
 
     def loss_of(idx: list[int]) -> torch.Tensor:
         drawn = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
         extra = rng.sample(pool, min(spec.siglip_texts, len(pool)))
         picks = sorted(set(drawn) | set(extra))
-        logits = model(text_ids[picks], pixels[idx])  # [B, T]
+        logits = model(text_ids[picks], pixels[idx], single[picks])  # [B, T]
         same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
         return -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
 
@@ -227,7 +235,7 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
                       spec.siglip_lr, 1e-4, f"pretrain {spec.vision_kind} (siglip loss)")  # fmt: skip
     with torch.no_grad():
         val_texts = [text_index[captions[i]] for i in val]
-        sims = model(text_ids[val_texts], pixels[val])  # [V, V]
+        sims = model(text_ids[val_texts], pixels[val], single[val_texts])  # [V, V]
         retrieval = sum(captions[val[j]] == captions[i] for i, j in zip(val, sims.argmax(1).tolist())) / n_val
     _log(f"{spec.vision_kind}: held-out image->caption retrieval top-1 {100 * retrieval:.1f}% among {n_val}")
     with atomic_dir(out) as tmp:
