@@ -30,10 +30,12 @@ from pathlib import Path
 from vlmforge.config import TinySpec, TrainConfig
 
 PRESETS = {
-    "tiny": TinySpec(),
+    # ViT encoders (the shape of real SigLIP towers, and of the FLOP formulas below)
+    "tiny": TinySpec(vision_kind="vit"),
     # encoder : LM parameters ~ 1 : 16 and image tokens ~ 70% of the LM sequence, as SigLIP-so400m
     # (0.4B, 729 tokens) beside Llama-3-8B (7.5B non-embedding) on a short caption.
     "llama3v_shape": TinySpec(
+        vision_kind="vit",
         image_size=64,
         patch_size=8,
         vision_hidden=128,
