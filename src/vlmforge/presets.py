@@ -18,6 +18,7 @@ stated in the output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -71,16 +72,14 @@ def conv_shape(config, image_size: int, feature_layer: int = -1) -> ConvShape:
     return ConvShape(fmap.shape[1], fmap.shape[2] * fmap.shape[3], params, float(counter.get_total_flops()))
 
 
+@functools.cache
 def tiny_vision_shape() -> ConvShape:
-    """The demo's encoder (`TinySpec`'s ResNet at its resolution, last stage)."""
-    from transformers import ResNetConfig
-
+    """The demo's encoder (`TinySpec`'s ResNet at its resolution, last stage), counted once."""
     from vlmforge.config import TinySpec
+    from vlmforge.model.tiny import resnet_config
 
-    s = TinySpec()
-    cfg = ResNetConfig(embedding_size=s.conv_embedding, hidden_sizes=list(s.conv_hidden), depths=list(s.conv_depths),
-                       layer_type="basic", downsample_in_first_stage=False)  # fmt: skip
-    return conv_shape(cfg, s.image_size)
+    spec = TinySpec()
+    return conv_shape(resnet_config(spec), spec.image_size)
 
 
 @dataclass(frozen=True)

@@ -128,12 +128,19 @@ class ConvSiglip(nn.Module):
         return sim * self.logit_scale.exp() + self.logit_bias  # [B, T]
 
 
+def resnet_config(spec: TinySpec):
+    """The tiny ResNet's transformers config (basic blocks; the first stage keeps the stem's grid)."""
+    from transformers import ResNetConfig
+
+    return ResNetConfig(embedding_size=spec.conv_embedding, hidden_sizes=list(spec.conv_hidden),
+                        depths=list(spec.conv_depths), layer_type="basic", downsample_in_first_stage=False)  # fmt: skip
+
+
 def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, object]:
     """(dual encoder whose forward gives image-text logits [B, T], the part saved as the vision
     encoder, its image processor), as `spec.vision_kind` says."""
     from transformers import (
         ConvNextImageProcessor,
-        ResNetConfig,
         ResNetModel,
         SiglipConfig,
         SiglipImageProcessor,
@@ -154,10 +161,7 @@ def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, obje
         eos_token_id=tokenizer.eos_token_id,
     )
     if spec.vision_kind == "resnet":
-        vision = ResNetModel(ResNetConfig(
-            embedding_size=spec.conv_embedding, hidden_sizes=list(spec.conv_hidden), depths=list(spec.conv_depths),
-            layer_type="basic", downsample_in_first_stage=False,
-        ))  # fmt: skip
+        vision = ResNetModel(resnet_config(spec))
         text = SiglipTextModel(SiglipTextConfig(**tcfg, projection_size=spec.conv_hidden[-1]))
         proc = ConvNextImageProcessor(
             size={"shortest_edge": spec.image_size}, crop_pct=1.0, image_mean=[0.5] * 3, image_std=[0.5] * 3
