@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory):
     from vlmforge.data.synthetic import synth
 
     d = tmp_path_factory.mktemp("data")
-    synth(d, "shapes", 48, seed=0, width=32, height=32)
+    synth(d, "shapes", 48, seed=0, width=32, height=32, conversations="multi")  # multi-turn label masks
     synth(d, "text", 8, seed=0, width=48, height=32)
     return d
 

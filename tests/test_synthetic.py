@@ -1,6 +1,7 @@
 import json
 import re
 
+import pytest
 from PIL import Image
 
 from vlmforge.data.synthetic import COLORS, SHAPES, caption, sample_scene, shape_questions, synth
@@ -97,3 +98,26 @@ def test_caption_phrases_split_list_captions():
         "a green triangle",
     }
     assert caption_phrases("a red circle") == {"a red circle"}
+
+
+def test_single_question_records_hold_every_turn_of_the_conversation(tmp_path):
+    """By default each question is a record of its own (no answer can be read off another), and
+    together they hold exactly the turns of the multi-turn conversation of the same seed."""
+    single = json.loads(synth(tmp_path / "s", "shapes", 10, seed=5)["sft"].read_text())
+    multi = json.loads(synth(tmp_path / "m", "shapes", 10, seed=5, conversations="multi")["sft"].read_text())
+    assert len(multi) == 10 and len(single) > 10
+    assert all(len(r["conversations"]) == 2 and r["conversations"][0]["value"].startswith("<image>\n") for r in single)
+
+    def turns(records):
+        out = []
+        for r in records:
+            c = r["conversations"]
+            out += [(r["image"], q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(c[::2], c[1::2])]
+        return out
+
+    assert turns(single) == turns(multi)
+    assert len({r["id"] for r in single}) == len(single)
+    qa = [json.loads((tmp_path / d / "shapes_qa.json").read_text()) for d in ("s", "m")]
+    assert qa[0] == qa[1]  # the evaluation file does not depend on the layout
+    with pytest.raises(ValueError, match="'both'"):
+        synth(tmp_path / "x", "shapes", 2, conversations="both")

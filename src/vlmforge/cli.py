@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from vlmforge.bench.cache import run as bench_cache
 from vlmforge.bench.serve import generate as bench_generate
@@ -25,6 +26,7 @@ def data_synth(
     width: int = 64,
     height: int = 64,
     prefix: str | None = None,
+    conversations: Literal["single", "multi"] = "single",
 ) -> None:
     """Write deterministic synthetic VQA data (LLaVA JSON + PNGs).
 
@@ -36,10 +38,13 @@ def data_synth(
         width: image width in pixels.
         height: image height in pixels.
         prefix: file-name prefix (default: the task name).
+        conversations: `single`: each question of the sft file is a record of its own; `multi`:
+            all questions of an image in one multi-turn conversation (answers can then be read
+            off earlier turns instead of the image).
     """
     from vlmforge.data.synthetic import synth
 
-    for kind, path in synth(out, task, n, seed, width, height, prefix).items():
+    for kind, path in synth(out, task, n, seed, width, height, prefix, conversations).items():
         print(f"{kind}: {path}")
 
 

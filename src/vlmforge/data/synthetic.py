@@ -11,8 +11,16 @@ Two tasks, with fixed question templates that evaluation code elsewhere relies o
 * `text`: a random lowercase string of 3-6 letters on a white image; "What does the text say?".
 
 For each task three files are written: `{task}_captions.json` (one caption per image, for the
-align stage), `{task}_sft.json` (every question of an image in one multi-turn conversation) and
+align stage), `{task}_sft.json` (every question of every image, the caption request included) and
 `{task}_qa.json` (one question per record, one record per question type, for evaluation).
+
+In `{task}_sft.json` each question is a record of its own by default (`conversations="single"`).
+With `"multi"` all questions of an image form one multi-turn conversation in random order; then
+later answers can be read off earlier ones instead of the image (the caption names every colour
+and shape, "What shape is the red object? circle" answers "What color is the circle?", the
+second `exist` answer is the opposite of the first), and a model trained on them learns those
+shortcuts: held-out `color` questions, asked alone, stayed near 60% where single-question records
+reach 100% (docs/tiny-demo-experiments.md, section 7).
 """
 
 from __future__ import annotations
@@ -140,10 +148,13 @@ def synth(
     width: int = 64,
     height: int = 64,
     prefix: str | None = None,
+    conversations: str = "single",
 ) -> dict[str, Path]:
     """Write `n` images of `task` and its three JSON files under `out`; return the JSON paths."""
     if task not in ("shapes", "text"):
         raise ValueError(f"unknown synthetic task {task!r} (use 'shapes' or 'text')")
+    if conversations not in ("single", "multi"):
+        raise ValueError(f"unknown conversations {conversations!r} (use 'single' or 'multi')")
     out = Path(out)
     prefix = prefix or task
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -173,7 +184,10 @@ def synth(
             qa.append(_record(f"{rid}_text", name, [(TEXT_Q, word)]))
         img.save(out / name)
         captions.append(_record(rid, name, [(CAPTION_PROMPT, cap)]))
-        sft.append(_record(rid, name, turns))
+        if conversations == "multi" or len(turns) == 1:
+            sft.append(_record(rid, name, turns))
+        else:
+            sft += [_record(f"{rid}_{k}", name, [turn]) for k, turn in enumerate(turns)]
     paths = {}
     for kind, records in (("captions", captions), ("sft", sft), ("qa", qa)):
         paths[kind] = out / f"{prefix}_{kind}.json"
@@ -181,7 +195,7 @@ def synth(
     return paths
 
 
-def synth_splits(folder: str | Path, splits: list[tuple]) -> dict[str, str]:
+def synth_splits(folder: str | Path, splits: list[tuple], conversations: str = "single") -> dict[str, str]:
     """Several splits of both tasks: `splits` holds (split, n_shapes, n_text, seed) or (split,
     n_shapes, n_text, seed, width, height); returns {"{split}_{task}_{kind}": path} for every file
     written (a count of 0 writes nothing). Images are 64 x 64 unless a split says otherwise."""
@@ -191,6 +205,6 @@ def synth_splits(folder: str | Path, splits: list[tuple]) -> dict[str, str]:
         for task, n in (("shapes", n_shapes), ("text", n_text)):
             if n == 0:
                 continue
-            for kind, p in synth(Path(folder) / split, task, n, seed, width, height).items():
+            for kind, p in synth(Path(folder) / split, task, n, seed, width, height, conversations=conversations).items():
                 paths[f"{split}_{task}_{kind}"] = str(p)
     return paths
