@@ -215,10 +215,10 @@ class TinySpec:
     text_hidden: int = 128
     text_layers: int = 2
     text_len: int = 24
-    lm_hidden: int = 256
+    lm_hidden: int = 128
     lm_layers: int = 2
     lm_heads: int = 4
-    lm_intermediate: int = 688
+    lm_intermediate: int = 344
     vocab_size: int = 512
     siglip_steps: int = 400
     siglip_batch: int = 64
@@ -241,7 +241,7 @@ def _align_default() -> TrainConfig:
 
 def _sft_default() -> TrainConfig:
     return TrainConfig(
-        stage="sft", epochs=10.0, max_steps=240, batch_size=32, lr=3e-3, lm_lr=2e-3, save_every=40, log_every=5,
+        stage="sft", epochs=20.0, max_steps=1500, batch_size=64, lr=3e-3, lm_lr=2e-3, save_every=250, log_every=25,
         threads=1,
     )  # fmt: skip
 
