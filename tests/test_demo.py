@@ -4,6 +4,7 @@ import json
 from conftest import SMALL
 from vlmforge.config import DemoConfig
 from vlmforge.demo import run
+from vlmforge.eval.runner import question_type
 
 
 def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
@@ -24,7 +25,10 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
         run_cfg = json.loads((out / stage / "run_config.json").read_text())["train"]
         assert run_cfg["cache"] == str(out / "cache") and run_cfg["cache_dtype"] == "fp16"
     assert (out / "model" / "vision" / "model.safetensors").is_file()
-    assert 0.0 <= summary["scores"]["shapes"]["accuracy"] <= 1.0 and len(summary["samples"]) == 3
+    assert 0.0 <= summary["scores"]["shapes"]["accuracy"] <= 1.0
+    # three shapes samples of three question types, then the text one
+    assert [s["task"] for s in summary["samples"]] == ["shapes"] * 3 + ["text"]
+    assert len({question_type(s["question"]) for s in summary["samples"][:3]}) == 3
     # held out at other sizes, each scored and together; the extra training canvases were used
     for size in ("96x64", "64x96", "128x128"):
         assert (out / f"eval_shapes_{size}.json").is_file()
