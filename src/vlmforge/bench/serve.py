@@ -281,7 +281,7 @@ def generate(
 
     Args:
         model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (the demo's model) or llama3v_shape (more visual tokens per image).
+        preset: tiny (the demo's shape with a ViT encoder and a 256-wide LM) or llama3v_shape (more visual tokens per image).
         out: write the figures to this JSON file.
         work: folder for the preset's model.
         tokens: tokens generated per request.
@@ -308,7 +308,7 @@ def serve(
 
     Args:
         model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (the demo's model) or llama3v_shape (more visual tokens per image).
+        preset: tiny (the demo's shape with a ViT encoder and a 256-wide LM) or llama3v_shape (more visual tokens per image).
         out: write the figures to this JSON file (throughput_ratio_16, ttft_repeat_speedup, generate_speedup_b1, ...).
         work: folder for the preset's model.
         tokens: tokens per request in the generate part.
