@@ -22,6 +22,8 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vlmforge.config import TinySpec
+
 
 @dataclass(frozen=True)
 class VisionShape:
@@ -75,7 +77,6 @@ def conv_shape(config, image_size: int, feature_layer: int = -1) -> ConvShape:
 @functools.cache
 def tiny_vision_shape() -> ConvShape:
     """The demo's encoder (`TinySpec`'s ResNet at its resolution, last stage), counted once."""
-    from vlmforge.config import TinySpec
     from vlmforge.model.tiny import resnet_config
 
     spec = TinySpec()
@@ -135,6 +136,7 @@ class Preset:
 SIGLIP_SO400M = VisionShape(hidden=1152, layers=27, intermediate=4304, image_size=384, patch_size=14)
 SIGLIP_BASE = VisionShape(hidden=768, layers=12, intermediate=3072, image_size=224, patch_size=16)
 CLIP_L_336 = VisionShape(hidden=1024, layers=24, intermediate=4096, image_size=336, patch_size=14)
+_TINY = TinySpec()
 LLAMA3_8B = LMShape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
 MISTRAL_7B = LMShape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=32000)
 VICUNA_7B = LMShape(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
@@ -157,8 +159,9 @@ PRESETS = {
                SIGLIP_BASE, SMOLLM2_135M, {"pixel_shuffle_factor": 2}),
         Preset("tiny", "the demo's model, made here by `vlmforge pretrain` (no Hub ids)", "", "", "mlp",
                tiny_vision_shape,
-               LMShape(hidden=256, layers=2, intermediate=688, heads=4, kv_heads=4, vocab=512),
-               {"vision_pooled": True}),
+               LMShape(hidden=_TINY.lm_hidden, layers=_TINY.lm_layers, intermediate=_TINY.lm_intermediate,
+                       heads=_TINY.lm_heads, kv_heads=_TINY.lm_heads, vocab=_TINY.vocab_size),
+               {"vision_pooled": True, "resize": "squash"}),
     ]
 }  # fmt: skip
 
