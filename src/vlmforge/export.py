@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
+from vlmforge import runtime
 from vlmforge.data.prompts import IMAGE_END, IMAGE_PAD, IMAGE_START, TEXT_END, TEXT_START
 from vlmforge.io import atomic_dir, atomic_write_text
-from vlmforge.model.vision import _quiet_hf, vision_core
+from vlmforge.model.vision import vision_core
 
 FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge")
 
@@ -142,12 +143,12 @@ def llava_image_processor(proc):
                                   do_center_crop=False, do_pad=proc.resize in ("pad", "expand"), **common)  # fmt: skip
 
 
+@runtime.quiet_libraries()
 def to_llava(vlm):
     """(LlavaForConditionalGeneration, LlavaProcessor, notes) computing what `vlm` computes.
     The weights are assigned, not copied: the returned model shares the tensors of `vlm`."""
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    _quiet_hf()
     problems = llava_obstacles(vlm)
     if problems:
         raise ExportError("cannot export to llava-hf: " + "; ".join(problems))
@@ -382,6 +383,7 @@ def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = No
     return fmt, notes
 
 
+@runtime.quiet_libraries()
 def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
     """Convert a `LlavaForConditionalGeneration` folder (transformers' format) into a vlmforge model
     folder; returns notes on what could not carry over exactly."""
@@ -396,7 +398,6 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
 
     from vlmforge.config import ModelConfig, from_dict, save_json
 
-    _quiet_hf()
     if (Path(src).is_absolute() or src.startswith(".")) and not Path(src).is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
     try:

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from vlmforge import runtime
 from vlmforge.config import TinySpec, TrainConfig
 
 PRESETS = {
@@ -64,7 +65,7 @@ def flop_share(enc_params: float, enc_tokens: int, lm_params: float, lm_tokens: 
 def _setup(work: Path, preset: str, n_images: int, seed: int = 0) -> dict:
     """Synthetic data and random-weight backbones in the real formats (made once, reused)."""
     from vlmforge.data.synthetic import synth
-    from vlmforge.model.tiny import pretrain
+    from vlmforge.recipes.tiny import pretrain
 
     spec = PRESETS[preset]
     data_dir = work / f"data-{spec.image_size}-{n_images}"
@@ -92,8 +93,6 @@ def _align_setup(args: dict, release: bool):
     from vlmforge.train.loop import micro_batches
     from vlmforge.train.stages import apply_stage
 
-    torch.set_num_threads(args["threads"])
-    torch.manual_seed(0)
     cfg = TrainConfig(stage="align", batch_size=args["batch_size"], num_workers=args["num_workers"], seed=0)
     model = VLM.from_backbones(ModelConfig(vision=args["vision"], lm=args["lm"], connector="mlp"))
     records = load_records(args["data"])
@@ -159,7 +158,8 @@ def _peak_memory(args: dict) -> dict:
 
 def _child(fn, args: dict, queue) -> None:
     try:
-        queue.put(("ok", fn(args)))
+        with runtime.threads(args.get("threads")), runtime.seeded(0):
+            queue.put(("ok", fn(args)))
     except BaseException as e:  # report, don't hang the parent
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
@@ -186,11 +186,10 @@ def _encoder_bound(vision_path: str, data: str, batch_size: int, threads: int, r
     from vlmforge.cache.build import encoder_for, images_of
     from vlmforge.data.images import load_image
 
-    torch.set_num_threads(threads)
     vision, proc, _ = encoder_for(encoder=vision_path)
     pixels = torch.cat([proc.views(load_image(p)) for p in images_of([data])])
     best = float("inf")
-    with torch.no_grad():
+    with runtime.threads(threads), torch.no_grad():
         vision(pixels[:batch_size])
         for _ in range(repeats):
             t = time.perf_counter()
@@ -203,14 +202,12 @@ def _encoder_bound(vision_path: str, data: str, batch_size: int, threads: int, r
 def _build_rate(vision_path: str, data: str, store: Path, dtype: str, batch_size: int, threads: int, workers: int):
     import shutil
 
-    import torch
-
     from vlmforge.cache.build import build, encoder_for, images_of
 
-    torch.set_num_threads(threads)
     shutil.rmtree(store, ignore_errors=True)
     vision, proc, src = encoder_for(encoder=vision_path)
-    return build(store, vision, proc, images_of([data]), dtype, batch_size, num_workers=workers, source=src)
+    with runtime.threads(threads):
+        return build(store, vision, proc, images_of([data]), dtype, batch_size, num_workers=workers, source=src)
 
 
 def _build_rate_2proc(vision_path: str, data: str, store: Path, batch_size: int) -> dict:

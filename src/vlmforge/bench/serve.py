@@ -34,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vlmforge import runtime
+
 QUESTIONS = ["What is in the picture?", "Describe the image.", "How many shapes are there?", "What color is it?",
              "Is there any text?", "Where is the largest object?", "What stands out?", "Name one object."]  # fmt: skip
 
@@ -281,7 +283,8 @@ def generate(
 
     Args:
         model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (the demo's shape with a ViT encoder and a 256-wide LM) or llama3v_shape (more visual tokens per image).
+        preset: tiny (a ViT encoder and a 256-wide 2-layer LM) or llama3v_shape (more visual tokens
+            per image).
         out: write the figures to this JSON file.
         work: folder for the preset's model.
         tokens: tokens generated per request.
@@ -308,7 +311,8 @@ def serve(
 
     Args:
         model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (the demo's shape with a ViT encoder and a 256-wide LM) or llama3v_shape (more visual tokens per image).
+        preset: tiny (a ViT encoder and a 256-wide 2-layer LM) or llama3v_shape (more visual tokens
+            per image).
         out: write the figures to this JSON file (throughput_ratio_16, ttft_repeat_speedup, generate_speedup_b1, ...).
         work: folder for the preset's model.
         tokens: tokens per request in the generate part.
@@ -322,16 +326,9 @@ def serve(
 
 
 def _run(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:
-    """Measure, print a table, save the JSON; torch's (process-wide) thread count is put back after."""
-    import torch
-
-    threads_before = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(threads)
+    """Measure, print a table, save the JSON, with `threads` torch threads."""
+    with runtime.threads(threads):
         return _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlmforge import runtime
+
 
 def _mm_flops_per_s(n: int, a=None, b=None) -> float:
     import torch
@@ -39,7 +41,6 @@ def matmul_peak(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> tupl
     """FLOP/s of the fastest square fp32 matmul here, and its size."""
     import torch
 
-    torch.set_num_threads(threads)
     best, best_n = 0.0, sizes[-1]
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -65,10 +66,9 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     from vlmforge.train.loop import compile_layers, micro_batches
     from vlmforge.train.stages import apply_stage
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
     cfg = TrainConfig(stage=stage, batch_size=batch_size, seed=0)
-    model = VLM.from_backbones(ModelConfig(vision=vision, lm=lm, connector="mlp"))
+    with runtime.seeded(0):  # the same connector weights for every stage
+        model = VLM.from_backbones(ModelConfig(vision=vision, lm=lm, connector="mlp"))
     records = load_records(data)
     opt = torch.optim.AdamW(apply_stage(model, cfg))
     model.train()
@@ -154,13 +154,8 @@ def run(
         process_steps: optimizer steps of each process run.
         compile: also measure the MFU with `--train.compile` (compiled decoder and encoder layers).
     """
-    import torch
-
-    threads_before = torch.get_num_threads()
-    try:  # the measurements set torch's (process-wide) thread count: put it back afterwards
+    with runtime.threads(threads):
         return _run(out, work, preset, batch_size, steps, threads, process_steps, compile)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) -> dict:

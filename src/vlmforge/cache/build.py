@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from vlmforge.cache.store import (
     feature_settings,
 )
 from vlmforge.data.images import ImageError, ImageProcessor, load_image
+from vlmforge.runtime import join_process_group
 
 
 class _Views(Dataset):
@@ -61,17 +61,6 @@ def _collate(items: list) -> tuple[list[str], torch.Tensor | None, list[str]]:
     good = [(k, v) for k, v, err in items if err is None]
     views = torch.cat([v for _, v in good]) if good else None
     return [k for k, _ in good], views, [err for _, _, err in items if err is not None]
-
-
-def _dist(device: str) -> tuple[int, int]:
-    """(rank, world size); joins the process group torchrun describes in the environment."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _gather(obj, world: int) -> list:
@@ -136,7 +125,7 @@ def build(
         raise ValueError(f"bad_images must be 'skip' or 'fail', got {bad_images!r}")
     t0 = time.time()
     device = str(next(vision.parameters()).device)
-    rank, world = _dist(device)
+    rank, world, _ = join_process_group(1800, cuda=device.startswith("cuda"))
     show = progress and rank == 0
     if rank == 0:
         FeatureStore(store_dir, create=True)

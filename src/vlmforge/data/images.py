@@ -141,14 +141,11 @@ class ImageProcessor:
     def from_encoder(cls, path: str, size: int | None = None, resize: str = "pad", grid: int = 0) -> ImageProcessor:
         """Read mean, std and resolution from an encoder's `preprocessor_config.json`."""
         from transformers import AutoImageProcessor
-        from transformers.utils import logging as hf_logging
 
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
+        from vlmforge import runtime
+
+        with runtime.quiet_libraries():
             proc = AutoImageProcessor.from_pretrained(path)
-        finally:
-            hf_logging.set_verbosity(verbosity)
         s = proc.size
         native = getattr(s, "height", None) or getattr(s, "shortest_edge", None)
         if native is None and isinstance(s, dict):

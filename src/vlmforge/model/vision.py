@@ -21,19 +21,14 @@ import hashlib
 import torch
 from torch import nn
 
+from vlmforge import runtime
+
 # Vision-only classes of dual-encoder checkpoints, by the checkpoint's model_type.
 _VISION_CLASSES = {
     "siglip": "SiglipVisionModel",
     "siglip2": "Siglip2VisionModel",
     "clip": "CLIPVisionModel",
 }
-
-
-def _quiet_hf():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def vision_core(model: nn.Module) -> nn.Module:
@@ -49,12 +44,12 @@ def check_loading_info(path: str, info: dict) -> None:
         raise ValueError(f"{path}: {len(missing)} weights missing from the checkpoint (e.g. {shown})")
 
 
+@runtime.quiet_libraries()
 def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load the vision part of `path` (Hub id or folder) with `from_pretrained`."""
     import transformers
     from transformers import AutoConfig, AutoModel
 
-    _quiet_hf()
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

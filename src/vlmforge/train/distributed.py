@@ -23,11 +23,11 @@ full (unsharded) trainable state keyed by parameter name, whatever the strategy,
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 
 import torch
 import torch.distributed as dist
+
+from vlmforge.runtime import join_process_group, leave_process_group
 
 
 class Dist:
@@ -122,18 +122,10 @@ def shard(model, bf16: bool = False) -> None:
 
 def setup(timeout_s: float = 600.0) -> Dist:
     """Join the process group if torchrun started this process; otherwise a single-process Dist."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return Dist(rank, world, local)
+    rank, world, local = join_process_group(timeout_s)
+    return Dist(rank, world, local) if world > 1 else Dist()
 
 
 def teardown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    if d.enabled:
+        leave_process_group()

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from vlmforge import runtime
 from vlmforge.config import ModelConfig, TrainConfig, save_json
 from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
 from vlmforge.data.formats import load_records
@@ -176,7 +177,8 @@ def train(
 
     d = setup(cfg.dist_timeout)
     try:
-        return _train(cfg, model_cfg, init, resume, d)
+        with runtime.threads(cfg.threads), runtime.seeded(cfg.seed):
+            return _train(cfg, model_cfg, init, resume, d)
     except Exception as e:
         if d.enabled:  # name the rank: torchrun stops the others, whose collectives then fail
             tqdm.write(f"rank {d.rank} of {d.world} failed: {type(e).__name__}: {e}")
@@ -191,9 +193,6 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         raise ValueError("no training data: pass --train.data FILE.json [FILE2.json …]")
     records = [r for f in cfg.data for r in load_records(f)]
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     if init:
         model = VLM.from_pretrained(init)
     elif model_cfg is not None:

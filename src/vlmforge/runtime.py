@@ -1,0 +1,103 @@
+"""Process-wide state, owned here and nowhere else: torch's CPU threads, seeds, library logging
+and progress bars, and the torch.distributed process group.
+
+Each setting is a context manager that undoes its change on exit, so a library call never leaves
+the caller's process changed (a thread count leaked by one step once slowed every later test).
+torch is imported on first use: importing this module (the CLI does) stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `n` inside the block (None or 0: left as they are)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded with `seed` inside the block; its state before is
+    restored on exit (CUDA generators untouched)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """transformers' logging at error level and its download bars off inside the block (loading
+    our own checkpoints warns about things that are expected); both restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """tqdm bars of this process and of the processes it starts on or off inside the block."""
+    before = os.environ.get("TQDM_DISABLE")
+    if enabled:
+        os.environ.pop("TQDM_DISABLE", None)
+    else:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun describes them in the environment."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def join_process_group(timeout_s: float, cuda: bool | None = None) -> tuple[int, int, int]:
+    """Join the process group torchrun describes (nccl on CUDA, else gloo) unless joined already;
+    returns (rank, world size, local rank); a single process joins nothing."""
+    import torch
+    import torch.distributed as dist
+
+    rank, size, local = world()
+    if size > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, size, local
+
+
+def leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
