@@ -45,7 +45,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def backbones(data_dir, tmp_path_factory):
-    from vlmforge.model.tiny import pretrain
+    from vlmforge.recipes.tiny import pretrain
 
     out = tmp_path_factory.mktemp("backbones")
     files = [data_dir / f for f in ("shapes_captions.json", "shapes_sft.json", "text_captions.json", "text_sft.json")]

@@ -10,7 +10,7 @@ from conftest import SMALL
 
 
 def test_mean_ci_is_the_student_t_interval():
-    from vlmforge.ablate import mean_ci
+    from vlmforge.recipes.ablate import mean_ci
 
     m, h = mean_ci([50.0, 60.0, 70.0])  # sd 10, t(0.975, 2) = 4.303
     assert m == 60.0 and h == pytest.approx(4.303 * 10 / 3**0.5)
@@ -18,8 +18,8 @@ def test_mean_ci_is_the_student_t_interval():
 
 
 def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
-    from vlmforge import ablate as ab
     from vlmforge.cli import main
+    from vlmforge.recipes import ablate as ab
 
     spec = dataclasses.asdict(SMALL)
     grid = {
@@ -74,7 +74,7 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
 
 
 def test_bad_grids_are_named(tmp_path):
-    from vlmforge.ablate import load_grid
+    from vlmforge.recipes.ablate import load_grid
 
     with pytest.raises(FileNotFoundError, match="neither a built-in grid"):
         load_grid(str(tmp_path / "none.yaml"))
@@ -91,8 +91,8 @@ def test_bad_grids_are_named(tmp_path):
 def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monkeypatch, capsys):
     """`data:` in the grid trains on the user's files; `--eval` scores on a QA file and a benchmark."""
     from test_benchmarks import cell, write_parquet
-    from vlmforge.ablate import ablate, load_grid
     from vlmforge.cli import main
+    from vlmforge.recipes.ablate import ablate, load_grid
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").symlink_to(data_dir)

@@ -108,9 +108,9 @@ def test_save_load_engine_and_export_refusal(conv_cfg, data_dir, tmp_path):
     img = load_image(data_dir / "images" / "shapes_000000.png")
     prompt = back.build_prompt("How many shapes are there?")
     ref = back.generate([prompt], pixel_values=back.processor.views(img), max_new_tokens=4, ignore_eos=True)[0]
-    from vlmforge.infer.engine import SamplingParams
+    from vlmforge.infer.engine import Engine, SamplingParams
 
-    got = back.engine().generate([prompt], [[img]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    got = Engine(back).generate([prompt], [[img]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert got.tokens == ref and len(ref) == 4
     with pytest.raises(ExportError, match="convolutional vision tower"):
         export(str(tmp_path / "m"), str(tmp_path / "hf"), "llava-hf")
@@ -159,8 +159,8 @@ def test_tiny_resnet_pretrains_with_the_sigmoid_loss_and_loads_as_a_tower(backbo
     from transformers import AutoTokenizer
 
     from vlmforge.data.formats import load_records
-    from vlmforge.model.tiny import pretrain_siglip
     from vlmforge.model.vision import VisionTower
+    from vlmforge.recipes.tiny import pretrain_siglip
 
     spec = dataclasses.replace(SMALL, vision_kind="resnet", conv_embedding=8, conv_hidden=[8, 16], conv_depths=[1, 1],
                                siglip_steps=3, siglip_texts=8)  # fmt: skip

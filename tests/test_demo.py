@@ -3,8 +3,8 @@ import json
 
 from conftest import SMALL
 from vlmforge.config import DemoConfig
-from vlmforge.demo import run
 from vlmforge.eval.runner import question_type
+from vlmforge.recipes.demo import run
 
 
 def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
 def test_demo_sizes_are_checked():
     import pytest
 
-    from vlmforge.demo import _size
+    from vlmforge.recipes.demo import _size
 
     assert _size("96x64") == (96, 64)
     with pytest.raises(ValueError, match="'96by64' is not WIDTHxHEIGHT"):

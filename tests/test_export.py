@@ -34,7 +34,7 @@ def _greedy_hf(hf, inputs, n):
 def test_llava_hf_export_runs_in_transformers_with_the_same_outputs(model_cfg, tmp_path, capsys, layout, connector):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vlmforge.infer.engine import SamplingParams
+    from vlmforge.infer.engine import Engine, SamplingParams
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(model_cfg, resize="expand", layout=layout, connector=connector)
@@ -77,7 +77,7 @@ def test_llava_hf_export_runs_in_transformers_with_the_same_outputs(model_cfg, t
         got = hf(**inputs).logits
     assert (want - vlm(torch.tensor([ids]), pixel_values=torch.zeros_like(pixels)).logits).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
-    ours = vlm.engine().generate([ids], [[im]], SamplingParams(max_tokens=8, ignore_eos=True))[0].tokens
+    ours = Engine(vlm).generate([ids], [[im]], SamplingParams(max_tokens=8, ignore_eos=True))[0].tokens
     assert _greedy_hf(hf, inputs, 8) == ours
 
     main(["import", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
@@ -181,7 +181,7 @@ def test_a_preset_trained_here_exports_to_llava_hf(backbones, data_dir, tmp_path
     bare placeholders), then `export` (auto picks llava-hf), and transformers generates the same."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vlmforge.infer.engine import SamplingParams
+    from vlmforge.infer.engine import Engine, SamplingParams
 
     out = tmp_path / "run"
     main(["train", "--preset", "llava-1.5", "--model.vision", str(backbones["vision"]), "--model.lm",
@@ -202,7 +202,7 @@ def test_a_preset_trained_here_exports_to_llava_hf(backbones, data_dir, tmp_path
                        return_tensors="pt")  # fmt: skip
     ids = vlm.build_prompt("what shape is it?", 1)
     assert inputs["input_ids"][0].tolist() == ids
-    ours = vlm.engine().generate([ids], [[im]], SamplingParams(max_tokens=6, ignore_eos=True))[0].tokens
+    ours = Engine(vlm).generate([ids], [[im]], SamplingParams(max_tokens=6, ignore_eos=True))[0].tokens
     assert _greedy_hf(hf, inputs, 6) == ours
 
 

@@ -11,7 +11,7 @@ from vlmforge.train.stages import apply_stage
 def test_merge_lora_gives_the_same_model_without_adapters(model_cfg, data_dir, tmp_path, capsys):
     from test_model import _batch
     from vlmforge.cli import main
-    from vlmforge.infer.engine import SamplingParams
+    from vlmforge.infer.engine import Engine, SamplingParams
 
     torch.manual_seed(0)
     model = VLM.from_backbones(model_cfg)
@@ -44,7 +44,7 @@ def test_merge_lora_gives_the_same_model_without_adapters(model_cfg, data_dir, t
     im = Image.new("RGB", (32, 32), "red")
     p = merged.build_prompt("what is it?", 1)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    same = [m.engine().generate([p], [[im]], params)[0].tokens for m in (merged, adapter)]
+    same = [Engine(m).generate([p], [[im]], params)[0].tokens for m in (merged, adapter)]
     assert same[0] == same[1]
     with pytest.raises(SystemExit):
         main(["merge-lora", "--model", str(tmp_path / "merged"), "--out", str(tmp_path / "again")])

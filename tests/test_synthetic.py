@@ -90,7 +90,7 @@ def test_files_written_in_llava_format(tmp_path):
 
 
 def test_caption_phrases_split_list_captions():
-    from vlmforge.model.tiny import caption_phrases
+    from vlmforge.recipes.tiny import caption_phrases
 
     assert caption_phrases("a red circle, a blue square and a green triangle") == {
         "a red circle",

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from vlmforge import runtime
 from vlmforge.bench.cache import run as bench_cache
 from vlmforge.bench.serve import generate as bench_generate
 from vlmforge.bench.serve import serve as bench_serve
@@ -66,7 +67,7 @@ def pretrain(
         force: remake parts that already exist.
         captions: caption files for SigLIP (default: the one-turn image records of --data).
     """
-    from vlmforge.model.tiny import pretrain as run
+    from vlmforge.recipes.tiny import pretrain as run
 
     for k, p in run(data, out, spec, seed, force, captions).items():
         print(f"{k}: {p}")
@@ -278,7 +279,7 @@ def demo(
         cache_dtype: stored feature dtype (fp32, fp16, bf16).
         fresh: delete OUT first instead of continuing an earlier run there.
     """
-    from vlmforge.demo import run
+    from vlmforge.recipes.demo import run
 
     run(
         DemoConfig(
@@ -353,18 +354,16 @@ def cache_build(
 
     from vlmforge.cache.build import build, encoder_for, images_of
 
-    if threads:
-        torch.set_num_threads(threads)
     if device == "auto":
-        local = int(__import__("os").environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{runtime.world()[2]}" if torch.cuda.is_available() else "cpu"
     if split_images and split_grid is None:
         split_grid = 2
     vision, processor, source = encoder_for(
         model, encoder, feature_layer, pooled, resize, image_size, split_grid, device
     )
-    stats = build(out, vision, processor, images_of(data), dtype, batch_size, shard_size, num_workers,
-                  bad_images, source=source)  # fmt: skip
+    with runtime.threads(threads):
+        stats = build(out, vision, processor, images_of(data), dtype, batch_size, shard_size, num_workers,
+                      bad_images, source=source)  # fmt: skip
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -449,7 +448,7 @@ def ablate(
     """
     import os
 
-    from vlmforge.ablate import ablate as run
+    from vlmforge.recipes.ablate import ablate as run
 
     run(grid, out, quick, seeds, jobs or os.cpu_count() or 1, eval, data_root, limit)
     print((Path(out) / "results.md").read_text())

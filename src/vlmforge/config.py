@@ -230,6 +230,15 @@ class TinySpec:
     lm_lr: float = 2e-3
     lm_threads: int | None = 1
 
+    def resnet_config(self):
+        """The tiny ResNet's transformers config (basic blocks; the first stage keeps the stem's grid)."""
+        from transformers import ResNetConfig
+
+        return ResNetConfig(
+            embedding_size=self.conv_embedding, hidden_sizes=list(self.conv_hidden), depths=list(self.conv_depths),
+            layer_type="basic", downsample_in_first_stage=False,
+        )  # fmt: skip
+
 
 # Demo budgets, measured on the 2-core machine (docs/tiny-demo-experiments.md): one thread is
 # faster than two for the LM-side stages of models this small.

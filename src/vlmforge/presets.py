@@ -77,10 +77,8 @@ def conv_shape(config, image_size: int, feature_layer: int = -1) -> ConvShape:
 @functools.cache
 def tiny_vision_shape() -> ConvShape:
     """The demo's encoder (`TinySpec`'s ResNet at its resolution, last stage), counted once."""
-    from vlmforge.model.tiny import resnet_config
-
     spec = TinySpec()
-    return conv_shape(resnet_config(spec), spec.image_size)
+    return conv_shape(spec.resnet_config(), spec.image_size)
 
 
 @dataclass(frozen=True)

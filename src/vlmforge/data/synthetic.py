@@ -205,6 +205,6 @@ def synth_splits(folder: str | Path, splits: list[tuple], conversations: str = "
         for task, n in (("shapes", n_shapes), ("text", n_text)):
             if n == 0:
                 continue
-            for kind, p in synth(Path(folder) / split, task, n, seed, width, height, conversations=conversations).items():
-                paths[f"{split}_{task}_{kind}"] = str(p)
+            written = synth(Path(folder) / split, task, n, seed, width, height, conversations=conversations)
+            paths.update({f"{split}_{task}_{kind}": str(p) for kind, p in written.items()})
     return paths

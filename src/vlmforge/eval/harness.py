@@ -39,7 +39,10 @@ class LocalGenerator:
     """Greedy answers from a vlmforge model, a batch at a time."""
 
     def __init__(self, model, source: str, max_new_tokens: int = 32):
+        from vlmforge.infer.engine import Engine
+
         self.model, self.source, self.max_new_tokens = model, source, max_new_tokens
+        self.engine = Engine(model)
 
     def describe(self) -> dict:
         return {"model": self.source, "decoding": "greedy", "max_new_tokens": self.max_new_tokens}
@@ -49,7 +52,7 @@ class LocalGenerator:
 
         m = self.model
         prompts = [m.build_prompt(s.prompt, len(ims)) for s, ims in zip(samples, images)]
-        reqs = m.engine().generate(prompts, images, SamplingParams(max_tokens=self.max_new_tokens))
+        reqs = self.engine.generate(prompts, images, SamplingParams(max_tokens=self.max_new_tokens))
         return [r.text.strip() for r in reqs]
 
 

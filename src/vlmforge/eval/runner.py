@@ -18,7 +18,7 @@ from tqdm import tqdm
 from vlmforge.data.formats import load_records
 from vlmforge.data.images import ImageError, load_image
 from vlmforge.eval.metrics import exact_match, normalize_answer
-from vlmforge.infer.engine import SamplingParams
+from vlmforge.infer.engine import Engine, SamplingParams
 from vlmforge.io import atomic_write_text
 
 _TYPES = [
@@ -38,6 +38,7 @@ def question_type(question: str) -> str:
 def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = None, max_new_tokens: int = 16) -> dict:
     """Answer and score every record of `data`; bad images are reported, not fatal."""
     records = load_records(data)[:limit]
+    engine = Engine(model)
     rows, errors = [], []
     t0 = time.time()
     for start in tqdm(range(0, len(records), batch_size), desc=f"eval {Path(data).name}", unit="batch", leave=False):
@@ -56,7 +57,7 @@ def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = 
             continue
         prompts = [model.prompts.encode_prompt([{"role": "user", "content": q}]) for _, _, q, _ in items]
         params = SamplingParams(max_tokens=max_new_tokens)
-        reqs = model.engine().generate(prompts, [ims for _, ims, _, _ in items], params)
+        reqs = engine.generate(prompts, [ims for _, ims, _, _ in items], params)
         for (r, _, q, ref), o in zip(items, reqs):
             pred = o.text.strip()
             rows.append({

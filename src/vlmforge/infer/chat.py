@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from vlmforge.data.images import load_image
-from vlmforge.infer.engine import SamplingParams
+from vlmforge.infer.engine import Engine, SamplingParams
 
 
 def chat(model, image: str | None, question: str | None = None, max_new_tokens: int = 64) -> list[str]:
@@ -17,7 +17,7 @@ def chat(model, image: str | None, question: str | None = None, max_new_tokens: 
     picture = load_image(image) if image else None
     history: list[dict] = []
     answers = []
-    engine = model.engine()
+    engine = Engine(model)
 
     def ask(q: str) -> str:
         content = ("<image>\n" + q) if (picture is not None and not history) else q

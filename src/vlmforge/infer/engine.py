@@ -768,3 +768,16 @@ class Engine:
         self.live.discard(req)
         req._emit(Event(tail, [], reason, req.error))
         req._done.set()
+
+
+def answer(
+    model, images: list, questions: list[str], max_new_tokens: int = 32, engine: Engine | None = None
+) -> list[str]:
+    """Answer one question per PIL image (or text-only questions when `images` is empty): greedy,
+    batched by `engine` (a new one over `model` when none is given); the answers' text, stripped."""
+    engine = engine or Engine(model)
+    prompts = [model.build_prompt(q, 1 if images else 0) for q in questions]
+    reqs = engine.generate(
+        prompts, [[im] for im in images] if images else None, SamplingParams(max_tokens=max_new_tokens)
+    )
+    return [r.text.strip() for r in reqs]

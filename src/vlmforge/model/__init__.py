@@ -1,1 +1,1 @@
-"""Model: vision tower, connectors, the VLM that joins them to a causal LM, tiny backbones."""
+"""Model: vision tower, connectors, the VLM that joins them to a causal LM."""

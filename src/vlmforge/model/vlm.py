@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmforge import runtime
 from vlmforge.config import ModelConfig, from_dict, save_json
 from vlmforge.data.images import ImageProcessor
 from vlmforge.data.prompts import (
@@ -33,7 +34,7 @@ from vlmforge.data.prompts import (
 )
 from vlmforge.io import atomic_dir
 from vlmforge.model.connectors import build_connector
-from vlmforge.model.vision import VisionTower, _quiet_hf, check_loading_info, load_vision_model
+from vlmforge.model.vision import VisionTower, check_loading_info, load_vision_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,10 +47,10 @@ class VLMOutput:
     logits: torch.Tensor | None = None  # [B, L, V], only when no labels are given
 
 
+@runtime.quiet_libraries()
 def load_tokenizer(path: str, split_grid: int = 0):
     from transformers import AutoTokenizer
 
-    _quiet_hf()
     tok = AutoTokenizer.from_pretrained(path)
     missing = [t for t in SPECIAL_TOKENS + view_tokens(split_grid) if t not in tok.get_vocab()]
     if missing:
@@ -61,10 +62,10 @@ def load_tokenizer(path: str, split_grid: int = 0):
     return tok
 
 
+@runtime.quiet_libraries()
 def load_lm(path: str, dtype: torch.dtype = torch.float32, device_map: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    _quiet_hf()
     placed = {"device_map": device_map} if device_map else {}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **placed)
@@ -115,21 +116,6 @@ class VLM(nn.Module):
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
         self.history: list[dict] = []  # the training stages that made this model (the model card's)
-        self._engine = None
-
-    def train(self, mode: bool = True) -> VLM:
-        self._engine = None  # weights may change: the next generation builds a new engine
-        return super().train(mode)
-
-    def engine(self):
-        """The generation engine of this model (`infer.engine.Engine`), made on first use and kept
-        until the model is put back in training mode. Chat, eval and `answer` use it."""
-        from vlmforge.infer.engine import Engine
-
-        if self._engine is None:
-            engine = Engine(self)
-            self._engine = engine
-        return self._engine
 
     # ---- construction and persistence -------------------------------------------------------
     @classmethod
@@ -195,7 +181,6 @@ class VLM(nn.Module):
         merged = sum(1 for n, _ in self.lm.named_modules() if n.endswith("lora_A"))
         self.lm = self.lm.merge_and_unload()
         self.lm_mode = "full"
-        self._engine = None
         return merged
 
     def save_pretrained(self, path: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
@@ -356,7 +341,7 @@ class VLM(nn.Module):
     ) -> list[list[int]]:
         """Greedy decoding of a batch of token-id prompts (left-padded) with transformers'
         `generate`; returns the new ids, stopping at the end-of-turn tokens (with `ignore_eos`,
-        exactly `max_new_tokens` of them). The reference the engine (`engine()`) is tested and
+        exactly `max_new_tokens` of them). The reference `infer.engine.Engine` is tested and
         benchmarked against."""
         import copy
 
@@ -382,12 +367,3 @@ class VLM(nn.Module):
             cut = next((i for i, t in enumerate(row) if t in self.prompts.stop_ids), len(row))
             results.append(row[:cut])
         return results
-
-    def answer(self, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
-        """Answer one question per PIL image (greedy, batched by the engine)."""
-        from vlmforge.infer.engine import SamplingParams
-
-        prompts = [self.build_prompt(q, 1 if images else 0) for q in questions]
-        reqs = self.engine().generate(prompts, [[im] for im in images] if images else None,
-                                      SamplingParams(max_tokens=max_new_tokens))  # fmt: skip
-        return [r.text.strip() for r in reqs]

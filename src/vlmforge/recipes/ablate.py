@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import statistics
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from vlmforge import runtime
 from vlmforge.config import ModelConfig, TinySpec, _align_default, _sft_default, from_dict, save_json
 
 # The paper's figures, kept for the report (Idefics2, Tables 2-4 and section 3.3).
@@ -208,7 +208,7 @@ def _merge(*dicts: dict | None) -> dict:
 def _prepare(out: Path, budget: dict, need_large: bool, data: dict | None) -> dict:
     """Shared data and backbones (made once; reused on resume)."""
     from vlmforge.data.synthetic import synth_splits
-    from vlmforge.model.tiny import pretrain
+    from vlmforge.recipes.tiny import pretrain
 
     done = out / "shared.json"
     if done.exists():
@@ -311,10 +311,10 @@ def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir:
     }
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+def _run_one_thread(*args) -> dict:
+    """`_run` in a pool worker: one torch thread each, so that parallel runs share the cores."""
+    with runtime.threads(1):
+        return _run(*args)
 
 
 def ablate(
@@ -391,10 +391,9 @@ def ablate(
             record(key, group, cell, seed, fp, run_dir, _run(cell, base, shared, budget, seed, run_dir, tasks))
     else:
         ctx = multiprocessing.get_context("spawn")
-        os.environ["TQDM_DISABLE"] = "1"  # inherited by the workers: one progress bar, the parent's
-        try:
-            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
-                running = {pool.submit(_run, t[2], base, shared, budget, t[3], t[5], tasks): t for t in todo}
+        with runtime.progress_bars(False):  # inherited by the workers: one progress bar, the parent's
+            with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                running = {pool.submit(_run_one_thread, t[2], base, shared, budget, t[3], t[5], tasks): t for t in todo}
                 try:
                     while running:
                         finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -403,8 +402,6 @@ def ablate(
                 except BaseException:  # finished runs are saved; queued ones are not started
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
-        finally:
-            os.environ.pop("TQDM_DISABLE", None)
     bar.close()
     save_json(results, res_path)
     write_report(results, out)

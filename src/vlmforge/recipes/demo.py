@@ -43,8 +43,8 @@ def run(cfg: DemoConfig) -> dict:
 
     from vlmforge.data.synthetic import synth_splits
     from vlmforge.eval.runner import evaluate, format_report, save_report
-    from vlmforge.model.tiny import pretrain
     from vlmforge.model.vlm import VLM
+    from vlmforge.recipes.tiny import pretrain
     from vlmforge.train.loop import train
 
     t0 = time.time()
@@ -162,6 +162,7 @@ def run(cfg: DemoConfig) -> dict:
 
     from vlmforge.data.formats import load_records
     from vlmforge.data.images import load_image
+    from vlmforge.infer.engine import answer
 
     # three shapes questions of different types (the targets), then one text question (no target)
     recs, picks = load_records(data["test_shapes_qa"]), []
@@ -170,7 +171,7 @@ def run(cfg: DemoConfig) -> dict:
             picks.append(r)
     picks.append(load_records(data["test_text_qa"])[0])
     questions = [r.messages[0]["content"].replace("<image>", "").strip() for r in picks]
-    answers = model.answer([load_image(r.images[0]) for r in picks], questions)
+    answers = answer(model, [load_image(r.images[0]) for r in picks], questions)
     samples = [
         {"task": "text" if r is picks[-1] else "shapes", "image": str(r.images[0]), "question": q, "answer": a,
          "reference": r.messages[1]["content"], "right": a == r.messages[1]["content"]}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vlmforge import runtime
 from vlmforge.config import TinySpec
 from vlmforge.data.formats import Record
 from vlmforge.data.images import ImageProcessor, load_image
@@ -128,14 +129,6 @@ class ConvSiglip(nn.Module):
         return sim * self.logit_scale.exp() + self.logit_bias  # [B, T]
 
 
-def resnet_config(spec: TinySpec):
-    """The tiny ResNet's transformers config (basic blocks; the first stage keeps the stem's grid)."""
-    from transformers import ResNetConfig
-
-    return ResNetConfig(embedding_size=spec.conv_embedding, hidden_sizes=list(spec.conv_hidden),
-                        depths=list(spec.conv_depths), layer_type="basic", downsample_in_first_stage=False)  # fmt: skip
-
-
 def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, object]:
     """(dual encoder whose forward gives image-text logits [B, T], the part saved as the vision
     encoder, its image processor), as `spec.vision_kind` says."""
@@ -161,7 +154,7 @@ def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, obje
         eos_token_id=tokenizer.eos_token_id,
     )
     if spec.vision_kind == "resnet":
-        vision = ResNetModel(resnet_config(spec))
+        vision = ResNetModel(spec.resnet_config())
         text = SiglipTextModel(SiglipTextConfig(**tcfg, projection_size=spec.conv_hidden[-1]))
         proc = ConvNextImageProcessor(
             size={"shortest_edge": spec.image_size}, crop_pct=1.0, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -199,64 +192,60 @@ def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, obje
 def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
     """Pretrain a small vision encoder (a ResNet or a SigLIP ViT, `spec.vision_kind`) with SigLIP's
     pairwise sigmoid loss on (image, caption) records; saves the image tower with `save_pretrained`."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model, tower, image_processor = _dual_encoder(spec, tokenizer)
-    proc = ImageProcessor(spec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
-    pixels = torch.stack([proc(load_image(r.images[0])) for r in records])  # [N, 3, S, S]
-    captions = [r.messages[-1]["content"] for r in records]
-    # Texts are whole captions and their phrases ("a red circle"); a text is a positive for an image
-    # when everything it says holds for that image, so identical captions never count as negatives
-    # and each object of a scene gets its own supervision.
-    image_sets = [caption_phrases(c) for c in captions]
-    texts = sorted(set(captions) | {p for c in captions for p in caption_phrases(c)})
-    text_index = {t: k for k, t in enumerate(texts)}
-    text_sets = [caption_phrases(t) for t in texts]
-    text_ids = torch.tensor(
-        tokenizer(texts, padding="max_length", truncation=True, max_length=spec.text_len)["input_ids"]
-    )
-    n_val = min(256, len(records) // 5)  # held out to measure image->caption retrieval
-    perm = rng.sample(range(len(records)), len(records))
-    val, train_idx = perm[:n_val], perm[n_val:]
+    with runtime.seeded(seed):
+        rng = random.Random(seed)
+        model, tower, image_processor = _dual_encoder(spec, tokenizer)
+        proc = ImageProcessor(spec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
+        pixels = torch.stack([proc(load_image(r.images[0])) for r in records])  # [N, 3, S, S]
+        captions = [r.messages[-1]["content"] for r in records]
+        # Texts are whole captions and their phrases ("a red circle"); a text is a positive for an image
+        # when everything it says holds for that image, so identical captions never count as negatives
+        # and each object of a scene gets its own supervision.
+        image_sets = [caption_phrases(c) for c in captions]
+        texts = sorted(set(captions) | {p for c in captions for p in caption_phrases(c)})
+        text_index = {t: k for k, t in enumerate(texts)}
+        text_sets = [caption_phrases(t) for t in texts]
+        text_ids = torch.tensor(
+            tokenizer(texts, padding="max_length", truncation=True, max_length=spec.text_len)["input_ids"]
+        )
+        n_val = min(256, len(records) // 5)  # held out to measure image->caption retrieval
+        perm = rng.sample(range(len(records)), len(records))
+        val, train_idx = perm[:n_val], perm[n_val:]
 
-    # beside the batch's own captions and phrases, `siglip_texts` phrases of the whole corpus are
-    # texts of every batch: each image gets a verdict on many objects it could hold, not only on
-    # the few texts its batch happens to draw (far more negatives per step than the batch gives)
-    pool = sorted({text_index[p] for s in image_sets for p in s})
-    # texts naming one object, scored cell by cell when the tower has cells (`spec.siglip_cells`)
-    single = torch.tensor([len(t) == 1 and spec.siglip_cells for t in text_sets])
+        # beside the batch's own captions and phrases, `siglip_texts` phrases of the whole corpus are
+        # texts of every batch: each image gets a verdict on many objects it could hold, not only on
+        # the few texts its batch happens to draw (far more negatives per step than the batch gives)
+        pool = sorted({text_index[p] for s in image_sets for p in s})
+        # texts naming one object, scored cell by cell when the tower has cells (`spec.siglip_cells`)
+        single = torch.tensor([len(t) == 1 and spec.siglip_cells for t in text_sets])
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
-        drawn = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
-        extra = rng.sample(pool, min(spec.siglip_texts, len(pool)))
-        picks = sorted(set(drawn) | set(extra))
-        logits = model(text_ids[picks], pixels[idx], single[picks])  # [B, T]
-        same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
-        return -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
+        def loss_of(idx: list[int]) -> torch.Tensor:
+            drawn = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
+            extra = rng.sample(pool, min(spec.siglip_texts, len(pool)))
+            picks = sorted(set(drawn) | set(extra))
+            logits = model(text_ids[picks], pixels[idx], single[picks])  # [B, T]
+            same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
+            return -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
 
-    t0 = time.time()
-    final = _optimize(model, loss_of, _batches(rng, train_idx, spec.siglip_batch), spec.siglip_steps,
-                      spec.siglip_lr, 1e-4, f"pretrain {spec.vision_kind} (siglip loss)")  # fmt: skip
-    with torch.no_grad():
-        val_texts = [text_index[captions[i]] for i in val]
-        sims = model(text_ids[val_texts], pixels[val], single[val_texts])  # [V, V]
-        retrieval = sum(captions[val[j]] == captions[i] for i, j in zip(val, sims.argmax(1).tolist())) / n_val
-    _log(f"{spec.vision_kind}: held-out image->caption retrieval top-1 {100 * retrieval:.1f}% among {n_val}")
-    with atomic_dir(out) as tmp:
-        tower.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-    return {"final_loss": final, "seconds": time.time() - t0, "retrieval_top1": retrieval}
+        t0 = time.time()
+        final = _optimize(model, loss_of, _batches(rng, train_idx, spec.siglip_batch), spec.siglip_steps,
+                          spec.siglip_lr, 1e-4, f"pretrain {spec.vision_kind} (siglip loss)")  # fmt: skip
+        with torch.no_grad():
+            val_texts = [text_index[captions[i]] for i in val]
+            sims = model(text_ids[val_texts], pixels[val], single[val_texts])  # [V, V]
+            retrieval = sum(captions[val[j]] == captions[i] for i, j in zip(val, sims.argmax(1).tolist())) / n_val
+        _log(f"{spec.vision_kind}: held-out image->caption retrieval top-1 {100 * retrieval:.1f}% among {n_val}")
+        with atomic_dir(out) as tmp:
+            tower.save_pretrained(tmp)
+            image_processor.save_pretrained(tmp)
+        return {"final_loss": final, "seconds": time.time() - t0, "retrieval_top1": retrieval}
 
 
 def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
     """Pretrain a small LlamaForCausalLM on `texts` (rendered chat conversations)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
     rng = random.Random(seed)
-    threads = torch.get_num_threads()
-    if spec.lm_threads:
-        torch.set_num_threads(spec.lm_threads)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.lm_hidden,
@@ -270,7 +259,8 @@ def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg)
+    with runtime.seeded(seed):
+        model = LlamaForCausalLM(cfg)
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def loss_of(idx: list[int]) -> torch.Tensor:
@@ -281,18 +271,11 @@ def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec,
         return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
 
     t0 = time.time()
-    try:
+    with runtime.threads(spec.lm_threads):
         final = _optimize(
-            model,
-            loss_of,
-            _batches(rng, list(range(len(enc))), spec.lm_batch),
-            spec.lm_steps,
-            spec.lm_lr,
-            0.0,
+            model, loss_of, _batches(rng, list(range(len(enc))), spec.lm_batch), spec.lm_steps, spec.lm_lr, 0.0,
             "pretrain llama",
-        )
-    finally:
-        torch.set_num_threads(threads)
+        )  # fmt: skip
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out) as tmp:
