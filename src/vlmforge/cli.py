@@ -350,12 +350,9 @@ def cache_build(
     """
     import json
 
-    import torch
-
     from vlmforge.cache.build import build, encoder_for, images_of
 
-    if device == "auto":
-        device = f"cuda:{runtime.world()[2]}" if torch.cuda.is_available() else "cpu"
+    device = runtime.device(device)
     if split_images and split_grid is None:
         split_grid = 2
     vision, processor, source = encoder_for(
@@ -528,27 +525,9 @@ def merge_lora(model: str, out: str) -> None:
         model: vlmforge model folder with `lm_adapter/`.
         out: folder for the merged model (must differ from --model).
     """
-    import json
+    from vlmforge.export import merge_lora as run
 
-    import torch
-
-    from vlmforge.model.vlm import VLM
-
-    if Path(out).resolve() == Path(model).resolve():
-        raise ValueError("--out must differ from --model (the adapter model is kept)")
-    vlm = VLM.from_pretrained(model)
-    probe = torch.tensor([vlm.prompts.encode_prompt([{"role": "user", "content": "Describe the picture."}])])
-    with torch.no_grad():
-        before = vlm(probe).logits
-        n = vlm.merge_lora()
-        after = vlm(probe).logits
-    diff = float((after - before).abs().max())
-    scale = float(before.abs().max())
-    if diff > 1e-3 * max(scale, 1.0):
-        raise RuntimeError(f"merged logits differ by {diff:.3g} (max |logit| {scale:.3g}): not saved")
-    meta = json.loads((Path(model) / "config.json").read_text())
-    extra = {k: v for k, v in meta.items() if k not in ("vlmforge", "model", "lm_mode", "tokens_per_image")}
-    vlm.save_pretrained(out, {**extra, "merged_from": str(Path(model).resolve()), "merged_lora_layers": n})
+    n, diff = run(model, out)
     print(f"merged {n} LoRA layers into the LM (max logit difference {diff:.2e}); saved to {out}")
 
 

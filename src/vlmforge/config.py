@@ -242,13 +242,13 @@ class TinySpec:
 
 # Demo budgets, measured on the 2-core machine (docs/tiny-demo-experiments.md): one thread is
 # faster than two for the LM-side stages of models this small.
-def _align_default() -> TrainConfig:
+def align_defaults() -> TrainConfig:
     return TrainConfig(
         stage="align", epochs=1.0, max_steps=60, batch_size=64, lr=3e-3, save_every=30, log_every=5, threads=1
     )
 
 
-def _sft_default() -> TrainConfig:
+def sft_defaults() -> TrainConfig:
     return TrainConfig(
         stage="sft", epochs=20.0, max_steps=1500, batch_size=64, lr=3e-3, lm_lr=2e-3, save_every=250, log_every=25,
         threads=1,
@@ -303,8 +303,8 @@ class DemoConfig:
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(connector="mlp", vision_pooled=True, resize="squash")
     )
-    align: TrainConfig = field(default_factory=_align_default)
-    sft: TrainConfig = field(default_factory=_sft_default)
+    align: TrainConfig = field(default_factory=align_defaults)
+    sft: TrainConfig = field(default_factory=sft_defaults)
     cache: bool = True
     cache_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     fresh: bool = False

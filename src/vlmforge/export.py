@@ -36,6 +36,8 @@ import torch
 from vlmforge import runtime
 from vlmforge.data.prompts import IMAGE_END, IMAGE_PAD, IMAGE_START, TEXT_END, TEXT_START
 from vlmforge.io import atomic_dir, atomic_write_text
+from vlmforge.model import folder
+from vlmforge.model.connectors import build_connector
 from vlmforge.model.vision import vision_core
 
 FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge")
@@ -170,14 +172,15 @@ def to_llava(vlm):
     conn = vlm.connector
     lm_dim = lm.get_input_embeddings().weight.shape[1]
     if c.connector == "mlp":
-        proj = {"linear_1": conn.net[0], "linear_2": conn.net[2]}
+        proj = dict(zip(("linear_1", "linear_2"), conn.linears()))
         act = "gelu"
     else:  # linear: the second layer is the identity, the activation linear
-        eye = torch.nn.Linear(lm_dim, lm_dim, dtype=conn.proj.weight.dtype)
+        (first,) = conn.linears()
+        eye = torch.nn.Linear(lm_dim, lm_dim, dtype=first.weight.dtype)
         with torch.no_grad():
             eye.weight.copy_(torch.eye(lm_dim))
             eye.bias.zero_()
-        proj = {"linear_1": conn.proj, "linear_2": eye}
+        proj = {"linear_1": first, "linear_2": eye}
         act = "linear"
     dtype = next(lm.parameters()).dtype
     config = LlavaConfig(
@@ -344,6 +347,29 @@ def _bench_rows(rep) -> list[dict]:
     return rows
 
 
+def merge_lora(model: str, out: str) -> tuple[int, float]:
+    """Fold the LoRA adapters of `model` into its LM and save a plain model to `out`, after checking
+    on a probe prompt that the merged model computes the same logits; returns (layers merged,
+    largest logit difference). Nothing is written when they differ."""
+    from vlmforge.model.vlm import VLM
+
+    if Path(out).resolve() == Path(model).resolve():
+        raise ValueError("--out must differ from --model (the adapter model is kept)")
+    vlm = VLM.from_pretrained(model)
+    probe = torch.tensor([vlm.prompts.encode_prompt([{"role": "user", "content": "Describe the picture."}])])
+    with torch.no_grad():
+        before = vlm(probe).logits
+        n = vlm.merge_lora()
+        after = vlm(probe).logits
+    diff = float((after - before).abs().max())
+    scale = float(before.abs().max())
+    if diff > 1e-3 * max(scale, 1.0):
+        raise RuntimeError(f"merged logits differ by {diff:.3g} (max |logit| {scale:.3g}): not saved")
+    extra = {**folder.extra_meta(model), "merged_from": str(Path(model).resolve()), "merged_lora_layers": n}
+    vlm.save_pretrained(out, extra)
+    return n, diff
+
+
 def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = None) -> tuple[str, list[str]]:
     """Write `model` (a vlmforge folder) to `out` in `fmt`; returns (format written, notes)."""
     from vlmforge.model.vlm import VLM
@@ -354,8 +380,8 @@ def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = No
         raise ValueError("--out must differ from --model")
     scores = read_evals(evals or [])
     vlm = VLM.from_pretrained(model)
-    vlm._vision_source = str(Path(model) / "vision")
-    meta = json.loads((Path(model) / "config.json").read_text())
+    vlm._vision_source = str(folder.vision_dir(model))
+    meta = folder.read_meta(model)
     sources = (meta["model"].get("vision", ""), meta["model"].get("lm", ""))
     notes: list[str] = []
     if fmt == "idefics2-hf":
@@ -387,7 +413,6 @@ def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = No
 def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
     """Convert a `LlavaForConditionalGeneration` folder (transformers' format) into a vlmforge model
     folder; returns notes on what could not carry over exactly."""
-    from safetensors.torch import save_file
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -396,7 +421,7 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
         LlavaForConditionalGeneration,
     )
 
-    from vlmforge.config import ModelConfig, from_dict, save_json
+    from vlmforge.config import ModelConfig, from_dict
 
     if (Path(src).is_absolute() or src.startswith(".")) and not Path(src).is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
@@ -446,28 +471,28 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
                              connector_hidden=lm_dim, feature_layer=layer, split_grid=0, vision_pooled=False,
                              architecture="autoregressive")  # fmt: skip
     with atomic_dir(out) as tmp:
-        hf.model.vision_tower.save_pretrained(tmp / "vision")
-        ip.save_pretrained(tmp / "vision")
+        hf.model.vision_tower.save_pretrained(folder.vision_dir(tmp))
+        ip.save_pretrained(folder.vision_dir(tmp))
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config.text_config)
         setattr(lm, lm.base_model_prefix, hf.model.language_model)
         lm.set_output_embeddings(hf.lm_head)
-        lm.save_pretrained(tmp / "lm")
+        lm.save_pretrained(folder.lm_dir(tmp))
         tok = AutoTokenizer.from_pretrained(src)
-        tok.save_pretrained(tmp / "lm")
+        tok.save_pretrained(folder.lm_dir(tmp))
         p = hf.model.multi_modal_projector
-        if mc.connector == "mlp":
-            state = {"net.0.weight": p.linear_1.weight, "net.0.bias": p.linear_1.bias,
-                     "net.2.weight": p.linear_2.weight, "net.2.bias": p.linear_2.bias}  # fmt: skip
-        else:
+        theirs = [p.linear_1] if mc.connector == "linear" else [p.linear_1, p.linear_2]
+        if mc.connector == "linear":
             w2 = p.linear_2.weight
             if not torch.equal(w2, torch.eye(w2.shape[0], dtype=w2.dtype)):
                 raise ValueError(f"{src}: a linear-activation projector whose second layer is not the identity")
-            state = {"proj.weight": p.linear_1.weight, "proj.bias": p.linear_1.bias}
-        if any(v is None for v in state.values()):
+        if any(layer.bias is None for layer in theirs):
             raise ValueError(f"{src}: a projector without biases (multimodal_projector_bias false)")
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "connector.safetensors"))
-        meta = {"vlmforge": __import__("vlmforge").__version__, "model": dataclasses.asdict(mc), "lm_mode": "full",
-                "history": (own or {}).get("history", []), "imported_from": str(src)}  # fmt: skip
-        save_json(meta, tmp / "config.json")
+        with torch.device("meta"):
+            conn = build_connector(mc.connector, p.linear_1.in_features, lm_dim, hidden=mc.connector_hidden)
+        for ours, layer in zip(conn.linears(), theirs):
+            ours.weight, ours.bias = layer.weight, layer.bias
+        folder.write_connector(tmp, conn.state_dict())
+        folder.write_meta(tmp, dataclasses.asdict(mc), "full", None, (own or {}).get("history", []),
+                          {"imported_from": str(src)})  # fmt: skip
     return notes

@@ -81,6 +81,16 @@ def world() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def device(name: str = "auto") -> str:
+    """`auto`: this process's GPU (its local rank's) if there is one, else the CPU; any other name
+    (cpu, cuda, cuda:1) as it is."""
+    import torch
+
+    if name != "auto":
+        return name
+    return f"cuda:{world()[2]}" if torch.cuda.is_available() else "cpu"
+
+
 def join_process_group(timeout_s: float, cuda: bool | None = None) -> tuple[int, int, int]:
     """Join the process group torchrun describes (nccl on CUDA, else gloo) unless joined already;
     returns (rank, world size, local rank); a single process joins nothing."""

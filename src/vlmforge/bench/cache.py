@@ -28,27 +28,9 @@ import time
 from pathlib import Path
 
 from vlmforge import runtime
-from vlmforge.config import TinySpec, TrainConfig
+from vlmforge.bench.common import SPECS, machine, setup
+from vlmforge.config import TrainConfig
 
-PRESETS = {
-    # ViT encoders (the shape of real SigLIP towers, and of the FLOP formulas below); the `tiny`
-    # LM is 256 wide, as the demo's was when the README's bench figures were measured
-    "tiny": TinySpec(vision_kind="vit", lm_hidden=256, lm_intermediate=688),
-    # encoder : LM parameters ~ 1 : 16 and image tokens ~ 70% of the LM sequence, as SigLIP-so400m
-    # (0.4B, 729 tokens) beside Llama-3-8B (7.5B non-embedding) on a short caption.
-    "llama3v_shape": TinySpec(
-        vision_kind="vit",
-        image_size=64,
-        patch_size=8,
-        vision_hidden=128,
-        vision_layers=2,
-        vision_heads=4,
-        lm_hidden=384,
-        lm_layers=3,
-        lm_heads=6,
-        lm_intermediate=1344,
-    ),  # fmt: skip
-}
 # Records per align step: the larger preset's steps are 6x longer, so it takes smaller batches.
 PRESET_BATCH = {"tiny": 64, "llama3v_shape": 16}
 # Llama3-V at full size, for the FLOP share printed beside the presets'.
@@ -60,22 +42,6 @@ def flop_share(enc_params: float, enc_tokens: int, lm_params: float, lm_tokens: 
     forward plus its backward to the inputs (about another forward)."""
     enc = 2 * enc_params * enc_tokens
     return enc / (enc + 2 * (2 * lm_params * lm_tokens))
-
-
-def _setup(work: Path, preset: str, n_images: int, seed: int = 0) -> dict:
-    """Synthetic data and random-weight backbones in the real formats (made once, reused)."""
-    from vlmforge.data.synthetic import synth
-    from vlmforge.recipes.tiny import pretrain
-
-    spec = PRESETS[preset]
-    data_dir = work / f"data-{spec.image_size}-{n_images}"
-    if not (data_dir / "shapes_captions.json").exists():
-        synth(data_dir, "shapes", n_images, seed, spec.image_size, spec.image_size)
-    bb = work / f"backbones-{preset}"
-    random_weights = dataclasses.replace(spec, siglip_steps=0, lm_steps=0)
-    files = [str(data_dir / "shapes_captions.json"), str(data_dir / "shapes_sft.json")]
-    pretrain(files, bb, random_weights, seed, captions=[files[0]])
-    return {"data": files[0], "vision": str(bb / "vision"), "lm": str(bb / "lm"), "spec": spec}
 
 
 VARIANTS = ("reencode", "cached", "lm_only")
@@ -288,13 +254,13 @@ def run(
     from vlmforge.bench import publish
     from vlmforge.cache.store import FeatureStore
 
-    presets = presets or list(PRESETS)
+    presets = presets or list(SPECS)
     work_dir = Path(work)
-    result: dict = {"machine": _machine(), "threads": threads, "steps": steps, "presets": {}}
+    result: dict = {"machine": machine(), "threads": threads, "steps": steps, "presets": {}}
     for preset in presets:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        s = _setup(work_dir, preset, n_images)
+        if preset not in SPECS:
+            raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(SPECS)})")
+        s = setup(work_dir, preset, n_images)
         store = work_dir / f"store-{preset}"
         _build_rate(s["vision"], s["data"], store, "fp16", 64, threads, num_workers)
         base = {"vision": s["vision"], "lm": s["lm"], "data": s["data"], "store": str(store), "threads": threads,
@@ -315,7 +281,7 @@ def run(
         result["presets"][preset] = rows
     result["llama3v_flop_encoder_share"] = flop_share(**LLAMA3V)
 
-    tiny = _setup(work_dir, "tiny", build_images)
+    tiny = setup(work_dir, "tiny", build_images)
     # this machine's speed drifts: the encoder alone and the build alternate, best of 3 each
     enc_rate, one, two = 0.0, None, None
     for _ in range(3):
@@ -363,15 +329,7 @@ def _all_features(store: Path) -> dict:
 
     ns = FeatureStore(store).namespaces()[0][0]
     reader = FeatureReader(ns)
-    return {key: reader._shard(name)[row] for key, (name, row) in reader.index.items()}
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    return {key: reader.by_key(key) for key in reader.index}
 
 
 def format_table(r: dict) -> str:

@@ -42,15 +42,16 @@ QUESTIONS = ["What is in the picture?", "Describe the image.", "How many shapes 
 
 def bench_model(work: Path, preset: str) -> str:
     """A saved VLM with random weights in the real formats (made once, reused)."""
-    from vlmforge.bench.cache import PRESETS, _setup
+    from vlmforge.bench.common import SPECS, setup
     from vlmforge.config import ModelConfig
+    from vlmforge.model import folder
     from vlmforge.model.vlm import VLM
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if preset not in SPECS:
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(SPECS)})")
     out = work / f"model-{preset}"
-    if not (out / "config.json").exists():
-        s = _setup(work, preset, 64)
+    if not (out / folder.META).exists():
+        s = setup(work, preset, 64)
         VLM.from_backbones(ModelConfig(vision=s["vision"], lm=s["lm"], connector="mlp")).save_pretrained(out)
     return str(out)
 
@@ -335,13 +336,13 @@ def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, 
     import torch
 
     from vlmforge.bench import publish
-    from vlmforge.bench.cache import _machine
+    from vlmforge.bench.common import machine
     from vlmforge.model.vlm import VLM
 
     model_dir = model or bench_model(Path(work), preset)
     vlm = VLM.from_pretrained(model_dir).eval()
     size = vlm.processor.size
-    result = {"machine": _machine(), "model": model_dir if model else f"preset {preset} (random weights)",
+    result = {"machine": machine(), "model": model_dir if model else f"preset {preset} (random weights)",
               "visual_tokens_per_image": vlm.tokens_per_image, "threads": torch.get_num_threads()}  # fmt: skip
     result["generate"] = bench_generate(vlm, tokens, repeats)
     result["generate_speedup_b1"] = result["generate"]["b1"]["speedup"]

@@ -160,11 +160,11 @@ def run(
 
 def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) -> dict:
     from vlmforge.bench import publish
-    from vlmforge.bench.cache import _machine, _setup
+    from vlmforge.bench.common import machine, setup
 
-    s = _setup(Path(work), preset, 256)
+    s = setup(Path(work), preset, 256)
     vision, lm, data = s["vision"], s["lm"], s["data"]
-    result = {"machine": _machine(), "preset": preset, "batch_size": batch_size}
+    result = {"machine": machine(), "preset": preset, "batch_size": batch_size}
     peak, peak_n = matmul_peak(threads)
     result["matmul_peak_flops"], result["matmul_peak_size"] = peak, peak_n
     result["threads"] = threads

@@ -261,18 +261,14 @@ def encoder_for(
 ):
     """(VisionTower, ImageProcessor, source) from a vlmforge model folder (its own settings) or an
     encoder (Hub id or folder) with explicit settings; `split_grid` overrides either."""
-    import json
-
+    from vlmforge.model import folder
     from vlmforge.model.vision import VisionTower
 
     if bool(model) == bool(encoder):
         raise ValueError("pass exactly one of --model (a vlmforge model folder) or --encoder (a vision encoder)")
     if model:
-        cfg_file = Path(model) / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{model}: not a vlmforge model (no config.json)")
-        cfg = json.loads(cfg_file.read_text())["model"]
-        encoder = str(Path(model) / "vision")
+        cfg = folder.model_settings(model)
+        encoder = str(folder.vision_dir(model))
         feature_layer, pooled, resize = cfg["feature_layer"], cfg["vision_pooled"], cfg["resize"]
         image_size = cfg.get("image_size")
         split_grid = cfg.get("split_grid", 0) if split_grid is None else split_grid

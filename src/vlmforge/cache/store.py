@@ -340,7 +340,11 @@ class FeatureReader:
 
     def get(self, path: str | Path) -> torch.Tensor | None:
         """The features of one image [views, patches, dim] in the stored dtype, or None if absent."""
-        hit = self.index.get(self.key(path))
+        return self.by_key(self.key(path))
+
+    def by_key(self, key: str) -> torch.Tensor | None:
+        """The features stored under an image key (`key(path)`), or None if absent."""
+        hit = self.index.get(key)
         if hit is None:
             return None
         name, row = hit

@@ -56,6 +56,10 @@ class MLPConnector(nn.Module):
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
 
+    def linears(self) -> tuple[nn.Linear, nn.Linear]:
+        """The two linear layers (a GELU between them): LLaVA's projector."""
+        return self.net[0], self.net[2]
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [N, P, Dv] -> [N, P, D]
         return self.net(feats)
 
@@ -91,6 +95,9 @@ class LinearConnector(nn.Module):
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
+
+    def linears(self) -> tuple[nn.Linear]:
+        return (self.proj,)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [N, P, Dv] -> [N, P, D]
         return self.proj(feats)

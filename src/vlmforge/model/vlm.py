@@ -5,15 +5,12 @@ tower); everything after the encoder is identical for both, which is the seam th
 caching and serving use. Placeholder tokens (`<|image_pad|>`) mark where visual tokens go; their
 count must equal images × visual tokens per image, else a ValueError names both numbers.
 
-Saved as a folder: `config.json` (the resolved ModelConfig and how the LM was trained),
-`vision/` and `lm/` written with `save_pretrained` (the tokenizer beside the LM), `lm_adapter/`
-for LoRA, and `connector.safetensors`.
+Saved as a vlmforge model folder, whose layout `model/folder.py` owns.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmforge import runtime
-from vlmforge.config import ModelConfig, from_dict, save_json
+from vlmforge.config import ModelConfig, from_dict
 from vlmforge.data.images import ImageProcessor
 from vlmforge.data.prompts import (
     DEFAULT_CHAT_TEMPLATE,
@@ -33,6 +30,7 @@ from vlmforge.data.prompts import (
     view_tokens,
 )
 from vlmforge.io import atomic_dir
+from vlmforge.model import folder
 from vlmforge.model.connectors import build_connector
 from vlmforge.model.vision import VisionTower, check_loading_info, load_vision_model
 
@@ -147,26 +145,19 @@ class VLM(nn.Module):
     def from_pretrained(cls, path: str | Path, device_map: str | None = None) -> VLM:
         """Load a folder written by `save_pretrained`; `device_map` places the LM as in
         transformers' `from_pretrained` (default: the saved config's, usually none: the CPU)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        meta_file = path / "config.json"
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{path}: not a vlmforge model (no config.json)")
-        meta = json.loads(meta_file.read_text())
-        if "vlmforge" not in meta:
-            raise ValueError(f"{meta_file}: not a vlmforge model config")
+        meta = folder.read_meta(path)
         cfg = from_dict(ModelConfig, meta["model"])
-        cfg = dataclasses.replace(cfg, vision=str(path / "vision"), lm=str(path / "lm"), tokenizer=str(path / "lm"))
+        lm = str(folder.lm_dir(path))
+        cfg = dataclasses.replace(cfg, vision=str(folder.vision_dir(path)), lm=lm, tokenizer=lm)
         if device_map is not None:
             cfg = dataclasses.replace(cfg, device_map=device_map)
         model = cls.from_backbones(cfg)
         device = next(model.connector.parameters()).device
-        model.connector.load_state_dict(load_file(str(path / "connector.safetensors"), device=str(device)))
-        if (path / "lm_adapter").is_dir():
+        model.connector.load_state_dict(folder.read_connector(path, str(device)))
+        if folder.has_adapter(path):
             from peft import PeftModel
 
-            model.lm = PeftModel.from_pretrained(model.lm, str(path / "lm_adapter"))
+            model.lm = PeftModel.from_pretrained(model.lm, str(folder.adapter_dir(path)))
             model.lm_mode = "lora"
         else:
             model.lm_mode = meta.get("lm_mode", "frozen")
@@ -186,7 +177,6 @@ class VLM(nn.Module):
     def save_pretrained(self, path: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
         """Write the whole model to `path` atomically (a temp folder renamed into place).
         `state_dict`: the model's full weights by name when its own are sharded (FSDP)."""
-        from safetensors.torch import save_file
         from transformers import AutoImageProcessor
 
         def part(prefix: str, module: nn.Module | None = None) -> dict | None:
@@ -199,34 +189,27 @@ class VLM(nn.Module):
         src = getattr(self, "_vision_source", None)
         peft = hasattr(self.lm, "peft_config")
         with atomic_dir(path) as tmp:
+            vision, lm = folder.vision_dir(tmp), folder.lm_dir(tmp)
             if self.vision.released:  # frozen, so the weights are the source's: load them to save
                 if not src:
                     raise RuntimeError("the vision encoder was released and its source is unknown")
-                load_vision_model(src, next(self.vision.model.parameters()).dtype).save_pretrained(tmp / "vision")
+                load_vision_model(src, next(self.vision.model.parameters()).dtype).save_pretrained(vision)
             else:
-                self.vision.model.save_pretrained(tmp / "vision", state_dict=part("vision.model."))
+                self.vision.model.save_pretrained(vision, state_dict=part("vision.model."))
             if src:
-                AutoImageProcessor.from_pretrained(src).save_pretrained(tmp / "vision")
+                AutoImageProcessor.from_pretrained(src).save_pretrained(vision)
             if self.lm_mode == "lora":
                 # the base weights under their own names (LoRA layers wrap them as `base_layer`)
                 causal = part("lm.base_model.model." if peft else "lm.", self.causal_lm)
                 base = {k.replace(".base_layer.", "."): v for k, v in causal.items() if "lora_" not in k}
-                self.causal_lm.save_pretrained(tmp / "lm", state_dict=base)
-                self.lm.save_pretrained(tmp / "lm_adapter", state_dict=part("lm."))
+                self.causal_lm.save_pretrained(lm, state_dict=base)
+                self.lm.save_pretrained(folder.adapter_dir(tmp), state_dict=part("lm."))
             else:
-                self.lm.save_pretrained(tmp / "lm", state_dict=part("lm."))
-            self.tokenizer.save_pretrained(tmp / "lm")
-            state = {k: v.detach().contiguous() for k, v in part("connector.", self.connector).items()}
-            save_file(state, str(tmp / "connector.safetensors"))
-            meta = {
-                "vlmforge": __import__("vlmforge").__version__,
-                "model": dataclasses.asdict(self.config),
-                "lm_mode": self.lm_mode,
-                "tokens_per_image": self.tokens_per_image,
-                "history": self.history,
-                **(extra or {}),
-            }
-            save_json(meta, tmp / "config.json")
+                self.lm.save_pretrained(lm, state_dict=part("lm."))
+            self.tokenizer.save_pretrained(lm)
+            folder.write_connector(tmp, part("connector.", self.connector))
+            folder.write_meta(tmp, dataclasses.asdict(self.config), self.lm_mode, self.tokens_per_image, self.history,
+                              extra)  # fmt: skip
 
     # ---- the forward pass -------------------------------------------------------------------
     @property

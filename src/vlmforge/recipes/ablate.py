@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from vlmforge import runtime
-from vlmforge.config import ModelConfig, TinySpec, _align_default, _sft_default, from_dict, save_json
+from vlmforge.config import ModelConfig, TinySpec, align_defaults, from_dict, save_json, sft_defaults
 
 # The paper's figures, kept for the report (Idefics2, Tables 2-4 and section 3.3).
 PAPER = {
@@ -245,8 +245,8 @@ def _resolve(cell: dict, base: dict, shared: dict, budget: dict):
     model_cfg = from_dict(ModelConfig, _merge({"vision": bb["vision"], "lm": bb["lm"], "tokenizer": bb["lm"]},
                                              base.get("model"), cell.get("model")))  # fmt: skip
     bs = {"batch_size": budget["batch_size"]} if "batch_size" in budget else {}
-    align = dataclasses.replace(_align_default(), **_merge(bs, budget["align"], base.get("align"), cell.get("align")))
-    sft = dataclasses.replace(_sft_default(), **_merge(bs, budget["sft"], base.get("sft"), cell.get("sft")))
+    align = dataclasses.replace(align_defaults(), **_merge(bs, budget["align"], base.get("align"), cell.get("align")))
+    sft = dataclasses.replace(sft_defaults(), **_merge(bs, budget["sft"], base.get("sft"), cell.get("sft")))
     return model_cfg, align, sft
 
 

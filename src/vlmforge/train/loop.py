@@ -207,7 +207,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         )  # fmt: skip
     features = open_features(cfg, model, records) if cfg.cache else None
     apply_stage(model, cfg)
-    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(runtime.device())
     if model.config.device_map is None and device.type != "cpu":
         for part in (model.connector, model.lm) + (() if model.vision.released else (model.vision,)):
             part.to(device)  # a released vision tower has no weights to move

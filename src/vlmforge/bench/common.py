@@ -1,0 +1,54 @@
+"""What the benchmarks share: the model specs they build with random weights, the backbones and
+data made from them (once per work folder), and a description of the machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from vlmforge.config import TinySpec
+
+SPECS = {
+    # ViT encoders (the shape of real SigLIP towers, and of bench.cache's FLOP formulas); the `tiny`
+    # LM is 256 wide, as the demo's was when the README's bench figures were measured
+    "tiny": TinySpec(vision_kind="vit", lm_hidden=256, lm_intermediate=688),
+    # encoder : LM parameters ~ 1 : 16 and image tokens ~ 70% of the LM sequence, as SigLIP-so400m
+    # (0.4B, 729 tokens) beside Llama-3-8B (7.5B non-embedding) on a short caption.
+    "llama3v_shape": TinySpec(
+        vision_kind="vit",
+        image_size=64,
+        patch_size=8,
+        vision_hidden=128,
+        vision_layers=2,
+        vision_heads=4,
+        lm_hidden=384,
+        lm_layers=3,
+        lm_heads=6,
+        lm_intermediate=1344,
+    ),  # fmt: skip
+}
+
+
+def setup(work: Path, preset: str, n_images: int, seed: int = 0) -> dict:
+    """Synthetic data and random-weight backbones in the real formats (made once, reused)."""
+    from vlmforge.data.synthetic import synth
+    from vlmforge.recipes.tiny import pretrain
+
+    spec = SPECS[preset]
+    data_dir = work / f"data-{spec.image_size}-{n_images}"
+    if not (data_dir / "shapes_captions.json").exists():
+        synth(data_dir, "shapes", n_images, seed, spec.image_size, spec.image_size)
+    bb = work / f"backbones-{preset}"
+    random_weights = dataclasses.replace(spec, siglip_steps=0, lm_steps=0)
+    files = [str(data_dir / "shapes_captions.json"), str(data_dir / "shapes_sft.json")]
+    pretrain(files, bb, random_weights, seed, captions=[files[0]])
+    return {"data": files[0], "vision": str(bb / "vision"), "lm": str(bb / "lm"), "spec": spec}
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
