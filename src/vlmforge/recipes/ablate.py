@@ -84,9 +84,9 @@ IDEFICS2 = {
 }  # fmt: skip
 GRIDS = {"idefics2": IDEFICS2}
 
-# Budgets: data sizes, backbone specs and stage overrides, full and quick.
+# Budgets: data sizes, backbone specs and stage overrides, full (the demo's stages) and quick.
 FULL = {"n_shapes": 3000, "n_text": 500, "n_test": 300, "spec": {}, "large_spec": {"lm_layers": 6},
-        "align": {"max_steps": 60}, "sft": {"max_steps": 240}}  # fmt: skip
+        "align": {}, "sft": {}}  # fmt: skip
 QUICK = {"n_shapes": 600, "n_text": 200, "n_test": 100, "spec": {}, "large_spec": {"lm_layers": 4},
          "align": {"max_steps": 10}, "sft": {"max_steps": 25}, "batch_size": 32}  # fmt: skip
 
