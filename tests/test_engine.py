@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmforge.infer.engine import Engine, EngineBusy, PromptTooLong, SamplingParams, byte_level_table
+from vlmforge.infer.detokenize import byte_level_table
+from vlmforge.infer.engine import Engine, EngineBusy, PromptTooLong, SamplingParams
 from vlmforge.model.vlm import VLM
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]

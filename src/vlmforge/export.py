@@ -380,7 +380,7 @@ def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = No
         raise ValueError("--out must differ from --model")
     scores = read_evals(evals or [])
     vlm = VLM.from_pretrained(model)
-    vlm._vision_source = str(folder.vision_dir(model))
+    vlm.vision_source = str(folder.vision_dir(model))
     meta = folder.read_meta(model)
     sources = (meta["model"].get("vision", ""), meta["model"].get("lm", ""))
     notes: list[str] = []

@@ -26,7 +26,6 @@ the server does; `submit` is thread-safe.
 
 from __future__ import annotations
 
-import codecs
 import collections
 import hashlib
 import itertools
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmforge.infer.decoder import Decoder
+from vlmforge.infer.detokenize import Detokenizer, byte_level_table
+from vlmforge.infer.sampling import sample
 
 BLOCK = 8  # prefix-cache granularity (tokens)
 
@@ -128,13 +129,8 @@ class Request:
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._cancel = False
-        self._pending = ""  # decoded text held back (a possible stop-string start)
-        self._cut = False  # ended by a stop string
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._prefix_offset = self._read_offset = 0
-        self._generator = None
-        if self.params.seed is not None:
-            self._generator = torch.Generator().manual_seed(self.params.seed)
+        self.detok: Detokenizer | None = None  # set by the engine that runs it
+        self.generator = None if self.params.seed is None else torch.Generator().manual_seed(self.params.seed)
 
     def cancel(self) -> None:
         """End the request at the next step; its slot is freed."""
@@ -276,51 +272,6 @@ class LRU(collections.OrderedDict):
                 self.on_evict(k, v)
 
 
-def byte_level_table(tok) -> list[bytes] | None:
-    """Each token id's bytes, for byte-level BPE tokenizers (GPT-2, Llama 3, ours) whose decode
-    is exactly the concatenation of those bytes (special tokens skipped); None otherwise. Lets
-    the engine decode one token per step instead of re-decoding a window."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or type(backend.decoder).__name__ != "ByteLevel" or getattr(
-        tok, "clean_up_tokenization_spaces", False
-    ):  # fmt: skip
-        return None
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):  # GPT-2's bytes_to_unicode, inverted
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    special = set(tok.all_special_ids)
-    added = {i: t.content for i, t in tok.added_tokens_decoder.items()}
-    table = []
-    for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
-        if i in special or piece is None:
-            table.append(b"")
-        elif i in added:
-            table.append(added[i].encode())
-        elif all(c in chars for c in piece):
-            table.append(bytes(chars[c] for c in piece))
-        else:
-            return None
-    return table
-
-
-def _logits_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
-
-
 class Engine:
     """Batched generation with a slot KV cache, continuous batching, feature and prefix caches.
 
@@ -395,6 +346,7 @@ class Engine:
                 f"the context of {self.max_len} tokens"
             )
         req = Request(list(prompt), images, params, on_event)
+        req.detok = Detokenizer(self.tok, self.token_bytes, req.params.stop)
         with self._lock:
             if self._stopping:
                 raise EngineBusy("the engine is shutting down")
@@ -682,13 +634,7 @@ class Engine:
         return (torch.mm(hidden, self.head_t) if b is None else torch.addmm(b, hidden, self.head_t)).float()
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        out = logits.argmax(-1).tolist()
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature > 0:
-                probs = _logits_filter(logits[i], p).softmax(-1)
-                out[i] = int(torch.multinomial(probs, 1, generator=r._generator))
-        return out
+        return sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
 
     def _accept(self, slot: int, token: int) -> None:
         req = self.running[slot]
@@ -707,38 +653,10 @@ class Engine:
             self._release(slot, "length")
 
     def _detokenize(self, req: Request) -> bool:
-        """Decode the new token; emit what cannot belong to a stop string; True when a stop
-        string appeared (the text is cut before it)."""
-        toks = req.tokens
-        if self.token_bytes is not None:  # byte-level BPE: each token is a byte string
-            new = req._utf8.decode(self.token_bytes[toks[-1]])
-        else:  # any tokenizer: decode a window of tokens, as TGI does
-            prefix = self.tok.decode(toks[req._prefix_offset : req._read_offset], skip_special_tokens=True)
-            full = self.tok.decode(toks[req._prefix_offset :], skip_special_tokens=True)
-            new = ""
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
-                new = full[len(prefix) :]
-                req._prefix_offset, req._read_offset = req._read_offset, len(toks)
-        pending = req._pending + new
-        if not req.params.stop:
-            req._pending = ""
-            self._send(req, pending, [toks[-1]])
-            return False
-        for s in req.params.stop:
-            at = pending.find(s)
-            if at >= 0:
-                req._pending, req._cut = "", True
-                self._send(req, pending[:at], [toks[-1]])
-                return True
-        hold = 0
-        for s in req.params.stop:  # the longest tail that could start a stop string
-            for k in range(min(len(s) - 1, len(pending)), 0, -1):
-                if pending.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        req._pending = pending[len(pending) - hold :] if hold else ""
-        self._send(req, pending[: len(pending) - hold], [toks[-1]])
-        return False
+        """Emit the new token's text (what cannot start a stop string); True at a stop string."""
+        text, stopped = req.detok.push(req.tokens)
+        self._send(req, text, [req.tokens[-1]])
+        return stopped
 
     def _send(self, req: Request, text: str, ids: list[int]) -> None:
         req.text += text
@@ -759,9 +677,7 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         if req.done:
             return
-        tail, req._pending = req._pending, ""
-        if self.token_bytes is not None and not req._cut:
-            tail += req._utf8.decode(b"", final=True)  # an incomplete character, as decode shows it
+        tail = req.detok.flush() if req.detok is not None else ""
         req.text += tail
         req.finish_reason = reason
         req.finished_at = time.perf_counter()

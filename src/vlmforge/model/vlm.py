@@ -114,6 +114,7 @@ class VLM(nn.Module):
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
         self.history: list[dict] = []  # the training stages that made this model (the model card's)
+        self.vision_source: str | None = None  # where the vision weights came from (to save a released tower)
 
     # ---- construction and persistence -------------------------------------------------------
     @classmethod
@@ -134,7 +135,7 @@ class VLM(nn.Module):
             raise ValueError(f"split_grid must be 0 (off) or a grid size k >= 1, got {config.split_grid}")
         proc = ImageProcessor.from_encoder(config.vision, size, config.resize, config.split_grid)
         model = cls(config, vision, lm, tok, proc)
-        model._vision_source = config.vision
+        model.vision_source = config.vision
         if config.device_map:  # the LM is placed; the rest goes where its input embeddings are
             device = lm.get_input_embeddings().weight.device
             model.vision.to(device)
@@ -186,7 +187,7 @@ class VLM(nn.Module):
                 return module.state_dict() if module is not None else None
             return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
-        src = getattr(self, "_vision_source", None)
+        src = self.vision_source
         peft = hasattr(self.lm, "peft_config")
         with atomic_dir(path) as tmp:
             vision, lm = folder.vision_dir(tmp), folder.lm_dir(tmp)
