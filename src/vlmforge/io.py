@@ -1,8 +1,10 @@
-"""Atomic file writing: every artefact is written to a temp name and renamed into place, so an
-interrupted job never leaves a half-written file where a complete one is expected."""
+"""Files in and out. Writing is atomic: every artefact is written to a temp name and renamed into
+place, so an interrupted job never leaves a half-written file where a complete one is expected.
+Reading JSON names the file and what it should have held when it is corrupt."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -63,3 +65,16 @@ def atomic_dir(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | Path, what: str, error: type[Exception] = ValueError):
+    """The JSON in `path`; a corrupt file raises `error` naming the file and `what` it holds."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: corrupt {what} ({e.msg} at line {e.lineno})") from e
+
+
+def write_json(path: str | Path, obj) -> None:
+    """`obj` as indented JSON with sorted keys, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")

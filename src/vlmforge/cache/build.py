@@ -30,11 +30,10 @@ from vlmforge.cache.store import (
     CacheError,
     FeatureStore,
     ImageHasher,
-    _read_json,
-    _write_json,
     feature_settings,
 )
 from vlmforge.data.images import ImageError, ImageProcessor, load_image
+from vlmforge.io import read_json, write_json
 from vlmforge.runtime import join_process_group
 
 
@@ -87,7 +86,7 @@ def _plan(ns, key_to_path: dict[str, str], shard_size: int) -> list[dict]:
     have = {k for e in list(ns.manifest().values()) + list(ns.journal().values()) for k in e["keys"]}
     pending = []
     if ns.plan_path.exists():
-        pending = [s for s in _read_json(ns.plan_path, "build plan")["shards"] if s["name"] not in done]
+        pending = [s for s in read_json(ns.plan_path, "build plan", CacheError)["shards"] if s["name"] not in done]
         if any(k not in key_to_path for s in pending for k in s["keys"]):
             pending = []  # the data changed since the plan was made: plan afresh
     covered = have | {k for s in pending for k in s["keys"]}
@@ -166,11 +165,11 @@ def build(
             tqdm.write(f"{len(bad)} damaged shards dropped, their images are encoded again: {', '.join(bad[:5])}")
         plan = _plan(ns, key_to_path, shard_size)
         if plan:
-            _write_json(ns.plan_path, {"shards": plan})
+            write_json(ns.plan_path, {"shards": plan})
         ns.remove_orphans()
         store.save_hashes({p: e for part in parts for p, e in part[2].items()})
     _barrier(world)
-    plan = _read_json(ns.plan_path, "build plan")["shards"] if ns.plan_path.exists() else []
+    plan = read_json(ns.plan_path, "build plan", CacheError)["shards"] if ns.plan_path.exists() else []
     mine = [s for i, s in enumerate(plan) if i % world == rank]
     cached = len(key_to_path) - sum(len(s["keys"]) for s in plan)
 

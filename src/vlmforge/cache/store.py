@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from vlmforge.io import atomic_write_text
+from vlmforge.io import read_json, write_json
 
 FORMAT = "vlmforge-feature-store"
 VERSION = 1
@@ -57,17 +57,6 @@ def file_sha256(path: str | Path) -> str:
 
 def bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{path}: corrupt {what} ({e.msg} at line {e.lineno})") from e
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 class ImageHasher:
@@ -120,21 +109,21 @@ class Namespace:
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         if not (self.dir / "settings.json").exists():
-            _write_json(self.dir / "settings.json", {"settings": self.settings, "encoder_source": source})
+            write_json(self.dir / "settings.json", {"settings": self.settings, "encoder_source": source})
         if not self.manifest_path.exists():
-            _write_json(self.manifest_path, {"shards": {}})
+            write_json(self.manifest_path, {"shards": {}})
 
     @property
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
     def manifest(self) -> dict:
-        return _read_json(self.manifest_path, "manifest")["shards"] if self.exists else {}
+        return read_json(self.manifest_path, "manifest", CacheError)["shards"] if self.exists else {}
 
     def journal(self) -> dict:
         if not self.journal_dir.is_dir():
             return {}
-        return {p.stem: _read_json(p, "journal entry") for p in sorted(self.journal_dir.glob("*.json"))}
+        return {p.stem: read_json(p, "journal entry", CacheError) for p in sorted(self.journal_dir.glob("*.json"))}
 
     def shard_path(self, name: str) -> Path:
         return self.shard_dir / f"{name}.safetensors"
@@ -154,7 +143,7 @@ class Namespace:
             "view_shape": list(features.shape[1:]),
             "dtype": str(features.dtype).replace("torch.", ""),
         }
-        _write_json(self.journal_dir / f"{name}.json", entry)
+        write_json(self.journal_dir / f"{name}.json", entry)
         return entry
 
     def check_shard(self, name: str, entry: dict) -> str | None:
@@ -176,7 +165,7 @@ class Namespace:
             return 0
         shards = self.manifest()
         shards.update(journal)
-        _write_json(self.manifest_path, {"shards": shards})
+        write_json(self.manifest_path, {"shards": shards})
         for name in journal:
             (self.journal_dir / f"{name}.json").unlink(missing_ok=True)
         return len(journal)
@@ -188,13 +177,13 @@ class Namespace:
             shards.pop(name, None)
             self.shard_path(name).unlink(missing_ok=True)
             (self.journal_dir / f"{name}.json").unlink(missing_ok=True)
-        _write_json(self.manifest_path, {"shards": shards})
+        write_json(self.manifest_path, {"shards": shards})
 
     def remove_orphans(self) -> list[str]:
         """Delete shard files and temp files that no manifest, journal entry or plan refers to."""
         known = set(self.manifest()) | set(self.journal())
         if self.plan_path.exists():
-            known |= {s["name"] for s in _read_json(self.plan_path, "build plan")["shards"]}
+            known |= {s["name"] for s in read_json(self.plan_path, "build plan", CacheError)["shards"]}
         removed = []
         for p in self.shard_dir.iterdir() if self.shard_dir.is_dir() else []:
             name = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else None
@@ -211,7 +200,7 @@ class FeatureStore:
         self.root = Path(root)
         marker = self.root / "store.json"
         if marker.is_file():
-            meta = _read_json(marker, "store marker")
+            meta = read_json(marker, "store marker", CacheError)
             if meta.get("format") != FORMAT:
                 raise CacheError(f"{self.root}: not a vlmforge feature store")
             if meta.get("version") != VERSION:
@@ -221,7 +210,7 @@ class FeatureStore:
             if self.root.exists() and any(self.root.iterdir()):
                 raise CacheError(f"{self.root}: exists and is not a feature store (refusing to write into it)")
             self.root.mkdir(parents=True, exist_ok=True)
-            _write_json(marker, {"format": FORMAT, "version": VERSION})
+            write_json(marker, {"format": FORMAT, "version": VERSION})
         else:
             raise CacheError(f"{self.root}: no feature store here (build one with `vlmforge cache build`)")
 
@@ -232,17 +221,17 @@ class FeatureStore:
         out = []
         for d in sorted(self.root.glob("ns-*")):
             if (d / "settings.json").is_file():
-                meta = _read_json(d / "settings.json", "namespace settings")
+                meta = read_json(d / "settings.json", "namespace settings", CacheError)
                 out.append((Namespace(self.root, meta["settings"]), meta))
         return out
 
     def hashes(self) -> dict:
         path = self.root / "hashes.json"
-        return _read_json(path, "hash index") if path.is_file() else {}
+        return read_json(path, "hash index", CacheError) if path.is_file() else {}
 
     def save_hashes(self, updated: dict) -> None:
         if updated:
-            _write_json(self.root / "hashes.json", {**self.hashes(), **updated})
+            write_json(self.root / "hashes.json", {**self.hashes(), **updated})
 
     def find(self, vision, processor, dtype: str | None = None) -> Namespace | None:
         """The namespace for this encoder and processor; with `dtype` None, the most precise one built."""

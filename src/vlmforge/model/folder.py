@@ -13,8 +13,9 @@ export, import, the cache builder and `merge-lora`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from vlmforge.io import read_json
 
 META, VISION, LM, ADAPTER, CONNECTOR = "config.json", "vision", "lm", "lm_adapter", "connector.safetensors"
 CORE_KEYS = ("vlmforge", "model", "lm_mode", "tokens_per_image", "history")
@@ -42,10 +43,7 @@ def read_meta(path: str | Path) -> dict:
     meta_file = Path(path) / META
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path}: not a vlmforge model (no {META})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file}: not valid JSON ({e})") from None
+    meta = read_json(meta_file, "model config")
     if not isinstance(meta, dict) or "vlmforge" not in meta or "model" not in meta:
         raise ValueError(f"{meta_file}: not a vlmforge model config")
     return meta
