@@ -21,7 +21,6 @@ Layouts read (nothing is downloaded):
 from __future__ import annotations
 
 import ast
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from vlmforge.data.formats import DataError, read_jsonl
 from vlmforge.eval import metrics as M
+from vlmforge.io import read_json
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
@@ -146,13 +146,6 @@ def parquet_rows(files: list[Path]) -> tuple[int, Iterator[dict]]:
     return sum(counts), it()
 
 
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from e
-
-
 class ImageFinder:
     """Resolves LLaVA eval image names against the benchmark folder and its subfolders."""
 
@@ -226,7 +219,8 @@ class TextVQA(Benchmark):
         rows = super().llava_rows(folder, questions)
         ann_path = folder / "TextVQA_0.5.1_val.json"
         if ann_path.is_file():
-            answers = {str(d["question_id"]): d["answers"] for d in read_json(ann_path)["data"]}
+            annotations = read_json(ann_path, "annotations", DataError)["data"]
+            answers = {str(d["question_id"]): d["answers"] for d in annotations}
             for r in rows:
                 r.setdefault("answers", answers.get(str(r["question_id"])))
         return rows
