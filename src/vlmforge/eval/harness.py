@@ -48,12 +48,9 @@ class LocalGenerator:
         return {"model": self.source, "decoding": "greedy", "max_new_tokens": self.max_new_tokens}
 
     def __call__(self, samples: list[Sample], images: list[list]) -> list[str]:
-        from vlmforge.infer.engine import SamplingParams
+        from vlmforge.infer.engine import answer
 
-        m = self.model
-        prompts = [m.build_prompt(s.prompt, len(ims)) for s, ims in zip(samples, images)]
-        reqs = self.engine.generate(prompts, images, SamplingParams(max_tokens=self.max_new_tokens))
-        return [r.text.strip() for r in reqs]
+        return answer(self.model, [s.prompt for s in samples], images, self.max_new_tokens, self.engine)
 
 
 class EndpointError(RuntimeError):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from vlmforge.data.formats import load_records
 from vlmforge.data.images import ImageError, load_image
 from vlmforge.eval.metrics import exact_match, normalize_answer
-from vlmforge.infer.engine import Engine, SamplingParams
+from vlmforge.infer.engine import Engine, answer
 from vlmforge.io import atomic_write_text
 
 _TYPES = [
@@ -55,11 +55,8 @@ def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = 
             items.append((r, images, question, reference))
         if not items:
             continue
-        prompts = [model.prompts.encode_prompt([{"role": "user", "content": q}]) for _, _, q, _ in items]
-        params = SamplingParams(max_tokens=max_new_tokens)
-        reqs = engine.generate(prompts, [ims for _, ims, _, _ in items], params)
-        for (r, _, q, ref), o in zip(items, reqs):
-            pred = o.text.strip()
+        preds = answer(model, [q for _, _, q, _ in items], [ims for _, ims, _, _ in items], max_new_tokens, engine)
+        for (r, _, q, ref), pred in zip(items, preds):
             rows.append({
                 "id": r.id, "type": question_type(q), "question": q.replace("<image>", "").strip(),
                 "answer": ref, "prediction": pred, "correct": exact_match(pred, ref),

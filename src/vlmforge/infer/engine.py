@@ -687,13 +687,23 @@ class Engine:
 
 
 def answer(
-    model, images: list, questions: list[str], max_new_tokens: int = 32, engine: Engine | None = None
+    model,
+    questions: list[str],
+    images: list[list] | None = None,
+    max_new_tokens: int = 32,
+    engine: Engine | None = None,
 ) -> list[str]:
-    """Answer one question per PIL image (or text-only questions when `images` is empty): greedy,
-    batched by `engine` (a new one over `model` when none is given); the answers' text, stripped."""
+    """Greedy answers to one user message each, with its images (PIL; `images[i]` for `questions[i]`),
+    batched by `engine` (a new one over `model` when none is given): the one question -> answer
+    path of the demo and the evaluators. A question that holds no `<image>` marker gets one per
+    image in front of it, as `VLM.build_prompt` writes them."""
     engine = engine or Engine(model)
-    prompts = [model.build_prompt(q, 1 if images else 0) for q in questions]
-    reqs = engine.generate(
-        prompts, [[im] for im in images] if images else None, SamplingParams(max_tokens=max_new_tokens)
-    )
+    images = images or [[] for _ in questions]
+    prompts = [
+        model.prompts.encode_prompt([{"role": "user", "content": q}])
+        if "<image>" in q
+        else model.build_prompt(q, len(ims))
+        for q, ims in zip(questions, images)
+    ]
+    reqs = engine.generate(prompts, images, SamplingParams(max_tokens=max_new_tokens))
     return [r.text.strip() for r in reqs]

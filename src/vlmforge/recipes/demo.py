@@ -171,7 +171,7 @@ def run(cfg: DemoConfig) -> dict:
             picks.append(r)
     picks.append(load_records(data["test_text_qa"])[0])
     questions = [r.messages[0]["content"].replace("<image>", "").strip() for r in picks]
-    answers = answer(model, [load_image(r.images[0]) for r in picks], questions)
+    answers = answer(model, questions, [[load_image(r.images[0])] for r in picks])
     samples = [
         {"task": "text" if r is picks[-1] else "shapes", "image": str(r.images[0]), "question": q, "answer": a,
          "reference": r.messages[1]["content"], "right": a == r.messages[1]["content"]}
