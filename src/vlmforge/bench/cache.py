@@ -82,14 +82,11 @@ def _align_setup(args: dict, release: bool):
 
 
 def _step(model, opt, stream) -> float:
-    from vlmforge.data.collate import merge_image_inputs
+    """Seconds of one training step on the stream's next batch (its reading included)."""
+    from vlmforge.train.step import step
 
     t = time.perf_counter()
-    _, b = next(stream)
-    out = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    step(model, opt, next(stream)[1])
     return time.perf_counter() - t
 
 

@@ -60,11 +60,12 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     from torch.utils.flop_counter import FlopCounterMode
 
     from vlmforge.config import ModelConfig, TrainConfig
-    from vlmforge.data.collate import VQADataset, merge_image_inputs
+    from vlmforge.data.collate import VQADataset
     from vlmforge.data.formats import load_records
     from vlmforge.model.vlm import VLM
     from vlmforge.train.loop import compile_layers, micro_batches
     from vlmforge.train.stages import apply_stage
+    from vlmforge.train.step import step as train_step
 
     cfg = TrainConfig(stage=stage, batch_size=batch_size, seed=0)
     with runtime.seeded(0):  # the same connector weights for every stage
@@ -75,11 +76,8 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     stream = micro_batches(VQADataset(records, model.prompts, model.processor), cfg, model.tokenizer.pad_token_id, 0)
     batches = [next(stream)[1] for _ in range(steps + 3)]
 
-    def step(b):
-        out = model(b["input_ids"], b["attention_mask"], b["labels"], **merge_image_inputs(model, b))
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(b):  # the step the training loop takes, without its accumulation and schedule
+        train_step(model, opt, b)
 
     with FlopCounterMode(display=False) as counter:
         step(batches[0])
