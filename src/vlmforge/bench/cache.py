@@ -18,7 +18,6 @@ Weights are random (timing does not depend on them).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
@@ -192,7 +191,7 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
     from vlmforge.config import DemoConfig, ModelConfig
     from vlmforge.eval.runner import evaluate
     from vlmforge.model.vlm import VLM
-    from vlmforge.train.loop import train
+    from vlmforge.recipes.pipeline import align_then_sft
 
     state = json.loads((demo_dir / "state.json").read_text())
     data = state["phases"]["data"]["result"]
@@ -206,10 +205,9 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
         store, run = work / "accuracy" / "store", work / "accuracy" / dtype
         vision, proc, src = encoder_for(encoder=model_cfg.vision)
         build(store, vision, proc, images_of(align_data + sft_data), dtype, source=src)
-        common = {"cache": str(store), "cache_dtype": dtype, "seed": 0}
-        align = train(dataclasses.replace(demo.align, data=align_data, out=str(run / "align"), **common), model_cfg)
-        sft = train(dataclasses.replace(demo.sft, data=sft_data, out=str(run / "sft"), **common), None, str(align))
-        model = VLM.from_pretrained(sft)
+        final = align_then_sft(model_cfg, demo.align, demo.sft, run, align_data, sft_data, cache=str(store),
+                               cache_dtype=dtype, seed=0)  # fmt: skip
+        model = VLM.from_pretrained(final)
         results[dtype] = {
             task: evaluate(model, data[f"test_{task}_qa"], batch_size=64)["accuracy"] for task in ("shapes", "text")
         }

@@ -278,19 +278,13 @@ def _score(model, model_dir: str, tasks: dict, shared: dict, run_dir: Path) -> d
 
 def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir: Path, tasks: dict) -> dict:
     from vlmforge.model.vlm import VLM
-    from vlmforge.train.loop import train
+    from vlmforge.recipes.pipeline import align_then_sft
     from vlmforge.train.stages import apply_stage
 
     model_cfg, align, sft = _resolve(cell, base, shared, budget)
-    align = dataclasses.replace(align, data=shared["align_data"], out=str(run_dir / "align"), seed=seed,
-                                save_every=10**9)  # fmt: skip
-    sft = dataclasses.replace(sft, data=shared["sft_data"], out=str(run_dir / "sft"), seed=seed, save_every=10**9)
     t0 = time.time()
-    if shared["align_data"]:
-        train(align, model_cfg, None, resume=True)
-        model_dir = train(sft, None, str(run_dir / "align" / "model"), resume=True)
-    else:  # no image-caption data: straight to instruction tuning
-        model_dir = train(sft, model_cfg, None, resume=True)
+    model_dir = align_then_sft(model_cfg, align, sft, run_dir, shared["align_data"], shared["sft_data"], seed=seed,
+                               save_every=10**9)  # fmt: skip
     seconds = time.time() - t0
     summaries = [json.loads((run_dir / s / "summary.json").read_text()) for s in ("align", "sft")
                  if (run_dir / s / "summary.json").exists()]  # fmt: skip
