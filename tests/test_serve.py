@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from vlmforge.infer.engine import Engine, SamplingParams
-from vlmforge.infer.server import ServeLimits, Server, graceful, listen
 from vlmforge.model.vlm import VLM
+from vlmforge.serve.app import Server
+from vlmforge.serve.launch import graceful, listen
+from vlmforge.serve.protocol import ServeLimits
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 

@@ -606,8 +606,8 @@ def serve(
     """
     import os
 
-    from vlmforge.infer.server import ServeLimits
-    from vlmforge.infer.server import serve as run
+    from vlmforge.serve.launch import serve as run
+    from vlmforge.serve.protocol import ServeLimits
 
     limits = ServeLimits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
                          allow_remote_images=allow_remote_images)  # fmt: skip

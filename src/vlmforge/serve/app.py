@@ -1,0 +1,190 @@
+"""The FastAPI app: its routes over the engine (chat completions, streamed or not, models, health)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vlmforge.data.images import ImageError, load_image_bytes
+from vlmforge.infer.engine import Engine, EngineBusy, Event, ImageInput, PromptTooLong
+from vlmforge.serve.images import image_bytes
+from vlmforge.serve.protocol import APIError, ChatRequest, ServeLimits, parse_chat
+
+
+class Server:
+    """The engine, the model's prompt builder and the limits; `app()` builds the FastAPI app."""
+
+    def __init__(self, engine: Engine, model_name: str, limits: ServeLimits | None = None,
+                 api_key: str | None = None, drain_seconds: float = 10.0):  # fmt: skip
+        self.engine, self.name, self.limits = engine, model_name, limits or ServeLimits()
+        self.api_key, self.drain_seconds = api_key, drain_seconds
+        self.model = engine.model
+        self.created = int(time.time())
+        self.known_images: dict[str, bool] = {}  # image hashes already decoded and accepted
+        self.stopping = False
+
+    def _image(self, data: bytes, where: str) -> ImageInput:
+        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if key not in self.known_images:
+            try:
+                image = load_image_bytes(data, where, self.limits.max_image_pixels)
+            except ImageError as e:
+                raise APIError(400, str(e), param="messages", code="invalid_image") from e
+            self.known_images[key] = True
+            if len(self.known_images) > 100_000:
+                self.known_images.pop(next(iter(self.known_images)))
+            return ImageInput(key, lambda: image)
+        # seen before: decoded again only if its features have left the engine's caches
+        return ImageInput(key, lambda: load_image_bytes(data, where, self.limits.max_image_pixels))
+
+    def prepare(self, req: ChatRequest) -> tuple[list[int], list[ImageInput]]:
+        """Fetch and check images, render the prompt (blocking: run in a worker thread)."""
+        images = [self._image(image_bytes(url, self.limits, where), where) for url, where in req.image_urls]
+        prompt = self.model.prompts.encode_prompt(req.messages)
+        return prompt, images
+
+    def app(self):
+        @asynccontextmanager
+        async def lifespan(app):
+            self.engine.start()
+            yield
+            self.stopping = True
+            await asyncio.to_thread(self.engine.stop, self.drain_seconds)
+
+        app = FastAPI(title="vlmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+        def error(e: APIError) -> JSONResponse:
+            return JSONResponse(e.body(), status_code=e.status)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request, exc):
+            kind = "not_found" if exc.status_code == 404 else None
+            return error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind))
+
+        def authorized(request) -> bool:
+            if not self.api_key:
+                return True
+            return request.headers.get("authorization", "") == f"Bearer {self.api_key}"
+
+        unauthorized = APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
+                                code="invalid_api_key")  # fmt: skip
+
+        @app.get("/health")
+        async def health():
+            e = self.engine
+            return {"status": "stopping" if self.stopping else "ok", "running": len(e.running),
+                    "waiting": len(e.waiting)}  # fmt: skip
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            if not authorized(request):
+                return error(unauthorized)
+            return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                                "owned_by": "vlmforge"}]}  # fmt: skip
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            if not authorized(request):
+                return error(unauthorized)
+            try:
+                size = int(request.headers.get("content-length") or 0)
+                if size > self.limits.max_body_bytes:
+                    raise APIError(413, f"request body of {size} bytes exceeds {self.limits.max_body_bytes}")
+                raw = await request.body()
+                if len(raw) > self.limits.max_body_bytes:
+                    raise APIError(413, f"request body exceeds {self.limits.max_body_bytes} bytes")
+                try:
+                    body = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise APIError(400, f"malformed JSON body ({e})") from e
+                req = parse_chat(body, self.limits)
+                if req.model != self.name:
+                    raise APIError(404, f"the model {req.model!r} does not exist (served: {self.name!r})",
+                                   param="model", code="model_not_found")  # fmt: skip
+                if self.stopping:
+                    raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+                prompt, images = await asyncio.to_thread(self.prepare, req)
+                loop = asyncio.get_running_loop()
+                events: asyncio.Queue[Event] = asyncio.Queue()
+                try:
+                    on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
+                    handle = self.engine.submit(prompt, images, req.params, on_event)
+                except PromptTooLong as e:
+                    raise APIError(400, str(e), param="messages", code="context_length_exceeded") from e
+                except EngineBusy as e:
+                    raise APIError(503, f"server overloaded: {e}", "server_error", code="overloaded") from e
+                except ValueError as e:
+                    raise APIError(400, str(e), param="messages") from e
+            except APIError as e:
+                return error(e)
+            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            created = int(time.time())
+            usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": len(handle.tokens),  # noqa: E731
+                             "total_tokens": len(prompt) + len(handle.tokens),
+                             "prompt_tokens_details": {"cached_tokens": handle.cached_tokens}}  # fmt: skip
+            if req.stream:
+                stream = self._sse(handle, events, rid, created, req, usage)
+                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+            try:
+                while True:
+                    try:
+                        ev = await asyncio.wait_for(events.get(), 1.0)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            handle.cancel()
+                            return error(APIError(499, "client closed the request"))
+                        continue
+                    if ev.finish_reason is not None:
+                        break
+            except asyncio.CancelledError:
+                handle.cancel()
+                raise
+            if ev.finish_reason == "error":
+                return error(APIError(500, f"generation failed: {ev.error}", "server_error"))
+            return {
+                "id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": handle.text},
+                             "logprobs": None, "finish_reason": ev.finish_reason}],
+                "usage": usage(),
+            }  # fmt: skip
+
+        return app
+
+    async def _sse(self, handle, events, rid, created, req: ChatRequest, usage):
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": [choice], **extra}  # fmt: skip
+            if req.include_usage:
+                body.setdefault("usage", None)
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                ev = await events.get()
+                if ev.text or ev.token_ids:  # one chunk per token (its text may be held back or empty)
+                    yield chunk({"content": ev.text})
+                if ev.finish_reason is not None:
+                    if ev.finish_reason == "error":
+                        err = APIError(500, f"generation failed: {ev.error}", "server_error").body()
+                        yield f"data: {json.dumps(err)}\n\n"
+                    else:
+                        yield chunk({}, ev.finish_reason)
+                    break
+            if req.include_usage:
+                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                        "choices": [], "usage": usage()}  # fmt: skip
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or the stream ended): free the slot
+            handle.cancel()
