@@ -76,7 +76,7 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     stream = micro_batches(VQADataset(records, model.prompts, model.processor), cfg, model.tokenizer.pad_token_id, 0)
     batches = [next(stream)[1] for _ in range(steps + 3)]
 
-    def step(b):  # the step the training loop takes, without its accumulation and schedule
+    def step(b):  # a plain step (no accumulation, clipping or schedule), as the cache bench times it
         train_step(model, opt, b)
 
     with FlopCounterMode(display=False) as counter:
