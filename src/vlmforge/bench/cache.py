@@ -190,6 +190,7 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
     from vlmforge.cache.build import build, encoder_for, images_of
     from vlmforge.config import DemoConfig, ModelConfig
     from vlmforge.eval.runner import evaluate
+    from vlmforge.infer.engine import Engine
     from vlmforge.model.vlm import VLM
     from vlmforge.recipes.pipeline import align_then_sft
 
@@ -208,8 +209,10 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
         final = align_then_sft(model_cfg, demo.align, demo.sft, run, align_data, sft_data, cache=str(store),
                                cache_dtype=dtype, seed=0)  # fmt: skip
         model = VLM.from_pretrained(final)
+        engine = Engine(model)
         results[dtype] = {
-            task: evaluate(model, data[f"test_{task}_qa"], batch_size=64)["accuracy"] for task in ("shapes", "text")
+            task: evaluate(model, data[f"test_{task}_qa"], batch_size=64, engine=engine)["accuracy"]
+            for task in ("shapes", "text")
         }
     return results
 

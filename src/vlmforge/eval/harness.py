@@ -38,11 +38,11 @@ def decode_images(sample: Sample) -> list:
 class LocalGenerator:
     """Greedy answers from a vlmforge model, a batch at a time."""
 
-    def __init__(self, model, source: str, max_new_tokens: int = 32):
+    def __init__(self, model, source: str, max_new_tokens: int = 32, engine=None):
         from vlmforge.infer.engine import Engine
 
         self.model, self.source, self.max_new_tokens = model, source, max_new_tokens
-        self.engine = Engine(model)
+        self.engine = engine or Engine(model)
 
     def describe(self) -> dict:
         return {"model": self.source, "decoding": "greedy", "max_new_tokens": self.max_new_tokens}

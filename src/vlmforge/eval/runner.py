@@ -35,10 +35,12 @@ def question_type(question: str) -> str:
     return next((name for name, rx in _TYPES if rx.match(q)), "other")
 
 
-def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = None, max_new_tokens: int = 16) -> dict:
-    """Answer and score every record of `data`; bad images are reported, not fatal."""
+def evaluate(model, data: str | Path, batch_size: int = 32, limit: int | None = None, max_new_tokens: int = 16,
+             engine: Engine | None = None) -> dict:  # fmt: skip
+    """Answer and score every record of `data`; bad images are reported, not fatal. Pass the
+    `engine` of `model` when scoring several files: making one copies the LM head."""
     records = load_records(data)[:limit]
-    engine = Engine(model)
+    engine = engine or Engine(model)
     rows, errors = [], []
     t0 = time.time()
     for start in tqdm(range(0, len(records), batch_size), desc=f"eval {Path(data).name}", unit="batch", leave=False):

@@ -261,15 +261,17 @@ def _score(model, model_dir: str, tasks: dict, shared: dict, run_dir: Path) -> d
     """Each task's score in [0, 1] (CIDEr-D may exceed 1)."""
     from vlmforge.eval.harness import LocalGenerator, run_benchmark
     from vlmforge.eval.runner import evaluate
+    from vlmforge.infer.engine import Engine
 
-    scores = {}
+    engine, scores = Engine(model), {}  # one engine for every task of this model
     for name, spec in tasks.items():
         if "synthetic" in spec:
-            scores[name] = evaluate(model, shared[f"test_{spec['synthetic']}_qa"], batch_size=64)["accuracy"]
+            qa = shared[f"test_{spec['synthetic']}_qa"]
+            scores[name] = evaluate(model, qa, batch_size=64, engine=engine)["accuracy"]
         elif "file" in spec:
-            scores[name] = evaluate(model, spec["file"], batch_size=32, limit=spec.get("limit"))["accuracy"]
+            scores[name] = evaluate(model, spec["file"], 32, spec.get("limit"), engine=engine)["accuracy"]
         else:
-            gen = LocalGenerator(model, model_dir, max_new_tokens=spec.get("max_new_tokens", 32))
+            gen = LocalGenerator(model, model_dir, spec.get("max_new_tokens", 32), engine)
             report = run_benchmark(spec["bench"], gen, spec["root"], run_dir / "eval", spec.get("split"),
                                    spec.get("limit"), batch_size=16)  # fmt: skip
             scores[name] = report["score"]

@@ -43,6 +43,7 @@ def run(cfg: DemoConfig) -> dict:
 
     from vlmforge.data.synthetic import synth_splits
     from vlmforge.eval.runner import evaluate, format_report, save_report
+    from vlmforge.infer.engine import Engine, answer
     from vlmforge.model.vlm import VLM
     from vlmforge.recipes.tiny import pretrain
     from vlmforge.train.loop import train
@@ -138,13 +139,14 @@ def run(cfg: DemoConfig) -> dict:
 
     phase("model", finalize)
     model = VLM.from_pretrained(out / "model")
+    engine = Engine(model)  # one engine for every eval file and the sample answers
 
     def run_eval():
         res = {}
         evals = [(task, data[f"test_{task}_qa"]) for task in ("shapes", "text")]
         evals += [(f"shapes_{w}x{h}", data[f"other_{w}x{h}_shapes_qa"]) for w, h in sizes]
         for name, qa in evals:
-            rep = evaluate(model, qa, batch_size=64)
+            rep = evaluate(model, qa, batch_size=64, engine=engine)
             save_report(rep, out / f"eval_{name}.json")
             tqdm.write(format_report(rep))
             res[name] = {
@@ -162,7 +164,6 @@ def run(cfg: DemoConfig) -> dict:
 
     from vlmforge.data.formats import load_records
     from vlmforge.data.images import load_image
-    from vlmforge.infer.engine import answer
 
     # three shapes questions of different types (the targets), then one text question (no target)
     recs, picks = load_records(data["test_shapes_qa"]), []
@@ -171,7 +172,7 @@ def run(cfg: DemoConfig) -> dict:
             picks.append(r)
     picks.append(load_records(data["test_text_qa"])[0])
     questions = [r.messages[0]["content"].replace("<image>", "").strip() for r in picks]
-    answers = answer(model, questions, [[load_image(r.images[0])] for r in picks])
+    answers = answer(model, questions, [[load_image(r.images[0])] for r in picks], engine=engine)
     samples = [
         {"task": "text" if r is picks[-1] else "shapes", "image": str(r.images[0]), "question": q, "answer": a,
          "reference": r.messages[1]["content"], "right": a == r.messages[1]["content"]}
