@@ -8,7 +8,6 @@ says how it was made.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -325,6 +324,6 @@ def from_dict(cls: type, data: dict) -> Any:
 
 def save_json(obj: Any, path: str | Path) -> None:
     """Write JSON atomically (temp file + rename)."""
-    from vlmforge.io import atomic_write_text
+    from vlmforge.io import write_json
 
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_json(path, obj, indent=2)

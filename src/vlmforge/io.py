@@ -75,6 +75,6 @@ def read_json(path: str | Path, what: str, error: type[Exception] = ValueError):
         raise error(f"{path}: corrupt {what} ({e.msg} at line {e.lineno})") from e
 
 
-def write_json(path: str | Path, obj) -> None:
+def write_json(path: str | Path, obj, indent: int = 1) -> None:
     """`obj` as indented JSON with sorted keys, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")

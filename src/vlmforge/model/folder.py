@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmforge.io import read_json
+from vlmforge.io import read_json, write_json
 
 META, VISION, LM, ADAPTER, CONNECTOR = "config.json", "vision", "lm", "lm_adapter", "connector.safetensors"
 CORE_KEYS = ("vlmforge", "model", "lm_mode", "tokens_per_image", "history")
@@ -61,11 +61,9 @@ def extra_meta(path: str | Path) -> dict:
 
 def write_meta(folder: str | Path, model: dict, lm_mode: str, tokens_per_image: int | None, history: list,
                extra: dict | None = None) -> None:  # fmt: skip
-    from vlmforge.config import save_json
-
     meta = {"vlmforge": __import__("vlmforge").__version__, "model": model, "lm_mode": lm_mode,
             "tokens_per_image": tokens_per_image, "history": history, **(extra or {})}  # fmt: skip
-    save_json(meta, Path(folder) / META)
+    write_json(Path(folder) / META, meta, indent=2)
 
 
 def read_connector(path: str | Path, device: str = "cpu") -> dict:
