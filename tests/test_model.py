@@ -140,6 +140,12 @@ def test_batched_generation_equals_one_by_one(model, data_dir):
 def test_loading_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a vlmforge model"):
         VLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model": ')  # truncated
+    with pytest.raises(ValueError, match=r"config.json: corrupt model config"):
+        VLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')  # a transformers folder
+    with pytest.raises(ValueError, match=r"config.json: not a vlmforge model config"):
+        VLM.from_pretrained(tmp_path)
     from vlmforge.config import ModelConfig
 
     with pytest.raises(ValueError, match="cannot load a vision encoder"):
