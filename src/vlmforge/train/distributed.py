@@ -63,7 +63,8 @@ class Parallel:
     def __init__(self, model, strategy: str, precision: str, d: Dist):
         self.model, self.d = model, d
         self.strategy = strategy if d.enabled else "single"
-        self.device_type = next(model.parameters()).device.type
+        # training from cached features leaves the vision tower's weights on `meta`
+        self.device_type = next(p.device.type for p in model.parameters() if not p.is_meta)
         self.bf16 = precision == "bf16"
         self.module = model
         if self.strategy == "ddp":
