@@ -187,7 +187,7 @@ def _build_rate_2proc(vision_path: str, data: str, store: Path, batch_size: int)
 
 def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
     """The demo's align + sft from a store of each dtype, scored on the demo's held-out data."""
-    from vlmforge.cache.build import build, encoder_for, images_of
+    from vlmforge.cache.build import build_for
     from vlmforge.config import DemoConfig, ModelConfig
     from vlmforge.eval.runner import evaluate
     from vlmforge.infer.engine import Engine
@@ -204,8 +204,7 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
     results = {}
     for dtype in dtypes:
         store, run = work / "accuracy" / "store", work / "accuracy" / dtype
-        vision, proc, src = encoder_for(encoder=model_cfg.vision)
-        build(store, vision, proc, images_of(align_data + sft_data), dtype, source=src)
+        build_for(store, model_cfg, align_data + sft_data, dtype)
         final = align_then_sft(model_cfg, demo.align, demo.sft, run, align_data, sft_data, cache=str(store),
                                cache_dtype=dtype, seed=0)  # fmt: skip
         model = VLM.from_pretrained(final)

@@ -248,6 +248,17 @@ def images_of(data: list[str | Path]) -> list[Path]:
     return [p for f in data for r in load_records(f) for p in r.images]
 
 
+def build_for(store_dir: str | Path, model_cfg, data: list[str | Path], dtype: str = DEFAULT_DTYPE, **kwargs) -> dict:
+    """Fill the store with what training `model_cfg` (a `ModelConfig`) with `--train.cache` reads:
+    the features its encoder settings give for every image of the LLaVA-format files `data`.
+    `kwargs` go to `build`."""
+    vision, proc, src = encoder_for(
+        encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer, pooled=model_cfg.vision_pooled,
+        resize=model_cfg.resize, image_size=model_cfg.image_size, split_grid=model_cfg.split_grid,
+    )  # fmt: skip
+    return build(store_dir, vision, proc, images_of(data), dtype, source=src, **kwargs)
+
+
 def encoder_for(
     model: str | None = None,
     encoder: str | None = None,

@@ -111,16 +111,12 @@ def run(cfg: DemoConfig) -> dict:
     sft_data = [data["train_shapes_sft"], data["train_text_sft"]] + [data[f"{split}_shapes_sft"] for split in extra]
     store = None
     if cfg.cache:
-        from vlmforge.cache.build import build, encoder_for, images_of
+        from vlmforge.cache.build import build_for
 
         store = str(out / "cache")
 
         def make_cache():
-            vision, proc, src = encoder_for(
-                encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer, pooled=model_cfg.vision_pooled,
-                resize=model_cfg.resize, image_size=model_cfg.image_size, split_grid=model_cfg.split_grid,
-            )  # fmt: skip
-            stats = build(store, vision, proc, images_of(align_data + sft_data), cfg.cache_dtype, source=src)
+            stats = build_for(store, model_cfg, align_data + sft_data, cfg.cache_dtype)
             return {k: stats[k] for k in ("namespace", "unique", "encoded", "images_per_s")}
 
         phase("cache", make_cache)
