@@ -12,9 +12,11 @@ tokens/s) and `results.png` are redrawn from it.
 
 Built-in grid `idefics2`: (1) fully autoregressive vs cross-attention, each with the LM frozen
 and with LoRA; (2) connectors: linear, mlp, attention, perceiver 64 and 16, pixel shuffle;
-(3) image splitting off vs on; (4) aspect ratio kept vs squashed; (5) a smaller vs a larger LM
-(twice as deep, same tokenizer and encoder). `--quick true` shrinks data and budgets, not the
-grid or the seeds. `--jobs N` runs N cells at once, each in its own process on one CPU thread.
+(3) image splitting off vs on; (4) a smaller vs a larger LM (twice as deep, same tokenizer and
+encoder). The base every cell starts from is the demo's model (mlp connector with the pooled
+token, images squashed, the LM tuned in full). `--quick true` shortens sft (600 steps instead of
+the demo's 1,500), not the data, the grid or the seeds. Every run trains from one feature store,
+filled once per encoder setting. `--jobs N` runs N cells at once, each in its own process on one CPU thread.
 
 Tasks (what every run is scored on): `shapes` and `text` (held-out synthetic questions, the
 default), a QA file (JSON/JSONL, scored by normalised exact match as `vlmforge eval --data`), or
@@ -52,7 +54,8 @@ _CA = {"architecture": "cross_attention", "xattn_every": 1}
 IDEFICS2 = {
     "name": "idefics2",
     "seeds": 3,
-    "base": {"model": {"connector": "mlp"}, "sft": _LORA},
+    # the demo's model and stages: mlp connector with the pooled token, images squashed, LM tuned in full
+    "base": {"model": {"connector": "mlp", "vision_pooled": True, "resize": "squash"}, "sft": {"lm_mode": "full"}},
     "groups": {
         "architecture": [
             {"name": "FA, LM frozen", "sft": {"lm_mode": "frozen"}},
@@ -72,10 +75,6 @@ IDEFICS2 = {
             {"name": "no splitting", "model": {"split_grid": 0}},
             {"name": "2x2 + whole", "model": {"split_grid": 2}},
         ],
-        "aspect": [
-            {"name": "aspect kept (pad)", "model": {"resize": "pad"}},
-            {"name": "squashed", "model": {"resize": "squash"}},
-        ],
         "lm": [
             {"name": "smaller LM", "lm": "small"},
             {"name": "larger LM", "lm": "large"},
@@ -85,10 +84,11 @@ IDEFICS2 = {
 GRIDS = {"idefics2": IDEFICS2}
 
 # Budgets: data sizes, backbone specs and stage overrides, full (the demo's stages) and quick.
-FULL = {"n_shapes": 3000, "n_text": 500, "n_test": 300, "spec": {}, "large_spec": {"lm_layers": 6},
-        "align": {}, "sft": {}}  # fmt: skip
-QUICK = {"n_shapes": 600, "n_text": 200, "n_test": 100, "spec": {}, "large_spec": {"lm_layers": 4},
-         "align": {"max_steps": 10}, "sft": {"max_steps": 25}, "batch_size": 32}  # fmt: skip
+# Every run trains from one feature store (`cache_dtype`; None re-encodes the images every step).
+FULL = {"n_shapes": 3000, "n_text": 500, "n_test": 300, "spec": {}, "large_spec": {"lm_layers": 4},
+        "align": {}, "sft": {}, "cache_dtype": "fp16"}  # fmt: skip
+QUICK = {"n_shapes": 3000, "n_text": 500, "n_test": 200, "spec": {}, "large_spec": {"lm_layers": 4},
+         "align": {}, "sft": {"max_steps": 600}, "cache_dtype": "fp16"}  # fmt: skip
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -257,6 +257,21 @@ def fingerprint(cell: dict, base: dict, shared: dict, budget: dict) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _fill_cache(cells: list[dict], base: dict, shared: dict, budget: dict, store: Path) -> None:
+    """Encode every training image once per encoder setting of `cells` (splitting, resize, pooled
+    token…) into one feature store that all their runs read (the Llama3-V recipe); images already
+    in the store are skipped, so a resumed ablation encodes nothing again."""
+    from vlmforge.cache.build import build_for
+
+    done = set()
+    for cell in cells:
+        m = _resolve(cell, base, shared, budget)[0]
+        key = (m.vision, m.feature_layer, m.vision_pooled, m.resize, m.image_size, m.split_grid)
+        if key not in done:
+            done.add(key)
+            build_for(store, m, shared["align_data"] + shared["sft_data"], budget["cache_dtype"])
+
+
 def _score(model, model_dir: str, tasks: dict, shared: dict, run_dir: Path) -> dict:
     """Each task's score in [0, 1] (CIDEr-D may exceed 1)."""
     from vlmforge.eval.harness import LocalGenerator, run_benchmark
@@ -285,8 +300,9 @@ def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir:
 
     model_cfg, align, sft = _resolve(cell, base, shared, budget)
     t0 = time.time()
+    store = {"cache": shared["cache"], "cache_dtype": budget["cache_dtype"]} if shared.get("cache") else {}
     model_dir = align_then_sft(model_cfg, align, sft, run_dir, shared["align_data"], shared["sft_data"], seed=seed,
-                               save_every=10**9)  # fmt: skip
+                               save_every=10**9, **store)  # fmt: skip
     seconds = time.time() - t0
     summaries = [json.loads((run_dir / s / "summary.json").read_text()) for s in ("align", "sft")
                  if (run_dir / s / "summary.json").exists()]  # fmt: skip
@@ -370,6 +386,9 @@ def ablate(
                 safe = cell["name"].replace(" ", "_").replace("/", "_")
                 todo.append((key, group, cell, seed, fp, out / "runs" / group / safe / f"seed{seed}"))
     save_json(results, res_path)
+    if budget.get("cache_dtype") and todo:
+        shared["cache"] = str(out / "cache")
+        _fill_cache([t[2] for t in todo], base, shared, budget, out / "cache")
     bar = tqdm(total=len(todo), desc="ablate", unit="run")
 
     def record(key, group, cell, seed, fp, run_dir, result):
