@@ -78,7 +78,7 @@ def test_missing_features_fail_before_training_or_are_encoded(model_cfg, data_di
     both = _files(data_dir, "shapes_captions.json", "text_captions.json")
     with pytest.raises(CacheError, match=r"8 of 56 images have no features.*text_captions\.json record"):
         train(_cfg(both, tmp_path / "fail", cache=str(store)), model_cfg)
-    assert not (tmp_path / "fail" / "checkpoint.pt").exists()
+    assert not (tmp_path / "fail" / "checkpoint").exists()
     train(_cfg(both, tmp_path / "enc", cache=str(store), cache_missing="encode"), model_cfg)
     train(_cfg(both, tmp_path / "pix"), model_cfg)
     assert _losses(tmp_path / "enc") == pytest.approx(_losses(tmp_path / "pix"), rel=1e-5, abs=1e-6)

@@ -31,6 +31,53 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys):
     assert "bad.json: malformed JSON" in capsys.readouterr().err
 
 
+def _wrong_folders(root, backbones) -> dict:
+    """Folders vlmforge cannot use as a vision encoder, a causal LM or a model: each made here."""
+    import os
+
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    small = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    BertModel(BertConfig(hidden_size=16, **small)).save_pretrained(root / "bert")
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(root / "gpt2")
+    os.remove(root / "gpt2" / "model.safetensors")  # the weights are gone
+    for name, text in (("junk", None), ("corrupt", "{not json"), ("unknown", '{"model_type": "nosuchmodel"}')):
+        (root / name).mkdir()
+        (root / name / ("config.json" if text else "notes.txt")).write_text(text or "hello")
+    vision, lm = str(backbones["vision"]), str(backbones["lm"])
+    return {  # (vision, lm, tokenizer) -> what the one line must say
+        (str(root / "bert"), lm, lm): "a 'bert' checkpoint (BertModel) takes no images",
+        (lm, lm, lm): "a 'llama' checkpoint (LlamaModel) takes no images",
+        (str(root / "junk"), lm, lm): "cannot load a vision encoder",
+        (str(root / "corrupt"), lm, lm): "cannot load a vision encoder",
+        (str(root / "unknown"), lm, lm): "nosuchmodel",
+        (vision, str(root / "gpt2"), lm): "cannot load a causal LM",
+        (vision, lm, vision): "cannot load a tokenizer",
+    }
+
+
+def test_checkpoints_vlmforge_cannot_use_are_one_line_errors(tmp_path, backbones, data_dir, capsys):
+    cases = _wrong_folders(tmp_path, backbones)
+    capsys.readouterr()
+    for (vision, lm, tokenizer), message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--train.data", str(data_dir / "shapes_sft.json"), "--train.out", str(tmp_path / "run"),
+                  "--model.vision", vision, "--model.lm", lm, "--model.tokenizer", tokenizer])  # fmt: skip
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 2 and "Traceback" not in err, err
+        assert len(lines) == 1 and message in lines[0], (vision, lm, err)
+        named = {"LM": lm, "tokenizer": tokenizer}
+        assert next((v for k, v in named.items() if k in message), vision) in lines[0]
+    for folder in ("junk", "bert"):  # not a vlmforge model folder
+        with pytest.raises(SystemExit) as e:
+            main(["chat", "--model", str(tmp_path / folder), "--question", "hi"])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1 and str(tmp_path / folder) in lines[0]
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_synth_train_eval_chat_end_to_end(tmp_path, backbones, capsys, monkeypatch):
     main(["data", "synth", "--task", "shapes", "--n", "8", "--width", "32", "--height", "32", "--out", str(tmp_path)])
     sft = tmp_path / "shapes_sft.json"

@@ -139,6 +139,15 @@ def test_every_limit_is_an_openai_error_with_its_status(live):
         ({"model": "tiny", "messages": user("x", "file:///etc/passwd")}, None, 400, "file:// image URLs are refused"),
         ({"model": "tiny", "messages": ok, "temperature": 7}, None, 400, "`temperature` must be between"),
         ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, None, 400, "needs a `role`"),
+        (None, json.dumps({"model": "tiny", "messages": ok})[:-1].encode() + b', "temperature": NaN}', 400,
+         "`temperature` is not a finite number"),
+        (None, json.dumps({"model": "tiny", "messages": ok})[:-1].encode() + b', "top_p": -Infinity}', 400,
+         "`top_p` is not a finite number"),
+        (None, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 1e999}', 400,
+         "`seed` is not a finite number"),
+        (None, b'{"a":' * 5000 + b"1" + b"}" * 5000, 400, "nested deeper than 32 levels"),
+        (None, b'{"model": "tiny", "x": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "nested deeper than 32 levels"),
+        (None, b'{"model": "tiny", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "malformed JSON"),
     ]  # fmt: skip
     assert len(noisy.getvalue()) > 20_000
     for body, raw, status, message in cases:
@@ -159,6 +168,61 @@ def test_every_limit_is_an_openai_error_with_its_status(live):
     resp = conn.getresponse()
     assert resp.status == 404 and "error" in json.loads(resp.read())
     assert srv.engine.running == [] or len(srv.engine.running) <= 8  # nothing leaked into the engine
+
+
+def _fuzzed(rng, body: dict) -> bytes:
+    """A valid request changed at random: bytes flipped, a value swapped for another type, or a
+    number pushed to an extreme."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        raw = bytearray(json.dumps(body).encode())
+        for _ in range(rng.randint(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        return bytes(raw)
+    body = json.loads(json.dumps(body))
+    slots, todo = [], [body]
+    while todo:  # every (container, key) of the request
+        node = todo.pop()
+        for k in node if isinstance(node, dict) else range(len(node)):
+            slots.append((node, k))
+            if isinstance(node[k], (dict, list)):
+                todo.append(node[k])
+    node, k = rng.choice(slots)
+    if kind == 1:
+        node[k] = rng.choice([None, True, False, 0, -1, 3.5, "", "x" * 500, [], {}, [[[]]], {"a": {"b": []}}])
+        return json.dumps(body).encode()
+    node[k] = rng.choice([0, -1, 2**31, 2**63, 2**70, 1e308, -1e308, 1e-320, "NaN", "Infinity"])
+    return json.dumps(body).encode().replace(b'"NaN"', b"NaN").replace(b'"Infinity"', b"-Infinity")
+
+
+def test_fuzzed_requests_never_get_a_5xx_or_a_dropped_connection(live):
+    import random
+    from collections import Counter
+
+    srv, port = live
+    rng = random.Random(0)
+    valid = [
+        {"model": "tiny", "messages": user("what color?", data_url(png("red"))), "max_tokens": 2, "temperature": 0},
+        {"model": "tiny", "messages": [{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}],
+         "max_tokens": 3, "top_p": 0.5, "top_k": 4, "seed": 3, "stop": ["x"], "stream": True,
+         "stream_options": {"include_usage": True}},
+    ]  # fmt: skip
+    statuses, start = Counter(), time.time()
+    for i in range(160):
+        raw = _fuzzed(rng, valid[i % len(valid)])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=raw, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()  # a dropped connection raises here
+        data = resp.read()
+        conn.close()
+        assert resp.status < 500, (raw[:300], resp.status, data[:300])
+        if resp.status >= 400:
+            assert set(json.loads(data)["error"]) == {"message", "type", "param", "code"}
+        statuses[resp.status] += 1
+    assert statuses[200] and statuses[400], statuses  # both paths were exercised
+    assert time.time() - start < 120
+    code, _ = post(port, valid[0])
+    assert code == 200  # still healthy
 
 
 def test_api_key_is_required_when_set(live):

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from vlmforge.config import TrainConfig
 from vlmforge.data.formats import DataError
 from vlmforge.model.vlm import VLM
+from vlmforge.train.checkpoint import read_checkpoint
 from vlmforge.train.loop import train
 
 
@@ -27,8 +29,8 @@ def test_short_training_run_loss_falls_and_saves_everything(model_cfg, data_dir,
     assert len(losses) == 25
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.7 * first, (first, last)
-    for name in ("checkpoint.pt", "loss.png", "run_config.json", "summary.json"):
-        assert (tmp_path / "run" / name).is_file()
+    for name in ("checkpoint", "loss.png", "run_config.json", "summary.json"):
+        assert (tmp_path / "run" / name).exists()
     loaded = VLM.from_pretrained(model_dir)
     assert loaded.lm_mode == "full"
 
@@ -77,14 +79,79 @@ def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypa
     monkeypatch.setattr(VLM, "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3, **extra), model_cfg)
-    blob = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert blob["progress"]["step"] == 5
+    assert read_checkpoint(tmp_path / "cut" / "checkpoint")["progress"]["step"] == 5
     monkeypatch.setattr(VLM, "forward", original)
     resumed = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3, **extra),
                                         model_cfg, resume=True))  # fmt: skip
     assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
     for (n, a), b in zip(reference.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path):
+    """SIGKILL (no handler runs, a checkpoint may be half written) during a `vlmforge train`
+    process, then `--resume`: the final weights are bit for bit those of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "vlmforge", "train", "--train.stage", "sft", "--train.data",
+                str(data_dir / "shapes_sft.json"), "--train.out", str(out), "--train.batch_size", "8",
+                "--train.max_steps", "60", "--train.epochs", "20", "--train.save_every", "2", "--train.threads", "1",
+                "--train.lr", "3e-3", "--model.vision", model_cfg.vision, "--model.lm", model_cfg.lm,
+                *extra]  # fmt: skip
+
+    subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "cut" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+
+    def step():  # -1 while none is there or it is being replaced
+        try:
+            return read_checkpoint(state.parent)["progress"]["step"]
+        except (ValueError, OSError):
+            return -1
+
+    while step() < 6:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "model").exists()
+    subprocess.run(cmd(tmp_path / "cut", "--resume", "true"), check=True, capture_output=True)
+    full, cut = VLM.from_pretrained(tmp_path / "full" / "model"), VLM.from_pretrained(tmp_path / "cut" / "model")
+    for (name, a), b in zip(full.named_parameters(), cut.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_pickled_checkpoint_of_an_earlier_version_is_refused_unread(model_cfg, data_dir, tmp_path):
+    """`checkpoint.pt` was a pickle: unpickling runs whatever the file says. It is not read."""
+    marker = tmp_path / "ran"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"payload": _Touch(marker)}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: a checkpoint of an earlier vlmforge.*without --resume"):
+        train(_cfg(data_dir, out, max_steps=2), model_cfg, resume=True)
+    assert not marker.exists()
+
+
+class _Touch:
+    """Unpickling it creates a file: what a hostile checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_corrupt_checkpoint_is_named(model_cfg, data_dir, tmp_path):
+    train(_cfg(data_dir, tmp_path / "run", max_steps=4, save_every=2, stop_at=2), model_cfg)
+    (tmp_path / "run" / "checkpoint" / "tensors.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match=r"run/checkpoint: corrupt checkpoint"):
+        train(_cfg(data_dir, tmp_path / "run", max_steps=4, save_every=2), model_cfg, resume=True)
 
 
 def _with_bad_images(data_dir, tmp_path):
@@ -112,8 +179,8 @@ def test_bad_image_with_fail_policy_names_the_file_and_keeps_progress(model_cfg,
     cfg = _cfg(d, tmp_path / "run", max_steps=6, epochs=1, batch_size=8, bad_images="fail", save_every=100)
     with pytest.raises(DataError, match=r"shapes_sft.json record \d+ \(id=shapes_00000[123]\).*shapes_00000[123].png"):
         train(cfg, model_cfg)
-    blob = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert blob["progress"]["step"] >= 1  # the steps done before the bad batch are kept
+    # the steps done before the bad batch are kept
+    assert read_checkpoint(tmp_path / "run" / "checkpoint")["progress"]["step"] >= 1
 
 
 def test_malformed_record_fails_before_training(model_cfg, tmp_path):
@@ -121,7 +188,7 @@ def test_malformed_record_fails_before_training(model_cfg, tmp_path):
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "a"}]}]))
     with pytest.raises(DataError, match="bad.json record 0 \\(id=x\\)"):
         train(TrainConfig(data=[str(bad)], out=str(tmp_path / "run")), model_cfg)
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / "checkpoint").exists()
 
 
 def test_gradient_accumulation_matches_one_big_batch(model_cfg, data_dir, tmp_path):

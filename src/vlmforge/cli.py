@@ -91,7 +91,7 @@ def train(
         train: the stage: data, what trains, schedule, checkpoints.
         model: backbones and connector, when starting from backbones (not --init).
         init: a vlmforge model folder to start from (e.g. the align stage's output).
-        resume: continue from OUT/checkpoint.pt (on any number of processes).
+        resume: continue from OUT/checkpoint (on any number of processes).
         nproc: processes on this machine, launched with torchrun (gloo on CPU, NCCL on GPUs).
         preset: start from a preset's backbones and connector (`vlmforge presets`); --model.*
             flags given with a non-default value override it.
@@ -584,11 +584,20 @@ def serve(
     max_image_bytes: int = 20_000_000,
     max_image_pixels: int = 40_000_000,
     max_images: int = 8,
+    max_body_bytes: int = 64_000_000,
+    max_depth: int = 32,
+    default_max_tokens: int = 256,
     max_batch: int = 32,
     max_queue: int = 256,
     drain_seconds: float = 10.0,
 ) -> None:
     """Serve a model with the OpenAI chat-completions API (/v1/chat/completions, /v1/models, /health).
+
+    Every request the server cannot serve gets an OpenAI error object with a 4xx status naming the
+    field (5xx only for overload, 503, and shutdown). Limits beside the flags below: the prompt's
+    tokens plus `max_tokens` fit the LM's context (`max_position_embeddings`; else 400
+    context_length_exceeded), `max_tokens` at most 2^20, `stop` at most 4 strings, `temperature`
+    0-2, `top_p` (0, 1], `n` 1, non-finite numbers (NaN, Infinity, 1e999) refused anywhere.
 
     Args:
         model: vlmforge model folder.
@@ -600,6 +609,9 @@ def serve(
         max_image_bytes: bytes of one image.
         max_image_pixels: width x height of one image.
         max_images: images in one request.
+        max_body_bytes: size of the request body (413 beyond).
+        max_depth: nesting of objects and arrays in the body (an OpenAI request needs 5).
+        default_max_tokens: max_tokens of a request that gives none.
         max_batch: requests decoded together.
         max_queue: requests waiting; beyond, 503.
         drain_seconds: on shutdown, how long running requests may finish before they are ended.
@@ -610,6 +622,7 @@ def serve(
     from vlmforge.serve.protocol import ServeLimits
 
     limits = ServeLimits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
+                         max_body_bytes=max_body_bytes, max_depth=max_depth, default_max_tokens=default_max_tokens,
                          allow_remote_images=allow_remote_images)  # fmt: skip
     key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
     run(model, host, port, key, name, limits, max_batch, max_queue, drain_seconds)

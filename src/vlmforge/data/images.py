@@ -144,8 +144,12 @@ class ImageProcessor:
 
         from vlmforge import runtime
 
-        with runtime.quiet_libraries():
-            proc = AutoImageProcessor.from_pretrained(path)
+        try:
+            with runtime.quiet_libraries():
+                proc = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot load an image processor from {path!r} (preprocessor_config.json): {first}") from e
         s = proc.size
         native = getattr(s, "height", None) or getattr(s, "shortest_edge", None)
         if native is None and isinstance(s, dict):

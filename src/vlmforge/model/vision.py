@@ -17,6 +17,7 @@ never move.
 from __future__ import annotations
 
 import hashlib
+import inspect
 
 import torch
 from torch import nn
@@ -36,6 +37,12 @@ def vision_core(model: nn.Module) -> nn.Module:
     return getattr(model, "vision_model", model)
 
 
+def unusable(path, what: str, reason) -> ValueError:
+    """The one-line error of a checkpoint vlmforge cannot use: its path, what it was to be, why."""
+    text = str(reason).strip().splitlines()
+    return ValueError(f"cannot load {what} from {str(path)!r}: {text[0] if text else type(reason).__name__}")
+
+
 def check_loading_info(path: str, info: dict) -> None:
     """Refuse a checkpoint that leaves weights uninitialised (wrong architecture or a broken file)."""
     missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
@@ -50,15 +57,19 @@ def load_vision_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     import transformers
     from transformers import AutoConfig, AutoModel
 
+    what = "a vision encoder"
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a vision encoder from {path!r}: {e}") from e
-    cls_name = _VISION_CLASSES.get(config.model_type)
-    cls = getattr(transformers, cls_name) if cls_name else AutoModel
-    model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        cls_name = _VISION_CLASSES.get(config.model_type)
+        cls = getattr(transformers, cls_name) if cls_name else AutoModel
+        model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise unusable(path, what, e) from e
     check_loading_info(path, info)
-    return vision_core(model) if cls_name is None else model
+    model = vision_core(model) if cls_name is None else model
+    if "pixel_values" not in inspect.signature(model.forward).parameters:
+        raise unusable(path, what, f"a {config.model_type!r} checkpoint ({type(model).__name__}) takes no images")
+    return model
 
 
 def is_vit(config) -> bool:
@@ -185,7 +196,11 @@ class VisionTower(nn.Module):
             from vlmforge.data.images import ImageProcessor
 
             image_size = ImageProcessor.from_encoder(path).size
-        return cls(model, feature_layer, pooled, image_size)
+        try:
+            return cls(model, feature_layer, pooled, image_size)
+        except (AttributeError, TypeError, KeyError, IndexError, RuntimeError) as e:  # outputs it cannot read
+            why = f"{type(model).__name__} gives no features vlmforge reads ({e})"
+            raise unusable(path, "a vision tower", why) from e
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.released:

@@ -32,7 +32,7 @@ from vlmforge.data.prompts import (
 from vlmforge.io import atomic_dir
 from vlmforge.model import folder
 from vlmforge.model.connectors import build_connector
-from vlmforge.model.vision import VisionTower, check_loading_info, load_vision_model
+from vlmforge.model.vision import VisionTower, check_loading_info, load_vision_model, unusable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +49,13 @@ class VLMOutput:
 def load_tokenizer(path: str, split_grid: int = 0):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    local = Path(path)
+    if local.is_dir() and not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise unusable(path, "a tokenizer", "the folder has no tokenizer.json or tokenizer_config.json")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise unusable(path, "a tokenizer", e) from e
     missing = [t for t in SPECIAL_TOKENS + view_tokens(split_grid) if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
@@ -67,8 +73,8 @@ def load_lm(path: str, dtype: torch.dtype = torch.float32, device_map: str | Non
     placed = {"device_map": device_map} if device_map else {}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **placed)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a causal LM from {path!r}: {e}") from e
+    except (OSError, ValueError, KeyError) as e:
+        raise unusable(path, "a causal LM", e) from e
     check_loading_info(path, info)
     return model
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlmforge.data.images import ImageError, load_image_bytes
 from vlmforge.infer.engine import Engine, EngineBusy, Event, ImageInput, PromptTooLong
 from vlmforge.serve.images import image_bytes
-from vlmforge.serve.protocol import APIError, ChatRequest, ServeLimits, parse_chat
+from vlmforge.serve.protocol import APIError, ChatRequest, ServeLimits, load_body, parse_chat
 
 
 class Server:
@@ -101,11 +101,7 @@ class Server:
                 raw = await request.body()
                 if len(raw) > self.limits.max_body_bytes:
                     raise APIError(413, f"request body exceeds {self.limits.max_body_bytes} bytes")
-                try:
-                    body = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise APIError(400, f"malformed JSON body ({e})") from e
-                req = parse_chat(body, self.limits)
+                req = parse_chat(load_body(raw, self.limits.max_depth), self.limits)
                 if req.model != self.name:
                     raise APIError(404, f"the model {req.model!r} does not exist (served: {self.name!r})",
                                    param="model", code="model_not_found")  # fmt: skip

@@ -3,6 +3,8 @@ checked field by field."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 from vlmforge.infer.engine import SamplingParams
@@ -17,6 +19,7 @@ class ServeLimits:
         max_image_pixels: width x height of one image.
         max_images: images in one request.
         max_body_bytes: size of the request body.
+        max_depth: nesting of objects and arrays in the body (an OpenAI request needs 5).
         default_max_tokens: max_tokens when the request gives none.
         allow_remote_images: fetch http(s) image URLs (public addresses only).
         remote_timeout: seconds for fetching one remote image.
@@ -26,6 +29,7 @@ class ServeLimits:
     max_image_pixels: int = 40_000_000
     max_images: int = 8
     max_body_bytes: int = 64_000_000
+    max_depth: int = 32
     default_max_tokens: int = 256
     allow_remote_images: bool = False
     remote_timeout: float = 10.0
@@ -49,6 +53,33 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     model: str
+
+
+def load_body(raw: bytes, max_depth: int):
+    """The request body as JSON, or a 400 naming what is wrong: malformed text, a non-finite number
+    anywhere (`NaN`, `Infinity`, which Python's parser accepts, or `1e999`), named by its path,
+    nesting deeper than `max_depth`."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON body ({e})") from e
+    except RecursionError as e:
+        raise APIError(400, f"the JSON body is nested deeper than {max_depth} levels") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise APIError(400, f"malformed JSON body ({e})") from e
+    stack = [(body, "body", 1)]  # iterative: the depth is what is being checked
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise APIError(400, f"the JSON body is nested deeper than {max_depth} levels (at {where})")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", depth + 1)
+                         for k, v in items)  # fmt: skip
+        elif isinstance(value, float) and not math.isfinite(value):
+            name = where.removeprefix("body.")
+            raise APIError(400, f"`{name}` is not a finite number", param=name.split(".")[0].split("[")[0])
+    return body
 
 
 def _number(body: dict, name: str, kind, default, lo=None, hi=None):

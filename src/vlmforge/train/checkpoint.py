@@ -1,5 +1,7 @@
-"""Atomic training checkpoints: trainable weights, optimizer, scheduler, step, data position and
-RNG states in one file written to a temp name and renamed, so `--resume` continues the same run."""
+"""Atomic training checkpoints in formats that hold data only: a folder written under a temp name and renamed,
+holding `tensors.safetensors` (trainable weights, optimizer state, RNG states) and `state.json`
+(format, step and data position, scheduler, optimizer settings, the rest of the RNG states), so
+`--resume` continues the same run and reading a checkpoint never runs code from it."""
 
 from __future__ import annotations
 
@@ -9,17 +11,65 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmforge.io import atomic_save
+from vlmforge.io import atomic_dir, read_json, write_json
+
+FORMAT = 3
+TENSORS, STATE = "tensors.safetensors", "state.json"
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(mt), "gauss_next": gauss},
+    }  # fmt: skip
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def _split(obj, tensors: dict, key: str = "", seen: dict | None = None):
+    """`obj` with every tensor replaced by {"tensor": name}, the tensors collected in `tensors`
+    (a tensor met twice, e.g. tied embeddings, is stored once)."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident not in seen:
+            storages = {i[0] for i in seen}
+            seen[ident] = key
+            tensors[key] = t.clone() if ident[0] in storages or not t.is_contiguous() else t
+        return {"tensor": seen[ident]}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"checkpoint state {key or '/'}: keys must be strings, got {list(obj)[:3]}")
+        return {"dict": {k: _split(v, tensors, f"{key}/{k}", seen) for k, v in obj.items()}}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [_split(v, tensors, f"{key}/{i}", seen) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    kinds = "tensors, numbers, strings, lists and dicts only"
+    raise TypeError(f"checkpoint state {key}: cannot store a {type(obj).__name__} ({kinds})")
+
+
+def _join(obj, tensors: dict):
+    ((kind, value),) = obj.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if kind == "list":
+        return [_join(v, tensors) for v in value]
+    return value
 
 
 def gather_state(model, optimizer) -> tuple[dict, dict]:
@@ -34,30 +84,72 @@ def gather_state(model, optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dict, write=True) -> None:
-    """Write the checkpoint. Under FSDP every rank calls this (gathering the shards is collective)
-    and only rank 0 passes `write`."""
+    """Write the checkpoint folder. Under FSDP every rank calls this (gathering the shards is
+    collective) and only rank 0 passes `write`."""
+    from safetensors.torch import save_file
+
     weights, optim = gather_state(model, optimizer)
     if not write:
         return
-    blob = {
-        "format": 2,
-        "weights": weights,
-        "optim": optim,
-        "scheduler": scheduler.state_dict(),
-        "progress": progress,
-        "rng": rng_state(),
-    }
-    atomic_save(path, lambda tmp: torch.save(blob, tmp))
+    tensors: dict = {}
+    blob = {"weights": weights, "optim": optim, "scheduler": scheduler.state_dict(), "progress": progress,
+            "rng": rng_state()}  # fmt: skip
+    state = {"format": FORMAT, "state": _split(blob, tensors)}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        write_json(tmp / STATE, state)
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """The checkpoint folder of a run folder."""
+    return Path(out) / "checkpoint"
+
+
+def _stored(path: Path) -> Path:
+    """The folder to read: `path`, or the previous checkpoint a kill between the two renames of
+    its replacement left beside it."""
+    old = path.with_name(f".{path.name}.old")
+    return old if not path.exists() and old.is_dir() else path
+
+
+def found(path: str | Path) -> bool:
+    """Whether there is a checkpoint to resume from (one of an earlier format counts: resuming it
+    then says what to do)."""
+    path = Path(path)
+    return _stored(path).exists() or path.with_name("checkpoint.pt").exists()
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents (weights, optim, scheduler, progress, rng), no code run to read them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _stored(Path(path))
+    legacy = path.with_name("checkpoint.pt")
+    if not path.exists() and legacy.exists():
+        raise ValueError(
+            f"{legacy}: a checkpoint of an earlier vlmforge, stored with torch.save, which is not read (loading it "
+            f"could run code from the file); run the stage again without --resume, or delete {legacy}"
+        )
+    if not (path / STATE).is_file() or not (path / TENSORS).is_file():
+        raise ValueError(f"{path}: not a vlmforge checkpoint (needs {STATE} and {TENSORS})")
+    state = read_json(path / STATE, "checkpoint state")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'}, "
+                         f"this vlmforge reads format {FORMAT}; run the stage again without --resume")  # fmt: skip
+    try:
+        tensors = load_file(str(path / TENSORS))
+        return _join(state["state"], tensors)
+    except (SafetensorError, KeyError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint ({e})") from e
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Restore a checkpoint written on any number of ranks, with any strategy (every rank reads it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_checkpoint(path)
     params = dict(model.named_parameters())
-    if "weights" not in blob:  # format 1: named trainable tensors + the optimizer's own state dict
-        return _load_v1(path, blob, params, optimizer, scheduler)
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(blob["weights"]) != trainable:
         extra, lacking = sorted(set(blob["weights"]) - trainable), sorted(trainable - set(blob["weights"]))
@@ -86,16 +178,3 @@ def _copy_weights(params: dict, weights: dict) -> None:
             p.copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements))
         else:
             p.copy_(full)
-
-
-def _load_v1(path, blob: dict, params: dict, optimizer, scheduler) -> dict:
-    missing = [n for n in blob["trainable"] if n not in params]
-    if missing:
-        raise ValueError(f"{path}: checkpoint has weights the model lacks (different stage or model?): {missing[:3]}")
-    with torch.no_grad():
-        for n, t in blob["trainable"].items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return blob["progress"]

@@ -2,8 +2,9 @@
 
 AdamW with per-module learning rates, linear warm-up then cosine decay, gradient accumulation
 with the loss normalised over all label tokens of the accumulated batch, gradient clipping. Writes
-`metrics.jsonl`, `loss.png`, an atomic `checkpoint.pt` every `save_every` steps (and on Ctrl-C or a
-fatal data error, so no finished step is lost), and the final model to `out/model`.
+`metrics.jsonl`, `loss.png`, an atomic `checkpoint/` (safetensors + JSON: nothing that runs code
+when read) every `save_every` steps (and on Ctrl-C or a fatal data error, so no finished step is
+lost), and the final model to `out/model`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vlmforge.config import ModelConfig, TrainConfig, save_json
 from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
 from vlmforge.data.formats import load_records
 from vlmforge.model.vlm import VLM
-from vlmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from vlmforge.train.checkpoint import checkpoint_path, found, load_checkpoint, save_checkpoint
 from vlmforge.train.distributed import Parallel
 from vlmforge.train.stages import apply_stage, lm_mode, param_groups, trainable_report
 
@@ -188,7 +189,7 @@ def train(
 def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, resume: bool, d) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ckpt_path, metrics_path = checkpoint_path(out), out / "metrics.jsonl"
     if not cfg.data:
         raise ValueError("no training data: pass --train.data FILE.json [FILE2.json …]")
     records = [r for f in cfg.data for r in load_records(f)]
@@ -232,7 +233,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.warmup * total)), cfg.min_lr_ratio))
     progress = {"step": 0, "micro_batch": 0, "skipped": 0, "samples": 0, "tokens": 0, "elapsed": 0.0}
-    if resume and ckpt_path.exists():
+    if resume and found(ckpt_path):
         progress = load_checkpoint(ckpt_path, model, opt, sched)
         if d.main:
             _truncate_metrics(metrics_path, progress["step"])
