@@ -303,8 +303,9 @@ def pretrain(
 ) -> dict[str, Path]:
     """Make the tokenizer, the SigLIP encoder and the Llama in `out/{tokenizer,vision,lm}`.
 
-    The text of `data` trains the tokenizer and the LM. SigLIP is pretrained on the records of
-    `captions` (default: the records of `data` with one image and one question-answer turn).
+    The text of `data` trains the tokenizer and the LM. SigLIP is pretrained on the one-turn image
+    records of `captions` (default: of the `data` files named `*captions*`, else of every file: a
+    file of one-question sft records would otherwise teach it answers such as "yes" as captions).
     Each part is written atomically and skipped when already present.
     """
     from transformers import AutoTokenizer
@@ -321,7 +322,8 @@ def pretrain(
         train_tokenizer(corpus, paths["tokenizer"], spec.vocab_size)
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     if force or not paths["vision"].is_dir():
-        pool = [r for f in captions for r in load_records(f)] if captions else records
+        named = [f for f in data if "captions" in Path(f).name]
+        pool = [r for f in (captions or named) for r in load_records(f)] if captions or named else records
         caps = [r for r in pool if r.images and len(r.messages) == 2]
         if not caps:
             raise ValueError("SigLIP pretraining needs caption records (one human and one gpt turn with an image)")
