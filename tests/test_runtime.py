@@ -49,3 +49,36 @@ def test_world_reads_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert runtime.world() == (2, 4, 0)
+
+
+def test_a_worker_ends_with_its_parent(tmp_path):
+    """A pool worker whose parent is killed (SIGKILL: no cleanup runs) ends too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file, child_py = tmp_path / "child.pid", tmp_path / "child.py"
+    child_py.write_text(
+        "import os, sys, time\nfrom vlmforge import runtime\nruntime.die_with_parent()\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(child_py)!r}, {str(pid_file)!r}])\n"
+    proc = subprocess.Popen([sys.executable, "-c", parent + "time.sleep(60)\n"])
+    deadline = time.time() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:  # gone, or a zombie waiting to be reaped by whoever adopted it
+            if open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the child outlived its parent")

@@ -111,3 +111,14 @@ def leave_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def die_with_parent() -> None:
+    """Have the kernel end this process when its parent ends, however the parent ends (a worker of
+    a pool whose parent got SIGTERM or SIGKILL would otherwise run on). Linux only; elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
