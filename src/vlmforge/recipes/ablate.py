@@ -226,7 +226,9 @@ def _prepare(out: Path, budget: dict, need_large: bool, data: dict | None) -> di
     # the grid's own data (so that the tokenizer covers its words)
     train_files = list(dict.fromkeys(synthetic + paths["align_data"] + paths["sft_data"]))
     spec = dataclasses.replace(TinySpec(), **budget["spec"])
-    small = pretrain(train_files, out / "backbones" / "small", spec, 0)
+    # SigLIP learns from captions only: the sft files hold one-question records that look like caption pairs
+    captions = list(dict.fromkeys(synthetic[0::2] + paths["align_data"]))
+    small = pretrain(train_files, out / "backbones" / "small", spec, 0, captions=captions)
     paths["small"] = {k: str(v) for k, v in small.items()}
     if need_large:  # same tokenizer and encoder, only the LM differs
         large_dir = out / "backbones" / "large"
@@ -407,7 +409,7 @@ def ablate(
     else:
         ctx = multiprocessing.get_context("spawn")
         with runtime.progress_bars(False):  # inherited by the workers: one progress bar, the parent's
-            with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=runtime.die_with_parent) as pool:
                 running = {pool.submit(_run_one_thread, t[2], base, shared, budget, t[3], t[5], tasks): t for t in todo}
                 try:
                     while running:
