@@ -65,7 +65,8 @@ def pretrain(
         spec: sizes and pretraining budgets.
         seed: random seed.
         force: remake parts that already exist.
-        captions: caption files for SigLIP (default: the one-turn image records of --data).
+        captions: caption files for SigLIP (default: the --data files named *captions*, else all of
+            --data; its one-turn image records are the pairs).
     """
     from vlmforge.recipes.tiny import pretrain as run
 
@@ -99,10 +100,16 @@ def train(
     import os
     import subprocess
 
-    if nproc > 1 and "RANK" not in os.environ:
-        argv = _without_flag(_ARGV, "--nproc")
+    if nproc > 1 and "RANK" not in os.environ:  # every process gets this call's resolved arguments
+        import dataclasses
+
+        from vlmforge.io import write_json
+
+        launch = Path(train.out) / "launch.json"
+        write_json(launch, {"train": dataclasses.asdict(train), "model": dataclasses.asdict(model), "init": init,
+                            "resume": resume, "preset": preset})  # fmt: skip
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "vlmforge", *argv]  # fmt: skip
+               "-m", "vlmforge", "train", "--config", str(launch)]  # fmt: skip
         sys.exit(subprocess.call(cmd))
     from vlmforge.train.loop import train as run
 
@@ -113,9 +120,6 @@ def train(
     path = run(train, None if init else model, init, resume)
     if os.environ.get("RANK", "0") == "0":
         print(path)
-
-
-_ARGV: list[str] = []
 
 
 def _with_preset(name: str, model: ModelConfig) -> ModelConfig:
@@ -131,23 +135,6 @@ def _with_preset(name: str, model: ModelConfig) -> ModelConfig:
     if not merged.vision or not merged.lm:
         raise ValueError(f"preset {name!r} names no backbones here: pass --model.vision and --model.lm")
     return merged
-
-
-def _without_flag(argv: list[str], flag: str) -> list[str]:
-    """argv without `flag VALUE` / `flag=VALUE` (dashes or underscores)."""
-    names = {flag, flag.replace("_", "-")}
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in names:
-            skip = True
-            continue
-        if a.split("=", 1)[0] in names:
-            continue
-        out.append(a)
-    return out
 
 
 def eval(
@@ -361,16 +348,13 @@ def cache_build(
     with runtime.threads(threads):
         stats = build(out, vision, processor, images_of(data), dtype, batch_size, shard_size, num_workers,
                       bad_images, source=source)  # fmt: skip
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if runtime.world()[0] == 0:
         shown = {k: v for k, v in stats.items() if k != "skipped"}
         shown["skipped"] = len(stats["skipped"])
         print(json.dumps(shown, indent=1))
         for msg in stats["skipped"][:20]:
             print(f"skipped {msg}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    runtime.leave_process_group()
 
 
 def cache_info(store: str, json_out: bool = False) -> None:
@@ -720,7 +704,6 @@ def main(argv: list[str] | None = None) -> None:
     from vlmforge.eval.harness import EndpointError
 
     argv = _list_flags(_positional_question(_underscores(list(sys.argv[1:] if argv is None else argv))))
-    _ARGV[:] = argv  # `train --nproc` hands the same arguments to each torchrun process
     try:
         CLI(COMMANDS, args=argv, as_positional=False, description=__doc__.split("\n")[0])
     except (DataError, ImageError, FileNotFoundError, ValueError, EndpointError) as e:
