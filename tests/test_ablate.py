@@ -135,3 +135,21 @@ def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monk
     assert "vqa_accuracy" in md and "first 3" in md
     with pytest.raises(ValueError, match="another grid, budget or eval tasks"):
         ablate("grid.yaml", "o")  # the grid's own tasks differ
+
+
+def test_a_cell_that_cannot_be_built_fails_before_anything_trains(tmp_path):
+    from vlmforge.recipes.ablate import ablate
+
+    grid = {
+        "name": "broken", "seeds": 1,
+        "budget": {"n_shapes": 8, "n_text": 4, "n_test": 4, "spec": dataclasses.asdict(SMALL), "batch_size": 8,
+                   "sft": {"max_steps": 1}},
+        "base": {"model": {"vision_pooled": True}},  # 16 patches + the pooled token
+        "groups": {"connector": [{"name": "linear", "model": {"connector": "linear"}},
+                                 {"name": "shuffled", "model": {"connector": "pixel_shuffle"}}]},
+    }  # fmt: skip
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(ValueError, match="cell 'shuffled': pixel_shuffle connector"):
+        ablate(str(tmp_path / "grid.yaml"), tmp_path / "out", jobs=1)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["runs"] == {} and not (tmp_path / "out" / "runs").exists()

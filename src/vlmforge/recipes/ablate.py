@@ -69,7 +69,8 @@ IDEFICS2 = {
             {"name": "attention", "model": {"connector": "attention"}},
             {"name": "perceiver 64", "model": {"connector": "perceiver", "connector_latents": 64}},
             {"name": "perceiver 16", "model": {"connector": "perceiver", "connector_latents": 16}},
-            {"name": "pixel shuffle", "model": {"connector": "pixel_shuffle"}},
+            # a pooled token is no patch: pixel shuffle takes the 4 x 4 map alone
+            {"name": "pixel shuffle", "model": {"connector": "pixel_shuffle", "vision_pooled": False}},
         ],
         "splitting": [
             {"name": "no splitting", "model": {"split_grid": 0}},
@@ -259,6 +260,24 @@ def fingerprint(cell: dict, base: dict, shared: dict, budget: dict) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _check_cells(cells: list[dict], base: dict, shared: dict, budget: dict) -> None:
+    """Build each distinct cell's model once before anything trains, so that a cell that cannot
+    be built (e.g. a connector that does not fit the encoder's tokens) fails the ablation at once,
+    naming the cell, instead of after hours of other runs."""
+    from vlmforge.model.vlm import VLM
+
+    seen = set()
+    for cell in cells:
+        m = _resolve(cell, base, shared, budget)[0]
+        key = json.dumps(dataclasses.asdict(m), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            try:
+                VLM.from_backbones(m)
+            except ValueError as e:
+                raise ValueError(f"cell {cell['name']!r}: {e}") from e
+
+
 def _fill_cache(cells: list[dict], base: dict, shared: dict, budget: dict, store: Path) -> None:
     """Encode every training image once per encoder setting of `cells` (splitting, resize, pooled
     token…) into one feature store that all their runs read (the Llama3-V recipe); images already
@@ -388,6 +407,7 @@ def ablate(
                 safe = cell["name"].replace(" ", "_").replace("/", "_")
                 todo.append((key, group, cell, seed, fp, out / "runs" / group / safe / f"seed{seed}"))
     save_json(results, res_path)
+    _check_cells([t[2] for t in todo], base, shared, budget)
     if budget.get("cache_dtype") and todo:
         shared["cache"] = str(out / "cache")
         _fill_cache([t[2] for t in todo], base, shared, budget, out / "cache")
