@@ -324,9 +324,10 @@ def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir:
     store = {"cache": shared["cache"], "cache_dtype": budget["cache_dtype"]} if shared.get("cache") else {}
     model_dir = align_then_sft(model_cfg, align, sft, run_dir, shared["align_data"], shared["sft_data"], seed=seed,
                                save_every=10**9, **store)  # fmt: skip
-    seconds = time.time() - t0
     summaries = [json.loads((run_dir / s / "summary.json").read_text()) for s in ("align", "sft")
                  if (run_dir / s / "summary.json").exists()]  # fmt: skip
+    # the stages' own clocks, which a resumed run carries on (this process may have trained less)
+    seconds = sum(s["elapsed"] for s in summaries) if summaries else time.time() - t0
     model = VLM.from_pretrained(model_dir)
     apply_stage(model, sft)  # what the sft stage trained
     params = sum(p.numel() for p in model.parameters())
