@@ -78,3 +78,10 @@ def read_json(path: str | Path, what: str, error: type[Exception] = ValueError):
 def write_json(path: str | Path, obj, indent: int = 1) -> None:
     """`obj` as indented JSON with sorted keys, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def unusable(path, what: str, reason) -> ValueError:
+    """The one-line error of a checkpoint vlmforge cannot use: its path, what it was to be, and the
+    first line of why (libraries' messages run to paragraphs)."""
+    text = str(reason).strip().splitlines()
+    return ValueError(f"cannot load {what} from {str(path)!r}: {text[0] if text else type(reason).__name__}")

@@ -143,13 +143,13 @@ class ImageProcessor:
         from transformers import AutoImageProcessor
 
         from vlmforge import runtime
+        from vlmforge.io import unusable
 
         try:
             with runtime.quiet_libraries():
                 proc = AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"cannot load an image processor from {path!r} (preprocessor_config.json): {first}") from e
+            raise unusable(path, "an image processor (preprocessor_config.json)", e) from e
         s = proc.size
         native = getattr(s, "height", None) or getattr(s, "shortest_edge", None)
         if native is None and isinstance(s, dict):

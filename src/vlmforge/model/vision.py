@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vlmforge import runtime
+from vlmforge.io import unusable
 
 # Vision-only classes of dual-encoder checkpoints, by the checkpoint's model_type.
 _VISION_CLASSES = {
@@ -35,12 +36,6 @@ _VISION_CLASSES = {
 def vision_core(model: nn.Module) -> nn.Module:
     """The vision transformer of an HF vision model (some classes wrap it as `vision_model`)."""
     return getattr(model, "vision_model", model)
-
-
-def unusable(path, what: str, reason) -> ValueError:
-    """The one-line error of a checkpoint vlmforge cannot use: its path, what it was to be, why."""
-    text = str(reason).strip().splitlines()
-    return ValueError(f"cannot load {what} from {str(path)!r}: {text[0] if text else type(reason).__name__}")
 
 
 def check_loading_info(path: str, info: dict) -> None:

@@ -29,10 +29,10 @@ from vlmforge.data.prompts import (
     PromptBuilder,
     view_tokens,
 )
-from vlmforge.io import atomic_dir
+from vlmforge.io import atomic_dir, unusable
 from vlmforge.model import folder
 from vlmforge.model.connectors import build_connector
-from vlmforge.model.vision import VisionTower, check_loading_info, load_vision_model, unusable
+from vlmforge.model.vision import VisionTower, check_loading_info, load_vision_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

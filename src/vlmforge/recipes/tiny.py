@@ -322,8 +322,8 @@ def pretrain(
         train_tokenizer(corpus, paths["tokenizer"], spec.vocab_size)
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     if force or not paths["vision"].is_dir():
-        named = [f for f in data if "captions" in Path(f).name]
-        pool = [r for f in (captions or named) for r in load_records(f)] if captions or named else records
+        sources = captions or [f for f in data if "captions" in Path(f).name]
+        pool = [r for f in sources for r in load_records(f)] if sources else records
         caps = [r for r in pool if r.images and len(r.messages) == 2]
         if not caps:
             raise ValueError("SigLIP pretraining needs caption records (one human and one gpt turn with an image)")

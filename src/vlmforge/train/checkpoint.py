@@ -37,18 +37,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
-def _split(obj, tensors: dict, key: str = "", seen: dict | None = None):
+def _split(obj, tensors: dict, key: str = "", seen: tuple[dict, set] | None = None):
     """`obj` with every tensor replaced by {"tensor": name}, the tensors collected in `tensors`
-    (a tensor met twice, e.g. tied embeddings, is stored once)."""
-    seen = {} if seen is None else seen
+    (a tensor met twice, e.g. tied embeddings, is stored once; `seen`: the views met so far and
+    their storages)."""
+    views, storages = seen = ({}, set()) if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if ident not in seen:
-            storages = {i[0] for i in seen}
-            seen[ident] = key
-            tensors[key] = t.clone() if ident[0] in storages or not t.is_contiguous() else t
-        return {"tensor": seen[ident]}
+        storage = (obj.device, obj.untyped_storage().data_ptr())
+        ident = (storage, obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()), obj.dtype)
+        if ident not in views:
+            t = obj.detach().cpu()  # another view of a stored storage is copied: safetensors refuses shared memory
+            tensors[key] = t.clone() if storage in storages or not t.is_contiguous() else t
+            views[ident] = key
+            storages.add(storage)
+        return {"tensor": views[ident]}
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):
             raise TypeError(f"checkpoint state {key or '/'}: keys must be strings, got {list(obj)[:3]}")
