@@ -61,11 +61,9 @@ def load_body(raw: bytes, max_depth: int):
     nesting deeper than `max_depth`."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed JSON body ({e})") from e
     except RecursionError as e:
         raise APIError(400, f"the JSON body is nested deeper than {max_depth} levels") from e
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
+    except ValueError as e:  # bad JSON, bad UTF-8, an integer of more digits than Python converts
         raise APIError(400, f"malformed JSON body ({e})") from e
     stack = [(body, "body", 1)]  # iterative: the depth is what is being checked
     while stack:
