@@ -174,7 +174,7 @@ def train(
 ) -> Path:
     """Run one stage; return the folder of the trained model (`cfg.out/model`). Under torchrun,
     every rank runs this (see `train.distributed`); only rank 0 writes."""
-    from vlmforge.train.distributed import setup
+    from vlmforge.train.distributed import setup, teardown
 
     d = setup(cfg.dist_timeout)
     try:
@@ -184,6 +184,8 @@ def train(
         if d.enabled:  # name the rank: torchrun stops the others, whose collectives then fail
             tqdm.write(f"rank {d.rank} of {d.world} failed: {type(e).__name__}: {e}")
         raise
+    finally:  # a process that exits inside the group can abort in gloo's threads at interpreter exit
+        teardown(d)
 
 
 def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, resume: bool, d) -> Path:
