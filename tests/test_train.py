@@ -246,3 +246,68 @@ def test_compiled_layers_train_the_same(model_cfg, data_dir, tmp_path):
     torch._dynamo.reset()  # the compiled layers are gone; free their graphs
     assert graphs >= 2  # a decoder layer and an encoder layer, compiled
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["autoregressive", "cross_attention", "split", "eager"])
+def test_records_of_one_image_share_its_tokens_with_the_same_loss_and_gradients(model_cfg, tmp_path, arch):
+    """`group_by_image`: one-question records of an image in one sequence (shared prefix, block
+    mask, positions as if alone) give the loss and gradients of the records apart, with fewer
+    tokens; the LM's sdpa and eager attention alike."""
+    import dataclasses
+
+    from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
+    from vlmforge.data.formats import load_records
+    from vlmforge.data.synthetic import synth
+    from vlmforge.train.loop import epoch_batches, image_groups
+
+    synth(tmp_path, "shapes", 4, seed=1, width=32, height=32, conversations="single")
+    records = load_records(tmp_path / "shapes_sft.json")
+    records = [r for r in records if r.images != records[-1].images] + records[-1:]  # the last image: 1 record
+    kw = {"cross_attention": {"architecture": "cross_attention"}, "split": {"split_grid": 2}}.get(arch, {})
+    torch.manual_seed(0)
+    m = VLM.from_backbones(dataclasses.replace(model_cfg, **kw))
+    m.lm_mode = "full"
+    if arch == "eager":
+        m.causal_lm.set_attn_implementation("eager")
+    if arch == "cross_attention":  # open the zero-initialised gates, so the images matter
+        for p in m.connector.parameters():
+            if p.dim() == 1 and p.numel() == 1:
+                p.data.fill_(0.5)
+    groups = image_groups(records)
+    assert len(groups) == 4 and sum(map(len, groups)) == len(records) > 8  # 3 images, 1 record alone
+    order = epoch_batches(len(records), len(records), 0, 0, groups)[0]
+    assert sorted(order) == list(range(len(records)))
+    assert all(sorted(order[order.index(g[0]) : order.index(g[0]) + len(g)]) == g for g in groups)  # contiguous
+    ds = VQADataset(records, m.prompts, m.processor)
+    items = [ds[i] for i in order]
+    grads, outs = {}, {}
+    for name, batch in (("apart", collate(items, m.tokenizer.pad_token_id)),
+                        ("shared", collate(items, m.tokenizer.pad_token_id, m.image_token_ids))):  # fmt: skip
+        m.zero_grad()
+        out = m(batch["input_ids"], batch["attention_mask"], batch["labels"], **merge_image_inputs(m, batch),
+                position_ids=batch.get("position_ids"))  # fmt: skip
+        out.loss_sum.backward()
+        outs[name] = (batch, out)
+        grads[name] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    (apart, a), (shared, s) = outs["apart"], outs["shared"]
+    assert shared["attention_mask"].dim() == 4 and len(shared["input_ids"]) == 3 + 1  # 3 images, 1 record alone
+    limit = 0.9 if arch == "cross_attention" else 0.75  # without visual tokens in the sequence, less to share
+    assert shared["tokens"] < limit * apart["tokens"] and shared["ids"] == apart["ids"]
+    assert s.n_tokens == a.n_tokens and s.loss_sum.item() == pytest.approx(a.loss_sum.item(), rel=1e-5)
+    assert grads["apart"].keys() == grads["shared"].keys() and len(grads["apart"]) > 4
+    for n, g in grads["apart"].items():
+        torch.testing.assert_close(grads["shared"][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_grouped_training_runs_and_resumes_exactly(model_cfg, tmp_path):
+    from vlmforge.data.synthetic import synth
+
+    synth(tmp_path, "shapes", 12, seed=2, width=32, height=32, conversations="single")
+    cfg = dict(data=[str(tmp_path / "shapes_sft.json")], batch_size=8, max_steps=4, group_by_image=True)
+    straight = _cfg(tmp_path, tmp_path / "straight", **cfg)
+    train(straight, model_cfg)
+    train(_cfg(tmp_path, tmp_path / "halves", stop_at=2, **cfg), model_cfg)
+    train(_cfg(tmp_path, tmp_path / "halves", **cfg), model_cfg, resume=True)
+    assert _losses(tmp_path / "halves") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-6)
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["samples"] == 32 and 0 < summary["tokens"]

@@ -127,6 +127,13 @@ class TrainConfig:
         compile_backend: `torch.compile` backend: `inductor` (generates fused kernels) or
             `aot_eager` (traces forward and backward without generating code: to tell a tracing
             problem from a code-generation one, and what the tests use, being fast to start).
+        group_by_image: batch the records of one image together and compute the image's tokens
+            once for all of them: one sequence holds the shared prefix (chat header and image
+            block) and then each record's own tokens, each attending only to the prefix and to
+            itself, at the positions it would have alone, so the loss and gradients are those of
+            the records apart (a block mask: the LM's attention must be sdpa or eager). Fewer
+            tokens per step when an image has several one-question records; batches hold fewer
+            distinct images.
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -164,6 +171,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    group_by_image: bool = False
 
 
 @dataclass

@@ -102,7 +102,7 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
 
         torch._dynamo.reset()
     s = statistics.median(times)
-    tokens = statistics.fmean(int(b["attention_mask"].sum()) for b in batches[3:])
+    tokens = statistics.fmean(b["tokens"] for b in batches[3:])
     return {"stage": stage, "compiled": compile, "batch_size": batch_size, "threads": threads,
             "flops_per_step": flops, "step_s": round(s, 4), "achieved_flops": flops / s,
             "paired_peak_flops": statistics.median(peaks), "mfu": statistics.median(ratios),

@@ -24,6 +24,7 @@ from vlmforge.data.images import ImageProcessor
 from vlmforge.data.prompts import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE,
+    IMAGE_END,
     IMAGE_START,
     SPECIAL_TOKENS,
     PromptBuilder,
@@ -257,6 +258,11 @@ class VLM(nn.Module):
         return out
 
     @property
+    def image_token_ids(self) -> tuple[int, ...]:
+        """The ids of an image block's marker and placeholder tokens."""
+        return self.image_start_id, self.image_token_id, self.tokenizer.convert_tokens_to_ids(IMAGE_END)
+
+    @property
     def cross_attention(self) -> bool:
         return self.config.architecture == "cross_attention"
 
@@ -288,17 +294,22 @@ class VLM(nn.Module):
         return embeds.masked_scatter(mask.unsqueeze(-1), vis.to(embeds.device, embeds.dtype))
 
     def forward(
-        self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None, all_params=False
-    ) -> VLMOutput:
-        """`all_params`: without images, still run the connector (on zeros, times 0) so that every
+        self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None, all_params=False,
+        position_ids=None,
+    ) -> VLMOutput:  # fmt: skip
+        """`attention_mask`: [B, L] (1 = a token, 0 = padding), or [B, 1, L, L] bool (True = may
+        attend) with `position_ids` [B, L] for sequences of several records (`data.collate`).
+        `all_params`: without images, still run the connector (on zeros, times 0) so that every
         trainable parameter gets a gradient; FSDP needs every rank to reduce the same ones."""
         embeds = self.embed(input_ids, pixel_values, image_features)
         if all_params and pixel_values is None and image_features is None and not self.cross_attention:
             zeros = embeds.new_zeros(1, self.vision.num_features, self.vision.hidden_size)
             embeds = embeds + 0.0 * self.image_embeds(image_features=zeros).sum().to(embeds.dtype)
         lm = self.causal_lm
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self._block_mask(attention_mask.to(embeds.device), embeds.dtype)
         try:
-            out = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask)
+            out = lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
             hidden = out.last_hidden_state  # [B, L, D]
         finally:
             if self.cross_attention:
@@ -313,6 +324,15 @@ class VLM(nn.Module):
         loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
         n = int(keep.sum())
         return VLMOutput(loss=loss_sum / max(n, 1), loss_sum=loss_sum, n_tokens=n)
+
+    def _block_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A bool block mask as the LM's attention takes it: bool for SDPA, additive for eager."""
+        impl = self.causal_lm.config._attn_implementation
+        if impl == "sdpa":
+            return mask
+        if impl == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        raise ValueError(f"sequences of several records need the LM's attention to be sdpa or eager, not {impl!r}")
 
     # ---- inference --------------------------------------------------------------------------
     def build_prompt(self, question: str, n_images: int = 1, history: list[dict] | None = None) -> list[int]:

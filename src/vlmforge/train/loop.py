@@ -40,30 +40,48 @@ def lr_lambda(total: int, warmup: int, min_ratio: float):
     return f
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, groups: list[list[int]] | None = None
+) -> list[list[int]]:
     """The shuffled micro-batches of one epoch; a function of (seed, epoch) alone, so a resumed run
-    sees exactly the batches it would have seen."""
+    sees exactly the batches it would have seen. `groups` (lists of record indices covering 0..n-1)
+    are shuffled as units, so that each group's records are batched together."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
+    if groups is None:
+        perm = torch.randperm(n, generator=g).tolist()
+    else:
+        perm = [i for k in torch.randperm(len(groups), generator=g).tolist() for i in groups[k]]
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int, rank: int = 0, world: int = 1):
+def image_groups(records: list) -> list[list[int]]:
+    """Record indices grouped by the images they show (records without images alone), in order."""
+    groups: dict = {}
+    for i, r in enumerate(records):
+        groups.setdefault(tuple(r.images) or ("", i), []).append(i)
+    return list(groups.values())
+
+
+def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int, rank: int = 0, world: int = 1, image_tokens=None):
     """Yield (micro-batch index, batch) forever from global micro-batch index `start`. With several
     ranks, each optimizer step takes `grad_accum x world` consecutive micro-batches and this rank
-    reads only its `grad_accum` of them (the `rank`-th chunk), so no image is loaded twice."""
+    reads only its `grad_accum` of them (the `rank`-th chunk), so no image is loaded twice. With
+    `cfg.group_by_image`, the records of an image are batched together and share its tokens
+    (`image_tokens`: the ids of the image block, see `data.collate`)."""
     per_epoch = math.ceil(len(ds) / cfg.batch_size)
     mine = lambda i: (i - start) // cfg.grad_accum % world == rank  # noqa: E731
+    groups = image_groups(ds.records) if cfg.group_by_image else None
+    share = tuple(image_tokens) if cfg.group_by_image else None
     index = start
     while True:
         epoch, offset = divmod(index, per_epoch)
-        batches = epoch_batches(len(ds), cfg.batch_size, cfg.seed, epoch)[offset:]
+        batches = epoch_batches(len(ds), cfg.batch_size, cfg.seed, epoch, groups)[offset:]
         indices = [index + k for k in range(len(batches)) if mine(index + k)]
         loader = DataLoader(
             ds,
             batch_sampler=[batches[i - index] for i in indices],
             num_workers=cfg.num_workers,
-            collate_fn=partial(collate, pad_id=pad_id),
+            collate_fn=partial(collate, pad_id=pad_id, share_images=share),
         )
         yield from zip(indices, loader)
         index += len(batches)
@@ -118,7 +136,7 @@ def empty_batch(pad_id: int) -> dict:
     """Two padding tokens and no label: a forward and backward that add nothing to the gradients."""
     ids = torch.full((1, 2), pad_id)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100), "n": 0,
-            "skipped": []}  # fmt: skip
+            "skipped": [], "tokens": 2}  # fmt: skip
 
 
 def _kept(par, ckpt_path: Path) -> str:
@@ -251,7 +269,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             save_checkpoint(ckpt_path, model, opt, sched, progress, write=d.main)
 
     pad_id = model.tokenizer.pad_token_id
-    stream = micro_batches(ds, cfg, pad_id, progress["micro_batch"], d.rank, d.world)
+    stream = micro_batches(ds, cfg, pad_id, progress["micro_batch"], d.rank, d.world, model.image_token_ids)
     quiet = {} if d.main else {"disable": True}  # one progress bar: rank 0's
     bar = tqdm(total=total, initial=progress["step"], desc=f"train {cfg.stage}", unit="step", **quiet)
     t_start, elapsed0 = time.time(), progress["elapsed"]
@@ -282,12 +300,13 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
                 b = to_device(b, device)
                 with par.micro_batch(last=i == len(group) - 1):
                     images = merge_image_inputs(model, b)
-                    o = par(b["input_ids"], b["attention_mask"], b["labels"], **images, all_params=par.sharded)
+                    o = par(b["input_ids"], b["attention_mask"], b["labels"], **images, all_params=par.sharded,
+                            position_ids=b.get("position_ids"))  # fmt: skip
                     (o.loss_sum * (par.loss_scale / n_tok)).backward()
                 if b["n"]:
                     loss_sum += o.loss_sum.item()
                     samples += b["n"]
-                    tokens += int(b["attention_mask"].sum())
+                    tokens += b["tokens"]
             loss_sum, samples, tokens, skipped = d.sum([loss_sum, samples, tokens, skipped])
             progress["samples"] += int(samples)
             progress["tokens"] += int(tokens)

@@ -11,7 +11,8 @@ from vlmforge.data.collate import merge_image_inputs
 def step(model, opt: torch.optim.Optimizer, batch: dict) -> torch.Tensor:
     """Forward with the batch's pixels or features, backward, optimizer step; returns the loss
     (a tensor: reading it would wait for the device)."""
-    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **merge_image_inputs(model, batch))
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **merge_image_inputs(model, batch),
+                position_ids=batch.get("position_ids"))  # fmt: skip
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
