@@ -88,12 +88,13 @@ def test_synth_train_eval_chat_end_to_end(tmp_path, backbones, capsys, monkeypat
     ])  # fmt: skip
     model = tmp_path / "run" / "model"
     capsys.readouterr()
-    main(["eval", "--model", str(model), "--data", str(tmp_path / "shapes_qa.json"), "--out", str(tmp_path / "r.json")])
+    main(["eval", "--model", str(model), "--data", str(tmp_path / "shapes_qa.json"), "--out", str(tmp_path / "r")])
     out = capsys.readouterr().out
-    assert "shapes_qa.json: accuracy" in out and "count" in out
-    report = json.loads((tmp_path / "r.json").read_text())
+    assert "| shapes_qa | all | accuracy |" in out and "  - count: " in out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())["benchmarks"]["shapes_qa"]
     assert report["n"] == len(json.loads((tmp_path / "shapes_qa.json").read_text()))
-    assert set(report["per_type"]) <= {"color", "shape", "count", "exist"}
+    assert set(report["breakdown"]) <= {"color", "shape", "count", "exist"}
+    assert len((tmp_path / "r" / "shapes_qa" / "predictions.jsonl").read_text().splitlines()) == report["n"]
     image = tmp_path / "images" / "shapes_000000.png"
     main(["chat", "--model", str(model), "--image", str(image), "--question", "How many shapes are there?"])
     flagged = capsys.readouterr().out

@@ -3,7 +3,7 @@ import json
 
 from conftest import SMALL
 from vlmforge.config import DemoConfig
-from vlmforge.eval.runner import question_type
+from vlmforge.data.synthetic import question_type
 from vlmforge.recipes.demo import run
 
 
@@ -31,7 +31,7 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     assert len({question_type(s["question"]) for s in summary["samples"][:3]}) == 3
     # held out at other sizes, each scored and together; the extra training canvases were used
     for size in ("96x64", "64x96", "128x128"):
-        assert (out / f"eval_shapes_{size}.json").is_file()
+        assert (out / "eval" / f"shapes_{size}" / "predictions.jsonl").is_file()
         assert summary["scores"][f"shapes_{size}"]["n"] > 0
     assert summary["scores"]["shapes_other_sizes"]["n"] == sum(
         summary["scores"][f"shapes_{s}"]["n"] for s in ("96x64", "64x96", "128x128")

@@ -54,13 +54,13 @@ def test_llava_hf_export_runs_in_transformers_with_the_same_outputs(model_cfg, t
     vlm.save_pretrained(tmp_path / "m")
     vlm = VLM.from_pretrained(tmp_path / "m")  # as the export reads it (adapters and all)
     report = tmp_path / "eval.json"
-    report.write_text(json.dumps({"data": "shapes_test.json", "accuracy": 0.5, "n": 10, "per_type": {}}))
+    report.write_text(json.dumps({"benchmarks": {"shapes_test": {"metric": "accuracy", "score": 0.5, "n": 10}}}))
     main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf"), "--format", "llava-hf",
           "--eval", str(report)])  # fmt: skip
     assert "exported as llava-hf" in capsys.readouterr().out
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "library_name: transformers" in card and f"`{connector}` connector" in card
-    assert "| shapes_test.json | accuracy | 50.0 | 10 |" in card
+    assert "| shapes_test | accuracy | 50.0 | 10 |" in card
 
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")

@@ -4,8 +4,7 @@ import re
 import pytest
 from PIL import Image
 
-from vlmforge.data.synthetic import COLORS, SHAPES, caption, sample_scene, shape_questions, synth
-from vlmforge.eval.runner import question_type
+from vlmforge.data.synthetic import COLORS, SHAPES, caption, question_type, sample_scene, shape_questions, synth
 
 
 def test_deterministic_by_seed(tmp_path):

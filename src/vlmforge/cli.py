@@ -139,7 +139,7 @@ def _with_preset(name: str, model: ModelConfig) -> ModelConfig:
 
 def eval(
     model: str | None = None,
-    data: str | None = None,
+    data: list[str] | None = None,
     bench: str | None = None,
     data_root: str | None = None,
     split: str | None = None,
@@ -153,22 +153,24 @@ def eval(
     concurrency: int = 8,
     seed: int | None = None,
 ) -> None:
-    """Evaluate a model: on standard benchmarks (--bench) or on LLaVA-format QA records (--data).
+    """Evaluate a model on standard benchmarks (--bench) and on LLaVA-format QA files (--data).
 
     `--bench textvqa,docvqa --data-root ROOT --out DIR` answers each benchmark (resumable: answers are
     saved as they come) and writes DIR/report.md and DIR/report.json. Benchmarks: vqav2, textvqa,
     docvqa, mmmu, pope, mmstar, coco_cap, read from ROOT/NAME (Hugging Face parquet or LLaVA eval
-    layout). `--endpoint URL` asks an OpenAI-compatible server instead of a local model.
+    layout). A QA file is one more task: its first human turn is asked, its first gpt turn is the
+    reference (exact match, per question type). `--endpoint URL` asks an OpenAI-compatible server
+    instead of a local model.
 
     Args:
         model: vlmforge model folder.
-        data: LLaVA JSON file; the first human turn is asked, the first gpt turn is the reference.
+        data: LLaVA JSON QA files.
         bench: comma-separated benchmark names.
         data_root: folder holding one folder per benchmark.
         split: split to read (default: each benchmark's usual evaluation split).
-        out: report folder with --bench (required there); JSON report file with --data.
+        out: report folder (report.md, report.json, each task's predictions.jsonl); required with --bench.
         batch_size: questions per generation batch.
-        limit: only the first N questions of each benchmark / file.
+        limit: only the first N questions of each task.
         max_new_tokens: longest answer.
         endpoint: base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1).
         endpoint_model: model name to request (default: the first of GET /v1/models).
@@ -178,36 +180,27 @@ def eval(
     """
     import os
 
+    from vlmforge.eval.benchmarks import QAFile
+    from vlmforge.eval.harness import EndpointGenerator, LocalGenerator, evaluate_benchmarks, format_markdown
+
     if (model is None) == (endpoint is None):
         raise ValueError("give exactly one of --model DIR and --endpoint URL")
-    if (data is None) == (bench is None):
-        raise ValueError("give exactly one of --data FILE.json and --bench NAMES")
-    if bench is not None:
-        from vlmforge.eval.harness import EndpointGenerator, LocalGenerator, evaluate_benchmarks, format_markdown
-
-        if not data_root or not out:
-            raise ValueError("--bench needs --data-root PATH and --out DIR")
-        names = [b for b in bench.split(",") if b.strip()]
-        if endpoint:
-            key = api_key or os.environ.get("OPENAI_API_KEY")
-            gen = EndpointGenerator(endpoint, endpoint_model, key, max_new_tokens, concurrency)
-        else:
-            from vlmforge.model.vlm import VLM
-
-            gen = LocalGenerator(VLM.from_pretrained(model), model, max_new_tokens)
-        report = evaluate_benchmarks(names, gen, data_root, out, split, limit, batch_size, seed)
-        print(format_markdown(report).split("\n## ")[0].rstrip())
-        print(f"report: {out}/report.md, {out}/report.json")
-        return
+    if not data and bench is None:
+        raise ValueError("give --data FILE.json and/or --bench NAMES")
+    if bench is not None and (not data_root or not out):
+        raise ValueError("--bench needs --data-root PATH and --out DIR")
+    tasks = [b for b in (bench or "").split(",") if b.strip()] + [QAFile(f) for f in data or []]
     if endpoint:
-        raise ValueError("--endpoint works with --bench (the --data evaluation runs a local model)")
-    from vlmforge.eval.runner import evaluate, format_report, save_report
-    from vlmforge.model.vlm import VLM
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        gen = EndpointGenerator(endpoint, endpoint_model, key, max_new_tokens, concurrency)
+    else:
+        from vlmforge.model.vlm import VLM
 
-    report = evaluate(VLM.from_pretrained(model), data, batch_size, limit, max_new_tokens)
-    print(format_report(report))
+        gen = LocalGenerator(VLM.from_pretrained(model), model, max_new_tokens)
+    report = evaluate_benchmarks(tasks, gen, data_root, out, split, limit, batch_size, seed)
+    print(format_markdown(report).rstrip())
     if out:
-        save_report(report, out)
+        print(f"report: {out}/report.md, {out}/report.json")
 
 
 def chat(model: str, image: str | None = None, question: str | None = None, max_new_tokens: int = 64) -> None:
@@ -655,6 +648,7 @@ def _positional_question(argv: list[str]) -> list[str]:
 LIST_FLAGS = {
     ("pretrain",): {"--data", "--captions"},
     ("train",): {"--train.data"},
+    ("eval",): {"--data"},
     ("cache", "build"): {"--data"},
     ("bench", "cache"): {"--presets"},
     ("ablate",): {"--eval"},

@@ -317,17 +317,13 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
 
 
 def read_evals(paths: list[str]) -> list[dict]:
-    """Scores from `vlmforge eval` reports: `--data` reports (accuracy) and `--bench` report.json."""
+    """Scores from `vlmforge eval` reports (report.json)."""
     rows = []
     for p in paths:
         try:
             rep = json.loads(Path(p).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{p}: not a readable eval report ({e})") from e
-        if isinstance(rep, dict) and "accuracy" in rep:
-            rows.append({"name": Path(rep.get("data", p)).name, "metric": "accuracy", "score": rep["accuracy"],
-                         "n": rep.get("n")})  # fmt: skip
-            continue
         found = _bench_rows(rep)
         if not found:
             raise ValueError(f"{p}: no scores found (expected a `vlmforge eval` report)")
@@ -342,7 +338,8 @@ def _bench_rows(rep) -> list[dict]:
         if isinstance(r, dict):
             for metric in ("score", "accuracy", "vqa_accuracy", "anls", "f1", "cider"):
                 if isinstance(r.get(metric), int | float):
-                    rows.append({"name": name, "metric": metric, "score": float(r[metric]), "n": r.get("n")})
+                    label = r.get("metric", metric) if metric == "score" else metric
+                    rows.append({"name": name, "metric": label, "score": float(r[metric]), "n": r.get("n")})
                     break
     return rows
 

@@ -187,9 +187,12 @@ def _build_rate_2proc(vision_path: str, data: str, store: Path, batch_size: int)
 
 def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
     """The demo's align + sft from a store of each dtype, scored on the demo's held-out data."""
+    import dataclasses
+
     from vlmforge.cache.build import build_for
-    from vlmforge.config import DemoConfig, ModelConfig
-    from vlmforge.eval.runner import evaluate
+    from vlmforge.config import DemoConfig
+    from vlmforge.eval.benchmarks import QAFile
+    from vlmforge.eval.harness import LocalGenerator, run_benchmark
     from vlmforge.infer.engine import Engine
     from vlmforge.model.vlm import VLM
     from vlmforge.recipes.pipeline import align_then_sft
@@ -197,8 +200,8 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
     state = json.loads((demo_dir / "state.json").read_text())
     data = state["phases"]["data"]["result"]
     bb = demo_dir / "backbones"
-    model_cfg = ModelConfig(vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"), connector="mlp")
     demo = DemoConfig()
+    model_cfg = dataclasses.replace(demo.model, vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"))
     align_data = [data["train_shapes_captions"], data["train_text_captions"]]
     sft_data = [data["train_shapes_sft"], data["train_text_sft"]]
     results = {}
@@ -208,9 +211,9 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
         final = align_then_sft(model_cfg, demo.align, demo.sft, run, align_data, sft_data, cache=str(store),
                                cache_dtype=dtype, seed=0)  # fmt: skip
         model = VLM.from_pretrained(final)
-        engine = Engine(model)
+        gen = LocalGenerator(model, str(final), 16, Engine(model))
         results[dtype] = {
-            task: evaluate(model, data[f"test_{task}_qa"], batch_size=64, engine=engine)["accuracy"]
+            task: run_benchmark(QAFile(data[f"test_{task}_qa"]), gen, None, None, batch_size=64)["score"]
             for task in ("shapes", "text")
         }
     return results

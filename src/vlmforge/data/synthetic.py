@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,19 @@ COUNT_Q = "How many shapes are there?"
 EXIST_Q = "Is there a {color} {shape}?"
 TEXT_Q = "What does the text say?"
 CAPTION_PROMPT = "Describe the image."
+_TYPES = [
+    ("color", re.compile(r"^What color is the \w+\?$")),
+    ("shape", re.compile(r"^What shape is the \w+ object\?$")),
+    ("count", re.compile(r"^How many shapes are there\?$")),
+    ("exist", re.compile(r"^Is there an? \w+ \w+\?$")),
+    ("text", re.compile(r"^What does the text say\?$")),
+]
+
+
+def question_type(question: str) -> str:
+    """The template a question was made from (color, shape, count, exist, text), else `other`."""
+    q = question.replace("<image>", "").strip()
+    return next((name for name, rx in _TYPES if rx.match(q)), "other")
 
 
 @dataclass(frozen=True)

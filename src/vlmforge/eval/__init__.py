@@ -1,1 +1,1 @@
-"""Evaluation: answer normalisation, metrics and the eval runner."""
+"""Evaluation: the tasks (benchmarks and QA files), their metrics and the one evaluator."""

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.data.formats import DataError, read_jsonl
+from vlmforge.data.formats import DataError, load_records, read_jsonl
+from vlmforge.data.synthetic import question_type
 from vlmforge.eval import metrics as M
 from vlmforge.io import read_json
 
@@ -366,12 +367,41 @@ class COCOCaption(Benchmark):
         return {"metric": "cider_d", "score": corpus}
 
 
+class QAFile(Benchmark):
+    """A LLaVA-format QA file as a task: the first user turn asked as written, the first assistant
+    turn the reference; exact match after VQA normalisation, broken down by question type (the
+    synthetic templates'; other questions are `other`)."""
+
+    metric, prompt_template, split = "exact match (VQA normalisation)", "the file's question as written", "all"
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or self.path.stem
+
+    def rows(self, root=None, split=None):
+        records = load_records(self.path)
+        return len(records), iter(records), f"QA file: {self.path}"
+
+    def sample(self, record):
+        question = next(m["content"] for m in record.messages if m["role"] == "user")
+        reference = next((m["content"] for m in record.messages if m["role"] == "assistant"), "")
+        images = [str(p) for p in record.images]
+        return Sample(record.id, question, images, reference, {"type": question_type(question)})
+
+    def score(self, rows):
+        fn = lambda rs: mean(M.exact_match(r["prediction"], r["answer"]) for r in rs)
+        return {"metric": "accuracy", "score": fn(rows), "breakdown": by_key(rows, "type", fn)}
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b for b in (VQAv2(), TextVQA(), DocVQA(), MMMU(), POPE(), MMStar(), COCOCaption())
 }
 
 
-def get_benchmark(name: str) -> Benchmark:
+def get_benchmark(name: str | Benchmark) -> Benchmark:
+    """A registered benchmark by name (a task object is returned as it is)."""
+    if isinstance(name, Benchmark):
+        return name
     try:
         return BENCHMARKS[name.strip().lower()]
     except KeyError:

@@ -1,10 +1,12 @@
-"""`vlmforge eval --bench …`: standard benchmarks, answered by a local model or any
-OpenAI-compatible endpoint, saved as they come, scored, and reported in markdown and JSON.
+"""The one evaluator: tasks (the standard benchmarks, and QA files) answered by a local model or any
+OpenAI-compatible endpoint, saved as they come, scored, and reported in markdown and JSON; what
+`vlmforge eval`, the demo, ablate and the cache bench run.
 
 OUT/NAME/predictions.jsonl gets one line per answered question (flushed and fsynced per batch), so
-an interrupted run resumes where it stopped and never answers a question twice. Scores are
-recomputed from that file at the end, so a report always matches its predictions. A record whose
-image cannot be decoded is listed in the report and left out of the score (its count is shown).
+an interrupted run resumes where it stopped and never answers a question twice (without OUT the
+answers are kept in memory only). Scores are recomputed from the rows at the end, so a report
+always matches its predictions. A record whose image cannot be decoded is listed in the report
+and left out of the score (its count is shown).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from vlmforge.data.formats import DataError
 from vlmforge.data.images import ImageError, load_image, load_image_bytes
-from vlmforge.eval.benchmarks import Sample, get_benchmark
+from vlmforge.eval.benchmarks import Benchmark, Sample, get_benchmark
 from vlmforge.eval.metrics import METRICS_VERSION
 from vlmforge.io import atomic_write_text
 
@@ -103,7 +105,7 @@ class EndpointGenerator:
 
     def _ask(self, sample: Sample, images: list) -> str:
         content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
-        content.append({"type": "text", "text": sample.prompt})
+        content.append({"type": "text", "text": sample.prompt.replace("<image>", "").strip()})
         body = {"model": self.model, "messages": [{"role": "user", "content": content}],
                 "max_tokens": self.max_new_tokens, "temperature": 0}  # fmt: skip
         out = self._request("/chat/completions", body, f"question {sample.id}")
@@ -128,9 +130,9 @@ def data_url(image) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _done_rows(path: Path) -> list[dict]:
+def _done_rows(path: Path | None) -> list[dict]:
     """Rows already answered; a torn last line (a killed write) is cut off, the rest kept."""
-    if not path.exists():
+    if path is None or not path.exists():
         return []
     rows, good = [], 0
     with open(path, "rb") as fh:
@@ -146,7 +148,9 @@ def _done_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _append(path: Path, rows: list[dict]) -> None:
+def _append(path: Path | None, rows: list[dict]) -> None:
+    if path is None:
+        return
     with open(path, "a", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -154,19 +158,22 @@ def _append(path: Path, rows: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
-def run_benchmark(name: str, generate, data_root: str | Path, out: str | Path, split: str | None = None,
-                  limit: int | None = None, batch_size: int = 8, seed: int | None = None) -> dict:  # fmt: skip
-    """Answer (or resume answering) one benchmark and score it; returns its report section."""
-    bench = get_benchmark(name)
+def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None, out: str | Path | None,
+                  split: str | None = None, limit: int | None = None, batch_size: int = 8,
+                  seed: int | None = None) -> dict:  # fmt: skip
+    """Answer (or resume answering) one task (a benchmark's name, or a task such as `QAFile`) and
+    score it; returns its report section."""
+    bench = get_benchmark(task)
     total, records, source = bench.rows(data_root, split)
     n = min(total, limit) if limit is not None else total
-    folder = Path(out) / bench.name
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "predictions.jsonl"
+    path = None
+    if out is not None:
+        (Path(out) / bench.name).mkdir(parents=True, exist_ok=True)
+        path = Path(out) / bench.name / "predictions.jsonl"
     rows = _done_rows(path)
     done = {r["id"] for r in rows}
     t0, answered = time.time(), 0
-    bar = tqdm(total=n, desc=f"eval {bench.name}", unit="q", initial=0)
+    bar = tqdm(total=n, desc=f"eval {bench.name}", unit="q", initial=0, leave=False)
     batch: list[tuple[Sample, list]] = []
 
     def flush():
@@ -222,9 +229,10 @@ def run_benchmark(name: str, generate, data_root: str | Path, out: str | Path, s
     }
 
 
-def evaluate_benchmarks(names: list[str], generate, data_root, out, split=None, limit=None, batch_size=8,
+def evaluate_benchmarks(names: list, generate, data_root, out, split=None, limit=None, batch_size=8,
                         seed: int | None = None) -> dict:  # fmt: skip
-    """Run every benchmark in `names` and write OUT/report.json and OUT/report.md."""
+    """Run every task in `names` (benchmark names or task objects); with `out`, write
+    OUT/report.json and OUT/report.md after each."""
     for name in names:
         get_benchmark(name)  # unknown names fail before any work
     report = {
@@ -240,7 +248,8 @@ def evaluate_benchmarks(names: list[str], generate, data_root, out, split=None, 
         report["benchmarks"][get_benchmark(name).name] = run_benchmark(
             name, generate, data_root, out, split, limit, batch_size, seed
         )
-        save_report(report, out)  # the finished benchmarks survive a later failure
+        if out is not None:
+            save_report(report, out)  # the finished benchmarks survive a later failure
     return report
 
 

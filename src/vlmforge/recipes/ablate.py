@@ -296,22 +296,21 @@ def _fill_cache(cells: list[dict], base: dict, shared: dict, budget: dict, store
 
 def _score(model, model_dir: str, tasks: dict, shared: dict, run_dir: Path) -> dict:
     """Each task's score in [0, 1] (CIDEr-D may exceed 1)."""
+    from vlmforge.eval.benchmarks import QAFile
     from vlmforge.eval.harness import LocalGenerator, run_benchmark
-    from vlmforge.eval.runner import evaluate
     from vlmforge.infer.engine import Engine
 
     engine, scores = Engine(model), {}  # one engine for every task of this model
     for name, spec in tasks.items():
-        if "synthetic" in spec:
-            qa = shared[f"test_{spec['synthetic']}_qa"]
-            scores[name] = evaluate(model, qa, batch_size=64, engine=engine)["accuracy"]
-        elif "file" in spec:
-            scores[name] = evaluate(model, spec["file"], 32, spec.get("limit"), engine=engine)["accuracy"]
-        else:
+        if "bench" in spec:
             gen = LocalGenerator(model, model_dir, spec.get("max_new_tokens", 32), engine)
             report = run_benchmark(spec["bench"], gen, spec["root"], run_dir / "eval", spec.get("split"),
                                    spec.get("limit"), batch_size=16)  # fmt: skip
-            scores[name] = report["score"]
+        else:  # a QA file: the synthetic held-out questions or the grid's own
+            qa = shared[f"test_{spec['synthetic']}_qa"] if "synthetic" in spec else spec["file"]
+            gen = LocalGenerator(model, model_dir, 16, engine)
+            report = run_benchmark(QAFile(qa), gen, None, None, limit=spec.get("limit"), batch_size=64)
+        scores[name] = report["score"]
     return scores
 
 

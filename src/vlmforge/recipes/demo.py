@@ -42,7 +42,8 @@ def run(cfg: DemoConfig) -> dict:
     from tqdm import tqdm
 
     from vlmforge.data.synthetic import synth_splits
-    from vlmforge.eval.runner import evaluate, format_report, save_report
+    from vlmforge.eval.benchmarks import QAFile
+    from vlmforge.eval.harness import LocalGenerator, evaluate_benchmarks
     from vlmforge.infer.engine import Engine, answer
     from vlmforge.model.vlm import VLM
     from vlmforge.recipes.tiny import pretrain
@@ -138,18 +139,14 @@ def run(cfg: DemoConfig) -> dict:
     engine = Engine(model)  # one engine for every eval file and the sample answers
 
     def run_eval():
-        res = {}
-        evals = [(task, data[f"test_{task}_qa"]) for task in ("shapes", "text")]
-        evals += [(f"shapes_{w}x{h}", data[f"other_{w}x{h}_shapes_qa"]) for w, h in sizes]
-        for name, qa in evals:
-            rep = evaluate(model, qa, batch_size=64, engine=engine)
-            save_report(rep, out / f"eval_{name}.json")
-            tqdm.write(format_report(rep))
-            res[name] = {
-                "accuracy": rep["accuracy"],
-                "n": rep["n"],
-                "per_type": {k: v["accuracy"] for k, v in rep["per_type"].items()},
-            }
+        tasks = [QAFile(data[f"test_{task}_qa"], task) for task in ("shapes", "text")]
+        tasks += [QAFile(data[f"other_{w}x{h}_shapes_qa"], f"shapes_{w}x{h}") for w, h in sizes]
+        gen = LocalGenerator(model, str(out / "model"), max_new_tokens=16, engine=engine)
+        report = evaluate_benchmarks(tasks, gen, None, out / "eval", batch_size=64)
+        res = {
+            name: {"accuracy": b["score"], "n": b["n"], "per_type": {k: v["score"] for k, v in b["breakdown"].items()}}
+            for name, b in report["benchmarks"].items()
+        }
         other = [res[f"shapes_{w}x{h}"] for w, h in sizes]
         if other:  # every other size together, each question once
             n = sum(r["n"] for r in other)
