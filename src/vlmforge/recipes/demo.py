@@ -46,8 +46,8 @@ def run(cfg: DemoConfig) -> dict:
     from vlmforge.eval.harness import LocalGenerator, evaluate_benchmarks
     from vlmforge.infer.engine import Engine, answer
     from vlmforge.model.vlm import VLM
+    from vlmforge.recipes.pipeline import align_then_sft
     from vlmforge.recipes.tiny import pretrain
-    from vlmforge.train.loop import train
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -121,11 +121,8 @@ def run(cfg: DemoConfig) -> dict:
             return {k: stats[k] for k in ("namespace", "unique", "encoded", "images_per_s")}
 
         phase("cache", make_cache)
-    stage = {"seed": cfg.seed, "cache": store, "cache_dtype": cfg.cache_dtype if store else None}
-    align_cfg = dataclasses.replace(cfg.align, data=align_data, out=str(out / "align"), **stage)
-    sft_cfg = dataclasses.replace(cfg.sft, data=sft_data, out=str(out / "sft"), **stage)
-    phase("align", lambda: str(train(align_cfg, model_cfg, None, resume=True)))
-    phase("sft", lambda: str(train(sft_cfg, None, str(out / "align" / "model"), resume=True)))
+    align_then_sft(model_cfg, cfg.align, cfg.sft, out, align_data, sft_data, phase, seed=cfg.seed, cache=store,
+                   cache_dtype=cfg.cache_dtype if store else None)  # fmt: skip
 
     def finalize():
         final = out / "model"
