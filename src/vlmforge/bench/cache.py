@@ -185,8 +185,10 @@ def _build_rate_2proc(vision_path: str, data: str, store: Path, batch_size: int)
     return json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
 
 
-def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
-    """The demo's align + sft from a store of each dtype, scored on the demo's held-out data."""
+def _accuracy(work: Path, dtypes: list[str]) -> dict:
+    """The demo's model, align and sft (records apart, its 1,500 steps) from a store of each dtype,
+    on the synthetic data and backbones of `pipeline.synthetic_setup` (the demo's sizes), scored on
+    the held-out questions."""
     import dataclasses
 
     from vlmforge.cache.build import build_for
@@ -195,15 +197,13 @@ def _accuracy(demo_dir: Path, work: Path, dtypes: list[str]) -> dict:
     from vlmforge.eval.harness import LocalGenerator, run_benchmark
     from vlmforge.infer.engine import Engine
     from vlmforge.model.vlm import VLM
-    from vlmforge.recipes.pipeline import align_then_sft
+    from vlmforge.recipes.pipeline import align_then_sft, synthetic_setup
 
-    state = json.loads((demo_dir / "state.json").read_text())
-    data = state["phases"]["data"]["result"]
-    bb = demo_dir / "backbones"
     demo = DemoConfig()
-    model_cfg = dataclasses.replace(demo.model, vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"))
-    align_data = [data["train_shapes_captions"], data["train_text_captions"]]
-    sft_data = [data["train_shapes_sft"], data["train_text_sft"]]
+    data = synthetic_setup(work / "accuracy", demo.n_shapes, demo.n_text, demo.n_test, demo.spec)
+    bb = data["small"]
+    model_cfg = dataclasses.replace(demo.model, vision=bb["vision"], lm=bb["lm"], tokenizer=bb["lm"])
+    align_data, sft_data = data["align_data"], data["sft_data"]
     results = {}
     for dtype in dtypes:
         store, run = work / "accuracy" / "store", work / "accuracy" / dtype
@@ -231,7 +231,6 @@ def run(
     num_workers: int = 1,
     build_images: int = 4096,
     accuracy: bool = False,
-    demo_dir: str = "runs/demo",
 ) -> dict:
     """Measure the feature store: align step time re-encoding vs cached vs LM-only, peak memory,
     cache build throughput (1 and 2 processes) against the encoder alone, disk per dtype.
@@ -247,9 +246,8 @@ def run(
         threads: torch CPU threads of each measurement.
         num_workers: DataLoader workers decoding images (re-encode variant, cache build).
         build_images: images in the cache build measurement.
-        accuracy: also train the demo from fp32, fp16 and bf16 stores and score each (needs a
-            finished demo in --demo_dir; about 20 minutes here).
-        demo_dir: the demo run whose data and backbones the accuracy part uses.
+        accuracy: also train the demo's model from fp32, fp16 and bf16 stores and score each (on
+            synthetic data and tiny backbones of its own, made first in WORK/accuracy).
     """
     from vlmforge.bench import publish
     from vlmforge.cache.store import FeatureStore
@@ -314,7 +312,7 @@ def run(
     }
     result["disk"] = disk
     if accuracy:
-        result["accuracy"] = _accuracy(Path(demo_dir), work_dir, ["fp32", "fp16", "bf16"])
+        result["accuracy"] = _accuracy(work_dir, ["fp32", "fp16", "bf16"])
 
     tiny_rows = result["presets"].get("tiny")
     if tiny_rows:

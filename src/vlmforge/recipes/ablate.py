@@ -209,38 +209,11 @@ def _merge(*dicts: dict | None) -> dict:
 
 def _prepare(out: Path, budget: dict, need_large: bool, data: dict | None) -> dict:
     """Shared data and backbones (made once; reused on resume)."""
-    from vlmforge.data.synthetic import synth_splits
-    from vlmforge.recipes.tiny import pretrain
+    from vlmforge.recipes.pipeline import synthetic_setup
 
-    done = out / "shared.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    paths = synth_splits(out / "data", [
-        ("train", budget["n_shapes"], budget["n_text"], 0),
-        ("test", budget["n_test"], budget["n_test"], 1),
-    ])  # fmt: skip
-    synthetic = [paths[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
-    if data:  # the grid's own training data
-        paths["align_data"], paths["sft_data"] = data.get("align", []), data["sft"]
-    else:
-        paths["align_data"], paths["sft_data"] = synthetic[0::2], synthetic[1::2]
-    # the tiny backbones stand in for pretrained checkpoints: made from the synthetic corpus plus
-    # the grid's own data (so that the tokenizer covers its words)
-    train_files = list(dict.fromkeys(synthetic + paths["align_data"] + paths["sft_data"]))
     spec = dataclasses.replace(TinySpec(), **budget["spec"])
-    # SigLIP learns from captions only: the sft files hold one-question records that look like caption pairs
-    captions = list(dict.fromkeys(synthetic[0::2] + paths["align_data"]))
-    small = pretrain(train_files, out / "backbones" / "small", spec, 0, captions=captions)
-    paths["small"] = {k: str(v) for k, v in small.items()}
-    if need_large:  # same tokenizer and encoder, only the LM differs
-        large_dir = out / "backbones" / "large"
-        for part in ("tokenizer", "vision"):
-            if not (large_dir / part).exists():
-                shutil.copytree(small[part], large_dir / part)
-        large = pretrain(train_files, large_dir, dataclasses.replace(spec, **budget["large_spec"]), 0)
-        paths["large"] = {k: str(v) for k, v in large.items()}
-    save_json(paths, done)
-    return paths
+    large = dataclasses.replace(spec, **budget["large_spec"]) if need_large else None
+    return synthetic_setup(out, budget["n_shapes"], budget["n_text"], budget["n_test"], spec, large, data)
 
 
 def _resolve(cell: dict, base: dict, shared: dict, budget: dict):
