@@ -15,6 +15,8 @@ to, as their hooks would.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,14 +167,10 @@ class Decoder:
         if not self.fast:
             if isinstance(positions, int):
                 positions = torch.full((embeds.shape[0], 1), positions, device=embeds.device)
-            if self.bridge is not None:
-                self.bridge.context = cross_context
-            try:
+            attending = self.bridge.attending(cross_context) if self.bridge is not None else contextlib.nullcontext()
+            with attending:
                 return self.hf(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
-            finally:
-                if self.bridge is not None:
-                    self.bridge.clear_context()
         b, t, _ = embeds.shape
         hd, nh = self.head_dim, self.heads
         if isinstance(positions, int):  # one new token per row, all at this position

@@ -16,6 +16,8 @@ are saved together. Simplification, stated: every text token of a row sees all i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,3 +105,13 @@ class CrossAttentionBridge(nn.Module):
 
     def clear_context(self) -> None:
         self.context = None
+
+    @contextlib.contextmanager
+    def attending(self, context: tuple[torch.Tensor, torch.Tensor] | None):
+        """The gated layers attend to `context` (visual tokens and mask, as `set_context` groups
+        them) inside the block, and to nothing after it."""
+        self.context = context
+        try:
+            yield
+        finally:
+            self.context = None
