@@ -249,10 +249,11 @@ def test_compiled_layers_train_the_same(model_cfg, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["autoregressive", "cross_attention", "split", "eager"])
-def test_records_of_one_image_share_its_tokens_with_the_same_loss_and_gradients(model_cfg, tmp_path, arch):
+def test_shared_and_packed_sequences_give_the_loss_and_gradients_of_the_records_apart(model_cfg, tmp_path, arch):
     """`group_by_image`: one-question records of an image in one sequence (shared prefix, block
-    mask, positions as if alone) give the loss and gradients of the records apart, with fewer
-    tokens; the LM's sdpa and eager attention alike."""
+    mask, positions as if alone); `packing`: several records or groups to a sequence up to a token
+    budget (block-diagonal). Each gives the loss and gradients of the records apart, with fewer
+    tokens or rows; the LM's sdpa and eager attention alike."""
     import dataclasses
 
     from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
@@ -280,30 +281,51 @@ def test_records_of_one_image_share_its_tokens_with_the_same_loss_and_gradients(
     assert all(sorted(order[order.index(g[0]) : order.index(g[0]) + len(g)]) == g for g in groups)  # contiguous
     ds = VQADataset(records, m.prompts, m.processor)
     items = [ds[i] for i in order]
+    longest = max(len(it["input_ids"]) for it in items)
+    budget = 3 * longest  # about three records to a packed row
+    variants = {"apart": {}, "shared": {"share_images": m.image_token_ids}}
+    if arch != "cross_attention":  # packing is refused there (a text token would see every image of its row)
+        widest = collate(items, m.tokenizer.pad_token_id, m.image_token_ids)["input_ids"].shape[1]  # an image's group
+        variants["packed"] = {"pack": budget}
+        variants["shared+packed"] = {"share_images": m.image_token_ids, "pack": 2 * widest}
     grads, outs = {}, {}
-    for name, batch in (("apart", collate(items, m.tokenizer.pad_token_id)),
-                        ("shared", collate(items, m.tokenizer.pad_token_id, m.image_token_ids))):  # fmt: skip
+    for name, kw in variants.items():
+        batch = collate(items, m.tokenizer.pad_token_id, **kw)
         m.zero_grad()
         out = m(batch["input_ids"], batch["attention_mask"], batch["labels"], **merge_image_inputs(m, batch),
                 position_ids=batch.get("position_ids"))  # fmt: skip
         out.loss_sum.backward()
         outs[name] = (batch, out)
         grads[name] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    (apart, a), (shared, s) = outs["apart"], outs["shared"]
+    apart, a = outs["apart"]
+    assert len(grads["apart"]) > 4
+    for name in variants:
+        batch, o = outs[name]
+        assert batch["ids"] and sorted(batch["ids"]) == sorted(apart["ids"]), name
+        assert o.n_tokens == a.n_tokens and o.loss_sum.item() == pytest.approx(a.loss_sum.item(), rel=1e-5), name
+        assert grads[name].keys() == grads["apart"].keys(), name
+        for n, g in grads["apart"].items():
+            torch.testing.assert_close(grads[name][n], g, rtol=1e-4, atol=1e-5, msg=f"{name}: {n}")
+    shared = outs["shared"][0]
     assert shared["attention_mask"].dim() == 4 and len(shared["input_ids"]) == 3 + 1  # 3 images, 1 record alone
     limit = 0.9 if arch == "cross_attention" else 0.75  # without visual tokens in the sequence, less to share
-    assert shared["tokens"] < limit * apart["tokens"] and shared["ids"] == apart["ids"]
-    assert s.n_tokens == a.n_tokens and s.loss_sum.item() == pytest.approx(a.loss_sum.item(), rel=1e-5)
-    assert grads["apart"].keys() == grads["shared"].keys() and len(grads["apart"]) > 4
-    for n, g in grads["apart"].items():
-        torch.testing.assert_close(grads["shared"][n], g, rtol=1e-4, atol=1e-5, msg=n)
+    assert shared["tokens"] < limit * apart["tokens"]
+    if "packed" in outs:
+        packed = outs["packed"][0]
+        assert packed["tokens"] == apart["tokens"] and packed["input_ids"].shape[1] <= budget
+        assert len(packed["input_ids"]) <= len(items) // 2
+        assert outs["shared+packed"][0]["tokens"] == shared["tokens"]
+        assert len(outs["shared+packed"][0]["input_ids"]) < len(shared["input_ids"])
 
 
-def test_grouped_training_runs_and_resumes_exactly(model_cfg, tmp_path):
+def test_grouped_and_packed_training_runs_and_resumes_exactly(model_cfg, tmp_path):
+    import dataclasses
+
     from vlmforge.data.synthetic import synth
 
     synth(tmp_path, "shapes", 12, seed=2, width=32, height=32, conversations="single")
-    cfg = dict(data=[str(tmp_path / "shapes_sft.json")], batch_size=8, max_steps=4, group_by_image=True)
+    cfg = dict(data=[str(tmp_path / "shapes_sft.json")], batch_size=8, max_steps=4, group_by_image=True, packing=True,
+               max_len=300)  # fmt: skip
     straight = _cfg(tmp_path, tmp_path / "straight", **cfg)
     train(straight, model_cfg)
     train(_cfg(tmp_path, tmp_path / "halves", stop_at=2, **cfg), model_cfg)
@@ -311,3 +333,6 @@ def test_grouped_training_runs_and_resumes_exactly(model_cfg, tmp_path):
     assert _losses(tmp_path / "halves") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-6)
     summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
     assert summary["samples"] == 32 and 0 < summary["tokens"]
+    ca = dataclasses.replace(model_cfg, architecture="cross_attention")
+    with pytest.raises(ValueError, match="packing does not work with the cross-attention"):
+        train(_cfg(tmp_path, tmp_path / "ca", **cfg), ca)

@@ -134,6 +134,12 @@ class TrainConfig:
             the records apart (a block mask: the LM's attention must be sdpa or eager). Fewer
             tokens per step when an image has several one-question records; batches hold fewer
             distinct images.
+        packing: put a micro-batch's records (or, with group_by_image, its images' groups of
+            records) several to a sequence, up to `max_len` tokens each, each attending only to
+            its own tokens at its own positions (a block-diagonal mask: the LM's attention must be
+            sdpa or eager): less padding, the same records per step, the same loss and gradients.
+            A record is never split. Not with the cross-attention architecture (its layers let a
+            text token see every image of its sequence).
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -172,6 +178,7 @@ class TrainConfig:
     compile: bool = False
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     group_by_image: bool = False
+    packing: bool = False
 
 
 @dataclass

@@ -8,8 +8,9 @@ naming the record and the file).
 With `share_images`, records of one image in a batch become one sequence: their common prefix
 (the chat header and the image block) once, then each record's own tokens, each attending only
 to the prefix and to itself (a block mask [B, 1, L, L]) at the positions it would have alone.
-The loss and its gradients are those of the records apart; the image's tokens are computed once
-instead of once per record.
+With `pack`, several records (or such groups) share a sequence up to a token budget, each
+attending only to its own tokens (block-diagonal). Either way the loss and its gradients are
+those of the records apart, and a record is never split.
 """
 
 from __future__ import annotations
@@ -73,42 +74,48 @@ class VQADataset(Dataset):
         return self.processor.views(load_image(path, self.max_image_pixels))
 
 
-def collate(items: list[dict], pad_id: int, share_images: tuple[int, ...] | None = None) -> dict:
+def collate(items: list[dict], pad_id: int, share_images: tuple[int, ...] | None = None,
+            pack: int | None = None) -> dict:  # fmt: skip
     """Right-pad a list of items; skipped items are dropped and listed under `skipped`.
     `share_images`: the ids of the image block's tokens (`VLM.image_token_ids`), to put the records
-    of one image in one sequence (see the module's doc); `tokens` counts the tokens computed."""
+    of one image in one sequence; `pack`: a token budget, to put several records (or images'
+    groups of records) in one sequence up to it (see the module's doc). `tokens` counts the tokens
+    computed."""
     good = [it for it in items if "skipped" not in it]
     batch = {"skipped": [it["skipped"] for it in items if "skipped" in it], "n": len(good)}
     if not good:
         return batch
-    rows = _shared_rows(good, share_images) if share_images is not None else [(0, [it]) for it in good]
-    seqs = [_row(p, its) for p, its in rows]
-    width = max(len(ids) for ids, _, _ in seqs)
-    batch["input_ids"] = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _, _ in seqs])
-    batch["labels"] = torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels, _ in seqs])
-    batch["tokens"] = sum(len(ids) for ids, _, _ in seqs)
-    if all(p == 0 for p, _ in rows):
-        batch["attention_mask"] = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in seqs])
+    groups = _groups(good, share_images) if share_images is not None else [(0, [it]) for it in good]
+    rows = _pack(groups, pack) if pack else [[g] for g in groups]
+    seqs = [_row(row) for row in rows]
+    width = max(len(s["ids"]) for s in seqs)
+    pad = lambda xs, value: xs + [value] * (width - len(xs))  # noqa: E731
+    batch["input_ids"] = torch.tensor([pad(s["ids"], pad_id) for s in seqs])
+    batch["labels"] = torch.tensor([pad(s["labels"], IGNORE) for s in seqs])
+    batch["tokens"] = sum(len(s["ids"]) for s in seqs)
+    if all(len(row) == 1 and row[0][0] == 0 for row in rows):  # one record per row: a plain padding mask
+        batch["attention_mask"] = torch.tensor([pad([1] * len(s["ids"]), 0) for s in seqs])
     else:
-        batch["attention_mask"] = torch.stack([_block_mask(segs, width) for _, _, segs in seqs]).unsqueeze(1)
-        batch["position_ids"] = torch.stack([_positions(segs, width) for _, _, segs in seqs])
-    batch["ids"] = [it["id"] for _, its in rows for it in its]
-    batch.update(image_batch([v for _, its in rows for v in its[0]["views"]]))
+        batch["attention_mask"] = torch.stack([_block_mask(s["group"], s["seg"], width) for s in seqs]).unsqueeze(1)
+        batch["position_ids"] = torch.tensor([pad(s["pos"], 0) for s in seqs])
+    ordered = [its for row in rows for _, its in row]
+    batch["ids"] = [it["id"] for its in ordered for it in its]
+    batch.update(image_batch([v for its in ordered for v in its[0]["views"]]))
     return batch
 
 
-def _shared_rows(items: list[dict], image_tokens: tuple[int, ...]) -> list[tuple[int, list[dict]]]:
-    """(shared prefix length, items) per sequence: the items of one image, in order of first
+def _groups(items: list[dict], image_tokens: tuple[int, ...]) -> list[tuple[int, list[dict]]]:
+    """(shared prefix length, items) per group: the items of one image, in order of first
     appearance, share their longest common prefix when it holds every image token and no
     label (nor the label of the token after it: that one is predicted from the prefix); others
-    and lone items get a row each (prefix 0)."""
+    and lone items are groups of one (prefix 0)."""
     by_image: dict[tuple, list[dict]] = {}
     for it in items:
         by_image.setdefault(it["images"] or (id(it),), []).append(it)
-    rows = []
+    groups = []
     for its in by_image.values():
         if len(its) < 2:
-            rows.append((0, its))
+            groups.append((0, its))
             continue
         first = its[0]["input_ids"]
         p = min(len(it["input_ids"]) - 1 for it in its)
@@ -117,43 +124,59 @@ def _shared_rows(items: list[dict], image_tokens: tuple[int, ...]) -> list[tuple
             p = min(p, next((i for i, x in enumerate(labels) if x != IGNORE), len(labels)) - 1)
             p = min(p, next((i for i, (a, b) in enumerate(zip(first, ids)) if a != b), len(ids)))
         if p > 0 and not any(t in image_tokens for it in its for t in it["input_ids"][p:]):
-            rows.append((p, its))
+            groups.append((p, its))
         else:
-            rows += [(0, [it]) for it in its]
+            groups += [(0, [it]) for it in its]
+    return groups
+
+
+def _length(group: tuple[int, list[dict]]) -> int:
+    prefix, items = group
+    return prefix + sum(len(it["input_ids"]) - prefix for it in items)
+
+
+def _pack(groups: list, budget: int) -> list[list]:
+    """Groups into rows of at most `budget` tokens, first fit in order (a group longer than the
+    budget gets a row of its own; a record is never split, nor its image's tokens)."""
+    rows: list[list] = []
+    room: list[int] = []
+    for g in groups:
+        n = _length(g)
+        r = next((r for r, left in enumerate(room) if left >= n), None)
+        if r is None:
+            rows.append([g])
+            room.append(budget - n)
+        else:
+            rows[r].append(g)
+            room[r] -= n
     return rows
 
 
-def _row(prefix: int, items: list[dict]) -> tuple[list[int], list[int], list[int]]:
-    """A sequence's ids, labels and segments (0 the shared prefix, k the k-th item's own tokens)."""
-    ids, labels, segs = list(items[0]["input_ids"][:prefix]), list(items[0]["labels"][:prefix]), [0] * prefix
-    for k, it in enumerate(items, 1):
-        ids += it["input_ids"][prefix:]
-        labels += it["labels"][prefix:]
-        segs += [k] * (len(it["input_ids"]) - prefix)
-    return ids, labels, segs
+def _row(groups: list[tuple[int, list[dict]]]) -> dict:
+    """A sequence's ids and labels, and per token its group in the row, its segment (0 the
+    group's shared prefix, k its k-th item's own tokens) and its position as if its record were
+    alone (the prefix's, then each item's from the prefix's end)."""
+    seq = {"ids": [], "labels": [], "group": [], "seg": [], "pos": []}
+    for g, (prefix, items) in enumerate(groups):
+        for k, it in enumerate(items):
+            lo = 0 if k == 0 else prefix  # the first item brings the prefix
+            n = len(it["input_ids"]) - lo
+            seq["ids"] += it["input_ids"][lo:]
+            seq["labels"] += it["labels"][lo:]
+            seq["group"] += [g] * n
+            seq["seg"] += [0] * (prefix - lo) + [k + 1] * (len(it["input_ids"]) - prefix)
+            seq["pos"] += list(range(lo, len(it["input_ids"])))
+    return seq
 
 
-def _block_mask(segs: list[int], width: int) -> torch.Tensor:
-    """[L, L] bool, True where a query may attend to a key: causal, within its own segment or the
-    prefix; a padding position attends to itself only (no row is empty)."""
-    s = torch.tensor(segs + [-1] * (width - len(segs)))
+def _block_mask(group: list[int], seg: list[int], width: int) -> torch.Tensor:
+    """[L, L] bool, True where a query may attend to a key: causal, within its own group, to the
+    group's prefix or its own segment; a padding position attends to itself only (no row is empty)."""
+    g = torch.tensor(group + [-1] * (width - len(group)))
+    s = torch.tensor(seg + [-1] * (width - len(seg)))
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same = (s[:, None] == s[None, :]) | (s[None, :] == 0)
-    return (causal & same & (s[:, None] >= 0)) | torch.eye(width, dtype=torch.bool)
-
-
-def _positions(segs: list[int], width: int) -> torch.Tensor:
-    """Each token's position as if its record were alone: the prefix's, then each segment's from
-    the prefix's end."""
-    prefix = segs.count(0)
-    out, seen = [], {}
-    for s in segs:
-        if s == 0:
-            out.append(len(out))
-        else:
-            seen[s] = seen.get(s, prefix - 1) + 1
-            out.append(seen[s])
-    return torch.tensor(out + [0] * (width - len(segs)))
+    same = (g[:, None] == g[None, :]) & ((s[:, None] == s[None, :]) | (s[None, :] == 0))
+    return (causal & same & (g[:, None] >= 0)) | torch.eye(width, dtype=torch.bool)
 
 
 def image_batch(views: list[torch.Tensor]) -> dict:

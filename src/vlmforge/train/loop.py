@@ -67,11 +67,13 @@ def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int, rank: int = 0, 
     ranks, each optimizer step takes `grad_accum x world` consecutive micro-batches and this rank
     reads only its `grad_accum` of them (the `rank`-th chunk), so no image is loaded twice. With
     `cfg.group_by_image`, the records of an image are batched together and share its tokens
-    (`image_tokens`: the ids of the image block, see `data.collate`)."""
+    (`image_tokens`: the ids of the image block); with `cfg.packing`, a batch's records are packed
+    several to a sequence (see `data.collate`)."""
     per_epoch = math.ceil(len(ds) / cfg.batch_size)
     mine = lambda i: (i - start) // cfg.grad_accum % world == rank  # noqa: E731
     groups = image_groups(ds.records) if cfg.group_by_image else None
     share = tuple(image_tokens) if cfg.group_by_image else None
+    pack = cfg.max_len if cfg.packing else None
     index = start
     while True:
         epoch, offset = divmod(index, per_epoch)
@@ -81,7 +83,7 @@ def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int, rank: int = 0, 
             ds,
             batch_sampler=[batches[i - index] for i in indices],
             num_workers=cfg.num_workers,
-            collate_fn=partial(collate, pad_id=pad_id, share_images=share),
+            collate_fn=partial(collate, pad_id=pad_id, share_images=share, pack=pack),
         )
         yield from zip(indices, loader)
         index += len(batches)
@@ -226,6 +228,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
              "world_size": d.world},
             out / "run_config.json",
         )  # fmt: skip
+    if cfg.packing and model.cross_attention:
+        raise ValueError("--train.packing does not work with the cross-attention architecture: its layers would let "
+                         "a text token see every image of its sequence (group_by_image does)")  # fmt: skip
     features = open_features(cfg, model, records) if cfg.cache else None
     apply_stage(model, cfg)
     device = torch.device(runtime.device())
