@@ -51,6 +51,19 @@ def test_malformed_record_names_file_and_record(tmp_path, record, words):
     assert "d.json record 1 (id=r1)" in msg and words in msg
 
 
+def test_every_malformed_record_is_named_in_one_error(tmp_path):
+    good = {"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    bad = [{"id": f"b{i}", "conversations": []} for i in range(25)]
+    rows = [good, bad[0], good, bad[1], {"id": "c", "image": 5, "conversations": [{"from": "human", "value": "a"}]}]
+    f = _write(tmp_path / "d.json", rows + bad[2:])
+    with pytest.raises(DataError) as e:
+        load_records(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: 26 malformed records of 28:")
+    assert "record 1 (id=b0)" in msg and "record 3 (id=b1)" in msg and "record 4 (id=c): 'image' must be" in msg
+    assert len(msg.splitlines()) == 1 + 20 + 1 and msg.endswith("… and 6 more")
+
+
 def test_jsonl(tmp_path):
     f = tmp_path / "d.jsonl"
     row = {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}

@@ -2,8 +2,8 @@
 
 A record is `{"id", "image", "conversations": [{"from": "human"|"gpt", "value": "<image>\\n…"}]}`;
 `image` (a path relative to the JSON file, or a list of them) is optional. Files may be a JSON
-list or JSON lines. Every record is validated when the file is read, so a malformed record fails
-before any training starts, with an error naming the file and the record.
+list or JSON lines. Every record is validated when the file is read, so malformed records fail
+before any training starts, with one error naming the file and each bad record.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_MARKER = "<image>"
+SHOWN_ERRORS = 20  # malformed records named in one error; the rest are counted
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -93,7 +94,20 @@ def parse_record(row: object, index: int, path: Path, image_root: Path) -> Recor
 
 def load_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
     """Read and validate a LLaVA JSON/JSONL file; image paths are relative to `image_root`
-    (default: the file's folder)."""
+    (default: the file's folder). Every malformed record is named in one `DataError` (the first
+    `SHOWN_ERRORS`, then how many more), not only the first."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    return [parse_record(row, i, path, root) for i, row in enumerate(_read(path))]
+    records, errors = [], []
+    for i, row in enumerate(_read(path)):
+        try:
+            records.append(parse_record(row, i, path, root))
+        except DataError as e:
+            errors.append(str(e))
+    if len(errors) == 1:
+        raise DataError(errors[0])
+    if errors:
+        more = f"\n  … and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
+        shown = "\n  ".join(errors[:SHOWN_ERRORS])
+        raise DataError(f"{path}: {len(errors)} malformed records of {len(records) + len(errors)}:\n  {shown}{more}")
+    return records
