@@ -108,7 +108,8 @@ def test_save_load_engine_and_export_refusal(conv_cfg, data_dir, tmp_path):
     img = load_image(data_dir / "images" / "shapes_000000.png")
     prompt = back.build_prompt("How many shapes are there?")
     ref = back.generate([prompt], pixel_values=back.processor.views(img), max_new_tokens=4, ignore_eos=True)[0]
-    from vlmforge.infer.engine import Engine, SamplingParams
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
 
     got = Engine(back).generate([prompt], [[img]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert got.tokens == ref and len(ref) == 4

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from vlmforge.infer.detokenize import byte_level_table
-from vlmforge.infer.engine import Engine, EngineBusy, PromptTooLong, SamplingParams
+from vlmforge.infer.engine import Engine
+from vlmforge.infer.request import EngineBusy, PromptTooLong, SamplingParams
 from vlmforge.model.vlm import VLM
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]
@@ -133,7 +134,7 @@ def test_limits_cancel_and_errors(vlm):
     eng.run_until_done()
     assert not eng.running and not eng.waiting
     # an image that cannot be read fails its own request only
-    from vlmforge.infer.engine import ImageInput
+    from vlmforge.infer.request import ImageInput
 
     def broken():
         raise OSError("truncated file")

@@ -34,7 +34,8 @@ def _greedy_hf(hf, inputs, n):
 def test_llava_hf_export_runs_in_transformers_with_the_same_outputs(model_cfg, tmp_path, capsys, layout, connector):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vlmforge.infer.engine import Engine, SamplingParams
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(model_cfg, resize="expand", layout=layout, connector=connector)
@@ -181,7 +182,8 @@ def test_a_preset_trained_here_exports_to_llava_hf(backbones, data_dir, tmp_path
     bare placeholders), then `export` (auto picks llava-hf), and transformers generates the same."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vlmforge.infer.engine import Engine, SamplingParams
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
 
     out = tmp_path / "run"
     main(["train", "--preset", "llava-1.5", "--model.vision", str(backbones["vision"]), "--model.lm",

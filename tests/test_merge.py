@@ -11,7 +11,8 @@ from vlmforge.train.stages import apply_stage
 def test_merge_lora_gives_the_same_model_without_adapters(model_cfg, data_dir, tmp_path, capsys):
     from test_model import _batch
     from vlmforge.cli import main
-    from vlmforge.infer.engine import Engine, SamplingParams
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
 
     torch.manual_seed(0)
     model = VLM.from_backbones(model_cfg)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmforge.infer.engine import Engine, SamplingParams
+from vlmforge.infer.engine import Engine
+from vlmforge.infer.request import SamplingParams
 from vlmforge.model.vlm import VLM
 from vlmforge.serve.app import Server
 from vlmforge.serve.launch import graceful, listen

@@ -83,7 +83,8 @@ def hf_generate(model, prompts: list[list[int]], images: list, tokens: int) -> i
 
 
 def bench_generate(model, tokens: int = 64, repeats: int = 5, batches=(1, 8)) -> dict:
-    from vlmforge.infer.engine import Engine, SamplingParams
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
 
     size = model.processor.size if hasattr(model.processor, "size") else 64
     engine = Engine(model, prefix_cache_tokens=0, feature_cache=1)  # no help from caches: same work as HF
@@ -233,7 +234,8 @@ def bench_serve_levels(port: int, size: int, levels=(1, 4, 16, 64), requests: in
 def engine_ttft(model, n: int = 12) -> dict:
     """The same comparison inside the engine (submission to first token, no HTTP): what the
     feature and prefix caches buy, without the server's fixed cost per request."""
-    from vlmforge.infer.engine import Engine, SamplingParams
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
 
     engine = Engine(model)
     size = model.processor.size

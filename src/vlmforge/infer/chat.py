@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 from vlmforge.data.images import load_image
-from vlmforge.infer.engine import Engine, SamplingParams
+from vlmforge.infer.engine import Engine
+from vlmforge.infer.request import SamplingParams
 
 
 def chat(model, image: str | None, question: str | None = None, max_new_tokens: int = 64) -> list[str]:

@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmforge.data.images import ImageError, load_image_bytes
-from vlmforge.infer.engine import Engine, EngineBusy, Event, ImageInput, PromptTooLong
+from vlmforge.infer.engine import Engine
+from vlmforge.infer.request import EngineBusy, Event, ImageInput, PromptTooLong
 from vlmforge.serve.images import image_bytes
 from vlmforge.serve.protocol import APIError, ChatRequest, ServeLimits, load_body, parse_chat
 

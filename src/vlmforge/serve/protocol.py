@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from vlmforge.infer.engine import SamplingParams
+from vlmforge.infer.request import SamplingParams
 
 
 @dataclass
