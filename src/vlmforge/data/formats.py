@@ -92,16 +92,15 @@ def parse_record(row: object, index: int, path: Path, image_root: Path) -> Recor
     return Record(str(rid if rid is not None else index), [image_root / n for n in names], messages, where, extra)
 
 
-def load_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
-    """Read and validate a LLaVA JSON/JSONL file; image paths are relative to `image_root`
-    (default: the file's folder). Every malformed record is named in one `DataError` (the first
-    `SHOWN_ERRORS`, then how many more), not only the first."""
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    records, errors = [], []
-    for i, row in enumerate(_read(path)):
+def parse_records(rows: list[tuple[int, object]], path: Path, image_root: Path,
+                  errors: list[str] | None = None) -> list[Record]:  # fmt: skip
+    """Validate the (index, row) pairs of one source. Every malformed record (and each of
+    `errors`, found earlier) is named in one `DataError`: the first `SHOWN_ERRORS`, then how many
+    more."""
+    records, errors = [], list(errors or [])
+    for i, row in rows:
         try:
-            records.append(parse_record(row, i, path, root))
+            records.append(parse_record(row, i, path, image_root))
         except DataError as e:
             errors.append(str(e))
     if len(errors) == 1:
@@ -111,3 +110,16 @@ def load_records(path: str | Path, image_root: str | Path | None = None) -> list
         shown = "\n  ".join(errors[:SHOWN_ERRORS])
         raise DataError(f"{path}: {len(errors)} malformed records of {len(records) + len(errors)}:\n  {shown}{more}")
     return records
+
+
+def load_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+    """Read and validate a LLaVA JSON/JSONL file, or a Hugging Face dataset written
+    `hf:WHERE[:SUBSET][@SPLIT]` (`data.hf`); image paths are relative to `image_root` (default:
+    the file's folder). Every malformed record is named in one error, not only the first."""
+    from vlmforge.data import hf
+
+    if hf.is_source(path):
+        return hf.load_hf_records(str(path))
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    return parse_records(list(enumerate(_read(path))), path, root)
