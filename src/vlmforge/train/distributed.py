@@ -127,6 +127,17 @@ def setup(timeout_s: float = 600.0) -> Dist:
     return Dist(rank, world, local) if world > 1 else Dist()
 
 
-def teardown(d: Dist) -> None:
-    if d.enabled:
-        leave_process_group()
+def teardown(d: Dist, clean: bool = True) -> None:
+    """Leave the process group. `clean` (every rank got here): first wait for the others and
+    free what still holds the group (the DDP / FSDP wrappers of the finished model), so that no
+    rank keeps gloo's threads alive while another closes its connections: a process that exits
+    with them alive can abort when its peer goes. After an error, leave at once."""
+    if not d.enabled:
+        return
+    if clean:
+        import gc
+
+        d.barrier()
+        gc.collect()
+        d.barrier()
+    leave_process_group()

@@ -199,13 +199,17 @@ def train(
     d = setup(cfg.dist_timeout)
     try:
         with runtime.threads(cfg.threads), runtime.seeded(cfg.seed):
-            return _train(cfg, model_cfg, init, resume, d)
+            model_dir = _train(cfg, model_cfg, init, resume, d)
     except Exception as e:
         if d.enabled:  # name the rank: torchrun stops the others, whose collectives then fail
             tqdm.write(f"rank {d.rank} of {d.world} failed: {type(e).__name__}: {e}")
+        teardown(d, clean=False)
         raise
-    finally:  # a process that exits inside the group can abort in gloo's threads at interpreter exit
-        teardown(d)
+    except BaseException:  # Ctrl-C
+        teardown(d, clean=False)
+        raise
+    teardown(d)
+    return model_dir
 
 
 def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, resume: bool, d) -> Path:
