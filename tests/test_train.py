@@ -336,3 +336,21 @@ def test_grouped_and_packed_training_runs_and_resumes_exactly(model_cfg, tmp_pat
     ca = dataclasses.replace(model_cfg, architecture="cross_attention")
     with pytest.raises(ValueError, match="packing does not work with the cross-attention"):
         train(_cfg(tmp_path, tmp_path / "ca", **cfg), ca)
+
+
+def test_bench_data_packs_the_same_labels_into_fewer_tokens(tmp_path, capsys):
+    from vlmforge.cli import main
+
+    out = tmp_path / "data.json"
+    main(["bench", "data", "--work", str(tmp_path / "w"), "--n_images", "16", "--batch_size", "8", "--steps", "2",
+          "--warmup", "1", "--out", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    for name in ("demo mix", "long tail"):
+        padded, packed = r["sets"][name]["padded"], r["sets"][name]["packed"]
+        assert padded["label_tokens_per_step"] == packed["label_tokens_per_step"] > 0
+        assert padded["tokens_per_step"] == packed["tokens_per_step"]  # the same records, no padding counted
+        assert packed["computed_per_step"] <= padded["computed_per_step"]  # packed rows hold less padding
+        assert r["sets"][name]["packed_vs_padded"] > 0
+    tail = r["sets"]["long tail"]
+    assert tail["packed"]["computed_per_step"] < tail["padded"]["computed_per_step"]
+    assert "packed / padded" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from typing import Literal
 
 from vlmforge import runtime
 from vlmforge.bench.cache import run as bench_cache
+from vlmforge.bench.data import run as bench_data
 from vlmforge.bench.serve import generate as bench_generate
 from vlmforge.bench.serve import serve as bench_serve
 from vlmforge.bench.train import run as bench_train
@@ -620,7 +621,13 @@ COMMANDS = {
     "demo": demo,
     "ablate": ablate,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},
-    "bench": {"cache": bench_cache, "generate": bench_generate, "serve": bench_serve, "train": bench_train},
+    "bench": {
+        "cache": bench_cache,
+        "data": bench_data,
+        "generate": bench_generate,
+        "serve": bench_serve,
+        "train": bench_train,
+    },
 }
 
 
