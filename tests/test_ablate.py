@@ -53,6 +53,8 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
     assert md in printed and "| linear |" in md and "| perceiver 4 |" in md and " ± " in md
     assert "Paper: perceiver 60.3" in md
     assert (out / "results.png").stat().st_size > 1000
+    page = (out / "results.html").read_text()  # the same tables and the plot, in one page
+    assert "<h2>connector</h2>" in page and "<td>perceiver 4</td>" in page and "data:image/png;base64," in page
     # finished runs are not re-run; a run lost mid-way is redone
     del results["runs"]["connector/linear/seed1"], results["runs"]["again/linear again/seed1"]
     (out / "results.json").write_text(json.dumps(results))

@@ -88,13 +88,16 @@ def test_synth_train_eval_chat_end_to_end(tmp_path, backbones, capsys, monkeypat
     ])  # fmt: skip
     model = tmp_path / "run" / "model"
     capsys.readouterr()
-    main(["eval", "--model", str(model), "--data", str(tmp_path / "shapes_qa.json"), "--out", str(tmp_path / "r")])
+    main(["eval", "--model", str(model), "--data", str(tmp_path / "shapes_qa.json"), "--out", str(tmp_path / "r"),
+          "--html", str(tmp_path / "r.html")])  # fmt: skip
     out = capsys.readouterr().out
     assert "| shapes_qa | all | accuracy |" in out and "  - count: " in out
     report = json.loads((tmp_path / "r" / "report.json").read_text())["benchmarks"]["shapes_qa"]
     assert report["n"] == len(json.loads((tmp_path / "shapes_qa.json").read_text()))
     assert set(report["breakdown"]) <= {"color", "shape", "count", "exist"}
     assert len((tmp_path / "r" / "shapes_qa" / "predictions.jsonl").read_text().splitlines()) == report["n"]
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<tr class='q ") == report["n"] and page.count("data:image/png;base64,") == 8  # 8 images
     image = tmp_path / "images" / "shapes_000000.png"
     main(["chat", "--model", str(model), "--image", str(image), "--question", "How many shapes are there?"])
     flagged = capsys.readouterr().out

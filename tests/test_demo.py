@@ -12,8 +12,8 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     cfg = DemoConfig(
         out=str(tmp_path / "demo"), n_shapes=48, n_text=8, n_test=8, n_other=4, spec=SMALL,
         train_sizes=["80x64", "64x80", "96x96"], n_shapes_other=12,
-        align=dataclasses.replace(base.align, max_steps=2, batch_size=8),
-        sft=dataclasses.replace(base.sft, max_steps=2, batch_size=8),
+        align=dataclasses.replace(base.align, max_steps=2, batch_size=8, log_every=1),
+        sft=dataclasses.replace(base.sft, max_steps=2, batch_size=8, log_every=1),
     )  # fmt: skip
     summary = run(cfg)
     out = tmp_path / "demo"
@@ -39,7 +39,13 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     sft_data = json.loads((out / "sft" / "run_config.json").read_text())["train"]["data"]
     assert any("train_80x64" in f for f in sft_data) and len(sft_data) == 5
     assert all(isinstance(s["right"], bool) for s in summary["samples"])
-    assert "vlmforge demo summary" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "vlmforge demo summary" in printed and f"report: {out / 'report.html'}" in printed
+    page = (out / "report.html").read_text()
+    tasks = ("shapes", "text", "shapes_96x64", "shapes_64x96", "shapes_128x128")
+    answered = sum(summary["scores"][t]["n"] for t in tasks)
+    assert page.count("<tr class='q ") == answered  # every held-out answer, right or wrong
+    assert page.count("<polyline") == 2 and "data:image/png;base64," in page and "model card: stage sft" in page
     # a second run continues: every phase is reported as done earlier
     again = run(cfg)
     assert again["phases_done_earlier"] == ["data", "backbones", "cache", "align", "sft", "model", "eval"]

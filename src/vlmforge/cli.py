@@ -153,6 +153,7 @@ def eval(
     api_key: str | None = None,
     concurrency: int = 8,
     seed: int | None = None,
+    html: str | None = None,
 ) -> None:
     """Evaluate a model on standard benchmarks (--bench) and on LLaVA-format QA files (--data).
 
@@ -178,6 +179,8 @@ def eval(
         api_key: bearer token for the endpoint (default: $OPENAI_API_KEY).
         concurrency: requests in flight at once with --endpoint.
         seed: pick a seeded random letter for unparsable multiple-choice answers (default: count them wrong).
+        html: also write a self-contained HTML page of every answer (with its image), right and
+            wrong, filterable by task and question type (needs --out).
     """
     import os
 
@@ -190,6 +193,8 @@ def eval(
         raise ValueError("give --data FILE.json and/or --bench NAMES")
     if bench is not None and (not data_root or not out):
         raise ValueError("--bench needs --data-root PATH and --out DIR")
+    if html and not out:
+        raise ValueError("--html needs --out DIR (the page shows the answers saved there)")
     tasks = [b for b in (bench or "").split(",") if b.strip()] + [QAFile(f) for f in data or []]
     if endpoint:
         key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -202,6 +207,10 @@ def eval(
     print(format_markdown(report).rstrip())
     if out:
         print(f"report: {out}/report.md, {out}/report.json")
+    if html:
+        from vlmforge.eval.html import eval_sections, write_page
+
+        print(f"page: {write_page(html, 'vlmforge eval', eval_sections(report, out))}")
 
 
 def chat(model: str, image: str | None = None, question: str | None = None, max_new_tokens: int = 64) -> None:

@@ -181,7 +181,8 @@ def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None,
         if not batch:
             return
         preds = generate([s for s, _ in batch], [ims for _, ims in batch])
-        new = [{"id": s.id, "prompt": s.prompt, "prediction": p, "answer": s.answer, "meta": s.meta}
+        new = [{"id": s.id, "prompt": s.prompt, "prediction": p, "answer": s.answer, "meta": s.meta,
+                "images": [im for im in s.images if isinstance(im, str)]}  # image files, for the HTML page
                for (s, _), p in zip(batch, preds)]  # fmt: skip
         _append(path, new)
         rows.extend(new)

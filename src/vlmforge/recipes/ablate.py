@@ -469,6 +469,9 @@ def write_report(results: dict, out: Path) -> None:
         lines.append("")
     atomic_write_text(out / "results.md", "\n".join(lines))
     _plot(table, out / "results.png")
+    from vlmforge.eval.html import from_markdown, image_tag, write_page
+
+    write_page(out / "results.html", lines[0][2:], from_markdown("\n".join(lines)) + [image_tag(out / "results.png")])
 
 
 def _describe_task(spec: dict) -> str:

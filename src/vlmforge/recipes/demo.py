@@ -193,6 +193,7 @@ def run(cfg: DemoConfig) -> dict:
         "targets_met": met,
     }
     save_json(summary, out / "summary.json")
+    page = _page(out, summary, model.history)
     lines = ["", "=" * 64, "vlmforge demo summary", "-" * 64]
     lines += [f"  {k:<10} {v:7.1f}s" for k, v in summary["phase_seconds"].items()]
     lines.append(
@@ -222,7 +223,26 @@ def run(cfg: DemoConfig) -> dict:
         mark = ("right" if s["right"] else "WRONG") + (", text: no target" if s["task"] == "text" else "")
         lines.append(f"    {s['image']}: {s['question']} -> {s['answer']!r} (reference {s['reference']!r}: {mark})")
     lines.append(f"  targets met: {met}")
+    lines.append(f"  report: {page}   (every held-out answer with its image, the loss curves, the timings)")
     lines.append(f"  model: {out / 'model'}   (try: vlmforge chat --model {out / 'model'} --image IMG --question ...)")
     lines.append("=" * 64)
     print("\n".join(lines))
     return summary
+
+
+def _page(out: Path, summary: dict, history: list[dict]) -> Path:
+    """OUT/report.html: the targets, the phase timings, each stage's loss curve, the model card (its
+    training history) and every held-out answer with its image."""
+    from vlmforge.eval.html import eval_sections, loss_svg, table, write_page
+
+    parts = ["<h2>Targets</h2>", table({k: v for k, v in summary["targets_met"].items()}, ("target", "met"))]
+    parts += ["<h2>Phase timings</h2>", table({k: f"{v:.1f} s" for k, v in summary["phase_seconds"].items()},
+                                              ("phase", "seconds"))]  # fmt: skip
+    parts.append("<h2>Training</h2>")
+    parts += [loss_svg(out / stage / "metrics.jsonl", stage) for stage in ("align", "sft")
+              if (out / stage / "metrics.jsonl").is_file()]  # fmt: skip
+    for h in history:
+        parts.append(table({k: v for k, v in h.items()}, ("model card: stage " + str(h.get("stage")), "")))
+    report = json.loads((out / "eval" / "report.json").read_text())
+    parts += eval_sections(report, out / "eval")
+    return write_page(out / "report.html", "vlmforge demo", parts)
