@@ -354,3 +354,18 @@ def test_bench_data_packs_the_same_labels_into_fewer_tokens(tmp_path, capsys):
     tail = r["sets"]["long tail"]
     assert tail["packed"]["computed_per_step"] < tail["padded"]["computed_per_step"]
     assert "packed / padded" in capsys.readouterr().out
+
+
+def test_tensorboard_events_match_the_metrics_across_a_resume(model_cfg, data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(_cfg(data_dir, out, max_steps=4, stop_at=2, report_to=["tensorboard"]), model_cfg)
+    train(_cfg(data_dir, out, max_steps=4, report_to=["tensorboard"]), model_cfg, resume=True)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx(_losses(out), rel=1e-6)
+    assert all(e.value > 0 for e in events.Scalars("train/tokens_per_s"))

@@ -663,7 +663,7 @@ def _positional_question(argv: list[str]) -> list[str]:
 # mean `--data [a.json,b.json]` (which also works, as does jsonargparse's `--data+ a.json`).
 LIST_FLAGS = {
     ("pretrain",): {"--data", "--captions"},
-    ("train",): {"--train.data"},
+    ("train",): {"--train.data", "--train.report_to"},
     ("eval",): {"--data"},
     ("cache", "build"): {"--data"},
     ("bench", "cache"): {"--presets"},

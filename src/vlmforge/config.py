@@ -140,6 +140,8 @@ class TrainConfig:
             sdpa or eager): less padding, the same records per step, the same loss and gradients.
             A record is never split. Not with the cross-attention architecture (its layers let a
             text token see every image of its sequence).
+        report_to: also log each metrics line elsewhere: `tensorboard` writes event files (loss,
+            lr, grad norm, tokens/s) to OUT/tensorboard with torch's SummaryWriter.
     """
 
     stage: Literal["align", "sft"] = "sft"
@@ -179,6 +181,7 @@ class TrainConfig:
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     group_by_image: bool = False
     packing: bool = False
+    report_to: list[Literal["tensorboard"]] = field(default_factory=list)
 
 
 @dataclass

@@ -282,7 +282,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
     quiet = {} if d.main else {"disable": True}  # one progress bar: rank 0's
     bar = tqdm(total=total, initial=progress["step"], desc=f"train {cfg.stage}", unit="step", **quiet)
     t_start, elapsed0 = time.time(), progress["elapsed"]
-    last_log, skipped_seen = time.time(), []
+    last_log, skipped_seen, last_tokens = time.time(), [], progress["tokens"]
+    board = None
+    if d.main and "tensorboard" in cfg.report_to:  # events after a resumed step are dropped: no doubles
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out / "tensorboard"), purge_step=progress["step"] + 1 if progress["step"] else None)
     try:
         while progress["step"] < total:
             if cfg.time_budget and elapsed0 + time.time() - t_start > cfg.time_budget:
@@ -347,7 +352,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
                 }
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                last_log = time.time()
+                if board is not None:
+                    for key in ("loss", "lr", "grad_norm"):
+                        board.add_scalar(f"train/{key}", row[key], row["step"])
+                    board.add_scalar("train/tokens_per_s", (row["tokens"] - last_tokens) / dt, row["step"])
+                    board.flush()
+                last_log, last_tokens = time.time(), row["tokens"]
             if progress["step"] % cfg.save_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
@@ -362,6 +372,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
                 save_checkpoint(ckpt_path, model, opt, sched, progress)
             tqdm.write(f"stopped by an error at step {progress['step']}; " + _kept(par, ckpt_path))
         raise
+    finally:
+        if board is not None:
+            board.close()
     bar.close()
     model.eval()
     checkpoint()
