@@ -66,6 +66,14 @@ def write_meta(folder: str | Path, model: dict, lm_mode: str, tokens_per_image: 
     write_json(Path(folder) / META, meta, indent=2)
 
 
+def record_evals(folder: str | Path, evals: list[dict]) -> None:
+    """Put eval scores (`[{"task", "metric", "score", "n"}]`) into a model folder's config.json,
+    where its card (the server's playground, `export`) finds them."""
+    meta = read_meta(folder)
+    meta["evals"] = evals
+    write_json(Path(folder) / META, meta, indent=2)
+
+
 def read_connector(path: str | Path, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 

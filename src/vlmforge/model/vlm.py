@@ -121,6 +121,7 @@ class VLM(nn.Module):
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
         self.history: list[dict] = []  # the training stages that made this model (the model card's)
+        self.evals: list[dict] = []  # eval scores recorded in its folder (`folder.record_evals`)
         self.vision_source: str | None = None  # where the vision weights came from (to save a released tower)
 
     # ---- construction and persistence -------------------------------------------------------
@@ -170,6 +171,7 @@ class VLM(nn.Module):
         else:
             model.lm_mode = meta.get("lm_mode", "frozen")
         model.history = meta.get("history") or ([meta["trained"]] if "trained" in meta else [])
+        model.evals = meta.get("evals") or []
         return model.eval()
 
     def merge_lora(self) -> int:

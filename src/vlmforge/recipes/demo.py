@@ -45,6 +45,7 @@ def run(cfg: DemoConfig) -> dict:
     from vlmforge.eval.benchmarks import QAFile
     from vlmforge.eval.harness import LocalGenerator, evaluate_benchmarks
     from vlmforge.infer.engine import Engine, answer
+    from vlmforge.model import folder
     from vlmforge.model.vlm import VLM
     from vlmforge.recipes.pipeline import align_then_sft
     from vlmforge.recipes.tiny import pretrain
@@ -144,6 +145,8 @@ def run(cfg: DemoConfig) -> dict:
             name: {"accuracy": b["score"], "n": b["n"], "per_type": {k: v["score"] for k, v in b["breakdown"].items()}}
             for name, b in report["benchmarks"].items()
         }
+        folder.record_evals(out / "model", [{"task": name, "metric": b["metric"], "score": round(b["score"], 4),
+                                             "n": b["n"]} for name, b in report["benchmarks"].items()])  # fmt: skip
         other = [res[f"shapes_{w}x{h}"] for w, h in sizes]
         if other:  # every other size together, each question once
             n = sum(r["n"] for r in other)
