@@ -9,13 +9,18 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first (the CPU wheel on disk), then the exact pins, then this package without deps,
-# so that nothing can pull another torch build.
+# so that nothing can pull another torch build; then Debian's Chromium and its driver (the
+# playground's browser test) when they are missing.
 $(STAMP): requirements.txt pyproject.toml
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 && \
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt && \
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e . && \
+	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi && \
 	secs=$$(( $$(date +%s) - start )) && echo "setup took $${secs}s" && echo "$${secs} seconds for make setup" > $(STAMP)
 
 demo: setup

@@ -6,10 +6,12 @@ import base64
 import http.client
 import io
 import json
+import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,8 +237,21 @@ def test_api_key_is_required_when_set(live):
         assert code == 401 and err["error"]["code"] == "invalid_api_key"
         assert post(port, body, {"Authorization": "Bearer wrong"})[0] == 401
         assert post(port, body, {"Authorization": "Bearer sesame"})[0] == 200
+        # the playground's page is public; it learns that a key is needed, and the card needs the key
+        srv.model.history, srv.model.evals = [{"stage": "sft", "step": 3}], [{"task": "shapes", "score": 0.5}]
+        page = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        page.request("GET", "/")
+        resp = page.getresponse()
+        assert resp.status == 200 and b'id="send"' in resp.read()
+        for headers, card in (({}, False), ({"Authorization": "Bearer sesame"}, True)):
+            page.request("GET", "/playground/info", headers=headers)
+            info = json.loads(page.getresponse().read())
+            assert info["model"] == "tiny" and info["needs_key"] and info["limits"]["max_image_pixels"] == 90_000
+            assert ("history" in info) == card and (not card or info["evals"][0]["task"] == "shapes")
+        page.close()
     finally:
         srv.api_key = None
+        srv.model.history, srv.model.evals = [], []
 
 
 def test_32_concurrent_requests_are_all_answered_correctly(live):
@@ -321,3 +336,60 @@ def test_bench_serve_writes_every_figure(model_cfg, tmp_path, capsys):
         assert r[key] > 0
     assert set(r["serve"]) == {"1", "16"} and r["serve"]["16"]["completion_tokens"] == 16 * 4
     assert "| 16 |" in capsys.readouterr().out
+
+
+def test_playground_in_a_real_browser_streams_the_engines_answer_and_shows_the_servers_error(live, tmp_path):
+    """Headless Chromium (Debian's, through Selenium) on the page at /: an image chosen, a question
+    asked, the streamed answer equals the engine's own; an image with more pixels than the server
+    takes shows the server's error in words. Screenshots of both go to runs/test-artifacts/."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    srv, port = live
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's (make setup installs it)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(flag)
+    opts.add_argument("--window-size=1100,800")
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+    shots = Path("runs/test-artifacts")
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        # an untrained model's greedy answer is blank tokens: sample (temperature 1, seed 7) for visible text
+        question, color = "What color is it?", "red"
+        prompt = srv.model.prompts.encode_prompt([{"role": "user", "content": "<image>\n" + question}])
+        params = SamplingParams(max_tokens=16, temperature=1.0, seed=7)
+        image = Image.open(io.BytesIO(png(color))).convert("RGB")
+        ref = Engine(srv.model).generate([prompt], [[image]], params)[0].text
+        assert ref.strip()
+        (tmp_path / "image.png").write_bytes(png(color))
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "image.png"))
+        wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+        for field, value in (("max_tokens", "16"), ("temperature", "1"), ("seed", "7")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "question").send_keys(question)
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"))
+        answer = driver.execute_script("return document.querySelector('.assistant span').textContent")
+        assert answer == ref, (answer, ref)  # the engine's very text, streamed into the page
+        driver.save_screenshot(str(shots / "playground_answer.png"))
+        # 400 x 400 = 160,000 pixels against the server's 90,000: the page sends it, the server refuses
+        big = io.BytesIO()
+        Image.new("RGB", (400, 400), "blue").save(big, format="PNG")
+        (tmp_path / "big.png").write_bytes(big.getvalue())
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "big.png"))
+        wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+        driver.find_element(By.ID, "question").send_keys("And this one?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert "pixels" in driver.find_element(By.ID, "error").text
+        driver.save_screenshot(str(shots / "playground_error.png"))
+    finally:
+        driver.quit()

@@ -8,9 +8,10 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmforge.data.images import ImageError, load_image_bytes
@@ -18,6 +19,8 @@ from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import EngineBusy, Event, ImageInput, PromptTooLong
 from vlmforge.serve.images import image_bytes
 from vlmforge.serve.protocol import APIError, ChatRequest, ServeLimits, load_body, parse_chat
+
+PLAYGROUND = Path(__file__).with_name("playground.html")  # the chat page served at /
 
 
 class Server:
@@ -77,6 +80,23 @@ class Server:
 
         unauthorized = APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
                                 code="invalid_api_key")  # fmt: skip
+
+        @app.get("/", response_class=HTMLResponse)
+        async def playground():
+            return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+        @app.get("/playground/info")
+        async def playground_info(request: Request):
+            """What the playground shows: the model's name and limits, and (with the key) its card."""
+            lim = self.limits
+            info = {"model": self.name, "needs_key": bool(self.api_key),
+                    "limits": {"max_image_bytes": lim.max_image_bytes, "max_image_pixels": lim.max_image_pixels,
+                               "max_images": lim.max_images}}  # fmt: skip
+            if authorized(request):
+                info["history"] = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))}
+                                   for h in self.model.history]  # fmt: skip
+                info["evals"] = self.model.evals
+            return info
 
         @app.get("/health")
         async def health():
