@@ -64,6 +64,8 @@ def eval_sections(report: dict, out: str | Path) -> list[str]:
                      f"<td class=num>{b['n']}</td><td>{by}</td></tr>")  # fmt: skip
     parts.append("</table>")
     rows = [(name, r) for name in report["benchmarks"] for r in rows_of(out, name) if "error" not in r]
+    order = {name: i for i, name in enumerate(report["benchmarks"])}
+    rows.sort(key=lambda nr: (order[nr[0]], str(nr[1].get("meta", {}).get("type", ""))))  # grouped by task and type
     types = sorted({f"{name}/{r.get('meta', {}).get('type', 'all')}" for name, r in rows})
     options = "".join(f"<option>{_e(t)}</option>" for t in types)
     select = f"<select id=type onchange=show()><option>all</option>{options}</select>"
