@@ -109,7 +109,8 @@ def loss_svg(metrics: str | Path, title: str, width: int = 480, height: int = 20
 
 
 def table(rows: dict, head: tuple[str, str]) -> str:
-    cells = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows.items())
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) else v  # noqa: E731
+    cells = "".join(f"<tr><td>{_e(k)}</td><td>{_e(show(v))}</td></tr>" for k, v in rows.items())
     return f"<table><tr><th>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>{cells}</table>"
 
 
