@@ -120,3 +120,27 @@ def test_single_question_records_hold_every_turn_of_the_conversation(tmp_path):
     assert qa[0] == qa[1]  # the evaluation file does not depend on the layout
     with pytest.raises(ValueError, match="'both'"):
         synth(tmp_path / "x", "shapes", 2, conversations="both")
+
+
+def test_words_task_on_wide_and_tall_canvases_is_deterministic_and_typed(tmp_path):
+    for size in ((256, 64), (64, 192)):
+        a = synth(tmp_path / f"a{size}", "words", 6, seed=3, width=size[0], height=size[1])
+        b = synth(tmp_path / f"b{size}", "words", 6, seed=3, width=size[0], height=size[1])
+        assert a["sft"].read_text() == b["sft"].read_text()  # the same seed, the same data
+        images = sorted((tmp_path / f"a{size}" / "images").iterdir())
+        assert len(images) == 6 and Image.open(images[0]).size == size
+        qa = json.loads(a["qa"].read_text())
+        captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads(a["captions"].read_text())}
+        assert {question_type(r["conversations"][0]["value"]) for r in qa} == {"word", "words"}
+        for r in qa:
+            q, ans = r["conversations"][0]["value"], r["conversations"][1]["value"]
+            words = captions[r["image"]].split()
+            if question_type(q) == "words":
+                assert ans == str(len(words)) and 2 <= len(words) <= 4
+            else:  # "What is the second word?" -> the second word of the caption
+                k = ["first", "second", "third", "fourth"].index(re.search(r"the (\w+) word", q).group(1))
+                assert ans == words[k]
+        # ink spans the canvas's long side: words sit side by side when wide, stacked when tall
+        ink = (Image.open(images[0]).convert("L").point(lambda v: v < 128)).getbbox()
+        long_side = 0 if size[0] > size[1] else 1
+        assert ink[long_side + 2] - ink[long_side] > size[long_side] * 0.3

@@ -34,7 +34,7 @@ def data_synth(
 
     Args:
         out: output folder (JSON files and images/).
-        task: shapes or text.
+        task: shapes, text, or words (a line of words on a wide canvas, a word per line on a tall one).
         n: number of images.
         seed: random seed; the same seed gives the same data.
         width: image width in pixels.

@@ -1,6 +1,6 @@
 """Synthetic VQA data, deterministic by seed, written as LLaVA conversation JSON + PNG images.
 
-Two tasks, with fixed question templates that evaluation code elsewhere relies on:
+Three tasks, with fixed question templates that evaluation code elsewhere relies on:
 
 * `shapes`: 1-4 non-overlapping circles, squares and triangles in six colours on a light
   background, each of half-size 1/10-1/6 of the image's shorter side. Questions:
@@ -9,6 +9,9 @@ Two tasks, with fixed question templates that evaluation code elsewhere relies o
   {color} {shape}?" (yes/no, balanced). Each image also has a caption, listing its shapes from left
   to right, e.g. "a red circle, a blue square and a green triangle".
 * `text`: a random lowercase string of 3-6 letters on a white image; "What does the text say?".
+* `words`: 2-4 random words of 3-5 letters, on one line when the canvas is wide (e.g. 256 x 64),
+  one per line when it is tall (e.g. 64 x 192), where resolution and aspect matter: "What is the
+  {first, second, third, fourth} word?" (in reading order) and "How many words are there?".
 
 For each task three files are written: `{task}_captions.json` (one caption per image, for the
 align stage), `{task}_sft.json` (every question of every image, the caption request included) and
@@ -51,6 +54,9 @@ SHAPE_Q = "What shape is the {color} object?"
 COUNT_Q = "How many shapes are there?"
 EXIST_Q = "Is there a {color} {shape}?"
 TEXT_Q = "What does the text say?"
+WORD_Q = "What is the {ordinal} word?"
+WORDS_Q = "How many words are there?"
+ORDINALS = ("first", "second", "third", "fourth")
 CAPTION_PROMPT = "Describe the image."
 _TYPES = [
     ("color", re.compile(r"^What color is the \w+\?$")),
@@ -58,6 +64,8 @@ _TYPES = [
     ("count", re.compile(r"^How many shapes are there\?$")),
     ("exist", re.compile(r"^Is there an? \w+ \w+\?$")),
     ("text", re.compile(r"^What does the text say\?$")),
+    ("word", re.compile(r"^What is the \w+ word\?$")),
+    ("words", re.compile(r"^How many words are there\?$")),
 ]
 
 
@@ -146,6 +154,23 @@ def text_image(word: str, width: int, height: int, rng: random.Random) -> Image.
     return img
 
 
+def words_image(words: list[str], width: int, height: int, rng: random.Random) -> Image.Image:
+    """Words in reading order: on one line when the canvas is wide (or square), one per line when
+    it is tall; each line's text sized to fit its share of the canvas."""
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    lines = [" ".join(words)] if width >= height else words
+    slot = height / len(lines)
+    longest = max(len(line) for line in lines)
+    font = ImageFont.load_default(size=max(8, int(min(slot * 0.6, width * 1.5 / longest))))
+    for k, line in enumerate(lines):
+        x0, y0, x1, y1 = d.textbbox((0, 0), line, font=font)
+        x = rng.uniform(0, max(0, width - (x1 - x0))) - x0
+        y = k * slot + rng.uniform(0, max(0, slot - (y1 - y0))) - y0
+        d.text((x, y), line, fill=(0, 0, 0), font=font)
+    return img
+
+
 def _record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
     conv = []
     for i, (q, a) in enumerate(turns):
@@ -165,8 +190,8 @@ def synth(
     conversations: str = "single",
 ) -> dict[str, Path]:
     """Write `n` images of `task` and its three JSON files under `out`; return the JSON paths."""
-    if task not in ("shapes", "text"):
-        raise ValueError(f"unknown synthetic task {task!r} (use 'shapes' or 'text')")
+    if task not in ("shapes", "text", "words"):
+        raise ValueError(f"unknown synthetic task {task!r} (use 'shapes', 'text' or 'words')")
     if conversations not in ("single", "multi"):
         raise ValueError(f"unknown conversations {conversations!r} (use 'single' or 'multi')")
     out = Path(out)
@@ -190,6 +215,15 @@ def synth(
                     continue
                 q, a = rng.choice(items)
                 qa.append(_record(f"{rid}_{qtype}", name, [(q, a)]))
+        elif task == "words":
+            words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+                     for _ in range(rng.randint(2, 4))]  # fmt: skip
+            img = words_image(words, width, height, rng)
+            cap = " ".join(words)
+            asks = [(WORD_Q.format(ordinal=ORDINALS[k]), w) for k, w in enumerate(words)]
+            turns = asks + [(WORDS_Q, str(len(words)))]
+            qa.append(_record(f"{rid}_word", name, [rng.choice(asks)]))
+            qa.append(_record(f"{rid}_words", name, [(WORDS_Q, str(len(words)))]))
         else:
             word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
             img = text_image(word, width, height, rng)
