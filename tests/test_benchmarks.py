@@ -308,8 +308,14 @@ def endpoint():
 
 def test_cli_eval_of_a_saved_model_in_every_layout(saved_model, data_root, llava_root, tmp_path, capsys):
     common = ["--model", str(saved_model), "--limit", "3", "--max-new-tokens", "6"]
-    main(["eval", *common, "--bench", ",".join(ALL), "--data-root", str(data_root), "--out", str(tmp_path / "hf")])
+    main(["eval", *common, "--bench", ",".join(ALL), "--data-root", str(data_root), "--out", str(tmp_path / "hf"),
+          "--html", str(tmp_path / "hf.html")])  # fmt: skip
     out = capsys.readouterr().out
+    page = (tmp_path / "hf.html").read_text()  # parquet images are bytes: shown from thumbnails beside the answers
+    assert page.count("<tr class='q ") == 3 * len(ALL) and page.count("data:image/jpeg;base64,") >= 3 * len(ALL)
+    # right and wrong by each benchmark's own rule (an empty answer is no "A", though VQA normalisation
+    # would make both empty); captions, scored as a corpus, are neither
+    assert page.count("<tr class='q wrong' data-type='mmmu/") == 3 and page.count("q unscored") == 3
     assert "| textvqa | validation | accuracy |" in out and "report:" in out
     report = json.loads((tmp_path / "hf/report.json").read_text())
     assert report["generation"] == {"model": str(saved_model), "decoding": "greedy", "max_new_tokens": 6}

@@ -12,6 +12,7 @@ and left out of the score (its count is shown).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from vlmforge.data.formats import DataError
 from vlmforge.data.images import ImageError, load_image, load_image_bytes
 from vlmforge.eval.benchmarks import Benchmark, Sample, get_benchmark
 from vlmforge.eval.metrics import METRICS_VERSION
-from vlmforge.io import atomic_write_text
+from vlmforge.io import atomic_save, atomic_write_text
 
 
 def decode_images(sample: Sample) -> list:
@@ -158,6 +159,22 @@ def _append(path: Path | None, rows: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
+def _shown(image, decoded, predictions: Path | None, sid: str, k: int) -> str | None:
+    """A file to show an answered question's image by (for the HTML page): the image's own file,
+    or for an image given as bytes a 160-pixel JPEG thumbnail written beside the predictions."""
+    if isinstance(image, str):
+        return image
+    if predictions is None:
+        return None
+    thumb = predictions.parent / "thumbs" / f"{hashlib.sha1(f'{sid}/{k}'.encode()).hexdigest()[:16]}.jpg"
+    if not thumb.exists():
+        thumb.parent.mkdir(exist_ok=True)
+        small = decoded.convert("RGB")
+        small.thumbnail((160, 160))
+        atomic_save(thumb, lambda tmp: small.save(tmp, format="JPEG", quality=85))
+    return str(thumb)
+
+
 def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None, out: str | Path | None,
                   split: str | None = None, limit: int | None = None, batch_size: int = 8,
                   seed: int | None = None) -> dict:  # fmt: skip
@@ -182,8 +199,8 @@ def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None,
             return
         preds = generate([s for s, _ in batch], [ims for _, ims in batch])
         new = [{"id": s.id, "prompt": s.prompt, "prediction": p, "answer": s.answer, "meta": s.meta,
-                "images": [im for im in s.images if isinstance(im, str)]}  # image files, for the HTML page
-               for (s, _), p in zip(batch, preds)]  # fmt: skip
+                "images": [_shown(im, pil, path, s.id, k) for k, (im, pil) in enumerate(zip(s.images, ims))]}
+               for (s, ims), p in zip(batch, preds)]  # fmt: skip
         _append(path, new)
         rows.extend(new)
         answered += len(new)

@@ -18,7 +18,7 @@ from vlmforge.io import atomic_write_text
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}
-.right{background:#e6f4e6}.wrong{background:#fbe3e3}.q td{vertical-align:middle}
+.right{background:#e6f4e6}.wrong{background:#fbe3e3}.unscored{background:#f4f4f4}.q td{vertical-align:middle}
 .q img{width:72px;image-rendering:pixelated}
 .bar{margin:.5em 0}.bar button{margin-right:.3em}.num{text-align:right}svg{background:#fafafa;border:1px solid #ddd}
 """
@@ -41,10 +41,19 @@ def _data_url(path: str) -> str | None:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def _right(row: dict) -> bool:
-    answer = row.get("answer")
-    refs = answer if isinstance(answer, list) else [answer]
-    return any(exact_match(row.get("prediction") or "", str(r)) for r in refs if r is not None)
+def _right(task: str, section: dict, row: dict) -> bool | None:
+    """Whether an answer counts as right: by its benchmark's own rule on that row alone (at least
+    half marks: VQA accuracy, ANLS; POPE and MMStar their accuracy), by exact match for a QA file;
+    None for captions, which are scored as a corpus."""
+    from vlmforge.eval.benchmarks import BENCHMARKS
+
+    bench = BENCHMARKS.get(task)
+    if bench is None or str(section.get("scoring", "")).startswith("exact match"):  # a QA file
+        return exact_match(row.get("prediction") or "", str(row.get("answer")))
+    if bench.name == "coco_cap":
+        return None
+    result = bench.score([row])
+    return result.get("accuracy", result["score"]) >= 0.5
 
 
 def rows_of(out: str | Path, task: str) -> list[dict]:
@@ -75,10 +84,11 @@ def eval_sections(report: dict, out: str | Path) -> list[str]:
     urls: dict[str, int] = {}  # each image once in the page, however many questions it has
     for name, r in rows:
         kind = f"{name}/{r.get('meta', {}).get('type', 'all')}"
-        ok = _right(r)
-        images = "".join(f"<img data-im='{urls.setdefault(p, len(urls))}' alt=''>" for p in r.get("images") or [])
+        ok = _right(name, report["benchmarks"][name], r)
+        mark = {True: "right", False: "wrong", None: "unscored"}[ok]
+        images = "".join(f"<img data-im='{urls.setdefault(p, len(urls))}' alt=''>" for p in r.get("images") or [] if p)
         question = str(r.get("prompt", "")).replace("<image>", "").strip()
-        parts.append(f"<tr class='q {'right' if ok else 'wrong'}' data-type='{_e(kind)}' data-right='{int(ok)}'>"
+        parts.append(f"<tr class='q {mark}' data-type='{_e(kind)}' data-right='{int(ok is not False)}'>"
                      f"<td>{images}</td><td>{_e(kind)}</td><td>{_e(question)}</td><td>{_e(r.get('prediction'))}</td>"
                      f"<td>{_e(r.get('answer'))}</td></tr>")  # fmt: skip
     parts.append("</table>")
