@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmforge.io import atomic_write_bytes
+
 IMAGE_MARKER = "<image>"
 SHOWN_ERRORS = 20  # malformed records named in one error; the rest are counted
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -208,10 +210,7 @@ def _image_path(cell, where: str, base: Path) -> str:
         folder = image_dir()
         path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{Path(cell.get('path') or '').suffix or '.img'}"
         if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, data)
         return str(path)
     if isinstance(cell, dict) and cell.get("path"):
         return str(base / cell["path"])

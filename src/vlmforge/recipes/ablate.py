@@ -168,6 +168,8 @@ def check_tasks(tasks: dict) -> None:
 
 
 def load_grid(grid: str) -> dict:
+    from vlmforge.data.formats import is_source
+
     if grid in GRIDS:
         return GRIDS[grid]
     path = Path(grid)
@@ -193,10 +195,10 @@ def load_grid(grid: str) -> dict:
         data = g["data"]
         if not isinstance(data, dict) or not data.get("sft") or set(data) - {"align", "sft"}:
             raise ValueError(f"{path}: `data:` needs `sft:` (and optionally `align:`) lists of files")
-        g["data"] = {k: [f if f.startswith("hf:") else str(base / f) for f in ([v] if isinstance(v, str) else v)]
+        g["data"] = {k: [f if is_source(f) else str(base / f) for f in ([v] if isinstance(v, str) else v)]
                      for k, v in data.items()}  # fmt: skip
         for f in (f for v in g["data"].values() for f in v):
-            if not Path(f).is_file() and not f.startswith("hf:"):
+            if not Path(f).is_file() and not is_source(f):
                 raise FileNotFoundError(f"{path}: training data {f} does not exist")
     return g
 

@@ -238,14 +238,14 @@ def _page(out: Path, summary: dict, history: list[dict]) -> Path:
     training history) and every held-out answer with its image."""
     from vlmforge.eval.html import eval_sections, loss_svg, table, write_page
 
-    parts = ["<h2>Targets</h2>", table({k: v for k, v in summary["targets_met"].items()}, ("target", "met"))]
+    parts = ["<h2>Targets</h2>", table(summary["targets_met"], ("target", "met"))]
     parts += ["<h2>Phase timings</h2>", table({k: f"{v:.1f} s" for k, v in summary["phase_seconds"].items()},
                                               ("phase", "seconds"))]  # fmt: skip
     parts.append("<h2>Training</h2>")
     parts += [loss_svg(out / stage / "metrics.jsonl", stage) for stage in ("align", "sft")
               if (out / stage / "metrics.jsonl").is_file()]  # fmt: skip
     for h in history:
-        parts.append(table({k: v for k, v in h.items()}, ("model card: stage " + str(h.get("stage")), "")))
+        parts.append(table(h, ("model card: stage " + str(h.get("stage")), "")))
     report = json.loads((out / "eval" / "report.json").read_text())
     parts += eval_sections(report, out / "eval")
     return write_page(out / "report.html", "vlmforge demo", parts)

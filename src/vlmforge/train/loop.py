@@ -200,12 +200,9 @@ def train(
     try:
         with runtime.threads(cfg.threads), runtime.seeded(cfg.seed):
             model_dir = _train(cfg, model_cfg, init, resume, d)
-    except Exception as e:
-        if d.enabled:  # name the rank: torchrun stops the others, whose collectives then fail
+    except BaseException as e:  # an error or Ctrl-C: leave the group at once
+        if d.enabled and isinstance(e, Exception):  # name the rank: torchrun stops the others
             tqdm.write(f"rank {d.rank} of {d.world} failed: {type(e).__name__}: {e}")
-        teardown(d, clean=False)
-        raise
-    except BaseException:  # Ctrl-C
         teardown(d, clean=False)
         raise
     teardown(d)
