@@ -107,3 +107,11 @@ def test_synth_train_eval_chat_end_to_end(tmp_path, backbones, capsys, monkeypat
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("What color is the circle?\nHow many shapes?\n"))
     main(["chat", "--model", str(model), "--image", str(image), "--max_new_tokens", "3"])
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_eval_html_without_out_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "qa.json"),
+              "--html", str(tmp_path / "p.html")])  # fmt: skip
+    assert e.value.code == 2 and "--html needs --out DIR" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p.html").exists()
