@@ -46,9 +46,17 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     answered = sum(summary["scores"][t]["n"] for t in tasks)
     assert page.count("<tr class='q ") == answered  # every held-out answer, right or wrong
     assert page.count("<polyline") == 2 and "data:image/png;base64," in page and "model card: stage sft" in page
-    # a second run continues: every phase is reported as done earlier
-    again = run(cfg)
+    # a second run, from the command line with the same settings as a YAML file, continues: every
+    # phase is reported as done earlier
+    import yaml
+
+    from vlmforge.cli import main
+
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    main(["demo", "--config", str(tmp_path / "demo.yaml")])
+    again = json.loads((out / "summary.json").read_text())
     assert again["phases_done_earlier"] == ["data", "backbones", "cache", "align", "sft", "model", "eval"]
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
 
 
 def test_demo_sizes_are_checked():

@@ -228,72 +228,6 @@ def chat(model: str, image: str | None = None, question: str | None = None, max_
     run(VLM.from_pretrained(model), image, question, max_new_tokens)
 
 
-def demo(
-    out: str = "runs/demo",
-    n_shapes: int = DemoConfig.n_shapes,
-    n_text: int = DemoConfig.n_text,
-    n_test: int = DemoConfig.n_test,
-    n_pretrain: int = DemoConfig.n_pretrain,
-    train_sizes: list[str] = DemoConfig().train_sizes,  # noqa: B008
-    n_shapes_other: int = DemoConfig.n_shapes_other,
-    other_sizes: list[str] = DemoConfig().other_sizes,  # noqa: B008
-    n_other: int = DemoConfig.n_other,
-    seed: int = 0,
-    spec: TinySpec = TinySpec(),  # noqa: B008
-    model: ModelConfig = DemoConfig().model,  # noqa: B008
-    align: TrainConfig = DemoConfig().align,  # noqa: B008
-    sft: TrainConfig = DemoConfig().sft,  # noqa: B008
-    cache: bool = True,
-    cache_dtype: str = DemoConfig.cache_dtype,
-    fresh: bool = False,
-) -> None:
-    """The main job: data → tiny backbones → feature cache → align → sft → eval → sample answers, in OUT.
-
-    Args:
-        out: run folder (final model in OUT/model, figures in OUT/summary.json).
-        n_shapes: training images of the shapes task.
-        n_text: training images of the text task.
-        n_test: held-out images per task.
-        n_pretrain: extra captioned shapes images for pretraining the encoder.
-        train_sizes: further training canvases of the shapes task (WIDTHxHEIGHT).
-        n_shapes_other: training shapes images over those canvases, in equal parts.
-        other_sizes: held-out shapes images at other sizes (WIDTHxHEIGHT), other seeds.
-        n_other: held-out images per other size.
-        seed: data and training seed (held-out data uses seed + 1).
-        spec: tiny backbone sizes and pretraining budgets.
-        model: connector and feature settings of the VLM (its vision, lm and tokenizer are the
-            demo's backbones).
-        align: the align stage (its data and output folder are set by the demo).
-        sft: the sft stage (its data and output folder are set by the demo).
-        cache: train both stages from a feature store of the training images (OUT/cache).
-        cache_dtype: stored feature dtype (fp32, fp16, bf16).
-        fresh: delete OUT first instead of continuing an earlier run there.
-    """
-    from vlmforge.recipes.demo import run
-
-    run(
-        DemoConfig(
-            out=out,
-            n_shapes=n_shapes,
-            n_text=n_text,
-            n_pretrain=n_pretrain,
-            n_test=n_test,
-            train_sizes=train_sizes,
-            n_shapes_other=n_shapes_other,
-            other_sizes=other_sizes,
-            n_other=n_other,
-            seed=seed,
-            spec=spec,
-            model=model,
-            align=align,
-            sft=sft,
-            cache=cache,
-            cache_dtype=cache_dtype,
-            fresh=fresh,
-        )  # fmt: skip
-    )
-
-
 def cache_build(
     data: list[str],
     out: str,
@@ -627,7 +561,7 @@ COMMANDS = {
     "import": import_,
     "presets": presets,
     "plan": plan,
-    "demo": demo,
+    "demo": DemoConfig,  # the config is the command: main() runs it
     "ablate": ablate,
     "cache": {"build": cache_build, "info": cache_info, "verify": cache_verify},
     "bench": {
@@ -638,25 +572,6 @@ COMMANDS = {
         "train": bench_train,
     },
 }
-
-
-def _positional_question(argv: list[str]) -> list[str]:
-    """Allow `vlmforge chat --model DIR --image IMG "question"`: a bare word is the question."""
-    if not argv or argv[0] != "chat":
-        return argv
-    out, i = [argv[0]], 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("-"):
-            out.append(arg)
-            takes_value = arg.startswith("--") and "=" not in arg and arg not in ("--help", "--print_config")
-            if takes_value and i + 1 < len(argv):
-                out.append(argv[i + 1])
-                i += 1
-        else:
-            out += ["--question", arg]
-        i += 1
-    return out
 
 
 # Options that take lists, per verb: `--data a.json b.json` and `--data a.json --data b.json` both
@@ -674,36 +589,32 @@ LIST_FLAGS = {
 }
 
 
-def _list_flags(argv: list[str]) -> list[str]:
-    flags = next((f for verb, f in LIST_FLAGS.items() if tuple(argv[: len(verb)]) == verb), None)
-    if not flags:
-        return argv
-    out, lists, i = [], {}, 0
+def _argv(argv: list[str]) -> list[str]:
+    """The command line as jsonargparse reads it, in one pass: `--data-root` is `--data_root`, a list
+    flag gathers the words after it (and its repeats) into one `[a,b]`, and a bare word after
+    `vlmforge chat`'s options is its `--question`."""
+    flags = next((f for verb, f in LIST_FLAGS.items() if tuple(argv[: len(verb)]) == verb), set())
+    out, lists, i, chat = [], {}, 0, argv[:1] == ["chat"]
     while i < len(argv):
         arg = argv[i]
-        if arg in flags and i + 1 < len(argv) and not argv[i + 1].startswith("["):
-            values = lists.setdefault(arg, [])
-            if not values:
-                out.append(arg)  # placeholder, filled below
-            i += 1
-            while i < len(argv) and not argv[i].startswith("-"):
-                values.append(argv[i])
-                i += 1
-            continue
-        out.append(arg)
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
         i += 1
+        if arg in flags and i < len(argv) and not argv[i].startswith("["):
+            if arg not in lists:
+                out.append(arg)  # its place; the values are filled in below
+            while i < len(argv) and not argv[i].startswith("-"):
+                lists.setdefault(arg, []).append(argv[i])
+                i += 1
+        elif arg.startswith("-") or not chat or i == 1:
+            out.append(arg)
+            if chat and arg.startswith("--") and "=" not in arg and arg not in ("--help", "--print_config"):
+                out += argv[i : i + 1]  # a chat option's value is never the question
+                i += 1
+        else:
+            out += ["--question", arg]
     return [x for a in out for x in ((a, "[" + ",".join(lists[a]) + "]") if a in lists else (a,))]
-
-
-def _underscores(argv: list[str]) -> list[str]:
-    """Accept `--data-root` for `--data_root` (flag names only, never values)."""
-    out = []
-    for a in argv:
-        if a.startswith("--") and len(a) > 2:
-            name, eq, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + value
-        out.append(a)
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -713,9 +624,13 @@ def main(argv: list[str] | None = None) -> None:
     from vlmforge.data.images import ImageError
     from vlmforge.eval.harness import EndpointError
 
-    argv = _list_flags(_positional_question(_underscores(list(sys.argv[1:] if argv is None else argv))))
+    argv = _argv(list(sys.argv[1:] if argv is None else argv))
     try:
-        CLI(COMMANDS, args=argv, as_positional=False, description=__doc__.split("\n")[0])
+        result = CLI(COMMANDS, args=argv, as_positional=False, description=__doc__.split("\n")[0])
+        if isinstance(result, DemoConfig):
+            from vlmforge.recipes.demo import run
+
+            run(result)
     except (DataError, ImageError, FileNotFoundError, ValueError, EndpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

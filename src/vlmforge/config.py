@@ -274,10 +274,12 @@ def sft_defaults() -> TrainConfig:
 
 @dataclass
 class DemoConfig:
-    """Sizes and budgets of the demo.
+    """The main job: data → tiny backbones → feature cache → align → sft → eval → sample answers, in OUT.
+
+    `vlmforge demo` takes these fields as its flags and runs `recipes.demo.run` on them.
 
     Args:
-        out: run folder.
+        out: run folder (final model in OUT/model, figures in OUT/summary.json).
         n_shapes: training images of the shapes task.
         n_text: training images of the text task.
         n_pretrain: extra captioned shapes images for pretraining the encoder (its own seed).
