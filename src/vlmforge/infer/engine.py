@@ -10,13 +10,10 @@ It knows nothing of HTTP. What it does, in the manner of vLLM / SGLang, at toy s
 * **Continuous batching.** Requests wait in a bounded queue; between two decode steps the engine
   admits waiting requests (prefill) and retires finished or cancelled ones, so a short request
   never waits for a long one.
-* **Image features once per image.** Visual tokens are kept in an LRU keyed by the image's content
-  hash: a repeated image skips the encoder and the connector.
-* **Prefix KV reuse** (SGLang's radix cache, vLLM's automatic prefix caching): after a prefill,
-  the keys and values of the prompt are kept, indexed by chained hashes of 8-token blocks (a
-  block's hash covers its tokens and the content hashes of the images it holds). A later prompt
-  starting with the same blocks (same system prompt, same image, ...) copies them and prefills
-  only the rest; when the image tokens are covered, the encoder is not run at all.
+* **Image features once per image** (`vision_cache.VisionCache`) and **prefix KV reuse**
+  (`prefix_cache.PrefixCache`): a repeated image skips the encoder and the connector; a prompt that
+  starts like an earlier one copies its keys and values and prefills only the rest (when the image
+  tokens are covered, the encoder is not run at all).
 * **Sampling**: greedy, or temperature / top-k / top-p with a per-request seed; `max_tokens`,
   end-of-turn tokens and stop strings end a request; text is streamed as it is decoded.
 
@@ -27,8 +24,6 @@ the server does; `submit` is thread-safe.
 from __future__ import annotations
 
 import collections
-import hashlib
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -38,9 +33,11 @@ import torch.nn.functional as F
 
 from vlmforge.infer.decoder import Decoder
 from vlmforge.infer.detokenize import Detokenizer, byte_level_table
-from vlmforge.infer.kv_cache import BLOCK, LRU, SlotCache
+from vlmforge.infer.kv_cache import SlotCache
+from vlmforge.infer.prefix_cache import PrefixCache
 from vlmforge.infer.request import EngineBusy, Event, ImageInput, PromptTooLong, Request, SamplingParams
 from vlmforge.infer.sampling import sample
+from vlmforge.infer.vision_cache import VisionCache
 
 
 class Engine:
@@ -86,10 +83,9 @@ class Engine:
         self.stop_ids = set(model.prompts.stop_ids)
         self.image_token_id = model.image_token_id
         self.cross_attention = model.cross_attention
-        self.features = LRU(feature_cache)  # image key -> visual tokens [views * T, D]
-        self.prefix_store = LRU(prefix_cache_tokens, size=lambda e: e[2], on_evict=self._forget_prefix)
-        self.prefix_index: dict[str, tuple[int, int]] = {}  # block-chain hash -> (entry id, tokens)
-        self._entry_ids = itertools.count()
+        self.stats = collections.Counter()
+        self.vision = VisionCache(model, feature_cache, self.dtype, self.stats)
+        self.prefixes = PrefixCache(prefix_cache_tokens, model.image_starts, model.cross_attention)
         self.waiting: collections.deque[Request] = collections.deque()
         self.live: set[Request] = set()  # submitted and not finished
         self.running: list[Request] = []  # running[i] holds slot i
@@ -98,7 +94,6 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = collections.Counter()
 
     # ---- submission ---------------------------------------------------------------------------
     def submit(self, prompt: list[int], images: list | None = None, params: SamplingParams | None = None,
@@ -228,64 +223,6 @@ class Engine:
             if self.running[i].cancelled:
                 self._release(i, "abort")
 
-    def _encode(self, images: dict[str, object]) -> dict[str, torch.Tensor]:
-        """Visual tokens [views * T, D] of decoded images {key: PIL image}, in one encoder batch;
-        kept in the feature cache."""
-        if not images:
-            return {}
-        proc = self.model.processor
-        pixels = torch.cat([proc.views(im) for im in images.values()]).to(self.device)
-        vis = self.model.image_embeds(pixel_values=pixels)  # [N_views, T, D]
-        per = proc.num_views
-        out = {}
-        for j, key in enumerate(images):
-            out[key] = vis[j * per : (j + 1) * per].reshape(-1, vis.shape[-1]).to(self.dtype)
-            self.features.put(key, out[key])
-        self.stats["encoded_images"] += len(images)
-        return out
-
-    def _block_hashes(self, req: Request) -> list[str]:
-        """Chained hashes of the prompt's full blocks (the last token is never covered, so that
-        the prefill always computes it)."""
-        image_at = self.model.image_starts(req.prompt)
-        # with cross-attention every token sees every image of the request
-        h = hashlib.blake2b(digest_size=16)
-        if self.cross_attention:
-            h.update("".join(im.key for im in req.images).encode())
-        hashes, k = [], 0
-        for b in range((len(req.prompt) - 1) // BLOCK):
-            lo, hi = b * BLOCK, (b + 1) * BLOCK
-            h.update(torch.tensor(req.prompt[lo:hi], dtype=torch.int64).numpy().tobytes())
-            while not self.cross_attention and k < len(image_at) and image_at[k] < hi:
-                h.update(req.images[k].key.encode())
-                k += 1
-            hashes.append(h.copy().hexdigest())
-        return hashes
-
-    def _forget_prefix(self, entry_id, entry) -> None:
-        for hsh in entry[3]:
-            if self.prefix_index.get(hsh, (None,))[0] == entry_id:
-                del self.prefix_index[hsh]
-
-    def _lookup_prefix(self, req: Request, slot: int) -> tuple[int, list[str]]:
-        """Copy the longest cached prefix of `req` into `slot`; returns its length and the
-        prompt's block hashes."""
-        hashes = self._block_hashes(req) if self.prefix_store.capacity else []
-        for b in reversed(range(len(hashes))):
-            hit = self.prefix_index.get(hashes[b])
-            if hit is not None and hit[0] in self.prefix_store:
-                ks, vs, _, _ = self.prefix_store.get(hit[0])
-                self.cache.write(slot, ks, vs, (b + 1) * BLOCK)
-                return (b + 1) * BLOCK, hashes
-        return 0, hashes
-
-    def _needed_images(self, req: Request, start: int) -> list[ImageInput]:
-        if self.cross_attention:  # every token attends to every image of the request
-            return req.images
-        m = sum(1 for t in req.prompt[start:] if t == self.image_token_id)  # placeholders not cached
-        per = self.model.sequence_tokens_per_image
-        return req.images[len(req.images) - -(-m // per) :] if m else []
-
     def _prefill_batch(self, reqs: list[Request]) -> None:
         """Admit `reqs`: reuse cached prefixes, encode their new images in one batch, run the rest
         of every prompt through the LM in one padded forward, and sample each first token."""
@@ -293,17 +230,11 @@ class Engine:
         self.cache.reserve(base + len(reqs), max(len(r.prompt) + r.params.max_tokens for r in reqs), self.max_len)
         starts, hashes, needed, decoded, have = [], [], [], {}, {}
         for req in list(reqs):  # images are decoded first: a bad one fails its request alone
-            start, h = self._lookup_prefix(req, base + len(starts))
-            need = self._needed_images(req, start)
+            h = self.prefixes.hashes(req)
+            start = self.prefixes.lookup(h, self.cache, base + len(starts))
+            need = self.vision.needed(req, start)
             try:
-                for im in need:
-                    if im.key in decoded or im.key in have:
-                        continue
-                    hit = self.features.get(im.key)
-                    if hit is not None:
-                        have[im.key] = hit
-                    else:
-                        decoded[im.key] = im.load()
+                self.vision.gather(need, have, decoded)
             except Exception as e:
                 req.error = f"{type(e).__name__}: {e}"
                 self._finish(req, "error")
@@ -315,7 +246,7 @@ class Engine:
         if not reqs:
             return
         self.stats["images"] += sum(len(r.images) for r in reqs)
-        have.update(self._encode(decoded))  # visual tokens of every image this batch needs
+        have.update(self.vision.encode(decoded, self.device))  # visual tokens of every image this batch needs
         n = [len(r.prompt) for r in reqs]
         q = [a - b for a, b in zip(n, starts)]
         width, length = max(q), max(n)
@@ -350,13 +281,7 @@ class Engine:
             self.contexts.append(contexts[i] if contexts else None)
             self.stats["prompt_tokens"] += n[i]
             self.stats["cached_tokens"] += starts[i]
-            h = hashes[i]
-            if h and len(h) * BLOCK > starts[i]:  # keep this prompt's blocks for later requests
-                ks, vs = self.cache.read(base + i, len(h) * BLOCK)
-                entry_id = next(self._entry_ids)
-                self.prefix_store.put(entry_id, (ks, vs, len(h) * BLOCK, h))
-                for b, hsh in enumerate(h):
-                    self.prefix_index[hsh] = (entry_id, (b + 1) * BLOCK)
+            self.prefixes.keep(hashes[i], self.cache, base + i, starts[i])  # for later requests
         tokens = self._sample(logits, reqs)
         for i in reversed(range(len(reqs))):  # reversed: releasing a slot moves the last one into it
             self._accept(base + i, tokens[i])

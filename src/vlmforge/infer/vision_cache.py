@@ -1,0 +1,61 @@
+"""Image features once per image, for the engine: visual tokens in an LRU keyed by the image's
+content hash, so that a repeated image skips the encoder and the connector."""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from vlmforge.infer.kv_cache import LRU
+from vlmforge.infer.request import ImageInput, Request
+
+
+class VisionCache:
+    """Visual tokens `[views * T, D]` of up to `capacity` images, and the encoder batch that makes them.
+
+    Args:
+        model: the `VLM` whose processor, encoder and connector make the tokens.
+        capacity: images kept.
+        dtype: the LM's dtype (tokens are stored in it).
+        stats: the engine's counters (`encoded_images` is added to).
+    """
+
+    def __init__(self, model, capacity: int, dtype: torch.dtype, stats: collections.Counter):
+        self.model, self.dtype, self.stats = model, dtype, stats
+        self.features = LRU(capacity)
+
+    def needed(self, req: Request, start: int) -> list[ImageInput]:
+        """The images whose tokens a prefill from token `start` on needs."""
+        if self.model.cross_attention:  # every token attends to every image of the request
+            return req.images
+        m = sum(1 for t in req.prompt[start:] if t == self.model.image_token_id)  # placeholders not cached
+        per = self.model.sequence_tokens_per_image
+        return req.images[len(req.images) - -(-m // per) :] if m else []
+
+    def gather(self, images: list[ImageInput], have: dict, decoded: dict) -> None:
+        """Sort `images` into `have` (key -> cached tokens) and `decoded` (key -> PIL image, to
+        encode); an image that cannot be decoded raises here, for its request alone."""
+        for im in images:
+            if im.key in decoded or im.key in have:
+                continue
+            hit = self.features.get(im.key)
+            if hit is not None:
+                have[im.key] = hit
+            else:
+                decoded[im.key] = im.load()
+
+    def encode(self, images: dict[str, object], device) -> dict[str, torch.Tensor]:
+        """Visual tokens of decoded images {key: PIL image}, in one encoder batch; kept here."""
+        if not images:
+            return {}
+        proc = self.model.processor
+        pixels = torch.cat([proc.views(im) for im in images.values()]).to(device)
+        vis = self.model.image_embeds(pixel_values=pixels)  # [N_views, T, D]
+        per = proc.num_views
+        out = {}
+        for j, key in enumerate(images):
+            out[key] = vis[j * per : (j + 1) * per].reshape(-1, vis.shape[-1]).to(self.dtype)
+            self.features.put(key, out[key])
+        self.stats["encoded_images"] += len(images)
+        return out
