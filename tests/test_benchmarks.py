@@ -224,6 +224,11 @@ def test_bad_input_is_named_and_finished_work_kept(data_root, tmp_path):
     with pytest.raises(DataError, match=r"llava_textvqa_val.jsonl:2: malformed JSON"):
         evaluate_benchmarks(["docvqa", "textvqa"], Scripted(reference_answer), root, tmp_path / "o4")
     assert json.loads((tmp_path / "o4/report.json").read_text())["benchmarks"]["docvqa"]["n"] == 2
+    # a damaged parquet file is named, not a traceback from deep inside the reader
+    (root / "POPE").mkdir()
+    (root / "POPE/test-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"POPE: cannot read parquet"):
+        evaluate_benchmarks(["pope"], Scripted(reference_answer), root, tmp_path / "o5")
 
 
 def test_every_registered_benchmark_has_a_layout_here():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,8 +179,7 @@ def open_dataset(source: str):
             files = [path] if path.is_file() else sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.arrow"))
             if not files:
                 raise DataError(f"{source}: {path} holds no dataset (save_to_disk folder, parquet or arrow files)")
-            kind = "arrow" if files[0].suffix == ".arrow" else "parquet"
-            ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split or "train")
+            ds = load_files(files, split)
         else:
             ds = datasets.load_dataset(where, subset, split=split or "train")
     except DataError:
@@ -194,6 +194,20 @@ def open_dataset(source: str):
             raise DataError(f"{source}: pick a split with @SPLIT (it has {', '.join(names)})")
         ds = ds[pick]
     return ds
+
+
+def load_files(files: list[Path], split: str | None = None):
+    """A `datasets.Dataset` of parquet or arrow files (memory-mapped from datasets' cache)."""
+    import datasets
+
+    kind = "arrow" if files[0].suffix == ".arrow" else "parquet"
+    return datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split or "train")
+
+
+def dataset_rows(ds) -> Iterator[dict]:
+    """The rows of a `datasets.Dataset` as plain dicts, images as their stored cells (not decoded)."""
+    for batch in ds.with_format("arrow").iter(batch_size=64):
+        yield from batch.to_pylist()
 
 
 def image_dir() -> Path:
@@ -269,7 +283,7 @@ def load_hf_records(source: str) -> list[Record]:
     base = Path(where).expanduser().resolve()
     base = base if base.is_dir() else base.parent
     rows, failed = [], []
-    for i, row in enumerate(r for batch in ds.with_format("arrow").iter(batch_size=256) for r in batch.to_pylist()):
+    for i, row in enumerate(dataset_rows(ds)):
         try:
             rows.append((i, to_llava(row, f"{source} row {i}", base)))
         except DataError as e:

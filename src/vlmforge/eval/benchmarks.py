@@ -9,8 +9,9 @@ ones.
 Layouts read (nothing is downloaded):
 - the Hugging Face `datasets` parquet files of the common releases, as `huggingface-cli download
   REPO --repo-type dataset --local-dir ROOT/NAME` leaves them (lmms-lab/VQAv2, lmms-lab/textvqa,
-  lmms-lab/DocVQA, lmms-lab/MMMU, lmms-lab/POPE, Lin-Chen/MMStar, lmms-lab/COCO-Caption2017);
-  images are parquet `{bytes, path}` cells;
+  lmms-lab/DocVQA, lmms-lab/MMMU, lmms-lab/POPE, Lin-Chen/MMStar, lmms-lab/COCO-Caption2017),
+  read through `datasets` (`data.formats.load_files`: arrow-cached once, memory-mapped); images
+  are `{bytes, path}` cells, not decoded until asked;
 - LLaVA's eval layout (playground/data/eval/NAME): a `llava_*.jsonl` question file (`question_id`,
   `image`, `text`) with its image folder, and the answers either in each line (`answer`,
   `answers` or `label`), in `TextVQA_0.5.1_val.json` (TextVQA) or in `coco/coco_pope_*.json`
@@ -27,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.data.formats import DataError, load_records, read_jsonl
+from vlmforge.data.formats import DataError, dataset_rows, load_files, load_records, read_jsonl
 from vlmforge.data.synthetic import question_type
 from vlmforge.eval import metrics as M
 from vlmforge.io import read_json
@@ -129,22 +130,13 @@ def parquet_files(folder: Path, split: str) -> list[Path]:
 
 
 def parquet_rows(files: list[Path]) -> tuple[int, Iterator[dict]]:
-    import pyarrow.parquet as pq
-
+    """(rows, an iterator over them) of parquet files, read through `datasets`."""
     try:
-        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    except Exception as e:
-        raise DataError(f"cannot read parquet metadata ({type(e).__name__}: {e})") from e
-
-    def it():
-        for f in files:
-            try:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
-                    yield from batch.to_pylist()
-            except Exception as e:
-                raise DataError(f"{f}: cannot read parquet ({type(e).__name__}: {e})") from e
-
-    return sum(counts), it()
+        ds = load_files(files)
+    except Exception as e:  # datasets raises many kinds; name the files and the first line
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise DataError(f"{files[0].parent}: cannot read parquet ({type(e).__name__}: {first})") from e
+    return len(ds), dataset_rows(ds)
 
 
 class ImageFinder:
