@@ -246,6 +246,7 @@ def cache_build(
     device: str = "auto",
     threads: int | None = None,
     bad_images: str = "skip",
+    streaming: bool = False,
 ) -> None:
     """Encode every image of the data once with the frozen encoder into a feature store.
 
@@ -271,6 +272,8 @@ def cache_build(
         device: auto (the local GPU if there is one), cpu or cuda[:i].
         threads: torch CPU threads (default torch's).
         bad_images: skip unreadable images (listed at the end) or fail.
+        streaming: read `hf:` sources as a stream, holding only the image paths (for corpora
+            larger than memory; see `--train.streaming`).
     """
     import json
 
@@ -283,7 +286,7 @@ def cache_build(
         model, encoder, feature_layer, pooled, resize, image_size, split_grid, device
     )
     with runtime.threads(threads):
-        stats = build(out, vision, processor, images_of(data), dtype, batch_size, shard_size, num_workers,
+        stats = build(out, vision, processor, images_of(data, streaming), dtype, batch_size, shard_size, num_workers,
                       bad_images, source=source)  # fmt: skip
     if runtime.world()[0] == 0:
         shown = {k: v for k, v in stats.items() if k != "skipped"}

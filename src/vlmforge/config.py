@@ -140,6 +140,14 @@ class TrainConfig:
             sdpa or eager): less padding, the same records per step, the same loss and gradients.
             A record is never split. Not with the cross-attention architecture (its layers let a
             text token see every image of its sequence).
+        streaming: read `data` (Hugging Face `hf:` sources) as a stream instead of loading it:
+            memory holds a window of records, not the corpus; each rank reads its own shards;
+            records are shuffled within a window; the stream's position is saved in checkpoints,
+            so --resume continues exactly (on as many ranks). Needs max_steps (a stream has no
+            length); with a feature store, features are looked up as records come (a missing one
+            stops the run with `cache_missing fail`, is encoded with `encode`).
+        stream_window: records per window of the stream (rounded up to whole micro-batches): the
+            span of the shuffle and what memory holds.
         report_to: also log each metrics line elsewhere: `tensorboard` writes event files (loss,
             lr, grad norm, tokens/s) to OUT/tensorboard with torch's SummaryWriter.
     """
@@ -181,6 +189,8 @@ class TrainConfig:
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     group_by_image: bool = False
     packing: bool = False
+    streaming: bool = False
+    stream_window: int = 1024
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
 
 

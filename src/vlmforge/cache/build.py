@@ -241,10 +241,15 @@ def build(
     }
 
 
-def images_of(data: list[str | Path]) -> list[Path]:
-    """Every image path of LLaVA-format files (validated as for training)."""
+def images_of(data: list[str | Path], streaming: bool = False):
+    """Every image path of LLaVA-format files or `hf:` sources (validated as for training); with
+    `streaming`, read from the sources as a stream (`data.stream`): only the paths are held."""
     from vlmforge.data.formats import load_records
 
+    if streaming:
+        from vlmforge.data.stream import RecordStream
+
+        return RecordStream([str(f) for f in data]).images()
     return [p for f in data for r in load_records(f) for p in r.images]
 
 

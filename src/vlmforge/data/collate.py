@@ -33,12 +33,14 @@ class VQADataset(Dataset):
         bad_images: str = "skip",
         max_image_pixels: int = 64_000_000,
         features=None,
+        require_features: bool = False,
     ):
         if bad_images not in ("skip", "fail"):
             raise ValueError(f"bad_images must be 'skip' or 'fail', got {bad_images!r}")
         self.records, self.prompts, self.processor = records, prompts, processor
         self.max_len, self.bad_images, self.max_image_pixels = max_len, bad_images, max_image_pixels
         self.features = features  # a FeatureReader, or None to always decode pixels
+        self.require_features = require_features  # a missing feature is an error (the encoder is gone)
         self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # tokenized once per record
 
     def __len__(self) -> int:
@@ -71,6 +73,9 @@ class VQADataset(Dataset):
                 raise ImageError(str(e)) from None
             if feats is not None:
                 return feats
+            if self.require_features:
+                raise DataError(f"{path}: the feature store has no features of this image (build them with `vlmforge "
+                                "cache build`, or train with --train.cache_missing encode)")  # fmt: skip
         return self.processor.views(load_image(path, self.max_image_pixels))
 
 

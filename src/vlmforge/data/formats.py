@@ -165,8 +165,9 @@ def parse_source(source: str) -> tuple[str, str | None, str | None]:
     return where, subset or None, split or None
 
 
-def open_dataset(source: str):
-    """The `datasets.Dataset` a source names (rows not decoded)."""
+def open_dataset(source: str, streaming: bool = False):
+    """The `datasets.Dataset` a source names (rows not decoded); with `streaming`, an
+    `IterableDataset` that reads its files (or the Hub) lazily, holding nothing but the current rows."""
     import datasets
 
     where, subset, split = parse_source(source)
@@ -174,34 +175,37 @@ def open_dataset(source: str):
     try:
         saved = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
         if path.is_dir() and any((path / f).is_file() for f in saved):
-            ds = datasets.load_from_disk(str(path))
+            ds = datasets.load_from_disk(str(path))  # memory-mapped arrow: made iterable below
         elif path.exists():
             files = [path] if path.is_file() else sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.arrow"))
             if not files:
                 raise DataError(f"{source}: {path} holds no dataset (save_to_disk folder, parquet or arrow files)")
-            ds = load_files(files, split)
+            ds = load_files(files, split, streaming)
         else:
-            ds = datasets.load_dataset(where, subset, split=split or "train")
+            ds = datasets.load_dataset(where, subset, split=split or "train", streaming=streaming)
     except DataError:
         raise
     except Exception as e:  # datasets raises many kinds; name the source and the first line
         first = (str(e).splitlines() or [""])[0][:300]
         raise DataError(f"{source}: cannot open the dataset ({type(e).__name__}: {first})") from e
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         names = list(ds)
         pick = split or ("train" if "train" in ds else names[0] if len(names) == 1 else None)
         if pick not in ds:
             raise DataError(f"{source}: pick a split with @SPLIT (it has {', '.join(names)})")
         ds = ds[pick]
-    return ds
+    if streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds))))
+    return ds.decode(False) if streaming else ds  # image cells as stored, as `dataset_rows` gives them
 
 
-def load_files(files: list[Path], split: str | None = None):
-    """A `datasets.Dataset` of parquet or arrow files (memory-mapped from datasets' cache)."""
+def load_files(files: list[Path], split: str | None = None, streaming: bool = False):
+    """A `datasets.Dataset` of parquet or arrow files (memory-mapped from datasets' cache), or with
+    `streaming` an `IterableDataset` reading them in place (one shard per file)."""
     import datasets
 
     kind = "arrow" if files[0].suffix == ".arrow" else "parquet"
-    return datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split or "train")
+    return datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split or "train", streaming=streaming)
 
 
 def dataset_rows(ds) -> Iterator[dict]:
@@ -276,12 +280,21 @@ def to_llava(row: dict, where: str, base: Path) -> dict:
     return {"id": rid, "image": [_image_path(c, where, base) for c in images], "conversations": conversations}
 
 
+def source_folder(source: str) -> Path:
+    """The folder a source's relative image paths are read from."""
+    base = Path(parse_source(source)[0]).expanduser().resolve()
+    return base if base.is_dir() else base.parent
+
+
+def hf_record(row: dict, index: int, source: str, base: Path) -> Record:
+    """One dataset row as a validated `Record` (its image cells as files)."""
+    return parse_record(to_llava(row, f"{source} row {index}", base), index, Path(source), Path("/"))
+
+
 def load_hf_records(source: str) -> list[Record]:
     """The records of a `hf:` source (see the module's doc)."""
     ds = open_dataset(source)
-    where, _, _ = parse_source(source)
-    base = Path(where).expanduser().resolve()
-    base = base if base.is_dir() else base.parent
+    base = source_folder(source)
     rows, failed = [], []
     for i, row in enumerate(dataset_rows(ds)):
         try:

@@ -52,6 +52,14 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, obj) -> list:
+        """`obj` of every rank, in rank order, on every rank (small JSON-like values)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

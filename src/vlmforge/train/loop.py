@@ -24,6 +24,7 @@ from vlmforge import runtime
 from vlmforge.config import ModelConfig, TrainConfig, save_json
 from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
 from vlmforge.data.formats import load_records
+from vlmforge.data.stream import RecordStream
 from vlmforge.model.vlm import VLM
 from vlmforge.train.checkpoint import checkpoint_path, found, load_checkpoint, save_checkpoint
 from vlmforge.train.distributed import Parallel
@@ -89,6 +90,26 @@ def micro_batches(ds, cfg: TrainConfig, pad_id: int, start: int, rank: int = 0, 
         index += len(batches)
 
 
+def stream_batches(stream, make_ds, cfg: TrainConfig, pad_id: int, start: dict | None = None, image_tokens=None):
+    """Yield (position after the batch, batch) for ever from a `data.stream.RecordStream`, from
+    position `start` (`{"at": a window's start, "taken": its micro-batches already used}`). Each
+    window's records are shuffled as a function of (seed, epoch, window) alone (an image's records
+    as one unit with `cfg.group_by_image`) and read as micro-batches: read again from a saved
+    position, the stream gives the same batches."""
+    share = tuple(image_tokens) if cfg.group_by_image else None
+    pack = cfg.max_len if cfg.packing else None
+    size = math.ceil(cfg.stream_window / cfg.batch_size) * cfg.batch_size
+    skip = start["taken"] if start else 0
+    for at, records in stream.windows(size, start["at"] if start else None):
+        groups = image_groups(records) if cfg.group_by_image else None
+        batches = epoch_batches(len(records), cfg.batch_size, cfg.seed * 1_000_003 + at["epoch"], at["window"], groups)
+        loader = DataLoader(make_ds(records), batch_sampler=batches[skip:], num_workers=cfg.num_workers,
+                            collate_fn=partial(collate, pad_id=pad_id, share_images=share, pack=pack))  # fmt: skip
+        for taken, batch in enumerate(loader, skip + 1):
+            yield {"at": at, "taken": taken}, batch
+        skip = 0
+
+
 def plot_loss(metrics_file: Path, out: Path) -> None:
     import matplotlib
 
@@ -147,16 +168,23 @@ def _kept(par, ckpt_path: Path) -> str:
     return f"checkpoint saved to {ckpt_path}, continue with --resume"
 
 
-def open_features(cfg: TrainConfig, model: VLM, records: list):
+def open_features(cfg: TrainConfig, model: VLM, records: list | None):
     """The feature reader of `cfg.cache` for this model; checks every image before the first step.
 
     Missing features stop the run here (`cache_missing=fail`) with what to build, or are encoded on
-    the fly (`encode`). When nothing is missing the encoder is released: it is not needed.
+    the fly (`encode`). When nothing is missing the encoder is released: it is not needed. A
+    stream's records (`records` None) are looked up as they come: with `fail` the encoder is
+    released at once.
     """
     from vlmforge.cache.store import CacheError, FeatureStore
 
     store = FeatureStore(cfg.cache)
     reader = store.reader(model.vision, model.processor, cfg.cache_dtype)
+    if records is None:
+        if cfg.cache_missing == "fail":
+            model.vision.release()
+        tqdm.write(f"features: from {cfg.cache} as the stream's records come ({len(reader)} images in the store)")
+        return reader
     paths = [(r.where, p) for r in records for p in r.images]
     missing = []
     for where, p in tqdm(paths, desc="look up features", unit="img", leave=False):
@@ -215,7 +243,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
     ckpt_path, metrics_path = checkpoint_path(out), out / "metrics.jsonl"
     if not cfg.data:
         raise ValueError("no training data: pass --train.data FILE.json [FILE2.json …]")
-    records = [r for f in cfg.data for r in load_records(f)]
+    if cfg.streaming and cfg.max_steps is None:
+        raise ValueError("--train.streaming needs --train.max_steps (a stream has no length to count epochs by)")
+    records = None if cfg.streaming else [r for f in cfg.data for r in load_records(f)]
+    stream = RecordStream(cfg.data, d.rank, d.world) if cfg.streaming else None
 
     if init:
         model = VLM.from_pretrained(init)
@@ -233,6 +264,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         raise ValueError("--train.packing does not work with the cross-attention architecture: its layers would let "
                          "a text token see every image of its sequence (group_by_image does)")  # fmt: skip
     features = open_features(cfg, model, records) if cfg.cache else None
+    need_features = bool(cfg.cache and cfg.streaming and cfg.cache_missing == "fail")
     apply_stage(model, cfg)
     device = torch.device(runtime.device())
     if model.config.device_map is None and device.type != "cpu":
@@ -247,15 +279,18 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
     model.train()
     if d.main:
         ranks = f", {d.world} ranks ({par.strategy}) x {cfg.grad_accum} x {cfg.batch_size}" if d.enabled else ""
-        tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {len(records)} records{ranks}\n{trainable_report(model)}")
+        n = "records streamed" if stream else f"{len(records)} records"
+        tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {n}{ranks}\n{trainable_report(model)}")
 
-    ds = VQADataset(
-        records, model.prompts, model.processor, cfg.max_len, cfg.bad_images, cfg.max_image_pixels, features
-    )
-    per_epoch = math.ceil(len(ds) / (cfg.batch_size * cfg.grad_accum * d.world))
-    total = max(1, math.ceil(cfg.epochs * per_epoch))
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    make_ds = partial(VQADataset, prompts=model.prompts, processor=model.processor, max_len=cfg.max_len,
+                      bad_images=cfg.bad_images, max_image_pixels=cfg.max_image_pixels, features=features,
+                      require_features=need_features)  # fmt: skip
+    if stream:
+        total = cfg.max_steps
+    else:
+        ds = make_ds(records)
+        total = max(1, math.ceil(cfg.epochs * math.ceil(len(ds) / (cfg.batch_size * cfg.grad_accum * d.world))))
+        total = min(total, cfg.max_steps or total)
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.warmup * total)), cfg.min_lr_ratio))
     progress = {"step": 0, "micro_batch": 0, "skipped": 0, "samples": 0, "tokens": 0, "elapsed": 0.0}
@@ -275,7 +310,13 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             save_checkpoint(ckpt_path, model, opt, sched, progress, write=d.main)
 
     pad_id = model.tokenizer.pad_token_id
-    stream = micro_batches(ds, cfg, pad_id, progress["micro_batch"], d.rank, d.world, model.image_token_ids)
+    if stream:
+        at = progress.get("data")
+        if at is not None and len(at) != d.world:
+            raise ValueError(f"{ckpt_path}: this streamed run was saved on {len(at)} ranks; resume it on {len(at)}")
+        batches = stream_batches(stream, make_ds, cfg, pad_id, at[d.rank] if at else None, model.image_token_ids)
+    else:
+        batches = micro_batches(ds, cfg, pad_id, progress["micro_batch"], d.rank, d.world, model.image_token_ids)
     quiet = {} if d.main else {"disable": True}  # one progress bar: rank 0's
     bar = tqdm(total=total, initial=progress["step"], desc=f"train {cfg.stage}", unit="step", **quiet)
     t_start, elapsed0 = time.time(), progress["elapsed"]
@@ -293,7 +334,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             if cfg.stop_at is not None and progress["step"] >= cfg.stop_at:
                 tqdm.write(f"stopping at step {cfg.stop_at} of {total}; continue with --resume")
                 break
-            group = [next(stream) for _ in range(cfg.grad_accum)]
+            group = [next(batches) for _ in range(cfg.grad_accum)]
             local_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in group if b["n"])
             n_tok = int(d.sum([local_tok])[0])  # label tokens of the global batch
             loss_sum, samples, tokens, skipped = 0.0, 0, 0, 0
@@ -329,6 +370,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             opt.zero_grad(set_to_none=True)
             progress["step"] += 1
             progress["micro_batch"] += cfg.grad_accum * d.world
+            if stream:  # every rank's place in its stream
+                progress["data"] = d.gather(group[-1][0])
             progress["skipped"] += int(skipped)
             progress["elapsed"] = elapsed0 + time.time() - t_start
             loss = loss_sum / max(n_tok, 1)
@@ -386,7 +429,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
         summary["skipped_records"] = skipped_seen[:100]
         model.history.append({
-            "stage": cfg.stage, "data": [Path(f).name for f in cfg.data], "records": len(records),
+            "stage": cfg.stage, "data": [Path(f).name for f in cfg.data], "records": len(records or []) or None,
             "lm_mode": lm_mode(cfg), "epochs": cfg.epochs, "lr": cfg.lr, "lm_lr": cfg.lm_lr,
             "global_batch": cfg.batch_size * cfg.grad_accum * d.world, "feature_cache": bool(cfg.cache),
             **{k: summary[k] for k in ("step", "samples", "tokens", "elapsed")},
