@@ -88,20 +88,13 @@ def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypa
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
 
 
-def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path):
-    """SIGKILL (no handler runs, a checkpoint may be half written) during a `vlmforge train`
-    process, then `--resume`: the final weights are bit for bit those of an uninterrupted run."""
+def sigkill_and_resume(cmd, tmp_path, at_step: int = 6):
+    """Run `cmd(out, *extra)` (a `vlmforge train` command line) to the end; run it again, SIGKILL it
+    once its checkpoint is at step `at_step` or later, then `--resume`: the final weights must be,
+    bit for bit, those of the uninterrupted run."""
     import signal
     import subprocess
-    import sys
     import time
-
-    def cmd(out, *extra):
-        return [sys.executable, "-m", "vlmforge", "train", "--train.stage", "sft", "--train.data",
-                str(data_dir / "shapes_sft.json"), "--train.out", str(out), "--train.batch_size", "8",
-                "--train.max_steps", "60", "--train.epochs", "20", "--train.save_every", "2", "--train.threads", "1",
-                "--train.lr", "3e-3", "--model.vision", model_cfg.vision, "--model.lm", model_cfg.lm,
-                *extra]  # fmt: skip
 
     subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True)
     proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -114,7 +107,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path
         except (ValueError, OSError):
             return -1
 
-    while step() < 6:
+    while step() < at_step:
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -124,6 +117,21 @@ def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path
     full, cut = VLM.from_pretrained(tmp_path / "full" / "model"), VLM.from_pretrained(tmp_path / "cut" / "model")
     for (name, a), b in zip(full.named_parameters(), cut.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path):
+    """SIGKILL (no handler runs, a checkpoint may be half written) during a `vlmforge train`
+    process, then `--resume`: the final weights are bit for bit those of an uninterrupted run."""
+    import sys
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "vlmforge", "train", "--train.stage", "sft", "--train.data",
+                str(data_dir / "shapes_sft.json"), "--train.out", str(out), "--train.batch_size", "8",
+                "--train.max_steps", "60", "--train.epochs", "20", "--train.save_every", "2", "--train.threads", "1",
+                "--train.lr", "3e-3", "--model.vision", model_cfg.vision, "--model.lm", model_cfg.lm,
+                *extra]  # fmt: skip
+
+    sigkill_and_resume(cmd, tmp_path)
 
 
 def test_pickled_checkpoint_of_an_earlier_version_is_refused_unread(model_cfg, data_dir, tmp_path):
@@ -318,6 +326,46 @@ def test_shared_and_packed_sequences_give_the_loss_and_gradients_of_the_records_
         assert len(outs["shared+packed"][0]["input_ids"]) < len(shared["input_ids"])
 
 
+def test_attention_never_crosses_the_records_of_a_packed_row(model_cfg, tmp_path):
+    """A probe: two records packed in one row; change every text token of the first and the second
+    record's logits do not move (while the first's do). The same row with a plain causal mask
+    (attention across the records) does move them: the probe can see a leak."""
+    import dataclasses
+
+    from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
+    from vlmforge.data.formats import load_records
+    from vlmforge.data.synthetic import synth
+
+    synth(tmp_path, "shapes", 2, seed=3, width=32, height=32, conversations="single")
+    records = load_records(tmp_path / "shapes_sft.json")
+    first, second = records[0], next(r for r in records if r.images != records[0].images)
+    torch.manual_seed(0)
+    m = VLM.from_backbones(dataclasses.replace(model_cfg)).eval()
+    ds = VQADataset([first, second], m.prompts, m.processor)
+    items = [ds[0], ds[1]]
+    n0 = len(items[0]["input_ids"])
+    image_ids = set(m.image_token_ids)
+
+    def logits(a: dict, causal: bool = False):
+        batch = collate([a, items[1]], m.tokenizer.pad_token_id, pack=10_000)
+        assert len(batch["input_ids"]) == 1  # one row holds both
+        mask = batch["attention_mask"]
+        if causal:
+            mask = torch.ones_like(mask).tril()
+        with torch.no_grad():
+            return m(
+                batch["input_ids"], mask, **merge_image_inputs(m, batch), position_ids=batch["position_ids"]
+            ).logits[0]
+
+    changed = dict(items[0], input_ids=[t if t in image_ids else (t + 7) % m.tokenizer.vocab_size
+                                        for t in items[0]["input_ids"]])  # fmt: skip
+    before, after = logits(items[0]), logits(changed)
+    assert not torch.allclose(before[:n0], after[:n0])  # the first record's own logits move
+    torch.testing.assert_close(after[n0:], before[n0:], rtol=0, atol=1e-6)  # the second's do not
+    leaky_before, leaky_after = logits(items[0], causal=True), logits(changed, causal=True)
+    assert (leaky_after[n0:] - leaky_before[n0:]).abs().max() > 1e-3  # without the block mask they would
+
+
 def test_grouped_and_packed_training_runs_and_resumes_exactly(model_cfg, tmp_path):
     import dataclasses
 
@@ -343,7 +391,8 @@ def test_bench_data_packs_the_same_labels_into_fewer_tokens(tmp_path, capsys):
 
     out = tmp_path / "data.json"
     main(["bench", "data", "--work", str(tmp_path / "w"), "--n_images", "16", "--batch_size", "8", "--steps", "2",
-          "--warmup", "1", "--out", str(out)])  # fmt: skip
+          "--warmup", "1", "--cap_mb", "0.05", "--multiples", "1", "4", "--stream_batches", "3",
+          "--out", str(out)])  # fmt: skip
     r = json.loads(out.read_text())
     for name in ("demo mix", "long tail"):
         padded, packed = r["sets"][name]["padded"], r["sets"][name]["packed"]
@@ -353,7 +402,14 @@ def test_bench_data_packs_the_same_labels_into_fewer_tokens(tmp_path, capsys):
         assert r["sets"][name]["packed_vs_padded"] > 0
     tail = r["sets"]["long tail"]
     assert tail["packed"]["computed_per_step"] < tail["padded"]["computed_per_step"]
-    assert "packed / padded" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "packed / padded" in printed and "| 4x cap |" in printed
+    st = r["streaming"]  # each corpus read both ways by fresh processes
+    assert [c["records"] for c in st["corpora"].values()] == [44, 178]  # 0.05 and 0.2 MB of ~1.1 KB records
+    assert st["corpora"]["4x"]["text_mb"] == pytest.approx(4 * st["corpora"]["1x"]["text_mb"], rel=0.05)
+    for c in st["corpora"].values():
+        for mode in ("streamed", "loaded"):
+            assert c[mode]["samples_per_s"] > 0 and c[mode]["peak_rss_mb"] > c[mode]["data_rss_mb"]
 
 
 def test_tensorboard_events_match_the_metrics_across_a_resume(model_cfg, data_dir, tmp_path):

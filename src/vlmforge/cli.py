@@ -587,6 +587,7 @@ LIST_FLAGS = {
     ("bench", "cache"): {"--presets"},
     ("ablate",): {"--eval"},
     ("bench", "serve"): {"--levels"},
+    ("bench", "data"): {"--multiples"},
     ("plan",): {"--data_sizes", "--epochs"},
     ("export",): {"--eval"},
 }

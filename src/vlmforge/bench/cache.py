@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from vlmforge import runtime
-from vlmforge.bench.common import SPECS, machine, setup
+from vlmforge.bench.common import SPECS, in_process, machine, setup
 from vlmforge.config import TrainConfig
 
 # Records per align step: the larger preset's steps are 6x longer, so it takes smaller batches.
@@ -105,7 +105,7 @@ def _step_times(args: dict) -> dict:
 def _peak_memory(args: dict) -> dict:
     """Peak resident memory of a process training with one variant (the encoder released unless
     it re-encodes)."""
-    import resource
+    from vlmforge.bench.common import memory_mb
 
     variant = args["variant"]
     model, opt, streams = _align_setup({**args, "lm_only": variant == "lm_only"}, release=variant != "reencode")
@@ -113,32 +113,9 @@ def _peak_memory(args: dict) -> dict:
         _step(model, opt, streams[variant])
     resident = sum(p.numel() for p in model.vision.parameters() if p.device.type != "meta")
     return {
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": memory_mb(),
         "encoder_params_resident": resident,
     }
-
-
-def _child(fn, args: dict, queue) -> None:
-    try:
-        with runtime.threads(args.get("threads")), runtime.seeded(0):
-            queue.put(("ok", fn(args)))
-    except BaseException as e:  # report, don't hang the parent
-        queue.put(("error", f"{type(e).__name__}: {e}"))
-
-
-def _in_process(fn, args: dict) -> dict:
-    """Run `fn(args)` in a fresh (non-daemon, so it may start DataLoader workers) process."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, queue))
-    proc.start()
-    status, value = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"bench variant {args.get('variant')} failed: {value}")
-    return value
 
 
 def _encoder_bound(vision_path: str, data: str, batch_size: int, threads: int, repeats: int = 2) -> float:
@@ -264,9 +241,9 @@ def run(
         base = {"vision": s["vision"], "lm": s["lm"], "data": s["data"], "store": str(store), "threads": threads,
                 "batch_size": batch_size or PRESET_BATCH[preset], "num_workers": num_workers, "steps": steps,
                 "warmup": warmup}  # fmt: skip
-        rows = _in_process(_step_times, base)
+        rows = in_process(_step_times, base)
         for v in VARIANTS:
-            rows[v].update(_in_process(_peak_memory, {**base, "variant": v}))
+            rows[v].update(in_process(_peak_memory, {**base, "variant": v}))
         spec = s["spec"]
         enc_params = spec.vision_layers * 12 * spec.vision_hidden**2
         lm_params = spec.lm_layers * (4 * spec.lm_hidden**2 + 3 * spec.lm_hidden * spec.lm_intermediate)

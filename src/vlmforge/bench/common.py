@@ -46,6 +46,42 @@ def setup(work: Path, preset: str, n_images: int, seed: int = 0) -> dict:
     return {"data": files[0], "vision": str(bb / "vision"), "lm": str(bb / "lm"), "spec": spec}
 
 
+def memory_mb(field: str = "VmHWM") -> float:
+    """This process's peak (`VmHWM`) or current (`VmRSS`) resident memory, in MB, from
+    /proc/self/status. (`getrusage`'s ru_maxrss is kept across exec on Linux: a spawned child
+    would report its parent's peak when that is higher.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _child(fn, args: dict, queue) -> None:
+    from vlmforge import runtime
+
+    try:
+        with runtime.threads(args.get("threads")), runtime.seeded(0):
+            queue.put(("ok", fn(args)))
+    except BaseException as e:  # report, don't hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def in_process(fn, args: dict) -> dict:
+    """`fn(args)` run in a fresh process (spawned, non-daemon, so it may start DataLoader workers),
+    under `args["threads"]` torch threads and seed 0: its peak memory is its own."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"bench {getattr(fn, '__name__', fn)} ({args.get('variant', '')}) failed: {value}")
+    return value
+
+
 def machine() -> dict:
     import platform
 

@@ -11,12 +11,21 @@ time, the label tokens of a step (the same in both modes), label tokens/s, and t
 model computed (padding included).
 
 The model is the `tiny` bench preset with random weights (timing does not depend on them), from
-features made in memory (the encoder's cost is the same in both modes). Streaming a corpus larger
-than memory is not built, so not measured.
+features made in memory (the encoder's cost is the same in both modes).
+
+Streaming against loading: corpora of 1x, 4x and 20x a memory cap (`--cap_mb`: the text a process
+may hold) as parquet shards written with `datasets` (LLaVA layout, ten-turn conversations about
+the synthetic images, ~1 KB of text per record), each read by a fresh process the way training
+reads it (`load_records` + micro-batches, or `--train.streaming`'s windows) for the same number
+of micro-batches (records tokenized, images decoded and preprocessed, batches collated; no model
+step, whose cost does not depend on where the records come from). Reported per corpus and mode:
+seconds to the first batch, samples/s after it, peak resident memory of the process, and the
+resident memory the data added (peak minus the process's size before reading).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -47,8 +56,10 @@ def _long_tail(records: list, seed: int, n: int) -> list[dict]:
 
 
 def run(out: str | None = None, work: str = "runs/bench-data", n_images: int = 96, batch_size: int = 32,
-        steps: int = 8, warmup: int = 2, threads: int = 1) -> dict:  # fmt: skip
-    """Packing against padding: step time and label tokens/s, on the demo's mix and on a long tail.
+        steps: int = 8, warmup: int = 2, threads: int = 1, cap_mb: float = 32.0,
+        multiples: list[float] | None = None, stream_batches: int = 100) -> dict:  # fmt: skip
+    """Packing against padding (step time and label tokens/s, on the demo's mix and on a long
+    tail), and streaming against loading (samples/s and memory as the corpus grows).
 
     Args:
         out: write the figures to this JSON file.
@@ -58,6 +69,9 @@ def run(out: str | None = None, work: str = "runs/bench-data", n_images: int = 9
         steps: timed steps per mode and set.
         warmup: untimed steps first.
         threads: torch CPU threads.
+        cap_mb: the memory cap the streaming corpora are measured against (megabytes of text).
+        multiples: corpus sizes in caps (default 1 4 20).
+        stream_batches: micro-batches each reading process reads.
     """
     import torch
 
@@ -68,6 +82,7 @@ def run(out: str | None = None, work: str = "runs/bench-data", n_images: int = 9
     from vlmforge.model.vlm import VLM
     from vlmforge.train.step import step
 
+    multiples = multiples or [1, 4, 20]
     work_dir = Path(work)
     s = setup(work_dir, "tiny", n_images)
     data = Path(s["data"]).parent
@@ -120,8 +135,87 @@ def run(out: str | None = None, work: str = "runs/bench-data", n_images: int = 9
             rate = {mode: res[mode]["label_tokens_per_s"] for mode in times}
             res["packed_vs_padded"] = round(rate["packed"] / rate["padded"], 3)
             result["sets"][name] = res
-    result["streaming"] = "not measured: streaming is not built"
+    result["streaming"] = streaming(work_dir, s, cap_mb, multiples, stream_batches, batch_size)
     return publish(result, format_table(result), out)
+
+
+def _corpus(folder: Path, images: list[str], n: int, seed: int = 0) -> float:
+    """`n` LLaVA-layout records of ten turns about the pool's images as parquet shards of 4,096
+    rows (written once); returns the text's megabytes."""
+    import datasets
+
+    done = folder / "text_mb.txt"
+    if done.exists():
+        return float(done.read_text())
+    rng = random.Random(seed)
+    words = "red green blue circle square triangle left right above below small large how many what color".split()
+    text_bytes = 0
+    for k, lo in enumerate(range(0, n, 4096)):
+        rows = []
+        for i in range(lo, min(n, lo + 4096)):
+            conv = [{"from": f, "value": " ".join(rng.choices(words, k=8)) + ("?" if f == "human" else ".")}
+                    for _ in range(10) for f in ("human", "gpt")]  # fmt: skip
+            conv[0]["value"] = "<image>\n" + conv[0]["value"]
+            text_bytes += sum(len(t["value"]) for t in conv)
+            rows.append({"id": f"r{i}", "image": images[i % len(images)], "conversations": conv})
+        datasets.Dataset.from_list(rows).to_parquet(str(folder / f"part-{k:05d}.parquet"))
+    mb = text_bytes / 1e6
+    done.write_text(str(mb))
+    return mb
+
+
+def _read(args: dict) -> dict:
+    """In a fresh process: read `args["batches"]` micro-batches of the corpus as training does."""
+    from vlmforge.bench.common import memory_mb
+    from vlmforge.config import ModelConfig, TrainConfig
+    from vlmforge.data.collate import VQADataset
+    from vlmforge.data.formats import load_records
+    from vlmforge.data.stream import RecordStream
+    from vlmforge.model.vlm import VLM
+    from vlmforge.train.loop import micro_batches, stream_batches
+
+    os.environ["HF_DATASETS_CACHE"] = args["hf_cache"]  # the in-memory path's arrow copy stays in the bench folder
+    model = VLM.from_backbones(ModelConfig(vision=args["vision"], lm=args["lm"], connector="mlp"))
+    cfg = TrainConfig(batch_size=args["batch_size"], max_len=4096, streaming=args["variant"] == "streamed")
+    make = lambda recs: VQADataset(recs, model.prompts, model.processor, cfg.max_len)  # noqa: E731
+    pad, before = model.tokenizer.pad_token_id, memory_mb("VmRSS")
+    t0 = time.perf_counter()
+    if cfg.streaming:
+        batches = stream_batches(RecordStream([args["source"]]), make, cfg, pad)
+    else:
+        batches = micro_batches(make(load_records(args["source"])), cfg, pad, 0)
+    n = next(batches)[1]["n"]
+    first = time.perf_counter() - t0
+    for _ in range(args["batches"] - 1):
+        n += next(batches)[1]["n"]
+    rest = time.perf_counter() - t0 - first
+    peak = memory_mb()
+    return {"first_batch_s": round(first, 2), "samples_per_s": round((n - args["batch_size"]) / rest, 1),
+            "peak_rss_mb": round(peak), "data_rss_mb": round(peak - before)}  # fmt: skip
+
+
+def streaming(work: Path, s: dict, cap_mb: float, multiples: list[float], batches: int, batch_size: int) -> dict:
+    """Streamed against loaded, on corpora of `multiples` x `cap_mb` megabytes of text."""
+    from vlmforge.bench.common import in_process
+    from vlmforge.data.formats import load_records
+
+    pool = [str(p) for r in load_records(s["data"]) for p in r.images]
+    per_record = 10 * 2 * 8 * 7 / 1e6  # ten turns of two lines of eight words of ~7 bytes
+    rows = {}
+    for m in multiples:
+        n = max(batch_size * batches, int(cap_mb * m / per_record))
+        folder = work / f"corpus-{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        mb = _corpus(folder, [os.path.relpath(p, folder) for p in pool], n)
+        args = {"vision": s["vision"], "lm": s["lm"], "source": f"hf:{folder}", "batches": batches, "threads": 1,
+                "batch_size": batch_size, "hf_cache": str(work / "hf-cache")}  # fmt: skip
+        row = {"records": n, "text_mb": round(mb, 3), "x_cap": m}
+        for variant in ("streamed", "loaded"):
+            row[variant] = in_process(_read, {**args, "variant": variant})
+        rows[f"{m:g}x"] = row
+    flat = [r["streamed"]["data_rss_mb"] for r in rows.values()]
+    return {"cap_mb": cap_mb, "batches": batches, "corpora": rows,
+            "streamed_data_rss_growth_mb": max(flat) - min(flat)}  # fmt: skip
 
 
 def format_table(r: dict) -> str:
@@ -134,5 +228,15 @@ def format_table(r: dict) -> str:
             lines.append(f"| {name} | {mode} | {m['step_s']:.3f} | {m['label_tokens_per_step']:.0f} | "
                          f"{m['label_tokens_per_s']:.0f} | {m['computed_per_step']:.0f} |")  # fmt: skip
         lines.append(f"| {name} | packed / padded | | | {res['packed_vs_padded']:.2f}x | |")
-    lines.append(f"streaming: {r['streaming']}")
+    st = r["streaming"]
+    lines += ["", f"streamed vs loaded, {st['batches']} micro-batches of {r['batch_size']} read by a fresh process, "
+              f"memory cap {st['cap_mb']:g} MB of text",
+              "| corpus | records | text MB | mode | first batch s | samples/s | peak RSS MB | data RSS MB |",
+              "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, c in st["corpora"].items():
+        for mode in ("streamed", "loaded"):
+            m = c[mode]
+            lines.append(f"| {name} cap | {c['records']} | {c['text_mb']:.1f} | {mode} | {m['first_batch_s']:.2f} | "
+                         f"{m['samples_per_s']:.0f} | {m['peak_rss_mb']} | {m['data_rss_mb']} |")  # fmt: skip
+    lines.append(f"streamed: the data's RSS varies by {st['streamed_data_rss_growth_mb']} MB across the corpora")
     return "\n".join(lines)
