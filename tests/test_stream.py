@@ -105,6 +105,26 @@ def test_a_streamed_run_stopped_and_resumed_equals_an_uninterrupted_one(shards, 
             assert torch.equal(a, b), (out, name)
 
 
+def test_a_streamed_run_sigkilled_and_resumed_ends_with_the_same_weights(shards, model_cfg, tmp_path):
+    """SIGKILL of a streamed `vlmforge train` (no handler runs: only the last periodic checkpoint
+    stands), then --resume: bit for bit the weights of the uninterrupted run (60 steps: windows of
+    16 over 48 records, several epochs)."""
+    import sys
+
+    from test_train import sigkill_and_resume
+
+    source, _ = shards
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "vlmforge", "train", "--train.stage", "sft", "--train.data", source,
+                "--train.out", str(out), "--train.batch_size", "8", "--train.max_steps", "60", "--train.streaming",
+                "true", "--train.stream_window", "16", "--train.save_every", "2", "--train.threads", "1",
+                "--train.lr", "3e-3", "--model.vision", model_cfg.vision, "--model.lm", model_cfg.lm,
+                *extra]  # fmt: skip
+
+    sigkill_and_resume(cmd, tmp_path)
+
+
 def test_what_cannot_be_streamed_is_refused_by_name(data_dir, model_cfg, tmp_path):
     with pytest.raises(DataError, match=r"shapes_sft.json: a streamed corpus is a Hugging Face dataset"):
         train(_cfg(str(data_dir / "shapes_sft.json"), tmp_path / "a"), model_cfg)
