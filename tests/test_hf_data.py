@@ -71,19 +71,30 @@ def test_cauldron_and_messages_layouts_read_as_the_llava_records(shapes, tmp_pat
     assert len(cached) == len({r.images[0].read_bytes() for r in shapes})
 
 
-def test_training_and_cache_build_read_a_dataset(shapes, tmp_path, model_cfg):
-    from vlmforge.cache.build import build_for
-    from vlmforge.config import TrainConfig
-    from vlmforge.train.loop import train
+def test_both_layouts_build_the_cache_train_and_evaluate_through_the_cli(shapes, tmp_path, model_cfg, capsys):
+    """A the_cauldron dataset (save_to_disk) and a messages dataset (parquet), each through
+    `cache build`, `train` from that store and `eval` on the same source, by the command line."""
+    from vlmforge.cli import main
 
-    cauldron(shapes).save_to_disk(str(tmp_path / "ds"))
-    source = f"hf:{tmp_path / 'ds'}"
-    stats = build_for(tmp_path / "store", model_cfg, [source], "fp32")
-    assert stats["unique"] == 3
-    store = str(tmp_path / "store")
-    cfg = TrainConfig(data=[source], out=str(tmp_path / "run"), batch_size=4, max_steps=2, cache=store)
-    train(cfg, model_cfg)
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["samples"] == 8
+    cauldron(shapes).save_to_disk(str(tmp_path / "cauldron"))
+    messages(shapes).to_parquet(str(tmp_path / "messages.parquet"))
+    for name, source in (
+        ("cauldron", f"hf:{tmp_path / 'cauldron'}"),
+        ("messages", f"hf:{tmp_path / 'messages.parquet'}"),
+    ):
+        store, run = tmp_path / f"store-{name}", tmp_path / f"run-{name}"
+        main(
+            ["cache", "build", "--data", source, "--encoder", model_cfg.vision, "--out", str(store), "--dtype", "fp32"]
+        )
+        printed = capsys.readouterr().out
+        assert json.loads(printed[printed.index("{") : printed.rindex("}") + 1])["unique"] == 3
+        main(["train", "--train.data", source, "--train.out", str(run), "--train.batch_size", "4",
+              "--train.max_steps", "2", "--train.cache", str(store), "--model.vision", model_cfg.vision,
+              "--model.lm", model_cfg.lm])  # fmt: skip
+        assert json.loads((run / "summary.json").read_text())["samples"] == 8
+        main(["eval", "--model", str(run / "model"), "--data", source, "--out", str(tmp_path / f"eval-{name}")])
+        report = json.loads((tmp_path / f"eval-{name}" / "report.json").read_text())["benchmarks"]
+        assert [b["n"] for b in report.values()] == [len(shapes)]
 
 
 def test_bad_rows_are_named_together_and_a_corrupt_image_is_skipped_by_name(shapes, tmp_path, model_cfg):
