@@ -219,3 +219,63 @@ def test_device_map_places_the_model_and_keeps_its_outputs(model, tmp_path):
     pixels = model.processor.views(_image())
     with torch.no_grad():
         torch.testing.assert_close(placed(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
+
+
+@pytest.mark.parametrize("gguf_type,tol", [("f32", 1e-6), ("f16", 1e-2), ("q8_0", 0.1)])
+def test_gguf_export_of_the_lm_reads_back_in_transformers(model_cfg, tmp_path, capsys, gguf_type, tol):
+    """`export --format gguf`: the LM (LoRA merged) and its tokenizer as llama.cpp's GGUF, read back
+    by transformers' own GGUF loader (which undoes llama.cpp's rotary permutation): the same token
+    ids for a prompt and the same logits, to the precision of the stored type."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlmforge.config import TrainConfig
+    from vlmforge.train.stages import apply_stage
+
+    torch.manual_seed(0)
+    vlm = VLM.from_backbones(model_cfg)
+    apply_stage(vlm, TrainConfig(stage="sft", lm_mode="lora"))
+    with torch.no_grad():
+        for n, p in vlm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)  # adapters that change the function
+    vlm.save_pretrained(tmp_path / "m")
+    vlm = VLM.from_pretrained(tmp_path / "m")
+    main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "g"), "--format", "gguf",
+          "--gguf_type", gguf_type])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "LoRA layers merged" in printed and "exported as gguf" in printed
+    file = tmp_path / "g" / f"lm-{gguf_type}.gguf"
+    assert "library_name: gguf" in (tmp_path / "g" / "README.md").read_text()
+    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name).eval()
+    tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    ids = vlm.build_prompt("How many red circles are there?", 0)
+    assert tok(vlm.tokenizer.decode(ids), add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        want, got = vlm(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits
+    scale = float(want.abs().max())
+    assert float(want.std()) > 0.01  # logits that differ from token to token
+    torch.testing.assert_close(got, want, rtol=0, atol=tol * scale)
+
+
+def test_gguf_export_refuses_what_it_cannot_write(model_cfg, tmp_path):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmforge.export.gguf import LLAMA3_SPLIT, GGUFError, tokenizer_pre
+
+    def fast(pre):
+        t = Tokenizer(models.BPE())
+        t.pre_tokenizer = pre
+        return PreTrainedTokenizerFast(tokenizer_object=t)
+
+    assert tokenizer_pre(fast(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt2"
+    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    assert tokenizer_pre(fast(llama3)) == "llama-bpe"
+    with pytest.raises(GGUFError, match="has no llama.cpp name"):
+        tokenizer_pre(fast(pre_tokenizers.Whitespace()))
+    VLM.from_backbones(model_cfg).save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "g"), "--format", "gguf",
+              "--gguf_type", "q4_k"])  # fmt: skip
+    assert not (tmp_path / "g").exists()  # nothing left behind

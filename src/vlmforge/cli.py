@@ -455,24 +455,27 @@ def merge_lora(model: str, out: str) -> None:
     print(f"merged {n} LoRA layers into the LM (max logit difference {diff:.2e}); saved to {out}")
 
 
-def export(model: str, out: str, format: str = "auto", eval: list[str] | None = None) -> None:
+def export(model: str, out: str, format: str = "auto", eval: list[str] | None = None, gguf_type: str = "f16") -> None:
     """Write a model for the rest of the ecosystem, with a model card (README.md).
 
     `llava-hf` is transformers' `LlavaForConditionalGeneration` + `AutoProcessor` (what vLLM
     serves): models with the `mlp` or `linear` connector, no image splitting. Other connectors
     (`attention`, `perceiver`, `pixel_shuffle`) have no transformers class and are written in
     vlmforge's own format; `auto` picks llava-hf when the model maps onto it and says why not
-    otherwise. LoRA adapters are merged into the LM on the way out.
+    otherwise. `gguf` writes the LM (Llama architecture, byte-level BPE tokenizer) as llama.cpp's
+    GGUF with its tokenizer and chat template; the vision tower and connector (llama.cpp's mmproj
+    file) are not written yet. LoRA adapters are merged into the LM on the way out.
 
     Args:
         model: vlmforge model folder.
         out: output folder (written atomically; must not be --model).
-        format: auto, llava-hf, idefics2-hf (refused, with the reason) or vlmforge.
+        format: auto, llava-hf, idefics2-hf (refused, with the reason), vlmforge or gguf.
         eval: `vlmforge eval` report files whose scores go into the model card.
+        gguf_type: tensor type of a gguf export: f32, f16 or q8_0 (norms stay f32).
     """
     from vlmforge.export import export as run
 
-    written, notes = run(model, out, format, eval)
+    written, notes = run(model, out, format, eval, gguf_type)
     for n in notes:
         print(f"note: {n}")
     print(f"exported as {written} to {out} (model card: {Path(out) / 'README.md'})")

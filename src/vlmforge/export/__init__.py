@@ -40,7 +40,7 @@ from vlmforge.model import folder
 from vlmforge.model.connectors import build_connector
 from vlmforge.model.vision import vision_core
 
-FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge")
+FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge", "gguf")
 
 IDEFICS2_REASON = (
     "idefics2-hf is not written: the perceiver's weights would map onto Idefics2's connector, but "
@@ -264,7 +264,8 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
     c = vlm.config
     vision_src, lm_src = sources or (c.vision, c.lm)
     base = [b for b in (vision_src, lm_src) if b and not Path(b).exists()]
-    lines = ["---", "library_name: transformers" if fmt == "llava-hf" else "library_name: vlmforge",
+    library = {"llava-hf": "transformers", "gguf": "gguf"}.get(fmt, "vlmforge")
+    lines = ["---", f"library_name: {library}",
              "pipeline_tag: image-text-to-text", "tags: [vlmforge, vision-language]"]  # fmt: skip
     if base:
         lines += ["base_model:"] + [f"- {b}" for b in base]
@@ -308,6 +309,10 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
                   'inputs = processor(images=[image], text=prompt, return_tensors="pt")',
                   "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
                   "```", "", "This is the LLaVA layout vLLM serves (`vllm serve PATH`); see the notes."]  # fmt: skip
+    elif fmt == "gguf":
+        lines += ["", "## Use", "", "The LM as llama.cpp's GGUF (LoRA merged), with its tokenizer and chat template: "
+                  "`llama-cli -m PATH/lm-TYPE.gguf` or `llama-server -m PATH/lm-TYPE.gguf`. Text only: the vision "
+                  "tower and connector (llama.cpp's `--mmproj` file) are not written yet."]  # fmt: skip
     else:
         lines += ["", "## Use", "", "`vlmforge chat --model PATH` or `vlmforge serve --model PATH` (an "
                   "OpenAI-compatible server); in Python `vlmforge.model.vlm.VLM.from_pretrained(PATH)`."]  # fmt: skip
@@ -367,8 +372,10 @@ def merge_lora(model: str, out: str) -> tuple[int, float]:
     return n, diff
 
 
-def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = None) -> tuple[str, list[str]]:
-    """Write `model` (a vlmforge folder) to `out` in `fmt`; returns (format written, notes)."""
+def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = None,
+           gguf_type: str = "f16") -> tuple[str, list[str]]:  # fmt: skip
+    """Write `model` (a vlmforge folder) to `out` in `fmt`; returns (format written, notes).
+    `gguf_type`: the tensors' type of a `gguf` export (f32, f16, q8_0)."""
     from vlmforge.model.vlm import VLM
 
     if fmt not in FORMATS:
@@ -388,6 +395,17 @@ def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = No
         fmt = "vlmforge" if problems else "llava-hf"
         if problems:
             notes.append("written in vlmforge's own format, not llava-hf: " + "; ".join(problems))
+    if fmt == "gguf":
+        from vlmforge.export.gguf import write_lm
+
+        if hasattr(vlm.lm, "merge_and_unload"):
+            notes.append(f"{vlm.merge_lora()} LoRA layers merged into the LM")
+        notes.append("the LM only: the vision tower and connector (llama.cpp's mmproj file) are not written yet, so "
+                     "llama.cpp runs this as a text-only LM")  # fmt: skip
+        with atomic_dir(out) as tmp:
+            write_lm(vlm, tmp / f"lm-{gguf_type}.gguf", gguf_type)
+            atomic_write_text(tmp / "README.md", model_card(vlm, fmt, scores, notes, sources))
+        return fmt, notes
     if fmt == "llava-hf":
         hf, processor, more = to_llava(vlm)
         notes += more

@@ -1,0 +1,140 @@
+"""The LM of a vlmforge model as a GGUF file, llama.cpp's format.
+
+Written with the `gguf` package (llama.cpp's own Python writer) the way llama.cpp's
+`convert_hf_to_gguf.py` writes a Llama-family checkpoint: tensor names from `gguf`'s name map,
+the query and key projections permuted to llama.cpp's rotary layout, the hyperparameters under
+`llama.*`, and the tokenizer as a `gpt2` BPE (its tokens, their types, the merges, the special
+token ids and the chat template). LoRA adapters are merged first. Only Llama-architecture LMs with
+a byte-level BPE tokenizer are written; anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# The pre-tokenizers llama.cpp names (`tokenizer.ggml.pre`), as they appear in a tokenizer.json.
+LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
+class GGUFError(ValueError):
+    """The model cannot be written as GGUF; the message says why."""
+
+
+def tokenizer_pre(tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization, or a `GGUFError`."""
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2"
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    split = next((p for p in parts if p.get("type") == "Split"), {})
+    if split.get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise GGUFError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) has no llama.cpp name known to vlmforge")
+
+
+def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """transformers' rotary layout (halves) to llama.cpp's (interleaved pairs), as convert_hf_to_gguf does."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _vocab(tokenizer, size: int) -> tuple[list[str], list[int]]:
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def write_lm(vlm, path: str | Path, ftype: str = "f16") -> dict:
+    """Write `vlm`'s LM (LoRA merged) and tokenizer to the GGUF file `path`; returns a summary."""
+    import gguf
+
+    if ftype not in GGUF_TYPES:
+        raise GGUFError(f"unknown GGUF type {ftype!r} (use one of {', '.join(GGUF_TYPES)})")
+    lm = vlm.causal_lm
+    cfg = lm.config
+    if cfg.model_type != "llama":
+        raise GGUFError(f"the LM is a {cfg.model_type!r} model: GGUF export writes Llama-architecture LMs only")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise GGUFError(f"the LM's rope scaling {rope} is not written here")
+    theta = rope.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
+    pre = tokenizer_pre(vlm.tokenizer)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    state = {k: v.detach().float().cpu() for k, v in lm.state_dict().items()}
+    if getattr(cfg, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype]  # fmt: skip
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(Path(str(path)).stem)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(file_type)
+    tokens, types = _vocab(vlm.tokenizer, vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = json.loads(vlm.tokenizer.backend_tokenizer.to_str())["model"].get("merges", [])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    tok = vlm.tokenizer
+    for kind, token in (("bos", tok.bos_token), ("eos", tok.eos_token), ("pad", tok.pad_token)):
+        if token is not None:
+            getattr(writer, f"add_{kind}_token_id")(tok.convert_tokens_to_ids(token))
+    writer.add_add_bos_token(False)  # vlmforge's prompts carry their own begin-of-text (the chat template's)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+    for name, w in state.items():
+        if name.endswith(("rotary_emb.inv_freq",)):
+            continue
+        if name.endswith("self_attn.q_proj.weight"):
+            w = permute(w, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = permute(w, kv_heads)
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise GGUFError(f"the LM's tensor {name} has no GGUF name")
+        data = w.numpy()
+        if data.ndim == 1 or ftype == "f32":
+            writer.add_tensor(new, data.astype(np.float32))
+        elif ftype == "f16":
+            writer.add_tensor(new, data.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(new, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"file": str(path), "type": ftype, "tensors": len(state), "vocab": vocab, "pre": pre}
