@@ -268,7 +268,7 @@ def test_gguf_export_refuses_what_it_cannot_write(model_cfg, tmp_path):
         t.pre_tokenizer = pre
         return PreTrainedTokenizerFast(tokenizer_object=t)
 
-    assert tokenizer_pre(fast(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt2"
+    assert tokenizer_pre(fast(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt-2"
     llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
     assert tokenizer_pre(fast(llama3)) == "llama-bpe"

@@ -32,7 +32,7 @@ def tokenizer_pre(tokenizer) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenization, or a `GGUFError`."""
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     split = next((p for p in parts if p.get("type") == "Split"), {})
     if split.get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
