@@ -121,3 +121,44 @@ def test_the_real_lm_exports_to_gguf_and_reads_back(real, tmp_path, capsys):
         want, got = vlm(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0.01 * float(want.abs().max()))
     assert got[0, -1].argmax() == want[0, -1].argmax()
+
+
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "How many legs does a dog have?", "Say hello.",
+             "What is 2 + 2?", "Describe a circle.", "What color is the sky?", "Count to five.", "Who are you?",
+             "Name a fruit.", "What is water made of?", "Spell cat.", "Is the sun hot?", "Name a planet.",
+             "What do bees make?", "How many days are in a week?", "What is the opposite of up?",
+             "Name an animal that flies.", "What shape is a ball?", "Finish: one, two, ..."]  # fmt: skip
+
+
+@pytest.mark.parametrize("gguf_type,needed", [("f32", 20), ("f16", 19)])
+def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, gguf_type, needed):
+    """The SmolLM2 VLM's LM exported as GGUF, run in llama.cpp itself (llama-cpp-python, built by
+    `make setup`): llama.cpp's tokenizer gives vlmforge's ids for each of 20 ChatML prompts, and
+    its greedy 12 tokens equal vlmforge's engine's on all 20 (f32) or at least 19 (f16)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from vlmforge.export import export
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
+
+    _, model_dir, _ = real
+    export(str(model_dir), str(tmp_path / "g"), "gguf", gguf_type=gguf_type)
+    vlm = VLM.from_pretrained(model_dir)
+    prompts = [vlm.build_prompt(q, 0) for q in QUESTIONS]
+    ours = [r.tokens for r in Engine(vlm).generate(prompts, None, SamplingParams(max_tokens=12, ignore_eos=True))]
+    llm = Llama(model_path=str(tmp_path / "g" / f"lm-{gguf_type}.gguf"), n_ctx=256, logits_all=True, verbose=False,
+                n_threads=2)  # fmt: skip
+    same, differ = 0, []
+    for ids, want in zip(prompts, ours):
+        assert llm.tokenize(vlm.tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        got = []
+        for _ in range(12):
+            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([got[-1]])
+        same += got == want
+        if got != want:
+            differ.append((vlm.tokenizer.decode(ids[-12:]), vlm.tokenizer.decode(got), vlm.tokenizer.decode(want)))
+    assert same >= needed, differ

@@ -311,8 +311,9 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
                   "```", "", "This is the LLaVA layout vLLM serves (`vllm serve PATH`); see the notes."]  # fmt: skip
     elif fmt == "gguf":
         lines += ["", "## Use", "", "The LM as llama.cpp's GGUF (LoRA merged), with its tokenizer and chat template: "
-                  "`llama-cli -m PATH/lm-TYPE.gguf` or `llama-server -m PATH/lm-TYPE.gguf`. Text only: the vision "
-                  "tower and connector (llama.cpp's `--mmproj` file) are not written yet."]  # fmt: skip
+                  "`llama-cli -m PATH/lm-TYPE.gguf` or `llama-server -m PATH/lm-TYPE.gguf` (vlmforge checks its tests' "
+                  "exports in llama.cpp: the same tokens and greedy answers). Text only: the vision tower and "
+                  "connector (llama.cpp's `--mmproj` file) are not written yet."]  # fmt: skip
     else:
         lines += ["", "## Use", "", "`vlmforge chat --model PATH` or `vlmforge serve --model PATH` (an "
                   "OpenAI-compatible server); in Python `vlmforge.model.vlm.VLM.from_pretrained(PATH)`."]  # fmt: skip
