@@ -245,7 +245,9 @@ def test_gguf_export_of_the_lm_reads_back_in_transformers(model_cfg, tmp_path, c
     printed = capsys.readouterr().out
     assert "LoRA layers merged" in printed and "exported as gguf" in printed
     file = tmp_path / "g" / f"lm-{gguf_type}.gguf"
-    assert "library_name: gguf" in (tmp_path / "g" / "README.md").read_text()
+    assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # run in llama.cpp by test_gguf.py
+    card = (tmp_path / "g" / "README.md").read_text()
+    assert "library_name: gguf" in card and "--mmproj PATH/mmproj-f16.gguf" in card
     hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name).eval()
     tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     ids = vlm.build_prompt("How many red circles are there?", 0)
@@ -279,3 +281,13 @@ def test_gguf_export_refuses_what_it_cannot_write(model_cfg, tmp_path):
         main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "g"), "--format", "gguf",
               "--gguf_type", "q4_k"])  # fmt: skip
     assert not (tmp_path / "g").exists()  # nothing left behind
+    import dataclasses as dc
+
+    for kw, reason in (({"connector": "attention"}, "connector 'attention'"), ({"vision_pooled": True}, "pooled token"),
+                       ({"split_grid": 2}, "image splitting")):  # fmt: skip
+        VLM.from_backbones(dc.replace(model_cfg, **kw)).save_pretrained(tmp_path / "x")
+        with pytest.raises(ValueError, match=f"cannot export to gguf: .*{reason}"):
+            from vlmforge.export import export
+
+            export(str(tmp_path / "x"), str(tmp_path / "gx"), "gguf")
+        assert not (tmp_path / "gx").exists()

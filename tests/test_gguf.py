@@ -162,3 +162,94 @@ def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, 
         if got != want:
             differ.append((vlm.tokenizer.decode(ids[-12:]), vlm.tokenizer.decode(got), vlm.tokenizer.decode(want)))
     assert same >= needed, differ
+
+
+def _mtmd_greedy(lm: Path, mmproj: Path, text: str, images: list[Path], n: int) -> list[list[int]]:
+    """Greedy tokens in llama.cpp itself (llama-cpp-python's bindings of libmtmd): `text` holds
+    llama.cpp's media marker where the image goes; the image is decoded and preprocessed by
+    llama.cpp, encoded by its clip graph and evaluated into the LM's context chunk by chunk."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(lm), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings = False, 2, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    assert ctx, f"llama.cpp cannot load {mmproj}"
+    out = []
+    try:
+        for image in images:
+            data = image.read_bytes()
+            buf = (ctypes.c_uint8 * len(data)).from_buffer(bytearray(data))
+            bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(data), False)
+            prompt = mtmd.mtmd_input_text()
+            raw = text.encode()
+            prompt.text, prompt.text_len, prompt.add_special, prompt.parse_special = raw, len(raw), False, True
+            chunks = mtmd.mtmd_input_chunks_init()
+            assert (
+                mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+            )
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    count = ctypes.c_size_t()
+                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                    llm.eval([ptr[j] for j in range(count.value)])
+                else:
+                    past, at = llama_cpp.llama_pos(0), llama_cpp.llama_pos(llm.n_tokens)
+                    assert mtmd.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, at, llama_cpp.llama_seq_id(0),
+                                                              llm.n_batch, False, ctypes.byref(past)) == 0  # fmt: skip
+                    llm.n_tokens = past.value
+            got = []
+            for _ in range(n):
+                got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                llm.eval([got[-1]])
+            out.append(got)
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        mtmd.mtmd_free(ctx)
+    return out
+
+
+@pytest.mark.parametrize("gguf_type,needed", [("f32", 20), ("f16", 19)])
+def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tmp_path, gguf_type, needed):
+    """`export --format gguf` of the SmolLM2 VLM (tiny SigLIP, `mlp` connector): the LM and
+    llama.cpp's projector file (`--mmproj`), run in llama.cpp itself on 20 held-out images, the
+    image encoded by llama.cpp's clip graph: its greedy 10 tokens equal vlmforge's engine's on all
+    20 (f32) or at least 19 (f16), the images changing the answers. The images are the encoder's
+    32 px squares, so neither side resamples them."""
+    from vlmforge.export import export
+    from vlmforge.infer.engine import Engine
+    from vlmforge.infer.request import SamplingParams
+
+    _, model_dir, _ = real
+    export(str(model_dir), str(tmp_path / "g"), "gguf", gguf_type=gguf_type)
+    vlm = VLM.from_pretrained(model_dir)
+    with torch.no_grad():  # a connector whose visual tokens sway the answers (12 align steps barely do)
+        for p in vlm.connector.parameters():
+            p.mul_(8.0)
+    vlm.save_pretrained(tmp_path / "m")
+    export(str(tmp_path / "m"), str(tmp_path / "g8"), "gguf", gguf_type=gguf_type)
+    images = sorted((data_dir / "images").glob("shapes_*.png"))[:20]
+    assert {load_image(p).size for p in images} == {(32, 32)} and vlm.processor.size == 32
+    ids = vlm.build_prompt("Describe the image.", 1)
+    engine = Engine(vlm)
+    ours = [engine.generate([ids], [[load_image(p)]], SamplingParams(max_tokens=10, ignore_eos=True))[0].tokens
+            for p in images]  # fmt: skip
+    pad = vlm.tokenizer.convert_ids_to_tokens(vlm.image_token_id) * vlm.tokens_per_image
+    text = vlm.tokenizer.decode(ids)
+    assert text.count(pad) == 1
+    theirs = _mtmd_greedy(tmp_path / "g8" / f"lm-{gguf_type}.gguf", tmp_path / "g8" / f"mmproj-{gguf_type}.gguf",
+                          text.replace(pad, "<__media__>"), images, 10)  # fmt: skip
+    assert len({tuple(t) for t in ours}) >= 2  # the images change the answers (3 distinct here)
+    same = sum(a == b for a, b in zip(ours, theirs))
+    assert same >= needed, [(p.name, vlm.tokenizer.decode(a), vlm.tokenizer.decode(b))
+                            for p, a, b in zip(images, theirs, ours) if a != b]  # fmt: skip
+    assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # the trained model's own projector file

@@ -462,9 +462,10 @@ def export(model: str, out: str, format: str = "auto", eval: list[str] | None = 
     serves): models with the `mlp` or `linear` connector, no image splitting. Other connectors
     (`attention`, `perceiver`, `pixel_shuffle`) have no transformers class and are written in
     vlmforge's own format; `auto` picks llava-hf when the model maps onto it and says why not
-    otherwise. `gguf` writes the LM (Llama architecture, byte-level BPE tokenizer) as llama.cpp's
-    GGUF with its tokenizer and chat template; the vision tower and connector (llama.cpp's mmproj
-    file) are not written yet. LoRA adapters are merged into the LM on the way out.
+    otherwise. `gguf` writes llama.cpp's two files: the LM (Llama architecture, byte-level BPE
+    tokenizer) with its tokenizer and chat template, and the vision tower (SigLIP or CLIP ViT) with
+    the `mlp` connector as the `--mmproj` projector file; other towers and connectors are refused
+    with the reason. LoRA adapters are merged into the LM on the way out.
 
     Args:
         model: vlmforge model folder.

@@ -310,10 +310,13 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
                   "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
                   "```", "", "This is the LLaVA layout vLLM serves (`vllm serve PATH`); see the notes."]  # fmt: skip
     elif fmt == "gguf":
-        lines += ["", "## Use", "", "The LM as llama.cpp's GGUF (LoRA merged), with its tokenizer and chat template: "
-                  "`llama-cli -m PATH/lm-TYPE.gguf` or `llama-server -m PATH/lm-TYPE.gguf` (vlmforge checks its tests' "
-                  "exports in llama.cpp: the same tokens and greedy answers). Text only: the vision tower and "
-                  "connector (llama.cpp's `--mmproj` file) are not written yet."]  # fmt: skip
+        lines += ["", "## Use", "", "llama.cpp's GGUF: the LM (LoRA merged, its tokenizer and chat template) in "
+                  "`lm-TYPE.gguf`, the vision tower and connector (LLaVA's `mlp` projector) in `mmproj-TYPE.gguf`:",
+                  "", "```", "llama-mtmd-cli -m PATH/lm-f16.gguf --mmproj PATH/mmproj-f16.gguf --image IMG "
+                  "-p 'What is shown?' --temp 0",
+                  "llama-server -m PATH/lm-f16.gguf --mmproj PATH/mmproj-f16.gguf", "```",
+                  "", "Images are padded to a square with llama.cpp's own colour and resized by it; vlmforge's "
+                  f"`{c.resize}` may differ for images that are not {vlm.processor.size}px squares."]  # fmt: skip
     else:
         lines += ["", "## Use", "", "`vlmforge chat --model PATH` or `vlmforge serve --model PATH` (an "
                   "OpenAI-compatible server); in Python `vlmforge.model.vlm.VLM.from_pretrained(PATH)`."]  # fmt: skip
@@ -397,14 +400,16 @@ def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = No
         if problems:
             notes.append("written in vlmforge's own format, not llava-hf: " + "; ".join(problems))
     if fmt == "gguf":
-        from vlmforge.export.gguf import write_lm
+        from vlmforge.export.gguf import mmproj_obstacles, write_lm, write_mmproj
 
+        problems = mmproj_obstacles(vlm)
+        if problems:
+            raise ExportError("cannot export to gguf: " + "; ".join(problems))
         if hasattr(vlm.lm, "merge_and_unload"):
             notes.append(f"{vlm.merge_lora()} LoRA layers merged into the LM")
-        notes.append("the LM only: the vision tower and connector (llama.cpp's mmproj file) are not written yet, so "
-                     "llama.cpp runs this as a text-only LM")  # fmt: skip
         with atomic_dir(out) as tmp:
             write_lm(vlm, tmp / f"lm-{gguf_type}.gguf", gguf_type)
+            write_mmproj(vlm, tmp / f"mmproj-{gguf_type}.gguf", gguf_type)
             atomic_write_text(tmp / "README.md", model_card(vlm, fmt, scores, notes, sources))
         return fmt, notes
     if fmt == "llava-hf":

@@ -1,11 +1,15 @@
-"""The LM of a vlmforge model as a GGUF file, llama.cpp's format.
+"""A vlmforge model as llama.cpp's two GGUF files: the LM, and the vision tower + connector as
+the projector file llama.cpp's multimodal runtime (libmtmd) loads with `--mmproj`.
 
-Written with the `gguf` package (llama.cpp's own Python writer) the way llama.cpp's
+Both are written with the `gguf` package (llama.cpp's own Python writer). The LM the way llama.cpp's
 `convert_hf_to_gguf.py` writes a Llama-family checkpoint: tensor names from `gguf`'s name map,
 the query and key projections permuted to llama.cpp's rotary layout, the hyperparameters under
-`llama.*`, and the tokenizer as a `gpt2` BPE (its tokens, their types, the merges, the special
-token ids and the chat template). LoRA adapters are merged first. Only Llama-architecture LMs with
-a byte-level BPE tokenizer are written; anything else is refused with the reason.
+`llama.*`, and the tokenizer as a `gpt2`-model BPE (its tokens, their types, the merges, the special
+token ids, the pre-tokenizer's llama.cpp name and the chat template). The projector file as
+llama.cpp's LLaVA projector (`clip.projector_type mlp`): a SigLIP or CLIP ViT under `v.*`, the
+`mlp` connector as `mm.0` / `mm.2`, the image settings and the feature layer. Anything that does
+not map exactly (other LM architectures or tokenizers, conv towers, other connectors, the pooled
+token, image splitting) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -138,3 +142,82 @@ def write_lm(vlm, path: str | Path, ftype: str = "f16") -> dict:
     writer.write_tensors_to_file()
     writer.close()
     return {"file": str(path), "type": ftype, "tensors": len(state), "vocab": vocab, "pre": pre}
+
+
+def mmproj_obstacles(vlm) -> list[str]:
+    """Why the vision tower and connector cannot be llama.cpp's `mlp` (LLaVA) projector file."""
+    c, v = vlm.config, vlm.vision
+    kind = getattr(v.model.config, "model_type", "")
+    problems = []
+    if kind not in ("siglip_vision_model", "clip_vision_model"):
+        problems.append(f"vision tower {type(v.model).__name__}: llama.cpp's clip runs SigLIP and CLIP ViTs only")
+    if c.connector != "mlp":
+        problems.append(f"connector {c.connector!r}: llama.cpp's `mlp` projector is Linear-GELU-Linear (`mlp`)")
+    if c.vision_pooled:
+        problems.append("the pooled token (vision_pooled): llama.cpp's clip has no attention-pool output")
+    if c.split_grid:
+        problems.append("image splitting: not written (llama.cpp's `mlp` projector encodes the whole image)")
+    if c.architecture != "autoregressive":
+        problems.append("the cross-attention architecture: llama.cpp puts visual tokens in the LM's sequence")
+    if not getattr(v.model.config, "hidden_act", "").startswith(("gelu", "quick_gelu")):
+        problems.append(f"activation {v.model.config.hidden_act!r} of the tower")
+    return problems
+
+
+def write_mmproj(vlm, path: str | Path, ftype: str = "f16") -> dict:
+    """Write the vision tower and the `mlp` connector as llama.cpp's projector file (`--mmproj`):
+    `clip.projector_type mlp` (LLaVA's), the ViT under `v.*`, the connector as `mm.0` / `mm.2`,
+    the image size, patch size, mean and std, and the feature layer the connector reads."""
+    import gguf
+
+    problems = mmproj_obstacles(vlm)
+    if problems:
+        raise GGUFError("cannot write llama.cpp's projector file: " + "; ".join(problems))
+    if ftype not in GGUF_TYPES:
+        raise GGUFError(f"unknown GGUF type {ftype!r} (use one of {', '.join(GGUF_TYPES)})")
+    tower, vcfg, proc = vlm.vision, vlm.vision.model.config, vlm.processor
+    layers = vcfg.num_hidden_layers
+    fl = tower.feature_layer  # -1: after the final norm; else hidden_states[k] (no norm)
+    after = layers if fl == -1 else (fl if fl >= 0 else layers + fl + 1)  # blocks run before the features
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, layers)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(Path(str(path)).stem)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])  # fmt: skip
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type("mlp")
+    writer.add_vision_image_size(tower.image_size)
+    writer.add_vision_patch_size(tower.patch_size)
+    writer.add_vision_embedding_length(vcfg.hidden_size)
+    writer.add_vision_feed_forward_length(vcfg.intermediate_size)
+    writer.add_vision_block_count(layers)
+    writer.add_vision_head_count(vcfg.num_attention_heads)
+    writer.add_vision_attention_layernorm_eps(vcfg.layer_norm_eps)
+    writer.add_vision_projection_dim(vlm.causal_lm.config.hidden_size)
+    writer.add_vision_image_mean(list(proc.mean))
+    writer.add_vision_image_std(list(proc.std))
+    writer.add_vision_use_gelu(vcfg.hidden_act.startswith("gelu"))  # else CLIP's quick GELU
+    writer.add_array("clip.vision.feature_layer", [after])
+    tensors = {"vision_tower.vision_model." + k: v for k, v in tower.model.state_dict().items()
+               if not k.startswith("head.") and not (fl != -1 and k.startswith("post_layernorm."))}  # fmt: skip
+    first, second = vlm.connector.linears()
+    mm = {"mm.0.weight": first.weight, "mm.0.bias": first.bias, "mm.2.weight": second.weight, "mm.2.bias": second.bias}
+    for name, w in list(tensors.items()) + list(mm.items()):
+        new = name if name.startswith("mm.") else names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise GGUFError(f"the vision tensor {name} has no GGUF name")
+        data = w.detach().float().cpu().numpy()
+        keep = data.ndim != 2 or ftype == "f32" or "position_embd" in new  # norms, biases, the conv and positions
+        if keep:
+            writer.add_tensor(new, data.astype(np.float32))
+        elif ftype == "f16":
+            writer.add_tensor(new, data.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(new, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"file": str(path), "type": ftype, "tensors": len(tensors) + 4, "feature_after_blocks": after}
