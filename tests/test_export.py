@@ -221,13 +221,24 @@ def test_device_map_places_the_model_and_keeps_its_outputs(model, tmp_path):
         torch.testing.assert_close(placed(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
 
 
+def read_back_in_transformers(vlm, file, question: str):
+    """(vlmforge's logits, the GGUF LM's logits as transformers' GGUF loader reads it) for a
+    prompt, after checking that the file's tokenizer gives vlmforge's ids for it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name).eval()
+    tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    ids = vlm.build_prompt(question, 0)
+    assert tok(vlm.tokenizer.decode(ids), add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        return vlm(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits
+
+
 @pytest.mark.parametrize("gguf_type,tol", [("f32", 1e-6), ("f16", 1e-2), ("q8_0", 0.1)])
 def test_gguf_export_of_the_lm_reads_back_in_transformers(model_cfg, tmp_path, capsys, gguf_type, tol):
     """`export --format gguf`: the LM (LoRA merged) and its tokenizer as llama.cpp's GGUF, read back
     by transformers' own GGUF loader (which undoes llama.cpp's rotary permutation): the same token
     ids for a prompt and the same logits, to the precision of the stored type."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from vlmforge.config import TrainConfig
     from vlmforge.train.stages import apply_stage
 
@@ -248,12 +259,7 @@ def test_gguf_export_of_the_lm_reads_back_in_transformers(model_cfg, tmp_path, c
     assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # run in llama.cpp by test_gguf.py
     card = (tmp_path / "g" / "README.md").read_text()
     assert "library_name: gguf" in card and "--mmproj PATH/mmproj-f16.gguf" in card
-    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name).eval()
-    tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-    ids = vlm.build_prompt("How many red circles are there?", 0)
-    assert tok(vlm.tokenizer.decode(ids), add_special_tokens=False)["input_ids"] == ids
-    with torch.no_grad():
-        want, got = vlm(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits
+    want, got = read_back_in_transformers(vlm, file, "How many red circles are there?")
     scale = float(want.abs().max())
     assert float(want.std()) > 0.01  # logits that differ from token to token
     torch.testing.assert_close(got, want, rtol=0, atol=tol * scale)

@@ -104,21 +104,14 @@ def test_the_real_lm_exports_to_gguf_and_reads_back(real, tmp_path, capsys):
     """`export --format gguf` of the SmolLM2 VLM: its LM (with vlmforge's image tokens added to the
     vocabulary) read back by transformers' GGUF loader: the same ids for a ChatML prompt, logits
     within 1% of the largest (f16)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from test_export import read_back_in_transformers
     from vlmforge.cli import main
 
     _, model_dir, _ = real
     main(["export", "--model", str(model_dir), "--out", str(tmp_path / "g"), "--format", "gguf"])
     assert "exported as gguf" in capsys.readouterr().out
     vlm = VLM.from_pretrained(model_dir)
-    file = tmp_path / "g" / "lm-f16.gguf"
-    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name).eval()
-    tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-    ids = vlm.build_prompt("What is the capital of France?", 0)
-    assert tok(vlm.tokenizer.decode(ids), add_special_tokens=False)["input_ids"] == ids
-    with torch.no_grad():
-        want, got = vlm(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits
+    want, got = read_back_in_transformers(vlm, tmp_path / "g" / "lm-f16.gguf", "What is the capital of France?")
     torch.testing.assert_close(got, want, rtol=0, atol=0.01 * float(want.abs().max()))
     assert got[0, -1].argmax() == want[0, -1].argmax()
 
