@@ -49,6 +49,40 @@ def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _writer(path: str | Path, arch, ftype: str):
+    """A `gguf.GGUFWriter` for `path` with its name and file type set, after checking `ftype`."""
+    import gguf
+
+    if ftype not in GGUF_TYPES:
+        raise GGUFError(f"unknown GGUF type {ftype!r} (use one of {', '.join(GGUF_TYPES)})")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(Path(str(path)).stem)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])  # fmt: skip
+    return writer
+
+
+def _add(writer, name: str, w: torch.Tensor, ftype: str, keep_f32: bool = False) -> None:
+    """One tensor in the file's type; vectors (norms, biases) and `keep_f32` ones stay float32."""
+    import gguf
+
+    data = w.detach().float().cpu().numpy()
+    if data.ndim != 2 or keep_f32 or ftype == "f32":
+        writer.add_tensor(name, data.astype(np.float32))
+    elif ftype == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+def _close(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _vocab(tokenizer, size: int) -> tuple[list[str], list[int]]:
     import gguf
 
@@ -72,8 +106,6 @@ def write_lm(vlm, path: str | Path, ftype: str = "f16") -> dict:
     """Write `vlm`'s LM (LoRA merged) and tokenizer to the GGUF file `path`; returns a summary."""
     import gguf
 
-    if ftype not in GGUF_TYPES:
-        raise GGUFError(f"unknown GGUF type {ftype!r} (use one of {', '.join(GGUF_TYPES)})")
     lm = vlm.causal_lm
     cfg = lm.config
     if cfg.model_type != "llama":
@@ -89,11 +121,8 @@ def write_lm(vlm, path: str | Path, ftype: str = "f16") -> dict:
     state = {k: v.detach().float().cpu() for k, v in lm.state_dict().items()}
     if getattr(cfg, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype]  # fmt: skip
     vocab = state["model.embed_tokens.weight"].shape[0]
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(Path(str(path)).stem)
+    writer = _writer(path, gguf.MODEL_ARCH.LLAMA, ftype)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -104,7 +133,6 @@ def write_lm(vlm, path: str | Path, ftype: str = "f16") -> dict:
     writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(vocab)
-    writer.add_file_type(file_type)
     tokens, types = _vocab(vlm.tokenizer, vocab)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -129,18 +157,8 @@ def write_lm(vlm, path: str | Path, ftype: str = "f16") -> dict:
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise GGUFError(f"the LM's tensor {name} has no GGUF name")
-        data = w.numpy()
-        if data.ndim == 1 or ftype == "f32":
-            writer.add_tensor(new, data.astype(np.float32))
-        elif ftype == "f16":
-            writer.add_tensor(new, data.astype(np.float16))
-        else:
-            q = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(new, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        _add(writer, new, w, ftype)
+    _close(writer)
     return {"file": str(path), "type": ftype, "tensors": len(state), "vocab": vocab, "pre": pre}
 
 
@@ -173,18 +191,13 @@ def write_mmproj(vlm, path: str | Path, ftype: str = "f16") -> dict:
     problems = mmproj_obstacles(vlm)
     if problems:
         raise GGUFError("cannot write llama.cpp's projector file: " + "; ".join(problems))
-    if ftype not in GGUF_TYPES:
-        raise GGUFError(f"unknown GGUF type {ftype!r} (use one of {', '.join(GGUF_TYPES)})")
     tower, vcfg, proc = vlm.vision, vlm.vision.model.config, vlm.processor
     layers = vcfg.num_hidden_layers
     fl = tower.feature_layer  # -1: after the final norm; else hidden_states[k] (no norm)
     after = layers if fl == -1 else (fl if fl >= 0 else layers + fl + 1)  # blocks run before the features
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, layers)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+    writer = _writer(path, gguf.MODEL_ARCH.MMPROJ, ftype)
     writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_name(Path(str(path)).stem)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])  # fmt: skip
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type("mlp")
     writer.add_vision_image_size(tower.image_size)
@@ -207,17 +220,6 @@ def write_mmproj(vlm, path: str | Path, ftype: str = "f16") -> dict:
         new = name if name.startswith("mm.") else names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise GGUFError(f"the vision tensor {name} has no GGUF name")
-        data = w.detach().float().cpu().numpy()
-        keep = data.ndim != 2 or ftype == "f32" or "position_embd" in new  # norms, biases, the conv and positions
-        if keep:
-            writer.add_tensor(new, data.astype(np.float32))
-        elif ftype == "f16":
-            writer.add_tensor(new, data.astype(np.float16))
-        else:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(new, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        _add(writer, new, w, ftype, keep_f32="position_embd" in new)  # the conv (4-D) stays f32 too
+    _close(writer)
     return {"file": str(path), "type": ftype, "tensors": len(tensors) + 4, "feature_after_blocks": after}
