@@ -49,9 +49,10 @@ class RecordStream:
             ds.load_state_dict(state)
         return ds
 
-    def windows(self, size: int, start: dict | None = None) -> Iterator[tuple[dict, list[Record]]]:
-        """(position of the window's start, its records) for ever, from position `start`: windows
-        of `size` records; the last of an epoch may be shorter."""
+    def windows(self, size: int, start: dict | None = None, epochs: int | None = None
+                ) -> Iterator[tuple[dict, list[Record]]]:  # fmt: skip
+        """(position of the window's start, its records) from position `start`, for `epochs`
+        passes (default: for ever): windows of `size` records; the last of an epoch may be shorter."""
         pos = dict(start or {"epoch": 0, "source": 0, "state": None, "row": 0, "window": 0})
         epoch, k, row, window = pos["epoch"], pos["source"], pos["row"], pos["window"]
         ds = self._open(k, pos["state"])
@@ -67,6 +68,8 @@ class RecordStream:
                         yield pos, records
                     elif not read_in_epoch:
                         raise DataError(f"no records in {', '.join(self.sources)} (for rank {self.rank})") from None
+                    if epochs is not None and epoch + 1 >= epochs:
+                        return
                     epoch, k, window, records, read_in_epoch = epoch + 1, 0, 0, [], False
                     pos = {"epoch": epoch, "source": 0, "state": None, "row": 0, "window": 0}
                 ds = self._open(k, None)
@@ -82,8 +85,6 @@ class RecordStream:
 
     def images(self) -> Iterator:
         """Every image path of one pass over the sources (for the feature store)."""
-        for pos, records in self.windows(4096):
-            if pos["epoch"] > 0:
-                return
+        for _, records in self.windows(4096, epochs=1):
             for r in records:
                 yield from r.images
