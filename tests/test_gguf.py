@@ -246,3 +246,18 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     assert same >= needed, [(p.name, vlm.tokenizer.decode(a), vlm.tokenizer.decode(b))
                             for p, a, b in zip(images, theirs, ours) if a != b]  # fmt: skip
     assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # the trained model's own projector file
+
+
+def test_a_missing_or_damaged_gguf_file_is_one_line_naming_it(backbones, data_dir, tmp_path, capsys):
+    from vlmforge.cli import main
+
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    for name, why in (("missing.gguf", "GGUF file not found"), ("broken.gguf", "cannot load a tokenizer")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--train.data", str(data_dir / "shapes_sft.json"), "--train.out", str(tmp_path / "run"),
+                  "--model.vision", str(backbones["vision"]), "--model.lm", str(tmp_path / name)])  # fmt: skip
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1, err
+        assert str(tmp_path / name) in lines[0] and why in lines[0], lines[0]
+    assert not (tmp_path / "run" / "model").exists()
