@@ -37,9 +37,18 @@ class ModelConfig:
         image_size: encoder input resolution; defaults to the encoder's own processor settings.
         resize: `pad` keeps the aspect ratio (resize the long side, pad the rest); `expand` keeps
             it as LLaVA-1.5 does (pad to a square, then resize); `squash` resizes to a square
-            regardless of aspect; `crop` is CLIP's (resize the short side, centre-crop).
-        split_grid: image splitting (LLaVA-UHD, Idefics2): 0 is off; k cuts each image into k x k
-            crops plus the whole image, each encoded and connected (k=2: 5 views per image).
+            regardless of aspect; `crop` is CLIP's (resize the short side, centre-crop); `native`
+            keeps the image's own aspect and resolution between `min_side` and `max_side` (Idefics2,
+            NaViT): a ViT interpolates its position embeddings to the image's patch grid, a conv
+            tower takes the size as it is, and the visual tokens per image vary with the size.
+        min_side: native's shortest side in pixels (default half the encoder resolution).
+        max_side: native's longest side in pixels (default twice the encoder resolution).
+        split_grid: fixed image splitting (Idefics2): 0 is off; k cuts each image into k x k crops
+            plus the whole image, each encoded and connected (k=2: 5 views per image).
+        slicing: `fixed` (split_grid) or `adaptive` (LLaVA-UHD): each image gets its own grid of
+            slices, chosen from its size and aspect ratio, at most `max_slices`, plus the whole
+            image; the visual tokens per image vary with it.
+        max_slices: the adaptive slicing budget (slices per image, the whole image not counted).
         architecture: `autoregressive` (Idefics2's "fully autoregressive": visual tokens in the LM's
             sequence) or `cross_attention` (Flamingo: zero-gated cross-attention layers before
             every `xattn_every`-th LM layer attend to the visual tokens; the sequence keeps only
@@ -66,8 +75,12 @@ class ModelConfig:
     feature_layer: int = -1
     vision_pooled: bool = False
     image_size: int | None = None
-    resize: Literal["pad", "expand", "squash", "crop"] = "pad"
+    resize: Literal["pad", "expand", "squash", "crop", "native"] = "pad"
+    min_side: int | None = None
+    max_side: int | None = None
     split_grid: int = 0
+    slicing: Literal["fixed", "adaptive"] = "fixed"
+    max_slices: int = 4
     architecture: Literal["autoregressive", "cross_attention"] = "autoregressive"
     xattn_every: int = 4
     layout: Literal["llama3v", "inline", "bare"] = "llama3v"
