@@ -16,7 +16,8 @@ A registry from names to builders, so a connector is chosen by a string in the c
   (r x r neighbouring patches concatenated into one token), then a linear projection; P / r^2
   visual tokens.
 
-Each connector tells the model how many visual tokens it emits for P patch tokens (`num_tokens`).
+Each connector tells the model how many visual tokens it emits for P patch tokens (`num_tokens`),
+and whether that is one per patch (`per_patch`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def build_connector(name: str, vision_dim: int, lm_dim: int, **kwargs) -> nn.Mod
 
 @register("mlp")
 class MLPConnector(nn.Module):
+    per_patch = True
+
     def __init__(self, vision_dim: int, lm_dim: int, hidden: int | None = None, **_):
         super().__init__()
         hidden = hidden or lm_dim
@@ -66,6 +69,8 @@ class MLPConnector(nn.Module):
 
 @register("attention")
 class AttentionConnector(nn.Module):
+    per_patch = True
+
     def __init__(self, vision_dim: int, lm_dim: int, layers: int = 2, heads: int = 4, **_):
         super().__init__()
         if vision_dim % heads:
@@ -89,6 +94,8 @@ class AttentionConnector(nn.Module):
 
 @register("linear")
 class LinearConnector(nn.Module):
+    per_patch = True
+
     def __init__(self, vision_dim: int, lm_dim: int, **_):
         super().__init__()
         self.proj = nn.Linear(vision_dim, lm_dim)
@@ -144,6 +151,8 @@ class PerceiverLayer(nn.Module):
 
 @register("perceiver")
 class PerceiverConnector(nn.Module):
+    per_patch = False
+
     def __init__(self, vision_dim: int, lm_dim: int, latents: int = 64, layers: int = 3, heads: int = 4,
                  hidden: int | None = None, **_):  # fmt: skip
         super().__init__()
@@ -167,6 +176,8 @@ class PerceiverConnector(nn.Module):
 
 @register("pixel_shuffle")
 class PixelShuffleConnector(nn.Module):
+    per_patch = False
+
     def __init__(self, vision_dim: int, lm_dim: int, factor: int = 2, **_):
         super().__init__()
         if factor < 1:

@@ -67,6 +67,10 @@ class CrossAttentionBridge(nn.Module):
     def num_tokens(self, num_patches: int) -> int:
         return self.proj.num_tokens(num_patches)
 
+    @property
+    def per_patch(self) -> bool:
+        return self.proj.per_patch
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [N, P, Dv] -> [N, T, D]
         return self.proj(feats)
 

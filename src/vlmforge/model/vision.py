@@ -10,6 +10,9 @@ any class whose outputs are feature maps [N, C, H, W]) work the same way, as Con
 and OpenCLIP's ConvNeXt towers use them: `feature_layer` picks a stage of `hidden_states` (-1 the
 last), and the map becomes H x W visual tokens in row-major order. Their grid and width are read
 from one probe forward at the input size, since they depend on the stage and the resolution.
+Inputs of other sizes than the tower's own (`resize native`): a conv tower takes them as they
+are; a ViT interpolates its position embeddings to the input's patch grid (transformers'
+`interpolate_pos_encoding`, which SigLIP and CLIP have). Patch features keep row-major order.
 A frozen tower stays in eval mode whatever the rest of the model does, so BatchNorm statistics
 never move.
 """
@@ -71,6 +74,20 @@ def is_vit(config) -> bool:
     """A plain ViT config (fixed patch grid, one width); conv and hybrid towers are not."""
     cfg = getattr(config, "vision_config", config)
     return all(isinstance(getattr(cfg, k, None), int) for k in ("hidden_size", "image_size", "patch_size"))
+
+
+def by_shape(items: list[torch.Tensor], fn) -> list[torch.Tensor]:
+    """`fn` over `items` (tensors [n_i, ...]) batched by shape: the items of one shape are
+    concatenated, run once, and split back into one output [n_i, ...] per item, in order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(items):
+        groups.setdefault((x.dim(), *x.shape[1:]), []).append(i)
+    out: list = [None] * len(items)
+    for idx in groups.values():
+        result = fn(torch.cat([items[i] for i in idx]))
+        for i, part in zip(idx, result.split([items[i].shape[0] for i in idx])):
+            out[i] = part
+    return out
 
 
 class VisionTower(nn.Module):
@@ -197,15 +214,28 @@ class VisionTower(nn.Module):
             why = f"{type(model).__name__} gives no features vlmforge reads ({e})"
             raise unusable(path, "a vision tower", why) from e
 
+    def check_native(self) -> None:
+        """Refuse native-resolution inputs to a ViT that cannot interpolate its position embeddings."""
+        takes = inspect.signature(self.model.forward).parameters
+        if not self.convolutional and "interpolate_pos_encoding" not in takes:
+            raise ValueError(f"{type(self.model).__name__} cannot interpolate its position embeddings: "
+                             "resize native needs SigLIP, CLIP or a conv tower")  # fmt: skip
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.released:
             raise RuntimeError("the vision encoder was released (features come from a cache); it cannot encode pixels")
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
-        out = self.model(pixel_values=pixel_values, output_hidden_states=self.feature_layer != -1)
+        h, w = pixel_values.shape[-2:]
+        other = {}
+        if not self.convolutional and (h, w) != (self.image_size, self.image_size):
+            self.check_native()
+            other["interpolate_pos_encoding"] = True
+        out = self.model(pixel_values=pixel_values, output_hidden_states=self.feature_layer != -1, **other)
         feats = self._select(out)
+        patches = (h // self.patch_size) * (w // self.patch_size)
         if feats.dim() == 4:  # a feature map [N, C, H, W] -> H x W tokens, row-major
             feats = feats.flatten(2).transpose(1, 2)
-        elif feats.shape[1] == self.num_patches + 1:  # drop CLS
+        elif feats.shape[1] == patches + 1:  # drop CLS
             feats = feats[:, 1:]
         if self.pooled:
             pooled = getattr(out, "pooler_output", None)

@@ -28,12 +28,13 @@ from vlmforge.data.prompts import (
     IMAGE_START,
     SPECIAL_TOKENS,
     PromptBuilder,
+    separator_vocab,
     view_tokens,
 )
 from vlmforge.io import atomic_dir, unusable
 from vlmforge.model import folder
 from vlmforge.model.connectors import build_connector
-from vlmforge.model.vision import VisionTower, check_loading_info, load_vision_model
+from vlmforge.model.vision import VisionTower, by_shape, check_loading_info, load_vision_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,7 +60,7 @@ def hf_location(path: str) -> tuple[str, dict]:
 
 
 @runtime.quiet_libraries()
-def load_tokenizer(path: str, split_grid: int = 0):
+def load_tokenizer(path: str, split_grid: int = 0, max_slices: int = 0):
     from transformers import AutoTokenizer
 
     local = Path(path)
@@ -70,7 +71,7 @@ def load_tokenizer(path: str, split_grid: int = 0):
         tok = AutoTokenizer.from_pretrained(where, **gguf)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise unusable(path, "a tokenizer", e) from e
-    missing = [t for t in SPECIAL_TOKENS + view_tokens(split_grid) if t not in tok.get_vocab()]
+    missing = [t for t in SPECIAL_TOKENS + separator_vocab(split_grid, max_slices) if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
     if tok.chat_template is None:
@@ -99,6 +100,32 @@ def load_lm(path: str, dtype: torch.dtype = torch.float32, device_map: str | Non
     if getattr(model, "hf_quantizer", None) is not None and gguf:
         model.hf_quantizer.remove_quantization_config(model)  # nothing is left quantized
     return model
+
+
+@dataclass
+class ImageViews:
+    """The views of an image of a given size in its prompt block, `(separator or None, visual
+    tokens)` each in the order the encoder's outputs come (a plain object, so that datasets that
+    hold it pickle without the model)."""
+
+    processor: ImageProcessor
+    tokens_per_view: int
+    pooled: int  # 1 when the encoder's pooled token precedes the patches
+    fixed: int | None  # the connector's tokens when they do not depend on the patches (perceiver)
+
+    def __call__(self, size: tuple[int, int]) -> list[tuple[str | None, int]]:
+        proc = self.processor
+        if proc.resize == "native":
+            w, h = proc.input_size(size)
+            return [(None, self.fixed or (w // proc.unit) * (h // proc.unit) + self.pooled)]
+        seps = view_tokens(proc.grid_for(size))
+        return [(sep, self.tokens_per_view) for sep in seps] if seps else [(None, self.tokens_per_view)]
+
+
+def image_options(config: ModelConfig, vision: VisionTower) -> dict:
+    """The ImageProcessor fields of slicing and native resolution a model config sets."""
+    return {"slicing": config.slicing, "max_slices": config.max_slices, "unit": vision.patch_size,
+            "min_side": config.min_side, "max_side": config.max_side}  # fmt: skip
 
 
 class VLM(nn.Module):
@@ -132,12 +159,21 @@ class VLM(nn.Module):
                 )
         elif config.architecture != "autoregressive":
             raise ValueError(f"unknown architecture {config.architecture!r} (autoregressive or cross_attention)")
-        # with image splitting every view (crops + the whole image) gets its own visual tokens
+        if processor.variable and self.cross_attention:
+            raise ValueError("the cross-attention architecture takes a fixed number of views per image: "
+                             "not with adaptive slicing or resize native")  # fmt: skip
+        # with image splitting every view (crops + the whole image) gets its own visual tokens;
+        # adaptive slicing: the most an image gets; native: an image of the encoder's own square
         self.tokens_per_view = self.connector.num_tokens(vision.num_features)
         self.tokens_per_image = self.tokens_per_view * processor.num_views
         # visual tokens placed in the LM's sequence: none with cross-attention (only the markers)
         self.sequence_tokens_per_image = 0 if self.cross_attention else self.tokens_per_image
-        self.prompts = PromptBuilder(tokenizer, self.sequence_tokens_per_image, config.layout, config.split_grid)
+        fixed = None if getattr(self.connector, "per_patch", True) else self.tokens_per_view
+        self.image_views = ImageViews(processor, self.tokens_per_view, int(vision.pooled), fixed)
+        if processor.resize == "native" and config.connector == "pixel_shuffle":
+            raise ValueError("the pixel_shuffle connector needs a square patch grid: not with resize native")
+        self.prompts = PromptBuilder(tokenizer, self.sequence_tokens_per_image, config.layout, config.split_grid,
+                                     self.image_views if processor.variable else None)  # fmt: skip
         self.image_start_id = tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
@@ -155,14 +191,18 @@ class VLM(nn.Module):
         vision = VisionTower.from_pretrained(
             config.vision, config.feature_layer, dtype, config.vision_pooled, config.image_size
         )
-        tok = load_tokenizer(config.tokenizer or config.lm, max(config.split_grid, 0))
+        adaptive = config.max_slices if config.slicing == "adaptive" else 0
+        tok = load_tokenizer(config.tokenizer or config.lm, max(config.split_grid, 0), adaptive)
         lm = load_lm(config.lm, dtype, config.device_map)
         if len(tok) > lm.get_input_embeddings().weight.shape[0]:
             lm.resize_token_embeddings(len(tok))
         size = vision.image_size
         if config.split_grid < 0:
             raise ValueError(f"split_grid must be 0 (off) or a grid size k >= 1, got {config.split_grid}")
-        proc = ImageProcessor.from_encoder(config.vision, size, config.resize, config.split_grid)
+        if config.resize == "native":
+            vision.check_native()
+        options = image_options(config, vision)
+        proc = ImageProcessor.from_encoder(config.vision, size, config.resize, config.split_grid, **options)
         model = cls(config, vision, lm, tok, proc)
         model.vision_source = config.vision
         if config.device_map:  # the LM is placed; the rest goes where its input embeddings are
@@ -255,6 +295,12 @@ class VLM(nn.Module):
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             return self.vision(pixel_values)
 
+    def image_tokens(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Visual tokens [tokens, D] of each image of `items`, each its pixels [V, 3, H, W] or its
+        features [V, P, Dv]; items of one shape are encoded and connected together."""
+        embed = lambda x: self.image_embeds(pixel_values=x) if x.dim() == 4 else self.image_embeds(image_features=x)  # noqa: E731
+        return [t.reshape(-1, t.shape[-1]) for t in by_shape(items, embed)]
+
     def image_embeds(self, pixel_values=None, image_features=None) -> torch.Tensor:
         if image_features is None:
             if pixel_values is None:
@@ -279,6 +325,28 @@ class VLM(nn.Module):
                     out.append(i)
                 seen += 1
         return out
+
+    def image_ends(self, ids: list[int]) -> list[int]:
+        """Where each image's last placeholder is in a prompt (an image of no placeholders,
+        cross-attention's: its `<image>` marker)."""
+        if self.config.layout == "bare":
+            per = max(self.sequence_tokens_per_image, 1)
+            places = [i for i, t in enumerate(ids) if t == self.image_token_id]
+            return places[per - 1 :: per]
+        ends, last, end_id = [], None, self.image_token_ids[2]
+        for i, t in enumerate(ids):
+            if t == self.image_start_id or t == self.image_token_id:
+                last = i
+            elif t == end_id and last is not None:
+                ends.append(last)
+                last = None
+        return ends
+
+    def image_token_count(self, size: tuple[int, int]) -> int:
+        """Visual tokens of an image of `size` (width, height) in the LM's sequence."""
+        if self.cross_attention:
+            return 0
+        return sum(n for _, n in self.image_views(size))
 
     @property
     def image_token_ids(self) -> tuple[int, ...]:
@@ -307,13 +375,15 @@ class VLM(nn.Module):
             if n_placeholders:
                 raise ValueError(f"{n_placeholders} image placeholder tokens in the input but no images given")
             return embeds
-        vis = self.image_embeds(pixel_values, image_features)  # [N, T, D]
-        n_features = vis.shape[0] * vis.shape[1]
-        if n_placeholders != n_features:
-            raise ValueError(
-                f"image placeholder tokens ({n_placeholders}) do not match visual features "
-                f"({vis.shape[0]} images x {vis.shape[1]} tokens = {n_features})"
-            )
+        ragged = image_features if isinstance(image_features, list) else pixel_values
+        if isinstance(ragged, list):  # per image, of varying views or shapes
+            vis = torch.cat(self.image_tokens(ragged))
+            what = f"{len(ragged)} images' {vis.shape[0]} tokens"
+        else:
+            vis = self.image_embeds(pixel_values, image_features)  # [N, T, D]
+            what = f"{vis.shape[0]} images x {vis.shape[1]} tokens = {vis.shape[0] * vis.shape[1]}"
+        if n_placeholders != vis.shape[0] * (1 if vis.dim() == 2 else vis.shape[1]):
+            raise ValueError(f"image placeholder tokens ({n_placeholders}) do not match visual features ({what})")
         return embeds.masked_scatter(mask.unsqueeze(-1), vis.to(embeds.device, embeds.dtype))
 
     def forward(
@@ -358,10 +428,15 @@ class VLM(nn.Module):
         raise ValueError(f"sequences of several records need the LM's attention to be sdpa or eager, not {impl!r}")
 
     # ---- inference --------------------------------------------------------------------------
-    def build_prompt(self, question: str, n_images: int = 1, history: list[dict] | None = None) -> list[int]:
+    def build_prompt(self, question: str, n_images: int = 1, history: list[dict] | None = None,
+                     images: list | None = None) -> list[int]:  # fmt: skip
+        """A user turn of `question` after `n_images` image markers (`images`, PIL images or
+        sizes, when given: their number, and their blocks where those depend on the size)."""
+        n_images = len(images) if images is not None else n_images
         text = "<image>" * n_images + "\n" + question if n_images else question
         messages = list(history or []) + [{"role": "user", "content": text}]
-        return self.prompts.encode_prompt(messages)
+        sizes = [im if isinstance(im, tuple) else im.size for im in images] if images is not None else None
+        return self.prompts.encode_prompt(messages, sizes)
 
     @torch.no_grad()
     def generate(
