@@ -239,6 +239,10 @@ def cache_build(
     image_size: int | None = None,
     split_images: bool = False,
     split_grid: int | None = None,
+    slicing: str | None = None,
+    max_slices: int | None = None,
+    min_side: int | None = None,
+    max_side: int | None = None,
     dtype: str = "fp16",
     batch_size: int = 64,
     shard_size: int = 1024,
@@ -261,10 +265,14 @@ def cache_build(
         encoder: or a vision encoder (Hub id or folder) with the settings below.
         feature_layer: encoder layer (-1: last hidden state after the final norm).
         pooled: also store the pooled embedding as a leading token.
-        resize: pad or expand (keep aspect), squash, or crop (see `--model.resize`).
+        resize: pad or expand (keep aspect), squash, crop, or native (see `--model.resize`).
         image_size: encoder resolution (default the encoder's own).
         split_images: cache image splitting's views: 2 x 2 crops plus the whole image.
         split_grid: image splitting grid k (k x k crops + whole; 0 off); default from the model.
+        slicing: fixed or adaptive (see `--model.slicing`); default from the model, else fixed.
+        max_slices: the adaptive slicing budget; default from the model, else 4.
+        min_side: native's shortest side; default from the model, else half the resolution.
+        max_side: native's longest side; default from the model, else twice the resolution.
         dtype: stored dtype: fp32, fp16 or bf16.
         batch_size: images per encoder batch.
         shard_size: images per shard file.
@@ -282,9 +290,11 @@ def cache_build(
     device = runtime.device(device)
     if split_images and split_grid is None:
         split_grid = 2
+    image = {"slicing": slicing, "max_slices": max_slices, "min_side": min_side, "max_side": max_side}
     vision, processor, source = encoder_for(
-        model, encoder, feature_layer, pooled, resize, image_size, split_grid, device
-    )
+        model, encoder, feature_layer, pooled, resize, image_size, split_grid, device,
+        **{k: v for k, v in image.items() if v is not None},
+    )  # fmt: skip
     with runtime.threads(threads):
         stats = build(out, vision, processor, images_of(data, streaming), dtype, batch_size, shard_size, num_workers,
                       bad_images, source=source)  # fmt: skip
@@ -404,6 +414,8 @@ def plan(
     sft_lm: str = "lora",
     epochs: list[float] | None = None,
     views: int = 1,
+    max_slices: int = 0,
+    image: list[int] | None = None,
     runs: int = 1,
     out: str | None = None,
 ) -> None:
@@ -420,6 +432,9 @@ def plan(
         sft_lm: how stage 2 trains the LM: lora or full.
         epochs: epochs of stage 1 and stage 2.
         views: views per image (5 with 2x2 image splitting).
+        max_slices: adaptive slicing's budget (`--model.slicing adaptive`): the views then come
+            from LLaVA-UHD's grid for `image` at the encoder's resolution.
+        image: a typical image's width and height for adaptive slicing (default 1024 768).
         runs: training runs that reuse one feature store (ablations, reruns).
         out: also write the figures to this JSON file.
     """
@@ -433,7 +448,10 @@ def plan(
     ep = tuple(epochs or (1.0, 1.0))
     if len(ep) != 2:
         raise ValueError(f"--epochs needs two numbers (stage 1, stage 2), got {list(ep)}")
-    r = run(preset, sizes, gpu, price, mfu, gpus, epochs=ep, sft_lm=sft_lm, views=views, runs=runs)
+    if image is not None and len(image) != 2:
+        raise ValueError(f"--image needs two numbers (width, height), got {list(image)}")
+    r = run(preset, sizes, gpu, price, mfu, gpus, epochs=ep, sft_lm=sft_lm, views=views, runs=runs,
+            max_slices=max_slices, image=tuple(image or (1024, 768)))  # fmt: skip
     print(format_plan(r))
     if out:
         save_json(r, out)
@@ -592,7 +610,7 @@ LIST_FLAGS = {
     ("ablate",): {"--eval"},
     ("bench", "serve"): {"--levels"},
     ("bench", "data"): {"--multiples"},
-    ("plan",): {"--data_sizes", "--epochs"},
+    ("plan",): {"--data_sizes", "--epochs", "--image"},
     ("export",): {"--eval"},
 }
 

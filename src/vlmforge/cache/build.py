@@ -34,11 +34,13 @@ from vlmforge.cache.store import (
 )
 from vlmforge.data.images import ImageError, ImageProcessor, load_image
 from vlmforge.io import read_json, write_json
+from vlmforge.model.vision import by_shape
 from vlmforge.runtime import join_process_group
 
 
 class _Views(Dataset):
-    """(key, views [V, 3, S, S] or None, error or None) for each planned image; runs in workers."""
+    """(key, views [V, 3, H, W] or None, (width, height), error or None) for each planned image;
+    runs in workers."""
 
     def __init__(self, items: list[tuple[str, str]], processor: ImageProcessor, max_pixels: int):
         self.items, self.processor, self.max_pixels = items, processor, max_pixels
@@ -49,17 +51,17 @@ class _Views(Dataset):
     def __getitem__(self, i: int):
         key, path = self.items[i]
         try:
-            return key, self.processor.views(load_image(path, self.max_pixels)), None
+            img = load_image(path, self.max_pixels)
+            return key, self.processor.views(img), img.size, None
         except ImageError as e:
-            return key, None, str(e)
+            return key, None, None, str(e)
 
 
-def _collate(items: list) -> tuple[list[str], torch.Tensor | None, list[str]]:
-    """(keys of the good images, their views stacked in one tensor, errors). One tensor per batch
-    crosses the worker boundary, not one per image."""
-    good = [(k, v) for k, v, err in items if err is None]
-    views = torch.cat([v for _, v in good]) if good else None
-    return [k for k, _ in good], views, [err for _, _, err in items if err is not None]
+def _collate(items: list) -> tuple[list[str], list[torch.Tensor], list, list[str]]:
+    """(keys of the good images, their views, their sizes, errors)."""
+    good = [(k, v, sz) for k, v, sz, err in items if err is None]
+    errors = [err for *_, err in items if err is not None]
+    return [k for k, _, _ in good], [v for _, v, _ in good], [sz for _, _, sz in good], errors
 
 
 def _gather(obj, world: int) -> list:
@@ -191,25 +193,25 @@ def build(
         bar = tqdm(total=len(items), desc=f"cache build ({world} proc)" if world > 1 else "cache build",
                    unit="img", disable=not show)  # fmt: skip
         shard_iter = iter(mine)
-        shard, shard_keys, shard_feats, left = None, [], [], 0
+        shard, shard_keys, shard_feats, shard_sizes, left = None, [], [], [], 0
         try:
-            for keys_ok, views, errs in loader:
+            for keys_ok, views, sizes, errs in loader:
                 if left == 0:
                     shard = next(shard_iter)
-                    shard_keys, shard_feats, left = [], [], len(shard["keys"])
+                    shard_keys, shard_feats, shard_sizes, left = [], [], [], len(shard["keys"])
                 if errs and bad_images == "fail":
                     raise ImageError(errs[0])
                 skipped += errs
                 if keys_ok:
-                    with torch.no_grad():
-                        feats = vision(views.to(device))  # [n * V, P, D]
-                    feats = feats.reshape(len(keys_ok), -1, *feats.shape[1:]).to(stored).cpu()
+                    with torch.no_grad():  # per image [V, P, D]; images of one shape in one batch
+                        feats = by_shape([v.to(device) for v in views], vision)
                     shard_keys += keys_ok
-                    shard_feats.append(feats)
+                    shard_feats += [f.to(stored).cpu() for f in feats]
+                    shard_sizes += sizes
                 left -= len(keys_ok) + len(errs)
                 bar.update(len(keys_ok) + len(errs))
                 if left == 0 and shard_keys:
-                    ns.write_shard(shard["name"], shard_keys, torch.cat(shard_feats))
+                    ns.write_shard(shard["name"], shard_keys, shard_feats, shard_sizes)
                     encoded += len(shard_keys)
                     if on_shard is not None:
                         on_shard(shard["name"])
@@ -260,6 +262,8 @@ def build_for(store_dir: str | Path, model_cfg, data: list[str | Path], dtype: s
     vision, proc, src = encoder_for(
         encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer, pooled=model_cfg.vision_pooled,
         resize=model_cfg.resize, image_size=model_cfg.image_size, split_grid=model_cfg.split_grid,
+        slicing=model_cfg.slicing, max_slices=model_cfg.max_slices, min_side=model_cfg.min_side,
+        max_side=model_cfg.max_side,
     )  # fmt: skip
     return build(store_dir, vision, proc, images_of(data), dtype, source=src, **kwargs)
 
@@ -273,9 +277,11 @@ def encoder_for(
     image_size: int | None = None,
     split_grid: int | None = None,
     device: str = "cpu",
+    **image,
 ):
     """(VisionTower, ImageProcessor, source) from a vlmforge model folder (its own settings) or an
-    encoder (Hub id or folder) with explicit settings; `split_grid` overrides either."""
+    encoder (Hub id or folder) with explicit settings; `split_grid` overrides either. `image`:
+    slicing, max_slices, min_side, max_side (ModelConfig's), given ones override the folder's."""
     from vlmforge.model import folder
     from vlmforge.model.vision import VisionTower
 
@@ -287,7 +293,11 @@ def encoder_for(
         feature_layer, pooled, resize = cfg["feature_layer"], cfg["vision_pooled"], cfg["resize"]
         image_size = cfg.get("image_size")
         split_grid = cfg.get("split_grid", 0) if split_grid is None else split_grid
+        image = {**{k: cfg[k] for k in ("slicing", "max_slices", "min_side", "max_side") if k in cfg}, **image}
     vision = VisionTower.from_pretrained(encoder, feature_layer, pooled=pooled, image_size=image_size)
     vision = vision.to(device).eval()
-    processor = ImageProcessor.from_encoder(encoder, vision.image_size, resize, split_grid or 0)
+    if resize == "native":
+        vision.check_native()
+    processor = ImageProcessor.from_encoder(encoder, vision.image_size, resize, split_grid or 0,
+                                            unit=vision.patch_size, **image)  # fmt: skip
     return vision, processor, encoder

@@ -5,8 +5,10 @@ Layout of a store folder::
     store.json                      format marker
     hashes.json                     path -> (size, mtime_ns, sha256): skips re-reading unchanged files
     ns-<id>/settings.json           the settings this namespace was built with (its key)
-    ns-<id>/manifest.json           shard name -> sha256, bytes, dtype, view shape, image keys
-    ns-<id>/shards/<name>.safetensors   one tensor `features` [images, views, patches, dim]
+    ns-<id>/manifest.json           shard name -> sha256, bytes, dtype, view shape, image keys, sizes
+    ns-<id>/shards/<name>.safetensors   one tensor `features` [images, views, patches, dim], or
+                                    [rows, dim] with each image's (views, patches) in `shapes`
+                                    when they differ (adaptive slicing, native resolution)
     ns-<id>/journal/<name>.json     a finished shard not yet merged into the manifest
     ns-<id>/plan.json               the shards of an unfinished build
 
@@ -128,21 +130,29 @@ class Namespace:
     def shard_path(self, name: str) -> Path:
         return self.shard_dir / f"{name}.safetensors"
 
-    def write_shard(self, name: str, keys: list[str], features: torch.Tensor) -> dict:
-        """Write one shard atomically, then its journal entry; return the entry."""
+    def write_shard(self, name: str, keys: list[str], features: list[torch.Tensor],
+                    sizes: list | None = None) -> dict:  # fmt: skip
+        """Write one shard of images' features ([views, patches, dim] each) atomically, then its
+        journal entry; return the entry. `sizes`: the images' (width, height)."""
         from safetensors.torch import save
 
         from vlmforge.io import atomic_write_bytes
 
-        data = save({"features": features.contiguous()}, metadata={"keys": json.dumps(keys)})
+        ragged = len({f.shape for f in features}) > 1
+        tensor = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]) if ragged else torch.stack(features)
+        data = save({"features": tensor.contiguous()}, metadata={"keys": json.dumps(keys)})
         atomic_write_bytes(self.shard_path(name), data)
         entry = {
             "sha256": bytes_sha256(data),
             "bytes": len(data),
             "keys": keys,
-            "view_shape": list(features.shape[1:]),
-            "dtype": str(features.dtype).replace("torch.", ""),
+            "view_shape": None if ragged else list(features[0].shape),
+            "dtype": str(tensor.dtype).replace("torch.", ""),
         }
+        if ragged:
+            entry["shapes"] = [list(f.shape[:2]) for f in features]
+        if sizes is not None:
+            entry["sizes"] = [list(s) for s in sizes]
         write_json(self.journal_dir / f"{name}.json", entry)
         return entry
 
@@ -251,7 +261,7 @@ class FeatureStore:
             shards = ns.manifest()
             n_keys = sum(len(e["keys"]) for e in shards.values())
             nbytes = sum(e["bytes"] for e in shards.values())
-            view = next((e["view_shape"] for e in shards.values()), None)
+            view = next((e["view_shape"] or "varies per image" for e in shards.values()), None)
             spaces.append({
                 "id": ns.id, "encoder_source": meta.get("encoder_source", ""), "settings": ns.settings,
                 "images": n_keys, "shards": len(shards), "bytes": nbytes,
@@ -291,6 +301,8 @@ class FeatureReader:
         self.max_bytes = max_bytes
         self.shards = ns.manifest() if ns is not None else {}
         self.index = {k: (name, i) for name, e in self.shards.items() for i, k in enumerate(e["keys"])}
+        # ragged shards: each image's first row and (views, patches)
+        self.rows = {name: _offsets(e["shapes"]) for name, e in self.shards.items() if "shapes" in e}
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lru_bytes = 0
 
@@ -337,4 +349,21 @@ class FeatureReader:
         if hit is None:
             return None
         name, row = hit
+        if name in self.rows:
+            start, (v, p) = self.rows[name][row]
+            return self._shard(name)[start : start + v * p].view(v, p, -1)
         return self._shard(name)[row]
+
+    def size(self, path: str | Path) -> tuple[int, int] | None:
+        """The (width, height) of a stored image (None in stores written before sizes were kept)."""
+        name, row = self.index[self.key(path)]
+        sizes = self.shards[name].get("sizes")
+        return tuple(sizes[row]) if sizes else None
+
+
+def _offsets(shapes: list) -> list[tuple[int, tuple[int, int]]]:
+    out, at = [], 0
+    for v, p in shapes:
+        out.append((at, (v, p)))
+        at += v * p
+    return out

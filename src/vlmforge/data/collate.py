@@ -41,7 +41,7 @@ class VQADataset(Dataset):
         self.max_len, self.bad_images, self.max_image_pixels = max_len, bad_images, max_image_pixels
         self.features = features  # a FeatureReader, or None to always decode pixels
         self.require_features = require_features  # a missing feature is an error (the encoder is gone)
-        self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # tokenized once per record
+        self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # tokenized once per record (and image sizes)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -53,30 +53,37 @@ class VQADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        if i not in self._encoded:
+        variable = self.prompts.variable  # the prompt depends on the images' sizes: read them first
+        if i not in self._encoded and not variable:
             self._encoded[i] = self.prompts.encode(rec.messages)
-        ids, labels = self._encoded[i]
-        if len(ids) > self.max_len:
-            return self._bad(rec, f"{len(ids)} tokens > max_len {self.max_len}")
+        if i in self._encoded and len(self._encoded[i][0]) > self.max_len:
+            return self._bad(rec, f"{len(self._encoded[i][0])} tokens > max_len {self.max_len}")
         try:
-            views = [self._image(p) for p in rec.images]
+            views, sizes = zip(*[self._image(p) for p in rec.images]) if rec.images else ((), ())
         except ImageError as e:
             return self._bad(rec, str(e))
-        return {"input_ids": ids, "labels": labels, "id": rec.id, "views": views, "images": tuple(rec.images)}
+        if i not in self._encoded:
+            self._encoded[i] = self.prompts.encode(rec.messages, list(sizes))
+            if len(self._encoded[i][0]) > self.max_len:
+                return self._bad(rec, f"{len(self._encoded[i][0])} tokens > max_len {self.max_len}")
+        ids, labels = self._encoded[i]
+        return {"input_ids": ids, "labels": labels, "id": rec.id, "views": list(views), "images": tuple(rec.images)}
 
-    def _image(self, path) -> torch.Tensor:
-        """Cached features [V, P, D] when the store has them, else pixels [V, 3, S, S]."""
+    def _image(self, path) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """(cached features [V, P, D] when the store has them, else pixels [V, 3, H, W]; the
+        image's (width, height))."""
         if self.features is not None:
             try:
                 feats = self.features.get(path)
             except FileNotFoundError as e:
                 raise ImageError(str(e)) from None
             if feats is not None:
-                return feats
+                return feats, self.features.size(path)
             if self.require_features:
                 raise DataError(f"{path}: the feature store has no features of this image (build them with `vlmforge "
                                 "cache build`, or train with --train.cache_missing encode)")  # fmt: skip
-        return self.processor.views(load_image(path, self.max_image_pixels))
+        img = load_image(path, self.max_image_pixels)
+        return self.processor.views(img), img.size
 
 
 def collate(items: list[dict], pad_id: int, share_images: tuple[int, ...] | None = None,
@@ -187,7 +194,11 @@ def _block_mask(group: list[int], seg: list[int], width: int) -> torch.Tensor:
 def image_batch(views: list[torch.Tensor]) -> dict:
     """Stack per-image tensors: pixels [V, 3, S, S] into `pixel_values`, features [V, P, D] into
     `image_features`. When both occur, `image_features` has zero rows where pixels are to be
-    encoded and `encode_rows` says which (see `merge_image_inputs`)."""
+    encoded and `encode_rows` says which (see `merge_image_inputs`). Images whose views differ in
+    shape (native resolution) stay a list, per image, in `image_features`: the model encodes
+    each shape apart (`VLM.image_tokens`)."""
+    if len({v.shape[1:] for v in views if v.dim() == 4}) > 1 or len({v.shape[1:] for v in views if v.dim() == 3}) > 1:
+        return {"pixel_values": None, "image_features": list(views)}
     pix = [v for v in views if v.dim() == 4]
     feats = [v for v in views if v.dim() == 3]
     if not feats:
@@ -211,7 +222,7 @@ def merge_image_inputs(model, batch: dict) -> dict:
     """The model's image inputs for a batch: pixels, cached features, or cached features with the
     missing ones encoded now."""
     pix, feats = batch.get("pixel_values"), batch.get("image_features")
-    if pix is None or feats is None:
+    if pix is None or feats is None or isinstance(feats, list):
         return {"pixel_values": pix, "image_features": feats}
     feats = feats.clone()
     feats[batch["encode_rows"]] = model.encode_images(pix).to(feats.dtype)

@@ -142,7 +142,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def to_device(batch: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return batch
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    move = lambda v: v.to(device, non_blocking=True)  # noqa: E731
+    return {k: move(v) if torch.is_tensor(v) else [move(x) for x in v] if k == "image_features" and v else v
+            for k, v in batch.items()}  # fmt: skip
 
 
 def compile_layers(model, backend: str = "inductor") -> None:
