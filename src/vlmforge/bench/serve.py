@@ -73,10 +73,9 @@ def _png(seed: int, size: int) -> bytes:
 # ---- generate ---------------------------------------------------------------------------------
 def hf_generate(model, prompts: list[list[int]], images: list, tokens: int) -> int:
     """transformers' `generate` on the VLM's embeddings (left-padded), exactly `tokens` new tokens."""
-    import torch
 
-    pixels = torch.cat([model.processor.views(im) for im in images])
-    out = model.generate(prompts, pixel_values=pixels, max_new_tokens=tokens, ignore_eos=True)
+    pixels = [model.processor.views(im) for im in images]  # per image: the views may differ in number or shape
+    out = model.generate(prompts, image_features=pixels, max_new_tokens=tokens, ignore_eos=True)
     if any(len(row) != tokens for row in out):
         raise RuntimeError(f"transformers generated {[len(r) for r in out]} tokens, not {tokens}")
     return sum(len(row) for row in out)
@@ -91,7 +90,7 @@ def bench_generate(model, tokens: int = 64, repeats: int = 5, batches=(1, 8)) ->
     out = {}
     for b in batches:
         images = [_image(1000 + i, size) for i in range(b)]
-        prompts = [model.build_prompt(QUESTIONS[i % len(QUESTIONS)], 1) for i in range(b)]
+        prompts = [model.build_prompt(QUESTIONS[i % len(QUESTIONS)], images=[im]) for i, im in enumerate(images)]
         params = SamplingParams(max_tokens=tokens, ignore_eos=True)
 
         def engine_run(prompts=prompts, images=images, params=params):
@@ -241,7 +240,7 @@ def engine_ttft(model, n: int = 12) -> dict:
     size = model.processor.size
 
     def first(image, question) -> float:
-        req = engine.submit(model.build_prompt(question, 1), [image], SamplingParams(max_tokens=1))
+        req = engine.submit(model.build_prompt(question, images=[image]), [image], SamplingParams(max_tokens=1))
         while not req.done:
             engine.step()
         return req.ttft

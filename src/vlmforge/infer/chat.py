@@ -23,7 +23,7 @@ def chat(model, image: str | None, question: str | None = None, max_new_tokens: 
     def ask(q: str) -> str:
         content = ("<image>\n" + q) if (picture is not None and not history) else q
         msgs = history + [{"role": "user", "content": content}]
-        ids = model.prompts.encode_prompt(msgs)
+        ids = model.prompts.encode_prompt(msgs, [picture.size] if picture is not None else None)
         shown = []
 
         def show(ev):

@@ -395,9 +395,9 @@ def answer(
     engine = engine or Engine(model)
     images = images or [[] for _ in questions]
     prompts = [
-        model.prompts.encode_prompt([{"role": "user", "content": q}])
+        model.prompts.encode_prompt([{"role": "user", "content": q}], [im.size for im in ims])
         if "<image>" in q
-        else model.build_prompt(q, len(ims))
+        else model.build_prompt(q, images=ims)
         for q, ims in zip(questions, images)
     ]
     reqs = engine.generate(prompts, images, SamplingParams(max_tokens=max_new_tokens))

@@ -55,16 +55,18 @@ class SamplingParams:
 
 @dataclass
 class ImageInput:
-    """An image and its content hash; `load` is called only when its features are needed."""
+    """An image, its content hash and its (width, height); `load` is called only when its features
+    are needed."""
 
     key: str
     load: Callable
+    size: tuple[int, int] | None = None
 
     @classmethod
     def from_pil(cls, image) -> ImageInput:
         h = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
         h.update(image.tobytes())
-        return cls(h.hexdigest(), lambda: image)
+        return cls(h.hexdigest(), lambda: image, image.size)
 
 
 @dataclass

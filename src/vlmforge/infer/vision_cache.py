@@ -12,7 +12,7 @@ from vlmforge.infer.request import ImageInput, Request
 
 
 class VisionCache:
-    """Visual tokens `[views * T, D]` of up to `capacity` images, and the encoder batch that makes them.
+    """Visual tokens `[tokens, D]` of up to `capacity` images, and the encoder batch that makes them.
 
     Args:
         model: the `VLM` whose processor, encoder and connector make the tokens.
@@ -29,9 +29,8 @@ class VisionCache:
         """The images whose tokens a prefill from token `start` on needs."""
         if self.model.cross_attention:  # every token attends to every image of the request
             return req.images
-        m = sum(1 for t in req.prompt[start:] if t == self.model.image_token_id)  # placeholders not cached
-        per = self.model.sequence_tokens_per_image
-        return req.images[len(req.images) - -(-m // per) :] if m else []
+        ends = self.model.image_ends(req.prompt)  # an image is needed when its last placeholder is not cached
+        return [im for im, end in zip(req.images, ends) if end >= start]
 
     def gather(self, images: list[ImageInput], have: dict, decoded: dict) -> None:
         """Sort `images` into `have` (key -> cached tokens) and `decoded` (key -> PIL image, to
@@ -46,16 +45,14 @@ class VisionCache:
                 decoded[im.key] = im.load()
 
     def encode(self, images: dict[str, object], device) -> dict[str, torch.Tensor]:
-        """Visual tokens of decoded images {key: PIL image}, in one encoder batch; kept here."""
+        """Visual tokens of decoded images {key: PIL image}, one encoder batch per view shape; kept here."""
         if not images:
             return {}
         proc = self.model.processor
-        pixels = torch.cat([proc.views(im) for im in images.values()]).to(device)
-        vis = self.model.image_embeds(pixel_values=pixels)  # [N_views, T, D]
-        per = proc.num_views
+        vis = self.model.image_tokens([proc.views(im).to(device) for im in images.values()])
         out = {}
-        for j, key in enumerate(images):
-            out[key] = vis[j * per : (j + 1) * per].reshape(-1, vis.shape[-1]).to(self.dtype)
+        for key, tokens in zip(images, vis):
+            out[key] = tokens.to(self.dtype)
             self.features.put(key, out[key])
         self.stats["encoded_images"] += len(images)
         return out

@@ -32,7 +32,7 @@ class Server:
         self.api_key, self.drain_seconds = api_key, drain_seconds
         self.model = engine.model
         self.created = int(time.time())
-        self.known_images: dict[str, bool] = {}  # image hashes already decoded and accepted
+        self.known_images: dict[str, tuple] = {}  # sizes of the images already decoded and accepted, by hash
         self.stopping = False
 
     def _image(self, data: bytes, where: str) -> ImageInput:
@@ -42,17 +42,18 @@ class Server:
                 image = load_image_bytes(data, where, self.limits.max_image_pixels)
             except ImageError as e:
                 raise APIError(400, str(e), param="messages", code="invalid_image") from e
-            self.known_images[key] = True
+            self.known_images[key] = image.size
             if len(self.known_images) > 100_000:
                 self.known_images.pop(next(iter(self.known_images)))
-            return ImageInput(key, lambda: image)
+            return ImageInput(key, lambda: image, image.size)
         # seen before: decoded again only if its features have left the engine's caches
-        return ImageInput(key, lambda: load_image_bytes(data, where, self.limits.max_image_pixels))
+        return ImageInput(key, lambda: load_image_bytes(data, where, self.limits.max_image_pixels),
+                          self.known_images[key])  # fmt: skip
 
     def prepare(self, req: ChatRequest) -> tuple[list[int], list[ImageInput]]:
         """Fetch and check images, render the prompt (blocking: run in a worker thread)."""
         images = [self._image(image_bytes(url, self.limits, where), where) for url, where in req.image_urls]
-        prompt = self.model.prompts.encode_prompt(req.messages)
+        prompt = self.model.prompts.encode_prompt(req.messages, [im.size for im in images])
         return prompt, images
 
     def app(self):
