@@ -191,9 +191,24 @@ def connector_params_and_tokens(p: Preset) -> tuple[int, int]:
 def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: str = "h100", price: float = 2.5,
          mfu: float = 0.4, gpus: int = 8, text_tokens: tuple[int, int] = (30, 150), answer_tokens: tuple[int, int] = (
              25, 100), epochs: tuple[float, float] = (1.0, 1.0), sft_lm: str = "lora", lora_r: int = 16, views: int = 1,
-         micro_batch: int = 4, runs: int = 1) -> dict:  # fmt: skip
-    """The two-stage recipe of `preset` on paper: tokens, parameters, memory, FLOPs, GPU-hours, dollars."""
+         micro_batch: int = 4, runs: int = 1, max_slices: int = 0,
+         image: tuple[int, int] = (1024, 768)) -> dict:  # fmt: skip
+    """The two-stage recipe of `preset` on paper: tokens, parameters, memory, FLOPs, GPU-hours, dollars.
+    `max_slices`: adaptive slicing, whose views (slices + the whole) for a typical `image` (width,
+    height) at the encoder's resolution replace `views`."""
     p = get_preset(preset)
+    slicing = None
+    if max_slices:
+        from vlmforge.data.images import adaptive_grid
+
+        res = getattr(p.vshape, "image_size", None)
+        if res is None:
+            raise ValueError(f"preset {p.name}: its encoder's resolution is not known here; give --views instead")
+        rows, cols = adaptive_grid(image[0], image[1], res, max_slices)
+        views = rows * cols + 1 if rows else 1
+        whole = f"a {image[0]} x {image[1]} image"
+        slicing = f"adaptive: {rows} x {cols} slices + the whole image for {whole}" if rows else \
+            f"adaptive: {whole} fits one {res} px view, no slices"  # fmt: skip
     if gpu not in GPU_PEAK:
         raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_PEAK)}")
     if not 0 < mfu <= 1:
@@ -227,6 +242,7 @@ def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: s
     peak = GPU_PEAK[gpu]
     out = {"preset": p.name, "description": p.description, "vision": p.vision or "(built locally)",
            "lm": p.lm or "(built locally)", "connector": p.connector, "visual_tokens_per_image": visual,
+           "views_per_image": views, "slicing": slicing,
            "params": {"vision": v.params, "connector": conn_params, "lm": lm.params, "lm_non_embedding": n},
            "gpu": gpu, "peak_flops": peak, "mfu": mfu, "price_per_gpu_hour": price, "gpus": gpus, "runs": runs,
            "stages": stages}  # fmt: skip
@@ -277,7 +293,8 @@ def format_plan(r: dict) -> str:
     lines = [f"preset {r['preset']}: {r['description']}",
              f"  vision {r['vision']}, LM {r['lm']}, connector {r['connector']}",
              f"  parameters: vision {count(pr['vision'])}, connector {count(pr['connector'])}, LM {count(pr['lm'])} "
-             f"({count(pr['lm_non_embedding'])} non-embedding); visual tokens per image {r['visual_tokens_per_image']}",
+             f"({count(pr['lm_non_embedding'])} non-embedding); visual tokens per image {r['visual_tokens_per_image']}"
+             + (f" ({r['views_per_image']} views; {r['slicing']})" if r.get("slicing") else ""),
              f"  {r['gpus']} x {r['gpu']} at {big(r['peak_flops'])}FLOP/s bf16 peak, assumed MFU {r['mfu']:.0%}, "
              f"${r['price_per_gpu_hour']}/GPU-hour", ""]  # fmt: skip
     for name, s in r["stages"].items():

@@ -71,6 +71,12 @@ def llava_obstacles(vlm) -> list[str]:
         out.append(f"mlp connector hidden width {c.connector_hidden} != LM width {lm_dim}")
     if c.split_grid:
         out.append(f"image splitting (split_grid {c.split_grid})")
+    if c.slicing == "adaptive":
+        out.append("adaptive slicing: LLaVA-NeXT's anyres (the nearest transformers scheme) picks its grid "
+                   "from fixed pinpoint resolutions and marks rows with an image_newline embedding, not "
+                   "LLaVA-UHD's rule and row/column separator tokens")  # fmt: skip
+    if c.resize == "native":
+        out.append("resize native: LLaVA encodes one fixed square input per image")
     if c.vision_pooled:
         out.append("the pooled vision feature (vision_pooled)")
     if vlm.vision.convolutional:
@@ -257,6 +263,15 @@ def _restore_buffers(hf, vlm) -> None:
                 )
 
 
+def _tokens(vlm) -> str:
+    """The visual tokens per image, as the card says it."""
+    if vlm.processor.slicing == "adaptive":
+        return f"up to {vlm.tokens_per_image} (adaptive slicing, at most {vlm.processor.max_slices} slices + the whole)"
+    if vlm.processor.resize == "native":
+        return f"{vlm.tokens_per_image} at {vlm.processor.size}px square, varying with each image's size (native)"
+    return str(vlm.tokens_per_image)
+
+
 def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] | None = None,
                sources: tuple[str, str] | None = None) -> str:  # fmt: skip
     """README.md of an export: what the model is, how it was made and how it scored. `sources`:
@@ -272,7 +287,7 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
     lines += ["---", "", "# Vision-language model built with vlmforge", ""]
     lines.append(
         f"Format: **{fmt}**. Vision encoder `{vision_src}` (frozen, feature layer {c.feature_layer}, "
-        f"{vlm.vision.num_patches} patches) → `{c.connector}` connector → {vlm.tokens_per_image} visual tokens per "
+        f"{vlm.vision.num_patches} patches) → `{c.connector}` connector → {_tokens(vlm)} visual tokens per "
         f"image in the sequence of the LM `{lm_src}` (LM trained: {vlm.lm_mode}), prompt layout `{c.layout}`, "
         f"images `{c.resize}` to {vlm.processor.size}px."
     )

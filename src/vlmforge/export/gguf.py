@@ -173,8 +173,10 @@ def mmproj_obstacles(vlm) -> list[str]:
         problems.append(f"connector {c.connector!r}: llama.cpp's `mlp` projector is Linear-GELU-Linear (`mlp`)")
     if c.vision_pooled:
         problems.append("the pooled token (vision_pooled): llama.cpp's clip has no attention-pool output")
-    if c.split_grid:
+    if c.split_grid or c.slicing == "adaptive":
         problems.append("image splitting: not written (llama.cpp's `mlp` projector encodes the whole image)")
+    if c.resize == "native":
+        problems.append("resize native: llama.cpp's `mlp` projector resizes every image to one square")
     if c.architecture != "autoregressive":
         problems.append("the cross-attention architecture: llama.cpp puts visual tokens in the LM's sequence")
     if not getattr(v.model.config, "hidden_act", "").startswith(("gelu", "quick_gelu")):
