@@ -155,3 +155,30 @@ def test_a_cell_that_cannot_be_built_fails_before_anything_trains(tmp_path):
         ablate(str(tmp_path / "grid.yaml"), tmp_path / "out", jobs=1)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["runs"] == {} and not (tmp_path / "out" / "runs").exists()
+
+
+def test_the_resolution_grid_on_the_words_task(tmp_path, monkeypatch):
+    """The built-in `resolution` grid, its budget made tiny: wide and tall word images, scored per
+    question kind, with each cell's mean visual tokens per held-out image."""
+    from vlmforge.recipes import ablate as ab
+
+    small = {"n_words": 12, "n_test": 6, "spec": dataclasses.asdict(SMALL), "batch_size": 8,
+             "align": {"max_steps": 2}, "sft": {"max_steps": 2}}  # fmt: skip
+    monkeypatch.setitem(ab.GRIDS, "resolution", {**ab.RESOLUTION, "seeds": 1,
+                                                 "budget": {**ab.RESOLUTION["budget"], **small}})  # fmt: skip
+    results = ab.ablate("resolution", tmp_path / "out", jobs=1)
+    shared = json.loads((tmp_path / "out/shared.json").read_text())
+    qa = {t: json.loads(open(shared[f"test_{t}_qa"]).read()) for t in ("words", "count")}
+    assert len(qa["words"]) == len(qa["count"]) == 12  # 6 held-out images per canvas, one question of each kind
+    assert all(r["conversations"][0]["value"].endswith("How many words are there?") for r in qa["count"])
+    runs = {r["cell"]: r for r in results["runs"].values()}
+    assert set(runs) == {c["name"] for c in ab.RESOLUTION["groups"]["resolution"]}
+    assert all(set(r["scores"]) == {"words", "count"} for r in runs.values())
+    # 32 px encoder, 16 patches + the pooled token a view: wide 256 x 64 -> 1 x 4 slices, tall
+    # 64 x 192 -> 3 x 1, each plus the whole; native: 64 x 16 -> 2 x 8 patches, 64 x 192 -> 24 x 64 -> 8 x 3
+    tokens = {name: r["visual_tokens_per_image"] for name, r in runs.items()}
+    assert tokens == {"pad to square": 17, "native aspect": (17 + 25) / 2, "fixed 2x2 + whole": 85,
+                      "adaptive <= 4 + whole": (5 + 4) * 17 / 2}  # fmt: skip
+    assert "| adaptive <= 4 + whole |" in (tmp_path / "out/results.md").read_text()
+    with pytest.raises(ValueError, match="need the words data"):
+        ab.ablate("idefics2", tmp_path / "other", eval=["words"])

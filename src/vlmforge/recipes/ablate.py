@@ -10,6 +10,12 @@ shared data and backbones made once per output folder. After every run `results.
 `results.md` (mean ± 95% t-interval per task, parameters, visual tokens per image, train time,
 tokens/s) and `results.png` are redrawn from it.
 
+Built-in grid `resolution` (LLaVA-UHD, Idefics2): on the synthetic `words` task (a line of 2-4
+words on a 256 x 64 canvas, a word per line on 64 x 192; scored as `words`, which word is k-th,
+and `count`, how many), the whole image padded to a square vs at its native aspect, and no
+slicing vs a fixed 2 x 2 grid vs adaptive slicing (at most 4 slices), each with its mean visual
+tokens per held-out image.
+
 Built-in grid `idefics2`: (1) fully autoregressive vs cross-attention, each with the LM frozen
 and with LoRA; (2) connectors: linear, mlp, attention, perceiver 64 and 16, pixel shuffle;
 (3) image splitting off vs on; (4) a smaller vs a larger LM (twice as deep, same tokenizer and
@@ -82,7 +88,22 @@ IDEFICS2 = {
         ],
     },
 }  # fmt: skip
-GRIDS = {"idefics2": IDEFICS2}
+RESOLUTION = {
+    "name": "resolution",
+    "seeds": 3,
+    "eval": ["words", "count"],
+    "budget": {"n_shapes": 0, "n_text": 0, "n_words": 1500, "n_test": 150},
+    "base": {"model": {"connector": "mlp", "vision_pooled": True, "resize": "pad"}, "sft": {"lm_mode": "full"}},
+    "groups": {
+        "resolution": [
+            {"name": "pad to square", "model": {}},
+            {"name": "native aspect", "model": {"resize": "native"}},
+            {"name": "fixed 2x2 + whole", "model": {"split_grid": 2}},
+            {"name": "adaptive <= 4 + whole", "model": {"slicing": "adaptive", "max_slices": 4}},
+        ],
+    },
+}  # fmt: skip
+GRIDS = {"idefics2": IDEFICS2, "resolution": RESOLUTION}
 
 # Budgets: data sizes, backbone specs and stage overrides, full (the demo's stages) and quick.
 # Every run trains from one feature store (`cache_dtype`; None re-encodes the images every step).
@@ -104,7 +125,8 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
-SYNTHETIC_TASKS = ("shapes", "text")
+SYNTHETIC_TASKS = ("shapes", "text")  # the default tasks
+WORDS_TASKS = ("words", "count")  # the words task's two question kinds (a budget with n_words makes them)
 
 
 def parse_tasks(items, base: Path | None = None, data_root: str | None = None, limit: int | None = None) -> dict:
@@ -127,7 +149,7 @@ def parse_tasks(items, base: Path | None = None, data_root: str | None = None, l
     for name, spec in pairs:
         if isinstance(spec, dict):
             spec = dict(spec)
-        elif spec in SYNTHETIC_TASKS:
+        elif spec in SYNTHETIC_TASKS + WORDS_TASKS:
             spec = {"synthetic": spec}
         elif spec.lower() in BENCHMARKS:
             spec = {"bench": spec.lower()}
@@ -216,7 +238,8 @@ def _prepare(out: Path, budget: dict, need_large: bool, data: dict | None) -> di
 
     spec = dataclasses.replace(TinySpec(), **budget["spec"])
     large = dataclasses.replace(spec, **budget["large_spec"]) if need_large else None
-    return synthetic_setup(out, budget["n_shapes"], budget["n_text"], budget["n_test"], spec, large, data)
+    return synthetic_setup(out, budget["n_shapes"], budget["n_text"], budget["n_test"], spec, large, data,
+                           budget.get("n_words", 0))  # fmt: skip
 
 
 def _resolve(cell: dict, base: dict, shared: dict, budget: dict):
@@ -264,7 +287,8 @@ def _fill_cache(cells: list[dict], base: dict, shared: dict, budget: dict, store
     done = set()
     for cell in cells:
         m = _resolve(cell, base, shared, budget)[0]
-        key = (m.vision, m.feature_layer, m.vision_pooled, m.resize, m.image_size, m.split_grid)
+        key = (m.vision, m.feature_layer, m.vision_pooled, m.resize, m.image_size, m.split_grid, m.slicing,
+               m.max_slices, m.min_side, m.max_side)  # fmt: skip
         if key not in done:
             done.add(key)
             build_for(store, m, shared["align_data"] + shared["sft_data"], budget["cache_dtype"])
@@ -315,10 +339,29 @@ def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir:
         "scores": scores,
         "trainable_params": trainable,
         "total_params": params,
-        "visual_tokens_per_image": model.tokens_per_image,
+        "visual_tokens_per_image": _mean_visual_tokens(model, tasks, shared),
         "train_seconds": round(seconds, 1),
         "tokens_per_s": round(tokens / max(sum(s["elapsed"] for s in summaries), 1e-9), 1),
     }
+
+
+def _mean_visual_tokens(model, tasks: dict, shared: dict) -> float:
+    """Visual tokens per image in the LM's sequence, averaged over the images of the QA-file tasks
+    (they vary with adaptive slicing and native resolution); the model's own figure otherwise."""
+    from PIL import Image
+
+    from vlmforge.data.formats import load_records
+
+    files = [shared[f"test_{s['synthetic']}_qa"] if "synthetic" in s else s["file"] for s in tasks.values()
+             if "bench" not in s]  # fmt: skip
+    paths = {p for f in files for r in load_records(f) for p in r.images}
+    if not model.processor.variable or not paths:
+        return model.tokens_per_image
+    sizes = []
+    for p in sorted(paths):
+        with Image.open(p) as im:
+            sizes.append(im.size)
+    return round(sum(model.image_token_count(s) for s in sizes) / len(sizes), 1)
 
 
 def _run_one_thread(*args) -> dict:
@@ -349,9 +392,12 @@ def ablate(
     g = load_grid(grid)
     tasks = parse_tasks(eval or g.get("eval"), None, data_root, limit)
     check_tasks(tasks)
+    budget = _merge(QUICK if quick else FULL, g.get("budget"))
+    if any(s.get("synthetic") in WORDS_TASKS for s in tasks.values()) and not budget.get("n_words"):
+        raise ValueError("eval tasks words and count need the words data: a grid whose budget sets n_words "
+                         "(e.g. the built-in grid `resolution`)")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = _merge(QUICK if quick else FULL, g.get("budget"))
     n_seeds = seeds or int(g.get("seeds", 3))
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}

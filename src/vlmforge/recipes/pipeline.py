@@ -29,13 +29,45 @@ def align_then_sft(model_cfg: ModelConfig, align: TrainConfig, sft: TrainConfig,
     return Path(phase("sft", lambda: str(train(sft, None if init else model_cfg, init, resume=True))))
 
 
+# the words task's canvases: a line of words on a wide one, a word per line on a tall one
+WORDS_CANVASES = {"wide": (256, 64), "tall": (64, 192)}
+
+
+def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
+    """The synthetic `words` task on wide and tall canvases (`WORDS_CANVASES`, `n` images of each
+    to train on, `n_test` of each held out): `train_words_{captions,sft}` and the
+    held-out questions as two QA files, `test_words_qa` (which word is k-th) and `test_count_qa`
+    (how many words). Each canvas and split has its own seed (train 0 and 1, test 2 and 3)."""
+    from vlmforge.data.synthetic import synth
+    from vlmforge.io import atomic_write_text
+
+    paths, test = {}, {"words": [], "count": []}
+    for split, count, seed in (("train", n, 0), ("test", n_test, 1)):
+        files = {kind: [] for kind in ("captions", "sft", "qa")}
+        for k, (canvas, (w, h)) in enumerate(WORDS_CANVASES.items()):  # images relative to folder/split
+            made = synth(folder / split, "words", count, 2 * seed + k, w, h, prefix=f"words_{canvas}")
+            for kind, path in made.items():
+                files[kind] += json.loads(Path(path).read_text())
+        for kind in ("captions", "sft") if split == "train" else ():
+            paths[f"train_words_{kind}"] = str(folder / split / f"words_{kind}.json")
+            atomic_write_text(Path(paths[f"train_words_{kind}"]), json.dumps(files[kind], indent=1))
+        for r in files["qa"] if split == "test" else ():
+            test["count" if r["id"].endswith("_words") else "words"].append(r)
+    for task, records in test.items():
+        paths[f"test_{task}_qa"] = str(folder / "test" / f"{task}_qa.json")
+        atomic_write_text(Path(paths[f"test_{task}_qa"]), json.dumps(records, indent=1))
+    return paths
+
+
 def synthetic_setup(out: str | Path, n_shapes: int, n_text: int, n_test: int, spec: TinySpec,
-                    large: TinySpec | None = None, data: dict | None = None) -> dict:  # fmt: skip
+                    large: TinySpec | None = None, data: dict | None = None, n_words: int = 0) -> dict:  # fmt: skip
     """The synthetic train and test data (seeds 0 and 1) and the tiny backbones made from them, in
     `out`, made once (`out/shared.json` records them; a second call reads it): what ablate's cells
     and the cache bench's accuracy runs share. `large`: also an LM of that spec beside the small
     one (same tokenizer and encoder). `data`: `{"align": [...], "sft": [...]}`, training files of
-    the caller's own, trained on instead of the synthetic ones (and in the tokenizer)."""
+    the caller's own, trained on instead of the synthetic ones (and in the tokenizer). `n_words`:
+    also the `words` task (`words_setup`, `n_test` held out per canvas), trained on instead of
+    shapes and text unless `data` says otherwise."""
     import shutil
 
     from vlmforge.config import save_json
@@ -47,7 +79,10 @@ def synthetic_setup(out: str | Path, n_shapes: int, n_text: int, n_test: int, sp
     if done.exists():
         return json.loads(done.read_text())
     paths = synth_splits(out / "data", [("train", n_shapes, n_text, 0), ("test", n_test, n_test, 1)])
-    synthetic = [paths[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
+    if n_words:
+        paths.update(words_setup(out / "data", n_words, n_test))
+    tasks = [t for t in ("shapes", "text", "words") if f"train_{t}_sft" in paths]
+    synthetic = [paths[f"train_{t}_{k}"] for t in tasks for k in ("captions", "sft")]
     if data:
         paths["align_data"], paths["sft_data"] = data.get("align", []), data["sft"]
     else:
