@@ -168,12 +168,13 @@ def test_the_resolution_grid_on_the_words_task(tmp_path, monkeypatch):
                                                  "budget": {**ab.RESOLUTION["budget"], **small}})  # fmt: skip
     results = ab.ablate("resolution", tmp_path / "out", jobs=1)
     shared = json.loads((tmp_path / "out/shared.json").read_text())
-    qa = {t: json.loads(open(shared[f"test_{t}_qa"]).read()) for t in ("words", "count")}
-    assert len(qa["words"]) == len(qa["count"]) == 12  # 6 held-out images per canvas, one question of each kind
+    qa = {t: json.loads(open(shared[f"test_{t}_qa"]).read()) for t in ("words", "letters", "count")}
+    assert {len(q) for q in qa.values()} == {12}  # 6 held-out images per canvas, one question of each kind
+    assert all("How many letters" in r["conversations"][0]["value"] for r in qa["letters"])
     assert all(r["conversations"][0]["value"].endswith("How many words are there?") for r in qa["count"])
     runs = {r["cell"]: r for r in results["runs"].values()}
     assert set(runs) == {c["name"] for c in ab.RESOLUTION["groups"]["resolution"]}
-    assert all(set(r["scores"]) == {"words", "count"} for r in runs.values())
+    assert all(set(r["scores"]) == {"words", "letters", "count"} for r in runs.values())
     # 32 px encoder, 16 patches + the pooled token a view: wide 256 x 64 -> 1 x 4 slices, tall
     # 64 x 192 -> 3 x 1, each plus the whole; native: 64 x 16 -> 2 x 8 patches, 64 x 192 -> 24 x 64 -> 8 x 3
     tokens = {name: r["visual_tokens_per_image"] for name, r in runs.items()}

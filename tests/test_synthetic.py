@@ -4,7 +4,16 @@ import re
 import pytest
 from PIL import Image
 
-from vlmforge.data.synthetic import COLORS, SHAPES, caption, question_type, sample_scene, shape_questions, synth
+from vlmforge.data.synthetic import (
+    COLORS,
+    SHAPES,
+    WORD_LIST,
+    caption,
+    question_type,
+    sample_scene,
+    shape_questions,
+    synth,
+)
 
 
 def test_deterministic_by_seed(tmp_path):
@@ -131,15 +140,16 @@ def test_words_task_on_wide_and_tall_canvases_is_deterministic_and_typed(tmp_pat
         assert len(images) == 6 and Image.open(images[0]).size == size
         qa = json.loads(a["qa"].read_text())
         captions = {r["image"]: r["conversations"][1]["value"] for r in json.loads(a["captions"].read_text())}
-        assert {question_type(r["conversations"][0]["value"]) for r in qa} == {"word", "words"}
+        assert {question_type(r["conversations"][0]["value"]) for r in qa} == {"word", "words", "letters"}
         for r in qa:
             q, ans = r["conversations"][0]["value"], r["conversations"][1]["value"]
-            words = captions[r["image"]].split()
+            words = re.split(r", | and ", captions[r["image"]])  # "cat, tiger and bee"
+            assert set(words) <= set(WORD_LIST) and len(set(words)) == len(words)
             if question_type(q) == "words":
                 assert ans == str(len(words)) and 2 <= len(words) <= 4
-            else:  # "What is the second word?" -> the second word of the caption
+            else:  # "What is the second word?" -> the second word of the caption; its letters
                 k = ["first", "second", "third", "fourth"].index(re.search(r"the (\w+) word", q).group(1))
-                assert ans == words[k]
+                assert ans == (words[k] if question_type(q) == "word" else str(len(words[k])))
         # ink spans the canvas's long side: words sit side by side when wide, stacked when tall
         ink = (Image.open(images[0]).convert("L").point(lambda v: v < 128)).getbbox()
         long_side = 0 if size[0] > size[1] else 1

@@ -9,9 +9,11 @@ Three tasks, with fixed question templates that evaluation code elsewhere relies
   {color} {shape}?" (yes/no, balanced). Each image also has a caption, listing its shapes from left
   to right, e.g. "a red circle, a blue square and a green triangle".
 * `text`: a random lowercase string of 3-6 letters on a white image; "What does the text say?".
-* `words`: 2-4 random words of 3-5 letters, on one line when the canvas is wide (e.g. 256 x 64),
+* `words`: 2-4 different words of `WORD_LIST` (16 animal names of 3-5 letters: a closed vocabulary a
+  tiny LM can name, read off the glyphs), on one line when the canvas is wide (e.g. 256 x 64),
   one per line when it is tall (e.g. 64 x 192), where resolution and aspect matter: "What is the
-  {first, second, third, fourth} word?" (in reading order) and "How many words are there?".
+  {first, second, third, fourth} word?" (in reading order), "How many letters does the {first,
+  ...} word have?" (3, 4 or 5) and "How many words are there?".
 
 For each task three files are written: `{task}_captions.json` (one caption per image, for the
 align stage), `{task}_sft.json` (every question of every image, the caption request included) and
@@ -56,7 +58,11 @@ EXIST_Q = "Is there a {color} {shape}?"
 TEXT_Q = "What does the text say?"
 WORD_Q = "What is the {ordinal} word?"
 WORDS_Q = "How many words are there?"
+LETTERS_Q = "How many letters does the {ordinal} word have?"
 ORDINALS = ("first", "second", "third", "fourth")
+# six words of 3 letters, five of 4, five of 5
+WORD_LIST = ("cat", "dog", "owl", "fox", "bee", "cow", "bear", "frog", "lion", "wolf", "duck",
+             "tiger", "horse", "zebra", "camel", "sheep")  # fmt: skip
 CAPTION_PROMPT = "Describe the image."
 _TYPES = [
     ("color", re.compile(r"^What color is the \w+\?$")),
@@ -66,6 +72,7 @@ _TYPES = [
     ("text", re.compile(r"^What does the text say\?$")),
     ("word", re.compile(r"^What is the \w+ word\?$")),
     ("words", re.compile(r"^How many words are there\?$")),
+    ("letters", re.compile(r"^How many letters does the \w+ word have\?$")),
 ]
 
 
@@ -171,6 +178,23 @@ def words_image(words: list[str], width: int, height: int, rng: random.Random) -
     return img
 
 
+def word_glyphs(out: str | Path, n: int, seed: int = 0, size: int = 64) -> Path:
+    """`n` images of one `WORD_LIST` word each, large on a `size` square (the scale a slice of a
+    words image shows), captioned with the word: `glyphs_captions.json` under `out`, what a tiny
+    encoder learns to read from beside the words images' own captions."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"glyphs-{seed}")
+    records = []
+    for i in range(n):
+        word, name = rng.choice(WORD_LIST), f"images/glyph_{i:06d}.png"
+        text_image(word, size, size, rng).save(out / name)
+        records.append(_record(f"glyph_{i:06d}", name, [(CAPTION_PROMPT, word)]))
+    path = out / "glyphs_captions.json"
+    atomic_write_text(path, json.dumps(records, indent=1))
+    return path
+
+
 def _record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
     conv = []
     for i, (q, a) in enumerate(turns):
@@ -216,13 +240,14 @@ def synth(
                 q, a = rng.choice(items)
                 qa.append(_record(f"{rid}_{qtype}", name, [(q, a)]))
         elif task == "words":
-            words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
-                     for _ in range(rng.randint(2, 4))]  # fmt: skip
+            words = rng.sample(WORD_LIST, rng.randint(2, 4))
             img = words_image(words, width, height, rng)
-            cap = " ".join(words)
+            cap = ", ".join(words[:-1]) + " and " + words[-1]  # a list caption: one phrase per word
             asks = [(WORD_Q.format(ordinal=ORDINALS[k]), w) for k, w in enumerate(words)]
-            turns = asks + [(WORDS_Q, str(len(words)))]
+            lengths = [(LETTERS_Q.format(ordinal=ORDINALS[k]), str(len(w))) for k, w in enumerate(words)]
+            turns = asks + lengths + [(WORDS_Q, str(len(words)))]
             qa.append(_record(f"{rid}_word", name, [rng.choice(asks)]))
+            qa.append(_record(f"{rid}_letters", name, [rng.choice(lengths)]))
             qa.append(_record(f"{rid}_words", name, [(WORDS_Q, str(len(words)))]))
         else:
             word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))

@@ -91,7 +91,7 @@ IDEFICS2 = {
 RESOLUTION = {
     "name": "resolution",
     "seeds": 3,
-    "eval": ["words", "count"],
+    "eval": ["words", "letters", "count"],
     "budget": {"n_shapes": 0, "n_text": 0, "n_words": 1500, "n_test": 150},
     "base": {"model": {"connector": "mlp", "vision_pooled": True, "resize": "pad"}, "sft": {"lm_mode": "full"}},
     "groups": {
@@ -126,7 +126,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 SYNTHETIC_TASKS = ("shapes", "text")  # the default tasks
-WORDS_TASKS = ("words", "count")  # the words task's two question kinds (a budget with n_words makes them)
+WORDS_TASKS = ("words", "letters", "count")  # the words task's two question kinds (a budget with n_words makes them)
 
 
 def parse_tasks(items, base: Path | None = None, data_root: str | None = None, limit: int | None = None) -> dict:
