@@ -78,6 +78,9 @@ def test_token_counts_equal_what_the_connector_emits(vlm):
         assert emitted == vlm.image_token_count(img.size)
         ids = vlm.build_prompt("what is it?", images=[img])
         assert ids.count(vlm.image_token_id) == emitted
+        if vlm.processor.resize == "native":  # a row break between the rows of the patch grid
+            row_break = vlm.tokenizer.convert_tokens_to_ids("<row_break>")
+            assert ids.count(row_break) == vlm.processor.input_size(img.size)[1] // vlm.processor.unit - 1
         if vlm.processor.slicing == "adaptive":
             rows, cols = vlm.processor.grid_for(img.size)
             assert views.shape[0] == (rows * cols + 1 if rows else 1)
@@ -215,3 +218,26 @@ def test_exports_refuse_with_the_reason_and_plan_counts_the_slices(model_cfg, tm
     sliced = plan("llama3-v", max_slices=6, image=(1344, 672))  # 2 x 3 slices + the whole at 384 px
     assert sliced["views_per_image"] == 7 and sliced["visual_tokens_per_image"] == 7 * one["visual_tokens_per_image"]
     assert plan("llama3-v", max_slices=6, image=(300, 200))["views_per_image"] == 1
+
+
+def test_server_prompts_follow_each_image_size(vlm):
+    """The server renders each image's block from its size, also for an image it has seen before
+    (whose pixels it does not decode again)."""
+    import base64
+    import io
+
+    from vlmforge.infer.engine import Engine
+    from vlmforge.serve.app import Server
+    from vlmforge.serve.protocol import ServeLimits, parse_chat
+
+    srv = Server(Engine(vlm), "tiny", ServeLimits())
+    for img in _images()[:3]:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}]}  # fmt: skip
+        for _ in range(2):  # the second time the image is known by its hash
+            prompt, images = srv.prepare(parse_chat(body, srv.limits))
+            assert images[0].size == img.size
+            assert prompt.count(vlm.image_token_id) == vlm.image_token_count(img.size)

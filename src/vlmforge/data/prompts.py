@@ -3,7 +3,9 @@
 Each `<image>` marker of the data becomes `<image>` + N image placeholders + `</image>`, N being
 the number of visual tokens the connector emits. With image splitting (a grid of crops plus the
 whole image) each view's placeholders are preceded by a separator token naming it,
-`<row_i_col_j>` or `<global_img>` (as Idefics3 does), so the LM knows which crop is which. When
+`<row_i_col_j>` or `<global_img>` (as Idefics3 does), so the LM knows which crop is which. At
+native resolution a `<row_break>` token ends each row of an image's patch grid but the last
+(LLaVA-NeXT's image newline), so the LM knows the grid's width, which varies. When
 an image's views or tokens depend on its size (adaptive slicing, native resolution), the caller
 passes each image's size and the builder asks `image_views(size)` (`VLM.image_views`) for its
 views as (separator, tokens) pairs. With
@@ -22,6 +24,7 @@ from __future__ import annotations
 IMAGE_START, IMAGE_END = "<image>", "</image>"
 TEXT_START, TEXT_END = "<text>", "</text>"
 IMAGE_PAD = "<|image_pad|>"
+ROW_BREAK = "<row_break>"
 SPECIAL_TOKENS = [IMAGE_START, IMAGE_END, TEXT_START, TEXT_END, IMAGE_PAD]
 
 
@@ -34,9 +37,12 @@ def view_tokens(grid: int | tuple[int, int]) -> list[str]:
     return [f"<row_{r}_col_{c}>" for r in range(1, rows + 1) for c in range(1, cols + 1)] + ["<global_img>"]
 
 
-def separator_vocab(split_grid: int = 0, max_slices: int = 0) -> list[str]:
-    """Every separator a model's prompts may hold: a fixed k x k grid's, or with adaptive slicing
-    (`max_slices` > 0) those of any grid of at most `max_slices` slices."""
+def separator_vocab(split_grid: int = 0, max_slices: int = 0, native: bool = False) -> list[str]:
+    """Every separator a model's prompts may hold: a fixed k x k grid's, with adaptive slicing
+    (`max_slices` > 0) those of any grid of at most `max_slices` slices, at native resolution the
+    row break."""
+    if native:
+        return [ROW_BREAK]
     if max_slices:
         return [t for t in view_tokens(max_slices) if t == "<global_img>" or _fits(t, max_slices)]
     return view_tokens(split_grid)

@@ -26,6 +26,7 @@ from vlmforge.data.prompts import (
     IGNORE,
     IMAGE_END,
     IMAGE_START,
+    ROW_BREAK,
     SPECIAL_TOKENS,
     PromptBuilder,
     separator_vocab,
@@ -60,7 +61,7 @@ def hf_location(path: str) -> tuple[str, dict]:
 
 
 @runtime.quiet_libraries()
-def load_tokenizer(path: str, split_grid: int = 0, max_slices: int = 0):
+def load_tokenizer(path: str, split_grid: int = 0, max_slices: int = 0, native: bool = False):
     from transformers import AutoTokenizer
 
     local = Path(path)
@@ -71,7 +72,8 @@ def load_tokenizer(path: str, split_grid: int = 0, max_slices: int = 0):
         tok = AutoTokenizer.from_pretrained(where, **gguf)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise unusable(path, "a tokenizer", e) from e
-    missing = [t for t in SPECIAL_TOKENS + separator_vocab(split_grid, max_slices) if t not in tok.get_vocab()]
+    extra = separator_vocab(split_grid, max_slices, native)
+    missing = [t for t in SPECIAL_TOKENS + extra if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
     if tok.chat_template is None:
@@ -115,9 +117,12 @@ class ImageViews:
 
     def __call__(self, size: tuple[int, int]) -> list[tuple[str | None, int]]:
         proc = self.processor
-        if proc.resize == "native":
+        if proc.resize == "native":  # the pooled token, then the patch grid's rows, row breaks between them
             w, h = proc.input_size(size)
-            return [(None, self.fixed or (w // proc.unit) * (h // proc.unit) + self.pooled)]
+            if self.fixed:
+                return [(None, self.fixed)]
+            cols, rows = w // proc.unit, h // proc.unit
+            return [(None, self.pooled + cols)] + [(ROW_BREAK, cols)] * (rows - 1)
         seps = view_tokens(proc.grid_for(size))
         return [(sep, self.tokens_per_view) for sep in seps] if seps else [(None, self.tokens_per_view)]
 
@@ -192,7 +197,8 @@ class VLM(nn.Module):
             config.vision, config.feature_layer, dtype, config.vision_pooled, config.image_size
         )
         adaptive = config.max_slices if config.slicing == "adaptive" else 0
-        tok = load_tokenizer(config.tokenizer or config.lm, max(config.split_grid, 0), adaptive)
+        native = config.resize == "native"
+        tok = load_tokenizer(config.tokenizer or config.lm, max(config.split_grid, 0), adaptive, native)
         lm = load_lm(config.lm, dtype, config.device_map)
         if len(tok) > lm.get_input_embeddings().weight.shape[0]:
             lm.resize_token_embeddings(len(tok))
