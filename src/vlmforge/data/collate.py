@@ -41,7 +41,7 @@ class VQADataset(Dataset):
         self.max_len, self.bad_images, self.max_image_pixels = max_len, bad_images, max_image_pixels
         self.features = features  # a FeatureReader, or None to always decode pixels
         self.require_features = require_features  # a missing feature is an error (the encoder is gone)
-        self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # tokenized once per record (and image sizes)
+        self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # tokenized once per record
 
     def __len__(self) -> int:
         return len(self.records)
@@ -53,20 +53,15 @@ class VQADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        variable = self.prompts.variable  # the prompt depends on the images' sizes: read them first
-        if i not in self._encoded and not variable:
-            self._encoded[i] = self.prompts.encode(rec.messages)
-        if i in self._encoded and len(self._encoded[i][0]) > self.max_len:
-            return self._bad(rec, f"{len(self._encoded[i][0])} tokens > max_len {self.max_len}")
-        try:
+        try:  # the images first: with adaptive slicing or native resolution their sizes shape the prompt
             views, sizes = zip(*[self._image(p) for p in rec.images]) if rec.images else ((), ())
         except ImageError as e:
             return self._bad(rec, str(e))
         if i not in self._encoded:
             self._encoded[i] = self.prompts.encode(rec.messages, list(sizes))
-            if len(self._encoded[i][0]) > self.max_len:
-                return self._bad(rec, f"{len(self._encoded[i][0])} tokens > max_len {self.max_len}")
         ids, labels = self._encoded[i]
+        if len(ids) > self.max_len:
+            return self._bad(rec, f"{len(ids)} tokens > max_len {self.max_len}")
         return {"input_ids": ids, "labels": labels, "id": rec.id, "views": list(views), "images": tuple(rec.images)}
 
     def _image(self, path) -> tuple[torch.Tensor, tuple[int, int] | None]:

@@ -304,7 +304,10 @@ class VLM(nn.Module):
     def image_tokens(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         """Visual tokens [tokens, D] of each image of `items`, each its pixels [V, 3, H, W] or its
         features [V, P, Dv]; items of one shape are encoded and connected together."""
-        embed = lambda x: self.image_embeds(pixel_values=x) if x.dim() == 4 else self.image_embeds(image_features=x)  # noqa: E731
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return self.image_embeds(pixel_values=x) if x.dim() == 4 else self.image_embeds(image_features=x)
+
         return [t.reshape(-1, t.shape[-1]) for t in by_shape(items, embed)]
 
     def image_embeds(self, pixel_values=None, image_features=None) -> torch.Tensor:
@@ -437,7 +440,8 @@ class VLM(nn.Module):
     def build_prompt(self, question: str, n_images: int = 1, history: list[dict] | None = None,
                      images: list | None = None) -> list[int]:  # fmt: skip
         """A user turn of `question` after `n_images` image markers (`images`, PIL images or
-        sizes, when given: their number, and their blocks where those depend on the size)."""
+        sizes, when given: their number, and their blocks where those depend on the size; the
+        `history` then holds no images)."""
         n_images = len(images) if images is not None else n_images
         text = "<image>" * n_images + "\n" + question if n_images else question
         messages = list(history or []) + [{"role": "user", "content": text}]
