@@ -367,13 +367,15 @@ def ablate(
     tokens/s), OUT/results.png and OUT/results.json; finished runs are not re-run.
 
     Args:
-        grid: a built-in grid (idefics2) or a YAML file (groups of cells of model/align/sft overrides).
+        grid: a built-in grid (idefics2; resolution: pad vs native aspect, no vs fixed vs adaptive
+            slicing, on the words task) or a YAML file (groups of cells of model/align/sft overrides).
         out: output folder.
         quick: small data and budgets (same grid and seeds).
         seeds: seeds per cell (default: the grid's, 3 for idefics2).
         jobs: cells run at once, each in its own process on one CPU thread (0: one per CPU core).
         eval: tasks to score every run on (default: the grid's, else shapes text): `shapes`, `text`,
-            a benchmark name (textvqa, docvqa, ...; needs --data-root), or a QA file; NAME=... names a column.
+            `words` / `letters` / `count` (with a grid whose budget makes the words data), a benchmark
+            name (textvqa, docvqa, ...; needs --data-root), or a QA file; NAME=... names a column.
         data_root: folder holding one folder per benchmark (as `vlmforge eval --bench`).
         limit: only the first N questions of each file or benchmark task.
     """
