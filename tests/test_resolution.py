@@ -121,6 +121,9 @@ def test_engine_answers_equal_generate_for_mixed_sizes(vlm):
     assert len({tuple(t) for t in ref}) > 1  # the images change the answers
     again = Engine(vlm).generate(prompts[:2], [[images[0]], [images[1]]], SamplingParams(max_tokens=8))
     assert [r.tokens for r in again] == ref[:2]
+    if vlm.processor.variable:  # a prompt built for another size is refused, naming the image
+        with pytest.raises(ValueError, match=r"image 0 \(40x40\) makes \d+ visual tokens but its block"):
+            Engine(vlm).submit(prompts[0], [images[2]])
 
 
 def test_store_keys_change_with_the_slicing_settings(model_cfg, tmp_path):

@@ -103,9 +103,17 @@ class Engine:
         images = [im if isinstance(im, ImageInput) else ImageInput.from_pil(im) for im in images or []]
         if not prompt:
             raise ValueError("empty prompt")
-        n_img = len(self.model.image_starts(prompt))
-        if n_img != len(images):
-            raise ValueError(f"the prompt has {n_img} image blocks but {len(images)} images were given")
+        starts = self.model.image_starts(prompt)
+        if len(starts) != len(images):
+            raise ValueError(f"the prompt has {len(starts)} image blocks but {len(images)} images were given")
+        if not self.cross_attention:  # each block holds the visual tokens its image makes
+            for k, (im, start, end) in enumerate(zip(images, starts, self.model.image_ends(prompt))):
+                have = prompt[start : end + 1].count(self.image_token_id)
+                want = self.model.image_token_count(im.size) if im.size else have
+                if have != want:
+                    size = f"{im.size[0]}x{im.size[1]}"
+                    raise ValueError(f"image {k} ({size}) makes {want} visual tokens but its block in the prompt "
+                                     f"holds {have} (build the prompt with the image's size)")  # fmt: skip
         if len(prompt) + params.max_tokens > self.max_len:
             raise PromptTooLong(
                 f"the prompt has {len(prompt)} tokens; with max_tokens {params.max_tokens} that exceeds "
