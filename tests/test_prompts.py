@@ -87,3 +87,18 @@ def test_template_that_is_not_prefix_consistent_is_refused(backbones):
     )
     with pytest.raises(TemplateError, match="assistant turn 1"):
         PromptBuilder(tok, 2).encode(CONV)
+
+
+def test_view_separators_missing_from_the_tokenizer_are_named(backbones):
+    """A tokenizer not loaded with the model's separators (`load_tokenizer`'s job) is refused by
+    name, for a fixed grid at once and for a size-dependent block when it first needs one."""
+    tok = load_tokenizer(str(backbones["lm"]))  # no grid asked for: no separators
+    with pytest.raises(ValueError, match=r"lacks the view separator tokens \['<global_img>', '<row_1_col_1>'"):
+        PromptBuilder(tok, 10, split_grid=2)
+    sliced = PromptBuilder(tok, 10, image_views=lambda size: [("<row_1_col_1>", 2), ("<global_img>", 2)])
+    with pytest.raises(ValueError, match="lacks the view separator tokens"):
+        sliced.encode_prompt(CONV[:1], [(64, 32)])
+    with_seps = load_tokenizer(str(backbones["lm"]), split_grid=2)
+    ok = PromptBuilder(with_seps, 10, image_views=lambda size: [("<row_1_col_1>", 2), ("<global_img>", 3)])
+    for _ in range(2):  # the second block is checked against the separators already found
+        assert ok.encode_prompt(CONV[:1], [(64, 32)]).count(ok.image_token_id) == 5

@@ -5,10 +5,10 @@ the number of visual tokens the connector emits. With image splitting (a grid of
 whole image) each view's placeholders are preceded by a separator token naming it,
 `<row_i_col_j>` or `<global_img>` (as Idefics3 does), so the LM knows which crop is which. At
 native resolution a `<row_break>` token ends each row of an image's patch grid but the last
-(LLaVA-NeXT's image newline), so the LM knows the grid's width, which varies. When
-an image's views or tokens depend on its size (adaptive slicing, native resolution), the caller
-passes each image's size and the builder asks `image_views(size)` (`VLM.image_views`) for its
-views as (separator, tokens) pairs. With
+(LLaVA-NeXT's image newline), so the LM knows the grid's width, which varies. When an image's
+views or tokens depend on its size (adaptive slicing, native resolution), the caller passes each
+image's size and the builder asks `image_views(size)` (`VLM.image_views`) for its views as
+(separator, tokens) pairs. With
 the Llama3-V layout the image blocks come before the text, which is wrapped in `<text>`…`</text>`;
 the `bare` layout puts the placeholders alone in place of the marker (LLaVA-1.5's prompts).
 The conversation is then rendered with the tokenizer's own chat template.
@@ -44,13 +44,9 @@ def separator_vocab(split_grid: int = 0, max_slices: int = 0, native: bool = Fal
     if native:
         return [ROW_BREAK]
     if max_slices:
-        return [t for t in view_tokens(max_slices) if t == "<global_img>" or _fits(t, max_slices)]
+        cells = range(1, max_slices + 1)
+        return [f"<row_{r}_col_{c}>" for r in cells for c in cells if r * c <= max_slices] + ["<global_img>"]
     return view_tokens(split_grid)
-
-
-def _fits(token: str, max_slices: int) -> bool:
-    r, c = (int(x) for x in token[len("<row_") : -1].split("_col_"))
-    return r * c <= max_slices
 
 
 IGNORE = -100
@@ -69,9 +65,8 @@ class TemplateError(ValueError):
 
 
 class PromptBuilder:
-    """Renders conversations to token ids and labels for one tokenizer and visual-token count."""
-
-    """`tokens_per_image` and `split_grid` give every image's block; with `image_views` (size ->
+    """Renders conversations to token ids and labels for one tokenizer and visual-token count:
+    `tokens_per_image` and `split_grid` give every image's block; with `image_views` (size ->
     [(separator, tokens), ...]) each image's block comes from its size (`encode(messages, sizes)`)."""
 
     def __init__(self, tokenizer, tokens_per_image: int, layout: str = "llama3v", split_grid: int = 0,
@@ -84,6 +79,7 @@ class PromptBuilder:
         self.tokens_per_image = tokens_per_image
         self.layout = layout
         self.image_views = image_views
+        self._separators: set[str] = set()  # separators found in the vocabulary (asked once each)
         seps = view_tokens(split_grid) if tokens_per_image else []
         if seps and tokens_per_image % len(seps):
             raise ValueError(f"{tokens_per_image} visual tokens per image do not split into {len(seps)} views")
@@ -95,9 +91,12 @@ class PromptBuilder:
 
     def block(self, views: list[tuple[str | None, int]]) -> str:
         """One image's block: each view's separator (if any) and its placeholders."""
-        missing = [sep for sep, _ in views if sep is not None and sep not in self.tok.get_vocab()]
-        if missing:
-            raise ValueError(f"the tokenizer lacks the view separator tokens {missing[:3]} (use load_tokenizer)")
+        new = {sep for sep, _ in views if sep is not None} - self._separators
+        if new:  # `get_vocab` copies the whole vocabulary: asked once per separator, not per image
+            missing = sorted(new - set(self.tok.get_vocab()))
+            if missing:
+                raise ValueError(f"the tokenizer lacks the view separator tokens {missing[:3]} (use load_tokenizer)")
+            self._separators |= new
         body = "".join((sep or "") + IMAGE_PAD * n for sep, n in views)
         return body if self.layout == "bare" else IMAGE_START + body + IMAGE_END
 
