@@ -296,8 +296,5 @@ def encoder_for(
         image = {**{k: cfg[k] for k in ("slicing", "max_slices", "min_side", "max_side") if k in cfg}, **image}
     vision = VisionTower.from_pretrained(encoder, feature_layer, pooled=pooled, image_size=image_size)
     vision = vision.to(device).eval()
-    if resize == "native":
-        vision.check_native()
-    processor = ImageProcessor.from_encoder(encoder, vision.image_size, resize, split_grid or 0,
-                                            unit=vision.patch_size, **image)  # fmt: skip
+    processor = vision.image_processor(encoder, resize, split_grid or 0, **image)
     return vision, processor, encoder

@@ -122,6 +122,8 @@ class VisionTower(nn.Module):
             self.num_patches = side * side
         # the encoder's pooled embedding (SigLIP's attention-pool head) as one extra leading feature
         self.num_features = self.num_patches + int(pooled)
+        # a ViT that can encode other sizes than its own (transformers' `interpolate_pos_encoding`)
+        self.interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self.released = False
         self._fingerprint: str | None = None
 
@@ -216,10 +218,19 @@ class VisionTower(nn.Module):
 
     def check_native(self) -> None:
         """Refuse native-resolution inputs to a ViT that cannot interpolate its position embeddings."""
-        takes = inspect.signature(self.model.forward).parameters
-        if not self.convolutional and "interpolate_pos_encoding" not in takes:
+        if not self.convolutional and not self.interpolates:
             raise ValueError(f"{type(self.model).__name__} cannot interpolate its position embeddings: "
                              "resize native needs SigLIP, CLIP or a conv tower")  # fmt: skip
+
+    def image_processor(self, path: str, resize: str = "pad", grid: int = 0, **options):
+        """The `ImageProcessor` of this tower: `path`'s mean and std at the tower's resolution, native
+        sizes in multiples of its patch (refused for a ViT that cannot encode them); `options`: the
+        slicing and native fields."""
+        from vlmforge.data.images import ImageProcessor
+
+        if resize == "native":
+            self.check_native()
+        return ImageProcessor.from_encoder(path, self.image_size, resize, grid, unit=self.patch_size, **options)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.released:

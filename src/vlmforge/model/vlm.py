@@ -127,12 +127,6 @@ class ImageViews:
         return [(sep, self.tokens_per_view) for sep in seps] if seps else [(None, self.tokens_per_view)]
 
 
-def image_options(config: ModelConfig, vision: VisionTower) -> dict:
-    """The ImageProcessor fields of slicing and native resolution a model config sets."""
-    return {"slicing": config.slicing, "max_slices": config.max_slices, "unit": vision.patch_size,
-            "min_side": config.min_side, "max_side": config.max_side}  # fmt: skip
-
-
 class VLM(nn.Module):
     def __init__(self, config: ModelConfig, vision: VisionTower, lm: nn.Module, tokenizer, processor: ImageProcessor):
         super().__init__()
@@ -202,13 +196,11 @@ class VLM(nn.Module):
         lm = load_lm(config.lm, dtype, config.device_map)
         if len(tok) > lm.get_input_embeddings().weight.shape[0]:
             lm.resize_token_embeddings(len(tok))
-        size = vision.image_size
         if config.split_grid < 0:
             raise ValueError(f"split_grid must be 0 (off) or a grid size k >= 1, got {config.split_grid}")
-        if config.resize == "native":
-            vision.check_native()
-        options = image_options(config, vision)
-        proc = ImageProcessor.from_encoder(config.vision, size, config.resize, config.split_grid, **options)
+        proc = vision.image_processor(config.vision, config.resize, config.split_grid, slicing=config.slicing,
+                                      max_slices=config.max_slices, min_side=config.min_side,
+                                      max_side=config.max_side)  # fmt: skip
         model = cls(config, vision, lm, tok, proc)
         model.vision_source = config.vision
         if config.device_map:  # the LM is placed; the rest goes where its input embeddings are
