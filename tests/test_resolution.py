@@ -163,7 +163,7 @@ def test_training_from_the_store_equals_training_from_pixels(model_cfg, tmp_path
         for rec in json.loads(open(f).read())[:3]:
             path = str(data / rec["image"])
             feats = reader.get(path)
-            assert m.image_tokens([feats])[0].shape[0] == m.image_token_count(reader.size(path))
+            assert m.image_tokens([feats])[0].shape[0] == m.image_token_count(reader.image_size(reader.key(path)))
 
     def run(out, **kw):
         tc = TrainConfig(stage="sft", data=files, out=str(tmp_path / out), batch_size=4, max_steps=3, lr=3e-3,

@@ -75,7 +75,7 @@ def hf_generate(model, prompts: list[list[int]], images: list, tokens: int) -> i
     """transformers' `generate` on the VLM's embeddings (left-padded), exactly `tokens` new tokens."""
 
     pixels = [model.processor.views(im) for im in images]  # per image: the views may differ in number or shape
-    out = model.generate(prompts, image_features=pixels, max_new_tokens=tokens, ignore_eos=True)
+    out = model.generate(prompts, pixel_values=pixels, max_new_tokens=tokens, ignore_eos=True)
     if any(len(row) != tokens for row in out):
         raise RuntimeError(f"transformers generated {[len(r) for r in out]} tokens, not {tokens}")
     return sum(len(row) for row in out)

@@ -354,9 +354,10 @@ class FeatureReader:
             return self._shard(name)[start : start + v * p].view(v, p, -1)
         return self._shard(name)[row]
 
-    def size(self, path: str | Path) -> tuple[int, int] | None:
-        """The (width, height) of a stored image (None in stores written before sizes were kept)."""
-        name, row = self.index[self.key(path)]
+    def image_size(self, key: str) -> tuple[int, int] | None:
+        """The (width, height) of the image stored under `key` (None in stores written before
+        sizes were kept)."""
+        name, row = self.index[key]
         sizes = self.shards[name].get("sizes")
         return tuple(sizes[row]) if sizes else None
 

@@ -69,11 +69,12 @@ class VQADataset(Dataset):
         image's (width, height))."""
         if self.features is not None:
             try:
-                feats = self.features.get(path)
+                key = self.features.key(path)  # the file's content hash: read once for both lookups
             except FileNotFoundError as e:
                 raise ImageError(str(e)) from None
+            feats = self.features.by_key(key)
             if feats is not None:
-                return feats, self.features.size(path)
+                return feats, self.features.image_size(key)
             if self.require_features:
                 raise DataError(f"{path}: the feature store has no features of this image (build them with `vlmforge "
                                 "cache build`, or train with --train.cache_missing encode)")  # fmt: skip
