@@ -77,7 +77,8 @@ _TYPES = [
 
 
 def question_type(question: str) -> str:
-    """The template a question was made from (color, shape, count, exist, text), else `other`."""
+    """The template a question was made from (color, shape, count, exist, text, word, words,
+    letters), else `other`."""
     q = question.replace("<image>", "").strip()
     return next((name for name, rx in _TYPES if rx.match(q)), "other")
 

@@ -12,9 +12,9 @@ tokens/s) and `results.png` are redrawn from it.
 
 Built-in grid `resolution` (LLaVA-UHD, Idefics2): on the synthetic `words` task (a line of 2-4
 words on a 256 x 64 canvas, a word per line on 64 x 192; scored as `words`, which word is k-th,
-and `count`, how many), the whole image padded to a square vs at its native aspect, and no
-slicing vs a fixed 2 x 2 grid vs adaptive slicing (at most 4 slices), each with its mean visual
-tokens per held-out image.
+`letters`, how many letters it has, and `count`, how many words), the whole image padded to a
+square vs at its native aspect, and no slicing vs a fixed 2 x 2 grid vs adaptive slicing (at most
+4 slices), each with its mean visual tokens per held-out image.
 
 Built-in grid `idefics2`: (1) fully autoregressive vs cross-attention, each with the LM frozen
 and with LoRA; (2) connectors: linear, mlp, attention, perceiver 64 and 16, pixel shuffle;
@@ -126,7 +126,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 SYNTHETIC_TASKS = ("shapes", "text")  # the default tasks
-WORDS_TASKS = ("words", "letters", "count")  # the words task's two question kinds (a budget with n_words makes them)
+WORDS_TASKS = ("words", "letters", "count")  # the words task's question kinds (a budget with n_words makes them)
 
 
 def parse_tasks(items, base: Path | None = None, data_root: str | None = None, limit: int | None = None) -> dict:
@@ -394,8 +394,8 @@ def ablate(
     check_tasks(tasks)
     budget = _merge(QUICK if quick else FULL, g.get("budget"))
     if any(s.get("synthetic") in WORDS_TASKS for s in tasks.values()) and not budget.get("n_words"):
-        raise ValueError("eval tasks words and count need the words data: a grid whose budget sets n_words "
-                         "(e.g. the built-in grid `resolution`)")  # fmt: skip
+        raise ValueError("eval tasks words, letters and count need the words data: a grid whose budget sets "
+                         "n_words (e.g. the built-in grid `resolution`)")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_seeds = seeds or int(g.get("seeds", 3))

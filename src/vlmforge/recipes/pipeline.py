@@ -35,14 +35,16 @@ WORDS_CANVASES = {"wide": (256, 64), "tall": (64, 192)}
 
 def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
     """The synthetic `words` task on wide and tall canvases (`WORDS_CANVASES`, `n` images of each
-    to train on, `n_test` of each held out): `train_words_{captions,sft}` and the
-    held-out questions as two QA files, `test_words_qa` (which word is k-th) and `test_count_qa`
-    (how many words). Each canvas and split has its own seed (train 0 and 1, test 2 and 3). The
-    captions also hold `n` single words drawn large (`synthetic.word_glyphs`): the scale at which
-    a slice shows a word, so that the tiny encoder learns to read at both scales."""
-    from vlmforge.data.synthetic import synth, word_glyphs
+    to train on, `n_test` of each held out): `train_words_{captions,sft}` and the held-out
+    questions as three QA files, `test_words_qa` (which word is k-th), `test_letters_qa` (how many
+    letters it has) and `test_count_qa` (how many words). Each canvas and split has its own seed
+    (train 0 and 1, test 2 and 3). The captions also hold `n` single words drawn large
+    (`synthetic.word_glyphs`): the scale at which a slice shows a word, so that the tiny encoder
+    learns to read at both scales."""
+    from vlmforge.data.synthetic import question_type, synth, word_glyphs
     from vlmforge.io import atomic_write_text
 
+    task_of = {"word": "words", "letters": "letters", "words": "count"}  # question type -> QA file
     paths, test = {}, {"words": [], "letters": [], "count": []}
     for split, count, seed in (("train", n, 0), ("test", n_test, 1)):
         files = {kind: [] for kind in ("captions", "sft", "qa")}
@@ -56,7 +58,7 @@ def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
             paths[f"train_words_{kind}"] = str(folder / split / f"words_{kind}.json")
             atomic_write_text(Path(paths[f"train_words_{kind}"]), json.dumps(files[kind], indent=1))
         for r in files["qa"] if split == "test" else ():
-            test[{"words": "count", "letters": "letters"}.get(r["id"].rsplit("_", 1)[1], "words")].append(r)
+            test[task_of[question_type(r["conversations"][0]["value"])]].append(r)
     for task, records in test.items():
         paths[f"test_{task}_qa"] = str(folder / "test" / f"{task}_qa.json")
         atomic_write_text(Path(paths[f"test_{task}_qa"]), json.dumps(records, indent=1))
