@@ -61,7 +61,7 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
     calls = []
     real = ab._run
     monkeypatch.setattr(ab, "_run", lambda *a: calls.append(a[0]["name"]) or real(*a))
-    ab.ablate(str(path), out)
+    ab.ablate(str(path), out, jobs=1)
     assert len(calls) == 1 and calls[0] in ("linear", "linear again")  # one run serves both cells
     assert pair <= set(json.loads((out / "results.json").read_text())["runs"])
     with pytest.raises(ValueError, match="another grid, budget or eval tasks"):

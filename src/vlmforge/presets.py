@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vlmforge.config import TinySpec
+from vlmforge.config import ModelConfig, TinySpec, save_json
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,6 @@ class Preset:
         return self.vision_shape() if callable(self.vision_shape) else self.vision_shape
 
     def model_config(self):
-        from vlmforge.config import ModelConfig
-
         return ModelConfig(vision=self.vision, lm=self.lm, connector=self.connector, **self.model)
 
 
@@ -173,6 +171,17 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def with_preset(name: str, model: ModelConfig) -> ModelConfig:
+    """The preset's model config, with the fields `model` sets to non-default values on top."""
+    base, default = get_preset(name).model_config(), ModelConfig()
+    changed = {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelConfig)
+               if getattr(model, f.name) != getattr(default, f.name)}  # fmt: skip
+    merged = dataclasses.replace(base, **changed)
+    if not merged.vision or not merged.lm:
+        raise ValueError(f"preset {name!r} names no backbones here: pass --model.vision and --model.lm")
+    return merged
+
+
 def connector_params_and_tokens(p: Preset) -> tuple[int, int]:
     """Exact, from vlmforge's own connector class built on the meta device (no memory)."""
     import torch
@@ -188,14 +197,48 @@ def connector_params_and_tokens(p: Preset) -> tuple[int, int]:
     return sum(t.numel() for t in conn.parameters()), conn.num_tokens(p.vshape.patches + int(cfg.vision_pooled))
 
 
-def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: str = "h100", price: float = 2.5,
-         mfu: float = 0.4, gpus: int = 8, text_tokens: tuple[int, int] = (30, 150), answer_tokens: tuple[int, int] = (
-             25, 100), epochs: tuple[float, float] = (1.0, 1.0), sft_lm: str = "lora", lora_r: int = 16, views: int = 1,
-         micro_batch: int = 4, runs: int = 1, max_slices: int = 0,
-         image: tuple[int, int] = (1024, 768)) -> dict:  # fmt: skip
-    """The two-stage recipe of `preset` on paper: tokens, parameters, memory, FLOPs, GPU-hours, dollars.
-    `max_slices`: adaptive slicing, whose views (slices + the whole) for a typical `image` (width,
-    height) at the encoder's resolution replace `views`."""
+def plan(
+    preset: str = "llama3-v",
+    data_sizes: tuple[int, int] = (600_000, 1_000_000),
+    gpu: str = "h100",
+    price: float = 2.5,
+    mfu: float = 0.4,
+    gpus: int = 8,
+    text_tokens: tuple[int, int] = (30, 150),
+    answer_tokens: tuple[int, int] = (25, 100),
+    epochs: tuple[float, float] = (1.0, 1.0),
+    sft_lm: str = "lora",
+    lora_r: int = 16,
+    views: int = 1,
+    micro_batch: int = 4,
+    runs: int = 1,
+    max_slices: int = 0,
+    image: tuple[int, int] = (1024, 768),
+    out: str | None = None,
+) -> dict:
+    """A preset's two-stage recipe on paper: visual tokens, parameters, memory per GPU, FLOPs,
+    GPU-hours and dollars, with and without the feature store; the arithmetic is printed.
+
+    Args:
+        preset: a preset name (`vlmforge presets`).
+        data_sizes: samples of stage 1 (image-text pairs) and stage 2 (instructions).
+        gpu: h100, h200, a100, l40s or a10g (dense bf16 peak from the data sheet).
+        price: dollars per GPU-hour.
+        mfu: model FLOPs utilisation assumed (0-1).
+        gpus: GPUs of the job (memory per GPU with FSDP; wall time).
+        text_tokens: text tokens of a stage 1 and a stage 2 sample.
+        answer_tokens: of those, the tokens trained on (the answer) in stage 1 and stage 2.
+        epochs: epochs of stage 1 and stage 2.
+        sft_lm: how stage 2 trains the LM: lora or full.
+        lora_r: the LoRA rank.
+        views: views per image (5 with 2x2 image splitting).
+        micro_batch: samples per GPU per forward (activation memory).
+        runs: training runs that reuse one feature store (ablations, reruns).
+        max_slices: adaptive slicing's budget (`--model.slicing adaptive`): the views then come
+            from LLaVA-UHD's grid for `image` at the encoder's resolution.
+        image: a typical image's width and height for adaptive slicing.
+        out: also write the figures to this JSON file.
+    """
     p = get_preset(preset)
     slicing = None
     if max_slices:
@@ -240,7 +283,7 @@ def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: s
             "memory_gb": _memory(lm, v, conn_params, trainable, lm_mode, length, micro_batch, gpus),
         }  # fmt: skip
     peak = GPU_PEAK[gpu]
-    out = {"preset": p.name, "description": p.description, "vision": p.vision or "(built locally)",
+    r = {"preset": p.name, "description": p.description, "vision": p.vision or "(built locally)",
            "lm": p.lm or "(built locally)", "connector": p.connector, "visual_tokens_per_image": visual,
            "views_per_image": views, "slicing": slicing,
            "params": {"vision": v.params, "connector": conn_params, "lm": lm.params, "lm_non_embedding": n},
@@ -252,12 +295,15 @@ def plan(preset: str, data_sizes: tuple[int, int] = (600_000, 1_000_000), gpu: s
             enc = s["encoder_flops_cached"] / runs if cached else s["encoder_flops_every_epoch"]
             total += s["flops"] + enc
         hours = total / (peak * mfu) / 3600
-        out["with_feature_cache" if cached else "without_feature_cache"] = {
+        r["with_feature_cache" if cached else "without_feature_cache"] = {
             "flops_per_run": total, "gpu_hours_per_run": hours, "dollars_per_run": hours * price,
             "wall_hours_per_run_on_gpus": hours / gpus,
         }  # fmt: skip
-    out["under_500_dollars"] = out["without_feature_cache"]["dollars_per_run"] < 500
-    return out
+    r["under_500_dollars"] = r["without_feature_cache"]["dollars_per_run"] < 500
+    print(format_plan(r))
+    if out:
+        save_json(r, out)
+    return r
 
 
 def _memory(lm: LMShape, v: VisionShape, conn: int, trainable: int, lm_mode: str, length: int, micro_batch: int,
@@ -327,3 +373,18 @@ def describe(p: Preset) -> str:
     _, tokens = connector_params_and_tokens(p)
     size = f"{p.lm_shape.params / 1e9:.2f}B" if p.lm_shape.params > 1e9 else f"{p.lm_shape.params / 1e6:.0f}M"
     return f"{p.name:<10} {p.connector:<13} {tokens:>4} tokens/image  LM {size:>6}  {p.description}"
+
+
+def show_presets(show: str | None = None) -> None:
+    """List the model presets (real backbones by Hub id, and the tiny demo model).
+
+    Args:
+        show: print this preset's model config as YAML, for `vlmforge train --config FILE`.
+    """
+    import yaml
+
+    if show:
+        print(yaml.safe_dump({"model": dataclasses.asdict(get_preset(show).model_config())}, sort_keys=False))
+        return
+    for p in PRESETS.values():
+        print(describe(p))

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vlmforge import runtime
 from vlmforge.cache.store import (
     DEFAULT_DTYPE,
     STORE_DTYPES,
@@ -35,7 +36,6 @@ from vlmforge.cache.store import (
 from vlmforge.data.images import ImageError, ImageProcessor, load_image
 from vlmforge.io import read_json, write_json
 from vlmforge.model.vision import by_shape
-from vlmforge.runtime import join_process_group
 
 
 class _Views(Dataset):
@@ -126,7 +126,7 @@ def build(
         raise ValueError(f"bad_images must be 'skip' or 'fail', got {bad_images!r}")
     t0 = time.time()
     device = str(next(vision.parameters()).device)
-    rank, world, _ = join_process_group(1800, cuda=device.startswith("cuda"))
+    rank, world, _ = runtime.join_process_group(1800, cuda=device.startswith("cuda"))
     show = progress and rank == 0
     if rank == 0:
         FeatureStore(store_dir, create=True)
@@ -298,3 +298,80 @@ def encoder_for(
     vision = vision.to(device).eval()
     processor = vision.image_processor(encoder, resize, split_grid or 0, **image)
     return vision, processor, encoder
+
+
+def build_store(
+    data: list[str],
+    out: str,
+    model: str | None = None,
+    encoder: str | None = None,
+    feature_layer: int = -1,
+    pooled: bool = False,
+    resize: str = "pad",
+    image_size: int | None = None,
+    split_images: bool = False,
+    split_grid: int | None = None,
+    slicing: str | None = None,
+    max_slices: int | None = None,
+    min_side: int | None = None,
+    max_side: int | None = None,
+    dtype: str = "fp16",
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    num_workers: int = 1,
+    device: str = "auto",
+    threads: int | None = None,
+    bad_images: str = "skip",
+    streaming: bool = False,
+) -> None:
+    """Encode every image of the data once with the frozen encoder into a feature store.
+
+    Resumable (a killed build keeps its finished shards), deduplicated by image content, keyed by
+    the encoder's weights and every preprocessing setting. Under `torchrun --nproc_per_node=N -m
+    vlmforge cache build …` the ranks share the work.
+
+    Args:
+        data: LLaVA-format JSON files whose images to encode.
+        out: the feature store folder (created, or filled further).
+        model: a vlmforge model folder: its encoder and its settings.
+        encoder: or a vision encoder (Hub id or folder) with the settings below.
+        feature_layer: encoder layer (-1: last hidden state after the final norm).
+        pooled: also store the pooled embedding as a leading token.
+        resize: pad or expand (keep aspect), squash, crop, or native (see `--model.resize`).
+        image_size: encoder resolution (default the encoder's own).
+        split_images: cache image splitting's views: 2 x 2 crops plus the whole image.
+        split_grid: image splitting grid k (k x k crops + whole; 0 off); default from the model.
+        slicing: fixed or adaptive (see `--model.slicing`); default from the model, else fixed.
+        max_slices: the adaptive slicing budget; default from the model, else 4.
+        min_side: native's shortest side; default from the model, else half the resolution.
+        max_side: native's longest side; default from the model, else twice the resolution.
+        dtype: stored dtype: fp32, fp16 or bf16.
+        batch_size: images per encoder batch.
+        shard_size: images per shard file.
+        num_workers: DataLoader processes decoding images.
+        device: auto (the local GPU if there is one), cpu or cuda[:i].
+        threads: torch CPU threads (default torch's).
+        bad_images: skip unreadable images (listed at the end) or fail.
+        streaming: read `hf:` sources as a stream, holding only the image paths (for corpora
+            larger than memory; see `--train.streaming`).
+    """
+    import json
+
+    device = runtime.device(device)
+    if split_images and split_grid is None:
+        split_grid = 2
+    image = {"slicing": slicing, "max_slices": max_slices, "min_side": min_side, "max_side": max_side}
+    vision, processor, source = encoder_for(
+        model, encoder, feature_layer, pooled, resize, image_size, split_grid, device,
+        **{k: v for k, v in image.items() if v is not None},
+    )  # fmt: skip
+    with runtime.threads(threads):
+        stats = build(out, vision, processor, images_of(data, streaming), dtype, batch_size, shard_size, num_workers,
+                      bad_images, source=source)  # fmt: skip
+    if runtime.world()[0] == 0:
+        shown = {k: v for k, v in stats.items() if k != "skipped"}
+        shown["skipped"] = len(stats["skipped"])
+        print(json.dumps(shown, indent=1))
+        for msg in stats["skipped"][:20]:
+            print(f"skipped {msg}")
+    runtime.leave_process_group()

@@ -368,3 +368,41 @@ def _offsets(shapes: list) -> list[tuple[int, tuple[int, int]]]:
         out.append((at, (v, p)))
         at += v * p
     return out
+
+
+def show_info(store: str, json_out: bool = False) -> None:
+    """Print a feature store's namespaces: settings, images, shards, bytes.
+
+    Args:
+        store: the feature store folder.
+        json_out: print JSON instead of a table.
+    """
+    info = FeatureStore(store).info()
+    if json_out:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"feature store {info['store']}: {len(info['namespaces'])} namespace(s)")
+    for ns in info["namespaces"]:
+        st = ns["settings"]
+        print(f"- ns-{ns['id']}: {ns['images']} images in {ns['shards']} shards, {ns['bytes'] / 1e6:.1f} MB "
+              f"({ns['bytes_per_image']} bytes/image), view shape {ns['view_shape']}, dtype {st['dtype']}"
+              + ("  [unfinished build: run cache build again]" if ns["unfinished_build"] else ""))  # fmt: skip
+        print(f"    encoder {ns['encoder_source']} (weights sha256 {st['encoder'][:12]}…, {st['encoder_dtype']}), "
+              f"feature_layer {st['feature_layer']}, pooled {st['pooled']}, {st['image_size']}px {st['resize']}, "
+              f"split grid {st['grid']}")  # fmt: skip
+
+
+def verify_store(store: str, repair: bool = False) -> None:
+    """Check every shard of a feature store against the sha256 in its manifest.
+
+    Args:
+        store: the feature store folder.
+        repair: drop damaged shards from the manifest (the next `cache build` encodes them again).
+    """
+    report = FeatureStore(store).verify(repair=repair)
+    for bad in report["bad"]:
+        print(f"BAD {bad['shard']}: {bad['problem']}")
+    dropped = ", dropped" if repair and report["bad"] else ""
+    print(f"{report['checked']} shards checked, {len(report['bad'])} bad{dropped}")
+    if report["bad"] and not repair:
+        raise CacheError(f"{store}: {len(report['bad'])} damaged shards (run with --repair true, then cache build)")

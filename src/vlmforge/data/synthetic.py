@@ -35,6 +35,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -267,6 +268,34 @@ def synth(
         paths[kind] = out / f"{prefix}_{kind}.json"
         atomic_write_text(paths[kind], json.dumps(records, indent=1))
     return paths
+
+
+def synth_command(
+    out: str,
+    task: str = "shapes",
+    n: int = 1000,
+    seed: int = 0,
+    width: int = 64,
+    height: int = 64,
+    prefix: str | None = None,
+    conversations: Literal["single", "multi"] = "single",
+) -> None:
+    """Write deterministic synthetic VQA data (LLaVA JSON + PNGs).
+
+    Args:
+        out: output folder (JSON files and images/).
+        task: shapes, text, or words (a line of words on a wide canvas, a word per line on a tall one).
+        n: number of images.
+        seed: random seed; the same seed gives the same data.
+        width: image width in pixels.
+        height: image height in pixels.
+        prefix: file-name prefix (default: the task name).
+        conversations: `single`: each question of the sft file is a record of its own; `multi`:
+            all questions of an image in one multi-turn conversation (answers can then be read
+            off earlier turns instead of the image).
+    """
+    for kind, path in synth(out, task, n, seed, width, height, prefix, conversations).items():
+        print(f"{kind}: {path}")
 
 
 def synth_splits(folder: str | Path, splits: list[tuple], conversations: str = "single") -> dict[str, str]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vlmforge.data.formats import DataError
 from vlmforge.data.images import ImageError, load_image, load_image_bytes
-from vlmforge.eval.benchmarks import Benchmark, Sample, get_benchmark
+from vlmforge.eval.benchmarks import Benchmark, QAFile, Sample, get_benchmark
 from vlmforge.eval.metrics import METRICS_VERSION
 from vlmforge.io import atomic_save, atomic_write_text
 
@@ -304,3 +304,73 @@ def format_markdown(report: dict) -> str:
 def save_report(report: dict, out) -> None:
     atomic_write_text(Path(out) / "report.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(Path(out) / "report.md", format_markdown(report))
+
+
+def evaluate(
+    model: str | None = None,
+    data: list[str] | None = None,
+    bench: str | None = None,
+    data_root: str | None = None,
+    split: str | None = None,
+    out: str | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    max_new_tokens: int = 32,
+    endpoint: str | None = None,
+    endpoint_model: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 8,
+    seed: int | None = None,
+    html: str | None = None,
+) -> None:
+    """Evaluate a model on standard benchmarks (--bench) and on LLaVA-format QA files (--data).
+
+    `--bench textvqa,docvqa --data-root ROOT --out DIR` answers each benchmark (resumable: answers are
+    saved as they come) and writes DIR/report.md and DIR/report.json. Benchmarks: vqav2, textvqa,
+    docvqa, mmmu, pope, mmstar, coco_cap, read from ROOT/NAME (Hugging Face parquet or LLaVA eval
+    layout). A QA file is one more task: its first human turn is asked, its first gpt turn is the
+    reference (exact match, per question type). `--endpoint URL` asks an OpenAI-compatible server
+    instead of a local model.
+
+    Args:
+        model: vlmforge model folder.
+        data: LLaVA JSON QA files.
+        bench: comma-separated benchmark names.
+        data_root: folder holding one folder per benchmark.
+        split: split to read (default: each benchmark's usual evaluation split).
+        out: report folder (report.md, report.json, each task's predictions.jsonl); required with --bench.
+        batch_size: questions per generation batch.
+        limit: only the first N questions of each task.
+        max_new_tokens: longest answer.
+        endpoint: base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1).
+        endpoint_model: model name to request (default: the first of GET /v1/models).
+        api_key: bearer token for the endpoint (default: $OPENAI_API_KEY).
+        concurrency: requests in flight at once with --endpoint.
+        seed: pick a seeded random letter for unparsable multiple-choice answers (default: count them wrong).
+        html: also write a self-contained HTML page of every answer (with its image), right and
+            wrong, filterable by task and question type (needs --out).
+    """
+    if (model is None) == (endpoint is None):
+        raise ValueError("give exactly one of --model DIR and --endpoint URL")
+    if not data and bench is None:
+        raise ValueError("give --data FILE.json and/or --bench NAMES")
+    if bench is not None and (not data_root or not out):
+        raise ValueError("--bench needs --data-root PATH and --out DIR")
+    if html and not out:
+        raise ValueError("--html needs --out DIR (the page shows the answers saved there)")
+    tasks = [b for b in (bench or "").split(",") if b.strip()] + [QAFile(f) for f in data or []]
+    if endpoint:
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        gen = EndpointGenerator(endpoint, endpoint_model, key, max_new_tokens, concurrency)
+    else:
+        from vlmforge.model.vlm import VLM
+
+        gen = LocalGenerator(VLM.from_pretrained(model), model, max_new_tokens)
+    report = evaluate_benchmarks(tasks, gen, data_root, out, split, limit, batch_size, seed)
+    print(format_markdown(report).rstrip())
+    if out:
+        print(f"report: {out}/report.md, {out}/report.json")
+    if html:
+        from vlmforge.eval.html import eval_sections, write_page
+
+        print(f"page: {write_page(html, 'vlmforge eval', eval_sections(report, out))}")

@@ -369,9 +369,16 @@ def _bench_rows(rep) -> list[dict]:
 
 
 def merge_lora(model: str, out: str) -> tuple[int, float]:
-    """Fold the LoRA adapters of `model` into its LM and save a plain model to `out`, after checking
-    on a probe prompt that the merged model computes the same logits; returns (layers merged,
-    largest logit difference). Nothing is written when they differ."""
+    """Fold a model's LoRA adapters into its LM weights and save the result as a plain model.
+
+    The merged model computes the same function (checked on a probe prompt before saving; nothing
+    is written when the logits differ) and needs no peft at load time; `vlmforge export` and other
+    tools read it as a plain LM. Returns (layers merged, largest logit difference).
+
+    Args:
+        model: vlmforge model folder with `lm_adapter/`.
+        out: folder for the merged model (must differ from --model).
+    """
     from vlmforge.model.vlm import VLM
 
     if Path(out).resolve() == Path(model).resolve():
@@ -388,13 +395,39 @@ def merge_lora(model: str, out: str) -> tuple[int, float]:
         raise RuntimeError(f"merged logits differ by {diff:.3g} (max |logit| {scale:.3g}): not saved")
     extra = {**folder.extra_meta(model), "merged_from": str(Path(model).resolve()), "merged_lora_layers": n}
     vlm.save_pretrained(out, extra)
+    print(f"merged {n} LoRA layers into the LM (max logit difference {diff:.2e}); saved to {out}")
     return n, diff
 
 
-def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = None,
+def export(model: str, out: str, format: str = "auto", eval: list[str] | None = None,
            gguf_type: str = "f16") -> tuple[str, list[str]]:  # fmt: skip
-    """Write `model` (a vlmforge folder) to `out` in `fmt`; returns (format written, notes).
-    `gguf_type`: the tensors' type of a `gguf` export (f32, f16, q8_0)."""
+    """Write a model for the rest of the ecosystem, with a model card (README.md).
+
+    `llava-hf` is transformers' `LlavaForConditionalGeneration` + `AutoProcessor` (what vLLM
+    serves): models with the `mlp` or `linear` connector, no image splitting. Other connectors
+    (`attention`, `perceiver`, `pixel_shuffle`) have no transformers class and are written in
+    vlmforge's own format; `auto` picks llava-hf when the model maps onto it and says why not
+    otherwise. `gguf` writes llama.cpp's two files: the LM (Llama architecture, byte-level BPE
+    tokenizer) with its tokenizer and chat template, and the vision tower (SigLIP or CLIP ViT) with
+    the `mlp` connector as the `--mmproj` projector file; other towers and connectors are refused
+    with the reason. LoRA adapters are merged into the LM on the way out. Returns (format written,
+    notes).
+
+    Args:
+        model: vlmforge model folder.
+        out: output folder (written atomically; must not be --model).
+        format: auto, llava-hf, idefics2-hf (refused, with the reason), vlmforge or gguf.
+        eval: `vlmforge eval` report files whose scores go into the model card.
+        gguf_type: tensor type of a gguf export: f32, f16 or q8_0 (norms stay f32).
+    """
+    fmt, notes = _export(model, out, format, eval, gguf_type)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"exported as {fmt} to {out} (model card: {Path(out) / 'README.md'})")
+    return fmt, notes
+
+
+def _export(model: str, out: str, fmt: str, evals: list[str] | None, gguf_type: str) -> tuple[str, list[str]]:
     from vlmforge.model.vlm import VLM
 
     if fmt not in FORMATS:
@@ -446,9 +479,18 @@ def export(model: str, out: str, fmt: str = "auto", evals: list[str] | None = No
 
 
 @runtime.quiet_libraries()
-def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
-    """Convert a `LlavaForConditionalGeneration` folder (transformers' format) into a vlmforge model
-    folder; returns notes on what could not carry over exactly."""
+def import_llava(src: str, out: str, format: str = "llava-hf", dtype: str | None = None) -> list[str]:
+    """Convert a checkpoint in transformers' LLaVA format into a vlmforge model folder.
+
+    The folder then trains, evaluates, chats and serves like any other (same logits as
+    transformers). Returns notes on what could not carry over exactly (also printed).
+
+    Args:
+        src: folder of a `LlavaForConditionalGeneration` checkpoint (or a Hub id, when online).
+        out: output vlmforge model folder.
+        format: llava-hf (the only import format).
+        dtype: load and write the weights in this dtype (float32, bfloat16, float16); default: as stored.
+    """
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -459,6 +501,8 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
 
     from vlmforge.config import ModelConfig, from_dict
 
+    if format != "llava-hf":
+        raise ValueError(f"unknown import format {format!r} (llava-hf)")
     if (Path(src).is_absolute() or src.startswith(".")) and not Path(src).is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
     try:
@@ -531,4 +575,7 @@ def import_llava(src: str, out: str, dtype: str | None = None) -> list[str]:
         folder.write_connector(tmp, conn.state_dict())
         folder.write_meta(tmp, dataclasses.asdict(mc), "full", None, (own or {}).get("history", []),
                           {"imported_from": str(src)})  # fmt: skip
+    for n in notes:
+        print(f"note: {n}")
+    print(f"imported {src} as a vlmforge model in {out}")
     return notes

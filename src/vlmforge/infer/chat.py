@@ -12,18 +12,30 @@ from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import SamplingParams
 
 
-def chat(model, image: str | None, question: str | None = None, max_new_tokens: int = 64) -> list[str]:
-    """Answers are printed as they are generated (the engine streams them); each turn reuses
-    the keys and values of the conversation so far (the engine's prefix cache)."""
+def chat(model: str, image: str | None = None, question: str | None = None, max_new_tokens: int = 64) -> list[str]:
+    """Ask about an image: one answer with a question, else a prompt loop on stdin.
+
+    Answers are printed as they are generated (the engine streams them); each turn reuses the keys
+    and values of the conversation so far (the engine's prefix cache).
+
+    Args:
+        model: vlmforge model folder.
+        image: image file.
+        question: the question; without it, read questions line by line.
+        max_new_tokens: longest answer.
+    """
+    from vlmforge.model.vlm import VLM
+
+    vlm = VLM.from_pretrained(model)
     picture = load_image(image) if image else None
     history: list[dict] = []
     answers = []
-    engine = Engine(model)
+    engine = Engine(vlm)
 
     def ask(q: str) -> str:
         content = ("<image>\n" + q) if (picture is not None and not history) else q
         msgs = history + [{"role": "user", "content": content}]
-        ids = model.prompts.encode_prompt(msgs, [picture.size] if picture is not None else None)
+        ids = vlm.prompts.encode_prompt(msgs, [picture.size] if picture is not None else None)
         shown = []
 
         def show(ev):

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -371,19 +372,33 @@ def _run_one_thread(*args) -> dict:
 
 
 def ablate(
-    grid: str,
-    out: str | Path,
+    grid: str = "idefics2",
+    out: str = "runs/ablate",
     quick: bool = False,
     seeds: int | None = None,
-    jobs: int = 1,
+    jobs: int = 0,
     eval: list[str] | None = None,
     data_root: str | None = None,
     limit: int | None = None,
 ) -> dict:
-    """Run (or resume) every cell x seed of `grid`; write results.json, results.md, results.png.
+    """Re-run the Idefics2 design comparisons, several seeds per cell, on the synthetic tasks or any eval data.
 
-    `eval` (task words, see `parse_tasks`) replaces the grid's tasks; `limit` caps the questions
-    of each file or benchmark task."""
+    Writes OUT/results.md (mean ± 95% CI per task, parameters, visual tokens, train time,
+    tokens/s), OUT/results.png and OUT/results.json; finished runs are not re-run.
+
+    Args:
+        grid: a built-in grid (idefics2; resolution: pad vs native aspect, no vs fixed vs adaptive
+            slicing, on the words task) or a YAML file (groups of cells of model/align/sft overrides).
+        out: output folder.
+        quick: small data and budgets (same grid and seeds).
+        seeds: seeds per cell (default: the grid's, 3 for idefics2).
+        jobs: cells run at once, each in its own process on one CPU thread (0: one per CPU core).
+        eval: tasks to score every run on (default: the grid's, else shapes text): `shapes`, `text`,
+            `words` / `letters` / `count` (with a grid whose budget makes the words data), a benchmark
+            name (textvqa, docvqa, ...; needs --data-root), or a QA file; NAME=... names a column.
+        data_root: folder holding one folder per benchmark (as `vlmforge eval --bench`).
+        limit: only the first N questions of each file or benchmark task.
+    """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -446,6 +461,7 @@ def ablate(
         bar.update(1)
         bar.set_postfix_str(key)
 
+    jobs = jobs or os.cpu_count() or 1
     if jobs <= 1:
         for key, group, cell, seed, fp, run_dir in todo:
             record(key, group, cell, seed, fp, run_dir, _run(cell, base, shared, budget, seed, run_dir, tasks))
@@ -465,6 +481,7 @@ def ablate(
     bar.close()
     save_json(results, res_path)
     write_report(results, out)
+    print((out / "results.md").read_text())
     return results
 
 

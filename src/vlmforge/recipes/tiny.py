@@ -295,24 +295,31 @@ def conversation_texts(records: list[Record], tokenizer) -> list[str]:
 
 def pretrain(
     data: list[str],
-    out: str | Path,
-    spec: TinySpec | None = None,
+    out: str,
+    spec: TinySpec = TinySpec(),  # noqa: B008
     seed: int = 0,
     force: bool = False,
     captions: list[str] | None = None,
 ) -> dict[str, Path]:
-    """Make the tokenizer, the SigLIP encoder and the Llama in `out/{tokenizer,vision,lm}`.
+    """Make the tiny backbones (BPE tokenizer, SigLIP encoder, Llama LM) from synthetic data.
 
-    The text of `data` trains the tokenizer and the LM. SigLIP is pretrained on the one-turn image
-    records of `captions` (default: of the `data` files named `*captions*`, else of every file: a
-    file of one-question sft records would otherwise teach it answers such as "yes" as captions).
-    Each part is written atomically and skipped when already present.
+    The text of `data` trains the tokenizer and the LM. Each part is written atomically, skipped
+    when already present, and its folder printed; returns {tokenizer, vision, lm: folder}.
+
+    Args:
+        data: LLaVA JSON files (captions pretrain SigLIP; all text pretrains the LM).
+        out: output folder; gets tokenizer/, vision/ and lm/ (each loadable with from_pretrained).
+        spec: sizes and pretraining budgets.
+        seed: random seed.
+        force: remake parts that already exist.
+        captions: caption files for SigLIP (default: the --data files named *captions*, else all of
+            --data; its one-turn image records are the pairs: a file of one-question sft records
+            would otherwise teach it answers such as "yes" as captions).
     """
     from transformers import AutoTokenizer
 
     from vlmforge.data.formats import load_records
 
-    spec = spec or TinySpec()
     out = Path(out)
     records = [r for f in data for r in load_records(f)]
     paths = {k: out / k for k in ("tokenizer", "vision", "lm")}
@@ -332,4 +339,6 @@ def pretrain(
     if force or not paths["lm"].is_dir():
         info = pretrain_llama(conversation_texts(records, tok), tok, paths["lm"], spec, seed)
         _log(f"llama: final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")
+    for k, p in paths.items():
+        _log(f"{k}: {p}")
     return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from vlmforge.infer.engine import Engine
@@ -9,21 +10,62 @@ from vlmforge.serve.app import Server
 from vlmforge.serve.protocol import ServeLimits
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, limits: ServeLimits | None = None, max_batch: int = 32, max_queue: int = 256,
-          drain_seconds: float = 10.0, sock: socket.socket | None = None) -> None:  # fmt: skip
-    """Load the model and serve it until interrupted (SIGINT / SIGTERM: graceful)."""
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    name: str | None = None,
+    allow_remote_images: bool = False,
+    max_image_bytes: int = 20_000_000,
+    max_image_pixels: int = 40_000_000,
+    max_images: int = 8,
+    max_body_bytes: int = 64_000_000,
+    max_depth: int = 32,
+    default_max_tokens: int = 256,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    drain_seconds: float = 10.0,
+) -> None:
+    """Serve a model with the OpenAI chat-completions API (/v1/chat/completions, /v1/models, /health).
+
+    Every request the server cannot serve gets an OpenAI error object with a 4xx status naming the
+    field (5xx only for overload, 503, and shutdown). Limits beside the flags below: the prompt's
+    tokens plus `max_tokens` fit the LM's context (`max_position_embeddings`; else 400
+    context_length_exceeded), `max_tokens` at most 2^20, `stop` at most 4 strings, `temperature`
+    0-2, `top_p` (0, 1], `n` 1, non-finite numbers (NaN, Infinity, 1e999) refused anywhere.
+
+    Args:
+        model: vlmforge model folder.
+        host: address to bind (127.0.0.1: this machine only).
+        port: TCP port.
+        api_key: require `Authorization: Bearer KEY` (default: $VLMFORGE_API_KEY, else no key).
+        name: model id clients send (default: the folder's name).
+        allow_remote_images: fetch http(s) image URLs (public addresses only); file:// is always refused.
+        max_image_bytes: bytes of one image.
+        max_image_pixels: width x height of one image.
+        max_images: images in one request.
+        max_body_bytes: size of the request body (413 beyond).
+        max_depth: nesting of objects and arrays in the body (an OpenAI request needs 5).
+        default_max_tokens: max_tokens of a request that gives none.
+        max_batch: requests decoded together.
+        max_queue: requests waiting; beyond, 503.
+        drain_seconds: on shutdown, how long running requests may finish before they are ended.
+    """
     from pathlib import Path
 
     import uvicorn
 
     from vlmforge.model.vlm import VLM
 
-    model = VLM.from_pretrained(model_dir)
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
-    server = Server(engine, name or Path(model_dir).resolve().name, limits, api_key, drain_seconds)
+    limits = ServeLimits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
+                         max_body_bytes=max_body_bytes, max_depth=max_depth, default_max_tokens=default_max_tokens,
+                         allow_remote_images=allow_remote_images)  # fmt: skip
+    api_key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
+    engine = Engine(VLM.from_pretrained(model), max_batch=max_batch, max_queue=max_queue)
+    server = Server(engine, name or Path(model).resolve().name, limits, api_key, drain_seconds)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=drain_seconds + 5)
-    sock = sock or listen(host, port)
+    sock = listen(host, port)
     host, port = sock.getsockname()[:2]
     print(f"vlmforge serve: model {server.name!r} on http://{host}:{port} (OpenAI API at /v1)", flush=True)
     graceful(config, server).run(sockets=[sock])
