@@ -4,9 +4,14 @@ import sys
 
 import pytest
 
-from vlmforge.cli import main
+from vlmforge.cli import COMMANDS, main
 
-VERBS = [["data", "synth"], ["pretrain"], ["train"], ["eval"], ["chat"], ["demo"]]
+
+def _verbs(table: dict, path: tuple = ()) -> list[list[str]]:
+    return [v for k, e in table.items() for v in (_verbs(e, (*path, k)) if isinstance(e, dict) else [[*path, k]])]
+
+
+VERBS = _verbs(COMMANDS)  # every verb of the table
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v))
@@ -15,6 +20,14 @@ def test_every_verb_has_help(verb, capsys):
         main([*verb, "--help"])
     assert e.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_a_verb_prints_what_it_made(tmp_path, capsys):
+    main(["data", "synth", "--out", str(tmp_path), "--n", "2", "--width", "32", "--height", "32"])
+    printed = capsys.readouterr().out
+    for kind in ("captions", "sft", "qa"):
+        assert f"{kind}: {tmp_path}" in printed
+    assert len(json.loads((tmp_path / "shapes_qa.json").read_text())) > 0
 
 
 def test_cli_help_does_not_import_torch():

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "data": {"synth": "vlmforge.data.synthetic:synth"},
+    "data": {"synth": "vlmforge.data.synthetic:synth_command"},
     "pretrain": "vlmforge.recipes.tiny:pretrain",
     "train": "vlmforge.train.launch:train",
     "eval": "vlmforge.eval.harness:evaluate",
