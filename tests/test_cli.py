@@ -122,6 +122,16 @@ def test_synth_train_eval_chat_end_to_end(tmp_path, backbones, capsys, monkeypat
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
+def test_chat_names_a_bad_image_before_loading_the_model(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    for image in (bad, tmp_path / "missing.png"):
+        with pytest.raises(SystemExit) as e:  # no model folder either: the image is refused first
+            main(["chat", "--model", str(tmp_path / "no-model"), "--image", str(image), "--question", "hi"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err and str(image) in err and "no-model" not in err, err
+
+
 def test_eval_html_without_out_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "qa.json"),

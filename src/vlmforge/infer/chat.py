@@ -26,8 +26,8 @@ def chat(model: str, image: str | None = None, question: str | None = None, max_
     """
     from vlmforge.model.vlm import VLM
 
+    picture = load_image(image) if image else None  # a bad image file is refused before the model loads
     vlm = VLM.from_pretrained(model)
-    picture = load_image(image) if image else None
     history: list[dict] = []
     answers = []
     engine = Engine(vlm)
