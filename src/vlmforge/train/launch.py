@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vlmforge import runtime
 from vlmforge.config import ModelConfig, TrainConfig
 
 
@@ -52,5 +53,5 @@ def train(
             raise ValueError("--preset and --init both choose the model: pass one")
         model = with_preset(preset, model)
     path = run(train, None if init else model, init, resume)
-    if os.environ.get("RANK", "0") == "0":
+    if runtime.world()[0] == 0:
         print(path)
