@@ -60,4 +60,9 @@ def test_presets_list_and_errors(capsys):
         plan("gpt5")
     with pytest.raises(ValueError, match="unknown gpu"):
         plan("smol", gpu="tpu")
+    for flag, values in (("--data-sizes", ["1"]), ("--epochs", ["1", "2", "3"]), ("--image", ["640"])):
+        with pytest.raises(SystemExit) as e:  # a pair per flag, checked by its type before any arithmetic
+            main(["plan", flag, *values])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag[2:].replace("-", "_") in err and "2 elements" in err, err
     assert set(PRESETS) == {"llama3-v", "idefics2", "llava-1.5", "smol", "tiny"}
