@@ -177,6 +177,11 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     lm_lr: float | None = None
+    vision_mode: Literal["frozen", "full", "top", "lora"] = "frozen"
+    vision_top: int = 1
+    vision_lr: float | None = None
+    vision_warmup: float | None = None
+    vision_bn: Literal["frozen", "train"] = "frozen"
     weight_decay: float = 0.0
     warmup: float = 0.05
     min_lr_ratio: float = 0.1
@@ -239,6 +244,11 @@ class TinySpec:
             as extra texts of every batch, beside the batch's own captions and phrases.
         siglip_cells: a conv encoder scores a one-object phrase against each cell of its map (the
             best cell counts) and a whole caption against the pooled map; false: both pooled.
+        read_batch: images to read per SigLIP step when the encoder also learns to read
+            (`pretrain --reading`).
+        read_weight: weight of the reading (CTC) loss beside SigLIP's.
+        read_steps: steps of the reading objective; when more than `siglip_steps`, the SigLIP
+            batches are spread evenly among them.
         lm_steps: Llama pretraining steps.
         lm_batch: Llama batch size (conversations).
         lm_lr: Llama peak learning rate.

@@ -14,7 +14,10 @@ Inputs of other sizes than the tower's own (`resize native`): a conv tower takes
 are; a ViT interpolates its position embeddings to the input's patch grid (transformers'
 `interpolate_pos_encoding`, which SigLIP and CLIP have). Patch features keep row-major order.
 A frozen tower stays in eval mode whatever the rest of the model does, so BatchNorm statistics
-never move.
+never move. A tower that trains (`set_trainable`: all of it, its top blocks, or LoRA adapters)
+keeps its BatchNorm layers in eval mode too unless told to train their statistics: a frozen
+statistic is what a small fine-tuning batch cannot estimate well, and it keeps training and
+inference (and a resumed run) on the same normalisation.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ class VisionTower(nn.Module):
         self.interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self.released = False
         self._fingerprint: str | None = None
+        self.mode = "frozen"  # how it trains (`set_trainable`)
+        self.bn_train = False
 
     @torch.no_grad()
     def _probe(self) -> tuple[tuple[int, int], int]:
@@ -156,9 +161,92 @@ class VisionTower(nn.Module):
         return states[self.feature_layer]
 
     def train(self, mode: bool = True) -> VisionTower:
-        """A frozen tower stays in eval mode (no BatchNorm update, no dropout) while the rest trains."""
+        """A frozen tower stays in eval mode (no BatchNorm update, no dropout) while the rest trains;
+        a trained one keeps its BatchNorm statistics frozen unless `bn_train`."""
         trainable = any(p.requires_grad for p in self.parameters())
-        return super().train(mode and trainable)
+        super().train(mode and trainable)
+        if not self.bn_train:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The tower's repeated blocks, bottom to top: a ViT's transformer layers, a conv tower's stages."""
+        encoder = getattr(vision_core(self.model), "encoder", None)
+        return list(getattr(encoder, "layers", None) or getattr(encoder, "stages", None) or [])
+
+    def set_trainable(self, mode: str, top: int = 1, lora_r: int = 16, lora_alpha: int = 32,
+                      bn_train: bool = False) -> None:  # fmt: skip
+        """Which of the tower's weights train: `frozen` none; `full` all; `top` the top `top` blocks
+        and everything after them (final norm, pooling head), the embeddings and lower blocks frozen;
+        `lora` peft adapters (rank `lora_r`) on every linear and convolution layer, the weights
+        frozen (the adapters are folded in when the model is saved). `bn_train`: BatchNorm
+        statistics move while it trains."""
+        self.mode, self.bn_train = mode, bn_train
+        self.requires_grad_(False)
+        if mode == "full":
+            self.requires_grad_(True)
+        elif mode == "top":
+            self.requires_grad_(True)
+            core = vision_core(self.model)
+            bottom = [getattr(core, n) for n in ("embeddings", "embedder") if hasattr(core, n)]
+            for module in bottom + self.blocks[: len(self.blocks) - top]:
+                module.requires_grad_(False)
+        elif mode == "lora":
+            if not self.has_lora:
+                self._add_lora(lora_r, lora_alpha)
+            for n, p in self.named_parameters():
+                p.requires_grad_("lora_" in n)
+        elif mode != "frozen":
+            raise ValueError(f"unknown vision_mode {mode!r} (frozen, full, top or lora)")
+        if mode != "frozen":
+            self._fingerprint = None  # its weights are about to change
+
+    @property
+    def has_lora(self) -> bool:
+        return any("lora_" in n for n, _ in self.named_parameters())
+
+    def _add_lora(self, r: int, alpha: int) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        kinds = (nn.Linear, nn.Conv2d)
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, kinds) and n})
+        if not targets:
+            raise ValueError(f"{type(self.model).__name__} has no linear or convolution layers for LoRA to wrap: "
+                             "use vision_mode full or top")  # fmt: skip
+        try:
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
+                                    self.model)  # fmt: skip
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"LoRA cannot wrap this vision tower ({type(self.model).__name__}): {e}; "
+                             "use vision_mode full or top") from e  # fmt: skip
+
+    def merged_model(self) -> nn.Module:
+        """The HF vision model with any LoRA adapters folded into its weights (W + B A x scale), as a
+        copy; the model itself when it has none: what `save_pretrained` writes."""
+        if not self.has_lora:
+            return self.model
+        import copy
+
+        from peft.tuners.lora import LoraLayer
+
+        model = copy.deepcopy(self.model)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge()
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, module.get_base_layer())
+        return model
+
+    def moving_buffers(self) -> list[str]:
+        """Names of the buffers training changes (BatchNorm statistics of a trained tower with
+        `bn_train`): what a checkpoint keeps beside the trainable weights."""
+        if not self.bn_train or not any(p.requires_grad for p in self.parameters()):
+            return []
+        return [n for n, b in self.named_buffers() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var",
+                                                                            "num_batches_tracked")]  # fmt: skip
 
     @property
     def layers(self) -> list[nn.Module]:

@@ -264,7 +264,11 @@ class VLM(nn.Module):
                     raise RuntimeError("the vision encoder was released and its source is unknown")
                 load_vision_model(src, next(self.vision.model.parameters()).dtype).save_pretrained(vision)
             else:
-                self.vision.model.save_pretrained(vision, state_dict=part("vision.model."))
+                tower = self.vision.merged_model()  # LoRA adapters on the tower are folded in
+                if tower is self.vision.model:
+                    tower.save_pretrained(vision, state_dict=part("vision.model."))
+                else:
+                    tower.save_pretrained(vision)
             if src:
                 AutoImageProcessor.from_pretrained(src).save_pretrained(vision)
             if self.lm_mode == "lora":

@@ -15,13 +15,16 @@ from vlmforge.config import ModelConfig, TinySpec, TrainConfig
 def align_then_sft(model_cfg: ModelConfig, align: TrainConfig, sft: TrainConfig, out: str | Path,
                    align_data: list[str], sft_data: list[str], phase=None, **common) -> Path:  # fmt: skip
     """Train `out/align` then `out/sft` (`common`: TrainConfig fields both stages share, e.g. seed,
-    cache); returns the final model folder. Without align data, sft starts from the backbones.
+    cache: not the sft stage's when it trains the vision tower); returns the final model folder.
+    Without align data, sft starts from the backbones.
     `phase(name, fn)`: runs each stage (the demo's, to time and record it); default: calls fn."""
     from vlmforge.train.loop import train
 
     phase = phase or (lambda name, fn: fn())
     out = Path(out)
     sft = dataclasses.replace(sft, data=sft_data, out=str(out / "sft"), **common)
+    if sft.vision_mode != "frozen":  # a tower that trains reads pixels: stored features would be stale
+        sft = dataclasses.replace(sft, cache=None, cache_dtype=None)
     init = None
     if align_data:
         align = dataclasses.replace(align, data=align_data, out=str(out / "align"), **common)

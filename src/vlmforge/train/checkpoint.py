@@ -81,8 +81,16 @@ def gather_state(model, optimizer) -> tuple[dict, dict]:
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights, optim = get_state_dict(model, optimizer, options=opts)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in weights.items() if k in trainable}, optim  # buffers (a frozen BatchNorm's) are not
+    trained = trained_names(model)
+    return {k: v for k, v in weights.items() if k in trained}, optim  # buffers (a frozen BatchNorm's) are not
+
+
+def trained_names(model) -> set[str]:
+    """What training changes, by name: the trainable parameters, and the BatchNorm statistics of a
+    vision tower that trains them (`VisionTower.moving_buffers`)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    vision = getattr(model, "vision", None)
+    return names | {f"vision.{n}" for n in vision.moving_buffers()} if vision is not None else names
 
 
 def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dict, write=True) -> None:
@@ -151,8 +159,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     blob = read_checkpoint(path)
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    trainable = trained_names(model)
     if set(blob["weights"]) != trainable:
         extra, lacking = sorted(set(blob["weights"]) - trainable), sorted(trainable - set(blob["weights"]))
         raise ValueError(

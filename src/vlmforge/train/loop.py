@@ -28,7 +28,7 @@ from vlmforge.data.stream import RecordStream
 from vlmforge.model.vlm import VLM
 from vlmforge.train.checkpoint import checkpoint_path, found, load_checkpoint, save_checkpoint
 from vlmforge.train.distributed import Parallel
-from vlmforge.train.stages import apply_stage, lm_mode, param_groups, trainable_report
+from vlmforge.train.stages import apply_stage, check_vision_mode, lm_mode, param_groups, trainable_report
 
 
 def lr_lambda(total: int, warmup: int, min_ratio: float):
@@ -39,6 +39,14 @@ def lr_lambda(total: int, warmup: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def schedules(cfg: TrainConfig, total: int, groups: list[dict]) -> list:
+    """Each parameter group's warm-up + cosine (the vision tower's with its own warm-up)."""
+    base = lr_lambda(total, max(1, int(cfg.warmup * total)), cfg.min_lr_ratio)
+    warm = cfg.warmup if cfg.vision_warmup is None else cfg.vision_warmup
+    vision = lr_lambda(total, max(1, int(warm * total)), cfg.min_lr_ratio)
+    return [vision if g["name"] == "vision" else base for g in groups]
 
 
 def epoch_batches(
@@ -262,6 +270,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
              "world_size": d.world},
             out / "run_config.json",
         )  # fmt: skip
+    check_vision_mode(cfg, model.vision)  # before the store is opened: a trained tower reads pixels
     if cfg.packing and model.cross_attention:
         raise ValueError("--train.packing does not work with the cross-attention architecture: its layers would let "
                          "a text token see every image of its sequence (group_by_image does)")  # fmt: skip
@@ -294,7 +303,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         total = max(1, math.ceil(cfg.epochs * math.ceil(len(ds) / (cfg.batch_size * cfg.grad_accum * d.world))))
         total = min(total, cfg.max_steps or total)
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(cfg.warmup * total)), cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules(cfg, total, groups))
     progress = {"step": 0, "micro_batch": 0, "skipped": 0, "samples": 0, "tokens": 0, "elapsed": 0.0}
     if resume and found(ckpt_path):
         progress = load_checkpoint(ckpt_path, model, opt, sched)
@@ -432,7 +441,9 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         summary["skipped_records"] = skipped_seen[:100]
         model.history.append({
             "stage": cfg.stage, "data": [Path(f).name for f in cfg.data], "records": len(records or []) or None,
-            "lm_mode": lm_mode(cfg), "epochs": cfg.epochs, "lr": cfg.lr, "lm_lr": cfg.lm_lr,
+            "lm_mode": lm_mode(cfg), "vision_mode": model.vision.mode
+            + (f" {cfg.vision_top}" if cfg.vision_mode == "top" else ""), "epochs": cfg.epochs, "lr": cfg.lr,
+            "lm_lr": cfg.lm_lr, **({"vision_lr": cfg.vision_lr or cfg.lr / 10} if cfg.vision_mode != "frozen" else {}),
             "global_batch": cfg.batch_size * cfg.grad_accum * d.world, "feature_cache": bool(cfg.cache),
             **{k: summary[k] for k in ("step", "samples", "tokens", "elapsed")},
         })  # fmt: skip

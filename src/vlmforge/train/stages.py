@@ -2,7 +2,13 @@
 
 * `align` (Llama3-V stage 1, LLaVA pretraining): the connector only; encoder and LM frozen.
 * `sft` (stage 2, instruction tuning): the connector and the LM, fully or with LoRA (peft).
-The vision tower stays frozen in both, as in the Llama3-V recipe.
+
+The vision tower is frozen by default in both, as in the Llama3-V recipe; `vision_mode` trains it
+as the Idefics2 ablation and the toolkits do: `full` (nanoVLM, LLaVA-OneVision's
+`mm_vision_tower`), `top` (its top `vision_top` blocks and what follows them, ShareGPT4V's
+second half, TinyLLaVA's partial tuning) or `lora` (peft adapters on its linear and convolution
+layers, Idefics2's "LoRA on both"), with its own learning rate and warm-up. BatchNorm statistics
+of a trained conv tower stay frozen unless `vision_bn train` (see `VisionTower.train`).
 """
 
 from __future__ import annotations
@@ -13,14 +19,30 @@ from vlmforge.config import TrainConfig
 
 DEFAULT_LM_MODE = {"align": "frozen", "sft": "full"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_MODES = ("frozen", "full", "top", "lora")
 
 
 def lm_mode(cfg: TrainConfig) -> str:
     return cfg.lm_mode or DEFAULT_LM_MODE[cfg.stage]
 
 
+def check_vision_mode(cfg: TrainConfig, tower) -> None:
+    """Refuse a tower mode this tower cannot take, naming the value and what is allowed."""
+    if cfg.vision_mode not in VISION_MODES:
+        raise ValueError(f"unknown vision_mode {cfg.vision_mode!r} (use one of {', '.join(VISION_MODES)})")
+    if cfg.vision_mode == "top":
+        depth = len(tower.blocks)
+        if not 1 <= cfg.vision_top <= depth:
+            raise ValueError(f"vision_top {cfg.vision_top}: this vision tower has {depth} blocks "
+                             f"(use 1 to {depth}, or vision_mode full)")  # fmt: skip
+    if cfg.vision_mode != "frozen" and cfg.cache:
+        raise ValueError(f"vision_mode {cfg.vision_mode} trains the vision tower, so stored features would be stale: "
+                         "train from pixels (no --train.cache) or keep vision_mode frozen")  # fmt: skip
+
+
 def apply_stage(model, cfg: TrainConfig) -> list[dict]:
     """Set requires_grad for the stage and return AdamW parameter groups."""
+    check_vision_mode(cfg, model.vision)
     mode = lm_mode(cfg)
     model.requires_grad_(False)
     model.connector.requires_grad_(True)
@@ -42,14 +64,17 @@ def apply_stage(model, cfg: TrainConfig) -> list[dict]:
         model.lm_mode = "lora"
     elif mode == "full":
         model.lm_mode = "full"
+    model.vision.set_trainable(cfg.vision_mode, cfg.vision_top, cfg.lora_r, cfg.lora_alpha, cfg.vision_bn == "train")
     return param_groups(model, cfg)
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
     """AdamW groups of the trainable parameters (built again after FSDP replaces them by shards)."""
     lm_lr = cfg.lm_lr if cfg.lm_lr is not None else cfg.lr / 3
+    vision_lr = cfg.vision_lr if cfg.vision_lr is not None else cfg.lr / 10
     groups = []
-    for name, module, lr in (("connector", model.connector, cfg.lr), ("lm", model.lm, lm_lr)):
+    parts = (("connector", model.connector, cfg.lr), ("lm", model.lm, lm_lr), ("vision", model.vision, vision_lr))
+    for name, module, lr in parts:
         params = [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         other = [p for p in params if p.dim() < 2]
@@ -61,7 +86,7 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
 
 
 def trainable_report(model) -> str:
-    """A table of what trains: module, trainable and total parameters."""
+    """A table of what trains: module, trainable and total parameters (the tower's mode beside it)."""
     rows = []
     for name in ("vision", "connector", "lm"):
         module = getattr(model, name)
@@ -71,6 +96,6 @@ def trainable_report(model) -> str:
     t_all = sum(r[1] for r in rows)
     n_all = sum(r[2] for r in rows)
     lines = [f"{'module':<10} {'trainable':>12} {'total':>12}"]
-    lines += [f"{n:<10} {t:>12,} {a:>12,}" for n, t, a in rows]
+    lines += [f"{n:<10} {t:>12,} {a:>12,}" + (f"  ({model.vision.mode})" if n == "vision" else "") for n, t, a in rows]
     lines.append(f"{'all':<10} {t_all:>12,} {n_all:>12,}  ({100 * t_all / max(n_all, 1):.1f}% trainable)")
     return "\n".join(lines)
