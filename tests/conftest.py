@@ -28,6 +28,7 @@ SMALL = TinySpec(
     vocab_size=300,
     siglip_steps=2,
     siglip_batch=16,
+    read_steps=3,
     lm_steps=2,
     lm_batch=8,
 )

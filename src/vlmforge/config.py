@@ -103,6 +103,15 @@ class TrainConfig:
         grad_accum: micro-batches per optimizer step.
         lr: peak learning rate of the connector.
         lm_lr: peak learning rate of the LM (full or LoRA); default lr / 3.
+        vision_mode: how the vision tower trains: `frozen` (the Llama3-V recipe; features can come
+            from a feature store), `full`, `top` (its top `vision_top` blocks and what follows
+            them: ViT layers or a conv tower's stages) or `lora` (adapters on its linear and
+            convolution layers, folded in when the model is saved). A trained tower reads pixels.
+        vision_top: blocks trained from the top with vision_mode top.
+        vision_lr: peak learning rate of the vision tower; default lr / 10.
+        vision_warmup: fraction of steps of the tower's own linear warm-up; default `warmup`.
+        vision_bn: a trained conv tower's BatchNorm statistics: `frozen` (kept as pretrained, the
+            layers in eval mode) or `train` (updated by each batch, saved in checkpoints).
         weight_decay: AdamW weight decay on matrices.
         warmup: fraction of steps of linear warm-up.
         min_lr_ratio: the cosine decays to this fraction of the peak.
@@ -277,6 +286,9 @@ class TinySpec:
     siglip_lr: float = 2e-3
     siglip_texts: int = 512
     siglip_cells: bool = True
+    read_batch: int = 64
+    read_weight: float = 1.0
+    read_steps: int = 1000
     lm_steps: int = 60
     lm_batch: int = 32
     lm_lr: float = 2e-3

@@ -52,16 +52,31 @@ def _batches(rng: random.Random, pool: list[int], size: int):
 
 
 def _optimize(model, loss_of, batches, steps: int, lr: float, weight_decay: float, desc: str) -> float:
-    """AdamW with warm-up + cosine and clipping for `steps`; returns the last loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    """AdamW with warm-up + cosine and clipping for `steps`; returns the last loss. `loss_of` may
+    return several losses (objectives): each one's gradient is clipped on its own before they are
+    summed, so that one objective's larger gradients do not shrink the other's steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 10), 0.0))
     model.train()
     bar = tqdm(range(steps), desc=desc, unit="step")
     loss = torch.tensor(float("nan"))
     for _ in bar:
-        loss = loss_of(next(batches))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        losses = loss_of(next(batches))
+        losses = losses if isinstance(losses, tuple) else (losses,)
+        total = [torch.zeros_like(p) for p in params] if len(losses) > 1 else None
+        for part in losses:
+            part.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if total is not None:
+                for t, p in zip(total, params):
+                    if p.grad is not None:
+                        t += p.grad
+                        p.grad = None
+        if total is not None:
+            for t, p in zip(total, params):
+                p.grad = t
+        loss = sum(part.detach() for part in losses)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -128,6 +143,12 @@ class ConvSiglip(nn.Module):
         sim = torch.where(per_cell[None], best, pooled @ txt.T)
         return sim * self.logit_scale.exp() + self.logit_bias  # [B, T]
 
+    def reading_cells(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's last map as a sequence in reading order (column by column, left to right,
+        each column top to bottom): what the transcription objective reads. [B, W*H, C]"""
+        fmap = self.vision(pixel_values=pixel_values).last_hidden_state  # [B, C, H, W]
+        return fmap.permute(0, 3, 2, 1).flatten(1, 2)
+
 
 def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, object]:
     """(dual encoder whose forward gives image-text logits [B, T], the part saved as the vision
@@ -183,20 +204,81 @@ def _dual_encoder(spec: TinySpec, tokenizer) -> tuple[nn.Module, nn.Module, obje
         def forward(self, input_ids, pixel_values, per_cell=None):
             return self.model(input_ids=input_ids, pixel_values=pixel_values).logits_per_image
 
+        def reading_cells(self, pixel_values):  # the patch grid column by column, as ConvSiglip's
+            patches = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # [B, P, D]
+            side = spec.image_size // spec.patch_size
+            return patches.view(-1, side, side, patches.shape[-1]).transpose(1, 2).flatten(1, 2)
+
     proc = SiglipImageProcessor(
         size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
     return _Logits(), model, proc
 
 
-def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
+def greedy_ctc(log_probs: torch.Tensor, alphabet: str) -> list[str]:
+    """Best-path CTC decoding of [B, T, 1 + len(alphabet)] (class 0 the blank): repeats merged, blanks dropped."""
+    out = []
+    for row in log_probs.argmax(-1).tolist():
+        chars, prev = [], 0
+        for c in row:
+            if c and c != prev:
+                chars.append(alphabet[c - 1])
+            prev = c
+        out.append("".join(chars))
+    return out
+
+
+class Reader(nn.Module):
+    """The reading objective of the tower's pretraining (a CRNN's CTC head, Shi et al. 2015): each
+    cell of the last map, in reading order, classifies one character or the blank, and CTC sums over
+    every alignment of the transcription to the cells, so no cell is told which letter is its own.
+    It teaches the tower to read, which a caption loss never does when every string is new (Pix2Struct
+    and Donut warm up their encoders on reading for the same reason). Only the tower is kept."""
+
+    def __init__(self, width: int, alphabet: str):
+        super().__init__()
+        self.alphabet = alphabet
+        self.head = nn.Linear(width, len(alphabet) + 1)
+
+    def targets(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([self.alphabet.index(c) + 1 for t in texts for c in t])
+        return ids, torch.tensor([len(t) for t in texts])
+
+    def loss(self, cells: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        log_probs = self.head(cells).log_softmax(-1)  # [B, T, C]
+        ids, lengths = self.targets(texts)
+        steps = torch.full((len(texts),), cells.shape[1])
+        loss = F.ctc_loss(log_probs.transpose(0, 1), ids, steps, lengths, reduction="sum", zero_infinity=True)
+        return loss / len(texts)  # per image, as SigLIP's loss is
+
+    def read(self, cells: torch.Tensor) -> list[str]:
+        return greedy_ctc(self.head(cells).log_softmax(-1), self.alphabet)
+
+
+def pretrain_siglip(
+    records: list[Record], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0,
+    reading: list[Record] | None = None,
+) -> dict:  # fmt: skip
     """Pretrain a small vision encoder (a ResNet or a SigLIP ViT, `spec.vision_kind`) with SigLIP's
-    pairwise sigmoid loss on (image, caption) records; saves the image tower with `save_pretrained`."""
+    pairwise sigmoid loss on (image, caption) records; saves the image tower with `save_pretrained`.
+    `reading`: (image, transcription) records: each step also trains the tower to read a batch of
+    them (`Reader`, weighted by `spec.read_weight`)."""
     with runtime.seeded(seed):
         rng = random.Random(seed)
         model, tower, image_processor = _dual_encoder(spec, tokenizer)
         proc = ImageProcessor(spec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
         pixels = torch.stack([proc(load_image(r.images[0])) for r in records])  # [N, 3, S, S]
+        reader, read_val = None, []
+        if reading:
+            words = [r.messages[-1]["content"] for r in reading]
+            alphabet = "".join(sorted(set("".join(words))))
+            width = spec.conv_hidden[-1] if spec.vision_kind == "resnet" else spec.vision_hidden
+            reader = Reader(width, alphabet)
+            model.reader = reader  # its head trains with the rest (and is dropped: only `tower` is saved)
+            read_pixels = torch.stack([proc(load_image(r.images[0])) for r in reading])  # [R, 3, S, S]
+            order = rng.sample(range(len(reading)), len(reading))
+            read_val, read_train = order[: min(256, len(reading) // 5)], order[min(256, len(reading) // 5) :]
+            read_batches = _batches(rng, read_train, spec.read_batch)
         captions = [r.messages[-1]["content"] for r in records]
         # Texts are whole captions and their phrases ("a red circle"); a text is a positive for an image
         # when everything it says holds for that image, so identical captions never count as negatives
@@ -219,26 +301,48 @@ def pretrain_siglip(records: list[Record], tokenizer, out: str | Path, spec: Tin
         # texts naming one object, scored cell by cell when the tower has cells (`spec.siglip_cells`)
         single = torch.tensor([len(t) == 1 and spec.siglip_cells for t in text_sets])
 
-        def loss_of(idx: list[int]) -> torch.Tensor:
-            drawn = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx]
-            extra = rng.sample(pool, min(spec.siglip_texts, len(pool)))
-            picks = sorted(set(drawn) | set(extra))
-            logits = model(text_ids[picks], pixels[idx], single[picks])  # [B, T]
-            same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
-            return -F.logsigmoid((2 * same - 1) * logits).sum() / len(idx)
+        def loss_of(idx: list[int] | None) -> tuple[torch.Tensor, ...]:
+            """(SigLIP's loss when the step has a caption batch, the reading loss when it reads)."""
+            losses = ()
+            if idx is not None:
+                drawn = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))]
+                         for i in idx]  # fmt: skip
+                extra = rng.sample(pool, min(spec.siglip_texts, len(pool)))
+                picks = sorted(set(drawn) | set(extra))
+                logits = model(text_ids[picks], pixels[idx], single[picks])  # [B, T]
+                same = torch.tensor([[float(text_sets[k] <= image_sets[i]) for k in picks] for i in idx])
+                losses += (-F.logsigmoid((2 * same - 1) * logits).sum() / len(idx),)
+            if reader is not None:
+                batch = next(read_batches)
+                cells = model.reading_cells(read_pixels[batch])
+                losses += (spec.read_weight * reader.loss(cells, [words[i] for i in batch]),)
+            return losses
 
         t0 = time.time()
-        final = _optimize(model, loss_of, _batches(rng, train_idx, spec.siglip_batch), spec.siglip_steps,
-                          spec.siglip_lr, 1e-4, f"pretrain {spec.vision_kind} (siglip loss)")  # fmt: skip
+        # with more reading steps than SigLIP steps, the SigLIP batches are spread evenly among them
+        # (every step reads), so that neither objective runs alone long enough to make the tower forget
+        steps = max(spec.siglip_steps, spec.read_steps if reader is not None else 0)
+        captioned = _batches(rng, train_idx, spec.siglip_batch)
+        batches = (next(captioned) if (i + 1) * spec.siglip_steps // steps > i * spec.siglip_steps // steps else None
+                   for i in range(steps))  # fmt: skip
+        desc = f"pretrain {spec.vision_kind} (siglip" + (" + reading)" if reader is not None else " loss)")
+        final = _optimize(model, loss_of, batches, steps, spec.siglip_lr, 1e-4, desc)
         with torch.no_grad():
             val_texts = [text_index[captions[i]] for i in val]
             sims = model(text_ids[val_texts], pixels[val], single[val_texts])  # [V, V]
             retrieval = sum(captions[val[j]] == captions[i] for i, j in zip(val, sims.argmax(1).tolist())) / n_val
         _log(f"{spec.vision_kind}: held-out image->caption retrieval top-1 {100 * retrieval:.1f}% among {n_val}")
+        info = {"final_loss": final, "seconds": time.time() - t0, "retrieval_top1": retrieval}
+        if reader is not None:
+            with torch.no_grad():
+                read = reader.read(model.reading_cells(read_pixels[read_val]))
+            info["reading_exact"] = sum(a == words[i] for a, i in zip(read, read_val)) / len(read_val)
+            _log(f"{spec.vision_kind}: held-out reading (CTC head) {100 * info['reading_exact']:.1f}% exact "
+                 f"among {len(read_val)}")  # fmt: skip
         with atomic_dir(out) as tmp:
             tower.save_pretrained(tmp)
             image_processor.save_pretrained(tmp)
-        return {"final_loss": final, "seconds": time.time() - t0, "retrieval_top1": retrieval}
+        return info
 
 
 def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0) -> dict:
@@ -300,6 +404,7 @@ def pretrain(
     seed: int = 0,
     force: bool = False,
     captions: list[str] | None = None,
+    reading: list[str] | None = None,
 ) -> dict[str, Path]:
     """Make the tiny backbones (BPE tokenizer, SigLIP encoder, Llama LM) from synthetic data.
 
@@ -315,6 +420,8 @@ def pretrain(
         captions: caption files for SigLIP (default: the --data files named *captions*, else all of
             --data; its one-turn image records are the pairs: a file of one-question sft records
             would otherwise teach it answers such as "yes" as captions).
+        reading: files of one-turn image records whose answer is the text the image shows (the
+            `text` task's sft file): the encoder also learns to read them (a CTC head on its last map).
     """
     from transformers import AutoTokenizer
 
@@ -334,8 +441,12 @@ def pretrain(
         caps = [r for r in pool if r.images and len(r.messages) == 2]
         if not caps:
             raise ValueError("SigLIP pretraining needs caption records (one human and one gpt turn with an image)")
-        info = pretrain_siglip(caps, tok, paths["vision"], spec, seed)
-        _log(f"siglip: {len(caps)} pairs, final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")
+        texts = [r for f in reading or [] for r in load_records(f) if r.images and len(r.messages) == 2]
+        if reading and not texts:
+            raise ValueError(f"reading files {', '.join(reading)} hold no one-turn image records to read")
+        info = pretrain_siglip(caps, tok, paths["vision"], spec, seed, reading=texts)
+        _log(f"siglip: {len(caps)} pairs" + (f", {len(texts)} to read" if texts else "")
+             + f", final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")  # fmt: skip
     if force or not paths["lm"].is_dir():
         info = pretrain_llama(conversation_texts(records, tok), tok, paths["lm"], spec, seed)
         _log(f"llama: final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")
