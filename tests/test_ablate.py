@@ -87,7 +87,7 @@ def test_bad_grids_are_named(tmp_path):
     bad.write_text("groups: [")
     with pytest.raises(ValueError, match="malformed YAML"):
         load_grid(str(bad))
-    assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "lm"}
+    assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "tower", "lm"}
 
 
 def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monkeypatch, capsys):
