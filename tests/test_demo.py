@@ -26,6 +26,7 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
         assert run_cfg["cache"] == str(out / "cache") and run_cfg["cache_dtype"] == "fp16"
     assert (out / "model" / "vision" / "model.safetensors").is_file()
     assert 0.0 <= summary["scores"]["shapes"]["accuracy"] <= 1.0
+    assert summary["targets"]["text"] == 0.80 and isinstance(summary["targets_met"]["text"], bool)
     # three shapes samples of three question types, then the text one
     assert [s["task"] for s in summary["samples"]] == ["shapes"] * 3 + ["text"]
     assert len({question_type(s["question"]) for s in summary["samples"][:3]}) == 3
