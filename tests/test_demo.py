@@ -13,15 +13,15 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
         out=str(tmp_path / "demo"), n_shapes=48, n_text=8, n_test=8, n_other=4, spec=SMALL,
         train_sizes=["80x64", "64x80", "96x96"], n_shapes_other=12,
         align=dataclasses.replace(base.align, max_steps=2, batch_size=8, log_every=1),
-        sft=dataclasses.replace(base.sft, max_steps=2, batch_size=8, log_every=1),
+        sft=dataclasses.replace(base.sft, max_steps=2, batch_size=8, log_every=1), sft_warm=2,
     )  # fmt: skip
     summary = run(cfg)
     out = tmp_path / "demo"
-    assert list(summary["phase_seconds"]) == ["data", "backbones", "cache", "align", "sft", "model", "eval"]
+    assert list(summary["phase_seconds"]) == ["data", "backbones", "cache", "align", "warm", "sft", "model", "eval"]
     state = json.loads((out / "state.json").read_text())
     assert state["phases"]["cache"]["result"]["encoded"] == state["phases"]["cache"]["result"]["unique"] > 0
     # both stages trained from the store, with the encoder released
-    for stage in ("align", "sft"):
+    for stage in ("align", "warm", "sft"):
         run_cfg = json.loads((out / stage / "run_config.json").read_text())["train"]
         assert run_cfg["cache"] == str(out / "cache") and run_cfg["cache_dtype"] == "fp16"
     assert (out / "model" / "vision" / "model.safetensors").is_file()
@@ -46,7 +46,7 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     tasks = ("shapes", "text", "shapes_96x64", "shapes_64x96", "shapes_128x128")
     answered = sum(summary["scores"][t]["n"] for t in tasks)
     assert page.count("<tr class='q ") == answered  # every held-out answer, right or wrong
-    assert page.count("<polyline") == 2 and "data:image/png;base64," in page and "model card: stage sft" in page
+    assert page.count("<polyline") == 3 and "data:image/png;base64," in page and "model card: stage sft" in page
     # a second run, from the command line with the same settings as a YAML file, continues: every
     # phase is reported as done earlier
     import yaml
@@ -56,7 +56,7 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     main(["demo", "--config", str(tmp_path / "demo.yaml")])
     again = json.loads((out / "summary.json").read_text())
-    assert again["phases_done_earlier"] == ["data", "backbones", "cache", "align", "sft", "model", "eval"]
+    assert again["phases_done_earlier"] == ["data", "backbones", "cache", "align", "warm", "sft", "model", "eval"]
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
 
 

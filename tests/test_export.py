@@ -297,3 +297,42 @@ def test_gguf_export_refuses_what_it_cannot_write(model_cfg, tmp_path):
 
             export(str(tmp_path / "x"), str(tmp_path / "gx"), "gguf")
         assert not (tmp_path / "gx").exists()
+
+
+def test_a_tower_trained_with_lora_exports_as_trained(model_cfg, tmp_path, capsys):
+    """LoRA adapters on the vision tower: the saved tower holds them folded in, and transformers'
+    LLaVA computes what the model with its adapters computed, not what the base tower would."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlmforge.config import TrainConfig
+    from vlmforge.train.stages import apply_stage
+
+    torch.manual_seed(0)
+    vlm = VLM.from_backbones(dataclasses.replace(model_cfg, resize="expand"))
+    apply_stage(vlm, TrainConfig(stage="sft", lm_mode="frozen", vision_mode="lora", lora_r=4))
+    with torch.no_grad():
+        for n, p in vlm.named_parameters():
+            if n.startswith("connector."):
+                p.mul_(4.0)
+            elif "lora_B" in n:
+                p.normal_(0, 0.2)
+    vlm.eval()
+    im = _image()
+    ids = vlm.build_prompt("what is it?", 1)
+    pixels = vlm.processor.views(im)
+    with torch.no_grad():
+        want = vlm(torch.tensor([ids]), pixel_values=pixels).logits
+        base = VLM.from_backbones(dataclasses.replace(model_cfg, resize="expand"))
+        base.connector.load_state_dict(vlm.connector.state_dict())
+        untrained = base(torch.tensor([ids]), pixel_values=pixels).logits
+    assert (want - untrained).abs().max() > 1e-2  # the adapters change what the model computes
+    vlm.save_pretrained(tmp_path / "m")
+    main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf"), "--format", "llava-hf"])
+    assert "exported as llava-hf" in capsys.readouterr().out
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    inputs = processor(images=[im], text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).logits, want, rtol=0, atol=ATOL)

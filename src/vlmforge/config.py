@@ -314,7 +314,7 @@ def align_defaults() -> TrainConfig:
 
 def sft_defaults() -> TrainConfig:
     return TrainConfig(
-        stage="sft", epochs=20.0, max_steps=2500, batch_size=64, lr=3e-3, lm_lr=2e-3, save_every=250, log_every=25,
+        stage="sft", epochs=20.0, max_steps=3000, batch_size=64, lr=3e-3, lm_lr=2e-3, save_every=250, log_every=25,
         threads=2,
     )  # fmt: skip
 
@@ -350,6 +350,10 @@ class DemoConfig:
             training size and scored 77.5% at the held-out sizes against 94% squashed
             (docs/tiny-demo-experiments.md, section 7).
         align: the align stage (data and output are set by the demo).
+        sft_warm: sft steps on the shapes records alone (stage `warm`) before the sft on shapes
+            and text: the lookup of an object by its shape ("What color is the square?") forms
+            there; trained mixed with the text records from the start it had not formed after
+            2,500 steps (docs/reading.md). 0 skips it.
         sft: the sft stage (data and output are set by the demo).
         cache: encode the training images once into a feature store (OUT/cache) and train both
             stages from it; false re-encodes the images every step.
@@ -377,6 +381,7 @@ class DemoConfig:
         default_factory=lambda: ModelConfig(connector="mlp", vision_pooled=True, resize="squash")
     )
     align: TrainConfig = field(default_factory=align_defaults)
+    sft_warm: int = 800
     sft: TrainConfig = field(default_factory=sft_defaults)
     cache: bool = True
     cache_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"

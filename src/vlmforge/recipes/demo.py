@@ -1,9 +1,9 @@
 """`vlmforge demo`: the whole flow on the tiny model, in one command.
 
-data → tokenizer and backbones → feature cache → align → sft → eval on held-out images → three
-sample answers, all under `runs/demo/` (final model in `runs/demo/model`). Each phase records its
-completion in `state.json`, and the training stages checkpoint, so an interrupted demo continues
-where it stopped. The demo measures and prints its own wall time and the accuracy targets.
+data → tokenizer and backbones (the encoder learns to read) → feature cache → align → sft on the
+shapes alone (`warm`), then on shapes and text → eval on held-out images → four sample answers,
+all under `runs/demo/` (final model in `runs/demo/model`). Each phase records its completion in
+`state.json`, and the training stages checkpoint, so an interrupted demo continues where it stopped. The demo measures and prints its own wall time and the accuracy targets.
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def run(cfg: DemoConfig) -> dict:
             return {k: stats[k] for k in ("namespace", "unique", "encoded", "images_per_s")}
 
         phase("cache", make_cache)
-    align_then_sft(model_cfg, cfg.align, cfg.sft, out, align_data, sft_data, phase, seed=cfg.seed, cache=store,
+    warm_data = [data["train_shapes_sft"]] + [data[f"{split}_shapes_sft"] for split in extra]
+    align_then_sft(model_cfg, cfg.align, cfg.sft, out, align_data, sft_data, phase, warm_data=warm_data,
+                   warm_steps=cfg.sft_warm, seed=cfg.seed, cache=store,
                    cache_dtype=cfg.cache_dtype if store else None)  # fmt: skip
 
     def finalize():
@@ -249,7 +251,7 @@ def _page(out: Path, summary: dict, history: list[dict]) -> Path:
     parts += ["<h2>Phase timings</h2>", table({k: f"{v:.1f} s" for k, v in summary["phase_seconds"].items()},
                                               ("phase", "seconds"))]  # fmt: skip
     parts.append("<h2>Training</h2>")
-    parts += [loss_svg(out / stage / "metrics.jsonl", stage) for stage in ("align", "sft")
+    parts += [loss_svg(out / stage / "metrics.jsonl", stage) for stage in ("align", "warm", "sft")
               if (out / stage / "metrics.jsonl").is_file()]  # fmt: skip
     for h in history:
         parts.append(table(h, ("model card: stage " + str(h.get("stage")), "")))

@@ -13,10 +13,13 @@ from vlmforge.config import ModelConfig, TinySpec, TrainConfig
 
 
 def align_then_sft(model_cfg: ModelConfig, align: TrainConfig, sft: TrainConfig, out: str | Path,
-                   align_data: list[str], sft_data: list[str], phase=None, **common) -> Path:  # fmt: skip
+                   align_data: list[str], sft_data: list[str], phase=None, warm_data: list[str] | None = None,
+                   warm_steps: int = 0, **common) -> Path:  # fmt: skip
     """Train `out/align` then `out/sft` (`common`: TrainConfig fields both stages share, e.g. seed,
     cache: not the sft stage's when it trains the vision tower); returns the final model folder.
-    Without align data, sft starts from the backbones.
+    Without align data, sft starts from the backbones. With `warm_data` and `warm_steps`, an sft
+    stage of `warm_steps` on `warm_data` alone (`out/warm`) comes before the sft on all of
+    `sft_data` (a curriculum: what must form first gets steps of its own).
     `phase(name, fn)`: runs each stage (the demo's, to time and record it); default: calls fn."""
     from vlmforge.train.loop import train
 
@@ -29,6 +32,9 @@ def align_then_sft(model_cfg: ModelConfig, align: TrainConfig, sft: TrainConfig,
     if align_data:
         align = dataclasses.replace(align, data=align_data, out=str(out / "align"), **common)
         init = phase("align", lambda: str(train(align, model_cfg, None, resume=True)))
+    if warm_data and warm_steps:
+        warm = dataclasses.replace(sft, data=warm_data, out=str(out / "warm"), max_steps=warm_steps)
+        init = phase("warm", lambda: str(train(warm, None if init else model_cfg, init, resume=True)))
     return Path(phase("sft", lambda: str(train(sft, None if init else model_cfg, init, resume=True))))
 
 
