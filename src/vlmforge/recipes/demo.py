@@ -3,7 +3,8 @@
 data → tokenizer and backbones (the encoder learns to read) → feature cache → align → sft on the
 shapes alone (`warm`), then on shapes and text → eval on held-out images → four sample answers,
 all under `runs/demo/` (final model in `runs/demo/model`). Each phase records its completion in
-`state.json`, and the training stages checkpoint, so an interrupted demo continues where it stopped. The demo measures and prints its own wall time and the accuracy targets.
+`state.json`, and the training stages checkpoint, so an interrupted demo continues where it stopped.
+The demo measures and prints its own wall time and the accuracy targets.
 """
 
 from __future__ import annotations
