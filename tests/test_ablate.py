@@ -88,6 +88,11 @@ def test_bad_grids_are_named(tmp_path):
     with pytest.raises(ValueError, match="malformed YAML"):
         load_grid(str(bad))
     assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "tower", "lm"}
+    from vlmforge.recipes.ablate import ablate
+
+    with pytest.raises(ValueError, match=r"grid 'idefics2' has no group 'nope' \(its groups: architecture, "):
+        ablate(groups=["tower", "nope"], out=str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # refused before anything was made
 
 
 def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monkeypatch, capsys):

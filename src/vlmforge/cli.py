@@ -41,12 +41,12 @@ COMMANDS = {
 # Options that take lists, per verb: `--data a.json b.json` and `--data a.json --data b.json` both
 # mean `--data [a.json,b.json]` (which also works, as does jsonargparse's `--data+ a.json`).
 LIST_FLAGS = {
-    ("pretrain",): {"--data", "--captions"},
+    ("pretrain",): {"--data", "--captions", "--reading"},
     ("train",): {"--train.data", "--train.report_to"},
     ("eval",): {"--data"},
     ("cache", "build"): {"--data"},
     ("bench", "cache"): {"--presets"},
-    ("ablate",): {"--eval"},
+    ("ablate",): {"--eval", "--groups"},
     ("bench", "serve"): {"--levels"},
     ("bench", "data"): {"--multiples"},
     ("plan",): {"--data_sizes", "--epochs", "--image"},

@@ -255,8 +255,11 @@ def _resolve(cell: dict, base: dict, shared: dict, budget: dict):
     model_cfg = from_dict(ModelConfig, _merge({"vision": bb["vision"], "lm": bb["lm"], "tokenizer": bb["lm"]},
                                              base.get("model"), cell.get("model")))  # fmt: skip
     bs = {"batch_size": budget["batch_size"]} if "batch_size" in budget else {}
-    align = dataclasses.replace(align_defaults(), **_merge(bs, budget["align"], base.get("align"), cell.get("align")))
-    sft = dataclasses.replace(sft_defaults(), **_merge(bs, budget["sft"], base.get("sft"), cell.get("sft")))
+    # a cell runs on the threads of its process (one in a pool worker), not the demo's two
+    align = dataclasses.replace(align_defaults(), threads=None)
+    sft = dataclasses.replace(sft_defaults(), threads=None)
+    align = dataclasses.replace(align, **_merge(bs, budget["align"], base.get("align"), cell.get("align")))
+    sft = dataclasses.replace(sft, **_merge(bs, budget["sft"], base.get("sft"), cell.get("sft")))
     return model_cfg, align, sft
 
 
@@ -386,6 +389,7 @@ def ablate(
     eval: list[str] | None = None,
     data_root: str | None = None,
     limit: int | None = None,
+    groups: list[str] | None = None,
 ) -> dict:
     """Re-run the Idefics2 design comparisons, several seeds per cell, on the synthetic tasks or any eval data.
 
@@ -404,6 +408,7 @@ def ablate(
             name (textvqa, docvqa, ...; needs --data-root), or a QA file; NAME=... names a column.
         data_root: folder holding one folder per benchmark (as `vlmforge eval --bench`).
         limit: only the first N questions of each file or benchmark task.
+        groups: run only these groups of the grid (e.g. `tower`); default all.
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -411,6 +416,12 @@ def ablate(
     from tqdm import tqdm
 
     g = load_grid(grid)
+    if groups:
+        unknown = sorted(set(groups) - set(g["groups"]))
+        if unknown:
+            raise ValueError(f"grid {grid!r} has no group {', '.join(map(repr, unknown))} "
+                             f"(its groups: {', '.join(g['groups'])})")  # fmt: skip
+        g = {**g, "groups": {k: v for k, v in g["groups"].items() if k in groups}}
     tasks = parse_tasks(eval or g.get("eval"), None, data_root, limit)
     check_tasks(tasks)
     budget = _merge(QUICK if quick else FULL, g.get("budget"))
