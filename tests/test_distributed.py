@@ -47,15 +47,19 @@ def with_bad_images(data_dir, tmp_path, victims: int = 4):
     return data
 
 
-@pytest.mark.parametrize("strategy,lm_mode,lm_part", [("ddp", "lora", "lm_adapter/adapter_model.safetensors"),
-                                                      ("fsdp", "full", "lm/model.safetensors")])  # fmt: skip
-def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, strategy, lm_mode, lm_part):
-    """2 ranks (DDP; FSDP2 sharding the fully trained LM), one with a wholly bad micro-batch,
-    stopped, then resumed on 1 process from the checkpoint (gathered by name under FSDP): the same
-    run as 1 process with the same global batch, losses to 1e-5 and saved weights to 1e-4."""
+@pytest.mark.parametrize("strategy,lm_mode,lm_part,vision", [
+    ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "frozen"),
+    ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "full"),  # the tower trains too
+    ("fsdp", "full", "lm/model.safetensors", "frozen"),
+])  # fmt: skip
+def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, strategy, lm_mode, lm_part, vision):
+    """2 ranks (DDP, also with the vision tower training; FSDP2 sharding the fully trained LM), one
+    with a wholly bad micro-batch, stopped, then resumed on 1 process from the checkpoint (gathered
+    by name under FSDP): the same run as 1 process with the same global batch, losses to 1e-5 and
+    saved weights to 1e-4."""
     data = with_bad_images(data_dir, tmp_path)
     two, one = tmp_path / "two", tmp_path / "one"
-    mode = ["--train.lm_mode", lm_mode]
+    mode = ["--train.lm_mode", lm_mode, "--train.vision_mode", vision]
     # 2 ranks x 1 micro-batch per step, stopped after step 2 ...
     r = train(*common(data, backbones, two), *mode, "--nproc", "2", "--train.strategy", strategy,
               "--train.grad_accum", "1", "--train.stop_at", "2", "--train.dist_timeout", "60")  # fmt: skip
@@ -69,7 +73,7 @@ def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, st
     r = train(*common(data, backbones, one), *mode, "--train.grad_accum", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 4
-    for part in ("connector.safetensors", lm_part):
+    for part in ["connector.safetensors", lm_part] + (["vision/model.safetensors"] if vision != "frozen" else []):
         a, b = load_file(str(two / "model" / part)), load_file(str(one / "model" / part))
         assert a.keys() == b.keys()
         for k in a:
