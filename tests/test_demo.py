@@ -26,6 +26,7 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
         assert run_cfg["cache"] == str(out / "cache") and run_cfg["cache_dtype"] == "fp16"
     assert (out / "model" / "vision" / "model.safetensors").is_file()
     assert 0.0 <= summary["scores"]["shapes"]["accuracy"] <= 1.0
+    assert summary["matmul_gflops"] > 0.1
     assert summary["targets"]["text"] == 0.80 and isinstance(summary["targets_met"]["text"], bool)
     # three shapes samples of three question types, then the text one
     assert [s["task"] for s in summary["samples"]] == ["shapes"] * 3 + ["text"]
@@ -41,6 +42,7 @@ def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     assert any("train_80x64" in f for f in sft_data) and len(sft_data) == 5
     assert all(isinstance(s["right"], bool) for s in summary["samples"])
     printed = capsys.readouterr().out
+    assert "GFLOP/s on 2 threads" in printed
     assert "vlmforge demo summary" in printed and f"report: {out / 'report.html'}" in printed
     page = (out / "report.html").read_text()
     tasks = ("shapes", "text", "shapes_96x64", "shapes_64x96", "shapes_128x128")
