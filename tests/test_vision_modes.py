@@ -67,10 +67,8 @@ def test_lora_tower_saved_model_answers_as_the_trained_one(tower_cfg, data_dir, 
         torch.testing.assert_close(loaded.vision(pixels), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["top", "lora"])  # full: the BatchNorm test below
-def test_interrupted_tower_training_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypatch, mode):
-    kw = dict(max_steps=6, save_every=2, vision_mode=mode, vision_warmup=0.5)
-    reference = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "full", **kw), model_cfg))
+def _cut_and_resume(cfg, model_cfg, monkeypatch):
+    """Train with `cfg`, interrupted (Ctrl-C) in the forward of step 4, then resumed: the model folder."""
     calls, original = {"n": 0}, VLM.forward
 
     def flaky(self, *a, **k):
@@ -81,9 +79,16 @@ def test_interrupted_tower_training_resumes_exactly(model_cfg, data_dir, tmp_pat
 
     monkeypatch.setattr(VLM, "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(data_dir, tmp_path / "cut", **kw), model_cfg)
+        train(cfg, model_cfg)
     monkeypatch.setattr(VLM, "forward", original)
-    resumed = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "cut", **kw), model_cfg, resume=True))
+    return train(cfg, model_cfg, resume=True)
+
+
+@pytest.mark.parametrize("mode", ["top", "lora"])  # full: the BatchNorm test below
+def test_interrupted_tower_training_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypatch, mode):
+    kw = dict(max_steps=6, save_every=2, vision_mode=mode, vision_warmup=0.5)
+    reference = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "full", **kw), model_cfg))
+    resumed = VLM.from_pretrained(_cut_and_resume(_cfg(data_dir, tmp_path / "cut", **kw), model_cfg, monkeypatch))
     assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
     for (n, a), b in zip(reference.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
@@ -98,19 +103,7 @@ def test_batchnorm_statistics_frozen_or_trained_and_resumed(data_dir, tmp_path, 
     after = _vision(full)
     moved = [k for k in stats if not torch.equal(stats[k], after[k])]
     assert bool(moved) == (bn == "train")
-    calls, original = {"n": 0}, VLM.forward
-
-    def flaky(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(VLM, "forward", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(data_dir, tmp_path / "cut", **kw), cfg)
-    monkeypatch.setattr(VLM, "forward", original)
-    resumed = _vision(train(_cfg(data_dir, tmp_path / "cut", **kw), cfg, resume=True))
+    resumed = _vision(_cut_and_resume(_cfg(data_dir, tmp_path / "cut", **kw), cfg, monkeypatch))
     for k, v in after.items():  # the statistics too: a checkpoint keeps the moving ones
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-6, msg=k)
 
