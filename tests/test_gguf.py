@@ -211,13 +211,15 @@ def _mtmd_greedy(lm: Path, mmproj: Path, text: str, images: list[Path], n: int) 
     return out
 
 
-@pytest.mark.parametrize("gguf_type,needed", [("f32", 20), ("f16", 19)])
-def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tmp_path, gguf_type, needed):
+@pytest.mark.parametrize("gguf_type,needed,tower", [("f32", 20, False), ("f16", 19, False), ("f32", 20, True)])
+def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tmp_path, gguf_type, needed, tower):
     """`export --format gguf` of the SmolLM2 VLM (tiny SigLIP, `mlp` connector): the LM and
     llama.cpp's projector file (`--mmproj`), run in llama.cpp itself on 20 held-out images, the
     image encoded by llama.cpp's clip graph: its greedy 10 tokens equal vlmforge's engine's on all
     20 (f32) or at least 19 (f16), the images changing the answers. The images are the encoder's
-    32 px squares, so neither side resamples them."""
+    32 px squares, so neither side resamples them. `tower`: the vision tower carries LoRA adapters
+    (as `vision_mode lora` trains it), folded in when saved: llama.cpp answers as the adapted model,
+    whose answers differ from the unadapted tower's."""
     from vlmforge.export import export
     from vlmforge.infer.engine import Engine
     from vlmforge.infer.request import SamplingParams
@@ -228,6 +230,21 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     with torch.no_grad():  # a connector whose visual tokens sway the answers (12 align steps barely do)
         for p in vlm.connector.parameters():
             p.mul_(8.0)
+    if tower:
+        from vlmforge.config import TrainConfig
+        from vlmforge.train.stages import apply_stage
+
+        engine = Engine(vlm)
+        before = [engine.generate([vlm.build_prompt("Describe the image.", 1)], [[load_image(p)]],
+                                  SamplingParams(max_tokens=10, ignore_eos=True))[0].tokens
+                  for p in sorted((data_dir / "images").glob("shapes_*.png"))[:20]]  # fmt: skip
+        apply_stage(vlm, TrainConfig(stage="sft", lm_mode="frozen", vision_mode="lora", lora_r=4))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for n, p in vlm.vision.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        vlm.eval()
     vlm.save_pretrained(tmp_path / "m")
     export(str(tmp_path / "m"), str(tmp_path / "g8"), "gguf", gguf_type=gguf_type)
     images = sorted((data_dir / "images").glob("shapes_*.png"))[:20]
@@ -242,6 +259,8 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     theirs = _mtmd_greedy(tmp_path / "g8" / f"lm-{gguf_type}.gguf", tmp_path / "g8" / f"mmproj-{gguf_type}.gguf",
                           text.replace(pad, "<__media__>"), images, 10)  # fmt: skip
     assert len({tuple(t) for t in ours}) >= 2  # the images change the answers (3 distinct here)
+    if tower:
+        assert ours != before  # the adapters change what the model answers
     same = sum(a == b for a, b in zip(ours, theirs))
     assert same >= needed, [(p.name, vlm.tokenizer.decode(a), vlm.tokenizer.decode(b))
                             for p, a, b in zip(images, theirs, ours) if a != b]  # fmt: skip
