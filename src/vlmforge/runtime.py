@@ -1,6 +1,6 @@
 """Process-wide state, owned here and nowhere else: torch's CPU threads, seeds, library logging
 and progress bars, the garbage collector's view of long-lived objects, and the torch.distributed
-process group.
+process group; and what this process runs on (its device, its matmul rate).
 
 Each setting is a context manager that undoes its change on exit, so a library call never leaves
 the caller's process changed (a thread count leaked by one step once slowed every later test).
@@ -106,6 +106,35 @@ def device(name: str = "auto") -> str:
     if name != "auto":
         return name
     return f"cuda:{world()[2]}" if torch.cuda.is_available() else "cpu"
+
+
+def matmul_flops(n: int, a=None, b=None) -> float:
+    """FLOP/s of one n x n fp32 matmul (of `a` and `b`, or of random ones) on this process's threads."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n) if a is None else a
+    b = torch.randn(n, n) if b is None else b
+    t = time.perf_counter()
+    torch.mm(a, b)
+    return 2 * n**3 / (time.perf_counter() - t)
+
+
+def matmul_peak(n_threads: int | None = None, sizes=(512, 1024, 2048), repeats: int = 5) -> tuple[float, int]:
+    """FLOP/s of the fastest square fp32 matmul here on `n_threads` threads, and its size: the
+    machine's speed, which benchmarks and the demo print beside their times."""
+    import torch
+
+    best, best_n = 0.0, sizes[-1]
+    with threads(n_threads):
+        for n in sizes:
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            torch.mm(a, b)
+            rate = max(matmul_flops(n, a, b) for _ in range(repeats))
+            if rate > best:
+                best, best_n = rate, n
+    return best, best_n
 
 
 def join_process_group(timeout_s: float, cuda: bool | None = None) -> tuple[int, int, int]:

@@ -27,30 +27,6 @@ from pathlib import Path
 from vlmforge import runtime
 
 
-def _mm_flops_per_s(n: int, a=None, b=None) -> float:
-    import torch
-
-    a = torch.randn(n, n) if a is None else a
-    b = torch.randn(n, n) if b is None else b
-    t = time.perf_counter()
-    torch.mm(a, b)
-    return 2 * n**3 / (time.perf_counter() - t)
-
-
-def matmul_peak(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> tuple[float, int]:
-    """FLOP/s of the fastest square fp32 matmul here, and its size."""
-    import torch
-
-    best, best_n = 0.0, sizes[-1]
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        rate = max(_mm_flops_per_s(n, a, b) for _ in range(repeats))
-        if rate > best:
-            best, best_n = rate, n
-    return best, best_n
-
-
 def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threads: int, steps: int,
              peak_n: int, compile: bool = False) -> dict:  # fmt: skip
     """MFU of a training step. This machine's speed drifts (a shared VM: the matmul rate moved by
@@ -91,7 +67,7 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
     a, b = torch.randn(peak_n, peak_n), torch.randn(peak_n, peak_n)
     times, ratios, peaks = [], [], []
     for batch in batches[3:]:
-        ref = _mm_flops_per_s(peak_n, a, b)
+        ref = runtime.matmul_flops(peak_n, a, b)
         t = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - t)
@@ -163,7 +139,7 @@ def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) 
     s = setup(Path(work), preset, 256)
     vision, lm, data = s["vision"], s["lm"], s["data"]
     result = {"machine": machine(), "preset": preset, "batch_size": batch_size}
-    peak, peak_n = matmul_peak(threads)
+    peak, peak_n = runtime.matmul_peak(threads)
     result["matmul_peak_flops"], result["matmul_peak_size"] = peak, peak_n
     result["threads"] = threads
     result["mfu"] = {
