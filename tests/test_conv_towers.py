@@ -205,3 +205,14 @@ def test_the_tower_learns_to_read_beside_the_sigmoid_loss(backbones, data_dir, t
     info = pretrain_siglip(load_records(data_dir / "shapes_captions.json"), tok, tmp_path / "v", spec, reading=same)
     assert info["reading_exact"] == 1.0  # one string to learn: the objective reaches it
     assert VisionTower.from_pretrained(str(tmp_path / "v")).hidden_size == (16 if kind == "resnet" else 32)
+
+
+def test_a_reading_file_with_nothing_to_read_is_refused_before_anything_is_made(data_dir, tmp_path):
+    from tests.conftest import SMALL
+
+    from vlmforge.recipes.tiny import pretrain
+
+    multi = data_dir / "shapes_sft.json"  # multi-turn conversations: no (image, transcription) pair
+    with pytest.raises(ValueError, match=r"reading files .*shapes_sft.json hold no one-turn image records"):
+        pretrain([str(data_dir / "shapes_captions.json")], str(tmp_path / "bb"), SMALL, reading=[str(multi)])
+    assert not (tmp_path / "bb").exists()

@@ -429,6 +429,9 @@ def pretrain(
 
     out = Path(out)
     records = [r for f in data for r in load_records(f)]
+    texts = [r for f in reading or [] for r in load_records(f) if r.images and len(r.messages) == 2]
+    if reading and not texts:  # before anything is made
+        raise ValueError(f"reading files {', '.join(map(str, reading))} hold no one-turn image records to read")
     paths = {k: out / k for k in ("tokenizer", "vision", "lm")}
     if force or not paths["tokenizer"].is_dir():
         # role names and the blank line of the chat template are part of every turn: learn them too
@@ -441,9 +444,6 @@ def pretrain(
         caps = [r for r in pool if r.images and len(r.messages) == 2]
         if not caps:
             raise ValueError("SigLIP pretraining needs caption records (one human and one gpt turn with an image)")
-        texts = [r for f in reading or [] for r in load_records(f) if r.images and len(r.messages) == 2]
-        if reading and not texts:
-            raise ValueError(f"reading files {', '.join(reading)} hold no one-turn image records to read")
         info = pretrain_siglip(caps, tok, paths["vision"], spec, seed, reading=texts)
         _log(f"siglip: {len(caps)} pairs" + (f", {len(texts)} to read" if texts else "")
              + f", final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")  # fmt: skip
