@@ -28,7 +28,14 @@ from vlmforge.data.stream import RecordStream
 from vlmforge.model.vlm import VLM
 from vlmforge.train.checkpoint import checkpoint_path, found, load_checkpoint, save_checkpoint
 from vlmforge.train.distributed import Parallel
-from vlmforge.train.stages import apply_stage, check_vision_mode, lm_mode, param_groups, trainable_report
+from vlmforge.train.stages import (
+    apply_stage,
+    check_vision_mode,
+    lm_mode,
+    param_groups,
+    trainable_report,
+    vision_lr,
+)
 
 
 def lr_lambda(total: int, warmup: int, min_ratio: float):
@@ -443,7 +450,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             "stage": cfg.stage, "data": [Path(f).name for f in cfg.data], "records": len(records or []) or None,
             "lm_mode": lm_mode(cfg), "vision_mode": model.vision.mode
             + (f" {cfg.vision_top}" if cfg.vision_mode == "top" else ""), "epochs": cfg.epochs, "lr": cfg.lr,
-            "lm_lr": cfg.lm_lr, **({"vision_lr": cfg.vision_lr or cfg.lr / 10} if cfg.vision_mode != "frozen" else {}),
+            "lm_lr": cfg.lm_lr, **({"vision_lr": vision_lr(cfg)} if cfg.vision_mode != "frozen" else {}),
             "global_batch": cfg.batch_size * cfg.grad_accum * d.world, "feature_cache": bool(cfg.cache),
             **{k: summary[k] for k in ("step", "samples", "tokens", "elapsed")},
         })  # fmt: skip

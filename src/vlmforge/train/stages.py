@@ -26,6 +26,11 @@ def lm_mode(cfg: TrainConfig) -> str:
     return cfg.lm_mode or DEFAULT_LM_MODE[cfg.stage]
 
 
+def vision_lr(cfg: TrainConfig) -> float:
+    """The vision tower's peak learning rate: `vision_lr`, default a tenth of the connector's."""
+    return cfg.vision_lr if cfg.vision_lr is not None else cfg.lr / 10
+
+
 def check_vision_mode(cfg: TrainConfig, tower) -> None:
     """Refuse a tower mode this tower cannot take, naming the value and what is allowed."""
     if cfg.vision_mode not in VISION_MODES:
@@ -71,9 +76,8 @@ def apply_stage(model, cfg: TrainConfig) -> list[dict]:
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
     """AdamW groups of the trainable parameters (built again after FSDP replaces them by shards)."""
     lm_lr = cfg.lm_lr if cfg.lm_lr is not None else cfg.lr / 3
-    vision_lr = cfg.vision_lr if cfg.vision_lr is not None else cfg.lr / 10
     groups = []
-    parts = (("connector", model.connector, cfg.lr), ("lm", model.lm, lm_lr), ("vision", model.vision, vision_lr))
+    parts = (("connector", model.connector, cfg.lr), ("lm", model.lm, lm_lr), ("vision", model.vision, vision_lr(cfg)))
     for name, module, lr in parts:
         params = [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
