@@ -31,6 +31,15 @@ from torch import nn
 from vlmforge import runtime
 from vlmforge.io import unusable
 
+# How a tower can train (`VisionTower.set_trainable`).
+TRAIN_MODES = ("frozen", "full", "top", "lora")
+
+
+def check_train_mode(mode: str) -> None:
+    """Refuse a tower training mode that is none of `TRAIN_MODES`, naming it and them."""
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"unknown vision_mode {mode!r} (use one of {', '.join(TRAIN_MODES)})")
+
 # Vision-only classes of dual-encoder checkpoints, by the checkpoint's model_type.
 _VISION_CLASSES = {
     "siglip": "SiglipVisionModel",
@@ -184,6 +193,7 @@ class VisionTower(nn.Module):
         `lora` peft adapters (rank `lora_r`) on every linear and convolution layer, the weights
         frozen (the adapters are folded in when the model is saved). `bn_train`: BatchNorm
         statistics move while it trains."""
+        check_train_mode(mode)
         self.mode, self.bn_train = mode, bn_train
         self.requires_grad_(False)
         if mode == "full":
@@ -199,8 +209,6 @@ class VisionTower(nn.Module):
                 self._add_lora(lora_r, lora_alpha)
             for n, p in self.named_parameters():
                 p.requires_grad_("lora_" in n)
-        elif mode != "frozen":
-            raise ValueError(f"unknown vision_mode {mode!r} (frozen, full, top or lora)")
         if mode != "frozen":
             self._fingerprint = None  # its weights are about to change
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from torch import nn
 
 from vlmforge.config import TrainConfig
+from vlmforge.model.vision import check_train_mode
 
 DEFAULT_LM_MODE = {"align": "frozen", "sft": "full"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VISION_MODES = ("frozen", "full", "top", "lora")
 
 
 def lm_mode(cfg: TrainConfig) -> str:
@@ -33,8 +33,7 @@ def vision_lr(cfg: TrainConfig) -> float:
 
 def check_vision_mode(cfg: TrainConfig, tower) -> None:
     """Refuse a tower mode this tower cannot take, naming the value and what is allowed."""
-    if cfg.vision_mode not in VISION_MODES:
-        raise ValueError(f"unknown vision_mode {cfg.vision_mode!r} (use one of {', '.join(VISION_MODES)})")
+    check_train_mode(cfg.vision_mode)
     if cfg.vision_mode == "top":
         depth = len(tower.blocks)
         if not 1 <= cfg.vision_top <= depth:
