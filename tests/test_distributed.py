@@ -51,9 +51,11 @@ def with_bad_images(data_dir, tmp_path, victims: int = 4):
     ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "frozen"),
     ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "full"),  # the tower trains too
     ("fsdp", "full", "lm/model.safetensors", "frozen"),
+    ("fsdp", "full", "lm/model.safetensors", "top"),  # the tower's top block sharded with the root
 ])  # fmt: skip
 def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, strategy, lm_mode, lm_part, vision):
-    """2 ranks (DDP, also with the vision tower training; FSDP2 sharding the fully trained LM), one
+    """2 ranks (DDP, also with the vision tower training; FSDP2 sharding the fully trained LM, also
+    with the tower's top block training), one
     with a wholly bad micro-batch, stopped, then resumed on 1 process from the checkpoint (gathered
     by name under FSDP): the same run as 1 process with the same global batch, losses to 1e-5 and
     saved weights to 1e-4."""

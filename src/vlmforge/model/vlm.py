@@ -397,12 +397,17 @@ class VLM(nn.Module):
     ) -> VLMOutput:  # fmt: skip
         """`attention_mask`: [B, L] (1 = a token, 0 = padding), or [B, 1, L, L] bool (True = may
         attend) with `position_ids` [B, L] for sequences of several records (`data.collate`).
-        `all_params`: without images, still run the connector (on zeros, times 0) so that every
-        trainable parameter gets a gradient; FSDP needs every rank to reduce the same ones."""
+        `all_params`: without images, still run the connector (and a trained vision tower) on
+        zeros, times 0, so that every trainable parameter gets a gradient; FSDP needs every rank
+        to reduce the same ones."""
         embeds = self.embed(input_ids, pixel_values, image_features)
         if all_params and pixel_values is None and image_features is None and not self.cross_attention:
-            zeros = embeds.new_zeros(1, self.vision.num_features, self.vision.hidden_size)
-            embeds = embeds + 0.0 * self.image_embeds(image_features=zeros).sum().to(embeds.dtype)
+            if any(p.requires_grad for p in self.vision.parameters()):  # the tower trains: run it too
+                size = self.vision.image_size
+                zeros = {"pixel_values": embeds.new_zeros(1, 3, size, size)}
+            else:
+                zeros = {"image_features": embeds.new_zeros(1, self.vision.num_features, self.vision.hidden_size)}
+            embeds = embeds + 0.0 * self.image_embeds(**zeros).sum().to(embeds.dtype)
         lm = self.causal_lm
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = self._block_mask(attention_mask.to(embeds.device), embeds.dtype)

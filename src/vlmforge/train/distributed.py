@@ -115,18 +115,20 @@ class Parallel:
 
 
 def shard(model, bf16: bool = False) -> None:
-    """FSDP2: each LM decoder layer a unit, then the rest (embeddings, head, norms, connector) as
-    the root. The vision tower, frozen, is replicated rather than sharded: FSDP would make every
-    rank gather its layers in step with the others, which a text-only micro-batch on one rank (or
-    features from a cache) would not do; a frozen SigLIP-so400m costs 0.8 GB in bf16."""
+    """FSDP2: each LM decoder layer a unit, then the rest (embeddings, head, norms, connector, and
+    the vision tower's trained weights: all of it, its top blocks or its LoRA adapters) as the
+    root, which every rank gathers at every forward. The tower's frozen weights are replicated,
+    not sharded: a unit of their own would make every rank gather them in step with the others,
+    which a text-only micro-batch on one rank (or features from a cache) would not do; a frozen
+    SigLIP-so400m costs 0.8 GB in bf16. A rank without images still runs the connector and a
+    trained tower (on zeros, times 0: `VLM.forward(all_params=True)`), so every rank reduces the
+    same gradients."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if any(p.requires_grad for p in model.vision.parameters()):
-        raise ValueError("--train.strategy fsdp replicates the vision tower, which must stay frozen")
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in model.causal_lm.get_decoder().layers:
         fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp, ignored_params=set(model.vision.parameters()))
+    fully_shard(model, mp_policy=mp, ignored_params={p for p in model.vision.parameters() if not p.requires_grad})
 
 
 def setup(timeout_s: float = 600.0) -> Dist:
