@@ -103,7 +103,7 @@ def test_a_key_change_misses_and_build_fills_only_what_is_missing(model_cfg, dat
     vision, proc, _ = encoder_for(encoder=model_cfg.vision)
     with torch.no_grad():
         next(vision.parameters()).add_(1e-3)
-    vision._fingerprint = None
+    vision._fingerprint.clear()
     assert FeatureStore(store).find(vision, proc) is None
     # an edited image gets a new content key: only it is encoded again, the stale entry is not served
     from PIL import Image

@@ -118,7 +118,7 @@ def test_bad_tower_settings_are_refused_by_name_before_training(model_cfg, data_
         apply_stage(model, TrainConfig(vision_mode="half"))
     with pytest.raises(ValueError, match=f"vision_top {depth + 1}: this vision tower has {depth} blocks"):
         apply_stage(model, TrainConfig(vision_mode="top", vision_top=depth + 1))
-    with pytest.raises(ValueError, match="vision_mode full trains the vision tower.*stale"):
+    with pytest.raises(ValueError, match="vision_mode full trains the whole vision tower.*stale"):
         train(_cfg(data_dir, tmp_path / "c", vision_mode="full", cache=str(tmp_path / "store")), model_cfg)
     assert not (tmp_path / "c" / "checkpoint").exists()
 

@@ -106,8 +106,11 @@ class TrainConfig:
         vision_mode: how the vision tower trains: `frozen` (the Llama3-V recipe; features can come
             from a feature store), `full`, `top` (its top `vision_top` blocks and what follows
             them: ViT layers or a conv tower's stages) or `lora` (adapters on its linear and
-            convolution layers, folded in when the model is saved). A trained tower reads pixels.
-        vision_top: blocks trained from the top with vision_mode top.
+            convolution layers, folded in when the model is saved). A trained tower reads pixels,
+            except `top`, which can read the states below its top blocks from a store
+            (`cache build --vision_top K`).
+        vision_top: blocks trained from the top with vision_mode top (and, with `cache`, the
+            cut of the store it reads).
         vision_lr: peak learning rate of the vision tower; default lr / 10.
         vision_warmup: fraction of steps of the tower's own linear warm-up; default `warmup`.
         vision_bn: a trained conv tower's BatchNorm statistics: `frozen` (kept as pretrained, the

@@ -2,7 +2,8 @@
 
 What is stored is the vision tower's output (patch features of the chosen layer, per view when
 images are split): the connector trains in every stage, so the tower is everything frozen before
-the first trained module.
+the first trained module. When the tower's top K blocks train (`--vision_top K`), what is
+frozen ends below them, and the store keeps the states there instead.
 
 The build is planned before anything is encoded: the distinct images (by content hash) missing
 from the namespace are sorted and cut into shards, and the plan is saved. Images are decoded in
@@ -127,12 +128,14 @@ def build(
     source: str = "",
     progress: bool = True,
     on_shard=None,
+    top: int = 0,
 ) -> dict:
     """Encode the images of `images` missing from the store; return what was done.
 
     `vision` is a `VisionTower` on the device to encode on; `on_shard(name)` is called after each
     finished shard (progress reporting). Bad images are skipped and listed, or, with
-    `bad_images="fail"`, stop the build after the shards already finished are saved.
+    `bad_images="fail"`, stop the build after the shards already finished are saved. With `top`,
+    what is stored is the states below the tower's top `top` blocks (`VisionTower.below`).
     """
     if dtype not in STORE_DTYPES:
         raise CacheError(f"unknown feature dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
@@ -165,7 +168,8 @@ def build(
     for p in sorted(keys):
         key_to_path.setdefault(keys[p], p)
 
-    ns = store.namespace(feature_settings(vision, processor, dtype))
+    ns = store.namespace(feature_settings(vision, processor, dtype, top))
+    encode = (lambda x: vision.below(x, top)) if top else vision
     dropped: list[str] = []
     if rank == 0:
         ns.create(source)
@@ -218,7 +222,7 @@ def build(
                 skipped += errs
                 if keys_ok:
                     with torch.no_grad():
-                        feats = _encode(vision, views, device)
+                        feats = _encode(encode, views, device)
                     shard_keys += keys_ok
                     shard_feats += [f.to(stored).cpu() for f in feats]
                     shard_sizes += sizes
@@ -254,6 +258,7 @@ def build(
         "seconds": round(seconds, 3),
         "images_per_s": round(n_encoded / seconds, 2) if seconds > 0 else None,
         "dtype": dtype,
+        "vision_top": top,
     }
 
 
@@ -271,8 +276,8 @@ def images_of(data: list[str | Path], streaming: bool = False):
 
 def build_for(store_dir: str | Path, model_cfg, data: list[str | Path], dtype: str = DEFAULT_DTYPE, **kwargs) -> dict:
     """Fill the store with what training `model_cfg` (a `ModelConfig`) with `--train.cache` reads:
-    the features its encoder settings give for every image of the LLaVA-format files `data`.
-    `kwargs` go to `build`."""
+    the features its encoder settings give for every image of the LLaVA-format files `data` (with
+    `top`, the states below the top blocks). `kwargs` go to `build`."""
     vision, proc, src = encoder_for(
         encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer, pooled=model_cfg.vision_pooled,
         resize=model_cfg.resize, image_size=model_cfg.image_size, split_grid=model_cfg.split_grid,
@@ -337,6 +342,7 @@ def build_store(
     threads: int | None = None,
     bad_images: str = "skip",
     streaming: bool = False,
+    vision_top: int = 0,
 ) -> None:
     """Encode every image of the data once with the frozen encoder into a feature store.
 
@@ -368,6 +374,9 @@ def build_store(
         bad_images: skip unreadable images (listed at the end) or fail.
         streaming: read `hf:` sources as a stream, holding only the image paths (for corpora
             larger than memory; see `--train.streaming`).
+        vision_top: store the states below the tower's top K blocks instead of its output, for
+            training those blocks from the store (`--train.vision_mode top --train.vision_top K
+            --train.cache ...`); 0 stores the output.
     """
     import json
 
@@ -379,9 +388,11 @@ def build_store(
         model, encoder, feature_layer, pooled, resize, image_size, split_grid, device,
         **{k: v for k, v in image.items() if v is not None},
     )  # fmt: skip
+    if vision_top:
+        vision.check_cut(vision_top)
     with runtime.threads(threads):
         stats = build(out, vision, processor, images_of(data, streaming), dtype, batch_size, shard_size, num_workers,
-                      bad_images, source=source)  # fmt: skip
+                      bad_images, source=source, top=vision_top)  # fmt: skip
     if runtime.world()[0] == 0:
         shown = {k: v for k, v in stats.items() if k != "skipped"}
         shown["skipped"] = len(stats["skipped"])

@@ -16,7 +16,10 @@ A feature is found by the sha256 of the image file's bytes inside a namespace, a
 the hash of every setting that changes the features: the encoder's weights fingerprint, its dtype,
 the feature layer, the pooled token, the resolution, normalisation, resize policy, image
 splitting, and the stored dtype. Changing any of them selects another namespace, so stale
-features are never served: they miss. Identical images (same bytes) are stored once.
+features are never served: they miss. A namespace may hold, instead of the tower's output, the
+states below its top K blocks (`vision_top` K in its settings, the fingerprint over the weights
+below the cut only): training those K blocks reads them and runs only the blocks above.
+Identical images (same bytes) are stored once.
 
 Shards are written atomically (temp file + rename) and recorded in a journal entry only after
 that, so a build killed at any moment leaves complete shards that the next build keeps. Every
@@ -84,11 +87,17 @@ class ImageHasher:
         return sha
 
 
-def feature_settings(vision, processor, dtype: str) -> dict:
-    """The key of a namespace: every setting that changes the stored features."""
+def feature_settings(vision, processor, dtype: str, top: int = 0) -> dict:
+    """The key of a namespace: every setting that changes the stored features; with `top`, of the
+    states below the tower's top `top` blocks (the cut is part of the key)."""
     if dtype not in STORE_DTYPES:
         raise CacheError(f"unknown feature dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
-    return {**vision.settings(), **processor.settings(), "dtype": dtype}
+    return {**vision.settings(top), **processor.settings(), "dtype": dtype}
+
+
+def what_is_stored(top: int) -> str:
+    """Words for what a namespace of cut `top` holds."""
+    return f"the states below the top {top} blocks (vision_top {top})" if top else "the tower's output features"
 
 
 def settings_id(settings: dict) -> str:
@@ -243,16 +252,29 @@ class FeatureStore:
         if updated:
             write_json(self.root / "hashes.json", {**self.hashes(), **updated})
 
-    def find(self, vision, processor, dtype: str | None = None) -> Namespace | None:
-        """The namespace for this encoder and processor; with `dtype` None, the most precise one built."""
+    def find(self, vision, processor, dtype: str | None = None, top: int = 0) -> Namespace | None:
+        """The namespace for this encoder and processor (of the cut below the top `top` blocks, 0:
+        the tower's output); with `dtype` None, the most precise one built."""
         for d in [dtype] if dtype else list(STORE_DTYPES):
-            ns = self.namespace(feature_settings(vision, processor, d))
+            ns = self.namespace(feature_settings(vision, processor, d, top))
             if ns.exists:
                 return ns
         return None
 
-    def reader(self, vision, processor, dtype: str | None = None, max_bytes: int = 4 << 30) -> FeatureReader:
-        ns = self.find(vision, processor, dtype)
+    def other_cuts(self, vision, processor, top: int = 0) -> list[int]:
+        """The cuts this store holds for this encoder and processor other than `top` (0: the
+        tower's output features), so that a miss can say what is there instead."""
+        found = set()
+        for ns, _ in self.namespaces():
+            cut = ns.settings.get("vision_top", 0)
+            if cut != top and cut <= len(vision.blocks) and ns.settings.get("dtype") in STORE_DTYPES:
+                if ns.settings == feature_settings(vision, processor, ns.settings["dtype"], cut):
+                    found.add(cut)
+        return sorted(found)
+
+    def reader(self, vision, processor, dtype: str | None = None, max_bytes: int = 4 << 30,
+               top: int = 0) -> FeatureReader:  # fmt: skip
+        ns = self.find(vision, processor, dtype, top)
         return FeatureReader(ns, self.hashes(), max_bytes)
 
     def info(self) -> dict:
@@ -389,7 +411,7 @@ def show_info(store: str, json_out: bool = False) -> None:
               + ("  [unfinished build: run cache build again]" if ns["unfinished_build"] else ""))  # fmt: skip
         print(f"    encoder {ns['encoder_source']} (weights sha256 {st['encoder'][:12]}…, {st['encoder_dtype']}), "
               f"feature_layer {st['feature_layer']}, pooled {st['pooled']}, {st['image_size']}px {st['resize']}, "
-              f"split grid {st['grid']}")  # fmt: skip
+              f"split grid {st['grid']}; holds {what_is_stored(st.get('vision_top', 0))}")  # fmt: skip
 
 
 def verify_store(store: str, repair: bool = False) -> None:

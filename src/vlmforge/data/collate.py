@@ -221,5 +221,5 @@ def merge_image_inputs(model, batch: dict) -> dict:
     if pix is None or feats is None or isinstance(feats, list):
         return {"pixel_values": pix, "image_features": feats}
     feats = feats.clone()
-    feats[batch["encode_rows"]] = model.encode_images(pix).to(feats.dtype)
+    feats[batch["encode_rows"]] = model.stored_features(pix).to(feats.dtype)
     return {"pixel_values": None, "image_features": feats}

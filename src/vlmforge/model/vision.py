@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -35,10 +36,15 @@ from vlmforge.io import unusable
 TRAIN_MODES = ("frozen", "full", "top", "lora")
 
 
+class _Cut(Exception):
+    """Stops a forward pass at a cut (`VisionTower.below`)."""
+
+
 def check_train_mode(mode: str) -> None:
     """Refuse a tower training mode that is none of `TRAIN_MODES`, naming it and them."""
     if mode not in TRAIN_MODES:
         raise ValueError(f"unknown vision_mode {mode!r} (use one of {', '.join(TRAIN_MODES)})")
+
 
 # Vision-only classes of dual-encoder checkpoints, by the checkpoint's model_type.
 _VISION_CLASSES = {
@@ -137,9 +143,14 @@ class VisionTower(nn.Module):
         # a ViT that can encode other sizes than its own (transformers' `interpolate_pos_encoding`)
         self.interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self.released = False
-        self._fingerprint: str | None = None
+        self._fingerprint: dict[int, str] = {}  # by cut (`fingerprint`)
         self.mode = "frozen"  # how it trains (`set_trainable`)
+        self.top = 0  # the blocks that train with mode `top`
         self.bn_train = False
+        # image features handed to the model are the states below the top `from_states` blocks
+        # (a feature store of that cut): the model runs only those blocks on them (`above`)
+        self.from_states = 0
+        self._bottoms: dict[int, list[str]] = {}
 
     @torch.no_grad()
     def _probe(self) -> tuple[tuple[int, int], int]:
@@ -178,7 +189,44 @@ class VisionTower(nn.Module):
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        if self.top:  # what lies below the trained blocks is frozen whole: its statistics too
+            for name in self.bottom(self.top):
+                self.model.get_submodule(name).eval()
         return self
+
+    def bottom(self, top: int) -> list[str]:
+        """Names of the modules (with weights or buffers of their own) that run below the top `top`
+        blocks: the embeddings, the lower blocks and anything between them (CLIP's pre-norm), in
+        the order one forward of a blank image calls them."""
+        if top not in self._bottoms:
+            self.check_cut(top)
+            first = self.blocks[len(self.blocks) - top]
+            names = {m: n for n, m in self.model.named_modules()}
+            inside = {m for m in first.modules()}
+            order: list[str] = []
+
+            def note(module, args):
+                if module in inside:
+                    raise _Cut
+                own = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(False))
+                if own and names[module] not in order:
+                    order.append(names[module])
+
+            hooks = [m.register_forward_pre_hook(note) for m in names]
+            p, was = next(self.model.parameters()), self.model.training
+            self.model.eval()  # a probe must not move BatchNorm statistics
+            try:
+                with torch.no_grad():
+                    self.model(pixel_values=torch.zeros(1, 3, self.image_size, self.image_size, dtype=p.dtype,
+                                                        device=p.device))  # fmt: skip
+            except _Cut:
+                pass
+            finally:
+                self.model.train(was)
+                for h in hooks:
+                    h.remove()
+            self._bottoms[top] = order
+        return self._bottoms[top]
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -194,23 +242,24 @@ class VisionTower(nn.Module):
         frozen (the adapters are folded in when the model is saved). `bn_train`: BatchNorm
         statistics move while it trains."""
         check_train_mode(mode)
-        self.mode, self.bn_train = mode, bn_train
+        if mode == "top":
+            self.check_cut(top)
+        self.mode, self.top, self.bn_train = mode, top if mode == "top" else 0, bn_train
         self.requires_grad_(False)
         if mode == "full":
             self.requires_grad_(True)
         elif mode == "top":
             self.requires_grad_(True)
-            core = vision_core(self.model)
-            bottom = [getattr(core, n) for n in ("embeddings", "embedder") if hasattr(core, n)]
-            for module in bottom + self.blocks[: len(self.blocks) - top]:
-                module.requires_grad_(False)
+            for name in self.bottom(top):
+                for p in self.model.get_submodule(name).parameters(recurse=False):
+                    p.requires_grad_(False)
         elif mode == "lora":
             if not self.has_lora:
                 self._add_lora(lora_r, lora_alpha)
             for n, p in self.named_parameters():
                 p.requires_grad_("lora_" in n)
         if mode != "frozen":
-            self._fingerprint = None  # its weights are about to change
+            self._fingerprint.clear()  # its weights are about to change
 
     @property
     def has_lora(self) -> bool:
@@ -261,30 +310,41 @@ class VisionTower(nn.Module):
         """The encoder's transformer layers (empty for a model without an `encoder.layers` list)."""
         return list(getattr(getattr(vision_core(self.model), "encoder", None), "layers", []))
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, top: int = 0) -> str:
         """sha256 over the weights (names, dtypes, shapes, bytes): the encoder's identity in
-        feature-cache keys, the same for a Hub id, a local copy or a model folder's `vision/`."""
-        if self._fingerprint is None:
+        feature-cache keys, the same for a Hub id, a local copy or a model folder's `vision/`.
+        With `top`, over the weights below the top `top` blocks only (what `below` depends on), so
+        a store of that cut stays valid while the blocks above it train."""
+        if top not in self._fingerprint:
+            keep = None if not top else tuple(f"{n}." for n in self.bottom(top))
             h = hashlib.sha256()
             for name, t in sorted(self.model.state_dict().items()):
+                if keep is not None and not name.startswith(keep):
+                    continue
                 t = t.detach().cpu().contiguous()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
                 h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+            self._fingerprint[top] = h.hexdigest()
+        return self._fingerprint[top]
 
-    def settings(self) -> dict:
-        """Everything about the encoder that changes its features (part of a feature-cache key)."""
-        return {
-            "encoder": self.fingerprint(),
+    def settings(self, top: int = 0) -> dict:
+        """Everything about the encoder that changes its features (part of a feature-cache key);
+        with `top`, of the states below the top `top` blocks (`below`): the cut is in the key."""
+        out = {
+            "encoder": self.fingerprint(top),
             "encoder_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "feature_layer": self.feature_layer,
             "pooled": self.pooled,
         }
+        if top:
+            out["vision_top"] = top
+        return out
 
     def release(self) -> None:
         """Free the weights when every feature comes from a cache; `forward` then refuses to run."""
         self.fingerprint()
+        if self.from_states:
+            raise RuntimeError("the vision tower runs its top blocks on stored states: it cannot be released")
         with torch.no_grad():  # the weights go; buffers (BatchNorm statistics: a few KB) stay readable
             for module in self.model.modules():
                 for name, p in list(module.named_parameters(recurse=False)):
@@ -338,8 +398,79 @@ class VisionTower(nn.Module):
             self.check_native()
             other["interpolate_pos_encoding"] = True
         out = self.model(pixel_values=pixel_values, output_hidden_states=self.feature_layer != -1, **other)
+        return self._features(out, (h // self.patch_size) * (w // self.patch_size))
+
+    # ---- a cut through the tower: what lies below its top blocks, and the rest from there -----
+    def check_cut(self, top: int) -> None:
+        """Refuse a cut below the top `top` blocks that this tower cannot make, naming why."""
+        depth = len(self.blocks)
+        if not 1 <= top <= depth:
+            raise ValueError(f"vision_top {top}: this vision tower has {depth} blocks (use 1 to {depth})")
+        if self.feature_layer != -1:  # hidden_states: the embeddings' output, then one per block
+            layer = self.feature_layer % (depth + 1)
+            if layer <= depth - top:
+                raise ValueError(f"feature_layer {self.feature_layer} lies below the top {top} blocks: the features "
+                                 f"would not depend on them (use vision_top <= {depth - layer})")  # fmt: skip
+
+    def below(self, pixel_values: torch.Tensor, top: int) -> torch.Tensor:
+        """The tower's states where its top `top` blocks begin (the input of the lowest of them),
+        per view [N, tokens, D] (a conv map flattened row-major, [N, H*W, C]): what a feature store
+        keeps for training the top blocks; `above` runs the rest from them."""
+        self.check_cut(top)
+        seen = []
+
+        def stop(module, args):
+            seen.append(args[0])
+            raise _Cut
+
+        handle = self.blocks[len(self.blocks) - top].register_forward_pre_hook(stop)
+        try:
+            self.forward(pixel_values)
+        except _Cut:
+            pass
+        finally:
+            handle.remove()
+        states = seen[0]
+        return states.flatten(2).transpose(1, 2) if states.dim() == 4 else states
+
+    def above(self, states: torch.Tensor, top: int) -> torch.Tensor:
+        """Patch features [N, P, Dv] from `below`'s states: only the top `top` blocks and what
+        follows them (final norm, pooling head) run; the embeddings and lower blocks are skipped."""
+        self.check_cut(top)
+        core, blocks = vision_core(self.model), self.blocks
+        first = blocks[len(blocks) - top]
+        states = states.to(next(first.parameters()).dtype)
+        n, tokens = states.shape[:2]
+        if self.convolutional:
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise ValueError(f"stored states of {tokens} positions are not a square map: the top blocks of a "
+                                 "conv tower run from a store of square views only (not resize native)")  # fmt: skip
+            states = states.transpose(1, 2).reshape(n, -1, side, side)
+        skipped = [getattr(core, n) for n in ("embeddings", "embedder") if hasattr(core, n)]
+        skipped += blocks[: len(blocks) - top]
+        skip = lambda *args, **kwargs: states  # noqa: E731 (what a skipped module returns is never used)
+        for module in skipped:
+            module.forward = skip
+        handle = first.register_forward_pre_hook(lambda module, args: (states, *args[1:]))
+        try:
+            pixels = states.new_zeros(1, 1, 1, 1).expand(n, 3, self.image_size, self.image_size)  # never read
+            out = self.model(pixel_values=pixels, output_hidden_states=self.feature_layer != -1)
+        finally:
+            handle.remove()
+            for module in skipped:
+                del module.forward
+        return self._features(out, tokens - int(self.has_cls) if not self.convolutional else 0)
+
+    @property
+    def has_cls(self) -> bool:
+        """A ViT whose embeddings prepend a class token (CLIP, DINO); SigLIP's do not."""
+        embeddings = getattr(vision_core(self.model), "embeddings", None)
+        return any(hasattr(embeddings, n) for n in ("class_embedding", "cls_token"))
+
+    def _features(self, out, patches: int) -> torch.Tensor:
+        """Patch features [N, P (+1), Dv] of a model output whose images have `patches` patches."""
         feats = self._select(out)
-        patches = (h // self.patch_size) * (w // self.patch_size)
         if feats.dim() == 4:  # a feature map [N, C, H, W] -> H x W tokens, row-major
             feats = feats.flatten(2).transpose(1, 2)
         elif feats.shape[1] == patches + 1:  # drop CLS

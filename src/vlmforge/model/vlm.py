@@ -297,6 +297,14 @@ class VLM(nn.Module):
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             return self.vision(pixel_values)
 
+    def stored_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What a feature store holds for these pixels: patch features, or, while the tower's top
+        blocks train from a store of their cut (`vision.from_states`), the states below them."""
+        with torch.no_grad():
+            if self.vision.from_states:
+                return self.vision.below(pixel_values, self.vision.from_states)
+            return self.vision(pixel_values)
+
     def image_tokens(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         """Visual tokens [tokens, D] of each image of `items`, each its pixels [V, 3, H, W] or its
         features [V, P, Dv]; items of one shape are encoded and connected together."""
@@ -311,6 +319,8 @@ class VLM(nn.Module):
             if pixel_values is None:
                 raise ValueError("pass pixel_values or image_features")
             image_features = self.encode_images(pixel_values)
+        elif self.vision.from_states:  # states below the top blocks: those blocks run now
+            image_features = self.vision.above(image_features, self.vision.from_states)
         if image_features.dim() != 3 or image_features.shape[-1] != self.vision.hidden_size:
             raise ValueError(
                 f"image_features must be [images, patches, {self.vision.hidden_size}], got {list(image_features.shape)}"

@@ -26,7 +26,7 @@ def align_then_sft(model_cfg: ModelConfig, align: TrainConfig, sft: TrainConfig,
     phase = phase or (lambda name, fn: fn())
     out = Path(out)
     sft = dataclasses.replace(sft, data=sft_data, out=str(out / "sft"), **common)
-    if sft.vision_mode != "frozen":  # a tower that trains reads pixels: stored features would be stale
+    if sft.vision_mode != "frozen":  # the shared store holds the tower's output: stale once it trains
         sft = dataclasses.replace(sft, cache=None, cache_dtype=None)
     init = None
     if align_data:

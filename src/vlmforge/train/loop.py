@@ -33,6 +33,7 @@ from vlmforge.train.stages import (
     check_vision_mode,
     lm_mode,
     param_groups,
+    stored_cut,
     trainable_report,
     vision_lr,
 )
@@ -193,12 +194,18 @@ def open_features(cfg: TrainConfig, model: VLM, records: list | None):
     stream's records (`records` None) are looked up as they come: with `fail` the encoder is
     released at once.
     """
-    from vlmforge.cache.store import CacheError, FeatureStore
+    from vlmforge.cache.store import CacheError, FeatureStore, what_is_stored
 
-    store = FeatureStore(cfg.cache)
-    reader = store.reader(model.vision, model.processor, cfg.cache_dtype)
+    store, top = FeatureStore(cfg.cache), stored_cut(cfg)
+    reader = store.reader(model.vision, model.processor, cfg.cache_dtype, top=top)
+    if reader.ns is None and store.other_cuts(model.vision, model.processor, top):
+        there = " and ".join(what_is_stored(c) for c in store.other_cuts(model.vision, model.processor, top))
+        build = f"vlmforge cache build --model ... --data ...{f' --vision_top {top}' if top else ''}"
+        raise CacheError(f"feature store {cfg.cache} holds {there} of this encoder, not {what_is_stored(top)} "
+                         f"that this run reads: build them with `{build}`")  # fmt: skip
+    model.vision.from_states = top  # the store's states go through the top blocks in the model
     if records is None:
-        if cfg.cache_missing == "fail":
+        if cfg.cache_missing == "fail" and not top:
             model.vision.release()
         tqdm.write(f"features: from {cfg.cache} as the stream's records come ({len(reader)} images in the store)")
         return reader
@@ -225,11 +232,12 @@ def open_features(cfg: TrainConfig, model: VLM, records: list | None):
             "or pass --train.cache_missing encode to encode them during training"
         )
     ns = f"namespace {reader.ns.id}, {reader.ns.settings['dtype']}" if reader.ns else "no matching namespace"
+    kept = f"; the top {top} blocks run on them" if top else "; encoder released"
     tqdm.write(
         f"features: {len(paths) - len(missing)} of {len(paths)} images from {cfg.cache} ({ns})"
-        + (f"; {len(missing)} encoded on the fly" if missing else "; encoder released")
+        + (f"; {len(missing)} encoded on the fly" if missing else kept)
     )
-    if not missing:
+    if not missing and not top:
         model.vision.release()
     return reader
 

@@ -35,13 +35,17 @@ def check_vision_mode(cfg: TrainConfig, tower) -> None:
     """Refuse a tower mode this tower cannot take, naming the value and what is allowed."""
     check_train_mode(cfg.vision_mode)
     if cfg.vision_mode == "top":
-        depth = len(tower.blocks)
-        if not 1 <= cfg.vision_top <= depth:
-            raise ValueError(f"vision_top {cfg.vision_top}: this vision tower has {depth} blocks "
-                             f"(use 1 to {depth}, or vision_mode full)")  # fmt: skip
-    if cfg.vision_mode != "frozen" and cfg.cache:
-        raise ValueError(f"vision_mode {cfg.vision_mode} trains the vision tower, so stored features would be stale: "
-                         "train from pixels (no --train.cache) or keep vision_mode frozen")  # fmt: skip
+        tower.check_cut(cfg.vision_top)
+    if cfg.vision_mode in ("full", "lora") and cfg.cache:
+        raise ValueError(f"vision_mode {cfg.vision_mode} trains the whole vision tower, so stored features would be "
+                         "stale: train from pixels (no --train.cache), or train its top blocks (vision_mode top) "
+                         "from a store of the states below them (`cache build --vision_top K`)")  # fmt: skip
+
+
+def stored_cut(cfg: TrainConfig) -> int:
+    """The cut of the feature store this stage reads: the top blocks that train from the states
+    below them (vision_mode top with a cache), else 0 (the tower's output features)."""
+    return cfg.vision_top if cfg.vision_mode == "top" and cfg.cache else 0
 
 
 def apply_stage(model, cfg: TrainConfig) -> list[dict]:
