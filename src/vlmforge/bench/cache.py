@@ -6,10 +6,12 @@ For each model preset, three stage-1 (`align`) step times on the same data and m
 * `cached`: features read from the store, the encoder not in memory;
 * `lm_only`: batches already collated in memory with their features: the bound the cache can reach.
 
-Each runs in its own process, so the peak resident memory of each is its own. Then, on the tiny
-preset: `cache build` throughput against the encoder's pure forward on pre-decoded tensors, with
-1 process and with 2 (torchrun, gloo); disk bytes per image per stored dtype; and, with
-`--accuracy true`, the demo's training from an fp32, fp16 and bf16 store, scored on held-out data.
+Each runs in its own process, so the peak resident memory of each is its own. Then `cache
+build` throughput against the encoder's pure forward on pre-decoded tensors, with 1 process and
+with 2 (torchrun, gloo), for the tiny preset's ViT and the demo's ResNet tower; for both towers,
+the step time of training the tower's top block (with the connector) from the store's states
+below it against from pixels; disk bytes per image per stored dtype; and, with `--accuracy
+true`, the demo's training from an fp32, fp16 and bf16 store, scored on held-out data.
 
 Presets: `tiny` is the demo's model; `llama3v_shape` scales Llama3-V (SigLIP-so400m, 729 tokens per
 image, beside Llama-3-8B) down to CPU size, keeping the encoder's share of the step's FLOPs.
@@ -28,10 +30,16 @@ from pathlib import Path
 
 from vlmforge import runtime
 from vlmforge.bench.common import SPECS, in_process, machine, setup
-from vlmforge.config import TrainConfig
+from vlmforge.config import TinySpec, TrainConfig
 
 # Records per align step: the larger preset's steps are 6x longer, so it takes smaller batches.
 PRESET_BATCH = {"tiny": 64, "llama3v_shape": 16}
+# The towers whose cache build and top-block training are measured: the tiny preset's ViT and the
+# demo's ResNet (`TinySpec`'s defaults).
+TOWERS = {
+    "tiny": {"spec": SPECS["tiny"], "what": "the tiny preset's ViT"},
+    "demo": {"spec": TinySpec(), "what": "the demo's ResNet"},
+}
 # Llama3-V at full size, for the FLOP share printed beside the presets'.
 LLAMA3V = {"enc_params": 0.40e9, "enc_tokens": 729, "lm_params": 7.5e9, "lm_tokens": 729 + 40}
 
@@ -118,6 +126,47 @@ def _peak_memory(args: dict) -> dict:
     }
 
 
+def _top_setup(args: dict, from_store: bool):
+    """(model, optimizer, batch stream) for align steps that train the tower's top `top` blocks,
+    reading pixels or the store's states below them."""
+    import torch
+
+    from vlmforge.cache.store import FeatureStore
+    from vlmforge.config import ModelConfig
+    from vlmforge.data.collate import VQADataset
+    from vlmforge.data.formats import load_records
+    from vlmforge.model.vlm import VLM
+    from vlmforge.train.loop import micro_batches
+    from vlmforge.train.stages import apply_stage
+
+    cfg = TrainConfig(stage="align", batch_size=args["batch_size"], num_workers=args["num_workers"], seed=0,
+                      vision_mode="top", vision_top=args["top"])  # fmt: skip
+    torch.manual_seed(0)
+    model = VLM.from_backbones(ModelConfig(vision=args["vision"], lm=args["lm"], connector="mlp"))
+    features = None
+    if from_store:
+        features = FeatureStore(args["store"]).reader(model.vision, model.processor, top=args["top"])
+        model.vision.from_states = args["top"]
+    opt = torch.optim.AdamW(apply_stage(model, cfg))
+    model.train()
+    records = load_records(args["data"])
+    ds = VQADataset(records, model.prompts, model.processor, features=features)
+    return model, opt, micro_batches(ds, cfg, model.tokenizer.pad_token_id, 0)
+
+
+def _top_step_times(args: dict) -> dict:
+    """Step times of training the top blocks from pixels and from the store's states, interleaved
+    step by step in one process: median per variant."""
+    runs = {v: _top_setup(args, v == "states") for v in ("pixels", "states")}
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    for i in range(args["warmup"] + args["steps"]):
+        for v in list(runs)[i % 2 :] + list(runs)[: i % 2]:
+            dt = _step(*runs[v])
+            if i >= args["warmup"]:
+                times[v].append(dt)
+    return {f"{v}_step_s": statistics.median(t) for v, t in times.items()}
+
+
 def _encoder_bound(vision_path: str, data: str, batch_size: int, threads: int, repeats: int = 2) -> float:
     """Images/s of the encoder's forward alone, on pre-decoded tensors in memory."""
     import torch
@@ -138,7 +187,8 @@ def _encoder_bound(vision_path: str, data: str, batch_size: int, threads: int, r
     return len(pixels) / best
 
 
-def _build_rate(vision_path: str, data: str, store: Path, dtype: str, batch_size: int, threads: int, workers: int):
+def _build_rate(vision_path: str, data: str, store: Path, dtype: str, batch_size: int, threads: int, workers: int,
+                top: int = 0):  # fmt: skip
     import shutil
 
     from vlmforge.cache.build import build, encoder_for, images_of
@@ -146,7 +196,8 @@ def _build_rate(vision_path: str, data: str, store: Path, dtype: str, batch_size
     shutil.rmtree(store, ignore_errors=True)
     vision, proc, src = encoder_for(encoder=vision_path)
     with runtime.threads(threads):
-        return build(store, vision, proc, images_of([data]), dtype, batch_size, num_workers=workers, source=src)
+        return build(store, vision, proc, images_of([data]), dtype, batch_size, num_workers=workers, source=src,
+                     progress=False, top=top)  # fmt: skip
 
 
 def _build_rate_2proc(vision_path: str, data: str, store: Path, batch_size: int) -> dict:
@@ -256,15 +307,38 @@ def run(
         result["presets"][preset] = rows
     result["llama3v_flop_encoder_share"] = flop_share(**LLAMA3V)
 
+    result["build"], result["top"] = {}, {}
+    for name, tower in TOWERS.items():
+        b = setup(work_dir, name, build_images, spec=tower["spec"])
+        # this machine's speed drifts: the encoder alone and the build alternate, best of 3 each
+        enc_rate, one, two = 0.0, None, None
+        for _ in range(3):
+            enc_rate = max(enc_rate, _encoder_bound(b["vision"], b["data"], 64, threads))
+            st = _build_rate(b["vision"], b["data"], work_dir / "store-build", "fp16", 64, threads, num_workers)
+            one = st if one is None or st["images_per_s"] > one["images_per_s"] else one
+            st = _build_rate_2proc(b["vision"], b["data"], work_dir / "store-build2", 64)
+            two = st if two is None or st["images_per_s"] > two["images_per_s"] else two
+        result["build"][name] = {
+            "tower": tower["what"],
+            "images": one["encoded"],
+            "encoder_forward_images_per_s": enc_rate,
+            "build_1proc_images_per_s": one["images_per_s"],
+            "build_2proc_images_per_s": two["images_per_s"],
+            "build_fraction_of_encoder_bound": one["images_per_s"] / enc_rate,
+            "two_vs_one_process": two["images_per_s"] / one["images_per_s"],
+        }
+        # the top block trains: from the states below it (a store of that cut) against from pixels
+        small = setup(work_dir, name, n_images, spec=tower["spec"])
+        cut_store = work_dir / f"store-top-{name}"
+        _build_rate(small["vision"], small["data"], cut_store, "fp16", 64, threads, num_workers, top=1)
+        times = in_process(_top_step_times, {
+            "vision": small["vision"], "lm": small["lm"], "data": small["data"], "store": str(cut_store), "top": 1,
+            "threads": threads, "batch_size": PRESET_BATCH["tiny"], "num_workers": num_workers, "steps": steps,
+            "warmup": warmup,
+        })  # fmt: skip
+        times["speedup"] = times["pixels_step_s"] / times["states_step_s"]
+        result["top"][name] = {"tower": tower["what"], "top": 1, **times}
     tiny = setup(work_dir, "tiny", build_images)
-    # this machine's speed drifts: the encoder alone and the build alternate, best of 3 each
-    enc_rate, one, two = 0.0, None, None
-    for _ in range(3):
-        enc_rate = max(enc_rate, _encoder_bound(tiny["vision"], tiny["data"], 64, threads))
-        st = _build_rate(tiny["vision"], tiny["data"], work_dir / "store-build", "fp16", 64, threads, num_workers)
-        one = st if one is None or st["images_per_s"] > one["images_per_s"] else one
-        st = _build_rate_2proc(tiny["vision"], tiny["data"], work_dir / "store-build2", 64)
-        two = st if two is None or st["images_per_s"] > two["images_per_s"] else two
     disk = {}
     for dtype in ("fp32", "fp16", "bf16"):
         st = _build_rate(tiny["vision"], tiny["data"], work_dir / f"store-{dtype}", dtype, 64, threads, num_workers)
@@ -279,14 +353,6 @@ def run(
         got = _all_features(work_dir / f"store-{dtype}")
         err = [(got[k].float() - ref[k]).norm() / ref[k].norm() for k in ref]
         disk[dtype]["relative_error_vs_fp32"] = float(sum(err) / len(err))
-    result["build"] = {
-        "images": one["encoded"],
-        "encoder_forward_images_per_s": enc_rate,
-        "build_1proc_images_per_s": one["images_per_s"],
-        "build_2proc_images_per_s": two["images_per_s"],
-        "build_fraction_of_encoder_bound": one["images_per_s"] / enc_rate,
-        "two_vs_one_process": two["images_per_s"] / one["images_per_s"],
-    }
     result["disk"] = disk
     if accuracy:
         result["accuracy"] = _accuracy(work_dir, ["fp32", "fp16", "bf16"])
@@ -295,7 +361,8 @@ def run(
     if tiny_rows:
         for k in ("speedup_vs_reencode", "fraction_of_lm_only_bound"):
             result[k] = tiny_rows[k]
-    result["build_fraction_of_encoder_bound"] = result["build"]["build_fraction_of_encoder_bound"]
+    result["build_fraction_of_encoder_bound"] = min(b["build_fraction_of_encoder_bound"]
+                                                    for b in result["build"].values())  # fmt: skip
     return publish(result, format_table(result), out)
 
 
@@ -308,7 +375,9 @@ def _all_features(store: Path) -> dict:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"align step time, {r['threads']} torch thread(s), median of {r['steps']} interleaved steps"]
+    lines = [f"machine: {r['machine']['cpu_count']} cores, 2048x2048 fp32 matmul "
+             f"{r['machine'].get('matmul_2048_gflops', '?')} GFLOP/s; torch {r['machine']['torch']}"]  # fmt: skip
+    lines.append(f"align step time, {r['threads']} torch thread(s), median of {r['steps']} interleaved steps")
     lines.append(f"{'preset':<18} {'reencode':>10} {'cached':>10} {'lm_only':>10} {'speedup':>8} {'of bound':>9} "
                  f"{'enc share':>10} {'enc FLOPs':>10} {'peak MB re/ca/lm':>18}")  # fmt: skip
     for name, p in r["presets"].items():
@@ -323,13 +392,19 @@ def format_table(r: dict) -> str:
     lines.append(
         f"(Llama3-V at full size: encoder {100 * r['llama3v_flop_encoder_share']:.1f}% of an align step's FLOPs)"
     )
-    b = r["build"]
-    lines.append(
-        f"cache build, {b['images']} images: {b['build_1proc_images_per_s']:.0f} img/s (1 process), "
-        f"{b['build_2proc_images_per_s']:.0f} img/s (2 processes, x{b['two_vs_one_process']:.2f}); encoder forward "
-        f"alone {b['encoder_forward_images_per_s']:.0f} img/s -> build at "
-        f"{b['build_fraction_of_encoder_bound']:.2f} of it"
-    )
+    for b in r["build"].values():
+        lines.append(
+            f"cache build, {b['tower']}, {b['images']} images: {b['build_1proc_images_per_s']:.0f} img/s (1 process), "
+            f"{b['build_2proc_images_per_s']:.0f} img/s (2 processes, x{b['two_vs_one_process']:.2f}); encoder "
+            f"forward alone {b['encoder_forward_images_per_s']:.0f} img/s -> build at "
+            f"{b['build_fraction_of_encoder_bound']:.2f} of it"
+        )
+    for t in r["top"].values():
+        lines.append(
+            f"top {t['top']} block(s) of {t['tower']} training, align step: from pixels "
+            f"{1e3 * t['pixels_step_s']:.1f} ms, from the store's states below them {1e3 * t['states_step_s']:.1f} ms "
+            f"({t['speedup']:.2f}x)"
+        )
     lines.append("disk per image: " + ", ".join(f"{k} {v['bytes_per_image']} B" for k, v in r["disk"].items()))
     lines.append(
         "feature error vs fp32 (relative L2, mean over images): "

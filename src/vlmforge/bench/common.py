@@ -30,12 +30,13 @@ SPECS = {
 }
 
 
-def setup(work: Path, preset: str, n_images: int, seed: int = 0) -> dict:
-    """Synthetic data and random-weight backbones in the real formats (made once, reused)."""
+def setup(work: Path, preset: str, n_images: int, seed: int = 0, spec: TinySpec | None = None) -> dict:
+    """Synthetic data and random-weight backbones in the real formats (made once, reused): of
+    `SPECS[preset]`, or of `spec` under the name `preset`."""
     from vlmforge.data.synthetic import synth
     from vlmforge.recipes.tiny import pretrain
 
-    spec = SPECS[preset]
+    spec = spec or SPECS[preset]
     data_dir = work / f"data-{spec.image_size}-{n_images}"
     if not (data_dir / "shapes_captions.json").exists():
         synth(data_dir, "shapes", n_images, seed, spec.image_size, spec.image_size)
@@ -87,4 +88,9 @@ def machine() -> dict:
 
     import torch
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    from vlmforge import runtime
+
+    # the speed that time figures scale with: a 2048x2048 fp32 matmul on 2 threads (as the demo prints)
+    gflops = runtime.matmul_peak(2, sizes=(2048,), repeats=3)[0] / 1e9
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "matmul_2048_gflops": round(gflops, 1)}  # fmt: skip
