@@ -64,6 +64,24 @@ def test_every_malformed_record_is_named_in_one_error(tmp_path):
     assert len(msg.splitlines()) == 1 + 20 + 1 and msg.endswith("… and 6 more")
 
 
+def test_malformed_records_and_unreadable_images_are_named_in_one_pass(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    rows = [{"id": "fine", "image": "ok.png", "conversations": turns},
+            {"id": "gone", "image": "missing.png", "conversations": turns},
+            {"id": "bad", "conversations": []},
+            {"id": "torn", "image": "broken.png", "conversations": turns}]  # fmt: skip
+    with pytest.raises(DataError) as e:
+        load_records(_write(tmp_path / "d.json", rows))
+    msg = str(e.value)
+    assert "1 malformed records and 2 with an unreadable image of 4" in msg
+    assert "record 2 (id=bad)" in msg and "record 1 (id=gone)" in msg and "missing.png: image file not found" in msg
+    assert "record 3 (id=torn)" in msg and "broken.png" in msg and "id=fine" not in msg
+
+
 def test_jsonl(tmp_path):
     f = tmp_path / "d.jsonl"
     row = {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}

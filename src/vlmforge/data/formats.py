@@ -101,20 +101,40 @@ def parse_records(rows: list[tuple[int, object]], path: Path, image_root: Path,
                   errors: list[str] | None = None) -> list[Record]:  # fmt: skip
     """Validate the (index, row) pairs of one source. Every malformed record (and each of
     `errors`, found earlier) is named in one `DataError`: the first `SHOWN_ERRORS`, then how many
-    more."""
+    more; the well-formed records whose image is missing or cannot be decoded are named in the same
+    error, so that one pass shows everything to fix."""
     records, errors = [], list(errors or [])
     for i, row in rows:
         try:
             records.append(parse_record(row, i, path, image_root))
         except DataError as e:
             errors.append(str(e))
-    if len(errors) == 1:
-        raise DataError(errors[0])
-    if errors:
-        more = f"\n  … and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
-        shown = "\n  ".join(errors[:SHOWN_ERRORS])
-        raise DataError(f"{path}: {len(errors)} malformed records of {len(records) + len(errors)}:\n  {shown}{more}")
-    return records
+    if not errors:
+        return records
+    bad_images = _unreadable_images(records)
+    problems = errors + bad_images
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    more = f"\n  … and {len(problems) - SHOWN_ERRORS} more" if len(problems) > SHOWN_ERRORS else ""
+    shown = "\n  ".join(problems[:SHOWN_ERRORS])
+    images = f" and {len(bad_images)} with an unreadable image" if bad_images else ""
+    raise DataError(f"{path}: {len(errors)} malformed records{images} of {len(records) + len(errors)}:"
+                    f"\n  {shown}{more}")  # fmt: skip
+
+
+def _unreadable_images(records: list[Record]) -> list[str]:
+    """'record …: image error' for each record whose image is missing or cannot be decoded."""
+    from vlmforge.data.images import ImageError, load_image
+
+    out = []
+    for r in records:
+        for p in r.images:
+            try:
+                load_image(p)
+            except ImageError as e:
+                out.append(f"{r.where}: {e}")
+                break
+    return out
 
 
 def load_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
