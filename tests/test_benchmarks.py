@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -169,8 +170,16 @@ def test_reference_answers_score_full_marks_in_every_layout(data_root, tmp_path)
     b = report["benchmarks"]
     for name in ("vqav2", "textvqa", "docvqa", "mmmu", "mmstar"):
         assert b[name]["score"] == 0.0, name
-    assert b["pope"]["score"] == pytest.approx(2 / 3)  # "purple elephant" reads as yes: tp 2, fp 2, fn 0
+    assert b["pope"]["score"] == 0.0  # lmms-eval: "purple elephant" is neither yes nor no
     assert b["coco_cap"]["score"] == 0.0 < oracle_cider
+    # POPE's own reading: "purple elephant" reads as yes: tp 2, fp 2, fn 0; scored again from the
+    # saved answers, nothing generated
+    official = evaluate_benchmarks(["pope"], wrong, data_root, tmp_path / "wrong", scoring="official")
+    assert official["benchmarks"]["pope"]["score"] == pytest.approx(2 / 3)
+    assert official["scoring"] == "official" and "POPE's evaluate.py" in official["benchmarks"]["pope"]["scoring"]
+    assert official["benchmarks"]["pope"]["answered_this_run"] == 0
+    with pytest.raises(ValueError, match="unknown scoring 'lmms'"):
+        evaluate_benchmarks(["pope"], wrong, data_root, tmp_path / "wrong", scoring="lmms")
 
 
 def test_vqav2_partial_agreement_and_llava_layout(data_root, llava_root, tmp_path):
@@ -229,6 +238,19 @@ def test_bad_input_is_named_and_finished_work_kept(data_root, tmp_path):
     (root / "POPE/test-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match=r"POPE: cannot read parquet"):
         evaluate_benchmarks(["pope"], Scripted(reference_answer), root, tmp_path / "o5")
+    # a saved answer that is no answer (no id, not a string, not JSON) is named by its line and the
+    # file left as it is: nothing is scored silently as zero
+    pred = tmp_path / "o/docvqa/predictions.jsonl"
+    good = pred.read_text()
+    for bad, why in (('{"prediction": "red"}', "no question id"),
+                     ('{"id": "1", "prediction": 7}', "question 1: its prediction is a int, not a string"),
+                     ('{"id": "1"}', "question 1: its prediction is missing"),
+                     ("[1, 2]", "a list, not an object"),
+                     ("{broken", "not a JSON line")):  # fmt: skip
+        pred.write_text(bad + "\n" + good)
+        with pytest.raises(DataError, match=rf"predictions.jsonl:1: {re.escape(why)}"):
+            evaluate_benchmarks(["docvqa"], Scripted(reference_answer), root, tmp_path / "o")
+        assert pred.read_text() == bad + "\n" + good
 
 
 def test_every_registered_benchmark_has_a_layout_here():
@@ -362,3 +384,17 @@ def test_endpoint_key_and_errors(endpoint, data_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "m", "--endpoint", endpoint, "--bench", "pope"])
     assert "exactly one of --model DIR and --endpoint URL" in capsys.readouterr().err
+
+
+def test_a_report_of_older_rules_says_so_when_read(tmp_path, capsys):
+    from vlmforge.eval.metrics import METRICS_VERSION
+    from vlmforge.export import read_evals
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    scores = {"pope": {"metric": "f1", "score": 0.8}}
+    old.write_text(json.dumps({"metrics_version": "1", "benchmarks": scores}))
+    new.write_text(json.dumps({"metrics_version": METRICS_VERSION, "benchmarks": scores}))
+    rows = read_evals([str(old), str(new)])
+    assert "metrics version 1: other rules than this vlmforge's" in rows[0]["metric"]
+    assert rows[1]["metric"] == "f1"
+    assert "old.json: scored with metrics version 1" in capsys.readouterr().out

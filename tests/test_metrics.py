@@ -11,6 +11,7 @@ from vlmforge.eval.metrics import (
     open_answer_correct,
     parse_multi_choice,
     pope_scores,
+    process_punctuation,
     ptb_tokenize,
     relaxed_accuracy,
     vqa_accuracy,
@@ -44,13 +45,22 @@ def test_vqa_accuracy_ten_answers_partial_agreement():
     assert vqa_accuracy("the cat.", one) == pytest.approx(9 * (1 / 3) / 10)
 
 
-def test_vqa_accuracy_vqav2_processes_answers_only_when_they_differ():
-    # all ten answers equal: vqaEval does not process them, so "Two" (prediction -> "2") misses "two"
-    assert vqa_accuracy("Two", ["two"] * 10, "if_differ") == 0.0
-    assert vqa_accuracy("Two", ["two"] * 10, "normalize") == 1.0
-    # differing answers are processed: "two" -> "2" matches
-    assert vqa_accuracy("2", ["two"] * 9 + ["three"], "if_differ") == pytest.approx(1.0)
-    assert vqa_accuracy("1,000", ["1000"] * 5 + ["1,000"] * 5, "if_differ") == pytest.approx(1.0)
+def test_vqa_accuracy_rules_of_lmms_eval_and_of_vqaeval():
+    # VQAv2's official vqaEval.py: the answers keep their case and words unless they differ, and
+    # then lose only their punctuation
+    assert vqa_accuracy("Two", ["two"] * 10, "vqaeval") == 0.0
+    assert vqa_accuracy("Two", ["two"] * 10, "evalai") == 1.0
+    assert vqa_accuracy("Two", ["two"] * 10, "vqav2") == 1.0  # lmms-eval processes them anyway
+    assert vqa_accuracy("2", ["two"] * 9 + ["three"], "vqaeval") == 0.0  # no digit mapping of answers
+    assert vqa_accuracy("2", ["2"] * 9 + ["three"], "vqaeval") == pytest.approx(1.0)
+    assert vqa_accuracy("1,000", ["1000"] * 5 + ["1,000"] * 5, "vqaeval") == pytest.approx(1.0)
+    # "'s": EvalAI's whole processor splits it off the prediction; the VQAv2 rules do not
+    assert vqa_accuracy("man's", ["man's"] * 5 + ["man"] * 5, "vqav2") == 1.0
+    assert vqa_accuracy("man's", ["man's"] * 5 + ["man"] * 5, "vqaeval") == 1.0
+    # at most 32 periods go (the reference passes re.UNICODE as `sub`'s count)
+    assert process_punctuation("a" + "." * 40) == "a" + "." * 8
+    with pytest.raises(ValueError, match="unknown VQA rule 'if_differ'"):
+        vqa_accuracy("x", ["x"], "if_differ")
     with pytest.raises(ValueError, match="at least one"):
         vqa_accuracy("x", [])
 
@@ -100,8 +110,13 @@ def test_yes_no_and_pope():
     assert yes_no("No.") == "no"
     assert yes_no("There is not a dog in the image.") == "no"
     assert yes_no("Yes. No doubt.") == "yes"  # only the first sentence counts
+    # lmms-eval: an answer counts as it is: "Yes." is neither yes nor no (wrong, in no count);
+    # its yes_ratio is the share of yes labels
     s = pope_scores(["yes", "Yes.", "no", "no", "yes"], ["yes", "no", "yes", "no", "yes"])
-    # tp 2, fp 1, fn 1, tn 1
+    assert s["accuracy"] == pytest.approx(3 / 5) and s["precision"] == 1.0 and s["recall"] == pytest.approx(2 / 3)
+    assert s["yes_ratio"] == pytest.approx(3 / 5) and s["predicted_yes_ratio"] == pytest.approx(2 / 5)
+    s = pope_scores(["yes", "Yes.", "no", "no", "yes"], ["yes", "no", "yes", "no", "yes"], "official")
+    # POPE's reading: "Yes." is yes; tp 2, fp 1, fn 1, tn 1
     assert s["accuracy"] == pytest.approx(3 / 5)
     assert s["precision"] == pytest.approx(2 / 3)
     assert s["recall"] == pytest.approx(2 / 3)

@@ -54,7 +54,8 @@ class Benchmark:
     name = ""
     folders: tuple[str, ...] = ()
     split = "validation"
-    metric = ""
+    metric = ""  # the rule with `lmms-eval` scoring (the default)
+    official = ""  # the rule with `official` scoring, where the benchmark's own code differs
     prompt_template = ""
 
     # -- finding and reading files ------------------------------------------------------------
@@ -105,12 +106,15 @@ class Benchmark:
             str(row["question_id"]), row["text"].replace("<image>", "").strip(), [row["image_path"]], answer, meta
         )
 
-    def score(self, rows: list[dict]) -> dict:
-        """{"metric": name, "score": value in [0, 1] (x100 in reports), "n", "breakdown", ...}."""
+    def score(self, rows: list[dict], scoring: str = "lmms-eval", seed: int | None = None) -> dict:
+        """{"metric": name, "score": value in [0, 1] (x100 in reports), "n", "breakdown", ...};
+        `scoring`: lmms-eval's rules or the benchmark's official ones (`metrics.SCORINGS`); `seed`:
+        multiple choice's fallback letter (MMMU)."""
         raise NotImplementedError
 
-    def describe(self) -> dict:
-        return {"scoring": self.metric, "prompt": self.prompt_template, "split": self.split}
+    def describe(self, scoring: str = "lmms-eval") -> dict:
+        rule = self.official if scoring == "official" and self.official else self.metric
+        return {"scoring": rule, "prompt": self.prompt_template, "split": self.split}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +184,9 @@ def by_key(rows: list[dict], key: str, fn) -> dict:
 
 
 class VQAv2(Benchmark):
-    name, folders, metric = "vqav2", ("VQAv2",), "vqa_accuracy (vqaEval: answers processed only if they differ)"
+    name, folders = "vqav2", ("VQAv2",)
+    metric = "vqa_accuracy (lmms-eval 0.7.3: punctuation, digits and articles on every answer)"
+    official = "vqa_accuracy (VQAv2's vqaEval.py: answers' punctuation processed only if they differ)"
     prompt_template = "{question}" + SHORT_ANSWER
 
     def sample(self, row):
@@ -192,13 +198,15 @@ class VQAv2(Benchmark):
         meta = {"answer_type": row.get("answer_type", "all")}
         return Sample(qid, row["question"] + SHORT_ANSWER, [image_cell(row["image"], f"vqav2 {qid}")], answers, meta)
 
-    def score(self, rows):
-        fn = lambda rs: mean(M.vqa_accuracy(r["prediction"], r["answer"], "if_differ") for r in rs)
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        M.check_scoring(scoring)
+        rule = "vqaeval" if scoring == "official" else "vqav2"
+        fn = lambda rs: mean(M.vqa_accuracy(r["prediction"], r["answer"], rule) for r in rs)
         return {"metric": "accuracy", "score": fn(rows), "breakdown": by_key(rows, "answer_type", fn)}
 
 
 class TextVQA(Benchmark):
-    name, folders, metric = "textvqa", ("TextVQA",), "vqa_accuracy (EvalAI processing of every answer)"
+    name, folders, metric = "textvqa", ("TextVQA",), "vqa_accuracy (EvalAI processing of every answer; lmms-eval 0.7.3)"
     prompt_template = "{question.capitalize()}" + SHORT_ANSWER
 
     def sample(self, row):
@@ -218,12 +226,13 @@ class TextVQA(Benchmark):
                 r.setdefault("answers", answers.get(str(r["question_id"])))
         return rows
 
-    def score(self, rows):
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        M.check_scoring(scoring)
         return {"metric": "accuracy", "score": mean(M.vqa_accuracy(r["prediction"], r["answer"]) for r in rows)}
 
 
 class DocVQA(Benchmark):
-    name, folders, metric = "docvqa", ("DocVQA",), "anls (threshold 0.5)"
+    name, folders, metric = "docvqa", ("DocVQA",), "anls (threshold 0.5; lmms-eval 0.7.3)"
     prompt_template = "{question}" + SHORT_ANSWER
 
     def sample(self, row):
@@ -233,12 +242,13 @@ class DocVQA(Benchmark):
         img = image_cell(row["image"], f"docvqa {qid}")
         return Sample(qid, row["question"] + SHORT_ANSWER, [img], list(row.get("answers") or []))
 
-    def score(self, rows):
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        M.check_scoring(scoring)
         return {"metric": "anls", "score": mean(M.anls(r["prediction"], r["answer"]) for r in rows)}
 
 
 class MMMU(Benchmark):
-    name, folders, metric = "mmmu", ("MMMU",), "accuracy (MMMU letter / open-answer parsing)"
+    name, folders, metric = "mmmu", ("MMMU",), "accuracy (MMMU letter / open-answer parsing; lmms-eval 0.7.3)"
     prompt_template = (
         "{question}\n{A. option}\n{B. option}…\n\n" + LETTER_ANSWER + "  |  open: {question}\n\n" + SHORT_ANSWER.strip()
     )
@@ -263,7 +273,9 @@ class MMMU(Benchmark):
         }
         return Sample(qid, prompt, images, row["answer"], meta)
 
-    def score(self, rows, seed: int | None = None):
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        M.check_scoring(scoring)
+
         def correct(r):
             if r["meta"]["question_type"] == "multiple-choice":
                 return M.parse_multi_choice(r["prediction"], r["meta"]["options"], seed) == r["answer"]
@@ -274,7 +286,9 @@ class MMMU(Benchmark):
 
 
 class POPE(Benchmark):
-    name, folders, metric = "pope", ("POPE",), "f1 (yes = positive; LLaVA eval_pope reading of answers)"
+    name, folders = "pope", ("POPE",)
+    metric = "f1 (yes = positive; lmms-eval 0.7.3: an answer counts as it is, lowercased and stripped)"
+    official = "f1 (yes = positive; POPE's evaluate.py reading of free answers as yes / no)"
     split = "test"
     prompt_template = "{question}" + SHORT_ANSWER
 
@@ -306,18 +320,19 @@ class POPE(Benchmark):
             raise DataError(f"{questions}: {len(unlabeled)} questions have no label (first: {unlabeled[0]})")
         return rows
 
-    def score(self, rows):
-        overall = M.pope_scores([r["prediction"] for r in rows], [r["answer"] for r in rows])
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        scores = lambda rs: M.pope_scores([r["prediction"] for r in rs], [r["answer"] for r in rs], scoring)  # noqa: E731
+        overall = scores(rows)
         strict = mean(r["prediction"].lower().strip() == r["answer"].lower().strip() for r in rows)
-        breakdown = by_key(
-            rows, "category", lambda rs: M.pope_scores([r["prediction"] for r in rs], [r["answer"] for r in rs])["f1"]
-        )
+        breakdown = by_key(rows, "category", lambda rs: scores(rs)["f1"])
         return {"metric": "f1", "score": overall["f1"], **{k: v for k, v in overall.items() if k != "f1"},
                 "strict_accuracy": strict, "breakdown": breakdown}  # fmt: skip
 
 
 class MMStar(Benchmark):
-    name, folders, metric = "mmstar", ("MMStar",), "accuracy (MMStar matcher; mean over l2 categories)"
+    name, folders = "mmstar", ("MMStar",)
+    metric = "accuracy (lmms-eval 0.7.3's choice-letter extraction; mean over l2 categories)"
+    official = "accuracy (MMStar's first-character matcher; mean over l2 categories)"
     split = "val"
     # lmms-eval's MMStar suffix has no final period; " Please answer yes or no." is removed first
     suffix = "\nAnswer with the option's letter from the given choices directly"
@@ -330,8 +345,8 @@ class MMStar(Benchmark):
         question = row["question"].strip().replace(" Please answer yes or no.", "")
         return Sample(qid, question + self.suffix, [img], row["answer"], meta)
 
-    def score(self, rows):
-        fn = lambda rs: mean(M.mmstar_match(r["prediction"], r["answer"]) for r in rs)
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        fn = lambda rs: mean(M.mmstar_correct(r["prediction"], r["answer"], scoring) for r in rs)
         l2 = by_key(rows, "l2_category", fn)
         # lmms-eval's "average": the mean of the per-l2-category accuracies
         return {"metric": "accuracy", "score": mean(v["score"] for v in l2.values()), "breakdown": l2}
@@ -341,7 +356,7 @@ class COCOCaption(Benchmark):
     name, folders, metric = (
         "coco_cap",
         ("COCO-Caption2017", "coco_caption", "COCO-Caption"),
-        "CIDEr-D (x100 = CIDEr x100)",
+        "CIDEr-D (x100 = CIDEr x100; coco-caption's scorer, as lmms-eval 0.7.3 calls it)",
     )
     split = "val"
     prompt_template = "Provide a one-sentence caption for the provided image."
@@ -352,7 +367,8 @@ class COCOCaption(Benchmark):
         answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
         return Sample(qid, self.prompt_template, [img], answers)
 
-    def score(self, rows):
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        M.check_scoring(scoring)
         cands = [M.ptb_tokenize(r["prediction"]) for r in rows]
         refs = [[M.ptb_tokenize(a) for a in r["answer"]] for r in rows]
         corpus, _ = M.cider_d(cands, refs)
@@ -380,7 +396,8 @@ class QAFile(Benchmark):
         images = [str(p) for p in record.images]
         return Sample(record.id, question, images, reference, {"type": question_type(question)})
 
-    def score(self, rows):
+    def score(self, rows, scoring="lmms-eval", seed=None):
+        M.check_scoring(scoring)
         fn = lambda rs: mean(M.exact_match(r["prediction"], r["answer"]) for r in rs)
         return {"metric": "accuracy", "score": fn(rows), "breakdown": by_key(rows, "type", fn)}
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from vlmforge.data.formats import DataError
 from vlmforge.data.images import ImageError, load_image, load_image_bytes
 from vlmforge.eval.benchmarks import Benchmark, QAFile, Sample, get_benchmark
-from vlmforge.eval.metrics import METRICS_VERSION
+from vlmforge.eval.metrics import METRICS_VERSION, check_scoring
 from vlmforge.io import atomic_save, atomic_write_text
 
 
@@ -132,21 +132,45 @@ def data_url(image) -> str:
 
 
 def _done_rows(path: Path | None) -> list[dict]:
-    """Rows already answered; a torn last line (a killed write) is cut off, the rest kept."""
+    """Rows already answered; a torn last line (a killed write) is cut off, the rest kept. A line
+    that is not a row this harness writes ({"id": str, "prediction": str, ...} or {"id": str,
+    "error": str}) stops the run naming it, and the file is left as it is: nothing is scored
+    silently as zero."""
     if path is None or not path.exists():
         return []
     rows, good = [], 0
     with open(path, "rb") as fh:
-        for line in fh:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good += len(line)
+        lines = fh.readlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not line.endswith(b"\n"):
+                break  # torn by a kill: cut off below
+            raise DataError(f"{path}:{n}: not a JSON line ({e.msg}); fix or delete the line to resume") from None
+        problem = _row_problem(row)
+        if problem:
+            raise DataError(f"{path}:{n}: {problem}; fix or delete the line to resume")
+        rows.append(row)
+        good += len(line)
     if good != path.stat().st_size:
         with open(path, "r+b") as fh:
             fh.truncate(good)
     return rows
+
+
+def _row_problem(row) -> str | None:
+    """What is wrong with a saved prediction row, or None."""
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not an object"
+    if not isinstance(row.get("id"), str) or not row["id"]:
+        return "no question id (`id`, a string)"
+    if "error" in row:
+        return None if isinstance(row["error"], str) else f"question {row['id']}: `error` is not a string"
+    if not isinstance(row.get("prediction"), str):
+        what = "missing" if "prediction" not in row else f"a {type(row['prediction']).__name__}"
+        return f"question {row['id']}: its prediction is {what}, not a string"
+    return None
 
 
 def _append(path: Path | None, rows: list[dict]) -> None:
@@ -177,7 +201,7 @@ def _shown(image, decoded, predictions: Path | None, sid: str, k: int) -> str | 
 
 def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None, out: str | Path | None,
                   split: str | None = None, limit: int | None = None, batch_size: int = 8,
-                  seed: int | None = None) -> dict:  # fmt: skip
+                  seed: int | None = None, scoring: str = "lmms-eval") -> dict:  # fmt: skip
     """Answer (or resume answering) one task (a benchmark's name, or a task such as `QAFile`) and
     score it; returns its report section."""
     bench = get_benchmark(task)
@@ -234,9 +258,9 @@ def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None,
         bar.close()
     scored = [r for r in rows if "error" not in r]
     errors = [r for r in rows if "error" in r]
-    result = bench.score(scored, seed) if bench.name == "mmmu" else bench.score(scored)
+    result = bench.score(scored, scoring, seed)
     return {
-        **bench.describe(),
+        **bench.describe(scoring),
         "split": split or bench.split,
         "source": source,
         "n": len(scored),
@@ -248,14 +272,16 @@ def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None,
 
 
 def evaluate_benchmarks(names: list, generate, data_root, out, split=None, limit=None, batch_size=8,
-                        seed: int | None = None) -> dict:  # fmt: skip
+                        seed: int | None = None, scoring: str = "lmms-eval") -> dict:  # fmt: skip
     """Run every task in `names` (benchmark names or task objects); with `out`, write
     OUT/report.json and OUT/report.md after each."""
+    check_scoring(scoring)
     for name in names:
         get_benchmark(name)  # unknown names fail before any work
     report = {
         "generation": generate.describe(),
         "metrics_version": METRICS_VERSION,
+        "scoring": scoring,
         "limit": limit,
         "multiple_choice_fallback": (
             f"random letter, seeded with {seed}" if seed is not None else "none (an unparsable answer is wrong)"
@@ -264,7 +290,7 @@ def evaluate_benchmarks(names: list, generate, data_root, out, split=None, limit
     }
     for name in names:
         report["benchmarks"][get_benchmark(name).name] = run_benchmark(
-            name, generate, data_root, out, split, limit, batch_size, seed
+            name, generate, data_root, out, split, limit, batch_size, seed, scoring
         )
         if out is not None:
             save_report(report, out)  # the finished benchmarks survive a later failure
@@ -276,7 +302,8 @@ def format_markdown(report: dict) -> str:
     lines = [
         "# vlmforge eval",
         "",
-        f"Generation: {', '.join(f'{k} {v}' for k, v in g.items())}. Metrics version {report['metrics_version']}."
+        f"Generation: {', '.join(f'{k} {v}' for k, v in g.items())}. Metrics version {report['metrics_version']}, "
+        f"{report.get('scoring', 'lmms-eval')} scoring."
         + (f" First {report['limit']} questions of each benchmark." if report.get("limit") else ""),
         f"Multiple-choice fallback: {report['multiple_choice_fallback']}.",
         "",
@@ -291,7 +318,8 @@ def format_markdown(report: dict) -> str:
         lines += ["", f"## {name}", "", f"- scoring: {b['scoring']}"]
         lines.append(f"- prompt: `{b['prompt']!r}`")
         lines.append(f"- source: {b['source']}")
-        extra = {k: v for k, v in b.items() if k in ("accuracy", "precision", "recall", "yes_ratio", "strict_accuracy")}
+        shown = ("accuracy", "precision", "recall", "yes_ratio", "predicted_yes_ratio", "strict_accuracy")
+        extra = {k: v for k, v in b.items() if k in shown}
         if extra:
             lines.append("- " + ", ".join(f"{k} {100 * v:.2f}" for k, v in extra.items()))
         for key, v in (b.get("breakdown") or {}).items():
@@ -322,6 +350,7 @@ def evaluate(
     concurrency: int = 8,
     seed: int | None = None,
     html: str | None = None,
+    scoring: str = "lmms-eval",
 ) -> None:
     """Evaluate a model on standard benchmarks (--bench) and on LLaVA-format QA files (--data).
 
@@ -347,6 +376,9 @@ def evaluate(
         api_key: bearer token for the endpoint (default: $OPENAI_API_KEY).
         concurrency: requests in flight at once with --endpoint.
         seed: pick a seeded random letter for unparsable multiple-choice answers (default: count them wrong).
+        scoring: `lmms-eval` (its 0.7.3 rules, what published numbers mostly come from) or `official`
+            (each benchmark's own code where it differs: VQAv2's vqaEval.py, MMStar's matcher,
+            POPE's yes/no reading); docs/evaluation.md lists each rule.
         html: also write a self-contained HTML page of every answer (with its image), right and
             wrong, filterable by task and question type (needs --out).
     """
@@ -356,6 +388,7 @@ def evaluate(
         raise ValueError("give --data FILE.json and/or --bench NAMES")
     if bench is not None and (not data_root or not out):
         raise ValueError("--bench needs --data-root PATH and --out DIR")
+    check_scoring(scoring)
     if html and not out:
         raise ValueError("--html needs --out DIR (the page shows the answers saved there)")
     tasks = [b for b in (bench or "").split(",") if b.strip()] + [QAFile(f) for f in data or []]
@@ -366,7 +399,7 @@ def evaluate(
         from vlmforge.model.vlm import VLM
 
         gen = LocalGenerator(VLM.from_pretrained(model), model, max_new_tokens)
-    report = evaluate_benchmarks(tasks, gen, data_root, out, split, limit, batch_size, seed)
+    report = evaluate_benchmarks(tasks, gen, data_root, out, split, limit, batch_size, seed, scoring)
     print(format_markdown(report).rstrip())
     if out:
         print(f"report: {out}/report.md, {out}/report.json")

@@ -1,18 +1,20 @@
-"""Scoring rules of the standard VLM benchmarks, each as the community's harnesses compute it.
+"""Scoring rules of the standard VLM benchmarks, each as a named reference computes it.
 
 Published scores are computed by lmms-eval and VLMEvalKit; scores that differ from papers come
 mostly from answer normalisation and parsing, so every rule here reproduces a reference
-implementation, quirks included, and names it in its docstring. `METRICS_VERSION` is written into
-every report; it changes whenever a rule here changes.
+implementation, quirks included, and names it in its docstring. Two scorings (`SCORINGS`):
+`lmms-eval` (the default: lmms-eval 0.7.3's task code, what most published numbers come from,
+tested against the installed package case by case) and `official` (the benchmark's own code where
+it differs: VQAv2's vqaEval.py, MMStar's first-character matcher, POPE's yes/no reading).
+`METRICS_VERSION` is written into every report; it changes whenever a rule here changes.
 
-- `normalize_answer`, `vqa_accuracy`: VQAv2 / TextVQA (EvalAI answer processor; lmms-eval tasks
-  `vqav2`, `textvqa`).
+- `normalize_answer`, `vqa_accuracy`: VQAv2 / TextVQA (EvalAI's answer processing; lmms-eval tasks
+  `vqav2`, `textvqa`; rule `vqaeval` for VQAv2's official vqaEval.py).
 - `anls`: DocVQA / InfographicVQA (lmms-eval `anls`, threshold 0.5).
-- `parse_multi_choice`, `mmstar_match`: MMMU / MMBench-style letter extraction (the MMMU
-  repository's parser, as lmms-eval uses it) and MMStar's own matcher.
+- `parse_multi_choice`: MMMU letter extraction (the MMMU repository's parser, as lmms-eval uses it).
+- `extract_mcq_answer`, `mmstar_match`: MMStar (lmms-eval's extractor; MMStar's own matcher).
 - `parse_open_response`, `open_answer_correct`: MMMU open questions.
-- `yes_no`, `pope_scores`: POPE (LLaVA's `eval_pope.py` reading of free text; lmms-eval's
-  precision / recall / F1).
+- `pope_scores`, `yes_no`: POPE (lmms-eval's exact reading; POPE's and LLaVA's yes/no reading).
 - `cider_d`: CIDEr-D for captions (coco-caption's `CiderScorer`), pure Python.
 - `exact_match`, `relaxed_accuracy`: exact match after normalisation; ChartQA's relaxed accuracy.
 """
@@ -24,7 +26,15 @@ import random
 import re
 from collections import Counter, defaultdict
 
-METRICS_VERSION = "1"
+# 2: lmms-eval 0.7.3's rules by default (VQAv2, MMStar, POPE), `official` by name; MMMU's empty
+# open-answer candidates dropped; at most 32 periods removed in EvalAI's processing.
+METRICS_VERSION = "2"
+SCORINGS = ("lmms-eval", "official")
+
+
+def check_scoring(scoring: str) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r} (use one of {', '.join(SCORINGS)})")
 
 # ---------------------------------------------------------------------------------------------
 # VQA answer processing: EvalAI's processor (facebookresearch/mmf pythia/tasks/processors.py),
@@ -83,7 +93,8 @@ def process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    # the reference passes `re.UNICODE` (32) where `sub` takes its count: at most 32 periods go
+    return _PERIOD_STRIP.sub("", out, 32)
 
 
 def process_digit_article(text: str) -> str:
@@ -105,31 +116,41 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
-def vqa_accuracy(prediction: str, answers: list[str], references: str = "normalize") -> float:
-    """VQA accuracy: min(#other humans who gave the answer / 3, 1), averaged over the 10
-    leave-one-out subsets of the human answers.
+def _leave_one_out(pred: str, refs: list[str]) -> float:
+    """min(#other answers equal to `pred` / 3, 1), averaged over leaving each answer out."""
+    scores = [min(1.0, sum(r == pred for j, r in enumerate(refs) if j != i) / 3) for i in range(len(refs))]
+    return sum(scores) / len(scores)
 
-    The prediction always goes through `normalize_answer`. `references` says how the human answers
-    are treated, as in the two lmms-eval tasks:
-    - `normalize` (TextVQA, `textvqa_process_results`): every answer through `normalize_answer`;
-    - `if_differ` (VQAv2, `vqav2_process_results` after the official vqaEval.py): answers are only
-      stripped, and punctuation / digit / article processing is applied to them and again to the
-      prediction only when the answers are not all the same string.
+
+VQA_RULES = ("evalai", "vqav2", "vqaeval")
+
+
+def vqa_accuracy(prediction: str, answers: list[str], rule: str = "evalai") -> float:
+    """VQA accuracy: min(#other humans who gave the answer / 3, 1), averaged over the 10
+    leave-one-out subsets of the human answers. `rule` says how answers are processed first:
+    - `evalai` (TextVQA; lmms-eval `textvqa_process_results`): the prediction and every answer
+      through EvalAI's whole processor (`normalize_answer`);
+    - `vqav2` (lmms-eval 0.7.3 `vqav2_process_results`): newlines and tabs to spaces, stripped, then
+      punctuation and digits / articles / contractions, on the prediction and every answer ("man's"
+      stays "man's");
+    - `vqaeval` (VQAv2's official vqaEval.py, GT-Vision-Lab/VQA): the prediction stripped and
+      processed as above; the answers only when they are not all the same string, and then only
+      their punctuation (so "Two" against ten "two" scores 0: the answers keep their case).
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
-    pred = normalize_answer(prediction)
-    if references == "normalize":
-        refs = [normalize_answer(a) for a in answers]
-    elif references == "if_differ":
-        refs = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-        if len(set(refs)) > 1:
-            refs = [process_digit_article(process_punctuation(a)) for a in refs]
-            pred = process_digit_article(process_punctuation(pred))
-    else:
-        raise ValueError(f"references must be 'normalize' or 'if_differ', not {references!r}")
-    scores = [min(1.0, sum(r == pred for j, r in enumerate(refs) if j != i) / 3) for i in range(len(refs))]
-    return sum(scores) / len(scores)
+    if rule == "evalai":
+        return _leave_one_out(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+    if rule not in VQA_RULES:
+        raise ValueError(f"unknown VQA rule {rule!r} (use one of {', '.join(VQA_RULES)})")
+    flat = lambda t: t.replace("\n", " ").replace("\t", " ").strip()  # noqa: E731
+    pred = process_digit_article(process_punctuation(flat(prediction)))
+    if rule == "vqav2":
+        return _leave_one_out(pred, [process_digit_article(process_punctuation(flat(a))) for a in answers])
+    refs = list(answers)
+    if len(set(refs)) > 1:
+        refs = [process_punctuation(a) for a in refs]
+    return _leave_one_out(pred, refs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +233,58 @@ def parse_multi_choice(response: str, options: list[str], seed: int | None = Non
     return candidates[starts.index(max(starts))]
 
 
+# lmms-eval 0.7.3 `_task_utils/mcq_extract.py`: phrases after which the first choice letter is the
+# answer, and how much each way of writing a letter counts.
+_ANSWER_PHRASES = (
+    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select", "i pick",
+    "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは",
+)  # fmt: skip
+_LETTER_FORMS = (("({})", 6), ("{}.", 5), ("{}:", 4), ("{})", 3), ("{} ", 2))  # form, priority
+
+
+def extract_mcq_answer(response: str, choices: list[str]) -> str:
+    """The choice letter a free answer gives, by lmms-eval 0.7.3's `extract_mcq_answer` (what its
+    MMStar task scores with); "" when none. Every way the letter may be written is a candidate with
+    a priority: the whole answer starting with the letter (10) or ending with it (9), the first
+    letter after an answer phrase such as "the correct answer is" (7), "(B)" (6), "B." (5), "B:"
+    (4), "B)" (3), "B " (2), and, only when none of these occurs, the letter anywhere (0). The
+    highest priority wins, then the latest position, then the earliest found."""
+    if not response or not response.strip():
+        return ""
+    text = response.strip()
+    for ch in (",", ".", "!", "?", ";", ":", "'", '"'):
+        text = text.strip(ch)
+    text = f" {text} "
+    found: list[tuple[int, int, str]] = []  # (priority, position, letter), in the reference's order
+    for form, priority in _LETTER_FORMS:
+        found += [(priority, text.rfind(form.format(c)), c) for c in choices if form.format(c) in text]
+    lower = text.lower()
+    for phrase in _ANSWER_PHRASES:
+        at = lower.find(phrase)
+        if at != -1:
+            found += [(7, text.find(c, at + len(phrase)), c) for c in choices if text.find(c, at + len(phrase)) != -1]
+    core = text.strip()
+    found += [(10, 0, c) for c in choices if core.startswith(c) and (len(core) == 1 or not core[1].isalpha())]
+    found += [(9, len(text) - 1, c) for c in choices if core.endswith(c) and (len(core) == 1 or not core[-2].isalpha())]
+    if not found:
+        found = [(0, text.rfind(c), c) for c in choices if c in text]
+    return max(found, key=lambda f: (f[0], f[1]))[2] if found else ""
+
+
+def mmstar_correct(prediction: str, answer: str, scoring: str = "lmms-eval") -> bool:
+    """MMStar: `lmms-eval` (0.7.3 `mmstar.utils.exact_match`): `extract_mcq_answer` over A-D equals
+    the answer's letter; `official`: MMStar's own first-character matcher (`mmstar_match`)."""
+    check_scoring(scoring)
+    if scoring == "official":
+        return mmstar_match(prediction, answer)
+    return extract_mcq_answer(prediction, ["A", "B", "C", "D"]) == answer.strip().upper()
+
+
 def mmstar_match(prediction: str, answer: str) -> bool:
-    """MMStar's own matcher (lmms-eval `mmstar.utils.exact_match`): the first character of the
-    answer, or the one after "(", "option " or "the answer is "."""
+    """MMStar's own matcher (the MMStar release's, and lmms-eval's before 0.7): the first character
+    of the answer, or the one after "(", "option " or "the answer is "."""
     gt = answer.lower().strip().replace("\n", " ")
     p = prediction.lower().strip().replace("\n", " ")
     try:
@@ -255,11 +325,15 @@ def parse_open_response(response: str) -> list:
     key_responses = []
     for i, sent in enumerate(sentences):
         indicators = keys + (["="] if i == len(sentences) - 1 else [])
-        tails = [sent.split(k)[-1].strip() for k in indicators if k in sent]
-        if tails:
-            shortest = min(tails, key=len)
-            if shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
-                key_responses.append(shortest)
+        shortest = ""  # the reference's walk: an empty tail is replaced by the next phrase's tail
+        for k in indicators:
+            if k in sent:
+                tail = sent.split(k)[-1].strip()
+                if not shortest or len(tail) < len(shortest):
+                    shortest = tail
+        # still empty (the sentence ends in its key phrases): no candidate, as in the reference
+        if shortest and shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
+            key_responses.append(shortest)
     key_responses = key_responses or [text]
     preds = list(key_responses)
     for r in key_responses:
@@ -297,27 +371,40 @@ def yes_no(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def pope_scores(predictions: list[str], labels: list[str]) -> dict:
-    """Accuracy, precision, recall and F1 with "yes" as the positive class, and the share of "yes"
-    predictions (lmms-eval `pope_aggregate_*`, LLaVA `eval_pope.py`). Predictions are read with
-    `yes_no`; labels must be "yes" or "no"."""
-    preds = [yes_no(p) for p in predictions]
+def pope_scores(predictions: list[str], labels: list[str], scoring: str = "lmms-eval") -> dict:
+    """Accuracy, precision, recall and F1 with "yes" as the positive class, and yes ratios.
+
+    - `lmms-eval` (0.7.3 `pope_process_results` and `pope_aggregate_*`): a prediction is the
+      answer lowercased and stripped, as it is: "Yes." or "yes, there is" is neither "yes" nor
+      "no", so it is wrong and counts in none of the true / false positives or false negatives;
+      its `yes_ratio` is the share of "yes" *labels* (as lmms-eval computes it);
+    - `official` (POPE's evaluate.py, as LLaVA's `eval_pope.py` copies it): each answer read as
+      yes or no by `yes_no`; `yes_ratio` the share of "yes" predictions.
+    `predicted_yes_ratio` (both): the share of predictions read as "yes". Labels must be yes / no.
+    """
+    check_scoring(scoring)
     labs = [label.lower().strip() for label in labels]
     bad = sorted({x for x in labs if x not in ("yes", "no")})
     if bad:
         raise ValueError(f"POPE labels must be yes/no, got {bad[:3]}")
+    if scoring == "official":
+        preds = [yes_no(p) for p in predictions]
+    else:
+        preds = [p.lower().strip() for p in predictions]
     tp = sum(p == "yes" and g == "yes" for p, g in zip(preds, labs))
     fp = sum(p == "yes" and g == "no" for p, g in zip(preds, labs))
     fn = sum(p == "no" and g == "yes" for p, g in zip(preds, labs))
     n = len(labs)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    predicted_yes = sum(p == "yes" for p in preds) / n if n else 0.0
     return {
         "accuracy": sum(p == g for p, g in zip(preds, labs)) / n if n else 0.0,
         "precision": precision,
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": sum(p == "yes" for p in preds) / n if n else 0.0,
+        "yes_ratio": predicted_yes if scoring == "official" else (labs.count("yes") / n if n else 0.0),
+        "predicted_yes_ratio": predicted_yes,
     }
 
 

@@ -341,7 +341,10 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
 
 
 def read_evals(paths: list[str]) -> list[dict]:
-    """Scores from `vlmforge eval` reports (report.json)."""
+    """Scores from `vlmforge eval` reports (report.json); a report scored with older rules than
+    this vlmforge's says so beside each score."""
+    from vlmforge.eval.metrics import METRICS_VERSION
+
     rows = []
     for p in paths:
         try:
@@ -351,6 +354,12 @@ def read_evals(paths: list[str]) -> list[dict]:
         found = _bench_rows(rep)
         if not found:
             raise ValueError(f"{p}: no scores found (expected a `vlmforge eval` report)")
+        version = rep.get("metrics_version") if isinstance(rep, dict) else None
+        if version is not None and str(version) != METRICS_VERSION:
+            old = (f"metrics version {version}: other rules than this vlmforge's {METRICS_VERSION}; "
+                   "run `vlmforge eval` again")  # fmt: skip
+            found = [{**r, "metric": f"{r['metric']} ({old})"} for r in found]
+            print(f"{p}: scored with {old}")
         rows += found
     return rows
 
