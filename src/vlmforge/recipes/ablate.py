@@ -14,7 +14,8 @@ Built-in grid `resolution` (LLaVA-UHD, Idefics2): on the synthetic `words` task 
 words on a 256 x 64 canvas, a word per line on 64 x 192; scored as `words`, which word is k-th,
 `letters`, how many letters it has, and `count`, how many words), the whole image padded to a
 square vs at its native aspect, and no slicing vs a fixed 2 x 2 grid vs adaptive slicing (at most
-4 slices), each with its mean visual tokens per held-out image.
+4 slices), each with its mean visual tokens per held-out image. Its encoder is first taught to read
+the words drawn large (budget `read`: `pretrain --reading` on the words' glyphs).
 
 Built-in grid `idefics2`: (1) fully autoregressive vs cross-attention, each with the LM frozen
 and with LoRA; (2) connectors: linear, mlp, attention, perceiver 64 and 16, pixel shuffle;
@@ -99,7 +100,9 @@ RESOLUTION = {
     "name": "resolution",
     "seeds": 3,
     "eval": ["words", "letters", "count"],
-    "budget": {"n_shapes": 0, "n_text": 0, "n_words": 1500, "n_test": 150},
+    # the encoder learns to read the words' glyphs first (`pretrain --reading`): without it, no cell
+    # left the words prior, and resolution had nothing to buy
+    "budget": {"n_shapes": 0, "n_text": 0, "n_words": 1500, "n_test": 150, "read": True},
     "base": {"model": {"connector": "mlp", "vision_pooled": True, "resize": "pad"}, "sft": {"lm_mode": "full"}},
     "groups": {
         "resolution": [
@@ -246,7 +249,7 @@ def _prepare(out: Path, budget: dict, need_large: bool, data: dict | None) -> di
     spec = dataclasses.replace(TinySpec(), **budget["spec"])
     large = dataclasses.replace(spec, **budget["large_spec"]) if need_large else None
     return synthetic_setup(out, budget["n_shapes"], budget["n_text"], budget["n_test"], spec, large, data,
-                           budget.get("n_words", 0))  # fmt: skip
+                           budget.get("n_words", 0), budget.get("read", False))  # fmt: skip
 
 
 def _resolve(cell: dict, base: dict, shared: dict, budget: dict):

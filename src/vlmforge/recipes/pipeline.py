@@ -61,8 +61,9 @@ def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
             made = synth(folder / split, "words", count, 2 * seed + k, w, h, prefix=f"words_{canvas}")
             for kind, path in made.items():
                 files[kind] += json.loads(Path(path).read_text())
-        if split == "train":  # single words, large, beside the captions
-            files["captions"] += json.loads(word_glyphs(folder / split, n, seed).read_text())
+        if split == "train":  # single words, large, beside the captions (and what the encoder reads)
+            paths["train_glyphs_captions"] = str(word_glyphs(folder / split, n, seed))
+            files["captions"] += json.loads(Path(paths["train_glyphs_captions"]).read_text())
         for kind in ("captions", "sft") if split == "train" else ():
             paths[f"train_words_{kind}"] = str(folder / split / f"words_{kind}.json")
             atomic_write_text(Path(paths[f"train_words_{kind}"]), json.dumps(files[kind], indent=1))
@@ -75,14 +76,16 @@ def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
 
 
 def synthetic_setup(out: str | Path, n_shapes: int, n_text: int, n_test: int, spec: TinySpec,
-                    large: TinySpec | None = None, data: dict | None = None, n_words: int = 0) -> dict:  # fmt: skip
+                    large: TinySpec | None = None, data: dict | None = None, n_words: int = 0,
+                    read: bool = False) -> dict:  # fmt: skip
     """The synthetic train and test data (seeds 0 and 1) and the tiny backbones made from them, in
     `out`, made once (`out/shared.json` records them; a second call reads it): what ablate's cells
     and the cache bench's accuracy runs share. `large`: also an LM of that spec beside the small
     one (same tokenizer and encoder). `data`: `{"align": [...], "sft": [...]}`, training files of
     the caller's own, trained on instead of the synthetic ones (and in the tokenizer). `n_words`:
     also the `words` task (`words_setup`, `n_test` held out per canvas), trained on instead of
-    shapes and text unless `data` says otherwise."""
+    shapes and text unless `data` says otherwise. `read`: the encoder also learns to read
+    (`pretrain --reading`) the text task's images and the words task's single large words."""
     import shutil
 
     from vlmforge.config import save_json
@@ -107,7 +110,8 @@ def synthetic_setup(out: str | Path, n_shapes: int, n_text: int, n_test: int, sp
     train_files = list(dict.fromkeys(synthetic + paths["align_data"] + paths["sft_data"]))
     # SigLIP learns from captions only: the sft files hold one-question records that look like caption pairs
     captions = list(dict.fromkeys(synthetic[0::2] + paths["align_data"]))
-    small = pretrain(train_files, out / "backbones" / "small", spec, 0, captions=captions)
+    reading = [paths[k] for k in ("train_text_sft", "train_glyphs_captions") if read and k in paths]
+    small = pretrain(train_files, out / "backbones" / "small", spec, 0, captions=captions, reading=reading or None)
     paths["small"] = {k: str(v) for k, v in small.items()}
     if large is not None:
         large_dir = out / "backbones" / "large"
