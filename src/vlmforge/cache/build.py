@@ -169,7 +169,7 @@ def build(
         key_to_path.setdefault(keys[p], p)
 
     ns = store.namespace(feature_settings(vision, processor, dtype, top))
-    encode = (lambda x: vision.below(x, top)) if top else vision
+    encode = lambda x: vision.for_store(x, top)  # noqa: E731
     dropped: list[str] = []
     if rank == 0:
         ns.create(source)

@@ -202,7 +202,7 @@ class VisionTower(nn.Module):
             self.check_cut(top)
             first = self.blocks[len(self.blocks) - top]
             names = {m: n for n, m in self.model.named_modules()}
-            inside = {m for m in first.modules()}
+            inside = set(first.modules())
             order: list[str] = []
 
             def note(module, args):
@@ -432,6 +432,11 @@ class VisionTower(nn.Module):
             handle.remove()
         states = seen[0]
         return states.flatten(2).transpose(1, 2) if states.dim() == 4 else states
+
+    def for_store(self, pixel_values: torch.Tensor, top: int = 0) -> torch.Tensor:
+        """What a feature store of cut `top` holds for these pixels: the states below the top `top`
+        blocks (`below`), or with `top` 0 the tower's output."""
+        return self.below(pixel_values, top) if top else self.forward(pixel_values)
 
     def above(self, states: torch.Tensor, top: int) -> torch.Tensor:
         """Patch features [N, P, Dv] from `below`'s states: only the top `top` blocks and what

@@ -301,9 +301,7 @@ class VLM(nn.Module):
         """What a feature store holds for these pixels: patch features, or, while the tower's top
         blocks train from a store of their cut (`vision.from_states`), the states below them."""
         with torch.no_grad():
-            if self.vision.from_states:
-                return self.vision.below(pixel_values, self.vision.from_states)
-            return self.vision(pixel_values)
+            return self.vision.for_store(pixel_values, self.vision.from_states)
 
     def image_tokens(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         """Visual tokens [tokens, D] of each image of `items`, each its pixels [V, 3, H, W] or its

@@ -198,8 +198,9 @@ def open_features(cfg: TrainConfig, model: VLM, records: list | None):
 
     store, top = FeatureStore(cfg.cache), stored_cut(cfg)
     reader = store.reader(model.vision, model.processor, cfg.cache_dtype, top=top)
-    if reader.ns is None and store.other_cuts(model.vision, model.processor, top):
-        there = " and ".join(what_is_stored(c) for c in store.other_cuts(model.vision, model.processor, top))
+    others = store.other_cuts(model.vision, model.processor, top) if reader.ns is None else []
+    if others:
+        there = " and ".join(what_is_stored(c) for c in others)
         build = f"vlmforge cache build --model ... --data ...{f' --vision_top {top}' if top else ''}"
         raise CacheError(f"feature store {cfg.cache} holds {there} of this encoder, not {what_is_stored(top)} "
                          f"that this run reads: build them with `{build}`")  # fmt: skip
