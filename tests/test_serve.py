@@ -323,6 +323,7 @@ def test_shutdown_ends_running_streams_cleanly(model_cfg):
     assert not thread.is_alive()
 
 
+@pytest.mark.slow
 def test_bench_serve_writes_every_figure(model_cfg, tmp_path, capsys):
     from vlmforge.cli import main
 
@@ -338,6 +339,7 @@ def test_bench_serve_writes_every_figure(model_cfg, tmp_path, capsys):
     assert "| 16 |" in capsys.readouterr().out
 
 
+@pytest.mark.browser
 def test_playground_in_a_real_browser_streams_the_engines_answer_and_shows_the_servers_error(live, tmp_path):
     """Headless Chromium (Debian's, through Selenium) on the page at /: an image chosen, a question
     asked, the streamed answer equals the engine's own; an image with more pixels than the server
@@ -358,8 +360,18 @@ def test_playground_in_a_real_browser_streams_the_engines_answer_and_shows_the_s
     shots.mkdir(parents=True, exist_ok=True)
     try:
         wait = WebDriverWait(driver, 60)
+        long_path = "/home/someone/projects/" + "a-long-folder-name/" * 6 + "text_sft.json"
+        srv.model.history = [{"stage": "sft", "data": long_path, "steps": 1500, "seconds": 15.70060133934021,
+                              "samples_per_s": 1234.5678, "final_loss": 0.0123456}]
         driver.get(f"http://127.0.0.1:{port}/")
         wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+        # the training history: one column per stage, fractions rounded, all inside the side panel
+        cells = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#history td")]
+        assert cells == [long_path, "1500", "15.7", "1235", "0.0123"], cells
+        widths = driver.execute_script(
+            "const t = document.querySelector('#history table'), a = document.querySelector('aside');"
+            "return [t.getBoundingClientRect().right, a.getBoundingClientRect().right];")
+        assert widths[0] <= widths[1], widths
         # an untrained model's greedy answer is blank tokens: sample (temperature 1, seed 7) for visible text
         question, color = "What color is it?", "red"
         prompt = srv.model.prompts.encode_prompt([{"role": "user", "content": "<image>\n" + question}])
@@ -393,3 +405,4 @@ def test_playground_in_a_real_browser_streams_the_engines_answer_and_shows_the_s
         driver.save_screenshot(str(shots / "playground_error.png"))
     finally:
         driver.quit()
+        srv.model.history = []
