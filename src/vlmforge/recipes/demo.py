@@ -244,7 +244,8 @@ def run(cfg: DemoConfig) -> dict:
         lines.append(f"    {s['image']}: {s['question']} -> {s['answer']!r} (reference {s['reference']!r}: {mark})")
     lines.append(f"  targets met: {met}")
     lines.append(f"  report: {page}   (every held-out answer with its image, the loss curves, the timings)")
-    lines.append(f"  model: {out / 'model'}   (try: vlmforge chat --model {out / 'model'} --image IMG --question ...)")
+    chat = f'vlmforge chat --model {out / "model"} --image IMG "What shape is it?"'
+    lines.append(f"  model: {out / 'model'}   (try: {chat})")
     lines.append("=" * 64)
     print("\n".join(lines))
     return summary
