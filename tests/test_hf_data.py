@@ -66,6 +66,13 @@ def test_cauldron_and_messages_layouts_read_as_the_llava_records(shapes, tmp_pat
         assert [r.messages for r in got] == [r.messages for r in want], source
         assert [r.images[0].read_bytes() for r in got] == [r.images[0].read_bytes() for r in want], source
         assert got[1].where == f"{source} record 1"
+    # the same sources without `hf:` are not data files: the error says what they are and what to write
+    (tmp_path / "plain").mkdir()
+    for path, hint in ((tmp_path / "cauldron", "datasets folder"), (tmp_path / "splits", "datasets folder"),
+                       (tmp_path / "messages.parquet", "parquet file"), (tmp_path / "plain", "a folder")):
+        with pytest.raises(DataError, match="hf:") as err:
+            load_records(str(path))
+        assert str(err.value).startswith(str(path)) and hint in str(err.value)
     # an image is written once, named by its content
     cached = list((tmp_path / "image-cache").iterdir())
     assert len(cached) == len({r.images[0].read_bytes() for r in shapes})

@@ -49,6 +49,15 @@ def read_jsonl(path: str | Path) -> list:
 
 
 def _read(path: Path) -> list:
+    datasets_marks = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if path.is_dir() and (any((path / m).is_file() for m in datasets_marks)
+                          or any(path.glob("*.parquet")) or any(path.glob("*.arrow"))):
+        raise DataError(f"{path}: a Hugging Face datasets folder (save_to_disk, or parquet / arrow files), "
+                        f"not a data file: give it as hf:{path}")
+    if path.is_file() and path.suffix in (".parquet", ".arrow"):
+        raise DataError(f"{path}: a {path.suffix[1:]} file is read through datasets: give it as hf:{path}")
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a data file (a LLaVA .json / .jsonl file, or hf:FOLDER)")
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     if path.suffix == ".jsonl":
