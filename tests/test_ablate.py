@@ -17,6 +17,7 @@ def test_mean_ci_is_the_student_t_interval():
     assert mean_ci([42.0]) == (42.0, 0.0)
 
 
+@pytest.mark.slow
 def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
     from vlmforge.cli import main
     from vlmforge.recipes import ablate as ab
@@ -95,6 +96,7 @@ def test_bad_grids_are_named(tmp_path):
     assert not (tmp_path / "a").exists()  # refused before anything was made
 
 
+@pytest.mark.slow
 def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monkeypatch, capsys):
     """`data:` in the grid trains on the user's files; `--eval` scores on a QA file and a benchmark."""
     from test_benchmarks import cell, write_parquet
@@ -162,6 +164,7 @@ def test_a_cell_that_cannot_be_built_fails_before_anything_trains(tmp_path):
     assert results["runs"] == {} and not (tmp_path / "out" / "runs").exists()
 
 
+@pytest.mark.slow
 def test_the_resolution_grid_on_the_words_task(tmp_path, monkeypatch):
     """The built-in `resolution` grid, its budget made tiny: wide and tall word images, scored per
     question kind, with each cell's mean visual tokens per held-out image."""

@@ -147,6 +147,7 @@ def _killed_build(store, vision_path, data):
     build(store, vision, proc, images_of(data), shard_size=8, num_workers=0, progress=False, on_shard=on_shard)
 
 
+@pytest.mark.multiproc
 def test_a_killed_build_resumes_and_ends_identical(model_cfg, data_dir, tmp_path):
     data = _files(data_dir, "shapes_captions.json")
     whole = _build(tmp_path / "whole", model_cfg, data, shard_size=8)
@@ -187,6 +188,7 @@ def test_a_damaged_shard_is_detected_never_read_and_rebuilt(model_cfg, data_dir,
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.multiproc
 def test_two_process_build_equals_one_process_build(model_cfg, data_dir, tmp_path):
     data = _files(data_dir, "shapes_captions.json", "text_captions.json")
     _build(tmp_path / "one", model_cfg, data, shard_size=8, dtype="fp32")

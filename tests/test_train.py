@@ -119,6 +119,7 @@ def sigkill_and_resume(cmd, tmp_path, at_step: int = 6):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.multiproc
 def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path):
     """SIGKILL (no handler runs, a checkpoint may be half written) during a `vlmforge train`
     process, then `--resume`: the final weights are bit for bit those of an uninterrupted run."""
@@ -239,6 +240,7 @@ def test_activation_checkpointing_changes_memory_not_results_and_bf16_trains(
     assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2) and runs["bf16"] != runs["plain"]
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_the_same(model_cfg, data_dir, tmp_path):
     """`--train.compile`: the compiled decoder and encoder layers compute the same run (losses to
     1e-4). With the `aot_eager` backend: dynamo captures the layers and AOT autograd their backward,
@@ -387,6 +389,7 @@ def test_grouped_and_packed_training_runs_and_resumes_exactly(model_cfg, tmp_pat
         train(_cfg(tmp_path, tmp_path / "ca", **cfg), ca)
 
 
+@pytest.mark.slow
 def test_bench_data_packs_the_same_labels_into_fewer_tokens(tmp_path, capsys):
     from vlmforge.cli import main
 
