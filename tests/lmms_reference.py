@@ -1,4 +1,4 @@
-"""lmms-eval's own scoring code, imported from the installed package (the version `make setup`
+"""lmms-eval's own scoring code, imported from the installed package (the version `make setup-test`
 pins), for the differential tests: each task's `utils.py` and the metric functions it calls, loaded
 as they are, without the package's task registry (`lmms_eval.tasks.__init__` imports datasets,
 models and every task). Nothing is copied here: a change in the pinned package shows in the tests."""
@@ -19,7 +19,7 @@ VERSION = "0.7.3"  # the pin in the Makefile
 def _root() -> Path:
     spec = importlib.util.find_spec("lmms_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("lmms-eval is not installed: `make setup` installs it")
+        raise ImportError("lmms-eval is not installed: `make setup-test` installs it")
     found = importlib.metadata.version("lmms_eval")
     if found != VERSION:
         raise ImportError(f"lmms-eval {found} is installed; the differential tests are written against {VERSION}")

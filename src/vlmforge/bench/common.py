@@ -11,7 +11,7 @@ from vlmforge.config import TinySpec
 
 SPECS = {
     # ViT encoders (the shape of real SigLIP towers, and of bench.cache's FLOP formulas); the `tiny`
-    # LM is 256 wide, as the demo's was when the README's bench figures were measured
+    # LM is 256 wide, as the demo's was when docs/engine.md's bench figures were measured
     "tiny": TinySpec(vision_kind="vit", lm_hidden=256, lm_intermediate=688),
     # encoder : LM parameters ~ 1 : 16 and image tokens ~ 70% of the LM sequence, as SigLIP-so400m
     # (0.4B, 729 tokens) beside Llama-3-8B (7.5B non-embedding) on a short caption.
