@@ -388,7 +388,7 @@ def test_endpoint_key_and_errors(endpoint, data_root, tmp_path, capsys):
 
 def test_a_report_of_older_rules_says_so_when_read(tmp_path, capsys):
     from vlmforge.eval.metrics import METRICS_VERSION
-    from vlmforge.export import read_evals
+    from vlmforge.eval.reports import read_evals
 
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     scores = {"pope": {"metric": "f1", "score": 0.8}}

@@ -17,9 +17,9 @@ COMMANDS = {
     "eval": "vlmforge.eval.harness:evaluate",
     "chat": "vlmforge.infer.chat:chat",
     "serve": "vlmforge.serve.launch:serve",
-    "merge-lora": "vlmforge.export:merge_lora",
-    "export": "vlmforge.export:export",
-    "import": "vlmforge.export:import_llava",
+    "merge-lora": "vlmforge.model.lora:merge_lora",
+    "export": "vlmforge.export.formats:export",
+    "import": "vlmforge.export.llava:import_llava",
     "presets": "vlmforge.presets:show_presets",
     "plan": "vlmforge.presets:plan",
     "demo": "vlmforge.config:DemoConfig",  # the config is the command: main() runs it
