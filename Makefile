@@ -29,8 +29,10 @@ test: setup-test
 test-fast: setup-test
 	$(BIN)/python -m pytest -q tests -m "not slow and not llamacpp and not browser and not multiproc"
 
+# ruff's rules and its formatting (`.venv/bin/ruff format src tests` applies the formatting)
 lint: setup-test
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 
 clean:
 	rm -rf runs .pytest_cache

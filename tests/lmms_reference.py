@@ -46,7 +46,7 @@ def load(name: str):
     _namespace("lmms_eval.api", root / "api")
     if name == "api.metrics":
         registry = types.ModuleType("lmms_eval.api.registry")
-        registry.register_metric = registry.register_aggregation = lambda *a, **kw: (lambda fn: fn)
+        registry.register_metric = registry.register_aggregation = lambda *a, **kw: lambda fn: fn
         sys.modules.setdefault("lmms_eval.api.registry", registry)
         sys.modules.setdefault("sacrebleu", types.ModuleType("sacrebleu"))
     return importlib.import_module(f"lmms_eval.{name}")

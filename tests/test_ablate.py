@@ -26,13 +26,24 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
     grid = {
         "name": "tiny",
         "seeds": 2,
-        "budget": {"n_shapes": 24, "n_text": 8, "n_test": 8, "spec": spec, "batch_size": 8,
-                   "align": {"max_steps": 2}, "sft": {"max_steps": 2}},
+        "budget": {
+            "n_shapes": 24,
+            "n_text": 8,
+            "n_test": 8,
+            "spec": spec,
+            "batch_size": 8,
+            "align": {"max_steps": 2},
+            "sft": {"max_steps": 2},
+        },
         "base": {"sft": {"lm_mode": "lora"}},
-        "groups": {"connector": [{"name": "linear", "model": {"connector": "linear"}},
-                                 {"name": "perceiver 4", "model": {"connector": "perceiver", "connector_latents": 4}}],
-                   "again": [{"name": "linear again", "model": {"connector": "linear", "split_grid": 0}}]},
-    }  # fmt: skip
+        "groups": {
+            "connector": [
+                {"name": "linear", "model": {"connector": "linear"}},
+                {"name": "perceiver 4", "model": {"connector": "perceiver", "connector_latents": 4}},
+            ],
+            "again": [{"name": "linear again", "model": {"connector": "linear", "split_grid": 0}}],
+        },
+    }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     out = tmp_path / "out"
@@ -106,19 +117,35 @@ def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").symlink_to(data_dir)
     root = tmp_path / "bench"
-    write_parquet(root / "textvqa/data/validation-00000-of-00001.parquet", [
-        {"image_id": str(i), "question_id": i, "question": "what color?", "image": cell(c), "answers": [c] * 10,
-         "ocr_tokens": []}
-        for i, c in enumerate(["red", "green", "blue", "yellow"])
-    ])  # fmt: skip
+    write_parquet(
+        root / "textvqa/data/validation-00000-of-00001.parquet",
+        [
+            {
+                "image_id": str(i),
+                "question_id": i,
+                "question": "what color?",
+                "image": cell(c),
+                "answers": [c] * 10,
+                "ocr_tokens": [],
+            }
+            for i, c in enumerate(["red", "green", "blue", "yellow"])
+        ],
+    )
     grid = {
-        "name": "own", "seeds": 1,
-        "budget": {"n_shapes": 8, "n_text": 4, "n_test": 4, "spec": dataclasses.asdict(SMALL), "batch_size": 8,
-                   "sft": {"max_steps": 2}},
+        "name": "own",
+        "seeds": 1,
+        "budget": {
+            "n_shapes": 8,
+            "n_text": 4,
+            "n_test": 4,
+            "spec": dataclasses.asdict(SMALL),
+            "batch_size": 8,
+            "sft": {"max_steps": 2},
+        },
         "data": {"sft": ["d/shapes_sft.json"]},
         "eval": {"qa": "d/shapes_qa.json"},
         "groups": {"connector": [{"name": "linear", "model": {"connector": "linear"}}]},
-    }  # fmt: skip
+    }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     g = load_grid("grid.yaml")
     assert g["data"] == {"sft": [str(tmp_path / "d/shapes_sft.json")]}  # relative to the YAML
@@ -132,8 +159,23 @@ def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monk
             main(["ablate", "--grid", "grid.yaml", "--out", "o", "--eval", *words])
         assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
-    main(["ablate", "--grid", "grid.yaml", "--out", "o", "--eval", "shapes", "d/shapes_qa.json", "tv=textvqa",
-          "--data-root", str(root), "--limit", "3"])  # fmt: skip
+    main(
+        [
+            "ablate",
+            "--grid",
+            "grid.yaml",
+            "--out",
+            "o",
+            "--eval",
+            "shapes",
+            "d/shapes_qa.json",
+            "tv=textvqa",
+            "--data-root",
+            str(root),
+            "--limit",
+            "3",
+        ]
+    )
     results = json.loads((tmp_path / "o/results.json").read_text())
     assert list(results["tasks"]) == ["shapes", "shapes_qa", "tv"]
     assert results["tasks"]["tv"] == {"bench": "textvqa", "root": str(root), "limit": 3}
@@ -150,13 +192,24 @@ def test_a_cell_that_cannot_be_built_fails_before_anything_trains(tmp_path):
     from vlmforge.recipes.ablate import ablate
 
     grid = {
-        "name": "broken", "seeds": 1,
-        "budget": {"n_shapes": 8, "n_text": 4, "n_test": 4, "spec": dataclasses.asdict(SMALL), "batch_size": 8,
-                   "sft": {"max_steps": 1}},
+        "name": "broken",
+        "seeds": 1,
+        "budget": {
+            "n_shapes": 8,
+            "n_text": 4,
+            "n_test": 4,
+            "spec": dataclasses.asdict(SMALL),
+            "batch_size": 8,
+            "sft": {"max_steps": 1},
+        },
         "base": {"model": {"vision_pooled": True}},  # 16 patches + the pooled token
-        "groups": {"connector": [{"name": "linear", "model": {"connector": "linear"}},
-                                 {"name": "shuffled", "model": {"connector": "pixel_shuffle"}}]},
-    }  # fmt: skip
+        "groups": {
+            "connector": [
+                {"name": "linear", "model": {"connector": "linear"}},
+                {"name": "shuffled", "model": {"connector": "pixel_shuffle"}},
+            ]
+        },
+    }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     with pytest.raises(ValueError, match="cell 'shuffled': pixel_shuffle connector"):
         ablate(str(tmp_path / "grid.yaml"), tmp_path / "out", jobs=1)
@@ -170,10 +223,17 @@ def test_the_resolution_grid_on_the_words_task(tmp_path, monkeypatch):
     question kind, with each cell's mean visual tokens per held-out image."""
     from vlmforge.recipes import ablate as ab
 
-    small = {"n_words": 12, "n_test": 6, "spec": dataclasses.asdict(SMALL), "batch_size": 8,
-             "align": {"max_steps": 2}, "sft": {"max_steps": 2}}  # fmt: skip
-    monkeypatch.setitem(ab.GRIDS, "resolution", {**ab.RESOLUTION, "seeds": 1,
-                                                 "budget": {**ab.RESOLUTION["budget"], **small}})  # fmt: skip
+    small = {
+        "n_words": 12,
+        "n_test": 6,
+        "spec": dataclasses.asdict(SMALL),
+        "batch_size": 8,
+        "align": {"max_steps": 2},
+        "sft": {"max_steps": 2},
+    }
+    monkeypatch.setitem(
+        ab.GRIDS, "resolution", {**ab.RESOLUTION, "seeds": 1, "budget": {**ab.RESOLUTION["budget"], **small}}
+    )
     results = ab.ablate("resolution", tmp_path / "out", jobs=1)
     shared = json.loads((tmp_path / "out/shared.json").read_text())
     qa = {t: json.loads(open(shared[f"test_{t}_qa"]).read()) for t in ("words", "letters", "count")}
@@ -186,8 +246,12 @@ def test_the_resolution_grid_on_the_words_task(tmp_path, monkeypatch):
     # 32 px encoder, 16 patches + the pooled token a view: wide 256 x 64 -> 1 x 4 slices, tall
     # 64 x 192 -> 3 x 1, each plus the whole; native: 64 x 16 -> 2 x 8 patches, 64 x 192 -> 24 x 64 -> 8 x 3
     tokens = {name: r["visual_tokens_per_image"] for name, r in runs.items()}
-    assert tokens == {"pad to square": 17, "native aspect": (17 + 25) / 2, "fixed 2x2 + whole": 85,
-                      "adaptive <= 4 + whole": (5 + 4) * 17 / 2}  # fmt: skip
+    assert tokens == {
+        "pad to square": 17,
+        "native aspect": (17 + 25) / 2,
+        "fixed 2x2 + whole": 85,
+        "adaptive <= 4 + whole": (5 + 4) * 17 / 2,
+    }
     assert "| adaptive <= 4 + whole |" in (tmp_path / "out/results.md").read_text()
     with pytest.raises(ValueError, match="need the words data"):
         ab.ablate("idefics2", tmp_path / "other", eval=["words"])

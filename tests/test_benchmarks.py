@@ -48,51 +48,134 @@ def data_root(tmp_path_factory):
         [{"answer": a, "answer_confidence": "yes", "answer_id": i} for i in range(1, 8)]
         + [{"answer": b, "answer_confidence": "maybe", "answer_id": i} for i in range(8, 11)]
     )
-    write_parquet(root / "VQAv2/data/validation-00000-of-00001.parquet", [
-        {"question_type": "what color", "multiple_choice_answer": c, "answers": answers(c, "white"), "image_id": i,
-         "answer_type": "other", "question_id": 100 + i, "question": "What color is it?", "image": cell(c)}
-        for i, c in enumerate(COLORS)
-    ])  # fmt: skip
-    write_parquet(root / "textvqa/data/validation-00000-of-00001.parquet", [
-        {"image_id": str(i), "question_id": i, "question": "what does it say?", "image": cell(c),
-         "answers": [c] * 9 + ["sign"], "ocr_tokens": [c]}
-        for i, c in enumerate(COLORS)
-    ])  # fmt: skip
-    write_parquet(root / "textvqa/data/train-00000-of-00001.parquet", [  # another split: never read
-        {"image_id": "x", "question_id": 99, "question": "q", "image": cell("red"), "answers": ["x"] * 10,
-         "ocr_tokens": []}
-    ])  # fmt: skip
-    write_parquet(root / "DocVQA/DocVQA/validation-00000-of-00001.parquet", [
-        {"questionId": str(50 + i), "question": "What is the title?", "question_types": ["layout"], "image": cell(c),
-         "docId": i, "answers": [f"{c} report", f"the {c} report"], "data_split": "val"}
-        for i, c in enumerate(COLORS)
-    ])  # fmt: skip
+    write_parquet(
+        root / "VQAv2/data/validation-00000-of-00001.parquet",
+        [
+            {
+                "question_type": "what color",
+                "multiple_choice_answer": c,
+                "answers": answers(c, "white"),
+                "image_id": i,
+                "answer_type": "other",
+                "question_id": 100 + i,
+                "question": "What color is it?",
+                "image": cell(c),
+            }
+            for i, c in enumerate(COLORS)
+        ],
+    )
+    write_parquet(
+        root / "textvqa/data/validation-00000-of-00001.parquet",
+        [
+            {
+                "image_id": str(i),
+                "question_id": i,
+                "question": "what does it say?",
+                "image": cell(c),
+                "answers": [c] * 9 + ["sign"],
+                "ocr_tokens": [c],
+            }
+            for i, c in enumerate(COLORS)
+        ],
+    )
+    write_parquet(
+        root / "textvqa/data/train-00000-of-00001.parquet",
+        [  # another split: never read
+            {
+                "image_id": "x",
+                "question_id": 99,
+                "question": "q",
+                "image": cell("red"),
+                "answers": ["x"] * 10,
+                "ocr_tokens": [],
+            }
+        ],
+    )
+    write_parquet(
+        root / "DocVQA/DocVQA/validation-00000-of-00001.parquet",
+        [
+            {
+                "questionId": str(50 + i),
+                "question": "What is the title?",
+                "question_types": ["layout"],
+                "image": cell(c),
+                "docId": i,
+                "answers": [f"{c} report", f"the {c} report"],
+                "data_split": "val",
+            }
+            for i, c in enumerate(COLORS)
+        ],
+    )
     mmmu = []
     for i, c in enumerate(COLORS):
-        mmmu.append({"id": f"validation_Art_{i + 1}", "question": "<image 1> Which color is shown?",
-                     "options": str(COLORS), "answer": "ABCD"[i], "question_type": "multiple-choice",
-                     "image_1": cell(c), "image_2": None, "subfield": "x"})  # fmt: skip
-    mmmu.append({"id": "validation_Math_1", "question": "How many shapes? <image 1> <image 2>", "options": "[]",
-                 "answer": "3", "question_type": "open", "image_1": cell("red"), "image_2": cell("blue"),
-                 "subfield": "y"})  # fmt: skip
+        mmmu.append(
+            {
+                "id": f"validation_Art_{i + 1}",
+                "question": "<image 1> Which color is shown?",
+                "options": str(COLORS),
+                "answer": "ABCD"[i],
+                "question_type": "multiple-choice",
+                "image_1": cell(c),
+                "image_2": None,
+                "subfield": "x",
+            }
+        )
+    mmmu.append(
+        {
+            "id": "validation_Math_1",
+            "question": "How many shapes? <image 1> <image 2>",
+            "options": "[]",
+            "answer": "3",
+            "question_type": "open",
+            "image_1": cell("red"),
+            "image_2": cell("blue"),
+            "subfield": "y",
+        }
+    )
     write_parquet(root / "MMMU/data/validation-00000-of-00001.parquet", mmmu)
-    write_parquet(root / "POPE/data/test-00000-of-00001.parquet", [
-        {"id": str(i), "question_id": str(i), "question": f"Is there a {c} square in the image?",
-         "answer": "yes" if i % 2 == 0 else "no", "image_source": "x", "image": cell(c),
-         "category": "random" if i < 2 else "popular"}
-        for i, c in enumerate(COLORS)
-    ])  # fmt: skip
-    write_parquet(root / "MMStar/mmstar.parquet", [
-        {"index": i, "question": "Which color?\nOptions: A: red, B: green, C: blue, D: yellow", "image": cell(c),
-         "answer": "ABCD"[i], "category": "coarse perception", "l2_category": "color" if i < 3 else "other",
-         "meta_info": {"source": "x"}}
-        for i, c in enumerate(COLORS)
-    ])  # fmt: skip
-    write_parquet(root / "COCO-Caption2017/data/val-00000-of-00001.parquet", [
-        {"question_id": f"{i}.jpg", "image": cell(c), "question": "Provide a one-sentence caption.",
-         "answer": [f"a plain {c} picture", f"an image that is all {c}", f"{c} everywhere"], "id": i}
-        for i, c in enumerate(COLORS)
-    ])  # fmt: skip
+    write_parquet(
+        root / "POPE/data/test-00000-of-00001.parquet",
+        [
+            {
+                "id": str(i),
+                "question_id": str(i),
+                "question": f"Is there a {c} square in the image?",
+                "answer": "yes" if i % 2 == 0 else "no",
+                "image_source": "x",
+                "image": cell(c),
+                "category": "random" if i < 2 else "popular",
+            }
+            for i, c in enumerate(COLORS)
+        ],
+    )
+    write_parquet(
+        root / "MMStar/mmstar.parquet",
+        [
+            {
+                "index": i,
+                "question": "Which color?\nOptions: A: red, B: green, C: blue, D: yellow",
+                "image": cell(c),
+                "answer": "ABCD"[i],
+                "category": "coarse perception",
+                "l2_category": "color" if i < 3 else "other",
+                "meta_info": {"source": "x"},
+            }
+            for i, c in enumerate(COLORS)
+        ],
+    )
+    write_parquet(
+        root / "COCO-Caption2017/data/val-00000-of-00001.parquet",
+        [
+            {
+                "question_id": f"{i}.jpg",
+                "image": cell(c),
+                "question": "Provide a one-sentence caption.",
+                "answer": [f"a plain {c} picture", f"an image that is all {c}", f"{c} everywhere"],
+                "id": i,
+            }
+            for i, c in enumerate(COLORS)
+        ],
+    )
     return root
 
 
@@ -111,8 +194,14 @@ def llava_root(tmp_path_factory):
         (pope / "val2014" / f"{c}.jpg").write_bytes(png(c))
         q_tv.append({"question_id": i, "image": f"{c}.jpg", "text": f"what is it?\nReference OCR token: {c}{SUFFIX}"})
         ann.append({"question_id": i, "answers": [c] * 10, "image_id": c})
-        q_pope.append({"question_id": 10 + i, "image": f"{c}.jpg", "text": f"Is there a {c} thing?",
-                       "category": "adversarial" if i < 2 else "random"})  # fmt: skip
+        q_pope.append(
+            {
+                "question_id": 10 + i,
+                "image": f"{c}.jpg",
+                "text": f"Is there a {c} thing?",
+                "category": "adversarial" if i < 2 else "random",
+            }
+        )
     (tv / "llava_textvqa_val_v051_ocr.jsonl").write_text("".join(json.dumps(q) + "\n" for q in q_tv))
     (tv / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": ann}))
     (pope / "llava_pope_test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in q_pope))
@@ -215,11 +304,14 @@ def test_resume_answers_only_the_rest_and_torn_lines_are_cut(data_root, tmp_path
 
 def test_bad_input_is_named_and_finished_work_kept(data_root, tmp_path):
     root = tmp_path / "root"
-    write_parquet(root / "DocVQA/validation-00000-of-00001.parquet", [
-        {"questionId": "1", "question": "q", "image": cell("red"), "answers": ["red"]},
-        {"questionId": "2", "question": "q", "image": {"bytes": b"not an image", "path": None}, "answers": ["x"]},
-        {"questionId": "3", "question": "q", "image": cell("blue"), "answers": ["blue"]},
-    ])  # fmt: skip
+    write_parquet(
+        root / "DocVQA/validation-00000-of-00001.parquet",
+        [
+            {"questionId": "1", "question": "q", "image": cell("red"), "answers": ["red"]},
+            {"questionId": "2", "question": "q", "image": {"bytes": b"not an image", "path": None}, "answers": ["x"]},
+            {"questionId": "3", "question": "q", "image": cell("blue"), "answers": ["blue"]},
+        ],
+    )
     b = evaluate_benchmarks(["docvqa"], Scripted(reference_answer), root, tmp_path / "o")["benchmarks"]["docvqa"]
     assert b["n"] == 2 and b["score"] == 1.0
     assert b["image_errors"][0]["id"] == "2" and "cannot decode image" in b["image_errors"][0]["error"]
@@ -242,11 +334,13 @@ def test_bad_input_is_named_and_finished_work_kept(data_root, tmp_path):
     # file left as it is: nothing is scored silently as zero
     pred = tmp_path / "o/docvqa/predictions.jsonl"
     good = pred.read_text()
-    for bad, why in (('{"prediction": "red"}', "no question id"),
-                     ('{"id": "1", "prediction": 7}', "question 1: its prediction is a int, not a string"),
-                     ('{"id": "1"}', "question 1: its prediction is missing"),
-                     ("[1, 2]", "a list, not an object"),
-                     ("{broken", "not a JSON line")):  # fmt: skip
+    for bad, why in (
+        ('{"prediction": "red"}', "no question id"),
+        ('{"id": "1", "prediction": 7}', "question 1: its prediction is a int, not a string"),
+        ('{"id": "1"}', "question 1: its prediction is missing"),
+        ("[1, 2]", "a list, not an object"),
+        ("{broken", "not a JSON line"),
+    ):
         pred.write_text(bad + "\n" + good)
         with pytest.raises(DataError, match=rf"predictions.jsonl:1: {re.escape(why)}"):
             evaluate_benchmarks(["docvqa"], Scripted(reference_answer), root, tmp_path / "o")
@@ -308,9 +402,15 @@ class OpenAIStub(BaseHTTPRequestHandler):
         images = [load_image_bytes(base64.b64decode(u.split(",", 1)[1]), "request") for u in urls]
         with self.lock:
             answer = self.generator([Sample("r", text, urls, None)], [images])[0]
-        self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                      "finish_reason": "stop"}]})  # fmt: skip
+        self._send(
+            200,
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            },
+        )
 
 
 def color_namer(samples, images):
@@ -335,8 +435,20 @@ def endpoint():
 
 def test_cli_eval_of_a_saved_model_in_every_layout(saved_model, data_root, llava_root, tmp_path, capsys):
     common = ["--model", str(saved_model), "--limit", "3", "--max-new-tokens", "6"]
-    main(["eval", *common, "--bench", ",".join(ALL), "--data-root", str(data_root), "--out", str(tmp_path / "hf"),
-          "--html", str(tmp_path / "hf.html")])  # fmt: skip
+    main(
+        [
+            "eval",
+            *common,
+            "--bench",
+            ",".join(ALL),
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(tmp_path / "hf"),
+            "--html",
+            str(tmp_path / "hf.html"),
+        ]
+    )
     out = capsys.readouterr().out
     page = (tmp_path / "hf.html").read_text()  # parquet images are bytes: shown from thumbnails beside the answers
     assert page.count("<tr class='q ") == 3 * len(ALL) and page.count("data:image/jpeg;base64,") >= 3 * len(ALL)
@@ -357,8 +469,23 @@ def test_cli_eval_of_a_saved_model_in_every_layout(saved_model, data_root, llava
 def test_endpoint_gives_the_same_answers_and_scores(endpoint, data_root, tmp_path):
     names = ["textvqa", "mmmu", "pope", "mmstar", "coco_cap"]
     local = evaluate_benchmarks(names, color_namer, data_root, tmp_path / "local")
-    main(["eval", "--endpoint", endpoint, "--bench", ",".join(names), "--data-root", str(data_root),
-          "--out", str(tmp_path / "remote"), "--concurrency", "3", "--batch-size", "2"])  # fmt: skip
+    main(
+        [
+            "eval",
+            "--endpoint",
+            endpoint,
+            "--bench",
+            ",".join(names),
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(tmp_path / "remote"),
+            "--concurrency",
+            "3",
+            "--batch-size",
+            "2",
+        ]
+    )
     remote = json.loads((tmp_path / "remote/report.json").read_text())
     assert remote["generation"]["model"] == "tiny"  # the first of GET /v1/models
     for name in names:
@@ -378,8 +505,21 @@ def test_endpoint_key_and_errors(endpoint, data_root, tmp_path, capsys):
     with pytest.raises(EndpointError, match=r"chat/completions \(question 0\): HTTP 401: .*invalid api key"):
         evaluate_benchmarks(["pope"], EndpointGenerator(endpoint, retries=1), data_root, tmp_path / "no", limit=1)
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--endpoint", "http://127.0.0.1:9/v1", "--endpoint-model", "m", "--bench", "pope",
-              "--data-root", str(data_root), "--out", str(tmp_path / "x")])  # fmt: skip
+        main(
+            [
+                "eval",
+                "--endpoint",
+                "http://127.0.0.1:9/v1",
+                "--endpoint-model",
+                "m",
+                "--bench",
+                "pope",
+                "--data-root",
+                str(data_root),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
     assert e.value.code == 2 and "error: http://127.0.0.1:9/v1/chat/completions (question 0)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--model", "m", "--endpoint", endpoint, "--bench", "pope"])

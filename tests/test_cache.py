@@ -23,8 +23,9 @@ def _files(data_dir, *names):
 
 def _build(store, model_cfg, data, **kw):
     split = kw.pop("split_grid", 0)
-    vision, proc, src = encoder_for(encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer,
-                                    resize=model_cfg.resize, split_grid=split)  # fmt: skip
+    vision, proc, src = encoder_for(
+        encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer, resize=model_cfg.resize, split_grid=split
+    )
     kw.setdefault("num_workers", 0)
     kw.setdefault("progress", False)
     return build(store, vision, proc, images_of(data), source=src, **kw)
@@ -45,8 +46,19 @@ def _losses(out):
 
 
 def _cfg(data, out, **kw):
-    base = dict(stage="align", data=data, out=str(out), batch_size=8, lr=3e-3, max_steps=4, epochs=10,
-                warmup=0.1, save_every=100, log_every=1, seed=0)  # fmt: skip
+    base = dict(
+        stage="align",
+        data=data,
+        out=str(out),
+        batch_size=8,
+        lr=3e-3,
+        max_steps=4,
+        epochs=10,
+        warmup=0.1,
+        save_every=100,
+        log_every=1,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -192,10 +204,33 @@ def test_a_damaged_shard_is_detected_never_read_and_rebuilt(model_cfg, data_dir,
 def test_two_process_build_equals_one_process_build(model_cfg, data_dir, tmp_path):
     data = _files(data_dir, "shapes_captions.json", "text_captions.json")
     _build(tmp_path / "one", model_cfg, data, shard_size=8, dtype="fp32")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vlmforge",
-           "cache", "build", "--encoder", model_cfg.vision, "--data", *data, "--out", str(tmp_path / "two"),
-           "--shard_size", "8", "--dtype", "fp32", "--num_workers", "0", "--device", "cpu",
-           "--threads", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vlmforge",
+        "cache",
+        "build",
+        "--encoder",
+        model_cfg.vision,
+        "--data",
+        *data,
+        "--out",
+        str(tmp_path / "two"),
+        "--shard_size",
+        "8",
+        "--dtype",
+        "fp32",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -236,8 +271,20 @@ def test_cli_build_info_verify(model_cfg, data_dir, tmp_path, capsys):
     from vlmforge.cli import main
 
     data = _files(data_dir, "text_captions.json", "text_sft.json")
-    main(["cache", "build", "--encoder", model_cfg.vision, "--data", *data, "--out", str(tmp_path / "s"),
-          "--num_workers", "0"])  # fmt: skip
+    main(
+        [
+            "cache",
+            "build",
+            "--encoder",
+            model_cfg.vision,
+            "--data",
+            *data,
+            "--out",
+            str(tmp_path / "s"),
+            "--num_workers",
+            "0",
+        ]
+    )
     assert '"encoded": 8' in capsys.readouterr().out
     main(["cache", "info", "--store", str(tmp_path / "s")])
     out = capsys.readouterr().out

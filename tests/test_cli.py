@@ -74,8 +74,21 @@ def test_checkpoints_vlmforge_cannot_use_are_one_line_errors(tmp_path, backbones
     capsys.readouterr()
     for (vision, lm, tokenizer), message in cases.items():
         with pytest.raises(SystemExit) as e:
-            main(["train", "--train.data", str(data_dir / "shapes_sft.json"), "--train.out", str(tmp_path / "run"),
-                  "--model.vision", vision, "--model.lm", lm, "--model.tokenizer", tokenizer])  # fmt: skip
+            main(
+                [
+                    "train",
+                    "--train.data",
+                    str(data_dir / "shapes_sft.json"),
+                    "--train.out",
+                    str(tmp_path / "run"),
+                    "--model.vision",
+                    vision,
+                    "--model.lm",
+                    lm,
+                    "--model.tokenizer",
+                    tokenizer,
+                ]
+            )
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert e.value.code == 2 and "Traceback" not in err, err
@@ -94,15 +107,40 @@ def test_checkpoints_vlmforge_cannot_use_are_one_line_errors(tmp_path, backbones
 def test_synth_train_eval_chat_end_to_end(tmp_path, backbones, capsys, monkeypatch):
     main(["data", "synth", "--task", "shapes", "--n", "8", "--width", "32", "--height", "32", "--out", str(tmp_path)])
     sft = tmp_path / "shapes_sft.json"
-    main([
-        "train", "--train.stage", "sft", "--train.data", f"[{sft}]", "--train.out", str(tmp_path / "run"),
-        "--train.max_steps", "2", "--train.batch_size", "4",
-        "--model.vision", str(backbones["vision"]), "--model.lm", str(backbones["lm"]),
-    ])  # fmt: skip
+    main(
+        [
+            "train",
+            "--train.stage",
+            "sft",
+            "--train.data",
+            f"[{sft}]",
+            "--train.out",
+            str(tmp_path / "run"),
+            "--train.max_steps",
+            "2",
+            "--train.batch_size",
+            "4",
+            "--model.vision",
+            str(backbones["vision"]),
+            "--model.lm",
+            str(backbones["lm"]),
+        ]
+    )
     model = tmp_path / "run" / "model"
     capsys.readouterr()
-    main(["eval", "--model", str(model), "--data", str(tmp_path / "shapes_qa.json"), "--out", str(tmp_path / "r"),
-          "--html", str(tmp_path / "r.html")])  # fmt: skip
+    main(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--data",
+            str(tmp_path / "shapes_qa.json"),
+            "--out",
+            str(tmp_path / "r"),
+            "--html",
+            str(tmp_path / "r.html"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "| shapes_qa | all | accuracy |" in out and "  - count: " in out
     report = json.loads((tmp_path / "r" / "report.json").read_text())["benchmarks"]["shapes_qa"]
@@ -134,7 +172,16 @@ def test_chat_names_a_bad_image_before_loading_the_model(tmp_path, capsys):
 
 def test_eval_html_without_out_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "qa.json"),
-              "--html", str(tmp_path / "p.html")])  # fmt: skip
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "m"),
+                "--data",
+                str(tmp_path / "qa.json"),
+                "--html",
+                str(tmp_path / "p.html"),
+            ]
+        )
     assert e.value.code == 2 and "--html needs --out DIR" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and not (tmp_path / "p.html").exists()

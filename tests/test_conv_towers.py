@@ -16,8 +16,9 @@ def _save_tower(kind: str, path) -> str:
 
     torch.manual_seed(0)
     if kind == "resnet":  # stem 32 -> 8x8, stages 8x8, 4x4, 2x2 at 32 px
-        model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 1, 1],
-                                         layer_type="basic"))  # fmt: skip
+        model = ResNetModel(
+            ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 1, 1], layer_type="basic")
+        )
         with torch.no_grad():  # BatchNorm statistics that are not the identity, so a change shows
             for m in model.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
@@ -81,8 +82,10 @@ def test_every_connector_trains_on_the_map(conv_cfg, data_dir, connector):
 def test_splitting_and_cross_attention(conv_cfg, data_dir):
     from tests.test_model import _batch
 
-    for cfg in (dataclasses.replace(conv_cfg, split_grid=2),
-                dataclasses.replace(conv_cfg, architecture="cross_attention", xattn_every=1)):  # fmt: skip
+    for cfg in (
+        dataclasses.replace(conv_cfg, split_grid=2),
+        dataclasses.replace(conv_cfg, architecture="cross_attention", xattn_every=1),
+    ):
         m = VLM.from_backbones(cfg)
         b = _batch(m, data_dir, n=2)
         assert b["pixel_values"].shape[0] == 2 * m.processor.num_views
@@ -144,8 +147,15 @@ def test_frozen_batchnorm_stays_in_eval_mode_while_training(resnet_cfg, data_dir
     assert not m.vision.model.training and m.connector.training
     m.vision.requires_grad_(True)  # a tower that trains follows the model's mode
     assert m.train().vision.model.training
-    cfg = TrainConfig(stage="sft", data=[str(data_dir / "shapes_sft.json")], out=str(tmp_path / "run"),
-                      max_steps=3, batch_size=4, save_every=2, threads=1)  # fmt: skip
+    cfg = TrainConfig(
+        stage="sft",
+        data=[str(data_dir / "shapes_sft.json")],
+        out=str(tmp_path / "run"),
+        max_steps=3,
+        batch_size=4,
+        save_every=2,
+        threads=1,
+    )
     out = train(cfg, resnet_cfg)
     after = VLM.from_pretrained(out).vision.state_dict()
     for k, v in before.items():
@@ -163,8 +173,15 @@ def test_tiny_resnet_pretrains_with_the_sigmoid_loss_and_loads_as_a_tower(backbo
     from vlmforge.model.vision import VisionTower
     from vlmforge.recipes.tiny import pretrain_siglip
 
-    spec = dataclasses.replace(SMALL, vision_kind="resnet", conv_embedding=8, conv_hidden=[8, 16], conv_depths=[1, 1],
-                               siglip_steps=3, siglip_texts=8)  # fmt: skip
+    spec = dataclasses.replace(
+        SMALL,
+        vision_kind="resnet",
+        conv_embedding=8,
+        conv_hidden=[8, 16],
+        conv_depths=[1, 1],
+        siglip_steps=3,
+        siglip_texts=8,
+    )
     recs = load_records(data_dir / "shapes_captions.json")
     info = pretrain_siglip(recs, AutoTokenizer.from_pretrained(backbones["tokenizer"]), tmp_path / "v", spec)
     assert info["final_loss"] == info["final_loss"]  # finite, not NaN
@@ -196,11 +213,23 @@ def test_the_tower_learns_to_read_beside_the_sigmoid_loss(backbones, data_dir, t
     from vlmforge.model.vision import VisionTower
     from vlmforge.recipes.tiny import pretrain_siglip
 
-    spec = dataclasses.replace(SMALL, vision_kind=kind, conv_embedding=8, conv_hidden=[8, 16], conv_depths=[1, 1],
-                               siglip_steps=2, siglip_texts=8, read_steps=40, read_batch=8, siglip_lr=1e-2)  # fmt: skip
+    spec = dataclasses.replace(
+        SMALL,
+        vision_kind=kind,
+        conv_embedding=8,
+        conv_hidden=[8, 16],
+        conv_depths=[1, 1],
+        siglip_steps=2,
+        siglip_texts=8,
+        read_steps=40,
+        read_batch=8,
+        siglip_lr=1e-2,
+    )
     texts = load_records(data_dir / "text_sft.json")
-    same = [dataclasses.replace(texts[0], messages=[texts[0].messages[0], {**texts[0].messages[1], "content": "cab"}])
-            for _ in range(20)]  # fmt: skip
+    same = [
+        dataclasses.replace(texts[0], messages=[texts[0].messages[0], {**texts[0].messages[1], "content": "cab"}])
+        for _ in range(20)
+    ]
     tok = AutoTokenizer.from_pretrained(backbones["tokenizer"])
     info = pretrain_siglip(load_records(data_dir / "shapes_captions.json"), tok, tmp_path / "v", spec, reading=same)
     assert info["reading_exact"] == 1.0  # one string to learn: the objective reaches it

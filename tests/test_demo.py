@@ -10,11 +10,18 @@ from vlmforge.recipes.demo import run
 def test_demo_end_to_end_small_with_the_feature_cache(tmp_path, capsys):
     base = DemoConfig()
     cfg = DemoConfig(
-        out=str(tmp_path / "demo"), n_shapes=48, n_text=8, n_test=8, n_other=4, spec=SMALL,
-        train_sizes=["80x64", "64x80", "96x96"], n_shapes_other=12,
+        out=str(tmp_path / "demo"),
+        n_shapes=48,
+        n_text=8,
+        n_test=8,
+        n_other=4,
+        spec=SMALL,
+        train_sizes=["80x64", "64x80", "96x96"],
+        n_shapes_other=12,
         align=dataclasses.replace(base.align, max_steps=2, batch_size=8, log_every=1),
-        sft=dataclasses.replace(base.sft, max_steps=2, batch_size=8, log_every=1), sft_warm=2,
-    )  # fmt: skip
+        sft=dataclasses.replace(base.sft, max_steps=2, batch_size=8, log_every=1),
+        sft_warm=2,
+    )
     summary = run(cfg)
     out = tmp_path / "demo"
     assert list(summary["phase_seconds"]) == ["data", "backbones", "cache", "align", "warm", "sft", "model", "eval"]

@@ -19,14 +19,34 @@ pytestmark = pytest.mark.multiproc
 
 def train(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "vlmforge", "train", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vlmforge", "train", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def common(data, backbones, out):
-    return ["--train.data", str(data), "--train.batch_size", "4", "--train.log_every", "1", "--train.stage", "sft",
-            "--train.lm_mode", "lora", "--train.max_steps", "4", "--train.threads", "1", "--train.out", str(out),
-            "--model.vision", str(backbones["vision"]), "--model.lm", str(backbones["lm"])]  # fmt: skip
+    return [
+        "--train.data",
+        str(data),
+        "--train.batch_size",
+        "4",
+        "--train.log_every",
+        "1",
+        "--train.stage",
+        "sft",
+        "--train.lm_mode",
+        "lora",
+        "--train.max_steps",
+        "4",
+        "--train.threads",
+        "1",
+        "--train.out",
+        str(out),
+        "--model.vision",
+        str(backbones["vision"]),
+        "--model.lm",
+        str(backbones["lm"]),
+    ]
 
 
 def losses(out):
@@ -49,12 +69,15 @@ def with_bad_images(data_dir, tmp_path, victims: int = 4):
     return data
 
 
-@pytest.mark.parametrize("strategy,lm_mode,lm_part,vision", [
-    ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "frozen"),
-    ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "full"),  # the tower trains too
-    ("fsdp", "full", "lm/model.safetensors", "frozen"),
-    ("fsdp", "full", "lm/model.safetensors", "top"),  # the tower's top block sharded with the root
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy,lm_mode,lm_part,vision",
+    [
+        ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "frozen"),
+        ("ddp", "lora", "lm_adapter/adapter_model.safetensors", "full"),  # the tower trains too
+        ("fsdp", "full", "lm/model.safetensors", "frozen"),
+        ("fsdp", "full", "lm/model.safetensors", "top"),  # the tower's top block sharded with the root
+    ],
+)
 def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, strategy, lm_mode, lm_part, vision):
     """2 ranks (DDP, also with the vision tower training; FSDP2 sharding the fully trained LM, also
     with the tower's top block training), one
@@ -65,8 +88,20 @@ def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, st
     two, one = tmp_path / "two", tmp_path / "one"
     mode = ["--train.lm_mode", lm_mode, "--train.vision_mode", vision]
     # 2 ranks x 1 micro-batch per step, stopped after step 2 ...
-    r = train(*common(data, backbones, two), *mode, "--nproc", "2", "--train.strategy", strategy,
-              "--train.grad_accum", "1", "--train.stop_at", "2", "--train.dist_timeout", "60")  # fmt: skip
+    r = train(
+        *common(data, backbones, two),
+        *mode,
+        "--nproc",
+        "2",
+        "--train.strategy",
+        strategy,
+        "--train.grad_accum",
+        "1",
+        "--train.stop_at",
+        "2",
+        "--train.dist_timeout",
+        "60",
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"2 ranks ({strategy})" in r.stdout + r.stderr and len(losses(two)) == 2
     assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
@@ -87,8 +122,15 @@ def test_two_ranks_match_one_and_resume_on_one(data_dir, backbones, tmp_path, st
 def test_a_failing_rank_stops_the_job_with_its_name(data_dir, backbones, tmp_path):
     data = with_bad_images(data_dir, tmp_path, victims=1)
     t0 = time.time()
-    r = train(*common(data, backbones, tmp_path / "out"), "--nproc", "2", "--train.bad_images", "fail",
-              "--train.dist_timeout", "60")  # fmt: skip
+    r = train(
+        *common(data, backbones, tmp_path / "out"),
+        "--nproc",
+        "2",
+        "--train.bad_images",
+        "fail",
+        "--train.dist_timeout",
+        "60",
+    )
     assert r.returncode != 0 and time.time() - t0 < 120
     log = r.stdout + r.stderr
     assert "rank 1 of 2 failed" in log and "gone.png" in log
@@ -98,8 +140,24 @@ def test_bench_train_writes_its_figures(tmp_path, capsys):
     from vlmforge.cli import main
 
     out = tmp_path / "bench.json"
-    main(["bench", "train", "--work", str(tmp_path / "w"), "--batch_size", "4", "--steps", "1",
-          "--process_steps", "2", "--compile", "false", "--out", str(out)])  # fmt: skip
+    main(
+        [
+            "bench",
+            "train",
+            "--work",
+            str(tmp_path / "w"),
+            "--batch_size",
+            "4",
+            "--steps",
+            "1",
+            "--process_steps",
+            "2",
+            "--compile",
+            "false",
+            "--out",
+            str(out),
+        ]
+    )
     r = json.loads(out.read_text())
     assert r["matmul_peak_flops"] > 1e8
     for stage in ("align", "sft"):

@@ -103,8 +103,9 @@ def test_sampling_seed_top_k_and_stop_strings(vlm):
     assert c.tokens != a.tokens or a.tokens != greedy.tokens
     top1 = eng.generate(p[:1], imgs[:1], SamplingParams(max_tokens=16, temperature=1.0, top_k=1, ignore_eos=True))[0]
     assert top1.tokens == greedy.tokens
-    nucleus = eng.generate(p[:1], imgs[:1], SamplingParams(max_tokens=16, temperature=1.0, top_p=1e-6,
-                                                           ignore_eos=True))[0]  # fmt: skip
+    nucleus = eng.generate(
+        p[:1], imgs[:1], SamplingParams(max_tokens=16, temperature=1.0, top_p=1e-6, ignore_eos=True)
+    )[0]
     assert nucleus.tokens == greedy.tokens
     text = greedy.text
     assert len(text) > 4

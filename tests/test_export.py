@@ -56,8 +56,19 @@ def test_llava_hf_export_runs_in_transformers_with_the_same_outputs(model_cfg, t
     vlm = VLM.from_pretrained(tmp_path / "m")  # as the export reads it (adapters and all)
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"benchmarks": {"shapes_test": {"metric": "accuracy", "score": 0.5, "n": 10}}}))
-    main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf"), "--format", "llava-hf",
-          "--eval", str(report)])  # fmt: skip
+    main(
+        [
+            "export",
+            "--model",
+            str(tmp_path / "m"),
+            "--out",
+            str(tmp_path / "hf"),
+            "--format",
+            "llava-hf",
+            "--eval",
+            str(report),
+        ]
+    )
     assert "exported as llava-hf" in capsys.readouterr().out
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "library_name: transformers" in card and f"`{connector}` connector" in card
@@ -103,18 +114,43 @@ def test_llava_checkpoint_from_transformers_imports_with_the_same_logits(backbon
 
     tok = AutoTokenizer.from_pretrained(backbones["lm"])
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     image_id = tok.convert_tokens_to_ids("<image>")
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=16,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        image_seq_length=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     hf = LlavaForConditionalGeneration(cfg).eval()
     ip = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(tmp_path / "llava")  # fmt: skip
+    LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(tmp_path / "llava")
     hf.save_pretrained(tmp_path / "llava")
 
     main(["import", "--src", str(tmp_path / "llava"), "--out", str(tmp_path / "vf")])
@@ -135,8 +171,10 @@ def test_llava_checkpoint_from_transformers_imports_with_the_same_logits(backbon
 
 
 def test_import_names_what_is_wrong_with_its_source(backbones, tmp_path, capsys):
-    for src, msg in ((str(tmp_path / "nowhere"), "nowhere: no such folder"),
-                     (str(backbones["lm"]), "a 'llama' checkpoint, not llava")):  # fmt: skip
+    for src, msg in (
+        (str(tmp_path / "nowhere"), "nowhere: no such folder"),
+        (str(backbones["lm"]), "a 'llama' checkpoint, not llava"),
+    ):
         with pytest.raises(SystemExit):
             main(["import", "--src", src, "--out", str(tmp_path / "out")])
         assert msg in capsys.readouterr().err
@@ -155,8 +193,10 @@ def test_connectors_without_a_transformers_class_export_in_vlmforge_format(model
     assert "library_name: vlmforge" in card and "No evaluation was attached" in card
     again = VLM.from_pretrained(tmp_path / "x")
     assert again.config.connector == "attention"
-    for fmt, msg in (("llava-hf", "cannot export to llava-hf: connector 'attention'"),
-                     ("idefics2-hf", "idefics2-hf is not written")):  # fmt: skip
+    for fmt, msg in (
+        ("llava-hf", "cannot export to llava-hf: connector 'attention'"),
+        ("idefics2-hf", "idefics2-hf is not written"),
+    ):
         with pytest.raises(SystemExit):
             main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / fmt), "--format", fmt])
         assert msg in capsys.readouterr().err
@@ -186,9 +226,27 @@ def test_a_preset_trained_here_exports_to_llava_hf(backbones, data_dir, tmp_path
     from vlmforge.infer.request import SamplingParams
 
     out = tmp_path / "run"
-    main(["train", "--preset", "llava-1.5", "--model.vision", str(backbones["vision"]), "--model.lm",
-          str(backbones["lm"]), "--train.data", str(data_dir / "shapes_sft.json"), "--train.stage", "align",
-          "--train.max_steps", "2", "--train.batch_size", "4", "--train.out", str(out)])  # fmt: skip
+    main(
+        [
+            "train",
+            "--preset",
+            "llava-1.5",
+            "--model.vision",
+            str(backbones["vision"]),
+            "--model.lm",
+            str(backbones["lm"]),
+            "--train.data",
+            str(data_dir / "shapes_sft.json"),
+            "--train.stage",
+            "align",
+            "--train.max_steps",
+            "2",
+            "--train.batch_size",
+            "4",
+            "--train.out",
+            str(out),
+        ]
+    )
     vlm = VLM.from_pretrained(out / "model")
     c = vlm.config
     assert (c.feature_layer, c.layout, c.resize, c.connector) == (-2, "bare", "expand", "mlp")
@@ -200,8 +258,9 @@ def test_a_preset_trained_here_exports_to_llava_hf(backbones, data_dir, tmp_path
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     im = _image(24, 40, seed=2)
     messages = [{"role": "user", "content": "<image>\nwhat shape is it?"}]  # string content works too
-    inputs = processor(images=[im], text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                       return_tensors="pt")  # fmt: skip
+    inputs = processor(
+        images=[im], text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt"
+    )
     ids = vlm.build_prompt("what shape is it?", 1)
     assert inputs["input_ids"][0].tolist() == ids
     ours = Engine(vlm).generate([ids], [[im]], SamplingParams(max_tokens=6, ignore_eos=True))[0].tokens
@@ -251,8 +310,19 @@ def test_gguf_export_of_the_lm_reads_back_in_transformers(model_cfg, tmp_path, c
                 p.add_(torch.randn_like(p) * 0.05)  # adapters that change the function
     vlm.save_pretrained(tmp_path / "m")
     vlm = VLM.from_pretrained(tmp_path / "m")
-    main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "g"), "--format", "gguf",
-          "--gguf_type", gguf_type])  # fmt: skip
+    main(
+        [
+            "export",
+            "--model",
+            str(tmp_path / "m"),
+            "--out",
+            str(tmp_path / "g"),
+            "--format",
+            "gguf",
+            "--gguf_type",
+            gguf_type,
+        ]
+    )
     printed = capsys.readouterr().out
     assert "LoRA layers merged" in printed and "exported as gguf" in printed
     file = tmp_path / "g" / f"lm-{gguf_type}.gguf"
@@ -277,20 +347,38 @@ def test_gguf_export_refuses_what_it_cannot_write(model_cfg, tmp_path):
         return PreTrainedTokenizerFast(tokenizer_object=t)
 
     assert tokenizer_pre(fast(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt-2"
-    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
-                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    llama3 = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     assert tokenizer_pre(fast(llama3)) == "llama-bpe"
     with pytest.raises(GGUFError, match="has no llama.cpp name"):
         tokenizer_pre(fast(pre_tokenizers.Whitespace()))
     VLM.from_backbones(model_cfg).save_pretrained(tmp_path / "m")
     with pytest.raises(SystemExit):
-        main(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "g"), "--format", "gguf",
-              "--gguf_type", "q4_k"])  # fmt: skip
+        main(
+            [
+                "export",
+                "--model",
+                str(tmp_path / "m"),
+                "--out",
+                str(tmp_path / "g"),
+                "--format",
+                "gguf",
+                "--gguf_type",
+                "q4_k",
+            ]
+        )
     assert not (tmp_path / "g").exists()  # nothing left behind
     import dataclasses as dc
 
-    for kw, reason in (({"connector": "attention"}, "connector 'attention'"), ({"vision_pooled": True}, "pooled token"),
-                       ({"split_grid": 2}, "image splitting")):  # fmt: skip
+    for kw, reason in (
+        ({"connector": "attention"}, "connector 'attention'"),
+        ({"vision_pooled": True}, "pooled token"),
+        ({"split_grid": 2}, "image splitting"),
+    ):
         VLM.from_backbones(dc.replace(model_cfg, **kw)).save_pretrained(tmp_path / "x")
         with pytest.raises(ValueError, match=f"cannot export to gguf: .*{reason}"):
             from vlmforge.export import export
@@ -332,7 +420,8 @@ def test_a_tower_trained_with_lora_exports_as_trained(model_cfg, tmp_path, capsy
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
-    inputs = processor(images=[im], text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                       return_tensors="pt")  # fmt: skip
+    inputs = processor(
+        images=[im], text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt"
+    )
     with torch.no_grad():
         torch.testing.assert_close(hf(**inputs).logits, want, rtol=0, atol=ATOL)

@@ -70,10 +70,12 @@ def test_malformed_records_and_unreadable_images_are_named_in_one_pass(tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
-    rows = [{"id": "fine", "image": "ok.png", "conversations": turns},
-            {"id": "gone", "image": "missing.png", "conversations": turns},
-            {"id": "bad", "conversations": []},
-            {"id": "torn", "image": "broken.png", "conversations": turns}]  # fmt: skip
+    rows = [
+        {"id": "fine", "image": "ok.png", "conversations": turns},
+        {"id": "gone", "image": "missing.png", "conversations": turns},
+        {"id": "bad", "conversations": []},
+        {"id": "torn", "image": "broken.png", "conversations": turns},
+    ]
     with pytest.raises(DataError) as e:
         load_records(_write(tmp_path / "d.json", rows))
     msg = str(e.value)

@@ -34,9 +34,19 @@ def real(backbones, data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2")
     cfg = ModelConfig(vision=str(backbones["vision"]), lm=smollm2_gguf(), connector="mlp", layout="inline")
-    run = TrainConfig(stage="align", data=[str(data_dir / "shapes_captions.json")], out=str(out / "align"),
-                      batch_size=8, max_steps=12, epochs=10, lr=2e-3, warmup=0.0, log_every=1, seed=0,
-                      threads=2)  # fmt: skip
+    run = TrainConfig(
+        stage="align",
+        data=[str(data_dir / "shapes_captions.json")],
+        out=str(out / "align"),
+        batch_size=8,
+        max_steps=12,
+        epochs=10,
+        lr=2e-3,
+        warmup=0.0,
+        log_every=1,
+        seed=0,
+        threads=2,
+    )
     model_dir = train(run, cfg)
     losses = [json.loads(x)["loss"] for x in (out / "align" / "metrics.jsonl").read_text().splitlines()]
     return cfg, model_dir, losses
@@ -47,10 +57,12 @@ def test_the_real_chat_template_labels_exactly_the_assistant_turns(real):
     vlm = VLM.from_backbones(dataclasses.replace(cfg))
     assert type(vlm.causal_lm).__name__ == "LlamaForCausalLM" and vlm.causal_lm.config.hidden_size == 576
     assert "<|im_start|>" in vlm.tokenizer.chat_template  # the file's own template (ChatML)
-    messages = [{"role": "user", "content": "<image>\nWhat color is the circle?"},
-                {"role": "assistant", "content": "Red."},
-                {"role": "user", "content": "How many shapes?"},
-                {"role": "assistant", "content": "Three."}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "<image>\nWhat color is the circle?"},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "How many shapes?"},
+        {"role": "assistant", "content": "Three."},
+    ]
     ids, labels = vlm.prompts.encode(messages)
     trained = [t for t, lab in zip(ids, labels) if lab != IGNORE]
     assert vlm.tokenizer.decode(trained) == "Red.<|im_end|>\nThree.<|im_end|>\n"
@@ -93,13 +105,15 @@ def test_exports_to_llava_hf_with_the_same_logits(real, data_dir, tmp_path, caps
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     image = load_image(next((data_dir / "images").glob("shapes_*.png")))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
-    inputs = processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                       return_tensors="pt")  # fmt: skip
+    inputs = processor(
+        images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt"
+    )
     ids = vlm.build_prompt("what is it?", 1)
     assert inputs["input_ids"][0].tolist() == ids
     with torch.no_grad():
-        torch.testing.assert_close(hf(**inputs).logits, vlm(torch.tensor([ids]), pixel_values=inputs["pixel_values"])
-                                   .logits, rtol=0, atol=2e-4)  # fmt: skip
+        torch.testing.assert_close(
+            hf(**inputs).logits, vlm(torch.tensor([ids]), pixel_values=inputs["pixel_values"]).logits, rtol=0, atol=2e-4
+        )
 
 
 def test_the_real_lm_exports_to_gguf_and_reads_back(real, tmp_path, capsys):
@@ -118,11 +132,28 @@ def test_the_real_lm_exports_to_gguf_and_reads_back(real, tmp_path, capsys):
     assert got[0, -1].argmax() == want[0, -1].argmax()
 
 
-QUESTIONS = ["What is the capital of France?", "Name three colors.", "How many legs does a dog have?", "Say hello.",
-             "What is 2 + 2?", "Describe a circle.", "What color is the sky?", "Count to five.", "Who are you?",
-             "Name a fruit.", "What is water made of?", "Spell cat.", "Is the sun hot?", "Name a planet.",
-             "What do bees make?", "How many days are in a week?", "What is the opposite of up?",
-             "Name an animal that flies.", "What shape is a ball?", "Finish: one, two, ..."]  # fmt: skip
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "How many legs does a dog have?",
+    "Say hello.",
+    "What is 2 + 2?",
+    "Describe a circle.",
+    "What color is the sky?",
+    "Count to five.",
+    "Who are you?",
+    "Name a fruit.",
+    "What is water made of?",
+    "Spell cat.",
+    "Is the sun hot?",
+    "Name a planet.",
+    "What do bees make?",
+    "How many days are in a week?",
+    "What is the opposite of up?",
+    "Name an animal that flies.",
+    "What shape is a ball?",
+    "Finish: one, two, ...",
+]
 
 
 @pytest.mark.llamacpp
@@ -143,8 +174,9 @@ def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, 
     vlm = VLM.from_pretrained(model_dir)
     prompts = [vlm.build_prompt(q, 0) for q in QUESTIONS]
     ours = [r.tokens for r in Engine(vlm).generate(prompts, None, SamplingParams(max_tokens=12, ignore_eos=True))]
-    llm = Llama(model_path=str(tmp_path / "g" / f"lm-{gguf_type}.gguf"), n_ctx=256, logits_all=True, verbose=False,
-                n_threads=2)  # fmt: skip
+    llm = Llama(
+        model_path=str(tmp_path / "g" / f"lm-{gguf_type}.gguf"), n_ctx=256, logits_all=True, verbose=False, n_threads=2
+    )
     same, differ = 0, []
     for ids, want in zip(prompts, ours):
         assert llm.tokenize(vlm.tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
@@ -199,8 +231,19 @@ def _mtmd_greedy(lm: Path, mmproj: Path, text: str, images: list[Path], n: int) 
                     llm.eval([ptr[j] for j in range(count.value)])
                 else:
                     past, at = llama_cpp.llama_pos(0), llama_cpp.llama_pos(llm.n_tokens)
-                    assert mtmd.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, at, llama_cpp.llama_seq_id(0),
-                                                              llm.n_batch, False, ctypes.byref(past)) == 0  # fmt: skip
+                    assert (
+                        mtmd.mtmd_helper_eval_chunk_single(
+                            ctx,
+                            llm._ctx.ctx,
+                            chunk,
+                            at,
+                            llama_cpp.llama_seq_id(0),
+                            llm.n_batch,
+                            False,
+                            ctypes.byref(past),
+                        )
+                        == 0
+                    )
                     llm.n_tokens = past.value
             got = []
             for _ in range(n):
@@ -239,9 +282,14 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
         from vlmforge.train.stages import apply_stage
 
         engine = Engine(vlm)
-        before = [engine.generate([vlm.build_prompt("Describe the image.", 1)], [[load_image(p)]],
-                                  SamplingParams(max_tokens=10, ignore_eos=True))[0].tokens
-                  for p in sorted((data_dir / "images").glob("shapes_*.png"))[:20]]  # fmt: skip
+        before = [
+            engine.generate(
+                [vlm.build_prompt("Describe the image.", 1)],
+                [[load_image(p)]],
+                SamplingParams(max_tokens=10, ignore_eos=True),
+            )[0].tokens
+            for p in sorted((data_dir / "images").glob("shapes_*.png"))[:20]
+        ]
         apply_stage(vlm, TrainConfig(stage="sft", lm_mode="frozen", vision_mode="lora", lora_r=4))
         torch.manual_seed(0)
         with torch.no_grad():
@@ -255,19 +303,27 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     assert {load_image(p).size for p in images} == {(32, 32)} and vlm.processor.size == 32
     ids = vlm.build_prompt("Describe the image.", 1)
     engine = Engine(vlm)
-    ours = [engine.generate([ids], [[load_image(p)]], SamplingParams(max_tokens=10, ignore_eos=True))[0].tokens
-            for p in images]  # fmt: skip
+    ours = [
+        engine.generate([ids], [[load_image(p)]], SamplingParams(max_tokens=10, ignore_eos=True))[0].tokens
+        for p in images
+    ]
     pad = vlm.tokenizer.convert_ids_to_tokens(vlm.image_token_id) * vlm.tokens_per_image
     text = vlm.tokenizer.decode(ids)
     assert text.count(pad) == 1
-    theirs = _mtmd_greedy(tmp_path / "g8" / f"lm-{gguf_type}.gguf", tmp_path / "g8" / f"mmproj-{gguf_type}.gguf",
-                          text.replace(pad, "<__media__>"), images, 10)  # fmt: skip
+    theirs = _mtmd_greedy(
+        tmp_path / "g8" / f"lm-{gguf_type}.gguf",
+        tmp_path / "g8" / f"mmproj-{gguf_type}.gguf",
+        text.replace(pad, "<__media__>"),
+        images,
+        10,
+    )
     assert len({tuple(t) for t in ours}) >= 2  # the images change the answers (3 distinct here)
     if tower:
         assert ours != before  # the adapters change what the model answers
     same = sum(a == b for a, b in zip(ours, theirs))
-    assert same >= needed, [(p.name, vlm.tokenizer.decode(a), vlm.tokenizer.decode(b))
-                            for p, a, b in zip(images, theirs, ours) if a != b]  # fmt: skip
+    assert same >= needed, [
+        (p.name, vlm.tokenizer.decode(a), vlm.tokenizer.decode(b)) for p, a, b in zip(images, theirs, ours) if a != b
+    ]
     assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # the trained model's own projector file
 
 
@@ -277,8 +333,19 @@ def test_a_missing_or_damaged_gguf_file_is_one_line_naming_it(backbones, data_di
     (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
     for name, why in (("missing.gguf", "GGUF file not found"), ("broken.gguf", "cannot load a tokenizer")):
         with pytest.raises(SystemExit) as e:
-            main(["train", "--train.data", str(data_dir / "shapes_sft.json"), "--train.out", str(tmp_path / "run"),
-                  "--model.vision", str(backbones["vision"]), "--model.lm", str(tmp_path / name)])  # fmt: skip
+            main(
+                [
+                    "train",
+                    "--train.data",
+                    str(data_dir / "shapes_sft.json"),
+                    "--train.out",
+                    str(tmp_path / "run"),
+                    "--model.vision",
+                    str(backbones["vision"]),
+                    "--model.lm",
+                    str(tmp_path / name),
+                ]
+            )
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1, err

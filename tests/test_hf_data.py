@@ -29,27 +29,41 @@ def _turns(record):
 
 
 def cauldron(records):
-    features = datasets.Features({
-        "images": datasets.Sequence(datasets.Image()),
-        "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string")}],
-    })  # fmt: skip
-    rows = {"images": [[_cell(r)] for r in records], "texts": [[dict(zip(("user", "assistant"), _turns(r)))]
-                                                               for r in records]}  # fmt: skip
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string")}],
+        }
+    )
+    rows = {
+        "images": [[_cell(r)] for r in records],
+        "texts": [[dict(zip(("user", "assistant"), _turns(r)))] for r in records],
+    }
     return datasets.Dataset.from_dict(rows, features=features)
 
 
 def messages(records):
     rows = {
         "images": [[_cell(r)] for r in records],
-        "messages": [[{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": q}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": a}]}]
-                     for q, a in (_turns(r) for r in records)],
-    }  # fmt: skip
-    features = datasets.Features({
-        "images": datasets.Sequence(datasets.Image()),
-        "messages": [{"role": datasets.Value("string"),
-                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-    })  # fmt: skip
+        "messages": [
+            [
+                {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": q}]},
+                {"role": "assistant", "content": [{"type": "text", "text": a}]},
+            ]
+            for q, a in (_turns(r) for r in records)
+        ],
+    }
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "messages": [
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+        }
+    )
     return datasets.Dataset.from_dict(rows, features=features)
 
 
@@ -59,8 +73,12 @@ def test_cauldron_and_messages_layouts_read_as_the_llava_records(shapes, tmp_pat
     datasets.DatasetDict({"train": cauldron(shapes[:2]), "test": cauldron(shapes[2:5])}).save_to_disk(
         str(tmp_path / "splits")
     )
-    cases = [(f"hf:{tmp_path / 'cauldron'}", shapes), (f"hf:{tmp_path / 'messages.parquet'}", shapes),
-             (f"hf:{tmp_path / 'splits'}", shapes[:2]), (f"hf:{tmp_path / 'splits'}@test", shapes[2:5])]  # fmt: skip
+    cases = [
+        (f"hf:{tmp_path / 'cauldron'}", shapes),
+        (f"hf:{tmp_path / 'messages.parquet'}", shapes),
+        (f"hf:{tmp_path / 'splits'}", shapes[:2]),
+        (f"hf:{tmp_path / 'splits'}@test", shapes[2:5]),
+    ]
     for source, want in cases:
         got = load_records(source)
         assert [r.messages for r in got] == [r.messages for r in want], source
@@ -68,8 +86,12 @@ def test_cauldron_and_messages_layouts_read_as_the_llava_records(shapes, tmp_pat
         assert got[1].where == f"{source} record 1"
     # the same sources without `hf:` are not data files: the error says what they are and what to write
     (tmp_path / "plain").mkdir()
-    for path, hint in ((tmp_path / "cauldron", "datasets folder"), (tmp_path / "splits", "datasets folder"),
-                       (tmp_path / "messages.parquet", "parquet file"), (tmp_path / "plain", "a folder")):
+    for path, hint in (
+        (tmp_path / "cauldron", "datasets folder"),
+        (tmp_path / "splits", "datasets folder"),
+        (tmp_path / "messages.parquet", "parquet file"),
+        (tmp_path / "plain", "a folder"),
+    ):
         with pytest.raises(DataError, match="hf:") as err:
             load_records(str(path))
         assert str(err.value).startswith(str(path)) and hint in str(err.value)
@@ -95,9 +117,25 @@ def test_both_layouts_build_the_cache_train_and_evaluate_through_the_cli(shapes,
         )
         printed = capsys.readouterr().out
         assert json.loads(printed[printed.index("{") : printed.rindex("}") + 1])["unique"] == 3
-        main(["train", "--train.data", source, "--train.out", str(run), "--train.batch_size", "4",
-              "--train.max_steps", "2", "--train.cache", str(store), "--model.vision", model_cfg.vision,
-              "--model.lm", model_cfg.lm])  # fmt: skip
+        main(
+            [
+                "train",
+                "--train.data",
+                source,
+                "--train.out",
+                str(run),
+                "--train.batch_size",
+                "4",
+                "--train.max_steps",
+                "2",
+                "--train.cache",
+                str(store),
+                "--model.vision",
+                model_cfg.vision,
+                "--model.lm",
+                model_cfg.lm,
+            ]
+        )
         assert json.loads((run / "summary.json").read_text())["samples"] == 8
         main(["eval", "--model", str(run / "model"), "--data", source, "--out", str(tmp_path / f"eval-{name}")])
         report = json.loads((tmp_path / f"eval-{name}" / "report.json").read_text())["benchmarks"]

@@ -19,12 +19,87 @@ from vlmforge.eval import metrics as M
 from vlmforge.eval.benchmarks import MMMU, POPE, MMStar, VQAv2
 
 N = 3000  # cases per rule
-WORDS = ["man", "man's", "Man's", "dog", "dogs", "the", "a", "an", "The", "An", "two", "Two", "2", "ten", "none",
-         "zero", "dont", "don't", "isnt", "yes", "Yes", "YES", "no", "No", "not", "1,000", "1000", "3.5", "50%",
-         "0.5", "1e3", "-4", "12", "black-and-white", "red/blue", "it's", "cat", "Paris", "paris", "is", "so",
-         "answer", "the answer is", "therefore", "option", "x", "="]  # fmt: skip
-PUNCT = [".", ",", "?", "!", ";", ":", "'", '"', "-", "/", "(", ")", "[", "]", "...", "." * 33, "." * 40, "\n",
-         "\t", " - ", "@", "_", "`", "+", "<", ">", "\\", "{", "}", "$"]  # fmt: skip
+WORDS = [
+    "man",
+    "man's",
+    "Man's",
+    "dog",
+    "dogs",
+    "the",
+    "a",
+    "an",
+    "The",
+    "An",
+    "two",
+    "Two",
+    "2",
+    "ten",
+    "none",
+    "zero",
+    "dont",
+    "don't",
+    "isnt",
+    "yes",
+    "Yes",
+    "YES",
+    "no",
+    "No",
+    "not",
+    "1,000",
+    "1000",
+    "3.5",
+    "50%",
+    "0.5",
+    "1e3",
+    "-4",
+    "12",
+    "black-and-white",
+    "red/blue",
+    "it's",
+    "cat",
+    "Paris",
+    "paris",
+    "is",
+    "so",
+    "answer",
+    "the answer is",
+    "therefore",
+    "option",
+    "x",
+    "=",
+]
+PUNCT = [
+    ".",
+    ",",
+    "?",
+    "!",
+    ";",
+    ":",
+    "'",
+    '"',
+    "-",
+    "/",
+    "(",
+    ")",
+    "[",
+    "]",
+    "...",
+    "." * 33,
+    "." * 40,
+    "\n",
+    "\t",
+    " - ",
+    "@",
+    "_",
+    "`",
+    "+",
+    "<",
+    ">",
+    "\\",
+    "{",
+    "}",
+    "$",
+]
 
 
 def tricky(rng: random.Random, atoms=WORDS, max_pieces: int = 5) -> str:
@@ -70,8 +145,10 @@ def test_vqav2_accuracy_is_lmms_evals():
     rng = random.Random(1)
     for _ in range(N):
         pred, answers = vqa_case(rng)
-        doc = {"question_id": 0, "answers": [{"answer": a, "answer_id": i + 1, "answer_confidence": "yes"}
-                                             for i, a in enumerate(answers)]}  # fmt: skip
+        doc = {
+            "question_id": 0,
+            "answers": [{"answer": a, "answer_id": i + 1, "answer_confidence": "yes"} for i, a in enumerate(answers)],
+        }
         want = ref.vqav2_process_results(doc, [pred])["exact_match"]
         assert M.vqa_accuracy(pred, answers, "vqav2") == pytest.approx(want, abs=1e-12), (pred, answers)
     # the issue's two cases: "'s" kept, and ten identical answers processed anyway
@@ -99,10 +176,35 @@ def test_chartqa_relaxed_accuracy_is_lmms_evals():
         assert M.relaxed_accuracy(pred, target) == ref.relaxed_correctness(pred, target), (pred, target)
 
 
-OPTIONS = [["cat", "dog", "bird", "fish"], ["1", "2", "3"], ["red", "blue", "red and blue", "none of these", "a"],
-           ["A", "B", "C", "D", "E"]]  # fmt: skip
-MC_WORDS = WORDS + ["A", "B", "C", "D", "E", "(A)", "(B)", "(C)", "A.", "B.", "C:", "D)", "(E)", "b", "c",
-                    "I think", "the correct answer is", "Answer:", "dog", "fish", "red and blue"]  # fmt: skip
+OPTIONS = [
+    ["cat", "dog", "bird", "fish"],
+    ["1", "2", "3"],
+    ["red", "blue", "red and blue", "none of these", "a"],
+    ["A", "B", "C", "D", "E"],
+]
+MC_WORDS = WORDS + [
+    "A",
+    "B",
+    "C",
+    "D",
+    "E",
+    "(A)",
+    "(B)",
+    "(C)",
+    "A.",
+    "B.",
+    "C:",
+    "D)",
+    "(E)",
+    "b",
+    "c",
+    "I think",
+    "the correct answer is",
+    "Answer:",
+    "dog",
+    "fish",
+    "red and blue",
+]
 
 
 def test_mmmu_multiple_choice_parsing_is_lmms_evals():
@@ -126,8 +228,21 @@ def test_mmmu_multiple_choice_parsing_is_lmms_evals():
 def test_mmmu_open_answers_are_lmms_evals():
     ref = load("tasks.mmmu.utils")
     rng = random.Random(5)
-    open_words = WORDS + ["The capital of France is \nParis", "is", "so ", "answer ", "result ", "could be ",
-                          "final", "3.14159", "3.14", "-2.5e3", "1,234,567", "x = 4", "Therefore, the result is"]
+    open_words = WORDS + [
+        "The capital of France is \nParis",
+        "is",
+        "so ",
+        "answer ",
+        "result ",
+        "could be ",
+        "final",
+        "3.14159",
+        "3.14",
+        "-2.5e3",
+        "1,234,567",
+        "x = 4",
+        "Therefore, the result is",
+    ]
     for _ in range(N):
         response = tricky(rng, open_words, max_pieces=8)
         gold = rng.choice([rng.choice(open_words), [rng.choice(WORDS), rng.choice(WORDS)], tricky(rng, max_pieces=1)])
@@ -152,18 +267,37 @@ def test_mmstar_letters_are_lmms_evals():
 def test_pope_answers_and_aggregates_are_lmms_evals():
     ref = load("tasks.pope.utils")
     rng = random.Random(7)
-    answers = ["yes", "Yes", "YES", " yes ", "Yes.", "no", "No", "NO", "no.", "", "Yes, there is a dog.",
-               "There is not a dog.", "maybe"]  # fmt: skip
+    answers = [
+        "yes",
+        "Yes",
+        "YES",
+        " yes ",
+        "Yes.",
+        "no",
+        "No",
+        "NO",
+        "no.",
+        "",
+        "Yes, there is a dog.",
+        "There is not a dog.",
+        "maybe",
+    ]
     for _ in range(200):
         n = rng.randint(1, 40)
         preds = [rng.choice(answers) for _ in range(n)]
         labels = [rng.choice(["yes", "no", "Yes", "no "]) for _ in range(n)]
-        results = [ref.pope_process_results({"question_id": i, "answer": g}, [p])["pope_f1_score"]
-                   for i, (p, g) in enumerate(zip(preds, labels))]  # fmt: skip
+        results = [
+            ref.pope_process_results({"question_id": i, "answer": g}, [p])["pope_f1_score"]
+            for i, (p, g) in enumerate(zip(preds, labels))
+        ]
         got = M.pope_scores(preds, labels)
-        want = {"accuracy": ref.pope_aggregate_accuracy(results), "precision": ref.pope_aggregate_precision(results),
-                "recall": ref.pope_aggregate_recall(results), "f1": ref.pope_aggregate_f1_score(results),
-                "yes_ratio": ref.pope_aggregate_yes_ratio(results)}  # fmt: skip
+        want = {
+            "accuracy": ref.pope_aggregate_accuracy(results),
+            "precision": ref.pope_aggregate_precision(results),
+            "recall": ref.pope_aggregate_recall(results),
+            "f1": ref.pope_aggregate_f1_score(results),
+            "yes_ratio": ref.pope_aggregate_yes_ratio(results),
+        }
         for k, v in want.items():
             assert got[k] == pytest.approx(v, abs=1e-12), (k, preds, labels)
         rows = [{"prediction": p, "answer": g, "meta": {"category": "all"}} for p, g in zip(preds, labels)]
@@ -174,11 +308,20 @@ def test_benchmark_aggregates_are_lmms_evals():
     rng = random.Random(8)
     # MMStar: the mean of the per-l2-category accuracies
     mmstar = load("tasks.mmstar.utils")
-    docs = [{"index": i, "answer": rng.choice("ABCD"), "category": "c", "l2_category": rng.choice(["x", "y", "z"]),
-             "prediction": tricky(rng, MC_WORDS, max_pieces=4)} for i in range(500)]  # fmt: skip
+    docs = [
+        {
+            "index": i,
+            "answer": rng.choice("ABCD"),
+            "category": "c",
+            "l2_category": rng.choice(["x", "y", "z"]),
+            "prediction": tricky(rng, MC_WORDS, max_pieces=4),
+        }
+        for i in range(500)
+    ]
     results = [mmstar.mmstar_process_results(d, [d["prediction"]])["average"] for d in docs]
-    rows = [{"prediction": d["prediction"], "answer": d["answer"], "meta": {"l2_category": d["l2_category"]}}
-            for d in docs]  # fmt: skip
+    rows = [
+        {"prediction": d["prediction"], "answer": d["answer"], "meta": {"l2_category": d["l2_category"]}} for d in docs
+    ]
     assert MMStar().score(rows)["score"] == pytest.approx(mmstar.mmstar_aggregate_results(results), abs=1e-12)
     # MMMU: instance-level accuracy over subjects (rounded to 5 places by lmms-eval)
     mmmu = load("tasks.mmmu.utils")
@@ -187,8 +330,12 @@ def test_benchmark_aggregates_are_lmms_evals():
         subject = rng.choice(["Art", "Math", "Clinical_Medicine"])
         options = rng.choice(OPTIONS)
         mc = rng.random() < 0.6
-        doc = {"id": f"validation_{subject}_{i}", "question_type": "multiple-choice" if mc else "open",
-               "options": str(options), "answer": rng.choice("ABC") if mc else rng.choice(WORDS)}  # fmt: skip
+        doc = {
+            "id": f"validation_{subject}_{i}",
+            "question_type": "multiple-choice" if mc else "open",
+            "options": str(options),
+            "answer": rng.choice("ABC") if mc else rng.choice(WORDS),
+        }
         response = tricky(rng, MC_WORDS if mc else WORDS, max_pieces=5)
         if mc and M.parse_multi_choice(response, options) is None:
             continue  # lmms-eval would draw a random letter (see the module docstring)
@@ -200,8 +347,12 @@ def test_benchmark_aggregates_are_lmms_evals():
     # VQAv2: the mean over questions
     vqav2 = load("tasks.vqav2.utils")
     cases = [vqa_case(rng) for _ in range(300)]
-    want = sum(vqav2.vqav2_process_results({"question_id": 0, "answers": [{"answer": a, "answer_id": j}
-               for j, a in enumerate(ans)]}, [p])["exact_match"] for p, ans in cases) / len(cases)  # fmt: skip
+    want = sum(
+        vqav2.vqav2_process_results(
+            {"question_id": 0, "answers": [{"answer": a, "answer_id": j} for j, a in enumerate(ans)]}, [p]
+        )["exact_match"]
+        for p, ans in cases
+    ) / len(cases)
     rows = [{"prediction": p, "answer": ans, "meta": {}} for p, ans in cases]
     assert VQAv2().score(rows)["score"] == pytest.approx(want, abs=1e-12)
 
@@ -213,8 +364,32 @@ def test_cider_d_is_coco_captions_scorer():
     from pycocoevalcap.cider.cider import Cider
 
     rng = random.Random(9)
-    vocab = ["a", "man", "dog", "riding", "horse", "on", "the", "beach", "two", "dogs", "in", "snow", "plate", "of",
-             "food", "with", "rice", "white", "red", "playing", "near", "ocean", "people", "street"]  # fmt: skip
+    vocab = [
+        "a",
+        "man",
+        "dog",
+        "riding",
+        "horse",
+        "on",
+        "the",
+        "beach",
+        "two",
+        "dogs",
+        "in",
+        "snow",
+        "plate",
+        "of",
+        "food",
+        "with",
+        "rice",
+        "white",
+        "red",
+        "playing",
+        "near",
+        "ocean",
+        "people",
+        "street",
+    ]
     for _ in range(20):
         n = rng.randint(2, 30)
         sent = lambda: " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))  # noqa: E731

@@ -49,8 +49,16 @@ def tutorial_commands(readme: str) -> list[str]:
 def test_the_walk_finds_the_readmes_commands():
     commands = tutorial_commands((ROOT / "README.md").read_text())
     verbs = [" ".join(c.split()[:2]) for c in commands]
-    for verb in ("vlmforge data", "vlmforge pretrain", "vlmforge cache", "vlmforge train", "vlmforge eval",
-                 "vlmforge chat", "vlmforge serve", "vlmforge export"):  # fmt: skip
+    for verb in (
+        "vlmforge data",
+        "vlmforge pretrain",
+        "vlmforge cache",
+        "vlmforge train",
+        "vlmforge eval",
+        "vlmforge chat",
+        "vlmforge serve",
+        "vlmforge export",
+    ):
         assert verb in verbs, (verb, verbs)
     assert verbs.count("vlmforge train") == 2 and any(c.startswith("curl ") for c in commands)
 
@@ -81,8 +89,14 @@ def test_the_readmes_walk_runs_in_order(tmp_path):
                 if command.startswith(prefix + " "):
                     command = command.rstrip("&").rstrip() + " " + flags + (" &" if command.endswith("&") else "")
             if command.endswith("&"):  # the server: started, then asked once it is up
-                server = subprocess.Popen(["bash", "-c", "exec " + command.rstrip("&")], cwd=tmp_path, env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                server = subprocess.Popen(
+                    ["bash", "-c", "exec " + command.rstrip("&")],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
                 deadline = time.time() + 120
                 while True:
                     assert server.poll() is None, f"{command}: the server exited\n{server.stderr.read()}"
@@ -100,8 +114,9 @@ def test_the_readmes_walk_runs_in_order(tmp_path):
                 server.wait(timeout=60)
                 ran.append(("kill", command))
                 continue
-            r = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                               timeout=600)  # fmt: skip
+            r = subprocess.run(
+                ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+            )
             assert r.returncode == 0, f"{command}\nexit {r.returncode}\n{r.stderr[-3000:]}"
             for out in _outputs(command):
                 assert (tmp_path / out).exists(), f"{command}: wrote no {out}"

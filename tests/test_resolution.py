@@ -115,8 +115,10 @@ def test_engine_answers_equal_generate_for_mixed_sizes(vlm):
     images = _images()
     prompts = [vlm.build_prompt(q, images=[im]) for q, im in zip(["what?", "which word is first?"] * 3, images)]
     got = Engine(vlm, max_batch=4).generate(prompts, [[im] for im in images], SamplingParams(max_tokens=8))
-    ref = [vlm.generate([p], image_features=[vlm.processor.views(im)], max_new_tokens=8)[0]
-           for p, im in zip(prompts, images)]  # fmt: skip
+    ref = [
+        vlm.generate([p], image_features=[vlm.processor.views(im)], max_new_tokens=8)[0]
+        for p, im in zip(prompts, images)
+    ]
     assert [r.tokens for r in got] == ref
     assert len({tuple(t) for t in ref}) > 1  # the images change the answers
     again = Engine(vlm).generate(prompts[:2], [[images[0]], [images[1]]], SamplingParams(max_tokens=8))
@@ -131,8 +133,14 @@ def test_store_keys_change_with_the_slicing_settings(model_cfg, tmp_path):
     from vlmforge.cache.store import feature_settings, settings_id
 
     ids = set()
-    for kw in ({}, {"split_grid": 2}, {"slicing": "adaptive"}, {"slicing": "adaptive", "max_slices": 6},
-               {"resize": "native"}, {"resize": "native", "max_side": 96}):  # fmt: skip
+    for kw in (
+        {},
+        {"split_grid": 2},
+        {"slicing": "adaptive"},
+        {"slicing": "adaptive", "max_slices": 6},
+        {"resize": "native"},
+        {"resize": "native", "max_side": 96},
+    ):
         split = kw.pop("split_grid", 0)
         vision, proc, _ = encoder_for(encoder=model_cfg.vision, resize=kw.pop("resize", "pad"), split_grid=split, **kw)
         ids.add(settings_id(feature_settings(vision, proc, "fp32")))
@@ -166,8 +174,18 @@ def test_training_from_the_store_equals_training_from_pixels(model_cfg, tmp_path
             assert m.image_tokens([feats])[0].shape[0] == m.image_token_count(reader.image_size(reader.key(path)))
 
     def run(out, **kw):
-        tc = TrainConfig(stage="sft", data=files, out=str(tmp_path / out), batch_size=4, max_steps=3, lr=3e-3,
-                         save_every=100, log_every=1, seed=0, **kw)  # fmt: skip
+        tc = TrainConfig(
+            stage="sft",
+            data=files,
+            out=str(tmp_path / out),
+            batch_size=4,
+            max_steps=3,
+            lr=3e-3,
+            save_every=100,
+            log_every=1,
+            seed=0,
+            **kw,
+        )
         train(tc, cfg)
         lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
         return [json.loads(x)["loss"] for x in lines]
@@ -238,8 +256,15 @@ def test_server_prompts_follow_each_image_size(vlm):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        body = {"model": "tiny", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}]}  # fmt: skip
+        body = {
+            "model": "tiny",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}],
+                }
+            ],
+        }
         for _ in range(2):  # the second time the image is known by its hash
             prompt, images = srv.prepare(parse_chat(body, srv.limits))
             assert images[0].size == img.size

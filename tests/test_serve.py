@@ -38,8 +38,15 @@ def data_url(raw: bytes) -> str:
 
 
 def user(text, *images):
-    return [{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in images),
-                                         {"type": "text", "text": text}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                *({"type": "image_url", "image_url": {"url": u}} for u in images),
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +82,19 @@ def expected(srv, text, color, max_tokens=8):
         [{"role": "user", "content": "<image>" + "\n" + text}]
     )  # what the server renders for [image, text]
     eng = Engine(m)
-    return eng.generate([prompt], [[Image.open(io.BytesIO(png(color))).convert("RGB")]],
-                        SamplingParams(max_tokens=max_tokens))[0].text  # fmt: skip
+    return eng.generate(
+        [prompt], [[Image.open(io.BytesIO(png(color))).convert("RGB")]], SamplingParams(max_tokens=max_tokens)
+    )[0].text
 
 
 def post(port, body, headers=None, raw=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", body=raw if raw is not None else json.dumps(body),
-                 headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=raw if raw is not None else json.dumps(body),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     resp = conn.getresponse()
     data = resp.read()
     conn.close()
@@ -102,8 +114,9 @@ def test_openai_client_chat_with_an_image_and_streaming(live):
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.usage.completion_tokens >= 1 and out.usage.prompt_tokens > srv.model.tokens_per_image
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})  # fmt: skip
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -121,9 +134,13 @@ def test_every_limit_is_an_openai_error_with_its_status(live):
     ok = user("hi", data_url(png("red")))
     big = png("red", (400, 400))  # more pixels than allowed, few bytes
     noisy = io.BytesIO()
-    Image.frombytes("RGB", (120, 120), torch.randint(0, 256, (120 * 120 * 3,), dtype=torch.uint8,
-                                                      generator=torch.Generator().manual_seed(0)).numpy().tobytes()
-                    ).save(noisy, format="PNG")  # fmt: skip
+    Image.frombytes(
+        "RGB",
+        (120, 120),
+        torch.randint(0, 256, (120 * 120 * 3,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        .numpy()
+        .tobytes(),
+    ).save(noisy, format="PNG")
     cases = [
         (None, b"{not json", 400, "malformed JSON"),
         ({"model": "tiny"}, None, 400, "missing `messages`"),
@@ -133,25 +150,44 @@ def test_every_limit_is_an_openai_error_with_its_status(live):
         ({"model": "tiny", "messages": user("x", data_url(b"not an image at all"))}, None, 400, "cannot decode image"),
         ({"model": "tiny", "messages": user("x", data_url(big))}, None, 400, "image too large"),
         ({"model": "tiny", "messages": user("x", data_url(noisy.getvalue()))}, None, 413, "larger than 20000 bytes"),
-        ({"model": "tiny", "messages": user("x", *[data_url(png(c)) for c in COLORS[:3]])}, None, 400,
-         "at most 2"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 2000}]}, None, 400,
-         "exceeds the context"),
-        ({"model": "tiny", "messages": user("x", "http://example.com/a.png")}, None, 400,
-         "remote image URLs are refused"),
+        ({"model": "tiny", "messages": user("x", *[data_url(png(c)) for c in COLORS[:3]])}, None, 400, "at most 2"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "word " * 2000}]},
+            None,
+            400,
+            "exceeds the context",
+        ),
+        (
+            {"model": "tiny", "messages": user("x", "http://example.com/a.png")},
+            None,
+            400,
+            "remote image URLs are refused",
+        ),
         ({"model": "tiny", "messages": user("x", "file:///etc/passwd")}, None, 400, "file:// image URLs are refused"),
         ({"model": "tiny", "messages": ok, "temperature": 7}, None, 400, "`temperature` must be between"),
         ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, None, 400, "needs a `role`"),
-        (None, json.dumps({"model": "tiny", "messages": ok})[:-1].encode() + b', "temperature": NaN}', 400,
-         "`temperature` is not a finite number"),
-        (None, json.dumps({"model": "tiny", "messages": ok})[:-1].encode() + b', "top_p": -Infinity}', 400,
-         "`top_p` is not a finite number"),
-        (None, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 1e999}', 400,
-         "`seed` is not a finite number"),
+        (
+            None,
+            json.dumps({"model": "tiny", "messages": ok})[:-1].encode() + b', "temperature": NaN}',
+            400,
+            "`temperature` is not a finite number",
+        ),
+        (
+            None,
+            json.dumps({"model": "tiny", "messages": ok})[:-1].encode() + b', "top_p": -Infinity}',
+            400,
+            "`top_p` is not a finite number",
+        ),
+        (
+            None,
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 1e999}',
+            400,
+            "`seed` is not a finite number",
+        ),
         (None, b'{"a":' * 5000 + b"1" + b"}" * 5000, 400, "nested deeper than 32 levels"),
         (None, b'{"model": "tiny", "x": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "nested deeper than 32 levels"),
         (None, b'{"model": "tiny", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "malformed JSON"),
-    ]  # fmt: skip
+    ]
     assert len(noisy.getvalue()) > 20_000
     for body, raw, status, message in cases:
         code, err = post(port, body, raw=raw)
@@ -206,10 +242,18 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_dropped_connection(live):
     rng = random.Random(0)
     valid = [
         {"model": "tiny", "messages": user("what color?", data_url(png("red"))), "max_tokens": 2, "temperature": 0},
-        {"model": "tiny", "messages": [{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}],
-         "max_tokens": 3, "top_p": 0.5, "top_k": 4, "seed": 3, "stop": ["x"], "stream": True,
-         "stream_options": {"include_usage": True}},
-    ]  # fmt: skip
+        {
+            "model": "tiny",
+            "messages": [{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "top_p": 0.5,
+            "top_k": 4,
+            "seed": 3,
+            "stop": ["x"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ]
     statuses, start = Counter(), time.time()
     for i in range(160):
         raw = _fuzzed(rng, valid[i % len(valid)])
@@ -261,8 +305,9 @@ def test_32_concurrent_requests_are_all_answered_correctly(live):
 
     def ask(job):
         text, color = job
-        code, out = post(port, {"model": "tiny", "messages": user(text, data_url(png(color))), "max_tokens": 8,
-                                "temperature": 0})  # fmt: skip
+        code, out = post(
+            port, {"model": "tiny", "messages": user(text, data_url(png(color))), "max_tokens": 8, "temperature": 0}
+        )
         assert code == 200, out
         return out["choices"][0]["message"]["content"]
 
@@ -273,8 +318,14 @@ def test_32_concurrent_requests_are_all_answered_correctly(live):
 
 def test_a_request_cancelled_mid_stream_frees_its_slot(live):
     srv, port = live
-    body = {"model": "tiny", "messages": user("tell me everything", data_url(png("blue"))), "max_tokens": 800,
-            "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "messages": user("tell me everything", data_url(png("blue"))),
+        "max_tokens": 800,
+        "ignore_eos": True,
+        "stream": True,
+        "temperature": 0,
+    }
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -308,8 +359,13 @@ def test_shutdown_ends_running_streams_cleanly(model_cfg):
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 50_000,
-            "ignore_eos": True, "stream": True}  # fmt: skip
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 50_000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -330,8 +386,27 @@ def test_bench_serve_writes_every_figure(model_cfg, tmp_path, capsys):
     model_dir = tmp_path / "model"
     VLM.from_backbones(model_cfg).save_pretrained(model_dir)
     out = tmp_path / "bench.json"
-    main(["bench", "serve", "--model", str(model_dir), "--levels", "1", "16", "--requests", "16", "--tokens", "4",
-          "--repeats", "1", "--serve_tokens", "4", "--out", str(out)])  # fmt: skip
+    main(
+        [
+            "bench",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--levels",
+            "1",
+            "16",
+            "--requests",
+            "16",
+            "--tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--serve_tokens",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     r = json.loads(out.read_text())
     for key in ("throughput_ratio_16", "ttft_repeat_speedup", "ttft_repeat_speedup_engine", "generate_speedup_b1"):
         assert r[key] > 0
@@ -361,8 +436,16 @@ def test_playground_in_a_real_browser_streams_the_engines_answer_and_shows_the_s
     try:
         wait = WebDriverWait(driver, 60)
         long_path = "/home/someone/projects/" + "a-long-folder-name/" * 6 + "text_sft.json"
-        srv.model.history = [{"stage": "sft", "data": long_path, "steps": 1500, "seconds": 15.70060133934021,
-                              "samples_per_s": 1234.5678, "final_loss": 0.0123456}]
+        srv.model.history = [
+            {
+                "stage": "sft",
+                "data": long_path,
+                "steps": 1500,
+                "seconds": 15.70060133934021,
+                "samples_per_s": 1234.5678,
+                "final_loss": 0.0123456,
+            }
+        ]
         driver.get(f"http://127.0.0.1:{port}/")
         wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny")
         # the training history: one column per stage, fractions rounded, all inside the side panel
@@ -370,7 +453,8 @@ def test_playground_in_a_real_browser_streams_the_engines_answer_and_shows_the_s
         assert cells == [long_path, "1500", "15.7", "1235", "0.0123"], cells
         widths = driver.execute_script(
             "const t = document.querySelector('#history table'), a = document.querySelector('aside');"
-            "return [t.getBoundingClientRect().right, a.getBoundingClientRect().right];")
+            "return [t.getBoundingClientRect().right, a.getBoundingClientRect().right];"
+        )
         assert widths[0] <= widths[1], widths
         # an untrained model's greedy answer is blank tokens: sample (temperature 1, seed 7) for visible text
         question, color = "What color is it?", "red"

@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args, env, tmp_path):
-    return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup.sh"), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_missing_system_tools_named_in_one_line(tmp_path):
@@ -41,8 +47,17 @@ def test_missing_system_tools_named_in_one_line(tmp_path):
 
 def test_unreachable_index_is_one_line(tmp_path):
     venv = tmp_path / "venv"
-    env = dict(os.environ, VENV=str(venv), PIP_CONFIG_FILE=os.devnull, PIP_FIND_LINKS="", PIP_NO_CACHE_DIR="1",
-               PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0", PIP_TIMEOUT="2", PYTHON=sys.executable)
+    env = dict(
+        os.environ,
+        VENV=str(venv),
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_FIND_LINKS="",
+        PIP_NO_CACHE_DIR="1",
+        PIP_INDEX_URL="http://127.0.0.1:9/simple",
+        PIP_RETRIES="0",
+        PIP_TIMEOUT="2",
+        PYTHON=sys.executable,
+    )
     r = _run(["demo"], env, tmp_path)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()

@@ -78,8 +78,10 @@ def test_top_blocks_train_from_the_store_as_from_pixels(tower_cfg, data_dir, tmp
     both = _files(data_dir, "shapes_sft.json", "text_sft.json")
     init = str(tmp_path / "store-run" / "model")
     train(_cfg(both, tmp_path / "again-pix", max_steps=2, **kw), init=init)
-    train(_cfg(both, tmp_path / "again", max_steps=2, cache=str(tmp_path / "store"), cache_missing="encode", **kw),
-          init=init)  # fmt: skip
+    train(
+        _cfg(both, tmp_path / "again", max_steps=2, cache=str(tmp_path / "store"), cache_missing="encode", **kw),
+        init=init,
+    )
     assert _losses(tmp_path / "again") == pytest.approx(_losses(tmp_path / "again-pix"), rel=1e-5, abs=1e-6)
 
 
@@ -89,8 +91,11 @@ def test_a_store_of_another_cut_is_refused_by_name_before_training(model_cfg, da
     _build_cut(store, model_cfg, data, 1)
     info = FeatureStore(store).info()["namespaces"]
     assert [ns["settings"]["vision_top"] for ns in info] == [1]
-    with pytest.raises(CacheError, match=r"holds the states below the top 1 blocks \(vision_top 1\) of this encoder, "
-                                         r"not the states below the top 2 blocks.*--vision_top 2"):  # fmt: skip
+    with pytest.raises(
+        CacheError,
+        match=r"holds the states below the top 1 blocks \(vision_top 1\) of this encoder, "
+        r"not the states below the top 2 blocks.*--vision_top 2",
+    ):
         train(_cfg(data, tmp_path / "two", stage="sft", vision_mode="top", vision_top=2, cache=str(store)), model_cfg)
     with pytest.raises(CacheError, match=r"holds the states below the top 1 blocks.*not the tower's output features"):
         train(_cfg(data, tmp_path / "frozen", cache=str(store)), model_cfg)
@@ -98,8 +103,11 @@ def test_a_store_of_another_cut_is_refused_by_name_before_training(model_cfg, da
         assert not (tmp_path / run / "checkpoint").exists() and not (tmp_path / run / "model").exists()
     # and the other way round: a store of the tower's output is not read as states
     _build_cut(store, model_cfg, data, 0)
-    with pytest.raises(CacheError, match=r"holds the tower's output features and the states below the top 1 blocks "
-                                         r".*not the states below the top 2 blocks"):  # fmt: skip
+    with pytest.raises(
+        CacheError,
+        match=r"holds the tower's output features and the states below the top 1 blocks "
+        r".*not the states below the top 2 blocks",
+    ):
         train(_cfg(data, tmp_path / "two", stage="sft", vision_mode="top", vision_top=2, cache=str(store)), model_cfg)
 
 
@@ -108,15 +116,18 @@ def test_bad_cuts_are_refused_by_name(model_cfg, data_dir, tmp_path):
 
     depth = len(VisionTower.from_pretrained(model_cfg.vision).blocks)
     with pytest.raises(ValueError, match=f"vision_top {depth + 1}: this vision tower has {depth} blocks"):
-        build_store(_files(data_dir, "shapes_sft.json"), str(tmp_path / "s"), encoder=model_cfg.vision,
-                    vision_top=depth + 1)  # fmt: skip
+        build_store(
+            _files(data_dir, "shapes_sft.json"), str(tmp_path / "s"), encoder=model_cfg.vision, vision_top=depth + 1
+        )
     assert not (tmp_path / "s").exists()
     below = VisionTower.from_pretrained(model_cfg.vision, feature_layer=-2)
     with pytest.raises(ValueError, match="feature_layer -2 lies below the top 1 blocks"):
         below.below(torch.zeros(1, 3, below.image_size, below.image_size), 1)
     with pytest.raises(ValueError, match="vision_mode full trains the whole vision tower.*vision_mode top"):
-        train(_cfg(_files(data_dir, "shapes_sft.json"), tmp_path / "full", vision_mode="full",
-                   cache=str(tmp_path / "s")), model_cfg)  # fmt: skip
+        train(
+            _cfg(_files(data_dir, "shapes_sft.json"), tmp_path / "full", vision_mode="full", cache=str(tmp_path / "s")),
+            model_cfg,
+        )
 
 
 @pytest.mark.parametrize("mode", ["lora", "top"])

@@ -23,14 +23,22 @@ def shards(data_dir, tmp_path, monkeypatch):
     holding the PNG bytes): an `hf:` folder source."""
     monkeypatch.setenv("VLMFORGE_IMAGE_DIR", str(tmp_path / "image-cache"))
     records = load_records(data_dir / "shapes_sft.json")
-    features = datasets.Features({
-        "id": datasets.Value("string"), "image": datasets.Image(),
-        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
-    })  # fmt: skip
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+        }
+    )
     names = {"user": "human", "assistant": "gpt"}
-    rows = [{"id": r.id, "image": {"bytes": r.images[0].read_bytes(), "path": r.images[0].name},
-             "conversations": [{"from": names[m["role"]], "value": m["content"]} for m in r.messages]}
-            for r in records]  # fmt: skip
+    rows = [
+        {
+            "id": r.id,
+            "image": {"bytes": r.images[0].read_bytes(), "path": r.images[0].name},
+            "conversations": [{"from": names[m["role"]], "value": m["content"]} for m in r.messages],
+        }
+        for r in records
+    ]
     (tmp_path / "corpus").mkdir()
     for k in range(3):
         part = rows[k * 16 : (k + 1) * 16]
@@ -66,8 +74,22 @@ def test_windows_come_back_from_a_saved_position_and_ranks_read_apart(shards):
 
 
 def _cfg(source, out, **kw):
-    base = dict(stage="sft", data=[source], out=str(out), batch_size=4, lr=3e-3, lm_lr=3e-3, max_steps=16,
-                warmup=0.1, save_every=3, log_every=1, seed=0, streaming=True, stream_window=20, threads=1)  # fmt: skip
+    base = dict(
+        stage="sft",
+        data=[source],
+        out=str(out),
+        batch_size=4,
+        lr=3e-3,
+        lm_lr=3e-3,
+        max_steps=16,
+        warmup=0.1,
+        save_every=3,
+        log_every=1,
+        seed=0,
+        streaming=True,
+        stream_window=20,
+        threads=1,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -117,11 +139,37 @@ def test_a_streamed_run_sigkilled_and_resumed_ends_with_the_same_weights(shards,
     source, _ = shards
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "vlmforge", "train", "--train.stage", "sft", "--train.data", source,
-                "--train.out", str(out), "--train.batch_size", "8", "--train.max_steps", "60", "--train.streaming",
-                "true", "--train.stream_window", "16", "--train.save_every", "2", "--train.threads", "1",
-                "--train.lr", "3e-3", "--model.vision", model_cfg.vision, "--model.lm", model_cfg.lm,
-                *extra]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "vlmforge",
+            "train",
+            "--train.stage",
+            "sft",
+            "--train.data",
+            source,
+            "--train.out",
+            str(out),
+            "--train.batch_size",
+            "8",
+            "--train.max_steps",
+            "60",
+            "--train.streaming",
+            "true",
+            "--train.stream_window",
+            "16",
+            "--train.save_every",
+            "2",
+            "--train.threads",
+            "1",
+            "--train.lr",
+            "3e-3",
+            "--model.vision",
+            model_cfg.vision,
+            "--model.lm",
+            model_cfg.lm,
+            *extra,
+        ]
 
     sigkill_and_resume(cmd, tmp_path)
 
@@ -143,10 +191,30 @@ def test_two_ranks_stream_their_own_parts_and_resume_where_each_stopped(shards, 
     from test_distributed import train as cli
 
     source, _ = shards
-    args = lambda out: ["--train.data", source, "--train.batch_size", "4", "--train.log_every", "1",  # noqa: E731
-                        "--train.max_steps", "6", "--train.stream_window", "8", "--train.streaming", "true",
-                        "--train.threads", "1", "--train.out", str(out), "--model.vision", str(backbones["vision"]),
-                        "--model.lm", str(backbones["lm"]), "--nproc", "2"]  # fmt: skip
+    args = lambda out: [
+        "--train.data",
+        source,
+        "--train.batch_size",
+        "4",
+        "--train.log_every",
+        "1",  # noqa: E731
+        "--train.max_steps",
+        "6",
+        "--train.stream_window",
+        "8",
+        "--train.streaming",
+        "true",
+        "--train.threads",
+        "1",
+        "--train.out",
+        str(out),
+        "--model.vision",
+        str(backbones["vision"]),
+        "--model.lm",
+        str(backbones["lm"]),
+        "--nproc",
+        "2",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     for r in (cli(*args(full)), cli(*args(cut), "--train.stop_at", "3")):
         assert r.returncode == 0, r.stderr[-3000:]
@@ -170,8 +238,22 @@ def test_cache_build_streams_the_corpus_and_training_reads_its_features(shards, 
 
     source, records = shards
     store = tmp_path / "store"
-    main(["cache", "build", "--data", source, "--streaming", "true", "--encoder", model_cfg.vision, "--out", str(store),
-          "--dtype", "fp32"])  # fmt: skip
+    main(
+        [
+            "cache",
+            "build",
+            "--data",
+            source,
+            "--streaming",
+            "true",
+            "--encoder",
+            model_cfg.vision,
+            "--out",
+            str(store),
+            "--dtype",
+            "fp32",
+        ]
+    )
     ns = FeatureStore(store).info()["namespaces"][0]
     assert ns["images"] == len({r.images[0].read_bytes() for r in records})
     capsys.readouterr()
@@ -181,8 +263,22 @@ def test_cache_build_streams_the_corpus_and_training_reads_its_features(shards, 
     # a store of the first shard only: the first window (16 records, that shard) trains, the
     # second meets an image the store lacks and stops the run naming it, the 4 steps kept
     half = tmp_path / "half"
-    main(["cache", "build", "--data", f"{source}/part-0.parquet", "--streaming", "true", "--encoder",
-          model_cfg.vision, "--out", str(half), "--dtype", "fp32"])  # fmt: skip
+    main(
+        [
+            "cache",
+            "build",
+            "--data",
+            f"{source}/part-0.parquet",
+            "--streaming",
+            "true",
+            "--encoder",
+            model_cfg.vision,
+            "--out",
+            str(half),
+            "--dtype",
+            "fp32",
+        ]
+    )
     with pytest.raises(DataError, match=r"\.png: the feature store has no features of this image"):
         train(_cfg(source, tmp_path / "halfrun", stream_window=16, save_every=100, cache=str(half)), model_cfg)
     assert read_checkpoint(tmp_path / "halfrun" / "checkpoint")["progress"]["step"] == 4

@@ -13,8 +13,20 @@ from vlmforge.train.loop import train
 
 
 def _cfg(data_dir, out, **kw):
-    base = dict(stage="sft", data=[str(data_dir / "shapes_sft.json")], out=str(out), batch_size=8, lr=3e-3,
-                lm_lr=3e-3, max_steps=12, epochs=10, warmup=0.1, save_every=4, log_every=1, seed=0)  # fmt: skip
+    base = dict(
+        stage="sft",
+        data=[str(data_dir / "shapes_sft.json")],
+        out=str(out),
+        batch_size=8,
+        lr=3e-3,
+        lm_lr=3e-3,
+        max_steps=12,
+        epochs=10,
+        warmup=0.1,
+        save_every=4,
+        log_every=1,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -81,8 +93,9 @@ def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypa
         train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3, **extra), model_cfg)
     assert read_checkpoint(tmp_path / "cut" / "checkpoint")["progress"]["step"] == 5
     monkeypatch.setattr(VLM, "forward", original)
-    resumed = VLM.from_pretrained(train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3, **extra),
-                                        model_cfg, resume=True))  # fmt: skip
+    resumed = VLM.from_pretrained(
+        train(_cfg(data_dir, tmp_path / "cut", max_steps=8, save_every=3, **extra), model_cfg, resume=True)
+    )
     assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
     for (n, a), b in zip(reference.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
@@ -126,11 +139,35 @@ def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path
     import sys
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "vlmforge", "train", "--train.stage", "sft", "--train.data",
-                str(data_dir / "shapes_sft.json"), "--train.out", str(out), "--train.batch_size", "8",
-                "--train.max_steps", "60", "--train.epochs", "20", "--train.save_every", "2", "--train.threads", "1",
-                "--train.lr", "3e-3", "--model.vision", model_cfg.vision, "--model.lm", model_cfg.lm,
-                *extra]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "vlmforge",
+            "train",
+            "--train.stage",
+            "sft",
+            "--train.data",
+            str(data_dir / "shapes_sft.json"),
+            "--train.out",
+            str(out),
+            "--train.batch_size",
+            "8",
+            "--train.max_steps",
+            "60",
+            "--train.epochs",
+            "20",
+            "--train.save_every",
+            "2",
+            "--train.threads",
+            "1",
+            "--train.lr",
+            "3e-3",
+            "--model.vision",
+            model_cfg.vision,
+            "--model.lm",
+            model_cfg.lm,
+            *extra,
+        ]
 
     sigkill_and_resume(cmd, tmp_path)
 
@@ -303,8 +340,13 @@ def test_shared_and_packed_sequences_give_the_loss_and_gradients_of_the_records_
     for name, kw in variants.items():
         batch = collate(items, m.tokenizer.pad_token_id, **kw)
         m.zero_grad()
-        out = m(batch["input_ids"], batch["attention_mask"], batch["labels"], **merge_image_inputs(m, batch),
-                position_ids=batch.get("position_ids"))  # fmt: skip
+        out = m(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            **merge_image_inputs(m, batch),
+            position_ids=batch.get("position_ids"),
+        )
         out.loss_sum.backward()
         outs[name] = (batch, out)
         grads[name] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -360,8 +402,9 @@ def test_attention_never_crosses_the_records_of_a_packed_row(model_cfg, tmp_path
                 batch["input_ids"], mask, **merge_image_inputs(m, batch), position_ids=batch["position_ids"]
             ).logits[0]
 
-    changed = dict(items[0], input_ids=[t if t in image_ids else (t + 7) % m.tokenizer.vocab_size
-                                        for t in items[0]["input_ids"]])  # fmt: skip
+    changed = dict(
+        items[0], input_ids=[t if t in image_ids else (t + 7) % m.tokenizer.vocab_size for t in items[0]["input_ids"]]
+    )
     before, after = logits(items[0]), logits(changed)
     assert not torch.allclose(before[:n0], after[:n0])  # the first record's own logits move
     torch.testing.assert_close(after[n0:], before[n0:], rtol=0, atol=1e-6)  # the second's do not
@@ -375,8 +418,14 @@ def test_grouped_and_packed_training_runs_and_resumes_exactly(model_cfg, tmp_pat
     from vlmforge.data.synthetic import synth
 
     synth(tmp_path, "shapes", 12, seed=2, width=32, height=32, conversations="single")
-    cfg = dict(data=[str(tmp_path / "shapes_sft.json")], batch_size=8, max_steps=4, group_by_image=True, packing=True,
-               max_len=300)  # fmt: skip
+    cfg = dict(
+        data=[str(tmp_path / "shapes_sft.json")],
+        batch_size=8,
+        max_steps=4,
+        group_by_image=True,
+        packing=True,
+        max_len=300,
+    )
     straight = _cfg(tmp_path, tmp_path / "straight", **cfg)
     train(straight, model_cfg)
     train(_cfg(tmp_path, tmp_path / "halves", stop_at=2, **cfg), model_cfg)
@@ -394,9 +443,31 @@ def test_bench_data_packs_the_same_labels_into_fewer_tokens(tmp_path, capsys):
     from vlmforge.cli import main
 
     out = tmp_path / "data.json"
-    main(["bench", "data", "--work", str(tmp_path / "w"), "--n_images", "16", "--batch_size", "8", "--steps", "2",
-          "--warmup", "1", "--cap_mb", "0.05", "--multiples", "1", "4", "--stream_batches", "3",
-          "--out", str(out)])  # fmt: skip
+    main(
+        [
+            "bench",
+            "data",
+            "--work",
+            str(tmp_path / "w"),
+            "--n_images",
+            "16",
+            "--batch_size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--cap_mb",
+            "0.05",
+            "--multiples",
+            "1",
+            "4",
+            "--stream_batches",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     r = json.loads(out.read_text())
     for name in ("demo mix", "long tail"):
         padded, packed = r["sets"][name]["padded"], r["sets"][name]["packed"]

@@ -28,7 +28,7 @@ COMMANDS = {
         "build": "vlmforge.cache.build:build_store",
         "info": "vlmforge.cache.store:show_info",
         "verify": "vlmforge.cache.store:verify_store",
-    },  # fmt: skip
+    },
     "bench": {
         "cache": "vlmforge.bench.cache:run",
         "data": "vlmforge.bench.data:run",

@@ -302,9 +302,12 @@ class TinySpec:
         from transformers import ResNetConfig
 
         return ResNetConfig(
-            embedding_size=self.conv_embedding, hidden_sizes=list(self.conv_hidden), depths=list(self.conv_depths),
-            layer_type="basic", downsample_in_first_stage=False,
-        )  # fmt: skip
+            embedding_size=self.conv_embedding,
+            hidden_sizes=list(self.conv_hidden),
+            depths=list(self.conv_depths),
+            layer_type="basic",
+            downsample_in_first_stage=False,
+        )
 
 
 # Demo budgets, measured on the 2-core machine (docs/reading.md): with torch 2.13, two threads
@@ -317,9 +320,16 @@ def align_defaults() -> TrainConfig:
 
 def sft_defaults() -> TrainConfig:
     return TrainConfig(
-        stage="sft", epochs=20.0, max_steps=3000, batch_size=64, lr=3e-3, lm_lr=2e-3, save_every=250, log_every=25,
+        stage="sft",
+        epochs=20.0,
+        max_steps=3000,
+        batch_size=64,
+        lr=3e-3,
+        lm_lr=2e-3,
+        save_every=250,
+        log_every=25,
         threads=2,
-    )  # fmt: skip
+    )
 
 
 @dataclass

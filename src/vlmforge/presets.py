@@ -141,25 +141,64 @@ SMOLLM2_135M = LMShape(hidden=576, layers=30, intermediate=1536, heads=9, kv_hea
 PRESETS = {
     p.name: p
     for p in [
-        Preset("llama3-v", "Llama3-V: SigLIP-so400m + Llama-3-8B-Instruct, two self-attention blocks",
-               "google/siglip-so400m-patch14-384", "meta-llama/Meta-Llama-3-8B-Instruct", "attention",
-               SIGLIP_SO400M, LLAMA3_8B),
-        Preset("idefics2", "Idefics2: SigLIP-so400m + Mistral-7B, perceiver resampler of 64 latents",
-               "google/siglip-so400m-patch14-384", "mistralai/Mistral-7B-v0.1", "perceiver",
-               SIGLIP_SO400M, MISTRAL_7B, {"connector_latents": 64, "layout": "inline"}),
-        Preset("llava-1.5", "LLaVA-1.5: CLIP ViT-L/14-336 (second-to-last layer) + Vicuna-7B, 2-layer MLP",
-               "openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "mlp",
-               CLIP_L_336, VICUNA_7B, {"feature_layer": -2, "layout": "bare", "resize": "expand"}),
-        Preset("smol", "SmolVLM-like: SigLIP-base + SmolLM2-135M-Instruct, pixel shuffle x2",
-               "google/siglip-base-patch16-224", "HuggingFaceTB/SmolLM2-135M-Instruct", "pixel_shuffle",
-               SIGLIP_BASE, SMOLLM2_135M, {"pixel_shuffle_factor": 2}),
-        Preset("tiny", "the demo's model, made here by `vlmforge pretrain` (no Hub ids)", "", "", "mlp",
-               tiny_vision_shape,
-               LMShape(hidden=_TINY.lm_hidden, layers=_TINY.lm_layers, intermediate=_TINY.lm_intermediate,
-                       heads=_TINY.lm_heads, kv_heads=_TINY.lm_heads, vocab=_TINY.vocab_size),
-               {"vision_pooled": True, "resize": "squash"}),
+        Preset(
+            "llama3-v",
+            "Llama3-V: SigLIP-so400m + Llama-3-8B-Instruct, two self-attention blocks",
+            "google/siglip-so400m-patch14-384",
+            "meta-llama/Meta-Llama-3-8B-Instruct",
+            "attention",
+            SIGLIP_SO400M,
+            LLAMA3_8B,
+        ),
+        Preset(
+            "idefics2",
+            "Idefics2: SigLIP-so400m + Mistral-7B, perceiver resampler of 64 latents",
+            "google/siglip-so400m-patch14-384",
+            "mistralai/Mistral-7B-v0.1",
+            "perceiver",
+            SIGLIP_SO400M,
+            MISTRAL_7B,
+            {"connector_latents": 64, "layout": "inline"},
+        ),
+        Preset(
+            "llava-1.5",
+            "LLaVA-1.5: CLIP ViT-L/14-336 (second-to-last layer) + Vicuna-7B, 2-layer MLP",
+            "openai/clip-vit-large-patch14-336",
+            "lmsys/vicuna-7b-v1.5",
+            "mlp",
+            CLIP_L_336,
+            VICUNA_7B,
+            {"feature_layer": -2, "layout": "bare", "resize": "expand"},
+        ),
+        Preset(
+            "smol",
+            "SmolVLM-like: SigLIP-base + SmolLM2-135M-Instruct, pixel shuffle x2",
+            "google/siglip-base-patch16-224",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "pixel_shuffle",
+            SIGLIP_BASE,
+            SMOLLM2_135M,
+            {"pixel_shuffle_factor": 2},
+        ),
+        Preset(
+            "tiny",
+            "the demo's model, made here by `vlmforge pretrain` (no Hub ids)",
+            "",
+            "",
+            "mlp",
+            tiny_vision_shape,
+            LMShape(
+                hidden=_TINY.lm_hidden,
+                layers=_TINY.lm_layers,
+                intermediate=_TINY.lm_intermediate,
+                heads=_TINY.lm_heads,
+                kv_heads=_TINY.lm_heads,
+                vocab=_TINY.vocab_size,
+            ),
+            {"vision_pooled": True, "resize": "squash"},
+        ),
     ]
-}  # fmt: skip
+}
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, without sparsity.
 GPU_PEAK = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12}
@@ -174,8 +213,11 @@ def get_preset(name: str) -> Preset:
 def with_preset(name: str, model: ModelConfig) -> ModelConfig:
     """The preset's model config, with the fields `model` sets to non-default values on top."""
     base, default = get_preset(name).model_config(), ModelConfig()
-    changed = {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelConfig)
-               if getattr(model, f.name) != getattr(default, f.name)}  # fmt: skip
+    changed = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(model, f.name) != getattr(default, f.name)
+    }
     merged = dataclasses.replace(base, **changed)
     if not merged.vision or not merged.lm:
         raise ValueError(f"preset {name!r} names no backbones here: pass --model.vision and --model.lm")
@@ -191,9 +233,16 @@ def connector_params_and_tokens(p: Preset) -> tuple[int, int]:
 
     cfg = dataclasses.replace(ModelConfig(), connector=p.connector, **p.model)
     with torch.device("meta"):
-        conn = build_connector(p.connector, p.vshape.hidden, p.lm_shape.hidden, hidden=cfg.connector_hidden,
-                               layers=cfg.connector_layers, heads=cfg.connector_heads, latents=cfg.connector_latents,
-                               factor=cfg.pixel_shuffle_factor)  # fmt: skip
+        conn = build_connector(
+            p.connector,
+            p.vshape.hidden,
+            p.lm_shape.hidden,
+            hidden=cfg.connector_hidden,
+            layers=cfg.connector_layers,
+            heads=cfg.connector_heads,
+            latents=cfg.connector_latents,
+            factor=cfg.pixel_shuffle_factor,
+        )
     return sum(t.numel() for t in conn.parameters()), conn.num_tokens(p.vshape.patches + int(cfg.vision_pooled))
 
 
@@ -250,8 +299,11 @@ def plan(
         rows, cols = adaptive_grid(image[0], image[1], res, max_slices)
         views = rows * cols + 1 if rows else 1
         whole = f"a {image[0]} x {image[1]} image"
-        slicing = f"adaptive: {rows} x {cols} slices + the whole image for {whole}" if rows else \
-            f"adaptive: {whole} fits one {res} px view, no slices"  # fmt: skip
+        slicing = (
+            f"adaptive: {rows} x {cols} slices + the whole image for {whole}"
+            if rows
+            else f"adaptive: {whole} fits one {res} px view, no slices"
+        )
     if gpu not in GPU_PEAK:
         raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_PEAK)}")
     if not 0 < mfu <= 1:
@@ -273,7 +325,9 @@ def plan(
         samples = data_sizes[i] * epochs[i]
         trainable = conn_params + {"frozen": 0, "lora": lm.lora_params(lora_r), "full": lm.params}[lm_mode]
         stages[name] = {
-            "samples": samples, "lm": lm_mode, "tokens_per_sample": length,
+            "samples": samples,
+            "lm": lm_mode,
+            "tokens_per_sample": length,
             "trainable_params": trainable,
             "flops_per_sample": lm_flops + head + conn,
             "encoder_flops_per_sample": enc_per_image,
@@ -281,14 +335,26 @@ def plan(
             "encoder_flops_every_epoch": samples * enc_per_image,
             "encoder_flops_cached": data_sizes[i] * enc_per_image,  # once per image, reused by epochs and runs
             "memory_gb": _memory(lm, v, conn_params, trainable, lm_mode, length, micro_batch, gpus),
-        }  # fmt: skip
+        }
     peak = GPU_PEAK[gpu]
-    r = {"preset": p.name, "description": p.description, "vision": p.vision or "(built locally)",
-           "lm": p.lm or "(built locally)", "connector": p.connector, "visual_tokens_per_image": visual,
-           "views_per_image": views, "slicing": slicing,
-           "params": {"vision": v.params, "connector": conn_params, "lm": lm.params, "lm_non_embedding": n},
-           "gpu": gpu, "peak_flops": peak, "mfu": mfu, "price_per_gpu_hour": price, "gpus": gpus, "runs": runs,
-           "stages": stages}  # fmt: skip
+    r = {
+        "preset": p.name,
+        "description": p.description,
+        "vision": p.vision or "(built locally)",
+        "lm": p.lm or "(built locally)",
+        "connector": p.connector,
+        "visual_tokens_per_image": visual,
+        "views_per_image": views,
+        "slicing": slicing,
+        "params": {"vision": v.params, "connector": conn_params, "lm": lm.params, "lm_non_embedding": n},
+        "gpu": gpu,
+        "peak_flops": peak,
+        "mfu": mfu,
+        "price_per_gpu_hour": price,
+        "gpus": gpus,
+        "runs": runs,
+        "stages": stages,
+    }
     for cached in (False, True):
         total = 0.0
         for s in stages.values():
@@ -296,9 +362,11 @@ def plan(
             total += s["flops"] + enc
         hours = total / (peak * mfu) / 3600
         r["with_feature_cache" if cached else "without_feature_cache"] = {
-            "flops_per_run": total, "gpu_hours_per_run": hours, "dollars_per_run": hours * price,
+            "flops_per_run": total,
+            "gpu_hours_per_run": hours,
+            "dollars_per_run": hours * price,
             "wall_hours_per_run_on_gpus": hours / gpus,
-        }  # fmt: skip
+        }
     r["under_500_dollars"] = r["without_feature_cache"]["dollars_per_run"] < 500
     print(format_plan(r))
     if out:
@@ -306,8 +374,9 @@ def plan(
     return r
 
 
-def _memory(lm: LMShape, v: VisionShape, conn: int, trainable: int, lm_mode: str, length: int, micro_batch: int,
-            gpus: int) -> dict:  # fmt: skip
+def _memory(
+    lm: LMShape, v: VisionShape, conn: int, trainable: int, lm_mode: str, length: int, micro_batch: int, gpus: int
+) -> dict:
     """GB per GPU, bf16 weights: frozen weights 2 B/param; trainable ones 2 (weight) + 4 (fp32 master)
     + 8 (AdamW) + 2 (grad) B; activations by Korthikanti et al. (2022) without recomputation,
     L·d·(34 + 5·heads·L/d) bytes per layer and sample, or ~2·L·d·layers with full checkpointing."""
@@ -336,13 +405,16 @@ def format_plan(r: dict) -> str:
         return big(x, (("B", 1e9), ("M", 1e6), ("K", 1e3)))
 
     pr = r["params"]
-    lines = [f"preset {r['preset']}: {r['description']}",
-             f"  vision {r['vision']}, LM {r['lm']}, connector {r['connector']}",
-             f"  parameters: vision {count(pr['vision'])}, connector {count(pr['connector'])}, LM {count(pr['lm'])} "
-             f"({count(pr['lm_non_embedding'])} non-embedding); visual tokens per image {r['visual_tokens_per_image']}"
-             + (f" ({r['views_per_image']} views; {r['slicing']})" if r.get("slicing") else ""),
-             f"  {r['gpus']} x {r['gpu']} at {big(r['peak_flops'])}FLOP/s bf16 peak, assumed MFU {r['mfu']:.0%}, "
-             f"${r['price_per_gpu_hour']}/GPU-hour", ""]  # fmt: skip
+    lines = [
+        f"preset {r['preset']}: {r['description']}",
+        f"  vision {r['vision']}, LM {r['lm']}, connector {r['connector']}",
+        f"  parameters: vision {count(pr['vision'])}, connector {count(pr['connector'])}, LM {count(pr['lm'])} "
+        f"({count(pr['lm_non_embedding'])} non-embedding); visual tokens per image {r['visual_tokens_per_image']}"
+        + (f" ({r['views_per_image']} views; {r['slicing']})" if r.get("slicing") else ""),
+        f"  {r['gpus']} x {r['gpu']} at {big(r['peak_flops'])}FLOP/s bf16 peak, assumed MFU {r['mfu']:.0%}, "
+        f"${r['price_per_gpu_hour']}/GPU-hour",
+        "",
+    ]
     for name, s in r["stages"].items():
         m = s["memory_gb"]
         lines += [
@@ -355,17 +427,21 @@ def format_plan(r: dict) -> str:
             f"{m['weights_and_optimizer_fsdp']} GB (FSDP over {r['gpus']}), {m['weights_without_encoder_ddp']} GB "
             f"without the encoder (feature store); activations {m['activations']} GB per micro-batch "
             f"({m['activations_checkpointed']} GB checkpointed)",
-        ]  # fmt: skip
+        ]
     lines.append("")
     for key, label in (("without_feature_cache", "re-encoding"), ("with_feature_cache", "feature store")):
         c = r[key]
         wall = f"{c['wall_hours_per_run_on_gpus']:.1f} h on {r['gpus']} GPUs"
-        lines.append(f"  total ({label}): {big(c['flops_per_run'])}FLOP / ({big(r['peak_flops'])}FLOP/s x "
-                     f"{r['mfu']}) / 3600 = {c['gpu_hours_per_run']:.1f} GPU-hours x ${r['price_per_gpu_hour']} "
-                     f"= ${c['dollars_per_run']:.0f} ({wall})")  # fmt: skip
+        lines.append(
+            f"  total ({label}): {big(c['flops_per_run'])}FLOP / ({big(r['peak_flops'])}FLOP/s x "
+            f"{r['mfu']}) / 3600 = {c['gpu_hours_per_run']:.1f} GPU-hours x ${r['price_per_gpu_hour']} "
+            f"= ${c['dollars_per_run']:.0f} ({wall})"
+        )
     lines.append("  (the store saves encoder work when epochs > 1 or several runs share it: --epochs, --runs)")
-    lines.append(f"  under $500: {'yes' if r['under_500_dollars'] else 'no'} "
-                 f"(${r['without_feature_cache']['dollars_per_run']:.0f} at the assumptions above)")  # fmt: skip
+    lines.append(
+        f"  under $500: {'yes' if r['under_500_dollars'] else 'no'} "
+        f"(${r['without_feature_cache']['dollars_per_run']:.0f} at the assumptions above)"
+    )
     return "\n".join(lines)
 
 

@@ -139,8 +139,14 @@ def _top_setup(args: dict, from_store: bool):
     from vlmforge.train.loop import micro_batches
     from vlmforge.train.stages import apply_stage
 
-    cfg = TrainConfig(stage="align", batch_size=args["batch_size"], num_workers=args["num_workers"], seed=0,
-                      vision_mode="top", vision_top=args["top"])  # fmt: skip
+    cfg = TrainConfig(
+        stage="align",
+        batch_size=args["batch_size"],
+        num_workers=args["num_workers"],
+        seed=0,
+        vision_mode="top",
+        vision_top=args["top"],
+    )
     torch.manual_seed(0)
     model = VLM.from_backbones(ModelConfig(vision=args["vision"], lm=args["lm"], connector="mlp"))
     features = None
@@ -187,8 +193,9 @@ def _encoder_bound(vision_path: str, data: str, batch_size: int, threads: int, r
     return len(pixels) / best
 
 
-def _build_rate(vision_path: str, data: str, store: Path, dtype: str, batch_size: int, threads: int, workers: int,
-                top: int = 0):  # fmt: skip
+def _build_rate(
+    vision_path: str, data: str, store: Path, dtype: str, batch_size: int, threads: int, workers: int, top: int = 0
+):
     import shutil
 
     from vlmforge.cache.build import build, encoder_for, images_of
@@ -196,17 +203,51 @@ def _build_rate(vision_path: str, data: str, store: Path, dtype: str, batch_size
     shutil.rmtree(store, ignore_errors=True)
     vision, proc, src = encoder_for(encoder=vision_path)
     with runtime.threads(threads):
-        return build(store, vision, proc, images_of([data]), dtype, batch_size, num_workers=workers, source=src,
-                     progress=False, top=top)  # fmt: skip
+        return build(
+            store,
+            vision,
+            proc,
+            images_of([data]),
+            dtype,
+            batch_size,
+            num_workers=workers,
+            source=src,
+            progress=False,
+            top=top,
+        )
 
 
 def _build_rate_2proc(vision_path: str, data: str, store: Path, batch_size: int) -> dict:
     import shutil
 
     shutil.rmtree(store, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vlmforge",
-           "cache", "build", "--encoder", vision_path, "--data", data, "--out", str(store), "--dtype", "fp16",
-           "--batch_size", str(batch_size), "--num_workers", "0", "--device", "cpu", "--threads", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vlmforge",
+        "cache",
+        "build",
+        "--encoder",
+        vision_path,
+        "--data",
+        data,
+        "--out",
+        str(store),
+        "--dtype",
+        "fp16",
+        "--batch_size",
+        str(batch_size),
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"2-process cache build failed:\n{proc.stderr[-2000:]}")
@@ -236,8 +277,9 @@ def _accuracy(work: Path, dtypes: list[str]) -> dict:
     for dtype in dtypes:
         store, run = work / "accuracy" / "store", work / "accuracy" / dtype
         build_for(store, model_cfg, align_data + sft_data, dtype)
-        final = align_then_sft(model_cfg, demo.align, demo.sft, run, align_data, sft_data, cache=str(store),
-                               cache_dtype=dtype, seed=0)  # fmt: skip
+        final = align_then_sft(
+            model_cfg, demo.align, demo.sft, run, align_data, sft_data, cache=str(store), cache_dtype=dtype, seed=0
+        )
         model = VLM.from_pretrained(final)
         gen = LocalGenerator(model, str(final), 16, Engine(model))
         results[dtype] = {
@@ -289,9 +331,17 @@ def run(
         s = setup(work_dir, preset, n_images)
         store = work_dir / f"store-{preset}"
         _build_rate(s["vision"], s["data"], store, "fp16", 64, threads, num_workers)
-        base = {"vision": s["vision"], "lm": s["lm"], "data": s["data"], "store": str(store), "threads": threads,
-                "batch_size": batch_size or PRESET_BATCH[preset], "num_workers": num_workers, "steps": steps,
-                "warmup": warmup}  # fmt: skip
+        base = {
+            "vision": s["vision"],
+            "lm": s["lm"],
+            "data": s["data"],
+            "store": str(store),
+            "threads": threads,
+            "batch_size": batch_size or PRESET_BATCH[preset],
+            "num_workers": num_workers,
+            "steps": steps,
+            "warmup": warmup,
+        }
         rows = in_process(_step_times, base)
         for v in VARIANTS:
             rows[v].update(in_process(_peak_memory, {**base, "variant": v}))
@@ -331,11 +381,21 @@ def run(
         small = setup(work_dir, name, n_images, spec=tower["spec"])
         cut_store = work_dir / f"store-top-{name}"
         _build_rate(small["vision"], small["data"], cut_store, "fp16", 64, threads, num_workers, top=1)
-        times = in_process(_top_step_times, {
-            "vision": small["vision"], "lm": small["lm"], "data": small["data"], "store": str(cut_store), "top": 1,
-            "threads": threads, "batch_size": PRESET_BATCH["tiny"], "num_workers": num_workers, "steps": steps,
-            "warmup": warmup,
-        })  # fmt: skip
+        times = in_process(
+            _top_step_times,
+            {
+                "vision": small["vision"],
+                "lm": small["lm"],
+                "data": small["data"],
+                "store": str(cut_store),
+                "top": 1,
+                "threads": threads,
+                "batch_size": PRESET_BATCH["tiny"],
+                "num_workers": num_workers,
+                "steps": steps,
+                "warmup": warmup,
+            },
+        )
         times["speedup"] = times["pixels_step_s"] / times["states_step_s"]
         result["top"][name] = {"tower": tower["what"], "top": 1, **times}
     tiny = setup(work_dir, "tiny", build_images)
@@ -361,8 +421,9 @@ def run(
     if tiny_rows:
         for k in ("speedup_vs_reencode", "fraction_of_lm_only_bound"):
             result[k] = tiny_rows[k]
-    result["build_fraction_of_encoder_bound"] = min(b["build_fraction_of_encoder_bound"]
-                                                    for b in result["build"].values())  # fmt: skip
+    result["build_fraction_of_encoder_bound"] = min(
+        b["build_fraction_of_encoder_bound"] for b in result["build"].values()
+    )
     return publish(result, format_table(result), out)
 
 
@@ -375,11 +436,15 @@ def _all_features(store: Path) -> dict:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"machine: {r['machine']['cpu_count']} cores, 2048x2048 fp32 matmul "
-             f"{r['machine'].get('matmul_2048_gflops', '?')} GFLOP/s; torch {r['machine']['torch']}"]  # fmt: skip
+    lines = [
+        f"machine: {r['machine']['cpu_count']} cores, 2048x2048 fp32 matmul "
+        f"{r['machine'].get('matmul_2048_gflops', '?')} GFLOP/s; torch {r['machine']['torch']}"
+    ]
     lines.append(f"align step time, {r['threads']} torch thread(s), median of {r['steps']} interleaved steps")
-    lines.append(f"{'preset':<18} {'reencode':>10} {'cached':>10} {'lm_only':>10} {'speedup':>8} {'of bound':>9} "
-                 f"{'enc share':>10} {'enc FLOPs':>10} {'peak MB re/ca/lm':>18}")  # fmt: skip
+    lines.append(
+        f"{'preset':<18} {'reencode':>10} {'cached':>10} {'lm_only':>10} {'speedup':>8} {'of bound':>9} "
+        f"{'enc share':>10} {'enc FLOPs':>10} {'peak MB re/ca/lm':>18}"
+    )
     for name, p in r["presets"].items():
         name = f"{name} b{p['batch_size']}"
         peaks = "/".join(f"{p[v]['peak_rss_mb']:.0f}" for v in ("reencode", "cached", "lm_only"))

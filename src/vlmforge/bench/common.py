@@ -26,7 +26,7 @@ SPECS = {
         lm_layers=3,
         lm_heads=6,
         lm_intermediate=1344,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -92,5 +92,9 @@ def machine() -> dict:
 
     # the speed that time figures scale with: a 2048x2048 fp32 matmul on 2 threads (as the demo prints)
     gflops = runtime.matmul_peak(2, sizes=(2048,), repeats=3)[0] / 1e9
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "matmul_2048_gflops": round(gflops, 1)}  # fmt: skip
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "matmul_2048_gflops": round(gflops, 1),
+    }

@@ -49,15 +49,26 @@ def _long_tail(records: list, seed: int, n: int) -> list[dict]:
         img = str(Path(images[i % len(images)]).resolve())
         turns = [m for r in by_image[images[i % len(images)]] for m in r.messages]
         k = min(rng.choices(range(1, 11), weights)[0], len(turns) // 2)
-        conv = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"].replace("<image>\n", "")}
-                for m in turns[: 2 * k]]  # fmt: skip
+        conv = [
+            {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"].replace("<image>\n", "")}
+            for m in turns[: 2 * k]
+        ]
         rows.append({"id": f"tail_{i}", "image": img, "conversations": conv})
     return rows
 
 
-def run(out: str | None = None, work: str = "runs/bench-data", n_images: int = 96, batch_size: int = 32,
-        steps: int = 8, warmup: int = 2, threads: int = 1, cap_mb: float = 32.0,
-        multiples: list[float] | None = None, stream_batches: int = 100) -> dict:  # fmt: skip
+def run(
+    out: str | None = None,
+    work: str = "runs/bench-data",
+    n_images: int = 96,
+    batch_size: int = 32,
+    steps: int = 8,
+    warmup: int = 2,
+    threads: int = 1,
+    cap_mb: float = 32.0,
+    multiples: list[float] | None = None,
+    stream_batches: int = 100,
+) -> dict:
     """Packing against padding (step time and label tokens/s, on the demo's mix and on a long
     tail), and streaming against loading (samples/s and memory as the corpus grows).
 
@@ -128,10 +139,13 @@ def run(out: str | None = None, work: str = "runs/bench-data", n_images: int = 9
             for mode, ts in times.items():
                 med = statistics.median(ts)
                 labels = statistics.fmean(seen[mode]["labels"])
-                res[mode] = {"step_s": round(med, 4), "label_tokens_per_step": labels,
-                             "label_tokens_per_s": round(labels / med, 1),
-                             "tokens_per_step": statistics.fmean(seen[mode]["tokens"]),
-                             "computed_per_step": statistics.fmean(seen[mode]["computed"])}  # fmt: skip
+                res[mode] = {
+                    "step_s": round(med, 4),
+                    "label_tokens_per_step": labels,
+                    "label_tokens_per_s": round(labels / med, 1),
+                    "tokens_per_step": statistics.fmean(seen[mode]["tokens"]),
+                    "computed_per_step": statistics.fmean(seen[mode]["computed"]),
+                }
             rate = {mode: res[mode]["label_tokens_per_s"] for mode in times}
             res["packed_vs_padded"] = round(rate["packed"] / rate["padded"], 3)
             result["sets"][name] = res
@@ -153,8 +167,11 @@ def _corpus(folder: Path, images: list[str], n: int, seed: int = 0) -> float:
     for k, lo in enumerate(range(0, n, 4096)):
         rows = []
         for i in range(lo, min(n, lo + 4096)):
-            conv = [{"from": f, "value": " ".join(rng.choices(words, k=8)) + ("?" if f == "human" else ".")}
-                    for _ in range(10) for f in ("human", "gpt")]  # fmt: skip
+            conv = [
+                {"from": f, "value": " ".join(rng.choices(words, k=8)) + ("?" if f == "human" else ".")}
+                for _ in range(10)
+                for f in ("human", "gpt")
+            ]
             conv[0]["value"] = "<image>\n" + conv[0]["value"]
             text_bytes += sum(len(t["value"]) for t in conv)
             rows.append({"id": f"r{i}", "image": images[i % len(images)], "conversations": conv})
@@ -190,8 +207,12 @@ def _read(args: dict) -> dict:
         n += next(batches)[1]["n"]
     rest = time.perf_counter() - t0 - first
     peak = memory_mb()
-    return {"first_batch_s": round(first, 2), "samples_per_s": round((n - args["batch_size"]) / rest, 1),
-            "peak_rss_mb": round(peak), "data_rss_mb": round(peak - before)}  # fmt: skip
+    return {
+        "first_batch_s": round(first, 2),
+        "samples_per_s": round((n - args["batch_size"]) / rest, 1),
+        "peak_rss_mb": round(peak),
+        "data_rss_mb": round(peak - before),
+    }
 
 
 def streaming(work: Path, s: dict, cap_mb: float, multiples: list[float], batches: int, batch_size: int) -> dict:
@@ -207,36 +228,51 @@ def streaming(work: Path, s: dict, cap_mb: float, multiples: list[float], batche
         folder = work / f"corpus-{n}"
         folder.mkdir(parents=True, exist_ok=True)
         mb = _corpus(folder, [os.path.relpath(p, folder) for p in pool], n)
-        args = {"vision": s["vision"], "lm": s["lm"], "source": f"hf:{folder}", "batches": batches, "threads": 1,
-                "batch_size": batch_size, "hf_cache": str(work / "hf-cache")}  # fmt: skip
+        args = {
+            "vision": s["vision"],
+            "lm": s["lm"],
+            "source": f"hf:{folder}",
+            "batches": batches,
+            "threads": 1,
+            "batch_size": batch_size,
+            "hf_cache": str(work / "hf-cache"),
+        }
         row = {"records": n, "text_mb": round(mb, 3), "x_cap": m}
         for variant in ("streamed", "loaded"):
             row[variant] = in_process(_read, {**args, "variant": variant})
         rows[f"{m:g}x"] = row
     flat = [r["streamed"]["data_rss_mb"] for r in rows.values()]
-    return {"cap_mb": cap_mb, "batches": batches, "corpora": rows,
-            "streamed_data_rss_growth_mb": max(flat) - min(flat)}  # fmt: skip
+    return {"cap_mb": cap_mb, "batches": batches, "corpora": rows, "streamed_data_rss_growth_mb": max(flat) - min(flat)}
 
 
 def format_table(r: dict) -> str:
-    lines = [f"packing vs padding, batch {r['batch_size']}, {r['threads']} thread(s), medians of {r['steps']} steps",
-             "| set | mode | step s | label tokens / step | label tokens/s | tokens computed / step (padding incl.) |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"packing vs padding, batch {r['batch_size']}, {r['threads']} thread(s), medians of {r['steps']} steps",
+        "| set | mode | step s | label tokens / step | label tokens/s | tokens computed / step (padding incl.) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for name, res in r["sets"].items():
         for mode in ("padded", "packed"):
             m = res[mode]
-            lines.append(f"| {name} | {mode} | {m['step_s']:.3f} | {m['label_tokens_per_step']:.0f} | "
-                         f"{m['label_tokens_per_s']:.0f} | {m['computed_per_step']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {mode} | {m['step_s']:.3f} | {m['label_tokens_per_step']:.0f} | "
+                f"{m['label_tokens_per_s']:.0f} | {m['computed_per_step']:.0f} |"
+            )
         lines.append(f"| {name} | packed / padded | | | {res['packed_vs_padded']:.2f}x | |")
     st = r["streaming"]
-    lines += ["", f"streamed vs loaded, {st['batches']} micro-batches of {r['batch_size']} read by a fresh process, "
-              f"memory cap {st['cap_mb']:g} MB of text",
-              "| corpus | records | text MB | mode | first batch s | samples/s | peak RSS MB | data RSS MB |",
-              "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        f"streamed vs loaded, {st['batches']} micro-batches of {r['batch_size']} read by a fresh process, "
+        f"memory cap {st['cap_mb']:g} MB of text",
+        "| corpus | records | text MB | mode | first batch s | samples/s | peak RSS MB | data RSS MB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for name, c in st["corpora"].items():
         for mode in ("streamed", "loaded"):
             m = c[mode]
-            lines.append(f"| {name} cap | {c['records']} | {c['text_mb']:.1f} | {mode} | {m['first_batch_s']:.2f} | "
-                         f"{m['samples_per_s']:.0f} | {m['peak_rss_mb']} | {m['data_rss_mb']} |")  # fmt: skip
+            lines.append(
+                f"| {name} cap | {c['records']} | {c['text_mb']:.1f} | {mode} | {m['first_batch_s']:.2f} | "
+                f"{m['samples_per_s']:.0f} | {m['peak_rss_mb']} | {m['data_rss_mb']} |"
+            )
     lines.append(f"streamed: the data's RSS varies by {st['streamed_data_rss_growth_mb']} MB across the corpora")
     return "\n".join(lines)

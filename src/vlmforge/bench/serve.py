@@ -36,8 +36,16 @@ from pathlib import Path
 
 from vlmforge import runtime
 
-QUESTIONS = ["What is in the picture?", "Describe the image.", "How many shapes are there?", "What color is it?",
-             "Is there any text?", "Where is the largest object?", "What stands out?", "Name one object."]  # fmt: skip
+QUESTIONS = [
+    "What is in the picture?",
+    "Describe the image.",
+    "How many shapes are there?",
+    "What color is it?",
+    "Is there any text?",
+    "Where is the largest object?",
+    "What stands out?",
+    "Name one object.",
+]
 
 
 def bench_model(work: Path, preset: str) -> str:
@@ -139,8 +147,9 @@ class _Client:
     def first_token(self, body: dict) -> float:
         """Seconds to the first content chunk of a streamed answer (the rest is read and dropped)."""
         t0 = time.perf_counter()
-        self.conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                          {"Content-Type": "application/json"})  # fmt: skip
+        self.conn.request(
+            "POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+        )
         resp = self.conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"server answered {resp.status}: {resp.read()[:300]}")
@@ -159,9 +168,18 @@ class _Client:
 
 def _body(png: bytes, question: str, tokens: int) -> dict:
     url = "data:image/png;base64," + base64.b64encode(png).decode()
-    return {"model": "bench", "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": question}]}]}  # fmt: skip
+    return {
+        "model": "bench",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+            }
+        ],
+    }
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -177,9 +195,27 @@ def _start_server(model_dir: str, threads: int | None) -> tuple[subprocess.Popen
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen([sys.executable, "-m", "vlmforge", "serve", "--model", model_dir, "--port", str(port),
-                             "--name", "bench", "--max_batch", "64", "--max_queue", "1024"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vlmforge",
+            "serve",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+            "--name",
+            "bench",
+            "--max_batch",
+            "64",
+            "--max_queue",
+            "1024",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -200,8 +236,9 @@ def bench_serve_levels(port: int, size: int, levels=(1, 4, 16, 64), requests: in
 
     out = {}
     for li, level in enumerate(tqdm(levels, desc="bench serve", unit="level")):
-        bodies = [_body(_png(10_000 * (li + 1) + i, size), QUESTIONS[i % len(QUESTIONS)], tokens)
-                  for i in range(requests)]  # fmt: skip
+        bodies = [
+            _body(_png(10_000 * (li + 1) + i, size), QUESTIONS[i % len(QUESTIONS)], tokens) for i in range(requests)
+        ]
         local = threading.local()
 
         def send(body, local=local):
@@ -211,8 +248,9 @@ def bench_serve_levels(port: int, size: int, levels=(1, 4, 16, 64), requests: in
 
         with ThreadPoolExecutor(level) as pool:
             list(pool.map(send, bodies[:level]))  # warm the connections (not timed)
-            bodies = [_body(_png(20_000 * (li + 1) + i, size), QUESTIONS[i % len(QUESTIONS)], tokens)
-                      for i in range(requests)]  # fmt: skip
+            bodies = [
+                _body(_png(20_000 * (li + 1) + i, size), QUESTIONS[i % len(QUESTIONS)], tokens) for i in range(requests)
+            ]
             t0 = time.perf_counter()
             results = list(pool.map(send, bodies))
             wall = time.perf_counter() - t0
@@ -343,8 +381,12 @@ def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, 
     model_dir = model or bench_model(Path(work), preset)
     vlm = VLM.from_pretrained(model_dir).eval()
     size = vlm.processor.size
-    result = {"machine": machine(), "model": model_dir if model else f"preset {preset} (random weights)",
-              "visual_tokens_per_image": vlm.tokens_per_image, "threads": torch.get_num_threads()}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "model": model_dir if model else f"preset {preset} (random weights)",
+        "visual_tokens_per_image": vlm.tokens_per_image,
+        "threads": torch.get_num_threads(),
+    }
     result["generate"] = bench_generate(vlm, tokens, repeats)
     result["generate_speedup_b1"] = result["generate"]["b1"]["speedup"]
     result["ttft_engine"] = engine_ttft(vlm)
@@ -373,24 +415,37 @@ def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, 
 
 
 def format_table(r: dict) -> str:
-    lines = [f"model: {r['model']}, {r['visual_tokens_per_image']} visual tokens per image, "
-             f"{r['threads']} torch thread(s)", "",
-             "| generate (greedy, fixed length) | transformers tok/s | engine tok/s | engine / transformers |",
-             "|---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"model: {r['model']}, {r['visual_tokens_per_image']} visual tokens per image, {r['threads']} torch thread(s)",
+        "",
+        "| generate (greedy, fixed length) | transformers tok/s | engine tok/s | engine / transformers |",
+        "|---|---:|---:|---:|",
+    ]
     for b, g in r["generate"].items():
-        lines.append(f"| batch {b[1:]} | {g['hf_tokens_per_s']:.0f} | {g['engine_tokens_per_s']:.0f} | "
-                     f"{g['speedup']:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| batch {b[1:]} | {g['hf_tokens_per_s']:.0f} | {g['engine_tokens_per_s']:.0f} | {g['speedup']:.2f}x |"
+        )
     if "serve" in r:
-        lines += ["", "| concurrent clients | tokens/s | requests/s | p50 latency | p95 latency | vs one by one |",
-                  "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "| concurrent clients | tokens/s | requests/s | p50 latency | p95 latency | vs one by one |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for level, v in r["serve"].items():
-            lines.append(f"| {level} | {v['tokens_per_s']:.0f} | {v['requests_per_s']:.2f} | "
-                         f"{1e3 * v['latency_p50_s']:.0f} ms | {1e3 * v['latency_p95_s']:.0f} ms | "
-                         f"{v['throughput_vs_one_by_one']:.2f}x |")  # fmt: skip
+            lines.append(
+                f"| {level} | {v['tokens_per_s']:.0f} | {v['requests_per_s']:.2f} | "
+                f"{1e3 * v['latency_p50_s']:.0f} ms | {1e3 * v['latency_p95_s']:.0f} ms | "
+                f"{v['throughput_vs_one_by_one']:.2f}x |"
+            )
         t = r["ttft"]
-        lines += ["", f"time to first token over HTTP: new image {1e3 * t['new_image_ttft_s']:.1f} ms, repeated image "
-                  f"{1e3 * t['repeated_image_ttft_s']:.1f} ms ({t['ttft_repeat_speedup']:.2f}x faster)"]  # fmt: skip
+        lines += [
+            "",
+            f"time to first token over HTTP: new image {1e3 * t['new_image_ttft_s']:.1f} ms, repeated image "
+            f"{1e3 * t['repeated_image_ttft_s']:.1f} ms ({t['ttft_repeat_speedup']:.2f}x faster)",
+        ]
     t = r["ttft_engine"]
-    lines += [f"time to first token in the engine: new image {1e3 * t['new_image_ttft_s']:.1f} ms, repeated image "
-              f"{1e3 * t['repeated_image_ttft_s']:.1f} ms ({t['ttft_repeat_speedup']:.2f}x faster)"]  # fmt: skip
+    lines += [
+        f"time to first token in the engine: new image {1e3 * t['new_image_ttft_s']:.1f} ms, repeated image "
+        f"{1e3 * t['repeated_image_ttft_s']:.1f} ms ({t['ttft_repeat_speedup']:.2f}x faster)"
+    ]
     return "\n".join(lines)

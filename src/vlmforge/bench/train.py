@@ -27,8 +27,17 @@ from pathlib import Path
 from vlmforge import runtime
 
 
-def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threads: int, steps: int,
-             peak_n: int, compile: bool = False) -> dict:  # fmt: skip
+def step_mfu(
+    vision: str,
+    lm: str,
+    data: str,
+    stage: str,
+    batch_size: int,
+    threads: int,
+    steps: int,
+    peak_n: int,
+    compile: bool = False,
+) -> dict:
     """MFU of a training step. This machine's speed drifts (a shared VM: the matmul rate moved by
     1.7x within minutes), so every timed step is paired with a matmul of the peak's size run just
     before it, and the MFU is the median over steps of step FLOP/s over that matmul's FLOP/s."""
@@ -79,31 +88,73 @@ def step_mfu(vision: str, lm: str, data: str, stage: str, batch_size: int, threa
         torch._dynamo.reset()
     s = statistics.median(times)
     tokens = statistics.fmean(b["tokens"] for b in batches[3:])
-    return {"stage": stage, "compiled": compile, "batch_size": batch_size, "threads": threads,
-            "flops_per_step": flops, "step_s": round(s, 4), "achieved_flops": flops / s,
-            "paired_peak_flops": statistics.median(peaks), "mfu": statistics.median(ratios),
-            "warmup_s": round(warmup, 2), "tokens_per_s": round(tokens / s, 1),
-            "samples_per_s": round(batch_size / s, 2)}  # fmt: skip
+    return {
+        "stage": stage,
+        "compiled": compile,
+        "batch_size": batch_size,
+        "threads": threads,
+        "flops_per_step": flops,
+        "step_s": round(s, 4),
+        "achieved_flops": flops / s,
+        "paired_peak_flops": statistics.median(peaks),
+        "mfu": statistics.median(ratios),
+        "warmup_s": round(warmup, 2),
+        "tokens_per_s": round(tokens / s, 1),
+        "samples_per_s": round(batch_size / s, 2),
+    }
 
 
-def process_run(vision: str, lm: str, data: str, out: Path, nproc: int, batch_size: int, steps: int,
-                strategy: str = "ddp") -> dict:  # fmt: skip
+def process_run(
+    vision: str, lm: str, data: str, out: Path, nproc: int, batch_size: int, steps: int, strategy: str = "ddp"
+) -> dict:
     accum = 2 // nproc
     # epochs without end: --train.max_steps alone decides the length, whatever the data's size
-    cmd = [sys.executable, "-m", "vlmforge", "train", "--train.stage", "align", "--train.data", data,
-           "--train.batch_size", str(batch_size), "--train.grad_accum", str(accum), "--train.epochs", "1000",
-           "--train.max_steps", str(steps), "--train.threads", "1", "--train.save_every", "100000",
-           "--train.out", str(out), "--model.vision", vision, "--model.lm", lm, "--nproc", str(nproc),
-           "--train.strategy", strategy]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmforge",
+        "train",
+        "--train.stage",
+        "align",
+        "--train.data",
+        data,
+        "--train.batch_size",
+        str(batch_size),
+        "--train.grad_accum",
+        str(accum),
+        "--train.epochs",
+        "1000",
+        "--train.max_steps",
+        str(steps),
+        "--train.threads",
+        "1",
+        "--train.save_every",
+        "100000",
+        "--train.out",
+        str(out),
+        "--model.vision",
+        vision,
+        "--model.lm",
+        lm,
+        "--nproc",
+        str(nproc),
+        "--train.strategy",
+        strategy,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         raise RuntimeError(f"training on {nproc} process(es) failed: {(r.stdout + r.stderr)[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    return {"processes": nproc, "strategy": strategy if nproc > 1 else "-", "grad_accum": accum, "steps": s["step"],
-            "seconds": round(s["elapsed"], 2),
-            "samples_per_s": round(s["samples"] / s["elapsed"], 2),
-            "tokens_per_s": round(s["tokens"] / s["elapsed"], 1)}  # fmt: skip
+    return {
+        "processes": nproc,
+        "strategy": strategy if nproc > 1 else "-",
+        "grad_accum": accum,
+        "steps": s["step"],
+        "seconds": round(s["elapsed"], 2),
+        "samples_per_s": round(s["samples"] / s["elapsed"], 2),
+        "tokens_per_s": round(s["tokens"] / s["elapsed"], 1),
+    }
 
 
 def run(
@@ -144,11 +195,14 @@ def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) 
     result["threads"] = threads
     result["mfu"] = {
         f"{st}{' compiled' if c else ''}": step_mfu(vision, lm, data, st, batch_size, threads, steps, peak_n, c)
-        for st in ("align", "sft") for c in ((False, True) if compile else (False,))
-    }  # fmt: skip
+        for st in ("align", "sft")
+        for c in ((False, True) if compile else (False,))
+    }
     runs = {"1": (1, "ddp"), "2": (2, "ddp"), "2-fsdp": (2, "fsdp")}
-    result["processes"] = {k: process_run(vision, lm, data, Path(work) / f"run-{k}p", n, batch_size // 2,
-                                          process_steps, strategy) for k, (n, strategy) in runs.items()}  # fmt: skip
+    result["processes"] = {
+        k: process_run(vision, lm, data, Path(work) / f"run-{k}p", n, batch_size // 2, process_steps, strategy)
+        for k, (n, strategy) in runs.items()
+    }
     one = result["processes"]["1"]["samples_per_s"]
     result["two_vs_one_process"] = round(result["processes"]["2"]["samples_per_s"] / one, 3)
     result["fsdp_two_vs_one_process"] = round(result["processes"]["2-fsdp"]["samples_per_s"] / one, 3)
@@ -157,19 +211,29 @@ def _run(out, work, preset, batch_size, steps, threads, process_steps, compile) 
 
 def format_table(r: dict) -> str:
     peak = r["matmul_peak_flops"] / 1e9
-    lines = [f"preset {r['preset']} (random weights), fp32, {r['threads']} thread(s); matmul peak {peak:.1f} GFLOP/s "
-             f"({r['matmul_peak_size']}^2); MFU: each step against a matmul of that size run just before it", "",
-             "| stage | batch | FLOPs/step | step | achieved | paired peak | MFU | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"preset {r['preset']} (random weights), fp32, {r['threads']} thread(s); matmul peak {peak:.1f} GFLOP/s "
+        f"({r['matmul_peak_size']}^2); MFU: each step against a matmul of that size run just before it",
+        "",
+        "| stage | batch | FLOPs/step | step | achieved | paired peak | MFU | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for st, m in r["mfu"].items():
         achieved = f"{m['achieved_flops'] / 1e9:.1f} GFLOP/s"
-        lines.append(f"| {st} | {m['batch_size']} | {m['flops_per_step'] / 1e9:.2f} G | {1e3 * m['step_s']:.0f} ms "
-                     f"| {achieved} | {m['paired_peak_flops'] / 1e9:.0f} GFLOP/s | {100 * m['mfu']:.1f}% "
-                     f"| {m['tokens_per_s']:.0f} |")  # fmt: skip
-    lines += ["", "| processes (1 thread each) | strategy | grad_accum | samples/s | tokens/s |",
-              "|---:|---|---:|---:|---:|"]  # fmt: skip
+        lines.append(
+            f"| {st} | {m['batch_size']} | {m['flops_per_step'] / 1e9:.2f} G | {1e3 * m['step_s']:.0f} ms "
+            f"| {achieved} | {m['paired_peak_flops'] / 1e9:.0f} GFLOP/s | {100 * m['mfu']:.1f}% "
+            f"| {m['tokens_per_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "| processes (1 thread each) | strategy | grad_accum | samples/s | tokens/s |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for p in r["processes"].values():
-        lines.append(f"| {p['processes']} | {p['strategy']} | {p['grad_accum']} | {p['samples_per_s']:.1f} "
-                     f"| {p['tokens_per_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {p['processes']} | {p['strategy']} | {p['grad_accum']} | {p['samples_per_s']:.1f} "
+            f"| {p['tokens_per_s']:.0f} |"
+        )
     lines.append(f"2 processes vs 1: x{r['two_vs_one_process']:.2f} (DDP), x{r['fsdp_two_vs_one_process']:.2f} (FSDP)")
     return "\n".join(lines)

@@ -208,8 +208,12 @@ def build(
             persistent_workers=False,
         )
         stored = STORE_DTYPES[dtype]
-        bar = tqdm(total=len(items), desc=f"cache build ({world} proc)" if world > 1 else "cache build",
-                   unit="img", disable=not show)  # fmt: skip
+        bar = tqdm(
+            total=len(items),
+            desc=f"cache build ({world} proc)" if world > 1 else "cache build",
+            unit="img",
+            disable=not show,
+        )
         shard_iter = iter(mine)
         shard, shard_keys, shard_feats, shard_sizes, left = None, [], [], [], 0
         try:
@@ -279,11 +283,17 @@ def build_for(store_dir: str | Path, model_cfg, data: list[str | Path], dtype: s
     the features its encoder settings give for every image of the LLaVA-format files `data` (with
     `top`, the states below the top blocks). `kwargs` go to `build`."""
     vision, proc, src = encoder_for(
-        encoder=model_cfg.vision, feature_layer=model_cfg.feature_layer, pooled=model_cfg.vision_pooled,
-        resize=model_cfg.resize, image_size=model_cfg.image_size, split_grid=model_cfg.split_grid,
-        slicing=model_cfg.slicing, max_slices=model_cfg.max_slices, min_side=model_cfg.min_side,
+        encoder=model_cfg.vision,
+        feature_layer=model_cfg.feature_layer,
+        pooled=model_cfg.vision_pooled,
+        resize=model_cfg.resize,
+        image_size=model_cfg.image_size,
+        split_grid=model_cfg.split_grid,
+        slicing=model_cfg.slicing,
+        max_slices=model_cfg.max_slices,
+        min_side=model_cfg.min_side,
         max_side=model_cfg.max_side,
-    )  # fmt: skip
+    )
     return build(store_dir, vision, proc, images_of(data), dtype, source=src, **kwargs)
 
 
@@ -385,14 +395,32 @@ def build_store(
         split_grid = 2
     image = {"slicing": slicing, "max_slices": max_slices, "min_side": min_side, "max_side": max_side}
     vision, processor, source = encoder_for(
-        model, encoder, feature_layer, pooled, resize, image_size, split_grid, device,
+        model,
+        encoder,
+        feature_layer,
+        pooled,
+        resize,
+        image_size,
+        split_grid,
+        device,
         **{k: v for k, v in image.items() if v is not None},
-    )  # fmt: skip
+    )
     if vision_top:
         vision.check_cut(vision_top)
     with runtime.threads(threads):
-        stats = build(out, vision, processor, images_of(data, streaming), dtype, batch_size, shard_size, num_workers,
-                      bad_images, source=source, top=vision_top)  # fmt: skip
+        stats = build(
+            out,
+            vision,
+            processor,
+            images_of(data, streaming),
+            dtype,
+            batch_size,
+            shard_size,
+            num_workers,
+            bad_images,
+            source=source,
+            top=vision_top,
+        )
     if runtime.world()[0] == 0:
         shown = {k: v for k, v in stats.items() if k != "skipped"}
         shown["skipped"] = len(stats["skipped"])

@@ -139,8 +139,7 @@ class Namespace:
     def shard_path(self, name: str) -> Path:
         return self.shard_dir / f"{name}.safetensors"
 
-    def write_shard(self, name: str, keys: list[str], features: list[torch.Tensor],
-                    sizes: list | None = None) -> dict:  # fmt: skip
+    def write_shard(self, name: str, keys: list[str], features: list[torch.Tensor], sizes: list | None = None) -> dict:
         """Write one shard of images' features ([views, patches, dim] each) atomically, then its
         journal entry; return the entry. `sizes`: the images' (width, height)."""
         from safetensors.torch import save
@@ -272,8 +271,9 @@ class FeatureStore:
                     found.add(cut)
         return sorted(found)
 
-    def reader(self, vision, processor, dtype: str | None = None, max_bytes: int = 4 << 30,
-               top: int = 0) -> FeatureReader:  # fmt: skip
+    def reader(
+        self, vision, processor, dtype: str | None = None, max_bytes: int = 4 << 30, top: int = 0
+    ) -> FeatureReader:
         ns = self.find(vision, processor, dtype, top)
         return FeatureReader(ns, self.hashes(), max_bytes)
 
@@ -284,12 +284,19 @@ class FeatureStore:
             n_keys = sum(len(e["keys"]) for e in shards.values())
             nbytes = sum(e["bytes"] for e in shards.values())
             view = next((e["view_shape"] or "varies per image" for e in shards.values()), None)
-            spaces.append({
-                "id": ns.id, "encoder_source": meta.get("encoder_source", ""), "settings": ns.settings,
-                "images": n_keys, "shards": len(shards), "bytes": nbytes,
-                "bytes_per_image": round(nbytes / n_keys) if n_keys else None, "view_shape": view,
-                "unfinished_build": ns.plan_path.exists() or bool(ns.journal()),
-            })  # fmt: skip
+            spaces.append(
+                {
+                    "id": ns.id,
+                    "encoder_source": meta.get("encoder_source", ""),
+                    "settings": ns.settings,
+                    "images": n_keys,
+                    "shards": len(shards),
+                    "bytes": nbytes,
+                    "bytes_per_image": round(nbytes / n_keys) if n_keys else None,
+                    "view_shape": view,
+                    "unfinished_build": ns.plan_path.exists() or bool(ns.journal()),
+                }
+            )
         return {"store": str(self.root), "namespaces": spaces}
 
     def verify(self, repair: bool = False, progress: bool = True) -> dict:
@@ -406,12 +413,16 @@ def show_info(store: str, json_out: bool = False) -> None:
     print(f"feature store {info['store']}: {len(info['namespaces'])} namespace(s)")
     for ns in info["namespaces"]:
         st = ns["settings"]
-        print(f"- ns-{ns['id']}: {ns['images']} images in {ns['shards']} shards, {ns['bytes'] / 1e6:.1f} MB "
-              f"({ns['bytes_per_image']} bytes/image), view shape {ns['view_shape']}, dtype {st['dtype']}"
-              + ("  [unfinished build: run cache build again]" if ns["unfinished_build"] else ""))  # fmt: skip
-        print(f"    encoder {ns['encoder_source']} (weights sha256 {st['encoder'][:12]}…, {st['encoder_dtype']}), "
-              f"feature_layer {st['feature_layer']}, pooled {st['pooled']}, {st['image_size']}px {st['resize']}, "
-              f"split grid {st['grid']}; holds {what_is_stored(st.get('vision_top', 0))}")  # fmt: skip
+        print(
+            f"- ns-{ns['id']}: {ns['images']} images in {ns['shards']} shards, {ns['bytes'] / 1e6:.1f} MB "
+            f"({ns['bytes_per_image']} bytes/image), view shape {ns['view_shape']}, dtype {st['dtype']}"
+            + ("  [unfinished build: run cache build again]" if ns["unfinished_build"] else "")
+        )
+        print(
+            f"    encoder {ns['encoder_source']} (weights sha256 {st['encoder'][:12]}…, {st['encoder_dtype']}), "
+            f"feature_layer {st['feature_layer']}, pooled {st['pooled']}, {st['image_size']}px {st['resize']}, "
+            f"split grid {st['grid']}; holds {what_is_stored(st.get('vision_top', 0))}"
+        )
 
 
 def verify_store(store: str, repair: bool = False) -> None:

@@ -76,14 +76,17 @@ class VQADataset(Dataset):
             if feats is not None:
                 return feats, self.features.image_size(key)
             if self.require_features:
-                raise DataError(f"{path}: the feature store has no features of this image (build them with `vlmforge "
-                                "cache build`, or train with --train.cache_missing encode)")  # fmt: skip
+                raise DataError(
+                    f"{path}: the feature store has no features of this image (build them with `vlmforge "
+                    "cache build`, or train with --train.cache_missing encode)"
+                )
         img = load_image(path, self.max_image_pixels)
         return self.processor.views(img), img.size
 
 
-def collate(items: list[dict], pad_id: int, share_images: tuple[int, ...] | None = None,
-            pack: int | None = None) -> dict:  # fmt: skip
+def collate(
+    items: list[dict], pad_id: int, share_images: tuple[int, ...] | None = None, pack: int | None = None
+) -> dict:
     """Right-pad a list of items; skipped items are dropped and listed under `skipped`.
     `share_images`: the ids of the image block's tokens (`VLM.image_token_ids`), to put the records
     of one image in one sequence; `pack`: a token budget, to put several records (or images'

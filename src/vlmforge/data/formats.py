@@ -50,10 +50,13 @@ def read_jsonl(path: str | Path) -> list:
 
 def _read(path: Path) -> list:
     datasets_marks = ("dataset_info.json", "dataset_dict.json", "state.json")
-    if path.is_dir() and (any((path / m).is_file() for m in datasets_marks)
-                          or any(path.glob("*.parquet")) or any(path.glob("*.arrow"))):
-        raise DataError(f"{path}: a Hugging Face datasets folder (save_to_disk, or parquet / arrow files), "
-                        f"not a data file: give it as hf:{path}")
+    if path.is_dir() and (
+        any((path / m).is_file() for m in datasets_marks) or any(path.glob("*.parquet")) or any(path.glob("*.arrow"))
+    ):
+        raise DataError(
+            f"{path}: a Hugging Face datasets folder (save_to_disk, or parquet / arrow files), "
+            f"not a data file: give it as hf:{path}"
+        )
     if path.is_file() and path.suffix in (".parquet", ".arrow"):
         raise DataError(f"{path}: a {path.suffix[1:]} file is read through datasets: give it as hf:{path}")
     if path.is_dir():
@@ -106,8 +109,9 @@ def parse_record(row: object, index: int, path: Path, image_root: Path) -> Recor
     return Record(str(rid if rid is not None else index), [image_root / n for n in names], messages, where, extra)
 
 
-def parse_records(rows: list[tuple[int, object]], path: Path, image_root: Path,
-                  errors: list[str] | None = None) -> list[Record]:  # fmt: skip
+def parse_records(
+    rows: list[tuple[int, object]], path: Path, image_root: Path, errors: list[str] | None = None
+) -> list[Record]:
     """Validate the (index, row) pairs of one source. Every malformed record (and each of
     `errors`, found earlier) is named in one `DataError`: the first `SHOWN_ERRORS`, then how many
     more; the well-formed records whose image is missing or cannot be decoded are named in the same
@@ -127,8 +131,9 @@ def parse_records(rows: list[tuple[int, object]], path: Path, image_root: Path,
     more = f"\n  … and {len(problems) - SHOWN_ERRORS} more" if len(problems) > SHOWN_ERRORS else ""
     shown = "\n  ".join(problems[:SHOWN_ERRORS])
     images = f" and {len(bad_images)} with an unreadable image" if bad_images else ""
-    raise DataError(f"{path}: {len(errors)} malformed records{images} of {len(records) + len(errors)}:"
-                    f"\n  {shown}{more}")  # fmt: skip
+    raise DataError(
+        f"{path}: {len(errors)} malformed records{images} of {len(records) + len(errors)}:\n  {shown}{more}"
+    )
 
 
 def _unreadable_images(records: list[Record]) -> list[str]:
@@ -299,12 +304,16 @@ def to_llava(row: dict, where: str, base: Path) -> dict:
         messages = row.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}}")
-        conversations = [{"from": HF_ROLES.get(m.get("role"), m.get("role")),
-                          "value": _content(m.get("content"), where)} for m in messages]  # fmt: skip
+        conversations = [
+            {"from": HF_ROLES.get(m.get("role"), m.get("role")), "value": _content(m.get("content"), where)}
+            for m in messages
+        ]
         images = row.get("images") or []
     else:
-        raise DataError(f"{where}: no known layout (columns {sorted(row)}: expected texts + images, messages + images, "
-                        "or conversations + image)")  # fmt: skip
+        raise DataError(
+            f"{where}: no known layout (columns {sorted(row)}: expected texts + images, messages + images, "
+            "or conversations + image)"
+        )
     rid = row.get("id", row.get("question_id"))
     return {"id": rid, "image": [_image_path(c, where, base) for c in images], "conversations": conversations}
 

@@ -116,8 +116,14 @@ def adaptive_grid(width: int, height: int, size: int, max_slices: int) -> tuple[
     if n <= 1:
         return 0, 0
     aspect = math.log(width / height)
-    grids = [(r, c) for k in (n - 1, n, n + 1) if 2 <= k <= max_slices for r in range(1, k + 1)
-             for c in [k // r] if r * c == k]  # fmt: skip
+    grids = [
+        (r, c)
+        for k in (n - 1, n, n + 1)
+        if 2 <= k <= max_slices
+        for r in range(1, k + 1)
+        for c in [k // r]
+        if r * c == k
+    ]
     return min(grids, key=lambda g: (abs(aspect - math.log(g[1] / g[0])), abs(g[0] * g[1] - n), g[0]))
 
 
@@ -217,8 +223,9 @@ class ImageProcessor:
         return out
 
     @classmethod
-    def from_encoder(cls, path: str, size: int | None = None, resize: str = "pad", grid: int = 0,
-                     **options) -> ImageProcessor:  # fmt: skip
+    def from_encoder(
+        cls, path: str, size: int | None = None, resize: str = "pad", grid: int = 0, **options
+    ) -> ImageProcessor:
         """Read mean, std and resolution from an encoder's `preprocessor_config.json`; `options`:
         the slicing and native fields."""
         from transformers import AutoImageProcessor

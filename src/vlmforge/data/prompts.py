@@ -69,8 +69,9 @@ class PromptBuilder:
     `tokens_per_image` and `split_grid` give every image's block; with `image_views` (size ->
     [(separator, tokens), ...]) each image's block comes from its size (`encode(messages, sizes)`)."""
 
-    def __init__(self, tokenizer, tokens_per_image: int, layout: str = "llama3v", split_grid: int = 0,
-                 image_views=None):  # fmt: skip
+    def __init__(
+        self, tokenizer, tokens_per_image: int, layout: str = "llama3v", split_grid: int = 0, image_views=None
+    ):
         if layout not in ("llama3v", "inline", "bare"):
             raise ValueError(f"unknown prompt layout {layout!r} (use 'llama3v', 'inline' or 'bare')")
         if image_views is not None and layout == "bare":

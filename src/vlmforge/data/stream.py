@@ -49,8 +49,9 @@ class RecordStream:
             ds.load_state_dict(state)
         return ds
 
-    def windows(self, size: int, start: dict | None = None, epochs: int | None = None
-                ) -> Iterator[tuple[dict, list[Record]]]:  # fmt: skip
+    def windows(
+        self, size: int, start: dict | None = None, epochs: int | None = None
+    ) -> Iterator[tuple[dict, list[Record]]]:
         """(position of the window's start, its records) from position `start`, for `epochs`
         passes (default: for ever): windows of `size` records; the last of an epoch may be shorter."""
         pos = dict(start or {"epoch": 0, "source": 0, "state": None, "row": 0, "window": 0})

@@ -62,8 +62,24 @@ WORDS_Q = "How many words are there?"
 LETTERS_Q = "How many letters does the {ordinal} word have?"
 ORDINALS = ("first", "second", "third", "fourth")
 # six words of 3 letters, five of 4, five of 5
-WORD_LIST = ("cat", "dog", "owl", "fox", "bee", "cow", "bear", "frog", "lion", "wolf", "duck",
-             "tiger", "horse", "zebra", "camel", "sheep")  # fmt: skip
+WORD_LIST = (
+    "cat",
+    "dog",
+    "owl",
+    "fox",
+    "bee",
+    "cow",
+    "bear",
+    "frog",
+    "lion",
+    "wolf",
+    "duck",
+    "tiger",
+    "horse",
+    "zebra",
+    "camel",
+    "sheep",
+)
 CAPTION_PROMPT = "Describe the image."
 _TYPES = [
     ("color", re.compile(r"^What color is the \w+\?$")),

@@ -325,8 +325,13 @@ class POPE(Benchmark):
         overall = scores(rows)
         strict = mean(r["prediction"].lower().strip() == r["answer"].lower().strip() for r in rows)
         breakdown = by_key(rows, "category", lambda rs: scores(rs)["f1"])
-        return {"metric": "f1", "score": overall["f1"], **{k: v for k, v in overall.items() if k != "f1"},
-                "strict_accuracy": strict, "breakdown": breakdown}  # fmt: skip
+        return {
+            "metric": "f1",
+            "score": overall["f1"],
+            **{k: v for k, v in overall.items() if k != "f1"},
+            "strict_accuracy": strict,
+            "breakdown": breakdown,
+        }
 
 
 class MMStar(Benchmark):

@@ -64,8 +64,16 @@ class EndpointGenerator:
     """Answers from an OpenAI-compatible `/v1/chat/completions` server (vLLM, `vlmforge serve`,
     llama.cpp, …): one request per question, images as base64 data URLs, temperature 0."""
 
-    def __init__(self, url: str, model: str | None = None, api_key: str | None = None,
-                 max_new_tokens: int = 32, concurrency: int = 8, timeout: float = 120.0, retries: int = 3):  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        max_new_tokens: int = 32,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        retries: int = 3,
+    ):
         self.base = url.rstrip("/").removesuffix("/chat/completions")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
@@ -74,8 +82,12 @@ class EndpointGenerator:
         self.model = model or self._first_model()
 
     def describe(self) -> dict:
-        return {"endpoint": self.base, "model": self.model, "decoding": "temperature 0",
-                "max_new_tokens": self.max_new_tokens}  # fmt: skip
+        return {
+            "endpoint": self.base,
+            "model": self.model,
+            "decoding": "temperature 0",
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     def _request(self, path: str, body: dict | None, what: str) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -107,8 +119,12 @@ class EndpointGenerator:
     def _ask(self, sample: Sample, images: list) -> str:
         content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
         content.append({"type": "text", "text": sample.prompt.replace("<image>", "").strip()})
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
-                "max_tokens": self.max_new_tokens, "temperature": 0}  # fmt: skip
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": self.max_new_tokens,
+            "temperature": 0,
+        }
         out = self._request("/chat/completions", body, f"question {sample.id}")
         try:
             return (out["choices"][0]["message"]["content"] or "").strip()
@@ -199,9 +215,17 @@ def _shown(image, decoded, predictions: Path | None, sid: str, k: int) -> str | 
     return str(thumb)
 
 
-def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None, out: str | Path | None,
-                  split: str | None = None, limit: int | None = None, batch_size: int = 8,
-                  seed: int | None = None, scoring: str = "lmms-eval") -> dict:  # fmt: skip
+def run_benchmark(
+    task: str | Benchmark,
+    generate,
+    data_root: str | Path | None,
+    out: str | Path | None,
+    split: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int | None = None,
+    scoring: str = "lmms-eval",
+) -> dict:
     """Answer (or resume answering) one task (a benchmark's name, or a task such as `QAFile`) and
     score it; returns its report section."""
     bench = get_benchmark(task)
@@ -222,9 +246,17 @@ def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None,
         if not batch:
             return
         preds = generate([s for s, _ in batch], [ims for _, ims in batch])
-        new = [{"id": s.id, "prompt": s.prompt, "prediction": p, "answer": s.answer, "meta": s.meta,
-                "images": [_shown(im, pil, path, s.id, k) for k, (im, pil) in enumerate(zip(s.images, ims))]}
-               for (s, ims), p in zip(batch, preds)]  # fmt: skip
+        new = [
+            {
+                "id": s.id,
+                "prompt": s.prompt,
+                "prediction": p,
+                "answer": s.answer,
+                "meta": s.meta,
+                "images": [_shown(im, pil, path, s.id, k) for k, (im, pil) in enumerate(zip(s.images, ims))],
+            }
+            for (s, ims), p in zip(batch, preds)
+        ]
         _append(path, new)
         rows.extend(new)
         answered += len(new)
@@ -271,8 +303,17 @@ def run_benchmark(task: str | Benchmark, generate, data_root: str | Path | None,
     }
 
 
-def evaluate_benchmarks(names: list, generate, data_root, out, split=None, limit=None, batch_size=8,
-                        seed: int | None = None, scoring: str = "lmms-eval") -> dict:  # fmt: skip
+def evaluate_benchmarks(
+    names: list,
+    generate,
+    data_root,
+    out,
+    split=None,
+    limit=None,
+    batch_size=8,
+    seed: int | None = None,
+    scoring: str = "lmms-eval",
+) -> dict:
     """Run every task in `names` (benchmark names or task objects); with `out`, write
     OUT/report.json and OUT/report.md after each."""
     check_scoring(scoring)
@@ -285,7 +326,7 @@ def evaluate_benchmarks(names: list, generate, data_root, out, split=None, limit
         "limit": limit,
         "multiple_choice_fallback": (
             f"random letter, seeded with {seed}" if seed is not None else "none (an unparsable answer is wrong)"
-        ),  # fmt: skip
+        ),
         "benchmarks": {},
     }
     for name in names:

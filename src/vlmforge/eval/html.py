@@ -69,8 +69,10 @@ def eval_sections(report: dict, out: str | Path) -> list[str]:
     parts = ["<h2>Scores</h2><table><tr><th>task</th><th>metric</th><th>score</th><th>n</th><th>by type</th></tr>"]
     for name, b in report["benchmarks"].items():
         by = ", ".join(f"{_e(k)} {100 * v['score']:.1f}% (n={v['n']})" for k, v in (b.get("breakdown") or {}).items())
-        parts.append(f"<tr><td>{_e(name)}</td><td>{_e(b['metric'])}</td><td class=num>{100 * b['score']:.1f}</td>"
-                     f"<td class=num>{b['n']}</td><td>{by}</td></tr>")  # fmt: skip
+        parts.append(
+            f"<tr><td>{_e(name)}</td><td>{_e(b['metric'])}</td><td class=num>{100 * b['score']:.1f}</td>"
+            f"<td class=num>{b['n']}</td><td>{by}</td></tr>"
+        )
     parts.append("</table>")
     rows = [(name, r) for name in report["benchmarks"] for r in rows_of(out, name) if "error" not in r]
     order = {name: i for i, name in enumerate(report["benchmarks"])}
@@ -88,13 +90,17 @@ def eval_sections(report: dict, out: str | Path) -> list[str]:
         mark = {True: "right", False: "wrong", None: "unscored"}[ok]
         images = "".join(f"<img data-im='{urls.setdefault(p, len(urls))}' alt=''>" for p in r.get("images") or [] if p)
         question = str(r.get("prompt", "")).replace("<image>", "").strip()
-        parts.append(f"<tr class='q {mark}' data-type='{_e(kind)}' data-right='{int(ok is not False)}'>"
-                     f"<td>{images}</td><td>{_e(kind)}</td><td>{_e(question)}</td><td>{_e(r.get('prediction'))}</td>"
-                     f"<td>{_e(r.get('answer'))}</td></tr>")  # fmt: skip
+        parts.append(
+            f"<tr class='q {mark}' data-type='{_e(kind)}' data-right='{int(ok is not False)}'>"
+            f"<td>{images}</td><td>{_e(kind)}</td><td>{_e(question)}</td><td>{_e(r.get('prediction'))}</td>"
+            f"<td>{_e(r.get('answer'))}</td></tr>"
+        )
     parts.append("</table>")
     found = {i: u for p, i in urls.items() if (u := _data_url(p))}
-    parts.append(f"<script>const IM={json.dumps(found)};document.querySelectorAll('img[data-im]')"
-                 ".forEach(e=>{const u=IM[e.dataset.im];if(u)e.src=u})</script>")  # fmt: skip
+    parts.append(
+        f"<script>const IM={json.dumps(found)};document.querySelectorAll('img[data-im]')"
+        ".forEach(e=>{const u=IM[e.dataset.im];if(u)e.src=u})</script>"
+    )
     return parts
 
 
@@ -110,12 +116,14 @@ def loss_svg(metrics: str | Path, title: str, width: int = 480, height: int = 20
     sx = lambda x: 40 + (width - 50) * (x - x0) / max(x1 - x0, 1)  # noqa: E731
     sy = lambda y: 10 + (height - 40) * (y1 - y) / max(y1 - y0, 1e-9)  # noqa: E731
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-    return (f"<figure><svg width={width} height={height}><polyline fill=none stroke='#2060c0' stroke-width=1.5 "
-            f"points='{line}'/><text x=40 y={height - 8} font-size=11>step {x0}</text>"
-            f"<text x={width - 70} y={height - 8} font-size=11>step {x1}</text>"
-            f"<text x=2 y=14 font-size=11>{10**y1:.3g}</text><text x=2 y={height - 30} font-size=11>{10**y0:.3g}</text>"
-            f"</svg><figcaption>{_e(title)}: loss (log scale), last {rows[-1]['loss']:.4f}</figcaption>"
-            "</figure>")  # fmt: skip
+    return (
+        f"<figure><svg width={width} height={height}><polyline fill=none stroke='#2060c0' stroke-width=1.5 "
+        f"points='{line}'/><text x=40 y={height - 8} font-size=11>step {x0}</text>"
+        f"<text x={width - 70} y={height - 8} font-size=11>step {x1}</text>"
+        f"<text x=2 y=14 font-size=11>{10**y1:.3g}</text><text x=2 y={height - 30} font-size=11>{10**y0:.3g}</text>"
+        f"</svg><figcaption>{_e(title)}: loss (log scale), last {rows[-1]['loss']:.4f}</figcaption>"
+        "</figure>"
+    )
 
 
 def table(rows: dict, head: tuple[str, str]) -> str:
@@ -132,8 +140,11 @@ def from_markdown(text: str) -> list[str]:
         if rows:
             head, *body = rows
             cells = lambda r, tag: "".join(f"<{tag}>{_e(c)}</{tag}>" for c in r)  # noqa: E731
-            parts.append(f"<table><tr>{cells(head, 'th')}</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in body)
-                         + "</table>")  # fmt: skip
+            parts.append(
+                f"<table><tr>{cells(head, 'th')}</tr>"
+                + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in body)
+                + "</table>"
+            )
             rows.clear()
 
     for line in text.splitlines():
@@ -159,7 +170,9 @@ def image_tag(path: str | Path) -> str:
 def write_page(path: str | Path, title: str, parts: list[str]) -> Path:
     """One self-contained page, written atomically."""
     body = "\n".join(parts)
-    doc = (f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title><style>{_STYLE}</style>"
-           f"<script>{_SCRIPT}</script></head><body><h1>{_e(title)}</h1>\n{body}\n</body></html>\n")  # fmt: skip
+    doc = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title><style>{_STYLE}</style>"
+        f"<script>{_SCRIPT}</script></head><body><h1>{_e(title)}</h1>\n{body}\n</body></html>\n"
+    )
     atomic_write_text(path, doc)
     return Path(path)

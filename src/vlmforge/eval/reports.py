@@ -22,8 +22,10 @@ def read_evals(paths: list[str]) -> list[dict]:
             raise ValueError(f"{p}: no scores found (expected a `vlmforge eval` report)")
         version = rep.get("metrics_version") if isinstance(rep, dict) else None
         if version is not None and str(version) != METRICS_VERSION:
-            old = (f"metrics version {version}: other rules than this vlmforge's {METRICS_VERSION}; "
-                   "run `vlmforge eval` again")  # fmt: skip
+            old = (
+                f"metrics version {version}: other rules than this vlmforge's {METRICS_VERSION}; "
+                "run `vlmforge eval` again"
+            )
             found = [{**r, "metric": f"{r['metric']} ({old})"} for r in found]
             print(f"{p}: scored with {old}")
         rows += found

@@ -10,5 +10,13 @@ from vlmforge.export.errors import ExportError
 from vlmforge.export.formats import FORMATS, export
 from vlmforge.export.llava import import_llava, llava_obstacles, processor_chat_template, to_llava
 
-__all__ = ["FORMATS", "ExportError", "export", "import_llava", "llava_obstacles", "model_card",
-           "processor_chat_template", "to_llava"]
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "export",
+    "import_llava",
+    "llava_obstacles",
+    "model_card",
+    "processor_chat_template",
+    "to_llava",
+]

@@ -16,16 +16,20 @@ def _visual_tokens(vlm) -> str:
     return str(vlm.tokens_per_image)
 
 
-def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] | None = None,
-               sources: tuple[str, str] | None = None) -> str:  # fmt: skip
+def model_card(
+    vlm,
+    fmt: str,
+    evals: list[dict] | None = None,
+    notes: list[str] | None = None,
+    sources: tuple[str, str] | None = None,
+) -> str:
     """README.md of an export: what the model is, how it was made and how it scored. `sources`:
     the vision encoder and LM the model was first built from (Hub ids become `base_model`)."""
     c = vlm.config
     vision_src, lm_src = sources or (c.vision, c.lm)
     base = [b for b in (vision_src, lm_src) if b and not Path(b).exists()]
     library = {"llava-hf": "transformers", "gguf": "gguf"}.get(fmt, "vlmforge")
-    lines = ["---", f"library_name: {library}",
-             "pipeline_tag: image-text-to-text", "tags: [vlmforge, vision-language]"]  # fmt: skip
+    lines = ["---", f"library_name: {library}", "pipeline_tag: image-text-to-text", "tags: [vlmforge, vision-language]"]
     if base:
         lines += ["base_model:"] + [f"- {b}" for b in base]
     lines += ["---", "", "# Vision-language model built with vlmforge", ""]
@@ -41,8 +45,10 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
             lines.append(f"| {k} | {v} |")
     lines += ["", "## Training", ""]
     if vlm.history:
-        lines += ["| stage | data | records | LM | epochs | lr | global batch | steps | samples | feature cache |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| stage | data | records | LM | epochs | lr | global batch | steps | samples | feature cache |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for h in vlm.history:
             cells = [h.get("stage"), ", ".join(h.get("data", []))] + [
                 h.get(k, "") for k in ("records", "lm_mode", "epochs", "lr", "global_batch", "step", "samples")
@@ -58,27 +64,47 @@ def model_card(vlm, fmt: str, evals: list[dict] | None = None, notes: list[str] 
     else:
         lines.append("No evaluation was attached (`vlmforge export --eval REPORT.json`).")
     if fmt == "llava-hf":
-        lines += ["", "## Use", "", "```python",
-                  "from transformers import AutoProcessor, LlavaForConditionalGeneration",
-                  "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
-                  "processor = AutoProcessor.from_pretrained(PATH)",
-                  'messages = [{"role": "user", "content": [{"type": "image"},',
-                  '                                         {"type": "text", "text": "What is shown?"}]}]',
-                  "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
-                  'inputs = processor(images=[image], text=prompt, return_tensors="pt")',
-                  "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
-                  "```", "", "This is the LLaVA layout vLLM serves (`vllm serve PATH`); see the notes."]  # fmt: skip
+        lines += [
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+            "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
+            "processor = AutoProcessor.from_pretrained(PATH)",
+            'messages = [{"role": "user", "content": [{"type": "image"},',
+            '                                         {"type": "text", "text": "What is shown?"}]}]',
+            "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+            'inputs = processor(images=[image], text=prompt, return_tensors="pt")',
+            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
+            "```",
+            "",
+            "This is the LLaVA layout vLLM serves (`vllm serve PATH`); see the notes.",
+        ]
     elif fmt == "gguf":
-        lines += ["", "## Use", "", "llama.cpp's GGUF: the LM (LoRA merged, its tokenizer and chat template) in "
-                  "`lm-TYPE.gguf`, the vision tower and connector (LLaVA's `mlp` projector) in `mmproj-TYPE.gguf`:",
-                  "", "```", "llama-mtmd-cli -m PATH/lm-f16.gguf --mmproj PATH/mmproj-f16.gguf --image IMG "
-                  "-p 'What is shown?' --temp 0",
-                  "llama-server -m PATH/lm-f16.gguf --mmproj PATH/mmproj-f16.gguf", "```",
-                  "", "Images are padded to a square with llama.cpp's own colour and resized by it; vlmforge's "
-                  f"`{c.resize}` may differ for images that are not {vlm.processor.size}px squares."]  # fmt: skip
+        lines += [
+            "",
+            "## Use",
+            "",
+            "llama.cpp's GGUF: the LM (LoRA merged, its tokenizer and chat template) in "
+            "`lm-TYPE.gguf`, the vision tower and connector (LLaVA's `mlp` projector) in `mmproj-TYPE.gguf`:",
+            "",
+            "```",
+            "llama-mtmd-cli -m PATH/lm-f16.gguf --mmproj PATH/mmproj-f16.gguf --image IMG -p 'What is shown?' --temp 0",
+            "llama-server -m PATH/lm-f16.gguf --mmproj PATH/mmproj-f16.gguf",
+            "```",
+            "",
+            "Images are padded to a square with llama.cpp's own colour and resized by it; vlmforge's "
+            f"`{c.resize}` may differ for images that are not {vlm.processor.size}px squares.",
+        ]
     else:
-        lines += ["", "## Use", "", "`vlmforge chat --model PATH` or `vlmforge serve --model PATH` (an "
-                  "OpenAI-compatible server); in Python `vlmforge.model.vlm.VLM.from_pretrained(PATH)`."]  # fmt: skip
+        lines += [
+            "",
+            "## Use",
+            "",
+            "`vlmforge chat --model PATH` or `vlmforge serve --model PATH` (an "
+            "OpenAI-compatible server); in Python `vlmforge.model.vlm.VLM.from_pretrained(PATH)`.",
+        ]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

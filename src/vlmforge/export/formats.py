@@ -18,8 +18,9 @@ from vlmforge.model import folder
 FORMATS = ("auto", "llava-hf", "idefics2-hf", "vlmforge", "gguf")
 
 
-def export(model: str, out: str, format: str = "auto", eval: list[str] | None = None,
-           gguf_type: str = "f16") -> tuple[str, list[str]]:  # fmt: skip
+def export(
+    model: str, out: str, format: str = "auto", eval: list[str] | None = None, gguf_type: str = "f16"
+) -> tuple[str, list[str]]:
     """Write a model for the rest of the ecosystem, with a model card (README.md).
 
     `llava-hf` is transformers' `LlavaForConditionalGeneration` + `AutoProcessor` (what vLLM

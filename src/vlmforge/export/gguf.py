@@ -57,8 +57,13 @@ def _writer(path: str | Path, arch, ftype: str):
         raise GGUFError(f"unknown GGUF type {ftype!r} (use one of {', '.join(GGUF_TYPES)})")
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(Path(str(path)).stem)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])  # fmt: skip
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[ftype]
+    )
     return writer
 
 
@@ -214,8 +219,11 @@ def write_mmproj(vlm, path: str | Path, ftype: str = "f16") -> dict:
     writer.add_vision_image_std(list(proc.std))
     writer.add_vision_use_gelu(vcfg.hidden_act.startswith("gelu"))  # else CLIP's quick GELU
     writer.add_array("clip.vision.feature_layer", [after])
-    tensors = {"vision_tower.vision_model." + k: v for k, v in tower.model.state_dict().items()
-               if not k.startswith("head.") and not (fl != -1 and k.startswith("post_layernorm."))}  # fmt: skip
+    tensors = {
+        "vision_tower.vision_model." + k: v
+        for k, v in tower.model.state_dict().items()
+        if not k.startswith("head.") and not (fl != -1 and k.startswith("post_layernorm."))
+    }
     first, second = vlm.connector.linears()
     mm = {"mm.0.weight": first.weight, "mm.0.bias": first.bias, "mm.2.weight": second.weight, "mm.2.bias": second.bias}
     for name, w in list(tensors.items()) + list(mm.items()):

@@ -66,9 +66,11 @@ def llava_obstacles(vlm) -> list[str]:
     if c.split_grid:
         out.append(f"image splitting (split_grid {c.split_grid})")
     if c.slicing == "adaptive":
-        out.append("adaptive slicing: LLaVA-NeXT's anyres (the nearest transformers scheme) picks its grid "
-                   "from fixed pinpoint resolutions and marks rows with an image_newline embedding, not "
-                   "LLaVA-UHD's rule and row/column separator tokens")  # fmt: skip
+        out.append(
+            "adaptive slicing: LLaVA-NeXT's anyres (the nearest transformers scheme) picks its grid "
+            "from fixed pinpoint resolutions and marks rows with an image_newline embedding, not "
+            "LLaVA-UHD's rule and row/column separator tokens"
+        )
     if c.resize == "native":
         out.append("resize native: LLaVA encodes one fixed square input per image")
     if c.vision_pooled:
@@ -136,13 +138,26 @@ def llava_image_processor(proc):
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     s = proc.size
-    common = {"image_mean": list(proc.mean), "image_std": list(proc.std), "resample": 3, "do_rescale": True,
-              "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True}  # fmt: skip
+    common = {
+        "image_mean": list(proc.mean),
+        "image_std": list(proc.std),
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+    }
     if proc.resize == "crop":
-        return LlavaImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
-                                      do_center_crop=True, do_pad=False, **common)  # fmt: skip
-    return LlavaImageProcessorPil(size={"height": s, "width": s}, crop_size={"height": s, "width": s},
-                                  do_center_crop=False, do_pad=proc.resize in ("pad", "expand"), **common)  # fmt: skip
+        return LlavaImageProcessorPil(
+            size={"shortest_edge": s}, crop_size={"height": s, "width": s}, do_center_crop=True, do_pad=False, **common
+        )
+    return LlavaImageProcessorPil(
+        size={"height": s, "width": s},
+        crop_size={"height": s, "width": s},
+        do_center_crop=False,
+        do_pad=proc.resize in ("pad", "expand"),
+        **common,
+    )
 
 
 @runtime.quiet_libraries()
@@ -206,9 +221,10 @@ def to_llava(vlm):
         hf.tie_weights()
     _restore_buffers(hf, vlm)
     hf.generation_config = GenerationConfig(
-        eos_token_id=vlm.prompts.stop_ids, pad_token_id=vlm.tokenizer.pad_token_id,
+        eos_token_id=vlm.prompts.stop_ids,
+        pad_token_id=vlm.tokenizer.pad_token_id,
         bos_token_id=vlm.tokenizer.bos_token_id,
-    )  # fmt: skip
+    )
     tok = vlm.tokenizer
     processor = LlavaProcessor(
         image_processor=llava_image_processor(vlm.processor),
@@ -301,8 +317,10 @@ def read_llava(src: str, dtype: str | None = None) -> LlavaSource:
     cls_token = getattr(core.embeddings, "class_embedding", None) is not None
     if cls_token != (strategy == "default"):
         has = "with" if cls_token else "without"
-        raise ValueError(f"{src}: vision_feature_select_strategy {strategy!r} with an encoder {has} a CLS token "
-                         "(vlmforge drops exactly the CLS token)")  # fmt: skip
+        raise ValueError(
+            f"{src}: vision_feature_select_strategy {strategy!r} with an encoder {has} a CLS token "
+            "(vlmforge drops exactly the CLS token)"
+        )
     projector = hf.model.multi_modal_projector
     connector = "mlp" if config.projector_hidden_act == "gelu" else "linear"
     if connector == "linear":
@@ -325,9 +343,15 @@ def read_llava(src: str, dtype: str | None = None) -> LlavaSource:
         notes.append(
             f"prompts: layout `bare` (the image placeholders alone, in place of <image>); image processing `{resize}`"
         )
-    mc = dataclasses.replace(mc, connector=connector, connector_hidden=config.text_config.hidden_size,
-                             feature_layer=feature_layer, split_grid=0, vision_pooled=False,
-                             architecture="autoregressive")  # fmt: skip
+    mc = dataclasses.replace(
+        mc,
+        connector=connector,
+        connector_hidden=config.text_config.hidden_size,
+        feature_layer=feature_layer,
+        split_grid=0,
+        vision_pooled=False,
+        architecture="autoregressive",
+    )
     return LlavaSource(src, hf, ip, mc, (own or {}).get("history", []), notes)
 
 
@@ -350,8 +374,9 @@ def write_llava_as_vlmforge(source: LlavaSource, out: str) -> None:
         projector = hf.model.multi_modal_projector
         theirs = [projector.linear_1] if mc.connector == "linear" else [projector.linear_1, projector.linear_2]
         with torch.device("meta"):
-            conn = build_connector(mc.connector, projector.linear_1.in_features, text_config.hidden_size,
-                                   hidden=mc.connector_hidden)  # fmt: skip
+            conn = build_connector(
+                mc.connector, projector.linear_1.in_features, text_config.hidden_size, hidden=mc.connector_hidden
+            )
         for ours, linear in zip(conn.linears(), theirs):
             ours.weight, ours.bias = linear.weight, linear.bias
         folder.write_connector(tmp, conn.state_dict())

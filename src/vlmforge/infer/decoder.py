@@ -112,8 +112,9 @@ class _Layer:
             # rotate_half(q) is a linear map of the input too: its rows join the fused projection,
             # so rotary embedding costs two multiplications and an addition. Output: [q k | v | q' k']
             rot = [_rotated(a.q_proj.weight, head_dim), _rotated(a.k_proj.weight, head_dim)]
-            rot_b = [None if m.bias is None else _rotated(m.bias[:, None], head_dim)[:, 0]
-                     for m in (a.q_proj, a.k_proj)]  # fmt: skip
+            rot_b = [
+                None if m.bias is None else _rotated(m.bias[:, None], head_dim)[:, 0] for m in (a.q_proj, a.k_proj)
+            ]
             self.w_qkv, self.b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], rot, rot_b)
         elif fuse and _plain(a.q_proj, a.k_proj, a.v_proj):
             self.w_qkv, self.b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
@@ -169,8 +170,13 @@ class Decoder:
                 positions = torch.full((embeds.shape[0], 1), positions, device=embeds.device)
             attending = self.bridge.attending(cross_context) if self.bridge is not None else contextlib.nullcontext()
             with attending:
-                return self.hf(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+                return self.hf(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state
         b, t, _ = embeds.shape
         hd, nh = self.head_dim, self.heads
         if isinstance(positions, int):  # one new token per row, all at this position

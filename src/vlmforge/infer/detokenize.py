@@ -15,9 +15,11 @@ def byte_level_table(tok) -> list[bytes] | None:
     is exactly the concatenation of those bytes (special tokens skipped); None otherwise. Lets
     the engine decode one token per step instead of re-decoding a window."""
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or type(backend.decoder).__name__ != "ByteLevel" or getattr(
-        tok, "clean_up_tokenization_spaces", False
-    ):  # fmt: skip
+    if (
+        backend is None
+        or type(backend.decoder).__name__ != "ByteLevel"
+        or getattr(tok, "clean_up_tokenization_spaces", False)
+    ):
         return None
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0

@@ -55,10 +55,18 @@ class Engine:
         fast: the lean Llama-family forward (`decoder.Decoder`); None: wherever it applies.
     """
 
-    def __init__(self, model, max_batch: int = 32, max_queue: int = 256, max_len: int | None = None,
-                 feature_cache: int = 256, prefix_cache_tokens: int = 16384, max_prefills_per_step: int = 16,
-                 prefill_tokens: int = 8192,
-                 fast: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        max_len: int | None = None,
+        feature_cache: int = 256,
+        prefix_cache_tokens: int = 16384,
+        max_prefills_per_step: int = 16,
+        prefill_tokens: int = 8192,
+        fast: bool | None = None,
+    ):
         self.model = model.eval()
         lm = model.causal_lm
         cfg = lm.config
@@ -96,8 +104,13 @@ class Engine:
         self._stopping = False
 
     # ---- submission ---------------------------------------------------------------------------
-    def submit(self, prompt: list[int], images: list | None = None, params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None) -> Request:  # fmt: skip
+    def submit(
+        self,
+        prompt: list[int],
+        images: list | None = None,
+        params: SamplingParams | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Request:
         """Queue a request (thread-safe). Images: `ImageInput`s or PIL images, in prompt order."""
         params = params or SamplingParams()
         images = [im if isinstance(im, ImageInput) else ImageInput.from_pil(im) for im in images or []]
@@ -112,8 +125,10 @@ class Engine:
                 want = self.model.image_token_count(im.size) if im.size else have
                 if have != want:
                     size = f"{im.size[0]}x{im.size[1]}"
-                    raise ValueError(f"image {k} ({size}) makes {want} visual tokens but its block in the prompt "
-                                     f"holds {have} (build the prompt with the image's size)")  # fmt: skip
+                    raise ValueError(
+                        f"image {k} ({size}) makes {want} visual tokens but its block in the prompt "
+                        f"holds {have} (build the prompt with the image's size)"
+                    )
         if len(prompt) + params.max_tokens > self.max_len:
             raise PromptTooLong(
                 f"the prompt has {len(prompt)} tokens; with max_tokens {params.max_tokens} that exceeds "
@@ -131,8 +146,9 @@ class Engine:
             self._lock.notify()
         return req
 
-    def generate(self, prompts: list[list[int]], images: list[list] | None = None,
-                 params: SamplingParams | None = None) -> list[Request]:  # fmt: skip
+    def generate(
+        self, prompts: list[list[int]], images: list[list] | None = None, params: SamplingParams | None = None
+    ) -> list[Request]:
         """Submit a batch and wait for all of it (driving the engine here unless it runs in a thread)."""
         reqs = []
         for i, p in enumerate(prompts):
@@ -259,8 +275,9 @@ class Engine:
         q = [a - b for a, b in zip(n, starts)]
         width, length = max(q), max(n)
         pad = 0
-        ids = torch.tensor([r.prompt[s:] + [pad] * (width - len(r.prompt) + s) for r, s in zip(reqs, starts)],
-                           device=self.device)  # fmt: skip
+        ids = torch.tensor(
+            [r.prompt[s:] + [pad] * (width - len(r.prompt) + s) for r, s in zip(reqs, starts)], device=self.device
+        )
         embeds = F.embedding(ids, self.embed_tokens.weight)  # [N, W, D]
         contexts = []
         for i, need in enumerate(needed):
@@ -277,7 +294,8 @@ class Engine:
         n_t = torch.tensor(n, device=self.device)[:, None, None]
         allowed = (keys <= pos[:, :, None]) & (keys < n_t)  # [N, W, L]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~allowed, torch.finfo(self.dtype).min)[:, None]  # fmt: skip
+            ~allowed, torch.finfo(self.dtype).min
+        )[:, None]
         self.cache.prefill(base, starts, q)
         hidden = self.lm_forward.forward(embeds, pos, mask, self.cache, self._context(contexts) if contexts else None)
         last = hidden[torch.arange(len(reqs)), torch.tensor(q) - 1]  # [N, D]
@@ -319,8 +337,9 @@ class Engine:
             self.cache.decode(top, width)
         else:
             pos = torch.tensor(self.lengths, device=self.device)
-            mask = torch.where(torch.arange(width, device=self.device)[None] <= pos[:, None], 0.0,
-                               torch.finfo(self.dtype).min).to(self.dtype)[:, None, None, :]  # fmt: skip
+            mask = torch.where(
+                torch.arange(width, device=self.device)[None] <= pos[:, None], 0.0, torch.finfo(self.dtype).min
+            ).to(self.dtype)[:, None, None, :]
             self.cache.decode(pos, width)
             positions = pos[:, None]
         embeds = F.embedding(last, self.embed_tokens.weight)  # [B, 1, D]
@@ -372,7 +391,10 @@ class Engine:
         if slot != last:  # keep running requests in slots 0..B-1
             self.cache.move(last, slot, self.lengths[last])
             self.running[slot], self.lengths[slot], self.contexts[slot] = (
-                self.running[last], self.lengths[last], self.contexts[last])  # fmt: skip
+                self.running[last],
+                self.lengths[last],
+                self.contexts[last],
+            )
         self.running.pop()
         self.lengths.pop()
         self.contexts.pop()

@@ -153,8 +153,16 @@ class PerceiverLayer(nn.Module):
 class PerceiverConnector(nn.Module):
     per_patch = False
 
-    def __init__(self, vision_dim: int, lm_dim: int, latents: int = 64, layers: int = 3, heads: int = 4,
-                 hidden: int | None = None, **_):  # fmt: skip
+    def __init__(
+        self,
+        vision_dim: int,
+        lm_dim: int,
+        latents: int = 64,
+        layers: int = 3,
+        heads: int = 4,
+        hidden: int | None = None,
+        **_,
+    ):
         super().__init__()
         if latents < 1:
             raise ValueError(f"perceiver connector: latents must be >= 1, got {latents}")

@@ -59,10 +59,22 @@ def extra_meta(path: str | Path) -> dict:
     return {k: v for k, v in read_meta(path).items() if k not in CORE_KEYS}
 
 
-def write_meta(folder: str | Path, model: dict, lm_mode: str, tokens_per_image: int | None, history: list,
-               extra: dict | None = None) -> None:  # fmt: skip
-    meta = {"vlmforge": __import__("vlmforge").__version__, "model": model, "lm_mode": lm_mode,
-            "tokens_per_image": tokens_per_image, "history": history, **(extra or {})}  # fmt: skip
+def write_meta(
+    folder: str | Path,
+    model: dict,
+    lm_mode: str,
+    tokens_per_image: int | None,
+    history: list,
+    extra: dict | None = None,
+) -> None:
+    meta = {
+        "vlmforge": __import__("vlmforge").__version__,
+        "model": model,
+        "lm_mode": lm_mode,
+        "tokens_per_image": tokens_per_image,
+        "history": history,
+        **(extra or {}),
+    }
     write_json(Path(folder) / META, meta, indent=2)
 
 

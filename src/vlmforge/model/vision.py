@@ -217,8 +217,9 @@ class VisionTower(nn.Module):
             self.model.eval()  # a probe must not move BatchNorm statistics
             try:
                 with torch.no_grad():
-                    self.model(pixel_values=torch.zeros(1, 3, self.image_size, self.image_size, dtype=p.dtype,
-                                                        device=p.device))  # fmt: skip
+                    self.model(
+                        pixel_values=torch.zeros(1, 3, self.image_size, self.image_size, dtype=p.dtype, device=p.device)
+                    )
             except _Cut:
                 pass
             finally:
@@ -234,8 +235,9 @@ class VisionTower(nn.Module):
         encoder = getattr(vision_core(self.model), "encoder", None)
         return list(getattr(encoder, "layers", None) or getattr(encoder, "stages", None) or [])
 
-    def set_trainable(self, mode: str, top: int = 1, lora_r: int = 16, lora_alpha: int = 32,
-                      bn_train: bool = False) -> None:  # fmt: skip
+    def set_trainable(
+        self, mode: str, top: int = 1, lora_r: int = 16, lora_alpha: int = 32, bn_train: bool = False
+    ) -> None:
         """Which of the tower's weights train: `frozen` none; `full` all; `top` the top `top` blocks
         and everything after them (final norm, pooling head), the embeddings and lower blocks frozen;
         `lora` peft adapters (rank `lora_r`) on every linear and convolution layer, the weights
@@ -271,14 +273,18 @@ class VisionTower(nn.Module):
         kinds = (nn.Linear, nn.Conv2d)
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, kinds) and n})
         if not targets:
-            raise ValueError(f"{type(self.model).__name__} has no linear or convolution layers for LoRA to wrap: "
-                             "use vision_mode full or top")  # fmt: skip
+            raise ValueError(
+                f"{type(self.model).__name__} has no linear or convolution layers for LoRA to wrap: "
+                "use vision_mode full or top"
+            )
         try:
-            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets),
-                                    self.model)  # fmt: skip
+            inject_adapter_in_model(
+                LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets), self.model
+            )
         except (ValueError, TypeError) as e:
-            raise ValueError(f"LoRA cannot wrap this vision tower ({type(self.model).__name__}): {e}; "
-                             "use vision_mode full or top") from e  # fmt: skip
+            raise ValueError(
+                f"LoRA cannot wrap this vision tower ({type(self.model).__name__}): {e}; use vision_mode full or top"
+            ) from e
 
     def merged_model(self) -> nn.Module:
         """The HF vision model with any LoRA adapters folded into its weights (W + B A x scale), as a
@@ -302,8 +308,11 @@ class VisionTower(nn.Module):
         `bn_train`): what a checkpoint keeps beside the trainable weights."""
         if not self.bn_train or not any(p.requires_grad for p in self.parameters()):
             return []
-        return [n for n, b in self.named_buffers() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var",
-                                                                            "num_batches_tracked")]  # fmt: skip
+        return [
+            n
+            for n, b in self.named_buffers()
+            if n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+        ]
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -375,8 +384,10 @@ class VisionTower(nn.Module):
     def check_native(self) -> None:
         """Refuse native-resolution inputs to a ViT that cannot interpolate its position embeddings."""
         if not self.convolutional and not self.interpolates:
-            raise ValueError(f"{type(self.model).__name__} cannot interpolate its position embeddings: "
-                             "resize native needs SigLIP, CLIP or a conv tower")  # fmt: skip
+            raise ValueError(
+                f"{type(self.model).__name__} cannot interpolate its position embeddings: "
+                "resize native needs SigLIP, CLIP or a conv tower"
+            )
 
     def image_processor(self, path: str, resize: str = "pad", grid: int = 0, **options):
         """The `ImageProcessor` of this tower: `path`'s mean and std at the tower's resolution, native
@@ -409,8 +420,10 @@ class VisionTower(nn.Module):
         if self.feature_layer != -1:  # hidden_states: the embeddings' output, then one per block
             layer = self.feature_layer % (depth + 1)
             if layer <= depth - top:
-                raise ValueError(f"feature_layer {self.feature_layer} lies below the top {top} blocks: the features "
-                                 f"would not depend on them (use vision_top <= {depth - layer})")  # fmt: skip
+                raise ValueError(
+                    f"feature_layer {self.feature_layer} lies below the top {top} blocks: the features "
+                    f"would not depend on them (use vision_top <= {depth - layer})"
+                )
 
     def below(self, pixel_values: torch.Tensor, top: int) -> torch.Tensor:
         """The tower's states where its top `top` blocks begin (the input of the lowest of them),
@@ -449,8 +462,10 @@ class VisionTower(nn.Module):
         if self.convolutional:
             side = math.isqrt(tokens)
             if side * side != tokens:
-                raise ValueError(f"stored states of {tokens} positions are not a square map: the top blocks of a "
-                                 "conv tower run from a store of square views only (not resize native)")  # fmt: skip
+                raise ValueError(
+                    f"stored states of {tokens} positions are not a square map: the top blocks of a "
+                    "conv tower run from a store of square views only (not resize native)"
+                )
             states = states.transpose(1, 2).reshape(n, -1, side, side)
         skipped = [getattr(core, n) for n in ("embeddings", "embedder") if hasattr(core, n)]
         skipped += blocks[: len(blocks) - top]

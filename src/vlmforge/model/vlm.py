@@ -94,8 +94,9 @@ def load_lm(path: str, dtype: torch.dtype = torch.float32, device_map: str | Non
 
         gguf["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **placed,
-                                                           **gguf)  # fmt: skip
+        model, info = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, output_loading_info=True, **placed, **gguf
+        )
     except (OSError, ValueError, KeyError) as e:
         raise unusable(path, "a causal LM", e) from e
     check_loading_info(path, info)
@@ -159,8 +160,10 @@ class VLM(nn.Module):
         elif config.architecture != "autoregressive":
             raise ValueError(f"unknown architecture {config.architecture!r} (autoregressive or cross_attention)")
         if processor.variable and self.cross_attention:
-            raise ValueError("the cross-attention architecture takes a fixed number of views per image: "
-                             "not with adaptive slicing or resize native")  # fmt: skip
+            raise ValueError(
+                "the cross-attention architecture takes a fixed number of views per image: "
+                "not with adaptive slicing or resize native"
+            )
         # with image splitting every view (crops + the whole image) gets its own visual tokens;
         # adaptive slicing: the most an image gets; native: an image of the encoder's own square
         self.tokens_per_view = self.connector.num_tokens(vision.num_features)
@@ -171,8 +174,13 @@ class VLM(nn.Module):
         self.image_views = ImageViews(processor, self.tokens_per_view, int(vision.pooled), fixed)
         if processor.resize == "native" and config.connector == "pixel_shuffle":
             raise ValueError("the pixel_shuffle connector needs a square patch grid: not with resize native")
-        self.prompts = PromptBuilder(tokenizer, self.sequence_tokens_per_image, config.layout, config.split_grid,
-                                     self.image_views if processor.variable else None)  # fmt: skip
+        self.prompts = PromptBuilder(
+            tokenizer,
+            self.sequence_tokens_per_image,
+            config.layout,
+            config.split_grid,
+            self.image_views if processor.variable else None,
+        )
         self.image_start_id = tokenizer.convert_tokens_to_ids(IMAGE_START)
         self.image_token_id = self.prompts.image_token_id
         self.lm_mode = "frozen"
@@ -198,9 +206,15 @@ class VLM(nn.Module):
             lm.resize_token_embeddings(len(tok))
         if config.split_grid < 0:
             raise ValueError(f"split_grid must be 0 (off) or a grid size k >= 1, got {config.split_grid}")
-        proc = vision.image_processor(config.vision, config.resize, config.split_grid, slicing=config.slicing,
-                                      max_slices=config.max_slices, min_side=config.min_side,
-                                      max_side=config.max_side)  # fmt: skip
+        proc = vision.image_processor(
+            config.vision,
+            config.resize,
+            config.split_grid,
+            slicing=config.slicing,
+            max_slices=config.max_slices,
+            min_side=config.min_side,
+            max_side=config.max_side,
+        )
         model = cls(config, vision, lm, tok, proc)
         model.vision_source = config.vision
         if config.device_map:  # the LM is placed; the rest goes where its input embeddings are
@@ -281,8 +295,9 @@ class VLM(nn.Module):
                 self.lm.save_pretrained(lm, state_dict=part("lm."))
             self.tokenizer.save_pretrained(lm)
             folder.write_connector(tmp, part("connector.", self.connector))
-            folder.write_meta(tmp, dataclasses.asdict(self.config), self.lm_mode, self.tokens_per_image, self.history,
-                              extra)  # fmt: skip
+            folder.write_meta(
+                tmp, dataclasses.asdict(self.config), self.lm_mode, self.tokens_per_image, self.history, extra
+            )
 
     # ---- the forward pass -------------------------------------------------------------------
     @property
@@ -400,9 +415,15 @@ class VLM(nn.Module):
         return embeds.masked_scatter(mask.unsqueeze(-1), vis.to(embeds.device, embeds.dtype))
 
     def forward(
-        self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None, all_params=False,
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        pixel_values=None,
+        image_features=None,
+        all_params=False,
         position_ids=None,
-    ) -> VLMOutput:  # fmt: skip
+    ) -> VLMOutput:
         """`attention_mask`: [B, L] (1 = a token, 0 = padding), or [B, 1, L, L] bool (True = may
         attend) with `position_ids` [B, L] for sequences of several records (`data.collate`).
         `all_params`: without images, still run the connector (and a trained vision tower) on
@@ -446,8 +467,9 @@ class VLM(nn.Module):
         raise ValueError(f"sequences of several records need the LM's attention to be sdpa or eager, not {impl!r}")
 
     # ---- inference --------------------------------------------------------------------------
-    def build_prompt(self, question: str, n_images: int = 1, history: list[dict] | None = None,
-                     images: list | None = None) -> list[int]:  # fmt: skip
+    def build_prompt(
+        self, question: str, n_images: int = 1, history: list[dict] | None = None, images: list | None = None
+    ) -> list[int]:
         """A user turn of `question` after `n_images` image markers (`images`, PIL images or
         sizes, when given: their number, and their blocks where those depend on the size; the
         `history` then holds no images)."""

@@ -95,7 +95,7 @@ IDEFICS2 = {
             {"name": "larger LM", "lm": "large"},
         ],
     },
-}  # fmt: skip
+}
 RESOLUTION = {
     "name": "resolution",
     "seeds": 3,
@@ -112,16 +112,32 @@ RESOLUTION = {
             {"name": "adaptive <= 4 + whole", "model": {"slicing": "adaptive", "max_slices": 4}},
         ],
     },
-}  # fmt: skip
+}
 GRIDS = {"idefics2": IDEFICS2, "resolution": RESOLUTION}
 
 # Budgets: data sizes, backbone specs and stage overrides, full (the demo's stages) and quick.
 # Every run trains from one feature store (`cache_dtype`; None re-encodes the images every step).
-FULL = {"n_shapes": 3000, "n_text": 500, "n_test": 300, "spec": {}, "large_spec": {"lm_layers": 4},
-        "align": {}, "sft": {}, "cache_dtype": "fp16"}  # fmt: skip
+FULL = {
+    "n_shapes": 3000,
+    "n_text": 500,
+    "n_test": 300,
+    "spec": {},
+    "large_spec": {"lm_layers": 4},
+    "align": {},
+    "sft": {},
+    "cache_dtype": "fp16",
+}
 # quick: 600 sft steps, an image's questions batched together sharing its tokens (`group_by_image`)
-QUICK = {"n_shapes": 3000, "n_text": 500, "n_test": 200, "spec": {}, "large_spec": {"lm_layers": 4},
-         "align": {}, "sft": {"max_steps": 600, "group_by_image": True}, "cache_dtype": "fp16"}  # fmt: skip
+QUICK = {
+    "n_shapes": 3000,
+    "n_text": 500,
+    "n_test": 200,
+    "spec": {},
+    "large_spec": {"lm_layers": 4},
+    "align": {},
+    "sft": {"max_steps": 600, "group_by_image": True},
+    "cache_dtype": "fp16",
+}
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -152,9 +168,11 @@ def parse_tasks(items, base: Path | None = None, data_root: str | None = None, l
         return {t: {"synthetic": t} for t in SYNTHETIC_TASKS}
     if isinstance(items, str):
         items = [items]
-    pairs = list(items.items()) if isinstance(items, dict) else [
-        tuple(w.split("=", 1)) if "=" in w else (None, w) for w in map(str, items)
-    ]  # fmt: skip
+    pairs = (
+        list(items.items())
+        if isinstance(items, dict)
+        else [tuple(w.split("=", 1)) if "=" in w else (None, w) for w in map(str, items)]
+    )
     tasks = {}
     for name, spec in pairs:
         if isinstance(spec, dict):
@@ -227,8 +245,10 @@ def load_grid(grid: str) -> dict:
         data = g["data"]
         if not isinstance(data, dict) or not data.get("sft") or set(data) - {"align", "sft"}:
             raise ValueError(f"{path}: `data:` needs `sft:` (and optionally `align:`) lists of files")
-        g["data"] = {k: [f if is_source(f) else str(base / f) for f in ([v] if isinstance(v, str) else v)]
-                     for k, v in data.items()}  # fmt: skip
+        g["data"] = {
+            k: [f if is_source(f) else str(base / f) for f in ([v] if isinstance(v, str) else v)]
+            for k, v in data.items()
+        }
         for f in (f for v in g["data"].values() for f in v):
             if not Path(f).is_file() and not is_source(f):
                 raise FileNotFoundError(f"{path}: training data {f} does not exist")
@@ -248,15 +268,26 @@ def _prepare(out: Path, budget: dict, need_large: bool, data: dict | None) -> di
 
     spec = dataclasses.replace(TinySpec(), **budget["spec"])
     large = dataclasses.replace(spec, **budget["large_spec"]) if need_large else None
-    return synthetic_setup(out, budget["n_shapes"], budget["n_text"], budget["n_test"], spec, large, data,
-                           budget.get("n_words", 0), budget.get("read", False))  # fmt: skip
+    return synthetic_setup(
+        out,
+        budget["n_shapes"],
+        budget["n_text"],
+        budget["n_test"],
+        spec,
+        large,
+        data,
+        budget.get("n_words", 0),
+        budget.get("read", False),
+    )
 
 
 def _resolve(cell: dict, base: dict, shared: dict, budget: dict):
     """The model config and the two stage configs a cell trains with (data, output, seed unset)."""
     bb = shared[cell.get("lm", "small")]
-    model_cfg = from_dict(ModelConfig, _merge({"vision": bb["vision"], "lm": bb["lm"], "tokenizer": bb["lm"]},
-                                             base.get("model"), cell.get("model")))  # fmt: skip
+    model_cfg = from_dict(
+        ModelConfig,
+        _merge({"vision": bb["vision"], "lm": bb["lm"], "tokenizer": bb["lm"]}, base.get("model"), cell.get("model")),
+    )
     bs = {"batch_size": budget["batch_size"]} if "batch_size" in budget else {}
     # a cell runs on the threads of its process (one in a pool worker), not the demo's two
     align = dataclasses.replace(align_defaults(), threads=None)
@@ -300,8 +331,18 @@ def _fill_cache(cells: list[dict], base: dict, shared: dict, budget: dict, store
     done = set()
     for cell in cells:
         m = _resolve(cell, base, shared, budget)[0]
-        key = (m.vision, m.feature_layer, m.vision_pooled, m.resize, m.image_size, m.split_grid, m.slicing,
-               m.max_slices, m.min_side, m.max_side)  # fmt: skip
+        key = (
+            m.vision,
+            m.feature_layer,
+            m.vision_pooled,
+            m.resize,
+            m.image_size,
+            m.split_grid,
+            m.slicing,
+            m.max_slices,
+            m.min_side,
+            m.max_side,
+        )
         if key not in done:
             done.add(key)
             build_for(store, m, shared["align_data"] + shared["sft_data"], budget["cache_dtype"])
@@ -317,8 +358,9 @@ def _score(model, model_dir: str, tasks: dict, shared: dict, run_dir: Path) -> d
     for name, spec in tasks.items():
         if "bench" in spec:
             gen = LocalGenerator(model, model_dir, spec.get("max_new_tokens", 32), engine)
-            report = run_benchmark(spec["bench"], gen, spec["root"], run_dir / "eval", spec.get("split"),
-                                   spec.get("limit"), batch_size=16)  # fmt: skip
+            report = run_benchmark(
+                spec["bench"], gen, spec["root"], run_dir / "eval", spec.get("split"), spec.get("limit"), batch_size=16
+            )
         else:  # a QA file: the synthetic held-out questions or the grid's own
             qa = shared[f"test_{spec['synthetic']}_qa"] if "synthetic" in spec else spec["file"]
             gen = LocalGenerator(model, model_dir, 16, engine)
@@ -335,10 +377,14 @@ def _run(cell: dict, base: dict, shared: dict, budget: dict, seed: int, run_dir:
     model_cfg, align, sft = _resolve(cell, base, shared, budget)
     t0 = time.time()
     store = {"cache": shared["cache"], "cache_dtype": budget["cache_dtype"]} if shared.get("cache") else {}
-    model_dir = align_then_sft(model_cfg, align, sft, run_dir, shared["align_data"], shared["sft_data"], seed=seed,
-                               save_every=10**9, **store)  # fmt: skip
-    summaries = [json.loads((run_dir / s / "summary.json").read_text()) for s in ("align", "sft")
-                 if (run_dir / s / "summary.json").exists()]  # fmt: skip
+    model_dir = align_then_sft(
+        model_cfg, align, sft, run_dir, shared["align_data"], shared["sft_data"], seed=seed, save_every=10**9, **store
+    )
+    summaries = [
+        json.loads((run_dir / s / "summary.json").read_text())
+        for s in ("align", "sft")
+        if (run_dir / s / "summary.json").exists()
+    ]
     # the stages' own clocks, which a resumed run carries on (this process may have trained less)
     seconds = sum(s["elapsed"] for s in summaries) if summaries else time.time() - t0
     model = VLM.from_pretrained(model_dir)
@@ -365,8 +411,11 @@ def _mean_visual_tokens(model, tasks: dict, shared: dict) -> float:
 
     from vlmforge.data.formats import load_records
 
-    files = [shared[f"test_{s['synthetic']}_qa"] if "synthetic" in s else s["file"] for s in tasks.values()
-             if "bench" not in s]  # fmt: skip
+    files = [
+        shared[f"test_{s['synthetic']}_qa"] if "synthetic" in s else s["file"]
+        for s in tasks.values()
+        if "bench" not in s
+    ]
     paths = {p for f in files for r in load_records(f) for p in r.images}
     if not model.processor.variable or not paths:
         return model.tokens_per_image
@@ -422,15 +471,18 @@ def ablate(
     if groups:
         unknown = sorted(set(groups) - set(g["groups"]))
         if unknown:
-            raise ValueError(f"grid {grid!r} has no group {', '.join(map(repr, unknown))} "
-                             f"(its groups: {', '.join(g['groups'])})")  # fmt: skip
+            raise ValueError(
+                f"grid {grid!r} has no group {', '.join(map(repr, unknown))} (its groups: {', '.join(g['groups'])})"
+            )
         g = {**g, "groups": {k: v for k, v in g["groups"].items() if k in groups}}
     tasks = parse_tasks(eval or g.get("eval"), None, data_root, limit)
     check_tasks(tasks)
     budget = _merge(QUICK if quick else FULL, g.get("budget"))
     if any(s.get("synthetic") in WORDS_TASKS for s in tasks.values()) and not budget.get("n_words"):
-        raise ValueError("eval tasks words, letters and count need the words data: a grid whose budget sets "
-                         "n_words (e.g. the built-in grid `resolution`)")  # fmt: skip
+        raise ValueError(
+            "eval tasks words, letters and count need the words data: a grid whose budget sets "
+            "n_words (e.g. the built-in grid `resolution`)"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_seeds = seeds or int(g.get("seeds", 3))
@@ -474,8 +526,12 @@ def ablate(
     def record(key, group, cell, seed, fp, run_dir, result):
         results["runs"][key] = {"group": group, "cell": cell["name"], "seed": seed, "config": fp, **result}
         for other, other_group, other_cell in aliases[key]:
-            results["runs"][other] = {**results["runs"][key], "group": other_group, "cell": other_cell["name"],
-                                      "same_as": key}  # fmt: skip
+            results["runs"][other] = {
+                **results["runs"][key],
+                "group": other_group,
+                "cell": other_cell["name"],
+                "same_as": key,
+            }
         save_json(results, res_path)
         shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints and models of finished runs are not kept
         bar.update(1)
@@ -534,10 +590,14 @@ def write_report(results: dict, out: Path) -> None:
 
     table = summarize(results)
     names = task_names(results)
-    lines = [f"# vlmforge ablate: {results['grid'].get('name', 'grid')}{' (quick)' if results['quick'] else ''}", "",
-             f"Scores (x100), mean ± 95% t-interval over {results['seeds']} seeds, on: "
-             + "; ".join(f"`{t}` ({_describe_task(s)})" for t, s in (results.get("tasks") or parse_tasks(None)).items())
-             + f". Budget {json.dumps(results['budget'])}.", ""]  # fmt: skip
+    lines = [
+        f"# vlmforge ablate: {results['grid'].get('name', 'grid')}{' (quick)' if results['quick'] else ''}",
+        "",
+        f"Scores (x100), mean ± 95% t-interval over {results['seeds']} seeds, on: "
+        + "; ".join(f"`{t}` ({_describe_task(s)})" for t, s in (results.get("tasks") or parse_tasks(None)).items())
+        + f". Budget {json.dumps(results['budget'])}.",
+        "",
+    ]
     for group, rows in table.items():
         lines += [f"## {group}", ""]
         if group in PAPER:
@@ -587,8 +647,14 @@ def _plot(table: dict, path: Path) -> None:
         width = 0.8 / len(names)
         for k, task in enumerate(names):
             off = (k - (len(names) - 1) / 2) * width
-            ax.bar([i + off for i in x], [r["scores"][task][0] for r in rows], width,
-                   yerr=[r["scores"][task][1] for r in rows], label=task, capsize=3)  # fmt: skip
+            ax.bar(
+                [i + off for i in x],
+                [r["scores"][task][0] for r in rows],
+                width,
+                yerr=[r["scores"][task][1] for r in rows],
+                label=task,
+                capsize=3,
+            )
         ax.set_xticks(list(x), [r["cell"] for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_title(group)
         ax.set_ylabel("score (x100)")

@@ -18,8 +18,13 @@ from pathlib import Path
 from vlmforge.config import DemoConfig, save_json
 
 SLOW_MACHINE_GFLOPS = 110  # the slow machines of this kind (AVX2 only), for which the time target is set
-TARGETS = {"wall_time_s": 600, "text": 0.80, "shapes_overall": 0.95, "shapes_per_type": 0.90,
-           "shapes_other_sizes": 0.90}
+TARGETS = {
+    "wall_time_s": 600,
+    "text": 0.80,
+    "shapes_overall": 0.95,
+    "shapes_per_type": 0.90,
+    "shapes_other_sizes": 0.90,
+}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -82,13 +87,15 @@ def run(cfg: DemoConfig) -> dict:
     canvases = [_size(s) for s in cfg.train_sizes]
     n_each = cfg.n_shapes_other // max(len(canvases), 1)
     # held-out seeds: test seed + 1, other sizes seed + 3…; extra training canvases seed + 100…
-    splits = [
-        ("train", cfg.n_shapes, cfg.n_text, cfg.seed),
-        ("test", cfg.n_test, cfg.n_test, cfg.seed + 1),
-        ("pretrain", cfg.n_pretrain, 0, cfg.seed + 2),
-    ] + [(f"other_{w}x{h}", cfg.n_other, 0, cfg.seed + 3 + i, w, h) for i, (w, h) in enumerate(sizes)] + [
-        (f"train_{w}x{h}", n_each, 0, cfg.seed + 100 + i, w, h) for i, (w, h) in enumerate(canvases)
-    ]  # fmt: skip
+    splits = (
+        [
+            ("train", cfg.n_shapes, cfg.n_text, cfg.seed),
+            ("test", cfg.n_test, cfg.n_test, cfg.seed + 1),
+            ("pretrain", cfg.n_pretrain, 0, cfg.seed + 2),
+        ]
+        + [(f"other_{w}x{h}", cfg.n_other, 0, cfg.seed + 3 + i, w, h) for i, (w, h) in enumerate(sizes)]
+        + [(f"train_{w}x{h}", n_each, 0, cfg.seed + 100 + i, w, h) for i, (w, h) in enumerate(canvases)]
+    )
     data = phase("data", lambda: synth_splits(d, splits))
     if any(f"{split}_shapes_qa" not in data for split, n, *_ in splits if n):  # a folder of other settings
         tqdm.write("[data] the settings changed since it was made: made again")
@@ -130,9 +137,20 @@ def run(cfg: DemoConfig) -> dict:
 
         phase("cache", make_cache)
     warm_data = [data["train_shapes_sft"]] + [data[f"{split}_shapes_sft"] for split in extra]
-    align_then_sft(model_cfg, cfg.align, cfg.sft, out, align_data, sft_data, phase, warm_data=warm_data,
-                   warm_steps=cfg.sft_warm, seed=cfg.seed, cache=store,
-                   cache_dtype=cfg.cache_dtype if store else None)  # fmt: skip
+    align_then_sft(
+        model_cfg,
+        cfg.align,
+        cfg.sft,
+        out,
+        align_data,
+        sft_data,
+        phase,
+        warm_data=warm_data,
+        warm_steps=cfg.sft_warm,
+        seed=cfg.seed,
+        cache=store,
+        cache_dtype=cfg.cache_dtype if store else None,
+    )
 
     def finalize():
         final = out / "model"
@@ -154,8 +172,13 @@ def run(cfg: DemoConfig) -> dict:
             name: {"accuracy": b["score"], "n": b["n"], "per_type": {k: v["score"] for k, v in b["breakdown"].items()}}
             for name, b in report["benchmarks"].items()
         }
-        folder.record_evals(out / "model", [{"task": name, "metric": b["metric"], "score": round(b["score"], 4),
-                                             "n": b["n"]} for name, b in report["benchmarks"].items()])  # fmt: skip
+        folder.record_evals(
+            out / "model",
+            [
+                {"task": name, "metric": b["metric"], "score": round(b["score"], 4), "n": b["n"]}
+                for name, b in report["benchmarks"].items()
+            ],
+        )
         other = [res[f"shapes_{w}x{h}"] for w, h in sizes]
         if other:  # every other size together, each question once
             n = sum(r["n"] for r in other)
@@ -176,10 +199,16 @@ def run(cfg: DemoConfig) -> dict:
     questions = [r.messages[0]["content"].replace("<image>", "").strip() for r in picks]
     answers = answer(model, questions, [[load_image(r.images[0])] for r in picks], engine=engine)
     samples = [
-        {"task": "text" if r is picks[-1] else "shapes", "image": str(r.images[0]), "question": q, "answer": a,
-         "reference": r.messages[1]["content"], "right": a == r.messages[1]["content"]}
+        {
+            "task": "text" if r is picks[-1] else "shapes",
+            "image": str(r.images[0]),
+            "question": q,
+            "answer": a,
+            "reference": r.messages[1]["content"],
+            "right": a == r.messages[1]["content"],
+        }
         for r, q, a in zip(picks, questions, answers)
-    ]  # fmt: skip
+    ]
 
     wall = time.time() - t0
     phases_total = sum(p["seconds"] for p in state["phases"].values())
@@ -217,8 +246,10 @@ def run(cfg: DemoConfig) -> dict:
         f"  demo wall time {wall:.1f}s (target <= {TARGETS['wall_time_s']}s)"
         + (f"  [continued run: {', '.join(resumed)} done earlier, not in this time]" if resumed else "")
     )
-    lines.append(f"  machine: 2048x2048 fp32 matmul at {matmul:.0f} GFLOP/s on 2 threads (the time target is "
-                 f"set for a machine of ~{SLOW_MACHINE_GFLOPS} GFLOP/s; faster ones should take far less)")
+    lines.append(
+        f"  machine: 2048x2048 fp32 matmul at {matmul:.0f} GFLOP/s on 2 threads (the time target is "
+        f"set for a machine of ~{SLOW_MACHINE_GFLOPS} GFLOP/s; faster ones should take far less)"
+    )
     setup = summary["setup_s"]
     lines.append(f"  setup (make setup, separate): {f'{setup:.0f}s' if setup is not None else 'not measured'}")
     lines.append(
@@ -236,8 +267,10 @@ def run(cfg: DemoConfig) -> dict:
             f"  shapes at other sizes (seed {cfg.seed + 3}+) {100 * scores['shapes_other_sizes']['accuracy']:.1f}% "
             f"(target >= {TARGETS['shapes_other_sizes']:.0%}): {each}"
         )
-    lines.append(f"  text accuracy {100 * scores['text']['accuracy']:.1f}% (target >= {TARGETS['text']:.0%}; "
-                 "random 3-6 letters, exact match)")
+    lines.append(
+        f"  text accuracy {100 * scores['text']['accuracy']:.1f}% (target >= {TARGETS['text']:.0%}; "
+        "random 3-6 letters, exact match)"
+    )
     lines.append("  sample answers:")
     for s in samples:
         mark = "right" if s["right"] else "WRONG"
@@ -257,11 +290,16 @@ def _page(out: Path, summary: dict, history: list[dict]) -> Path:
     from vlmforge.eval.html import eval_sections, loss_svg, table, write_page
 
     parts = ["<h2>Targets</h2>", table(summary["targets_met"], ("target", "met"))]
-    parts += ["<h2>Phase timings</h2>", table({k: f"{v:.1f} s" for k, v in summary["phase_seconds"].items()},
-                                              ("phase", "seconds"))]  # fmt: skip
+    parts += [
+        "<h2>Phase timings</h2>",
+        table({k: f"{v:.1f} s" for k, v in summary["phase_seconds"].items()}, ("phase", "seconds")),
+    ]
     parts.append("<h2>Training</h2>")
-    parts += [loss_svg(out / stage / "metrics.jsonl", stage) for stage in ("align", "warm", "sft")
-              if (out / stage / "metrics.jsonl").is_file()]  # fmt: skip
+    parts += [
+        loss_svg(out / stage / "metrics.jsonl", stage)
+        for stage in ("align", "warm", "sft")
+        if (out / stage / "metrics.jsonl").is_file()
+    ]
     for h in history:
         parts.append(table(h, ("model card: stage " + str(h.get("stage")), "")))
     report = json.loads((out / "eval" / "report.json").read_text())

@@ -12,9 +12,18 @@ from pathlib import Path
 from vlmforge.config import ModelConfig, TinySpec, TrainConfig
 
 
-def align_then_sft(model_cfg: ModelConfig, align: TrainConfig, sft: TrainConfig, out: str | Path,
-                   align_data: list[str], sft_data: list[str], phase=None, warm_data: list[str] | None = None,
-                   warm_steps: int = 0, **common) -> Path:  # fmt: skip
+def align_then_sft(
+    model_cfg: ModelConfig,
+    align: TrainConfig,
+    sft: TrainConfig,
+    out: str | Path,
+    align_data: list[str],
+    sft_data: list[str],
+    phase=None,
+    warm_data: list[str] | None = None,
+    warm_steps: int = 0,
+    **common,
+) -> Path:
     """Train `out/align` then `out/sft` (`common`: TrainConfig fields both stages share, e.g. seed,
     cache: not the sft stage's when it trains the vision tower); returns the final model folder.
     Without align data, sft starts from the backbones. With `warm_data` and `warm_steps`, an sft
@@ -75,9 +84,17 @@ def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
     return paths
 
 
-def synthetic_setup(out: str | Path, n_shapes: int, n_text: int, n_test: int, spec: TinySpec,
-                    large: TinySpec | None = None, data: dict | None = None, n_words: int = 0,
-                    read: bool = False) -> dict:  # fmt: skip
+def synthetic_setup(
+    out: str | Path,
+    n_shapes: int,
+    n_text: int,
+    n_test: int,
+    spec: TinySpec,
+    large: TinySpec | None = None,
+    data: dict | None = None,
+    n_words: int = 0,
+    read: bool = False,
+) -> dict:
     """The synthetic train and test data (seeds 0 and 1) and the tiny backbones made from them, in
     `out`, made once (`out/shared.json` records them; a second call reads it): what ablate's cells
     and the cache bench's accuracy runs share. `large`: also an LM of that spec beside the small

@@ -256,9 +256,13 @@ class Reader(nn.Module):
 
 
 def pretrain_siglip(
-    records: list[Record], tokenizer, out: str | Path, spec: TinySpec, seed: int = 0,
+    records: list[Record],
+    tokenizer,
+    out: str | Path,
+    spec: TinySpec,
+    seed: int = 0,
     reading: list[Record] | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Pretrain a small vision encoder (a ResNet or a SigLIP ViT, `spec.vision_kind`) with SigLIP's
     pairwise sigmoid loss on (image, caption) records; saves the image tower with `save_pretrained`.
     `reading`: (image, transcription) records: each step also trains the tower to read a batch of
@@ -305,8 +309,9 @@ def pretrain_siglip(
             """(SigLIP's loss when the step has a caption batch, the reading loss when it reads)."""
             losses = ()
             if idx is not None:
-                drawn = [text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))]
-                         for i in idx]  # fmt: skip
+                drawn = [
+                    text_index[captions[i] if rng.random() < 0.5 else rng.choice(sorted(image_sets[i]))] for i in idx
+                ]
                 extra = rng.sample(pool, min(spec.siglip_texts, len(pool)))
                 picks = sorted(set(drawn) | set(extra))
                 logits = model(text_ids[picks], pixels[idx], single[picks])  # [B, T]
@@ -323,8 +328,10 @@ def pretrain_siglip(
         # (every step reads), so that neither objective runs alone long enough to make the tower forget
         steps = max(spec.siglip_steps, spec.read_steps if reader is not None else 0)
         captioned = _batches(rng, train_idx, spec.siglip_batch)
-        batches = (next(captioned) if (i + 1) * spec.siglip_steps // steps > i * spec.siglip_steps // steps else None
-                   for i in range(steps))  # fmt: skip
+        batches = (
+            next(captioned) if (i + 1) * spec.siglip_steps // steps > i * spec.siglip_steps // steps else None
+            for i in range(steps)
+        )
         desc = f"pretrain {spec.vision_kind} (siglip" + (" + reading)" if reader is not None else " loss)")
         final = _optimize(model, loss_of, batches, steps, spec.siglip_lr, 1e-4, desc)
         with torch.no_grad():
@@ -337,8 +344,10 @@ def pretrain_siglip(
             with torch.no_grad():
                 read = reader.read(model.reading_cells(read_pixels[read_val]))
             info["reading_exact"] = sum(a == words[i] for a, i in zip(read, read_val)) / len(read_val)
-            _log(f"{spec.vision_kind}: held-out reading (CTC head) {100 * info['reading_exact']:.1f}% exact "
-                 f"among {len(read_val)}")  # fmt: skip
+            _log(
+                f"{spec.vision_kind}: held-out reading (CTC head) {100 * info['reading_exact']:.1f}% exact "
+                f"among {len(read_val)}"
+            )
         with atomic_dir(out) as tmp:
             tower.save_pretrained(tmp)
             image_processor.save_pretrained(tmp)
@@ -377,9 +386,14 @@ def pretrain_llama(texts: list[str], tokenizer, out: str | Path, spec: TinySpec,
     t0 = time.time()
     with runtime.threads(spec.lm_threads):
         final = _optimize(
-            model, loss_of, _batches(rng, list(range(len(enc))), spec.lm_batch), spec.lm_steps, spec.lm_lr, 0.0,
+            model,
+            loss_of,
+            _batches(rng, list(range(len(enc))), spec.lm_batch),
+            spec.lm_steps,
+            spec.lm_lr,
+            0.0,
             "pretrain llama",
-        )  # fmt: skip
+        )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out) as tmp:
@@ -445,8 +459,11 @@ def pretrain(
         if not caps:
             raise ValueError("SigLIP pretraining needs caption records (one human and one gpt turn with an image)")
         info = pretrain_siglip(caps, tok, paths["vision"], spec, seed, reading=texts)
-        _log(f"siglip: {len(caps)} pairs" + (f", {len(texts)} to read" if texts else "")
-             + f", final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")  # fmt: skip
+        _log(
+            f"siglip: {len(caps)} pairs"
+            + (f", {len(texts)} to read" if texts else "")
+            + f", final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s"
+        )
     if force or not paths["lm"].is_dir():
         info = pretrain_llama(conversation_texts(records, tok), tok, paths["lm"], spec, seed)
         _log(f"llama: final loss {info['final_loss']:.3f}, {info['seconds']:.0f}s")

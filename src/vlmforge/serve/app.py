@@ -26,8 +26,14 @@ PLAYGROUND = Path(__file__).with_name("playground.html")  # the chat page served
 class Server:
     """The engine, the model's prompt builder and the limits; `app()` builds the FastAPI app."""
 
-    def __init__(self, engine: Engine, model_name: str, limits: ServeLimits | None = None,
-                 api_key: str | None = None, drain_seconds: float = 10.0):  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        limits: ServeLimits | None = None,
+        api_key: str | None = None,
+        drain_seconds: float = 10.0,
+    ):
         self.engine, self.name, self.limits = engine, model_name, limits or ServeLimits()
         self.api_key, self.drain_seconds = api_key, drain_seconds
         self.model = engine.model
@@ -47,8 +53,9 @@ class Server:
                 self.known_images.pop(next(iter(self.known_images)))
             return ImageInput(key, lambda: image, image.size)
         # seen before: decoded again only if its features have left the engine's caches
-        return ImageInput(key, lambda: load_image_bytes(data, where, self.limits.max_image_pixels),
-                          self.known_images[key])  # fmt: skip
+        return ImageInput(
+            key, lambda: load_image_bytes(data, where, self.limits.max_image_pixels), self.known_images[key]
+        )
 
     def prepare(self, req: ChatRequest) -> tuple[list[int], list[ImageInput]]:
         """Fetch and check images, render the prompt (blocking: run in a worker thread)."""
@@ -79,8 +86,9 @@ class Server:
                 return True
             return request.headers.get("authorization", "") == f"Bearer {self.api_key}"
 
-        unauthorized = APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
-                                code="invalid_api_key")  # fmt: skip
+        unauthorized = APIError(
+            401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error", code="invalid_api_key"
+        )
 
         @app.get("/", response_class=HTMLResponse)
         async def playground():
@@ -90,27 +98,39 @@ class Server:
         async def playground_info(request: Request):
             """What the playground shows: the model's name and limits, and (with the key) its card."""
             lim = self.limits
-            info = {"model": self.name, "needs_key": bool(self.api_key),
-                    "limits": {"max_image_bytes": lim.max_image_bytes, "max_image_pixels": lim.max_image_pixels,
-                               "max_images": lim.max_images}}  # fmt: skip
+            info = {
+                "model": self.name,
+                "needs_key": bool(self.api_key),
+                "limits": {
+                    "max_image_bytes": lim.max_image_bytes,
+                    "max_image_pixels": lim.max_image_pixels,
+                    "max_images": lim.max_images,
+                },
+            }
             if authorized(request):
-                info["history"] = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))}
-                                   for h in self.model.history]  # fmt: skip
+                info["history"] = [
+                    {k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in self.model.history
+                ]
                 info["evals"] = self.model.evals
             return info
 
         @app.get("/health")
         async def health():
             e = self.engine
-            return {"status": "stopping" if self.stopping else "ok", "running": len(e.running),
-                    "waiting": len(e.waiting)}  # fmt: skip
+            return {
+                "status": "stopping" if self.stopping else "ok",
+                "running": len(e.running),
+                "waiting": len(e.waiting),
+            }
 
         @app.get("/v1/models")
         async def models(request: Request):
             if not authorized(request):
                 return error(unauthorized)
-            return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                                "owned_by": "vlmforge"}]}  # fmt: skip
+            return {
+                "object": "list",
+                "data": [{"id": self.name, "object": "model", "created": self.created, "owned_by": "vlmforge"}],
+            }
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
@@ -125,8 +145,12 @@ class Server:
                     raise APIError(413, f"request body exceeds {self.limits.max_body_bytes} bytes")
                 req = parse_chat(load_body(raw, self.limits.max_depth), self.limits)
                 if req.model != self.name:
-                    raise APIError(404, f"the model {req.model!r} does not exist (served: {self.name!r})",
-                                   param="model", code="model_not_found")  # fmt: skip
+                    raise APIError(
+                        404,
+                        f"the model {req.model!r} does not exist (served: {self.name!r})",
+                        param="model",
+                        code="model_not_found",
+                    )
                 if self.stopping:
                     raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
                 prompt, images = await asyncio.to_thread(self.prepare, req)
@@ -145,9 +169,12 @@ class Server:
                 return error(e)
             rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             created = int(time.time())
-            usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": len(handle.tokens),  # noqa: E731
-                             "total_tokens": len(prompt) + len(handle.tokens),
-                             "prompt_tokens_details": {"cached_tokens": handle.cached_tokens}}  # fmt: skip
+            usage = lambda: {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(handle.tokens),  # noqa: E731
+                "total_tokens": len(prompt) + len(handle.tokens),
+                "prompt_tokens_details": {"cached_tokens": handle.cached_tokens},
+            }
             if req.stream:
                 stream = self._sse(handle, events, rid, created, req, usage)
                 headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -169,19 +196,34 @@ class Server:
             if ev.finish_reason == "error":
                 return error(APIError(500, f"generation failed: {ev.error}", "server_error"))
             return {
-                "id": rid, "object": "chat.completion", "created": created, "model": self.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": handle.text},
-                             "logprobs": None, "finish_reason": ev.finish_reason}],
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": handle.text},
+                        "logprobs": None,
+                        "finish_reason": ev.finish_reason,
+                    }
+                ],
                 "usage": usage(),
-            }  # fmt: skip
+            }
 
         return app
 
     async def _sse(self, handle, events, rid, created, req: ChatRequest, usage):
         def chunk(delta: dict, finish=None, **extra) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                    "choices": [choice], **extra}  # fmt: skip
+            body = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.name,
+                "choices": [choice],
+                **extra,
+            }
             if req.include_usage:
                 body.setdefault("usage", None)
             return f"data: {json.dumps(body)}\n\n"
@@ -200,8 +242,14 @@ class Server:
                         yield chunk({}, ev.finish_reason)
                     break
             if req.include_usage:
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                        "choices": [], "usage": usage()}  # fmt: skip
+                body = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.name,
+                    "choices": [],
+                    "usage": usage(),
+                }
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or the stream ended): free the slot

@@ -24,8 +24,12 @@ def _check_public(host: str, port: int) -> str:
     for a in addrs:
         ip = ipaddress.ip_address(a.split("%")[0])
         if not ip.is_global:
-            raise APIError(400, f"image URL host {host!r} resolves to a non-public address ({a}): refused",
-                           param="messages", code="image_url_refused")  # fmt: skip
+            raise APIError(
+                400,
+                f"image URL host {host!r} resolves to a non-public address ({a}): refused",
+                param="messages",
+                code="image_url_refused",
+            )
     return addrs[0]
 
 
@@ -50,17 +54,25 @@ def fetch_remote(url: str, limits: ServeLimits) -> bytes:
         conn.request("GET", path, headers={"User-Agent": "vlmforge", "Accept": "image/*"})
         resp = conn.getresponse()
         if resp.status != 200:
-            raise APIError(400, f"image URL {url[:80]!r} answered HTTP {resp.status} (redirects are not followed)",
-                           param="messages")  # fmt: skip
+            raise APIError(
+                400,
+                f"image URL {url[:80]!r} answered HTTP {resp.status} (redirects are not followed)",
+                param="messages",
+            )
         data = resp.read(limits.max_image_bytes + 1)
     except (OSError, http.client.HTTPException) as e:
-        raise APIError(400, f"image URL {url[:80]!r} cannot be fetched ({type(e).__name__}: {e})",
-                       param="messages") from e  # fmt: skip
+        raise APIError(
+            400, f"image URL {url[:80]!r} cannot be fetched ({type(e).__name__}: {e})", param="messages"
+        ) from e
     finally:
         conn.close()
     if len(data) > limits.max_image_bytes:
-        raise APIError(413, f"image at {url[:80]!r} is larger than {limits.max_image_bytes} bytes",
-                       param="messages", code="image_too_large")  # fmt: skip
+        raise APIError(
+            413,
+            f"image at {url[:80]!r} is larger than {limits.max_image_bytes} bytes",
+            param="messages",
+            code="image_too_large",
+        )
     return data
 
 
@@ -72,20 +84,32 @@ def image_bytes(url: str, limits: ServeLimits, where: str) -> bytes:
         if not sep or ";base64" not in head:
             raise APIError(400, f"{where}: a data URL must be `data:image/...;base64,...`", param="messages")
         if len(payload) > limits.max_image_bytes * 4 // 3 + 8:
-            raise APIError(413, f"{where}: image larger than {limits.max_image_bytes} bytes", param="messages",
-                           code="image_too_large")  # fmt: skip
+            raise APIError(
+                413,
+                f"{where}: image larger than {limits.max_image_bytes} bytes",
+                param="messages",
+                code="image_too_large",
+            )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
             raise APIError(400, f"{where}: invalid base64 image data ({e})", param="messages") from e
         if len(data) > limits.max_image_bytes:
-            raise APIError(413, f"{where}: image larger than {limits.max_image_bytes} bytes", param="messages",
-                           code="image_too_large")  # fmt: skip
+            raise APIError(
+                413,
+                f"{where}: image larger than {limits.max_image_bytes} bytes",
+                param="messages",
+                code="image_too_large",
+            )
         return data
     if scheme in ("http", "https"):
         if not limits.allow_remote_images:
-            raise APIError(400, f"{where}: remote image URLs are refused (start the server with --allow-remote-images)",
-                           param="messages", code="image_url_refused")  # fmt: skip
+            raise APIError(
+                400,
+                f"{where}: remote image URLs are refused (start the server with --allow-remote-images)",
+                param="messages",
+                code="image_url_refused",
+            )
         return fetch_remote(url, limits)
     if scheme == "file":
         raise APIError(400, f"{where}: file:// image URLs are refused", param="messages", code="image_url_refused")

@@ -59,9 +59,15 @@ def serve(
 
     from vlmforge.model.vlm import VLM
 
-    limits = ServeLimits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
-                         max_body_bytes=max_body_bytes, max_depth=max_depth, default_max_tokens=default_max_tokens,
-                         allow_remote_images=allow_remote_images)  # fmt: skip
+    limits = ServeLimits(
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+        max_images=max_images,
+        max_body_bytes=max_body_bytes,
+        max_depth=max_depth,
+        default_max_tokens=default_max_tokens,
+        allow_remote_images=allow_remote_images,
+    )
     api_key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
     engine = Engine(VLM.from_pretrained(model), max_batch=max_batch, max_queue=max_queue)
     server = Server(engine, name or Path(model).resolve().name, limits, api_key, drain_seconds)

@@ -36,8 +36,14 @@ class ServeLimits:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -72,8 +78,9 @@ def load_body(raw: bytes, max_depth: int):
             if depth > max_depth:
                 raise APIError(400, f"the JSON body is nested deeper than {max_depth} levels (at {where})")
             items = value.items() if isinstance(value, dict) else enumerate(value)
-            stack.extend((v, f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", depth + 1)
-                         for k, v in items)  # fmt: skip
+            stack.extend(
+                (v, f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", depth + 1) for k, v in items
+            )
         elif isinstance(value, float) and not math.isfinite(value):
             name = where.removeprefix("body.")
             raise APIError(400, f"`{name}` is not a finite number", param=name.split(".")[0].split("[")[0])
@@ -117,7 +124,8 @@ def parse_chat(body, limits: ServeLimits) -> ChatRequest:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     text += ("\n" if last == "image" else (" " if last == "text" else "")) + part["text"].replace(
-                        "<image>", "")  # fmt: skip
+                        "<image>", ""
+                    )
                     last = "text"
                 elif kind == "image_url":
                     iu = part.get("image_url")
@@ -139,8 +147,12 @@ def parse_chat(body, limits: ServeLimits) -> ChatRequest:
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": text})
     if len(urls) > limits.max_images:
-        raise APIError(400, f"{len(urls)} images in one request; at most {limits.max_images}", param="messages",
-                       code="too_many_images")  # fmt: skip
+        raise APIError(
+            400,
+            f"{len(urls)} images in one request; at most {limits.max_images}",
+            param="messages",
+            code="too_many_images",
+        )
     if out[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be the assistant's", param="messages")
     if _number(body, "n", int, 1, 1, 1) != 1:

@@ -22,10 +22,15 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": version, "state": list(mt), "gauss_next": gauss},
-    }  # fmt: skip
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -102,8 +107,13 @@ def save_checkpoint(path: str | Path, model, optimizer, scheduler, progress: dic
     if not write:
         return
     tensors: dict = {}
-    blob = {"weights": weights, "optim": optim, "scheduler": scheduler.state_dict(), "progress": progress,
-            "rng": rng_state()}  # fmt: skip
+    blob = {
+        "weights": weights,
+        "optim": optim,
+        "scheduler": scheduler.state_dict(),
+        "progress": progress,
+        "rng": rng_state(),
+    }
     state = {"format": FORMAT, "state": _split(blob, tensors)}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / TENSORS))
@@ -145,8 +155,10 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a vlmforge checkpoint (needs {STATE} and {TENSORS})")
     state = read_json(path / STATE, "checkpoint state")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'}, "
-                         f"this vlmforge reads format {FORMAT}; run the stage again without --resume")  # fmt: skip
+        raise ValueError(
+            f"{path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'}, "
+            f"this vlmforge reads format {FORMAT}; run the stage again without --resume"
+        )
     try:
         tensors = load_file(str(path / TENSORS))
         return _join(state["state"], tensors)

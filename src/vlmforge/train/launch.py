@@ -40,10 +40,28 @@ def train(
         from vlmforge.io import write_json
 
         launch = Path(train.out) / "launch.json"
-        write_json(launch, {"train": dataclasses.asdict(train), "model": dataclasses.asdict(model), "init": init,
-                            "resume": resume, "preset": preset})  # fmt: skip
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "vlmforge", "train", "--config", str(launch)]  # fmt: skip
+        write_json(
+            launch,
+            {
+                "train": dataclasses.asdict(train),
+                "model": dataclasses.asdict(model),
+                "init": init,
+                "resume": resume,
+                "preset": preset,
+            },
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "vlmforge",
+            "train",
+            "--config",
+            str(launch),
+        ]
         sys.exit(subprocess.call(cmd))
     from vlmforge.presets import with_preset
     from vlmforge.train.loop import train as run

@@ -119,8 +119,12 @@ def stream_batches(stream, make_ds, cfg: TrainConfig, pad_id: int, start: dict |
     for at, records in stream.windows(size, start["at"] if start else None):
         groups = image_groups(records) if cfg.group_by_image else None
         batches = epoch_batches(len(records), cfg.batch_size, cfg.seed * 1_000_003 + at["epoch"], at["window"], groups)
-        loader = DataLoader(make_ds(records), batch_sampler=batches[skip:], num_workers=cfg.num_workers,
-                            collate_fn=partial(collate, pad_id=pad_id, share_images=share, pack=pack))  # fmt: skip
+        loader = DataLoader(
+            make_ds(records),
+            batch_sampler=batches[skip:],
+            num_workers=cfg.num_workers,
+            collate_fn=partial(collate, pad_id=pad_id, share_images=share, pack=pack),
+        )
         for taken, batch in enumerate(loader, skip + 1):
             yield {"at": at, "taken": taken}, batch
         skip = 0
@@ -159,8 +163,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return batch
     move = lambda v: v.to(device, non_blocking=True)  # noqa: E731
-    return {k: move(v) if torch.is_tensor(v) else [move(x) for x in v] if k == "image_features" and v else v
-            for k, v in batch.items()}  # fmt: skip
+    return {
+        k: move(v) if torch.is_tensor(v) else [move(x) for x in v] if k == "image_features" and v else v
+        for k, v in batch.items()
+    }
 
 
 def compile_layers(model, backend: str = "inductor") -> None:
@@ -176,8 +182,14 @@ def compile_layers(model, backend: str = "inductor") -> None:
 def empty_batch(pad_id: int) -> dict:
     """Two padding tokens and no label: a forward and backward that add nothing to the gradients."""
     ids = torch.full((1, 2), pad_id)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100), "n": 0,
-            "skipped": [], "tokens": 2}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.full_like(ids, -100),
+        "n": 0,
+        "skipped": [],
+        "tokens": 2,
+    }
 
 
 def _kept(par, ckpt_path: Path) -> str:
@@ -202,8 +214,10 @@ def open_features(cfg: TrainConfig, model: VLM, records: list | None):
     if others:
         there = " and ".join(what_is_stored(c) for c in others)
         build = f"vlmforge cache build --model ... --data ...{f' --vision_top {top}' if top else ''}"
-        raise CacheError(f"feature store {cfg.cache} holds {there} of this encoder, not {what_is_stored(top)} "
-                         f"that this run reads: build them with `{build}`")  # fmt: skip
+        raise CacheError(
+            f"feature store {cfg.cache} holds {there} of this encoder, not {what_is_stored(top)} "
+            f"that this run reads: build them with `{build}`"
+        )
     model.vision.from_states = top  # the store's states go through the top blocks in the model
     if records is None:
         if cfg.cache_missing == "fail" and not top:
@@ -282,14 +296,20 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         raise ValueError("pass --init MODEL_DIR (a vlmforge model) or --model.vision and --model.lm")
     if d.main:
         save_json(
-            {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config), "init": init,
-             "world_size": d.world},
+            {
+                "train": dataclasses.asdict(cfg),
+                "model": dataclasses.asdict(model.config),
+                "init": init,
+                "world_size": d.world,
+            },
             out / "run_config.json",
-        )  # fmt: skip
+        )
     check_vision_mode(cfg, model.vision)  # before the store is opened: a trained tower reads pixels
     if cfg.packing and model.cross_attention:
-        raise ValueError("--train.packing does not work with the cross-attention architecture: its layers would let "
-                         "a text token see every image of its sequence (group_by_image does)")  # fmt: skip
+        raise ValueError(
+            "--train.packing does not work with the cross-attention architecture: its layers would let "
+            "a text token see every image of its sequence (group_by_image does)"
+        )
     features = open_features(cfg, model, records) if cfg.cache else None
     need_features = bool(cfg.cache and cfg.streaming and cfg.cache_missing == "fail")
     apply_stage(model, cfg)
@@ -309,9 +329,16 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
         n = "records streamed" if stream else f"{len(records)} records"
         tqdm.write(f"stage {cfg.stage} (lm: {lm_mode(cfg)}), {n}{ranks}\n{trainable_report(model)}")
 
-    make_ds = partial(VQADataset, prompts=model.prompts, processor=model.processor, max_len=cfg.max_len,
-                      bad_images=cfg.bad_images, max_image_pixels=cfg.max_image_pixels, features=features,
-                      require_features=need_features)  # fmt: skip
+    make_ds = partial(
+        VQADataset,
+        prompts=model.prompts,
+        processor=model.processor,
+        max_len=cfg.max_len,
+        bad_images=cfg.bad_images,
+        max_image_pixels=cfg.max_image_pixels,
+        features=features,
+        require_features=need_features,
+    )
     if stream:
         total = cfg.max_steps
     else:
@@ -379,8 +406,14 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
                 b = to_device(b, device)
                 with par.micro_batch(last=i == len(group) - 1):
                     images = merge_image_inputs(model, b)
-                    o = par(b["input_ids"], b["attention_mask"], b["labels"], **images, all_params=par.sharded,
-                            position_ids=b.get("position_ids"))  # fmt: skip
+                    o = par(
+                        b["input_ids"],
+                        b["attention_mask"],
+                        b["labels"],
+                        **images,
+                        all_params=par.sharded,
+                        position_ids=b.get("position_ids"),
+                    )
                     (o.loss_sum * (par.loss_scale / n_tok)).backward()
                 if b["n"]:
                     loss_sum += o.loss_sum.item()
@@ -455,14 +488,22 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig | None, init: str | None, re
             plot_loss(metrics_path, out / "loss.png")
         summary = {k: progress[k] for k in ("step", "samples", "tokens", "skipped", "elapsed")}
         summary["skipped_records"] = skipped_seen[:100]
-        model.history.append({
-            "stage": cfg.stage, "data": [Path(f).name for f in cfg.data], "records": len(records or []) or None,
-            "lm_mode": lm_mode(cfg), "vision_mode": model.vision.mode
-            + (f" {cfg.vision_top}" if cfg.vision_mode == "top" else ""), "epochs": cfg.epochs, "lr": cfg.lr,
-            "lm_lr": cfg.lm_lr, **({"vision_lr": vision_lr(cfg)} if cfg.vision_mode != "frozen" else {}),
-            "global_batch": cfg.batch_size * cfg.grad_accum * d.world, "feature_cache": bool(cfg.cache),
-            **{k: summary[k] for k in ("step", "samples", "tokens", "elapsed")},
-        })  # fmt: skip
+        model.history.append(
+            {
+                "stage": cfg.stage,
+                "data": [Path(f).name for f in cfg.data],
+                "records": len(records or []) or None,
+                "lm_mode": lm_mode(cfg),
+                "vision_mode": model.vision.mode + (f" {cfg.vision_top}" if cfg.vision_mode == "top" else ""),
+                "epochs": cfg.epochs,
+                "lr": cfg.lr,
+                "lm_lr": cfg.lm_lr,
+                **({"vision_lr": vision_lr(cfg)} if cfg.vision_mode != "frozen" else {}),
+                "global_batch": cfg.batch_size * cfg.grad_accum * d.world,
+                "feature_cache": bool(cfg.cache),
+                **{k: summary[k] for k in ("step", "samples", "tokens", "elapsed")},
+            }
+        )
         model.save_pretrained(out / "model", extra={"trained": {"stage": cfg.stage, **summary}}, state_dict=full)
         save_json(summary, out / "summary.json")
         if progress["skipped"]:

@@ -11,8 +11,13 @@ from vlmforge.data.collate import merge_image_inputs
 def step(model, opt: torch.optim.Optimizer, batch: dict) -> torch.Tensor:
     """Forward with the batch's pixels or features, backward, optimizer step; returns the loss
     (a tensor: reading it would wait for the device)."""
-    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], **merge_image_inputs(model, batch),
-                position_ids=batch.get("position_ids"))  # fmt: skip
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        **merge_image_inputs(model, batch),
+        position_ids=batch.get("position_ids"),
+    )
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
