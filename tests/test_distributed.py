@@ -57,7 +57,7 @@ def with_bad_images(data_dir, tmp_path, victims: int = 4):
     """The shapes data with the first `victims` records of rank 1's first micro-batch (of 4)
     pointing at a missing image; all 4: that rank has nothing to train on in step 1, and must still
     take part in every collective."""
-    from vlmforge.train.loop import epoch_batches
+    from vlmforge.train.batches import epoch_batches
 
     rows = json.loads((data_dir / "shapes_sft.json").read_text())
     for row in rows:

@@ -307,7 +307,7 @@ def test_shared_and_packed_sequences_give_the_loss_and_gradients_of_the_records_
     from vlmforge.data.collate import VQADataset, collate, merge_image_inputs
     from vlmforge.data.formats import load_records
     from vlmforge.data.synthetic import synth
-    from vlmforge.train.loop import epoch_batches, image_groups
+    from vlmforge.train.batches import epoch_batches, image_groups
 
     synth(tmp_path, "shapes", 4, seed=1, width=32, height=32, conversations="single")
     records = load_records(tmp_path / "shapes_sft.json")

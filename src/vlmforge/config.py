@@ -225,6 +225,10 @@ class TrainConfig:
     stream_window: int = 1024
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.streaming and self.max_steps is None:
+            raise ValueError("--train.streaming needs --train.max_steps (a stream has no length to count epochs by)")
+
 
 @dataclass
 class TinySpec:

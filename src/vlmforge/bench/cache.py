@@ -63,7 +63,7 @@ def _align_setup(args: dict, release: bool):
     from vlmforge.data.collate import VQADataset
     from vlmforge.data.formats import load_records
     from vlmforge.model.vlm import VLM
-    from vlmforge.train.loop import micro_batches
+    from vlmforge.train.batches import micro_batches
     from vlmforge.train.stages import apply_stage
 
     cfg = TrainConfig(stage="align", batch_size=args["batch_size"], num_workers=args["num_workers"], seed=0)
@@ -136,7 +136,7 @@ def _top_setup(args: dict, from_store: bool):
     from vlmforge.data.collate import VQADataset
     from vlmforge.data.formats import load_records
     from vlmforge.model.vlm import VLM
-    from vlmforge.train.loop import micro_batches
+    from vlmforge.train.batches import micro_batches
     from vlmforge.train.stages import apply_stage
 
     cfg = TrainConfig(

@@ -189,11 +189,12 @@ def _read(args: dict) -> dict:
     from vlmforge.data.formats import load_records
     from vlmforge.data.stream import RecordStream
     from vlmforge.model.vlm import VLM
-    from vlmforge.train.loop import micro_batches, stream_batches
+    from vlmforge.train.batches import micro_batches, stream_batches
 
     os.environ["HF_DATASETS_CACHE"] = args["hf_cache"]  # the in-memory path's arrow copy stays in the bench folder
     model = VLM.from_backbones(ModelConfig(vision=args["vision"], lm=args["lm"], connector="mlp"))
-    cfg = TrainConfig(batch_size=args["batch_size"], max_len=4096, streaming=args["variant"] == "streamed")
+    streamed = args["variant"] == "streamed"
+    cfg = TrainConfig(batch_size=args["batch_size"], max_len=4096, streaming=streamed, max_steps=args["batches"])
     make = lambda recs: VQADataset(recs, model.prompts, model.processor, cfg.max_len)  # noqa: E731
     pad, before = model.tokenizer.pad_token_id, memory_mb("VmRSS")
     t0 = time.perf_counter()

@@ -48,7 +48,8 @@ def step_mfu(
     from vlmforge.data.collate import VQADataset
     from vlmforge.data.formats import load_records
     from vlmforge.model.vlm import VLM
-    from vlmforge.train.loop import compile_layers, micro_batches
+    from vlmforge.train.batches import micro_batches
+    from vlmforge.train.loop import compile_layers
     from vlmforge.train.stages import apply_stage
     from vlmforge.train.step import step as train_step
 
