@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,7 +97,7 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _plan(ns, key_to_path: dict[str, str], shard_size: int) -> list[dict]:
+def _plan_shards(ns, key_to_path: dict[str, str], shard_size: int) -> list[dict]:
     """Unfinished shards of a saved plan (kept exactly, so a resumed build redoes the same shards)
     followed by new shards for the images no shard covers."""
     done = set(ns.manifest()) | set(ns.journal())
@@ -149,9 +150,44 @@ def build(
         FeatureStore(store_dir, create=True)
     _barrier(world)
     store = FeatureStore(store_dir)
-
-    # content keys, each rank hashing its slice of the paths
     paths = sorted({os.path.abspath(p) for p in images})
+    key_to_path, errors, hashes = _hash_images(store, paths, rank, world, show, bad_images)
+    ns = store.namespace(feature_settings(vision, processor, dtype, top))
+    dropped = _prepare(store, ns, key_to_path, hashes, shard_size, source, show) if rank == 0 else []
+    _barrier(world)
+    plan = read_json(ns.plan_path, "build plan", CacheError)["shards"] if ns.plan_path.exists() else []
+    mine = [s for i, s in enumerate(plan) if i % world == rank]
+    cached = len(key_to_path) - sum(len(s["keys"]) for s in plan)
+    job = _Job(ns, vision, top, processor, dtype, batch_size, num_workers, bad_images, max_image_pixels, device)
+    encoded, skipped = _encode_shards(job, mine, key_to_path, world, show, on_shard) if mine else (0, [])
+    totals = _gather((encoded, skipped), world)
+    _barrier(world)
+    if rank == 0:
+        ns.merge_journal()
+        ns.plan_path.unlink(missing_ok=True)
+    _barrier(world)
+    seconds = time.time() - t0
+    n_encoded = sum(n for n, _ in totals)
+    return {
+        "store": str(store.root),
+        "namespace": ns.id,
+        "images": len(paths),
+        "unique": len(key_to_path),
+        "already_cached": cached,
+        "encoded": n_encoded,
+        "skipped": errors + [e for _, s in totals for e in s],
+        "dropped_shards": dropped,
+        "processes": world,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n_encoded / seconds, 2) if seconds > 0 else None,
+        "dtype": dtype,
+        "vision_top": top,
+    }
+
+
+def _hash_images(store, paths: list[str], rank: int, world: int, show: bool, bad_images: str):
+    """Content keys, each rank hashing its slice of the paths: ({key: first path}, unreadable files,
+    the size + mtime index's updates)."""
     hasher = ImageHasher(store.hashes())
     keys, errors = {}, []
     for p in tqdm(paths[rank::world], desc="hash images", unit="img", disable=not show, leave=False):
@@ -167,103 +203,94 @@ def build(
     key_to_path: dict[str, str] = {}
     for p in sorted(keys):
         key_to_path.setdefault(keys[p], p)
+    return key_to_path, errors, {p: e for part in parts for p, e in part[2].items()}
 
-    ns = store.namespace(feature_settings(vision, processor, dtype, top))
-    encode = lambda x: vision.for_store(x, top)  # noqa: E731
-    dropped: list[str] = []
-    if rank == 0:
-        ns.create(source)
-        ns.merge_journal()
-        bad = [
-            n
-            for n, e in tqdm(ns.manifest().items(), desc="check shards", unit="shard", disable=not show, leave=False)
-            if ns.check_shard(n, e)
+
+def _prepare(store, ns, key_to_path: dict, hashes: dict, shard_size: int, source: str, show: bool) -> list[str]:
+    """Rank 0: the namespace made ready (journal merged, damaged shards dropped, orphans removed)
+    and the plan of the shards to encode written; returns the shards dropped."""
+    ns.create(source)
+    ns.merge_journal()
+    manifest = ns.manifest().items()
+    bad = [
+        n
+        for n, e in tqdm(manifest, desc="check shards", unit="shard", disable=not show, leave=False)
+        if ns.check_shard(n, e)
+    ]
+    if bad:
+        ns.drop(bad)
+        tqdm.write(f"{len(bad)} damaged shards dropped, their images are encoded again: {', '.join(bad[:5])}")
+    plan = _plan_shards(ns, key_to_path, shard_size)
+    if plan:
+        write_json(ns.plan_path, {"shards": plan})
+    ns.remove_orphans()
+    store.save_hashes(hashes)
+    return bad
+
+
+@dataclass
+class _Job:
+    """What encoding a shard needs: where it goes, the tower and how its inputs are made."""
+
+    ns: object
+    vision: object
+    top: int
+    processor: ImageProcessor
+    dtype: str
+    batch_size: int
+    num_workers: int
+    bad_images: str
+    max_image_pixels: int
+    device: str
+
+
+def _encode_shards(job: _Job, mine: list[dict], key_to_path: dict, world: int, show: bool, on_shard):
+    """This rank's shards of the plan encoded and written, one at a time: (images encoded, skipped)."""
+    items, batches = [], []
+    for s in mine:
+        start = len(items)
+        items += [(k, key_to_path[k]) for k in s["keys"]]
+        batches += [
+            list(range(i, min(i + job.batch_size, len(items)))) for i in range(start, len(items), job.batch_size)
         ]
-        if bad:
-            ns.drop(bad)
-            dropped = bad
-            tqdm.write(f"{len(bad)} damaged shards dropped, their images are encoded again: {', '.join(bad[:5])}")
-        plan = _plan(ns, key_to_path, shard_size)
-        if plan:
-            write_json(ns.plan_path, {"shards": plan})
-        ns.remove_orphans()
-        store.save_hashes({p: e for part in parts for p, e in part[2].items()})
-    _barrier(world)
-    plan = read_json(ns.plan_path, "build plan", CacheError)["shards"] if ns.plan_path.exists() else []
-    mine = [s for i, s in enumerate(plan) if i % world == rank]
-    cached = len(key_to_path) - sum(len(s["keys"]) for s in plan)
-
+    loader = DataLoader(
+        _Views(items, job.processor, job.max_image_pixels),
+        batch_sampler=batches,
+        num_workers=job.num_workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    stored = STORE_DTYPES[job.dtype]
+    encode = lambda x: job.vision.for_store(x, job.top)  # noqa: E731
+    desc = f"cache build ({world} proc)" if world > 1 else "cache build"
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not show)
+    shard_iter = iter(mine)
+    shard, shard_keys, shard_feats, shard_sizes, left = None, [], [], [], 0
     encoded, skipped = 0, []
-    if mine:
-        items, batches = [], []
-        for s in mine:
-            start = len(items)
-            items += [(k, key_to_path[k]) for k in s["keys"]]
-            batches += [list(range(i, min(i + batch_size, len(items)))) for i in range(start, len(items), batch_size)]
-        loader = DataLoader(
-            _Views(items, processor, max_image_pixels),
-            batch_sampler=batches,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            persistent_workers=False,
-        )
-        stored = STORE_DTYPES[dtype]
-        bar = tqdm(
-            total=len(items),
-            desc=f"cache build ({world} proc)" if world > 1 else "cache build",
-            unit="img",
-            disable=not show,
-        )
-        shard_iter = iter(mine)
-        shard, shard_keys, shard_feats, shard_sizes, left = None, [], [], [], 0
-        try:
-            for keys_ok, views, sizes, errs in loader:
-                if left == 0:
-                    shard = next(shard_iter)
-                    shard_keys, shard_feats, shard_sizes, left = [], [], [], len(shard["keys"])
-                if errs and bad_images == "fail":
-                    raise ImageError(errs[0])
-                skipped += errs
-                if keys_ok:
-                    with torch.no_grad():
-                        feats = _encode(encode, views, device)
-                    shard_keys += keys_ok
-                    shard_feats += [f.to(stored).cpu() for f in feats]
-                    shard_sizes += sizes
-                left -= len(keys_ok) + len(errs)
-                bar.update(len(keys_ok) + len(errs))
-                if left == 0 and shard_keys:
-                    ns.write_shard(shard["name"], shard_keys, shard_feats, shard_sizes)
-                    encoded += len(shard_keys)
-                    if on_shard is not None:
-                        on_shard(shard["name"])
-        finally:
-            bar.close()
-
-    totals = _gather((encoded, skipped), world)
-    _barrier(world)
-    if rank == 0:
-        ns.merge_journal()
-        ns.plan_path.unlink(missing_ok=True)
-    _barrier(world)
-    seconds = time.time() - t0
-    skipped_all = errors + [e for _, s in totals for e in s]
-    n_encoded = sum(n for n, _ in totals)
-    return {
-        "store": str(store.root),
-        "namespace": ns.id,
-        "images": len(paths),
-        "unique": len(key_to_path),
-        "already_cached": cached,
-        "encoded": n_encoded,
-        "skipped": skipped_all,
-        "dropped_shards": dropped,
-        "processes": world,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(n_encoded / seconds, 2) if seconds > 0 else None,
-        "dtype": dtype,
-        "vision_top": top,
-    }
+    try:
+        for keys_ok, views, sizes, errs in loader:
+            if left == 0:
+                shard = next(shard_iter)
+                shard_keys, shard_feats, shard_sizes, left = [], [], [], len(shard["keys"])
+            if errs and job.bad_images == "fail":
+                raise ImageError(errs[0])
+            skipped += errs
+            if keys_ok:
+                with torch.no_grad():
+                    feats = _encode(encode, views, job.device)
+                shard_keys += keys_ok
+                shard_feats += [f.to(stored).cpu() for f in feats]
+                shard_sizes += sizes
+            left -= len(keys_ok) + len(errs)
+            bar.update(len(keys_ok) + len(errs))
+            if left == 0 and shard_keys:
+                job.ns.write_shard(shard["name"], shard_keys, shard_feats, shard_sizes)
+                encoded += len(shard_keys)
+                if on_shard is not None:
+                    on_shard(shard["name"])
+    finally:
+        bar.close()
+    return encoded, skipped
 
 
 def images_of(data: list[str | Path], streaming: bool = False):
