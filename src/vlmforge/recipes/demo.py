@@ -46,43 +46,83 @@ def _setup_seconds() -> float | None:
         return None
 
 
+class _Phases:
+    """The demo's phases, each run once: its seconds and result recorded in `state.json`, so an
+    interrupted demo continues where it stopped."""
+
+    def __init__(self, out: Path):
+        self.file = out / "state.json"
+        self.state = json.loads(self.file.read_text()) if self.file.exists() else {"phases": {}}
+        self.resumed: list[str] = []
+
+    def __call__(self, name: str, fn):
+        from tqdm import tqdm
+
+        done = self.state["phases"]
+        if name in done:
+            self.resumed.append(name)
+            tqdm.write(f"[{name}] done earlier ({done[name]['seconds']:.0f}s), skipped")
+            return done[name].get("result")
+        tqdm.write(f"[{name}]")
+        t = time.time()
+        result = fn()
+        done[name] = {"seconds": round(time.time() - t, 1), "result": result}
+        save_json(self.state, self.file)
+        return result
+
+    def replace(self, name: str, result) -> None:
+        self.state["phases"][name]["result"] = result
+        save_json(self.state, self.file)
+
+    @property
+    def seconds(self) -> dict:
+        return {k: v["seconds"] for k, v in self.state["phases"].items()}
+
+
+@dataclasses.dataclass
+class _Data:
+    """The demo's files by `{split}_{task}_{kind}` and what each phase reads."""
+
+    files: dict
+    sizes: list[tuple[int, int]]  # the held-out other sizes
+    extra: list[str]  # the extra training canvases' splits
+
+    def shapes(self, kind: str) -> list[str]:
+        return [self.files[f"train_shapes_{kind}"]] + [self.files[f"{split}_shapes_{kind}"] for split in self.extra]
+
+    def qa(self, split: str, task: str = "shapes") -> str:
+        return self.files[f"{split}_{task}_qa"]
+
+
 def run(cfg: DemoConfig) -> dict:
-    from tqdm import tqdm
-
-    from vlmforge.data.synthetic import synth_splits
-    from vlmforge.eval.benchmarks import QAFile
-    from vlmforge.eval.harness import LocalGenerator, evaluate_benchmarks
-    from vlmforge.infer.engine import Engine, answer
-    from vlmforge.model import folder
-    from vlmforge.model.vlm import VLM
-    from vlmforge.recipes.pipeline import align_then_sft
-    from vlmforge.recipes.tiny import pretrain
-
     t0 = time.time()
     out = Path(cfg.out)
     if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    state_file = out / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {"phases": {}}
+    phase = _Phases(out)
     save_json({"demo": dataclasses.asdict(cfg)}, out / "demo_config.json")
+    data = _make_data(cfg, out, phase)
+    model_cfg = _backbones(cfg, out, data, phase)
+    store = _cache(cfg, out, model_cfg, data, phase)
+    _train(cfg, out, model_cfg, data, store, phase)
+    model, engine = _final_model(out, phase)
+    scores = phase("eval", lambda: _evaluate(model, engine, data, out))
+    samples = _samples(model, engine, data)
+    summary = _summary(time.time() - t0, phase, scores, samples)
+    save_json(summary, out / "summary.json")
+    page = _page(out, summary, model.history)
+    print(_format_summary(cfg, out, data, summary, page))
+    return summary
 
-    resumed: list[str] = []
 
-    def phase(name: str, fn):
-        if name in state["phases"]:
-            resumed.append(name)
-            tqdm.write(f"[{name}] done earlier ({state['phases'][name]['seconds']:.0f}s), skipped")
-            return state["phases"][name].get("result")
-        tqdm.write(f"[{name}]")
-        t = time.time()
-        result = fn()
-        state["phases"][name] = {"seconds": round(time.time() - t, 1), "result": result}
-        save_json(state, state_file)
-        return result
+def _make_data(cfg: DemoConfig, out: Path, phase: _Phases) -> _Data:
+    """The synthetic splits: training (shapes, text, extra canvases), held out (test, other sizes)."""
+    from tqdm import tqdm
+
+    from vlmforge.data.synthetic import synth_splits
 
     d = out / "data"
-
     sizes = [_size(s) for s in cfg.other_sizes]
     canvases = [_size(s) for s in cfg.train_sizes]
     n_each = cfg.n_shapes_other // max(len(canvases), 1)
@@ -96,61 +136,89 @@ def run(cfg: DemoConfig) -> dict:
         + [(f"other_{w}x{h}", cfg.n_other, 0, cfg.seed + 3 + i, w, h) for i, (w, h) in enumerate(sizes)]
         + [(f"train_{w}x{h}", n_each, 0, cfg.seed + 100 + i, w, h) for i, (w, h) in enumerate(canvases)]
     )
-    data = phase("data", lambda: synth_splits(d, splits))
-    if any(f"{split}_shapes_qa" not in data for split, n, *_ in splits if n):  # a folder of other settings
+    files = phase("data", lambda: synth_splits(d, splits))
+    if any(f"{split}_shapes_qa" not in files for split, n, *_ in splits if n):  # a folder of other settings
         tqdm.write("[data] the settings changed since it was made: made again")
-        data = synth_splits(d, splits)
-        state["phases"]["data"]["result"] = data
-        save_json(state, state_file)
-    extra = [f"train_{w}x{h}" for w, h in canvases if n_each]
-    train_files = [data[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
-    train_files += [data[f"{split}_shapes_{k}"] for split in extra for k in ("captions", "sft")]
-    # the text images are read (a CTC objective), not captioned, when the encoder learns to read
-    caption_files = [data["train_shapes_captions"]] + ([] if cfg.read else [data["train_text_captions"]])
-    caption_files += [data[f"{split}_shapes_captions"] for split in extra]
-    if "pretrain_shapes_captions" in data:
-        caption_files.append(data["pretrain_shapes_captions"])
+        files = synth_splits(d, splits)
+        phase.replace("data", files)
+    return _Data(files, sizes, [f"train_{w}x{h}" for w, h in canvases if n_each])
 
-    def backbones():
+
+def _backbones(cfg: DemoConfig, out: Path, data: _Data, phase: _Phases):
+    """The tokenizer, the encoder (taught to read) and the LM, pretrained; the model config on them."""
+    from vlmforge.recipes.tiny import pretrain
+
+    f = data.files
+    train_files = [f[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
+    train_files += [f[f"{split}_shapes_{k}"] for split in data.extra for k in ("captions", "sft")]
+    # the text images are read (a CTC objective), not captioned, when the encoder learns to read
+    captions = [f["train_shapes_captions"]] + ([] if cfg.read else [f["train_text_captions"]])
+    captions += data.shapes("captions")[1:]
+    if "pretrain_shapes_captions" in f:
+        captions.append(f["pretrain_shapes_captions"])
+
+    def make():
         spec = dataclasses.replace(cfg.spec, lm_steps=0) if cfg.lm else cfg.spec  # its LM stands aside
-        reading = [data["train_text_sft"]] if cfg.read and cfg.n_text else None
-        paths = pretrain(train_files, out / "backbones", spec, cfg.seed, captions=caption_files, reading=reading)
+        reading = [f["train_text_sft"]] if cfg.read and cfg.n_text else None
+        paths = pretrain(train_files, out / "backbones", spec, cfg.seed, captions=captions, reading=reading)
         return {k: str(v) for k, v in paths.items()}
 
-    phase("backbones", backbones)
-
+    phase("backbones", make)
     bb = out / "backbones"
     lm, tok = (cfg.lm, None) if cfg.lm else (str(bb / "lm"), str(bb / "lm"))
-    model_cfg = dataclasses.replace(cfg.model, vision=str(bb / "vision"), lm=lm, tokenizer=tok)
-    align_data = [data["train_shapes_captions"], data["train_text_captions"]]
-    align_data += [data[f"{split}_shapes_captions"] for split in extra]
-    sft_data = [data["train_shapes_sft"], data["train_text_sft"]] + [data[f"{split}_shapes_sft"] for split in extra]
-    store = None
-    if cfg.cache:
-        from vlmforge.cache.build import build_for
+    return dataclasses.replace(cfg.model, vision=str(bb / "vision"), lm=lm, tokenizer=tok)
 
-        store = str(out / "cache")
 
-        def make_cache():
-            stats = build_for(store, model_cfg, align_data + sft_data, cfg.cache_dtype)
-            return {k: stats[k] for k in ("namespace", "unique", "encoded", "images_per_s")}
+def _stage_data(data: _Data) -> tuple[list[str], list[str]]:
+    """(align data, sft data): captions, then questions, of shapes and text."""
+    f = data.files
+    align = [f["train_shapes_captions"], f["train_text_captions"]] + data.shapes("captions")[1:]
+    sft = [f["train_shapes_sft"], f["train_text_sft"]] + data.shapes("sft")[1:]
+    return align, sft
 
-        phase("cache", make_cache)
-    warm_data = [data["train_shapes_sft"]] + [data[f"{split}_shapes_sft"] for split in extra]
+
+def _cache(cfg: DemoConfig, out: Path, model_cfg, data: _Data, phase: _Phases) -> str | None:
+    """Every training image encoded once into the feature store both stages read."""
+    if not cfg.cache:
+        return None
+    from vlmforge.cache.build import build_for
+
+    store = str(out / "cache")
+    align, sft = _stage_data(data)
+
+    def make():
+        stats = build_for(store, model_cfg, align + sft, cfg.cache_dtype)
+        return {k: stats[k] for k in ("namespace", "unique", "encoded", "images_per_s")}
+
+    phase("cache", make)
+    return store
+
+
+def _train(cfg: DemoConfig, out: Path, model_cfg, data: _Data, store: str | None, phase: _Phases) -> None:
+    """align, then sft on the shapes alone (`warm`), then on shapes and text."""
+    from vlmforge.recipes.pipeline import align_then_sft
+
+    align, sft = _stage_data(data)
     align_then_sft(
         model_cfg,
         cfg.align,
         cfg.sft,
         out,
-        align_data,
-        sft_data,
+        align,
+        sft,
         phase,
-        warm_data=warm_data,
+        warm_data=data.shapes("sft"),
         warm_steps=cfg.sft_warm,
         seed=cfg.seed,
         cache=store,
         cache_dtype=cfg.cache_dtype if store else None,
     )
+
+
+def _final_model(out: Path, phase: _Phases):
+    """The trained model copied to `out/model`, loaded, with one engine for every question asked."""
+    from vlmforge.infer.engine import Engine
+    from vlmforge.model.vlm import VLM
 
     def finalize():
         final = out / "model"
@@ -161,44 +229,49 @@ def run(cfg: DemoConfig) -> dict:
 
     phase("model", finalize)
     model = VLM.from_pretrained(out / "model")
-    engine = Engine(model)  # one engine for every eval file and the sample answers
+    return model, Engine(model)
 
-    def run_eval():
-        tasks = [QAFile(data[f"test_{task}_qa"], task) for task in ("shapes", "text")]
-        tasks += [QAFile(data[f"other_{w}x{h}_shapes_qa"], f"shapes_{w}x{h}") for w, h in sizes]
-        gen = LocalGenerator(model, str(out / "model"), max_new_tokens=16, engine=engine)
-        report = evaluate_benchmarks(tasks, gen, None, out / "eval", batch_size=64)
-        res = {
-            name: {"accuracy": b["score"], "n": b["n"], "per_type": {k: v["score"] for k, v in b["breakdown"].items()}}
-            for name, b in report["benchmarks"].items()
-        }
-        folder.record_evals(
-            out / "model",
-            [
-                {"task": name, "metric": b["metric"], "score": round(b["score"], 4), "n": b["n"]}
-                for name, b in report["benchmarks"].items()
-            ],
-        )
-        other = [res[f"shapes_{w}x{h}"] for w, h in sizes]
-        if other:  # every other size together, each question once
-            n = sum(r["n"] for r in other)
-            res["shapes_other_sizes"] = {"accuracy": sum(r["accuracy"] * r["n"] for r in other) / n, "n": n}
-        return res
 
-    scores = phase("eval", run_eval)
+def _evaluate(model, engine, data: _Data, out: Path) -> dict:
+    """Held-out accuracy per task and question type (recorded in the model's folder)."""
+    from vlmforge.eval.benchmarks import QAFile
+    from vlmforge.eval.harness import LocalGenerator, evaluate_benchmarks
+    from vlmforge.model import folder
 
+    tasks = [QAFile(data.qa("test", task), task) for task in ("shapes", "text")]
+    tasks += [QAFile(data.qa(f"other_{w}x{h}"), f"shapes_{w}x{h}") for w, h in data.sizes]
+    gen = LocalGenerator(model, str(out / "model"), max_new_tokens=16, engine=engine)
+    report = evaluate_benchmarks(tasks, gen, None, out / "eval", batch_size=64)
+    benchmarks = report["benchmarks"]
+    res = {
+        name: {"accuracy": b["score"], "n": b["n"], "per_type": {k: v["score"] for k, v in b["breakdown"].items()}}
+        for name, b in benchmarks.items()
+    }
+    records = [
+        {"task": k, "metric": b["metric"], "score": round(b["score"], 4), "n": b["n"]} for k, b in benchmarks.items()
+    ]
+    folder.record_evals(out / "model", records)
+    other = [res[f"shapes_{w}x{h}"] for w, h in data.sizes]
+    if other:  # every other size together, each question once
+        n = sum(r["n"] for r in other)
+        res["shapes_other_sizes"] = {"accuracy": sum(r["accuracy"] * r["n"] for r in other) / n, "n": n}
+    return res
+
+
+def _samples(model, engine, data: _Data) -> list[dict]:
+    """Three shapes questions of different types, then one text question, answered."""
     from vlmforge.data.formats import load_records
     from vlmforge.data.images import load_image
+    from vlmforge.infer.engine import answer
 
-    # three shapes questions of different types, then one text question
-    recs, picks = load_records(data["test_shapes_qa"]), []
-    for r in recs:
+    picks = []
+    for r in load_records(data.qa("test")):
         if len(picks) < 3 and r.id.rsplit("_", 1)[-1] not in {p.id.rsplit("_", 1)[-1] for p in picks}:
             picks.append(r)
-    picks.append(load_records(data["test_text_qa"])[0])
+    picks.append(load_records(data.qa("test", "text"))[0])
     questions = [r.messages[0]["content"].replace("<image>", "").strip() for r in picks]
     answers = answer(model, questions, [[load_image(r.images[0])] for r in picks], engine=engine)
-    samples = [
+    return [
         {
             "task": "text" if r is picks[-1] else "shapes",
             "image": str(r.images[0]),
@@ -210,27 +283,27 @@ def run(cfg: DemoConfig) -> dict:
         for r, q, a in zip(picks, questions, answers)
     ]
 
-    wall = time.time() - t0
-    phases_total = sum(p["seconds"] for p in state["phases"].values())
+
+def _summary(wall: float, phase: _Phases, scores: dict, samples: list[dict]) -> dict:
+    """The timings, this machine's matmul rate, the scores and samples, and which targets are met."""
     from vlmforge import runtime
 
     matmul = runtime.matmul_peak(2, sizes=(2048,), repeats=3)[0] / 1e9  # the machine's speed, beside its time
     shapes = scores["shapes"]
+    other = scores.get("shapes_other_sizes")
     met = {
-        "wall_time": (wall <= TARGETS["wall_time_s"]) if not resumed else None,  # unknown for a continued run
+        "wall_time": (wall <= TARGETS["wall_time_s"]) if not phase.resumed else None,  # unknown when continued
         "text": scores["text"]["accuracy"] >= TARGETS["text"],
         "shapes_overall": shapes["accuracy"] >= TARGETS["shapes_overall"],
         "shapes_per_type": all(v >= TARGETS["shapes_per_type"] for v in shapes["per_type"].values()),
-        "shapes_other_sizes": scores["shapes_other_sizes"]["accuracy"] >= TARGETS["shapes_other_sizes"]
-        if "shapes_other_sizes" in scores
-        else None,
+        "shapes_other_sizes": other["accuracy"] >= TARGETS["shapes_other_sizes"] if other else None,
         "sample_answers": all(s["right"] for s in samples),
     }
-    summary = {
+    return {
         "wall_time_s": round(wall, 1),
-        "phase_seconds": {k: v["seconds"] for k, v in state["phases"].items()},
-        "phases_total_s": round(phases_total, 1),
-        "phases_done_earlier": resumed,
+        "phase_seconds": phase.seconds,
+        "phases_total_s": round(sum(phase.seconds.values()), 1),
+        "phases_done_earlier": phase.resumed,
         "setup_s": _setup_seconds(),
         "matmul_gflops": round(matmul, 1),
         "scores": scores,
@@ -238,8 +311,11 @@ def run(cfg: DemoConfig) -> dict:
         "targets": TARGETS,
         "targets_met": met,
     }
-    save_json(summary, out / "summary.json")
-    page = _page(out, summary, model.history)
+
+
+def _format_summary(cfg: DemoConfig, out: Path, data: _Data, summary: dict, page: Path) -> str:
+    scores, shapes, wall = summary["scores"], summary["scores"]["shapes"], summary["wall_time_s"]
+    resumed = summary["phases_done_earlier"]
     lines = ["", "=" * 64, "vlmforge demo summary", "-" * 64]
     lines += [f"  {k:<10} {v:7.1f}s" for k, v in summary["phase_seconds"].items()]
     lines.append(
@@ -247,8 +323,8 @@ def run(cfg: DemoConfig) -> dict:
         + (f"  [continued run: {', '.join(resumed)} done earlier, not in this time]" if resumed else "")
     )
     lines.append(
-        f"  machine: 2048x2048 fp32 matmul at {matmul:.0f} GFLOP/s on 2 threads (the time target is "
-        f"set for a machine of ~{SLOW_MACHINE_GFLOPS} GFLOP/s; faster ones should take far less)"
+        f"  machine: 2048x2048 fp32 matmul at {summary['matmul_gflops']:.0f} GFLOP/s on 2 threads (the time target "
+        f"is set for a machine of ~{SLOW_MACHINE_GFLOPS} GFLOP/s; faster ones should take far less)"
     )
     setup = summary["setup_s"]
     lines.append(f"  setup (make setup, separate): {f'{setup:.0f}s' if setup is not None else 'not measured'}")
@@ -260,7 +336,7 @@ def run(cfg: DemoConfig) -> dict:
     if "shapes_other_sizes" in scores:
         each = ", ".join(
             f"{w}x{h} {100 * scores[f'shapes_{w}x{h}']['accuracy']:.1f}%"
-            for w, h in sizes
+            for w, h in data.sizes
             if f"shapes_{w}x{h}" in scores
         )
         lines.append(
@@ -272,16 +348,15 @@ def run(cfg: DemoConfig) -> dict:
         "random 3-6 letters, exact match)"
     )
     lines.append("  sample answers:")
-    for s in samples:
+    for s in summary["samples"]:
         mark = "right" if s["right"] else "WRONG"
         lines.append(f"    {s['image']}: {s['question']} -> {s['answer']!r} (reference {s['reference']!r}: {mark})")
-    lines.append(f"  targets met: {met}")
+    lines.append(f"  targets met: {summary['targets_met']}")
     lines.append(f"  report: {page}   (every held-out answer with its image, the loss curves, the timings)")
     chat = f'vlmforge chat --model {out / "model"} --image IMG "What shape is it?"'
     lines.append(f"  model: {out / 'model'}   (try: {chat})")
     lines.append("=" * 64)
-    print("\n".join(lines))
-    return summary
+    return "\n".join(lines)
 
 
 def _page(out: Path, summary: dict, history: list[dict]) -> Path:
