@@ -288,55 +288,34 @@ def plan(
         image: a typical image's width and height for adaptive slicing.
         out: also write the figures to this JSON file.
     """
-    p = get_preset(preset)
-    slicing = None
-    if max_slices:
-        from vlmforge.data.images import adaptive_grid
-
-        res = getattr(p.vshape, "image_size", None)
-        if res is None:
-            raise ValueError(f"preset {p.name}: its encoder's resolution is not known here; give --views instead")
-        rows, cols = adaptive_grid(image[0], image[1], res, max_slices)
-        views = rows * cols + 1 if rows else 1
-        whole = f"a {image[0]} x {image[1]} image"
-        slicing = (
-            f"adaptive: {rows} x {cols} slices + the whole image for {whole}"
-            if rows
-            else f"adaptive: {whole} fits one {res} px view, no slices"
-        )
     if gpu not in GPU_PEAK:
         raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPU_PEAK)}")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     if sft_lm not in ("lora", "full"):
         raise ValueError(f"sft_lm is lora or full, got {sft_lm!r}")
-    v, lm = p.vshape, p.lm_shape
+    p = get_preset(preset)
+    views, slicing = _adaptive_views(p, image, max_slices) if max_slices else (views, None)
     conn_params, tokens_per_view = connector_params_and_tokens(p)
     visual = tokens_per_view * views
-    n, d, layers = lm.non_embedding, lm.hidden, lm.layers
-    enc_per_image = v.flops * views
-    stages = {}
-    for i, (name, lm_mode) in enumerate((("align", "frozen"), ("sft", sft_lm))):
-        length = visual + text_tokens[i]
-        passes = {"frozen": 2, "lora": 2, "full": 3}[lm_mode]  # forward, input grads, weight grads
-        lm_flops = passes * (2 * n * length + 2 * layers * length * length * d)
-        head = 3 * 2 * lm.vocab * d * answer_tokens[i]  # on answer tokens, forward and backward
-        conn = 6 * conn_params * visual
-        samples = data_sizes[i] * epochs[i]
-        trainable = conn_params + {"frozen": 0, "lora": lm.lora_params(lora_r), "full": lm.params}[lm_mode]
-        stages[name] = {
-            "samples": samples,
-            "lm": lm_mode,
-            "tokens_per_sample": length,
-            "trainable_params": trainable,
-            "flops_per_sample": lm_flops + head + conn,
-            "encoder_flops_per_sample": enc_per_image,
-            "flops": samples * (lm_flops + head + conn),
-            "encoder_flops_every_epoch": samples * enc_per_image,
-            "encoder_flops_cached": data_sizes[i] * enc_per_image,  # once per image, reused by epochs and runs
-            "memory_gb": _memory(lm, v, conn_params, trainable, lm_mode, length, micro_batch, gpus),
-        }
-    peak = GPU_PEAK[gpu]
+    stages = {
+        name: _stage(
+            p,
+            conn_params,
+            visual,
+            views,
+            lm_mode,
+            text_tokens[i],
+            answer_tokens[i],
+            data_sizes[i],
+            epochs[i],
+            lora_r,
+            micro_batch,
+            gpus,
+        )
+        for i, (name, lm_mode) in enumerate((("align", "frozen"), ("sft", sft_lm)))
+    }
+    v, lm = p.vshape, p.lm_shape
     r = {
         "preset": p.name,
         "description": p.description,
@@ -346,9 +325,9 @@ def plan(
         "visual_tokens_per_image": visual,
         "views_per_image": views,
         "slicing": slicing,
-        "params": {"vision": v.params, "connector": conn_params, "lm": lm.params, "lm_non_embedding": n},
+        "params": {"vision": v.params, "connector": conn_params, "lm": lm.params, "lm_non_embedding": lm.non_embedding},
         "gpu": gpu,
-        "peak_flops": peak,
+        "peak_flops": GPU_PEAK[gpu],
         "mfu": mfu,
         "price_per_gpu_hour": price,
         "gpus": gpus,
@@ -356,22 +335,82 @@ def plan(
         "stages": stages,
     }
     for cached in (False, True):
-        total = 0.0
-        for s in stages.values():
-            enc = s["encoder_flops_cached"] / runs if cached else s["encoder_flops_every_epoch"]
-            total += s["flops"] + enc
-        hours = total / (peak * mfu) / 3600
-        r["with_feature_cache" if cached else "without_feature_cache"] = {
-            "flops_per_run": total,
-            "gpu_hours_per_run": hours,
-            "dollars_per_run": hours * price,
-            "wall_hours_per_run_on_gpus": hours / gpus,
-        }
+        r["with_feature_cache" if cached else "without_feature_cache"] = _run_cost(
+            stages, cached, runs, GPU_PEAK[gpu] * mfu, price, gpus
+        )
     r["under_500_dollars"] = r["without_feature_cache"]["dollars_per_run"] < 500
     print(format_plan(r))
     if out:
         save_json(r, out)
     return r
+
+
+def _adaptive_views(p: Preset, image: tuple[int, int], max_slices: int) -> tuple[int, str]:
+    """Views of a typical image under adaptive slicing at the preset's resolution, and the words."""
+    from vlmforge.data.images import adaptive_grid
+
+    res = getattr(p.vshape, "image_size", None)
+    if res is None:
+        raise ValueError(f"preset {p.name}: its encoder's resolution is not known here; give --views instead")
+    rows, cols = adaptive_grid(image[0], image[1], res, max_slices)
+    whole = f"a {image[0]} x {image[1]} image"
+    if rows:
+        return rows * cols + 1, f"adaptive: {rows} x {cols} slices + the whole image for {whole}"
+    return 1, f"adaptive: {whole} fits one {res} px view, no slices"
+
+
+def _stage(
+    p: Preset,
+    conn_params: int,
+    visual: int,
+    views: int,
+    lm_mode: str,
+    text_tokens: int,
+    answer_tokens: int,
+    data_size: int,
+    epochs: float,
+    lora_r: int,
+    micro_batch: int,
+    gpus: int,
+) -> dict:
+    """One stage's samples, trainable parameters, FLOPs (LM, head, connector; the encoder apart)
+    and memory per GPU."""
+    v, lm = p.vshape, p.lm_shape
+    n, d, layers = lm.non_embedding, lm.hidden, lm.layers
+    length = visual + text_tokens
+    passes = {"frozen": 2, "lora": 2, "full": 3}[lm_mode]  # forward, input grads, weight grads
+    lm_flops = passes * (2 * n * length + 2 * layers * length * length * d)
+    head = 3 * 2 * lm.vocab * d * answer_tokens  # on answer tokens, forward and backward
+    conn = 6 * conn_params * visual
+    samples = data_size * epochs
+    trainable = conn_params + {"frozen": 0, "lora": lm.lora_params(lora_r), "full": lm.params}[lm_mode]
+    enc_per_image = v.flops * views
+    return {
+        "samples": samples,
+        "lm": lm_mode,
+        "tokens_per_sample": length,
+        "trainable_params": trainable,
+        "flops_per_sample": lm_flops + head + conn,
+        "encoder_flops_per_sample": enc_per_image,
+        "flops": samples * (lm_flops + head + conn),
+        "encoder_flops_every_epoch": samples * enc_per_image,
+        "encoder_flops_cached": data_size * enc_per_image,  # once per image, reused by epochs and runs
+        "memory_gb": _memory(lm, v, conn_params, trainable, lm_mode, length, micro_batch, gpus),
+    }
+
+
+def _run_cost(stages: dict, cached: bool, runs: int, flops_per_s: float, price: float, gpus: int) -> dict:
+    """FLOPs, GPU-hours and dollars of one run, the encoder's share once per image when cached."""
+    total = 0.0
+    for s in stages.values():
+        total += s["flops"] + (s["encoder_flops_cached"] / runs if cached else s["encoder_flops_every_epoch"])
+    hours = total / flops_per_s / 3600
+    return {
+        "flops_per_run": total,
+        "gpu_hours_per_run": hours,
+        "dollars_per_run": hours * price,
+        "wall_hours_per_run_on_gpus": hours / gpus,
+    }
 
 
 def _memory(
