@@ -320,84 +320,94 @@ def run(
             synthetic data and tiny backbones of its own, made first in WORK/accuracy).
     """
     from vlmforge.bench import publish
-    from vlmforge.cache.store import FeatureStore
 
     presets = presets or list(SPECS)
-    work_dir = Path(work)
-    result: dict = {"machine": machine(), "threads": threads, "steps": steps, "presets": {}}
     for preset in presets:
         if preset not in SPECS:
             raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(SPECS)})")
-        s = setup(work_dir, preset, n_images)
-        store = work_dir / f"store-{preset}"
-        _build_rate(s["vision"], s["data"], store, "fp16", 64, threads, num_workers)
-        base = {
-            "vision": s["vision"],
-            "lm": s["lm"],
-            "data": s["data"],
-            "store": str(store),
-            "threads": threads,
-            "batch_size": batch_size or PRESET_BATCH[preset],
-            "num_workers": num_workers,
-            "steps": steps,
-            "warmup": warmup,
-        }
-        rows = in_process(_step_times, base)
-        for v in VARIANTS:
-            rows[v].update(in_process(_peak_memory, {**base, "variant": v}))
-        spec = s["spec"]
-        enc_params = spec.vision_layers * 12 * spec.vision_hidden**2
-        lm_params = spec.lm_layers * (4 * spec.lm_hidden**2 + 3 * spec.lm_hidden * spec.lm_intermediate)
-        tokens = (spec.image_size // spec.patch_size) ** 2
-        rows["speedup_vs_reencode"] = rows["reencode"]["step_s"] / rows["cached"]["step_s"]
-        rows["fraction_of_lm_only_bound"] = rows["lm_only"]["step_s"] / rows["cached"]["step_s"]
-        rows["measured_encoder_share"] = 1 - rows["lm_only"]["step_s"] / rows["reencode"]["step_s"]
-        rows["flop_encoder_share"] = flop_share(enc_params, tokens, lm_params, tokens + 30)
-        rows["batch_size"] = base["batch_size"]
-        result["presets"][preset] = rows
+    work_dir = Path(work)
+    common = {"threads": threads, "num_workers": num_workers, "steps": steps, "warmup": warmup}
+    result: dict = {"machine": machine(), "threads": threads, "steps": steps, "presets": {}}
+    for preset in presets:
+        result["presets"][preset] = _preset_steps(work_dir, preset, n_images, batch_size, common)
     result["llama3v_flop_encoder_share"] = flop_share(**LLAMA3V)
-
     result["build"], result["top"] = {}, {}
     for name, tower in TOWERS.items():
-        b = setup(work_dir, name, build_images, spec=tower["spec"])
-        # this machine's speed drifts: the encoder alone and the build alternate, best of 3 each
-        enc_rate, one, two = 0.0, None, None
-        for _ in range(3):
-            enc_rate = max(enc_rate, _encoder_bound(b["vision"], b["data"], 64, threads))
-            st = _build_rate(b["vision"], b["data"], work_dir / "store-build", "fp16", 64, threads, num_workers)
-            one = st if one is None or st["images_per_s"] > one["images_per_s"] else one
-            st = _build_rate_2proc(b["vision"], b["data"], work_dir / "store-build2", 64)
-            two = st if two is None or st["images_per_s"] > two["images_per_s"] else two
-        result["build"][name] = {
-            "tower": tower["what"],
-            "images": one["encoded"],
-            "encoder_forward_images_per_s": enc_rate,
-            "build_1proc_images_per_s": one["images_per_s"],
-            "build_2proc_images_per_s": two["images_per_s"],
-            "build_fraction_of_encoder_bound": one["images_per_s"] / enc_rate,
-            "two_vs_one_process": two["images_per_s"] / one["images_per_s"],
-        }
-        # the top block trains: from the states below it (a store of that cut) against from pixels
-        small = setup(work_dir, name, n_images, spec=tower["spec"])
-        cut_store = work_dir / f"store-top-{name}"
-        _build_rate(small["vision"], small["data"], cut_store, "fp16", 64, threads, num_workers, top=1)
-        times = in_process(
-            _top_step_times,
-            {
-                "vision": small["vision"],
-                "lm": small["lm"],
-                "data": small["data"],
-                "store": str(cut_store),
-                "top": 1,
-                "threads": threads,
-                "batch_size": PRESET_BATCH["tiny"],
-                "num_workers": num_workers,
-                "steps": steps,
-                "warmup": warmup,
-            },
-        )
-        times["speedup"] = times["pixels_step_s"] / times["states_step_s"]
-        result["top"][name] = {"tower": tower["what"], "top": 1, **times}
+        result["build"][name] = _build_figures(work_dir, name, tower, build_images, threads, num_workers)
+        result["top"][name] = _top_figures(work_dir, name, tower, n_images, common)
+    result["disk"] = _disk_figures(work_dir, build_images, threads, num_workers)
+    if accuracy:
+        result["accuracy"] = _accuracy(work_dir, ["fp32", "fp16", "bf16"])
+    tiny_rows = result["presets"].get("tiny")
+    if tiny_rows:
+        for k in ("speedup_vs_reencode", "fraction_of_lm_only_bound"):
+            result[k] = tiny_rows[k]
+    result["build_fraction_of_encoder_bound"] = min(
+        b["build_fraction_of_encoder_bound"] for b in result["build"].values()
+    )
+    return publish(result, format_table(result), out)
+
+
+def _preset_steps(work_dir: Path, preset: str, n_images: int, batch_size: int | None, common: dict) -> dict:
+    """Align step time and peak memory re-encoding, from the store and LM-only, for one preset,
+    with the encoder's measured and FLOP shares."""
+    s = setup(work_dir, preset, n_images)
+    store = work_dir / f"store-{preset}"
+    _build_rate(s["vision"], s["data"], store, "fp16", 64, common["threads"], common["num_workers"])
+    base = {"vision": s["vision"], "lm": s["lm"], "data": s["data"], "store": str(store)}
+    base |= {"batch_size": batch_size or PRESET_BATCH[preset], **common}
+    rows = in_process(_step_times, base)
+    for v in VARIANTS:
+        rows[v].update(in_process(_peak_memory, {**base, "variant": v}))
+    spec = s["spec"]
+    enc_params = spec.vision_layers * 12 * spec.vision_hidden**2
+    lm_params = spec.lm_layers * (4 * spec.lm_hidden**2 + 3 * spec.lm_hidden * spec.lm_intermediate)
+    tokens = (spec.image_size // spec.patch_size) ** 2
+    rows["speedup_vs_reencode"] = rows["reencode"]["step_s"] / rows["cached"]["step_s"]
+    rows["fraction_of_lm_only_bound"] = rows["lm_only"]["step_s"] / rows["cached"]["step_s"]
+    rows["measured_encoder_share"] = 1 - rows["lm_only"]["step_s"] / rows["reencode"]["step_s"]
+    rows["flop_encoder_share"] = flop_share(enc_params, tokens, lm_params, tokens + 30)
+    rows["batch_size"] = base["batch_size"]
+    return rows
+
+
+def _build_figures(work_dir: Path, name: str, tower: dict, build_images: int, threads: int, num_workers: int):
+    """Cache build rate on 1 and 2 processes against the encoder's forward alone."""
+    b = setup(work_dir, name, build_images, spec=tower["spec"])
+    # this machine's speed drifts: the encoder alone and the build alternate, best of 3 each
+    enc_rate, one, two = 0.0, None, None
+    for _ in range(3):
+        enc_rate = max(enc_rate, _encoder_bound(b["vision"], b["data"], 64, threads))
+        st = _build_rate(b["vision"], b["data"], work_dir / "store-build", "fp16", 64, threads, num_workers)
+        one = st if one is None or st["images_per_s"] > one["images_per_s"] else one
+        st = _build_rate_2proc(b["vision"], b["data"], work_dir / "store-build2", 64)
+        two = st if two is None or st["images_per_s"] > two["images_per_s"] else two
+    return {
+        "tower": tower["what"],
+        "images": one["encoded"],
+        "encoder_forward_images_per_s": enc_rate,
+        "build_1proc_images_per_s": one["images_per_s"],
+        "build_2proc_images_per_s": two["images_per_s"],
+        "build_fraction_of_encoder_bound": one["images_per_s"] / enc_rate,
+        "two_vs_one_process": two["images_per_s"] / one["images_per_s"],
+    }
+
+
+def _top_figures(work_dir: Path, name: str, tower: dict, n_images: int, common: dict) -> dict:
+    """The top block trained from the states below it (a store of that cut) against from pixels."""
+    small = setup(work_dir, name, n_images, spec=tower["spec"])
+    cut_store = work_dir / f"store-top-{name}"
+    _build_rate(small["vision"], small["data"], cut_store, "fp16", 64, common["threads"], common["num_workers"], top=1)
+    args = {"vision": small["vision"], "lm": small["lm"], "data": small["data"], "store": str(cut_store), "top": 1}
+    times = in_process(_top_step_times, {**args, "batch_size": PRESET_BATCH["tiny"], **common})
+    times["speedup"] = times["pixels_step_s"] / times["states_step_s"]
+    return {"tower": tower["what"], "top": 1, **times}
+
+
+def _disk_figures(work_dir: Path, build_images: int, threads: int, num_workers: int) -> dict:
+    """Bytes per image of each stored dtype, and the rounding error of fp16 and bf16 against fp32."""
+    from vlmforge.cache.store import FeatureStore
+
     tiny = setup(work_dir, "tiny", build_images)
     disk = {}
     for dtype in ("fp32", "fp16", "bf16"):
@@ -413,18 +423,7 @@ def run(
         got = _all_features(work_dir / f"store-{dtype}")
         err = [(got[k].float() - ref[k]).norm() / ref[k].norm() for k in ref]
         disk[dtype]["relative_error_vs_fp32"] = float(sum(err) / len(err))
-    result["disk"] = disk
-    if accuracy:
-        result["accuracy"] = _accuracy(work_dir, ["fp32", "fp16", "bf16"])
-
-    tiny_rows = result["presets"].get("tiny")
-    if tiny_rows:
-        for k in ("speedup_vs_reencode", "fraction_of_lm_only_bound"):
-            result[k] = tiny_rows[k]
-    result["build_fraction_of_encoder_bound"] = min(
-        b["build_fraction_of_encoder_bound"] for b in result["build"].values()
-    )
-    return publish(result, format_table(result), out)
+    return disk
 
 
 def _all_features(store: Path) -> dict:
