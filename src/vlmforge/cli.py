@@ -7,8 +7,12 @@ the help. Only the named verb's module is imported (the table itself imports no 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import sys
+import types
+import typing
 
 COMMANDS = {
     "data": {"synth": "vlmforge.data.synthetic:synth_command"},
@@ -38,22 +42,9 @@ COMMANDS = {
     },
 }
 
+
 # Options that take lists, per verb: `--data a.json b.json` and `--data a.json --data b.json` both
 # mean `--data [a.json,b.json]` (which also works, as does jsonargparse's `--data+ a.json`).
-LIST_FLAGS = {
-    ("pretrain",): {"--data", "--captions", "--reading"},
-    ("train",): {"--train.data", "--train.report_to"},
-    ("eval",): {"--data"},
-    ("cache", "build"): {"--data"},
-    ("bench", "cache"): {"--presets"},
-    ("ablate",): {"--eval", "--groups"},
-    ("bench", "serve"): {"--levels"},
-    ("bench", "data"): {"--multiples"},
-    ("plan",): {"--data_sizes", "--epochs", "--image"},
-    ("export",): {"--eval"},
-}
-
-
 def commands(argv: list[str], table: dict = COMMANDS) -> dict:
     """The table with the functions of the verb `argv` names imported (every verb's when it names none)."""
 
@@ -67,11 +58,43 @@ def commands(argv: list[str], table: dict = COMMANDS) -> dict:
     return {k: commands([], v) if isinstance(v, dict) else load(v) for k, v in table.items()}
 
 
+def list_flags(fn, prefix: str = "--") -> set[str]:
+    """The flags of `fn` (a verb's function or config dataclass) that take several values, from its
+    type hints: a list or tuple (optional or not), and those of a dataclass parameter's fields."""
+    target = fn if dataclasses.is_dataclass(fn) else inspect.unwrap(fn)
+    names = (
+        [f.name for f in dataclasses.fields(target)]
+        if dataclasses.is_dataclass(target)
+        else list(inspect.signature(target).parameters)
+    )
+    hints = typing.get_type_hints(target)
+    flags = set()
+    for name in names:
+        kinds = [hints.get(name)]
+        if isinstance(kinds[0], types.UnionType) or typing.get_origin(kinds[0]) is typing.Union:
+            kinds = [k for k in typing.get_args(kinds[0]) if k is not type(None)]
+        for kind in kinds:
+            if typing.get_origin(kind) in (list, tuple):
+                flags.add(prefix + name)
+            elif dataclasses.is_dataclass(kind):
+                flags |= list_flags(kind, f"{prefix}{name}.")
+    return flags
+
+
+def _verb(argv: list[str], table: dict = COMMANDS):
+    """The function (or config class) the command line names, or None."""
+    entry = table.get(argv[0]) if argv else None
+    if isinstance(entry, dict):
+        return _verb(argv[1:], entry)
+    return commands(argv[:1], table)[argv[0]] if entry else None
+
+
 def _argv(argv: list[str]) -> list[str]:
     """The command line as jsonargparse reads it, in one pass: `--data-root` is `--data_root`, a list
-    flag gathers the words after it (and its repeats) into one `[a,b]`, and a bare word after
-    `vlmforge chat`'s options is its `--question`."""
-    flags = next((f for verb, f in LIST_FLAGS.items() if tuple(argv[: len(verb)]) == verb), set())
+    flag (a list or tuple in the verb's type hints) gathers the words after it (and its repeats)
+    into one `[a,b]`, and a bare word after `vlmforge chat`'s options is its `--question`."""
+    verb = _verb([a for a in argv if not a.startswith("-")][:2])
+    flags = list_flags(verb) if verb is not None else set()
     out, lists, i, chat = [], {}, 0, argv[:1] == ["chat"]
     while i < len(argv):
         arg = argv[i]
