@@ -119,7 +119,9 @@ def _argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields document themselves
 
     from vlmforge.config import DemoConfig
     from vlmforge.data.formats import DataError

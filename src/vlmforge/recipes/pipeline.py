@@ -34,9 +34,10 @@ def align_then_sft(
 
     phase = phase or (lambda name, fn: fn())
     out = Path(out)
-    sft = dataclasses.replace(sft, data=sft_data, out=str(out / "sft"), **common)
+    sft_common = dict(common)
     if sft.vision_mode != "frozen":  # the shared store holds the tower's output: stale once it trains
-        sft = dataclasses.replace(sft, cache=None, cache_dtype=None)
+        sft_common.update(cache=None, cache_dtype=None)
+    sft = dataclasses.replace(sft, data=sft_data, out=str(out / "sft"), **sft_common)
     init = None
     if align_data:
         align = dataclasses.replace(align, data=align_data, out=str(out / "align"), **common)

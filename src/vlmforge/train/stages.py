@@ -36,12 +36,6 @@ def check_vision_mode(cfg: TrainConfig, tower) -> None:
     check_train_mode(cfg.vision_mode)
     if cfg.vision_mode == "top":
         tower.check_cut(cfg.vision_top)
-    if cfg.vision_mode in ("full", "lora") and cfg.cache:
-        raise ValueError(
-            f"vision_mode {cfg.vision_mode} trains the whole vision tower, so stored features would be "
-            "stale: train from pixels (no --train.cache), or train its top blocks (vision_mode top) "
-            "from a store of the states below them (`cache build --vision_top K`)"
-        )
 
 
 def stored_cut(cfg: TrainConfig) -> int:
