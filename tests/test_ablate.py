@@ -71,15 +71,15 @@ def test_two_cell_ablation_runs_resumes_and_writes_the_table(tmp_path, monkeypat
     del results["runs"]["connector/linear/seed1"], results["runs"]["again/linear again/seed1"]
     (out / "results.json").write_text(json.dumps(results))
     calls = []
-    real = ab._run
-    monkeypatch.setattr(ab, "_run", lambda *a: calls.append(a[0]["name"]) or real(*a))
+    real = ab.runner.run
+    monkeypatch.setattr(ab.runner, "run", lambda plan, cell, *a: calls.append(cell.name) or real(plan, cell, *a))
     ab.ablate(str(path), out, jobs=1)
     assert len(calls) == 1 and calls[0] in ("linear", "linear again")  # one run serves both cells
     assert pair <= set(json.loads((out / "results.json").read_text())["runs"])
     with pytest.raises(ValueError, match="another grid, budget or eval tasks"):
         ab.ablate(str(path), out, quick=True)
     # in parallel, a failing cell stops the ablation with its own error
-    monkeypatch.setattr(ab, "_run", real)
+    monkeypatch.setattr(ab.runner, "run", real)
     grid["seeds"] = 1
     grid["groups"] = {"connector": [{"name": "bad", "model": {"connector": "nope"}}, {"name": "linear"}]}
     path.write_text(yaml.safe_dump(grid))
@@ -99,7 +99,7 @@ def test_bad_grids_are_named(tmp_path):
     bad.write_text("groups: [")
     with pytest.raises(ValueError, match="malformed YAML"):
         load_grid(str(bad))
-    assert set(load_grid("idefics2")["groups"]) == {"architecture", "connector", "splitting", "tower", "lm"}
+    assert set(load_grid("idefics2").groups) == {"architecture", "connector", "splitting", "tower", "lm"}
     from vlmforge.recipes.ablate import ablate
 
     with pytest.raises(ValueError, match=r"grid 'idefics2' has no group 'nope' \(its groups: architecture, "):
@@ -112,7 +112,7 @@ def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monk
     """`data:` in the grid trains on the user's files; `--eval` scores on a QA file and a benchmark."""
     from test_benchmarks import cell, write_parquet
     from vlmforge.cli import main
-    from vlmforge.recipes.ablate import ablate, load_grid
+    from vlmforge.recipes.ablate import FileTask, ablate, load_grid
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").symlink_to(data_dir)
@@ -148,8 +148,8 @@ def test_ablation_on_own_data_a_qa_file_and_a_benchmark(tmp_path, data_dir, monk
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     g = load_grid("grid.yaml")
-    assert g["data"] == {"sft": [str(tmp_path / "d/shapes_sft.json")]}  # relative to the YAML
-    assert g["eval"] == {"qa": {"file": str(tmp_path / "d/shapes_qa.json")}}
+    assert g.data == {"sft": [str(tmp_path / "d/shapes_sft.json")]}  # relative to the YAML
+    assert g.eval == {"qa": FileTask(str(tmp_path / "d/shapes_qa.json"))}
     # unreadable tasks fail before any training
     for words, message in (
         (["textvqa"], "'textvqa' is a benchmark: give --data-root"),
@@ -231,17 +231,17 @@ def test_the_resolution_grid_on_the_words_task(tmp_path, monkeypatch):
         "align": {"max_steps": 2},
         "sft": {"max_steps": 2},
     }
-    monkeypatch.setitem(
-        ab.GRIDS, "resolution", {**ab.RESOLUTION, "seeds": 1, "budget": {**ab.RESOLUTION["budget"], **small}}
-    )
-    results = ab.ablate("resolution", tmp_path / "out", jobs=1)
+    built_in = ab.load_grid("resolution")  # the built-in grid, its budget made tiny, as a user's YAML
+    grid = {**built_in.to_dict(), "seeds": 1, "budget": {**built_in.budget, **small}}
+    (tmp_path / "resolution.yaml").write_text(yaml.safe_dump(grid))
+    results = ab.ablate(str(tmp_path / "resolution.yaml"), tmp_path / "out", jobs=1)
     shared = json.loads((tmp_path / "out/shared.json").read_text())
-    qa = {t: json.loads(open(shared[f"test_{t}_qa"]).read()) for t in ("words", "letters", "count")}
+    qa = {t: json.loads(open(shared["files"][f"test_{t}_qa"]).read()) for t in ("words", "letters", "count")}
     assert {len(q) for q in qa.values()} == {12}  # 6 held-out images per canvas, one question of each kind
     assert all("How many letters" in r["conversations"][0]["value"] for r in qa["letters"])
     assert all(r["conversations"][0]["value"].endswith("How many words are there?") for r in qa["count"])
     runs = {r["cell"]: r for r in results["runs"].values()}
-    assert set(runs) == {c["name"] for c in ab.RESOLUTION["groups"]["resolution"]}
+    assert set(runs) == {c.name for c in built_in.groups["resolution"]}
     assert all(set(r["scores"]) == {"words", "letters", "count"} for r in runs.values())
     # 32 px encoder, 16 patches + the pooled token a view: wide 256 x 64 -> 1 x 4 slices, tall
     # 64 x 192 -> 3 x 1, each plus the whole; native: 64 x 16 -> 2 x 8 patches, 64 x 192 -> 24 x 64 -> 8 x 3

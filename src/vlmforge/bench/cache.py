@@ -270,9 +270,9 @@ def _accuracy(work: Path, dtypes: list[str]) -> dict:
 
     demo = DemoConfig()
     data = synthetic_setup(work / "accuracy", demo.n_shapes, demo.n_text, demo.n_test, demo.spec)
-    bb = data["small"]
+    bb = data.small
     model_cfg = dataclasses.replace(demo.model, vision=bb["vision"], lm=bb["lm"], tokenizer=bb["lm"])
-    align_data, sft_data = data["align_data"], data["sft_data"]
+    align_data, sft_data = data.align_data, data.sft_data
     results = {}
     for dtype in dtypes:
         store, run = work / "accuracy" / "store", work / "accuracy" / dtype
@@ -283,7 +283,7 @@ def _accuracy(work: Path, dtypes: list[str]) -> dict:
         model = VLM.from_pretrained(final)
         gen = LocalGenerator(model, str(final), 16, Engine(model))
         results[dtype] = {
-            task: run_benchmark(QAFile(data[f"test_{task}_qa"]), gen, None, None, batch_size=64)["score"]
+            task: run_benchmark(QAFile(data.qa(task)), gen, None, None, batch_size=64)["score"]
             for task in ("shapes", "text")
         }
     return results

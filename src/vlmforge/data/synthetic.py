@@ -314,6 +314,11 @@ def synth_command(
         print(f"{kind}: {path}")
 
 
+def split_key(split: str, task: str, kind: str) -> str:
+    """The name `synth_splits` gives a split's file: `{split}_{task}_{kind}` (kind: captions, sft, qa)."""
+    return f"{split}_{task}_{kind}"
+
+
 def synth_splits(folder: str | Path, splits: list[tuple], conversations: str = "single") -> dict[str, str]:
     """Several splits of both tasks: `splits` holds (split, n_shapes, n_text, seed) or (split,
     n_shapes, n_text, seed, width, height); returns {"{split}_{task}_{kind}": path} for every file
@@ -325,5 +330,5 @@ def synth_splits(folder: str | Path, splits: list[tuple], conversations: str = "
             if n == 0:
                 continue
             written = synth(Path(folder) / split, task, n, seed, width, height, conversations=conversations)
-            paths.update({f"{split}_{task}_{kind}": str(p) for kind, p in written.items()})
+            paths.update({split_key(split, task, kind): str(p) for kind, p in written.items()})
     return paths

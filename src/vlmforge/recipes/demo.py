@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from vlmforge.config import DemoConfig, save_json
+from vlmforge.data.synthetic import split_key
 
 SLOW_MACHINE_GFLOPS = 110  # the slow machines of this kind (AVX2 only), for which the time target is set
 TARGETS = {
@@ -87,11 +88,15 @@ class _Data:
     sizes: list[tuple[int, int]]  # the held-out other sizes
     extra: list[str]  # the extra training canvases' splits
 
+    def __getitem__(self, key: tuple[str, str, str]) -> str:
+        """The file of (split, task, kind)."""
+        return self.files[split_key(*key)]
+
     def shapes(self, kind: str) -> list[str]:
-        return [self.files[f"train_shapes_{kind}"]] + [self.files[f"{split}_shapes_{kind}"] for split in self.extra]
+        return [self["train", "shapes", kind]] + [self[split, "shapes", kind] for split in self.extra]
 
     def qa(self, split: str, task: str = "shapes") -> str:
-        return self.files[f"{split}_{task}_qa"]
+        return self[split, task, "qa"]
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -137,7 +142,7 @@ def _make_data(cfg: DemoConfig, out: Path, phase: _Phases) -> _Data:
         + [(f"train_{w}x{h}", n_each, 0, cfg.seed + 100 + i, w, h) for i, (w, h) in enumerate(canvases)]
     )
     files = phase("data", lambda: synth_splits(d, splits))
-    if any(f"{split}_shapes_qa" not in files for split, n, *_ in splits if n):  # a folder of other settings
+    if any(split_key(split, "shapes", "qa") not in files for split, n, *_ in splits if n):  # a folder of other settings
         tqdm.write("[data] the settings changed since it was made: made again")
         files = synth_splits(d, splits)
         phase.replace("data", files)
@@ -148,18 +153,17 @@ def _backbones(cfg: DemoConfig, out: Path, data: _Data, phase: _Phases):
     """The tokenizer, the encoder (taught to read) and the LM, pretrained; the model config on them."""
     from vlmforge.recipes.tiny import pretrain
 
-    f = data.files
-    train_files = [f[f"train_{t}_{k}"] for t in ("shapes", "text") for k in ("captions", "sft")]
-    train_files += [f[f"{split}_shapes_{k}"] for split in data.extra for k in ("captions", "sft")]
+    train_files = [data["train", t, k] for t in ("shapes", "text") for k in ("captions", "sft")]
+    train_files += [data[split, "shapes", k] for split in data.extra for k in ("captions", "sft")]
     # the text images are read (a CTC objective), not captioned, when the encoder learns to read
-    captions = [f["train_shapes_captions"]] + ([] if cfg.read else [f["train_text_captions"]])
+    captions = [data["train", "shapes", "captions"]] + ([] if cfg.read else [data["train", "text", "captions"]])
     captions += data.shapes("captions")[1:]
-    if "pretrain_shapes_captions" in f:
-        captions.append(f["pretrain_shapes_captions"])
+    if split_key("pretrain", "shapes", "captions") in data.files:
+        captions.append(data["pretrain", "shapes", "captions"])
 
     def make():
         spec = dataclasses.replace(cfg.spec, lm_steps=0) if cfg.lm else cfg.spec  # its LM stands aside
-        reading = [f["train_text_sft"]] if cfg.read and cfg.n_text else None
+        reading = [data["train", "text", "sft"]] if cfg.read and cfg.n_text else None
         paths = pretrain(train_files, out / "backbones", spec, cfg.seed, captions=captions, reading=reading)
         return {k: str(v) for k, v in paths.items()}
 
@@ -171,9 +175,8 @@ def _backbones(cfg: DemoConfig, out: Path, data: _Data, phase: _Phases):
 
 def _stage_data(data: _Data) -> tuple[list[str], list[str]]:
     """(align data, sft data): captions, then questions, of shapes and text."""
-    f = data.files
-    align = [f["train_shapes_captions"], f["train_text_captions"]] + data.shapes("captions")[1:]
-    sft = [f["train_shapes_sft"], f["train_text_sft"]] + data.shapes("sft")[1:]
+    align = [data["train", "shapes", "captions"], data["train", "text", "captions"]] + data.shapes("captions")[1:]
+    sft = [data["train", "shapes", "sft"], data["train", "text", "sft"]] + data.shapes("sft")[1:]
     return align, sft
 
 

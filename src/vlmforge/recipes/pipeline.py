@@ -48,6 +48,25 @@ def align_then_sft(
     return Path(phase("sft", lambda: str(train(sft, None if init else model_cfg, init, resume=True))))
 
 
+@dataclasses.dataclass
+class SyntheticSetup:
+    """The synthetic data and tiny backbones `synthetic_setup` made: the files by the names
+    `data.synthetic.split_key` gives them, the training data of each stage, and the backbones'
+    folders (`small`, and `large` when asked for)."""
+
+    files: dict[str, str]
+    align_data: list[str]
+    sft_data: list[str]
+    small: dict[str, str]
+    large: dict[str, str] | None = None
+
+    def qa(self, task: str) -> str:
+        """The held-out questions of a task (`shapes`, `text`, `words`, `letters`, `count`)."""
+        from vlmforge.data.synthetic import split_key
+
+        return self.files[split_key("test", task, "qa")]
+
+
 # the words task's canvases: a line of words on a wide one, a word per line on a tall one
 WORDS_CANVASES = {"wide": (256, 64), "tall": (64, 192)}
 
@@ -60,7 +79,7 @@ def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
     (train 0 and 1, test 2 and 3). The captions also hold `n` single words drawn large
     (`synthetic.word_glyphs`): the scale at which a slice shows a word, so that the tiny encoder
     learns to read at both scales."""
-    from vlmforge.data.synthetic import question_type, synth, word_glyphs
+    from vlmforge.data.synthetic import question_type, split_key, synth, word_glyphs
     from vlmforge.io import atomic_write_text
 
     task_of = {"word": "words", "letters": "letters", "words": "count"}  # question type -> QA file
@@ -75,13 +94,13 @@ def words_setup(folder: Path, n: int, n_test: int) -> dict[str, str]:
             paths["train_glyphs_captions"] = str(word_glyphs(folder / split, n, seed))
             files["captions"] += json.loads(Path(paths["train_glyphs_captions"]).read_text())
         for kind in ("captions", "sft") if split == "train" else ():
-            paths[f"train_words_{kind}"] = str(folder / split / f"words_{kind}.json")
-            atomic_write_text(Path(paths[f"train_words_{kind}"]), json.dumps(files[kind], indent=1))
+            paths[split_key("train", "words", kind)] = str(folder / split / f"words_{kind}.json")
+            atomic_write_text(Path(paths[split_key("train", "words", kind)]), json.dumps(files[kind], indent=1))
         for r in files["qa"] if split == "test" else ():
             test[task_of[question_type(r["conversations"][0]["value"])]].append(r)
     for task, records in test.items():
-        paths[f"test_{task}_qa"] = str(folder / "test" / f"{task}_qa.json")
-        atomic_write_text(Path(paths[f"test_{task}_qa"]), json.dumps(records, indent=1))
+        paths[split_key("test", task, "qa")] = str(folder / "test" / f"{task}_qa.json")
+        atomic_write_text(Path(paths[split_key("test", task, "qa")]), json.dumps(records, indent=1))
     return paths
 
 
@@ -95,7 +114,7 @@ def synthetic_setup(
     data: dict | None = None,
     n_words: int = 0,
     read: bool = False,
-) -> dict:
+) -> SyntheticSetup:
     """The synthetic train and test data (seeds 0 and 1) and the tiny backbones made from them, in
     `out`, made once (`out/shared.json` records them; a second call reads it): what ablate's cells
     and the cache bench's accuracy runs share. `large`: also an LM of that spec beside the small
@@ -107,35 +126,35 @@ def synthetic_setup(
     import shutil
 
     from vlmforge.config import save_json
-    from vlmforge.data.synthetic import synth_splits
+    from vlmforge.data.synthetic import split_key, synth_splits
     from vlmforge.recipes.tiny import pretrain
 
     out = Path(out)
     done = out / "shared.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return SyntheticSetup(**json.loads(done.read_text()))
     paths = synth_splits(out / "data", [("train", n_shapes, n_text, 0), ("test", n_test, n_test, 1)])
     if n_words:
         paths.update(words_setup(out / "data", n_words, n_test))
-    tasks = [t for t in ("shapes", "text", "words") if f"train_{t}_sft" in paths]
-    synthetic = [paths[f"train_{t}_{k}"] for t in tasks for k in ("captions", "sft")]
+    tasks = [t for t in ("shapes", "text", "words") if split_key("train", t, "sft") in paths]
+    synthetic = [paths[split_key("train", t, k)] for t in tasks for k in ("captions", "sft")]
     if data:
-        paths["align_data"], paths["sft_data"] = data.get("align", []), data["sft"]
+        align_data, sft_data = data.get("align", []), data["sft"]
     else:
-        paths["align_data"], paths["sft_data"] = synthetic[0::2], synthetic[1::2]
+        align_data, sft_data = synthetic[0::2], synthetic[1::2]
     # the tiny backbones stand in for pretrained checkpoints: made from the synthetic corpus plus
     # the caller's own data (so that the tokenizer covers its words)
-    train_files = list(dict.fromkeys(synthetic + paths["align_data"] + paths["sft_data"]))
+    train_files = list(dict.fromkeys(synthetic + align_data + sft_data))
     # SigLIP learns from captions only: the sft files hold one-question records that look like caption pairs
-    captions = list(dict.fromkeys(synthetic[0::2] + paths["align_data"]))
+    captions = list(dict.fromkeys(synthetic[0::2] + align_data))
     reading = [paths[k] for k in ("train_text_sft", "train_glyphs_captions") if read and k in paths]
     small = pretrain(train_files, out / "backbones" / "small", spec, 0, captions=captions, reading=reading or None)
-    paths["small"] = {k: str(v) for k, v in small.items()}
+    made = SyntheticSetup(paths, align_data, sft_data, {k: str(v) for k, v in small.items()})
     if large is not None:
         large_dir = out / "backbones" / "large"
         for part in ("tokenizer", "vision"):
             if not (large_dir / part).exists():
                 shutil.copytree(small[part], large_dir / part)
-        paths["large"] = {k: str(v) for k, v in pretrain(train_files, large_dir, large, 0).items()}
-    save_json(paths, done)
-    return paths
+        made.large = {k: str(v) for k, v in pretrain(train_files, large_dir, large, 0).items()}
+    save_json(dataclasses.asdict(made), done)
+    return made
