@@ -96,6 +96,12 @@ def test_bad_grids_are_named(tmp_path):
     bad.write_text("groups: {g: [{name: a, modle: {}}]}")
     with pytest.raises(ValueError, match=r"cell 'a' has unknown keys \['modle'\]"):
         load_grid(str(bad))
+    bad.write_text("groups: {g: [{name: a}]}\nbudget: {n_shape: 3}")
+    with pytest.raises(ValueError, match=r"unknown budget keys \['n_shape'\]"):
+        load_grid(str(bad))
+    bad.write_text("groups: {g: [{name: a}]}\nseed: 3")
+    with pytest.raises(ValueError, match=r"unknown grid keys \['seed'\]"):
+        load_grid(str(bad))
     bad.write_text("groups: [")
     with pytest.raises(ValueError, match="malformed YAML"):
         load_grid(str(bad))
