@@ -261,3 +261,11 @@ def test_the_resolution_grid_on_the_words_task(tmp_path, monkeypatch):
     assert "| adaptive <= 4 + whole |" in (tmp_path / "out/results.md").read_text()
     with pytest.raises(ValueError, match="need the words data"):
         ab.ablate("idefics2", tmp_path / "other", eval=["words"])
+
+
+def test_a_shared_setup_of_another_shape_is_refused_by_name(tmp_path):
+    from vlmforge.recipes.pipeline import synthetic_setup
+
+    (tmp_path / "shared.json").write_text(json.dumps({"train_shapes_sft": "x.json", "small": {}}))
+    with pytest.raises(ValueError, match="shared.json: not the record of a synthetic setup"):
+        synthetic_setup(tmp_path, 1, 1, 1, SMALL)

@@ -132,7 +132,11 @@ def synthetic_setup(
     out = Path(out)
     done = out / "shared.json"
     if done.exists():
-        return SyntheticSetup(**json.loads(done.read_text()))
+        made = json.loads(done.read_text())
+        fields = {f.name for f in dataclasses.fields(SyntheticSetup)}
+        if not isinstance(made, dict) or not {"files", "align_data", "sft_data", "small"} <= set(made) <= fields:
+            raise ValueError(f"{done}: not the record of a synthetic setup this vlmforge reads; use a new folder")
+        return SyntheticSetup(**made)
     paths = synth_splits(out / "data", [("train", n_shapes, n_text, 0), ("test", n_test, n_test, 1)])
     if n_words:
         paths.update(words_setup(out / "data", n_words, n_test))
