@@ -67,13 +67,13 @@ def fetch_remote(url: str, limits: ServeLimits) -> bytes:
     finally:
         conn.close()
     if len(data) > limits.max_image_bytes:
-        raise APIError(
-            413,
-            f"image at {url[:80]!r} is larger than {limits.max_image_bytes} bytes",
-            param="messages",
-            code="image_too_large",
-        )
+        raise too_large(f"image at {url[:80]!r} is", limits)
     return data
+
+
+def too_large(what: str, limits: ServeLimits) -> APIError:
+    """The 413 of an image over `--max-image-bytes`."""
+    return APIError(413, f"{what} larger than {limits.max_image_bytes} bytes", param="messages", code="image_too_large")
 
 
 def image_bytes(url: str, limits: ServeLimits, where: str) -> bytes:
@@ -84,23 +84,13 @@ def image_bytes(url: str, limits: ServeLimits, where: str) -> bytes:
         if not sep or ";base64" not in head:
             raise APIError(400, f"{where}: a data URL must be `data:image/...;base64,...`", param="messages")
         if len(payload) > limits.max_image_bytes * 4 // 3 + 8:
-            raise APIError(
-                413,
-                f"{where}: image larger than {limits.max_image_bytes} bytes",
-                param="messages",
-                code="image_too_large",
-            )
+            raise too_large(f"{where}: image", limits)
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
             raise APIError(400, f"{where}: invalid base64 image data ({e})", param="messages") from e
         if len(data) > limits.max_image_bytes:
-            raise APIError(
-                413,
-                f"{where}: image larger than {limits.max_image_bytes} bytes",
-                param="messages",
-                code="image_too_large",
-            )
+            raise too_large(f"{where}: image", limits)
         return data
     if scheme in ("http", "https"):
         if not limits.allow_remote_images:
