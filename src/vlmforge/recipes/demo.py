@@ -92,8 +92,12 @@ class _Data:
         """The file of (split, task, kind)."""
         return self.files[split_key(*key)]
 
+    def extra_shapes(self, kind: str) -> list[str]:
+        """The extra training canvases' shapes files."""
+        return [self[split, "shapes", kind] for split in self.extra]
+
     def shapes(self, kind: str) -> list[str]:
-        return [self["train", "shapes", kind]] + [self[split, "shapes", kind] for split in self.extra]
+        return [self["train", "shapes", kind]] + self.extra_shapes(kind)
 
     def qa(self, split: str, task: str = "shapes") -> str:
         return self[split, task, "qa"]
@@ -157,7 +161,7 @@ def _backbones(cfg: DemoConfig, out: Path, data: _Data, phase: _Phases):
     train_files += [data[split, "shapes", k] for split in data.extra for k in ("captions", "sft")]
     # the text images are read (a CTC objective), not captioned, when the encoder learns to read
     captions = [data["train", "shapes", "captions"]] + ([] if cfg.read else [data["train", "text", "captions"]])
-    captions += data.shapes("captions")[1:]
+    captions += data.extra_shapes("captions")
     if split_key("pretrain", "shapes", "captions") in data.files:
         captions.append(data["pretrain", "shapes", "captions"])
 
@@ -175,8 +179,8 @@ def _backbones(cfg: DemoConfig, out: Path, data: _Data, phase: _Phases):
 
 def _stage_data(data: _Data) -> tuple[list[str], list[str]]:
     """(align data, sft data): captions, then questions, of shapes and text."""
-    align = [data["train", "shapes", "captions"], data["train", "text", "captions"]] + data.shapes("captions")[1:]
-    sft = [data["train", "shapes", "sft"], data["train", "text", "sft"]] + data.shapes("sft")[1:]
+    align = [data["train", "shapes", "captions"], data["train", "text", "captions"]] + data.extra_shapes("captions")
+    sft = [data["train", "shapes", "sft"], data["train", "text", "sft"]] + data.extra_shapes("sft")
     return align, sft
 
 

@@ -115,7 +115,9 @@ class Server:
             raise APIError(400, str(e), param="messages") from e
         return req, prompt, handle, events
 
-    async def _sse(self, handle, events, rid, created, req: ChatRequest, usage):
+    async def sse(self, handle, events, rid, created, req: ChatRequest, usage):
+        """A streamed completion's server-sent events, the slot freed when the client goes away."""
+
         def chunk(delta: dict, finish=None, **extra) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             body = {
@@ -240,7 +242,7 @@ async def chat_completions(request: Request):
         }
 
     if req.stream:
-        stream = srv._sse(handle, events, rid, created, req, usage)
+        stream = srv.sse(handle, events, rid, created, req, usage)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     ev = await _finished(request, handle, events)

@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from vlmforge import runtime
 from vlmforge.config import TinySpec, save_json
@@ -125,9 +126,9 @@ def ablate(
     plan = runner.Plan(g.base, _shared(out, budget, g), budget, tasks)
     todo, aliases = _todo(g, plan, results, out)
     save_json(results, res_path)
-    plan.check([t[2] for t in todo])
+    plan.check([t.cell for t in todo])
     if budget.cache_dtype and todo:
-        plan.fill_cache([t[2] for t in todo], out / "cache")
+        plan.fill_cache([t.cell for t in todo], out / "cache")
     _run_all(todo, aliases, plan, results, res_path, jobs or os.cpu_count() or 1)
     save_json(results, res_path)
     write_report(results, out)
@@ -163,8 +164,20 @@ def _shared(out: Path, budget: Budget, g: Grid):
     )
 
 
-def _todo(g: Grid, plan: runner.Plan, results: dict, out: Path):
-    """The runs still to do, [(key, group, cell, seed, fingerprint, run folder)], and for each the
+class _Pending(NamedTuple):
+    """A run still to do: its key in results.json, its cell and seed, the configuration's
+    fingerprint and the folder it trains in."""
+
+    key: str
+    group: str
+    cell: Cell
+    seed: int
+    config: str
+    run_dir: Path
+
+
+def _todo(g: Grid, plan: runner.Plan, results: dict, out: Path) -> tuple[list[_Pending], dict]:
+    """The runs still to do, and for each the
     keys of the other cells that resolve to the same configuration (`aliases`): those share its run."""
     n_seeds = results["seeds"]
     done_by_config = {(r.get("config"), r["seed"]): k for k, r in results["runs"].items()}
@@ -185,11 +198,11 @@ def _todo(g: Grid, plan: runner.Plan, results: dict, out: Path):
             done_by_config[(fp, seed)] = key
             aliases[key] = []
             safe = cell.name.replace(" ", "_").replace("/", "_")
-            todo.append((key, group, cell, seed, fp, out / "runs" / group / safe / f"seed{seed}"))
+            todo.append(_Pending(key, group, cell, seed, fp, out / "runs" / group / safe / f"seed{seed}"))
     return todo, aliases
 
 
-def _run_all(todo: list, aliases: dict, plan: runner.Plan, results: dict, res_path: Path, jobs: int) -> None:
+def _run_all(todo: list[_Pending], aliases: dict, plan: runner.Plan, results: dict, res_path: Path, jobs: int) -> None:
     """Every run of `todo`, `jobs` at a time; results.json written after each, so that an
     interrupted ablation resumes with what it has not finished."""
     import multiprocessing
@@ -216,7 +229,7 @@ def _run_all(todo: list, aliases: dict, plan: runner.Plan, results: dict, res_pa
         ctx = multiprocessing.get_context("spawn")
         with runtime.progress_bars(False):  # inherited by the workers: one progress bar, the parent's
             with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=runtime.die_with_parent) as pool:
-                running = {pool.submit(runner.run_one_thread, plan, t[2], t[3], t[5]): t for t in todo}
+                running = {pool.submit(runner.run_one_thread, plan, t.cell, t.seed, t.run_dir): t for t in todo}
                 try:
                     while running:
                         finished, _ = wait(running, return_when=FIRST_COMPLETED)
