@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 
+def check_choice(what: str, value: Any, choices, error: type[Exception] = ValueError) -> None:
+    """Refuse a `value` that is none of `choices`, naming it, `what` it is and the choices."""
+    if value not in choices:
+        raise error(f"unknown {what} {value!r} (use one of {', '.join(map(str, choices))})")
+
+
 @dataclass
 class ModelConfig:
     """How a VLM is assembled from its three parts."""
@@ -87,6 +93,21 @@ class ModelConfig:
     """where `from_pretrained` places the LM's layers (`auto` spreads them over the GPUs, or a device such as
     `cuda:0`); the vision tower and connector go to the device of the LM's input embeddings. None loads on the CPU.
     """
+
+    def image_settings(self) -> dict:
+        """The image processor's view settings beyond resize and split_grid (`VisionTower.image_processor`'s)."""
+        names = ("slicing", "max_slices", "min_side", "max_side")
+        return {k: getattr(self, k) for k in names}
+
+    def connector_settings(self) -> dict:
+        """The connector's keyword arguments (`model.connectors.build_connector`'s)."""
+        return {
+            "hidden": self.connector_hidden,
+            "layers": self.connector_layers,
+            "heads": self.connector_heads,
+            "latents": self.connector_latents,
+            "factor": self.pixel_shuffle_factor,
+        }
 
 
 @dataclass

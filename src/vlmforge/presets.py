@@ -137,6 +137,10 @@ LLAMA3_8B = LMShape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_hea
 MISTRAL_7B = LMShape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=32000)
 VICUNA_7B = LMShape(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
 SMOLLM2_135M = LMShape(hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True)
+# the tiny Llama `vlmforge pretrain` makes (`TinySpec`'s defaults; multi-head attention)
+TINY_LM = LMShape(
+    _TINY.lm_hidden, _TINY.lm_layers, _TINY.lm_intermediate, _TINY.lm_heads, _TINY.lm_heads, _TINY.vocab_size
+)
 
 PRESETS = {
     p.name: p
@@ -187,14 +191,7 @@ PRESETS = {
             "",
             "mlp",
             tiny_vision_shape,
-            LMShape(
-                hidden=_TINY.lm_hidden,
-                layers=_TINY.lm_layers,
-                intermediate=_TINY.lm_intermediate,
-                heads=_TINY.lm_heads,
-                kv_heads=_TINY.lm_heads,
-                vocab=_TINY.vocab_size,
-            ),
+            TINY_LM,
             {"vision_pooled": True, "resize": "squash"},
         ),
     ]
@@ -233,16 +230,7 @@ def connector_params_and_tokens(p: Preset) -> tuple[int, int]:
 
     cfg = dataclasses.replace(ModelConfig(), connector=p.connector, **p.model)
     with torch.device("meta"):
-        conn = build_connector(
-            p.connector,
-            p.vshape.hidden,
-            p.lm_shape.hidden,
-            hidden=cfg.connector_hidden,
-            layers=cfg.connector_layers,
-            heads=cfg.connector_heads,
-            latents=cfg.connector_latents,
-            factor=cfg.pixel_shuffle_factor,
-        )
+        conn = build_connector(p.connector, p.vshape.hidden, p.lm_shape.hidden, **cfg.connector_settings())
     return sum(t.numel() for t in conn.parameters()), conn.num_tokens(p.vshape.patches + int(cfg.vision_pooled))
 
 

@@ -35,6 +35,7 @@ from vlmforge.cache.store import (
     ImageHasher,
     feature_settings,
 )
+from vlmforge.config import check_choice
 from vlmforge.data.images import ImageError, ImageProcessor, load_image
 from vlmforge.io import read_json, write_json
 from vlmforge.model.vision import by_shape
@@ -138,8 +139,7 @@ def build(
     `bad_images="fail"`, stop the build after the shards already finished are saved. With `top`,
     what is stored is the states below the tower's top `top` blocks (`VisionTower.below`).
     """
-    if dtype not in STORE_DTYPES:
-        raise CacheError(f"unknown feature dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
+    check_choice("feature dtype", dtype, STORE_DTYPES, CacheError)
     if bad_images not in ("skip", "fail"):
         raise ValueError(f"bad_images must be 'skip' or 'fail', got {bad_images!r}")
     t0 = time.time()
@@ -316,10 +316,7 @@ def build_for(store_dir: str | Path, model_cfg, data: list[str | Path], dtype: s
         resize=model_cfg.resize,
         image_size=model_cfg.image_size,
         split_grid=model_cfg.split_grid,
-        slicing=model_cfg.slicing,
-        max_slices=model_cfg.max_slices,
-        min_side=model_cfg.min_side,
-        max_side=model_cfg.max_side,
+        **model_cfg.image_settings(),
     )
     return build(store_dir, vision, proc, images_of(data), dtype, source=src, **kwargs)
 

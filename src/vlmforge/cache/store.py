@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from vlmforge.config import check_choice
 from vlmforge.io import read_json, write_json
 
 FORMAT = "vlmforge-feature-store"
@@ -90,8 +91,7 @@ class ImageHasher:
 def feature_settings(vision, processor, dtype: str, top: int = 0) -> dict:
     """The key of a namespace: every setting that changes the stored features; with `top`, of the
     states below the tower's top `top` blocks (the cut is part of the key)."""
-    if dtype not in STORE_DTYPES:
-        raise CacheError(f"unknown feature dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
+    check_choice("feature dtype", dtype, STORE_DTYPES, CacheError)
     return {**vision.settings(top), **processor.settings(), "dtype": dtype}
 
 

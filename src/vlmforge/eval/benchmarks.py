@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmforge.config import check_choice
 from vlmforge.data.formats import DataError, dataset_rows, load_files, load_records, read_jsonl
 from vlmforge.data.synthetic import question_type
 from vlmforge.eval import metrics as M
@@ -199,7 +200,7 @@ class VQAv2(Benchmark):
         return Sample(qid, row["question"] + SHORT_ANSWER, [image_cell(row["image"], f"vqav2 {qid}")], answers, meta)
 
     def score(self, rows, scoring="lmms-eval", seed=None):
-        M.check_scoring(scoring)
+        check_choice("scoring", scoring, M.SCORINGS)
         rule = "vqaeval" if scoring == "official" else "vqav2"
         fn = lambda rs: mean(M.vqa_accuracy(r["prediction"], r["answer"], rule) for r in rs)
         return {"metric": "accuracy", "score": fn(rows), "breakdown": by_key(rows, "answer_type", fn)}
@@ -227,7 +228,7 @@ class TextVQA(Benchmark):
         return rows
 
     def score(self, rows, scoring="lmms-eval", seed=None):
-        M.check_scoring(scoring)
+        check_choice("scoring", scoring, M.SCORINGS)
         return {"metric": "accuracy", "score": mean(M.vqa_accuracy(r["prediction"], r["answer"]) for r in rows)}
 
 
@@ -243,7 +244,7 @@ class DocVQA(Benchmark):
         return Sample(qid, row["question"] + SHORT_ANSWER, [img], list(row.get("answers") or []))
 
     def score(self, rows, scoring="lmms-eval", seed=None):
-        M.check_scoring(scoring)
+        check_choice("scoring", scoring, M.SCORINGS)
         return {"metric": "anls", "score": mean(M.anls(r["prediction"], r["answer"]) for r in rows)}
 
 
@@ -274,7 +275,7 @@ class MMMU(Benchmark):
         return Sample(qid, prompt, images, row["answer"], meta)
 
     def score(self, rows, scoring="lmms-eval", seed=None):
-        M.check_scoring(scoring)
+        check_choice("scoring", scoring, M.SCORINGS)
 
         def correct(r):
             if r["meta"]["question_type"] == "multiple-choice":
@@ -373,7 +374,7 @@ class COCOCaption(Benchmark):
         return Sample(qid, self.prompt_template, [img], answers)
 
     def score(self, rows, scoring="lmms-eval", seed=None):
-        M.check_scoring(scoring)
+        check_choice("scoring", scoring, M.SCORINGS)
         cands = [M.ptb_tokenize(r["prediction"]) for r in rows]
         refs = [[M.ptb_tokenize(a) for a in r["answer"]] for r in rows]
         corpus, _ = M.cider_d(cands, refs)
@@ -402,7 +403,7 @@ class QAFile(Benchmark):
         return Sample(record.id, question, images, reference, {"type": question_type(question)})
 
     def score(self, rows, scoring="lmms-eval", seed=None):
-        M.check_scoring(scoring)
+        check_choice("scoring", scoring, M.SCORINGS)
         fn = lambda rs: mean(M.exact_match(r["prediction"], r["answer"]) for r in rs)
         return {"metric": "accuracy", "score": fn(rows), "breakdown": by_key(rows, "type", fn)}
 

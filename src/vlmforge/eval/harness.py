@@ -24,10 +24,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vlmforge.config import check_choice
 from vlmforge.data.formats import DataError
 from vlmforge.data.images import ImageError, load_image, load_image_bytes
 from vlmforge.eval.benchmarks import Benchmark, QAFile, Sample, get_benchmark
-from vlmforge.eval.metrics import METRICS_VERSION, check_scoring
+from vlmforge.eval.metrics import METRICS_VERSION, SCORINGS
 from vlmforge.io import atomic_save, atomic_write_text
 
 
@@ -316,7 +317,7 @@ def evaluate_benchmarks(
 ) -> dict:
     """Run every task in `names` (benchmark names or task objects); with `out`, write
     OUT/report.json and OUT/report.md after each."""
-    check_scoring(scoring)
+    check_choice("scoring", scoring, SCORINGS)
     for name in names:
         get_benchmark(name)  # unknown names fail before any work
     report = {
@@ -429,7 +430,7 @@ def evaluate(
         raise ValueError("give --data FILE.json and/or --bench NAMES")
     if bench is not None and (not data_root or not out):
         raise ValueError("--bench needs --data-root PATH and --out DIR")
-    check_scoring(scoring)
+    check_choice("scoring", scoring, SCORINGS)
     if html and not out:
         raise ValueError("--html needs --out DIR (the page shows the answers saved there)")
     tasks = [b for b in (bench or "").split(",") if b.strip()] + [QAFile(f) for f in data or []]

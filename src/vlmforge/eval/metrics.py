@@ -26,15 +26,12 @@ import random
 import re
 from collections import Counter, defaultdict
 
+from vlmforge.config import check_choice
+
 # 2: lmms-eval 0.7.3's rules by default (VQAv2, MMStar, POPE), `official` by name; MMMU's empty
 # open-answer candidates dropped; at most 32 periods removed in EvalAI's processing.
 METRICS_VERSION = "2"
 SCORINGS = ("lmms-eval", "official")
-
-
-def check_scoring(scoring: str) -> None:
-    if scoring not in SCORINGS:
-        raise ValueError(f"unknown scoring {scoring!r} (use one of {', '.join(SCORINGS)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +397,7 @@ def extract_mcq_answer(response: str, choices: list[str]) -> str:
 def mmstar_correct(prediction: str, answer: str, scoring: str = "lmms-eval") -> bool:
     """MMStar: `lmms-eval` (0.7.3 `mmstar.utils.exact_match`): `extract_mcq_answer` over A-D equals
     the answer's letter; `official`: MMStar's own first-character matcher (`mmstar_match`)."""
-    check_scoring(scoring)
+    check_choice("scoring", scoring, SCORINGS)
     if scoring == "official":
         return mmstar_match(prediction, answer)
     return extract_mcq_answer(prediction, ["A", "B", "C", "D"]) == answer.strip().upper()
@@ -506,7 +503,7 @@ def pope_scores(predictions: list[str], labels: list[str], scoring: str = "lmms-
       yes or no by `yes_no`; `yes_ratio` the share of "yes" predictions.
     `predicted_yes_ratio` (both): the share of predictions read as "yes". Labels must be yes / no.
     """
-    check_scoring(scoring)
+    check_choice("scoring", scoring, SCORINGS)
     labs = [label.lower().strip() for label in labels]
     bad = sorted({x for x in labs if x not in ("yes", "no")})
     if bad:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmforge.config import check_choice
+
 # The pre-tokenizers llama.cpp names (`tokenizer.ggml.pre`), as they appear in a tokenizer.json.
 LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
@@ -53,8 +55,7 @@ def _writer(path: str | Path, arch, ftype: str):
     """A `gguf.GGUFWriter` for `path` with its name and file type set, after checking `ftype`."""
     import gguf
 
-    if ftype not in GGUF_TYPES:
-        raise GGUFError(f"unknown GGUF type {ftype!r} (use one of {', '.join(GGUF_TYPES)})")
+    check_choice("GGUF type", ftype, GGUF_TYPES, GGUFError)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(Path(str(path)).stem)
     writer.add_file_type(

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vlmforge import runtime
+from vlmforge.config import check_choice
 from vlmforge.io import unusable
 
 # How a tower can train (`VisionTower.set_trainable`).
@@ -38,12 +39,6 @@ TRAIN_MODES = ("frozen", "full", "top", "lora")
 
 class _Cut(Exception):
     """Stops a forward pass at a cut (`VisionTower.below`)."""
-
-
-def check_train_mode(mode: str) -> None:
-    """Refuse a tower training mode that is none of `TRAIN_MODES`, naming it and them."""
-    if mode not in TRAIN_MODES:
-        raise ValueError(f"unknown vision_mode {mode!r} (use one of {', '.join(TRAIN_MODES)})")
 
 
 # Vision-only classes of dual-encoder checkpoints, by the checkpoint's model_type.
@@ -243,7 +238,7 @@ class VisionTower(nn.Module):
         `lora` peft adapters (rank `lora_r`) on every linear and convolution layer, the weights
         frozen (the adapters are folded in when the model is saved). `bn_train`: BatchNorm
         statistics move while it trains."""
-        check_train_mode(mode)
+        check_choice("vision_mode", mode, TRAIN_MODES)
         if mode == "top":
             self.check_cut(top)
         self.mode, self.top, self.bn_train = mode, top if mode == "top" else 0, bn_train

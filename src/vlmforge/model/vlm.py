@@ -137,16 +137,7 @@ class VLM(nn.Module):
         self.tokenizer = tokenizer
         self.processor = processor
         lm_dim = self.causal_lm.get_input_embeddings().weight.shape[1]
-        self.connector = build_connector(
-            config.connector,
-            vision.hidden_size,
-            lm_dim,
-            hidden=config.connector_hidden,
-            layers=config.connector_layers,
-            heads=config.connector_heads,
-            latents=config.connector_latents,
-            factor=config.pixel_shuffle_factor,
-        )
+        self.connector = build_connector(config.connector, vision.hidden_size, lm_dim, **config.connector_settings())
         if config.architecture == "cross_attention":
             from vlmforge.model.cross_attention import CrossAttentionBridge
 
@@ -206,15 +197,7 @@ class VLM(nn.Module):
             lm.resize_token_embeddings(len(tok))
         if config.split_grid < 0:
             raise ValueError(f"split_grid must be 0 (off) or a grid size k >= 1, got {config.split_grid}")
-        proc = vision.image_processor(
-            config.vision,
-            config.resize,
-            config.split_grid,
-            slicing=config.slicing,
-            max_slices=config.max_slices,
-            min_side=config.min_side,
-            max_side=config.max_side,
-        )
+        proc = vision.image_processor(config.vision, config.resize, config.split_grid, **config.image_settings())
         model = cls(config, vision, lm, tok, proc)
         model.vision_source = config.vision
         if config.device_map:  # the LM is placed; the rest goes where its input embeddings are

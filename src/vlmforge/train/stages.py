@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from vlmforge.config import TrainConfig
-from vlmforge.model.vision import check_train_mode
+from vlmforge.config import TrainConfig, check_choice
+from vlmforge.model.vision import TRAIN_MODES
 
 DEFAULT_LM_MODE = {"align": "frozen", "sft": "full"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,7 +33,7 @@ def vision_lr(cfg: TrainConfig) -> float:
 
 def check_vision_mode(cfg: TrainConfig, tower) -> None:
     """Refuse a tower mode this tower cannot take, naming the value and what is allowed."""
-    check_train_mode(cfg.vision_mode)
+    check_choice("vision_mode", cfg.vision_mode, TRAIN_MODES)
     if cfg.vision_mode == "top":
         tower.check_cut(cfg.vision_top)
 
