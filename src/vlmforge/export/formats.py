@@ -38,7 +38,7 @@ def export(
         out: output folder (written atomically; must not be --model).
         format: auto, llava-hf, idefics2-hf (refused, with the reason), vlmforge or gguf.
         eval: `vlmforge eval` report files whose scores go into the model card.
-        gguf_type: tensor type of a gguf export: f32, f16 or q8_0 (norms stay f32).
+        gguf_type: tensor type of a gguf export: f32, f16, bf16 or q8_0 (norms stay f32).
     """
     fmt, notes = _export(model, out, format, eval, gguf_type)
     for n in notes:

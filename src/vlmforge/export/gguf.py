@@ -27,7 +27,7 @@ LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
     "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 class GGUFError(ValueError):
@@ -62,6 +62,7 @@ def _writer(path: str | Path, arch, ftype: str):
         {
             "f32": gguf.LlamaFileType.ALL_F32,
             "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         }[ftype]
     )
@@ -78,8 +79,9 @@ def _add(writer, name: str, w: torch.Tensor, ftype: str, keep_f32: bool = False)
     elif ftype == "f16":
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        kind = gguf.GGMLQuantizationType.BF16 if ftype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+        q = gguf.quants.quantize(data, kind)
+        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
 
 
 def _close(writer) -> None:

@@ -484,7 +484,8 @@ class VLM(nn.Module):
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         gc = copy.deepcopy(self.causal_lm.generation_config)
         gc.max_new_tokens, gc.min_new_tokens, gc.do_sample, gc.pad_token_id = max_new_tokens, None, False, pad
-        gc.eos_token_id = None if ignore_eos else self.prompts.stop_ids
+        # with ignore_eos an empty list, not None: None would take the LM's own generation_config default
+        gc.eos_token_id = [] if ignore_eos else self.prompts.stop_ids
         with torch.inference_mode():
             embeds = self.embed(ids, pixel_values, image_features)
             try:
