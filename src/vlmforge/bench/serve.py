@@ -49,18 +49,24 @@ QUESTIONS = [
 
 
 def bench_model(work: Path, preset: str) -> str:
-    """A saved VLM with random weights in the real formats (made once, reused)."""
-    from vlmforge.bench.common import SPECS, setup
-    from vlmforge.config import ModelConfig
+    """A saved VLM with random weights in the real formats (made once, reused): a preset of
+    `bench.common.SPECS`, or `smollm2` (SmolLM2-135M-Instruct's own weights beside a random
+    SigLIP-shaped tower at 224 px)."""
+    from vlmforge.bench.common import SMOLLM2_VISION, SPECS, setup, smollm2_gguf
+    from vlmforge.config import ModelConfig, check_choice
     from vlmforge.model import folder
     from vlmforge.model.vlm import VLM
 
-    if preset not in SPECS:
-        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(SPECS)})")
+    check_choice("preset", preset, [*SPECS, "smollm2"])
     out = work / f"model-{preset}"
     if not (out / folder.META).exists():
-        s = setup(work, preset, 64)
-        VLM.from_backbones(ModelConfig(vision=s["vision"], lm=s["lm"], connector="mlp")).save_pretrained(out)
+        if preset == "smollm2":
+            s = setup(work, preset, 16, spec=SMOLLM2_VISION)
+            cfg = ModelConfig(vision=s["vision"], lm=smollm2_gguf(), connector="mlp", layout="inline")
+        else:
+            s = setup(work, preset, 64)
+            cfg = ModelConfig(vision=s["vision"], lm=s["lm"], connector="mlp")
+        VLM.from_backbones(cfg).save_pretrained(out)
     return str(out)
 
 

