@@ -393,6 +393,7 @@ def evaluate(
     seed: int | None = None,
     html: str | None = None,
     scoring: str = "lmms-eval",
+    dtype: str = "float32",
 ) -> None:
     """Evaluate a model on standard benchmarks (--bench) and on LLaVA-format QA files (--data).
 
@@ -423,6 +424,8 @@ def evaluate(
             POPE's yes/no reading); docs/evaluation.md lists each rule.
         html: also write a self-contained HTML page of every answer (with its image), right and
             wrong, filterable by task and question type (needs --out).
+        dtype: the LM's weights as served: float32 (as saved), bfloat16, or int8 (weight-only, one scale
+            per output row, torch's int8 kernel; the vision tower and connector stay float32).
     """
     if (model is None) == (endpoint is None):
         raise ValueError("give exactly one of --model DIR and --endpoint URL")
@@ -431,6 +434,8 @@ def evaluate(
     if bench is not None and (not data_root or not out):
         raise ValueError("--bench needs --data-root PATH and --out DIR")
     check_choice("scoring", scoring, SCORINGS)
+    if endpoint and dtype != "float32":
+        raise ValueError("--dtype sets a local model's weights (--model); an --endpoint serves its own")
     if html and not out:
         raise ValueError("--html needs --out DIR (the page shows the answers saved there)")
     tasks = [b for b in (bench or "").split(",") if b.strip()] + [QAFile(f) for f in data or []]
@@ -438,9 +443,9 @@ def evaluate(
         key = api_key or os.environ.get("OPENAI_API_KEY")
         gen = EndpointGenerator(endpoint, endpoint_model, key, max_new_tokens, concurrency)
     else:
-        from vlmforge.model.vlm import VLM
+        from vlmforge.model.quant import load
 
-        gen = LocalGenerator(VLM.from_pretrained(model), model, max_new_tokens)
+        gen = LocalGenerator(load(model, dtype), model, max_new_tokens)
     report = evaluate_benchmarks(tasks, gen, data_root, out, split, limit, batch_size, seed, scoring)
     print(format_markdown(report).rstrip())
     if out:

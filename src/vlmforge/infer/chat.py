@@ -12,7 +12,9 @@ from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import SamplingParams
 
 
-def chat(model: str, image: str | None = None, question: str | None = None, max_new_tokens: int = 64) -> list[str]:
+def chat(
+    model: str, image: str | None = None, question: str | None = None, max_new_tokens: int = 64, dtype: str = "float32"
+) -> list[str]:
     """Ask about an image: one answer with a question, else a prompt loop on stdin.
 
     Answers are printed as they are generated (the engine streams them); each turn reuses the keys
@@ -23,11 +25,13 @@ def chat(model: str, image: str | None = None, question: str | None = None, max_
         image: image file.
         question: the question; without it, read questions line by line.
         max_new_tokens: longest answer.
+        dtype: the LM's weights as served: float32 (as saved), bfloat16, or int8 (weight-only, one scale
+            per output row, torch's int8 kernel; the vision tower and connector stay float32).
     """
-    from vlmforge.model.vlm import VLM
+    from vlmforge.model.quant import load
 
     picture = load_image(image) if image else None  # a bad image file is refused before the model loads
-    vlm = VLM.from_pretrained(model)
+    vlm = load(model, dtype)
     history: list[dict] = []
     answers = []
     engine = Engine(vlm)

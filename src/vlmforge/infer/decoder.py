@@ -93,8 +93,8 @@ def _rotated(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 def _rotated_rows(m: nn.Module, head_dim: int):
     """The rows of `rotate_half` of a projection: a float weight, or an int8 one's (rows, scales)
     (the rotation moves and negates rows: their scales move with them)."""
-    if type(m) is Int8Linear:
-        return _rotated(m.weight, head_dim), _rotated(m.scales[:, None], head_dim)[:, 0]
+    if type(m) is Int8Linear:  # the rows negated, their (positive) scales only moved
+        return _rotated(m.weight, head_dim), _rotated(m.scales[:, None], head_dim)[:, 0].abs()
     return _rotated(m.weight, head_dim)
 
 

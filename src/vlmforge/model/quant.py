@@ -74,3 +74,12 @@ def quantize(vlm, dtype: str = "float32"):
                 if type(child) is nn.Linear:
                     setattr(module, child_name, Int8Linear(child))
     return vlm
+
+
+def load(path, dtype: str = "float32"):
+    """A model folder loaded for inference (eval mode) with its LM's weights in `dtype`; the
+    dtype is checked before anything loads."""
+    from vlmforge.model.vlm import VLM
+
+    check_choice("weights dtype", dtype, WEIGHT_DTYPES)
+    return quantize(VLM.from_pretrained(path).eval(), dtype)

@@ -27,6 +27,7 @@ def serve(
     max_batch: int = 32,
     max_queue: int = 256,
     drain_seconds: float = 10.0,
+    dtype: str = "float32",
 ) -> None:
     """Serve a model with the OpenAI chat-completions API (/v1/chat/completions, /v1/models, /health).
 
@@ -52,12 +53,14 @@ def serve(
         max_batch: requests decoded together.
         max_queue: requests waiting; beyond, 503.
         drain_seconds: on shutdown, how long running requests may finish before they are ended.
+        dtype: the LM's weights as served: float32 (as saved), bfloat16, or int8 (weight-only, one scale
+            per output row, torch's int8 kernel; the vision tower and connector stay float32).
     """
     from pathlib import Path
 
     import uvicorn
 
-    from vlmforge.model.vlm import VLM
+    from vlmforge.model.quant import load
 
     limits = ServeLimits(
         max_image_bytes=max_image_bytes,
@@ -69,7 +72,7 @@ def serve(
         allow_remote_images=allow_remote_images,
     )
     api_key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
-    engine = Engine(VLM.from_pretrained(model), max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(load(model, dtype), max_batch=max_batch, max_queue=max_queue)
     server = Server(engine, name or Path(model).resolve().name, limits, api_key, drain_seconds)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=drain_seconds + 5)
     sock = listen(host, port)
