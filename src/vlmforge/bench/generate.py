@@ -9,7 +9,7 @@ In one run, on one model and one dtype:
 * **The model's costs**: the bytes a decode step reads (the LM's weights, the input embeddings
   apart unless tied to the head, as stored: int8 rows and their scales for `int8`), the FLOPs of a
   token (2 per weight), and the FLOPs of a prefill with its image (counted by torch's
-  `FlopCounterMode` on the engine's own prefill: the tower, the connector and the LM).
+  `FlopCounterMode` on a prefill through the model's own forward: the tower, the connector, the LM).
 * **Figures beside their bounds**: prefill with a new image (PNG bytes to the first token; bound:
   FLOPs / matmul rate), decode at batch 1 (bound: read rate / bytes per step) and `--batch`
   sequences at once (bound: the weights read once for all, or the matmul rate, whichever binds),
@@ -174,49 +174,60 @@ def llamacpp_obstacle(vlm) -> str | None:
     return "; ".join(problems) or None
 
 
-def llamacpp_figures(vlm, model_dir: str, dtype: str, size: int, tokens: int, batch: int, repeats: int, seed: int):
-    """llama.cpp on the model exported in `dtype`'s GGUF type: the same figures as the engine's, and
-    its greedy tokens for the batch's prompts (to compare)."""
+def write_gguf(vlm, model_dir: str, dtype: str, folder: Path) -> tuple[Path, Path]:
+    """The float model as llama.cpp files in `folder`: the LM in `dtype`'s GGUF type, the tower and
+    connector in f32 (as `--dtype` serves them). Returns (LM file, projector file)."""
+    from vlmforge.export.gguf import write_lm, write_mmproj
+    from vlmforge.model import folder as model_folder
+
+    vlm.vision_source = str(model_folder.vision_dir(model_dir))
+    lm, mmproj = folder / f"lm-{GGUF_TYPE[dtype]}.gguf", folder / "mmproj-f32.gguf"
+    with runtime.quiet_libraries():
+        write_lm(vlm, lm, GGUF_TYPE[dtype])
+        write_mmproj(vlm, mmproj, "f32")
+    return lm, mmproj
+
+
+def llamacpp_figures(vlm, files: tuple[Path, Path], size: int, tokens: int, batch: int, repeats: int, seed: int):
+    """llama.cpp on the GGUF `files`: the same figures as the engine's, and its greedy tokens for
+    the last batch's prompts (to compare)."""
     import torch
 
-    from vlmforge.bench.llamacpp import LlamaCpp
-    from vlmforge.export import export
+    from vlmforge.bench.llamacpp import LlamaCpp, extra_buffers_work
 
     pad = vlm.tokenizer.convert_ids_to_tokens(vlm.image_token_id)
-    with tempfile.TemporaryDirectory(prefix="vlmforge-gguf-") as tmp:
-        ftype = GGUF_TYPE[dtype]
-        with runtime.quiet_libraries():
-            export(model_dir, tmp, "gguf", gguf_type=ftype)
-        n_ctx = len(vlm.build_prompt(QUESTION, images=[(size, size)])) + tokens + 8
-        threads = torch.get_num_threads()
-        with LlamaCpp(Path(tmp) / f"lm-{ftype}.gguf", Path(tmp) / f"mmproj-{ftype}.gguf", n_ctx, batch, threads) as L:
+    n_ctx = len(vlm.build_prompt(QUESTION, images=[(size, size)])) + tokens + 8
+    threads = torch.get_num_threads()
+    extra = extra_buffers_work(files[0], threads)
+    with LlamaCpp(files[0], files[1], n_ctx, batch, threads, extra_buffers=extra) as L:
 
-            def prefill(png: bytes, seq: int = 0):
-                from PIL import Image
+        def prefill(png: bytes, seq: int = 0):
+            from PIL import Image
 
-                im = Image.open(io.BytesIO(png))
-                text = vlm.tokenizer.decode(vlm.build_prompt(QUESTION, images=[im.size]))
-                return L.prefill(text.replace(pad * text.count(pad), "<__media__>", 1), png, seq)
+            im = Image.open(io.BytesIO(png))
+            text = vlm.tokenizer.decode(vlm.build_prompt(QUESTION, images=[im.size]))
+            return L.prefill(text.replace(pad * text.count(pad), "<__media__>", 1), png, seq)
 
-            times, b1, bn, last = [], [], [], []
-            for r in range(repeats):
-                L.clear()
-                png = _png(seed + 1000 * r, size)
-                t0 = time.perf_counter()
-                prefill(png)
-                times.append(time.perf_counter() - t0)
-                L.clear()
-                first, pos = prefill(_png(seed + 1000 * r + 1, size))
-                t0 = time.perf_counter()
-                L.greedy([first], [pos], tokens)
-                b1.append((tokens - 1) / (time.perf_counter() - t0))
-                L.clear()
-                started = [prefill(_png(seed + 1000 * r + 2 + i, size), i) for i in range(batch)]
-                t0 = time.perf_counter()
-                last = L.greedy([f for f, _ in started], [p for _, p in started], tokens)
-                bn.append(batch * (tokens - 1) / (time.perf_counter() - t0))
+        times, b1, bn, last = [], [], [], []
+        for r in range(repeats):
+            L.clear()
+            png = _png(seed + 1000 * r, size)
+            t0 = time.perf_counter()
+            prefill(png)
+            times.append(time.perf_counter() - t0)
+            L.clear()
+            first, pos = prefill(_png(seed + 1000 * r + 1, size))
+            t0 = time.perf_counter()
+            L.greedy([first], [pos], tokens)
+            b1.append((tokens - 1) / (time.perf_counter() - t0))
+            L.clear()
+            started = [prefill(_png(seed + 1000 * r + 2 + i, size), i) for i in range(batch)]
+            t0 = time.perf_counter()
+            last = L.greedy([f for f, _ in started], [p for _, p in started], tokens)
+            bn.append(batch * (tokens - 1) / (time.perf_counter() - t0))
     figures = {
-        "gguf_type": ftype,
+        "gguf_type": files[0].stem.split("-", 1)[1],
+        "extra_buffers": extra,
         "prefill_s": statistics.median(times),
         "decode_b1_tokens_per_s": statistics.median(b1),
         "decode_batch_tokens_per_s": statistics.median(bn),
@@ -263,10 +274,9 @@ def run(
 
 
 def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dict:
-    import torch
+    from PIL import Image
 
     from vlmforge.bench import publish
-    from vlmforge.bench.common import machine
     from vlmforge.bench.serve import bench_generate, bench_model
     from vlmforge.infer.engine import Engine
     from vlmforge.model.quant import quantize
@@ -275,19 +285,55 @@ def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dic
     model_dir = model or bench_model(Path(work), preset)
     vlm = VLM.from_pretrained(model_dir).eval()
     size = vlm.processor.size
-    prompt_len = len(vlm.build_prompt(QUESTION, images=[(size, size)]))
-    from PIL import Image
-
     probe = Image.open(io.BytesIO(_png(7, size))).convert("RGB")
-    flops_prefill = prefill_flops(Engine(vlm, prefix_cache_tokens=0), vlm.build_prompt(QUESTION, images=[probe]), probe)
-    quantize(vlm, dtype)
-    lm_cfg = vlm.causal_lm.config
+    # counted on the plain forward (the same arithmetic; FlopCounterMode does not see oneDNN's packed calls)
+    plain = Engine(vlm, prefix_cache_tokens=0, fast=False)
+    flops = prefill_flops(plain, vlm.build_prompt(QUESTION, images=[probe]), probe)
+    unavailable = _llamacpp_unavailable(vlm) if vs else None
+    with tempfile.TemporaryDirectory(prefix="vlmforge-gguf-") as tmp:
+        files = write_gguf(vlm, model_dir, dtype, Path(tmp)) if vs and not unavailable else None
+        quantize(vlm, dtype)
+        result = _costs(vlm, model_dir if model else f"preset {preset}", dtype, flops, tokens, batch)
+        engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1)  # no help from caches
+        result["engine"], ours = engine_figures(vlm, engine, size, tokens, batch, repeats, seed=3000)
+        if files:
+            figures, theirs = llamacpp_figures(vlm, files, size, tokens, batch, repeats, seed=3000)
+            figures["same_tokens"] = sum(a == b for a, b in zip(theirs, ours))
+            result["llama.cpp"] = figures
+        elif vs:
+            result["llama.cpp"] = {"unavailable": unavailable}
+    result["generate"] = bench_generate(vlm, tokens, repeats)
+    _fractions(result)
+    return publish(result, format_table(result), out)
+
+
+def _llamacpp_unavailable(vlm) -> str | None:
+    """One line saying why llama.cpp cannot be timed on this model here (None: it can)."""
+    import importlib.util
+
+    obstacle = llamacpp_obstacle(vlm)
+    if obstacle:
+        return f"llama.cpp cannot run this model: {obstacle}"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama.cpp is not installed: `make setup-test` builds llama-cpp-python"
+    return None
+
+
+def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) -> dict:
+    """The run's settings, the machine's bounds and the model's costs (after quantizing)."""
+    import torch
+
+    from vlmforge.bench.common import machine
+
+    cfg = vlm.causal_lm.config
+    size = vlm.processor.size
+    prompt_len = len(vlm.build_prompt(QUESTION, images=[(size, size)]))
     nbytes = step_bytes(vlm)
-    mm_dtype = torch.bfloat16 if dtype != "float32" else torch.float32
-    inter = getattr(lm_cfg, "intermediate_size", 4 * lm_cfg.hidden_size)
-    result = {
+    inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    mm_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    return {
         "machine": machine(),
-        "model": model_dir if model else f"preset {preset}",
+        "model": name,
         "dtype": dtype,
         "threads": torch.get_num_threads(),
         "visual_tokens_per_image": vlm.tokens_per_image,
@@ -297,27 +343,11 @@ def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dic
         "bounds": {
             "read_bytes_per_s": read_rate(nbytes),
             "read_over_bytes": nbytes,
-            "matmul_flops_per_s": matmul_rate(prompt_len, lm_cfg.hidden_size, inter, mm_dtype),
-            "matmul_shape": [prompt_len, lm_cfg.hidden_size, inter],
+            "matmul_flops_per_s": matmul_rate(prompt_len, cfg.hidden_size, inter, mm_dtype),
+            "matmul_shape": [prompt_len, cfg.hidden_size, inter],
         },
-        "costs": {"step_bytes": nbytes, "token_flops": token_flops(vlm), "prefill_flops": flops_prefill},
+        "costs": {"step_bytes": nbytes, "token_flops": token_flops(vlm), "prefill_flops": prefill},
     }
-    obstacle = llamacpp_obstacle(vlm) if vs else None
-    engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1)  # no help from caches
-    result["engine"], ours = engine_figures(vlm, engine, size, tokens, batch, repeats, seed=3000)
-    if vs and obstacle:
-        result["llama.cpp"] = {"unavailable": f"llama.cpp cannot run this model: {obstacle}"}
-    elif vs:
-        try:
-            figures, theirs = llamacpp_figures(vlm, model_dir, dtype, size, tokens, batch, repeats, seed=3000)
-        except ImportError:
-            figures, theirs = {"unavailable": "llama-cpp-python is not installed (`make setup-test` builds it)"}, []
-        if theirs:
-            figures["same_tokens"] = sum(a == b for a, b in zip(theirs, ours))
-        result["llama.cpp"] = figures
-    result["generate"] = bench_generate(vlm, tokens, repeats)
-    _fractions(result)
-    return publish(result, format_table(result), out)
 
 
 def _fractions(r: dict) -> None:
@@ -369,9 +399,10 @@ def format_table(r: dict) -> str:
     if lc and "unavailable" in lc:
         lines.append(lc["unavailable"])
     elif lc:
+        extra = "" if lc["extra_buffers"] else " (its extra buffer types off: they crash on this file here)"
         lines.append(
-            f"llama.cpp ran the GGUF export ({lc['gguf_type']}); its greedy tokens equal the engine's for "
-            f"{lc.get('same_tokens', 0)} of {n} sequences"
+            f"llama.cpp ran the LM as GGUF {lc['gguf_type']}, the tower f32{extra}; its greedy tokens equal the "
+            f"engine's for {lc.get('same_tokens', 0)} of {n} sequences"
         )
     lines += [
         "",

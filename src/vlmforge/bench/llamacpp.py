@@ -31,16 +31,28 @@ class LlamaCppError(RuntimeError):
 
 class LlamaCpp:
     """An LM (and optionally its projector) loaded in llama.cpp, with room for `n_seq` sequences of
-    `n_ctx` tokens each; `threads` CPU threads for every graph (LM and image encoder)."""
+    `n_ctx` tokens each; `threads` CPU threads for every graph (LM and image encoder).
+    `extra_buffers`: llama.cpp's extra buffer types (weights repacked for the CPU's fastest
+    kernels, AMX tiles), its default; see `extra_buffers_work`."""
 
-    def __init__(self, lm: str | Path, mmproj: str | Path | None = None, n_ctx: int = 512, n_seq: int = 1, threads=2):
+    def __init__(
+        self,
+        lm: str | Path,
+        mmproj: str | Path | None = None,
+        n_ctx: int = 512,
+        n_seq: int = 1,
+        threads: int = 2,
+        extra_buffers: bool = True,
+    ):
         import llama_cpp
         import numpy as np
 
         self._c, self._np = llama_cpp, np
         _quiet()
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(str(lm).encode(), llama_cpp.llama_model_default_params())
+        mp = llama_cpp.llama_model_default_params()
+        mp.use_extra_bufts = extra_buffers
+        self.model = llama_cpp.llama_model_load_from_file(str(lm).encode(), mp)
         if not self.model:
             raise LlamaCppError(f"llama.cpp cannot load {lm}")
         cp = llama_cpp.llama_context_default_params()
@@ -157,3 +169,18 @@ class LlamaCpp:
                 o.append(t)
             pos = [p + 1 for p in pos]
         return out
+
+
+def extra_buffers_work(lm: str | Path, threads: int = 2) -> bool:
+    """Whether llama.cpp survives a decode of `lm` with its extra buffer types, tried in a child
+    process: on some machines their repacked quantized kernels crash the process (a q8_0 file on a
+    virtual CPU that reports AMX), which would take the caller down with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vlmforge.bench.llamacpp import LlamaCpp\n"
+        "with LlamaCpp(sys.argv[1], n_ctx=16, threads=int(sys.argv[2])) as L: L.prefill_text([1, 2, 3, 4])"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(lm), str(threads)], capture_output=True, timeout=300)
+    return done.returncode == 0

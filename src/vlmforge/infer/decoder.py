@@ -37,12 +37,20 @@ class Weight:
     because on CPUs `x @ W` with a contiguous W runs up to 10x faster than `F.linear` for 4 to 16
     rows (with `copy` False: a view, no copy); `Int8Linear`s as their int8 rows and scales, multiplied
     by `quant.int8_matmul`. A copy: the modules are left as they are, so training and saving see
-    no change."""
+    no change.
 
-    def __init__(self, mods: list[nn.Module], extra: list = (), extra_bias: list = (), copy: bool = True):
+    With `pack` (float32 on a CPU with oneDNN), the weight without its extra rows is also kept
+    prepacked in oneDNN's blocked layout, which several rows at once (a batched decode step, a
+    prefill) read at up to 1.6x the rate of the plain layout: `x @ W` at 8 rows costs ~1.6x one
+    row instead of ~3x. One row keeps the plain copy, which reads faster alone."""
+
+    def __init__(
+        self, mods: list[nn.Module], extra: list = (), extra_bias: list = (), copy: bool = True, pack: bool = False
+    ):
         with torch.no_grad():
             self.int8 = type(mods[0]) is Int8Linear
             biases = [m.bias for m in mods] + list(extra_bias)
+            self.main = sum(m.out_features for m in mods)  # outputs before the extra rows
             if self.int8:  # extra: (int8 rows, scales) pairs
                 self.w = torch.cat([m.weight for m in mods] + [e[0] for e in extra])
                 self.scales = torch.cat([m.scales for m in mods] + [e[1] for e in extra])
@@ -55,6 +63,21 @@ class Weight:
             if any(x is not None for x in biases):
                 dtype = torch.float32 if self.int8 else self.w.dtype
                 self.b = torch.cat([(x if x is not None else torch.zeros(n)).to(dtype) for x, n in zip(biases, sizes)])
+            self.packed = self._pack(w[: self.main]) if pack and not self.int8 else None
+
+    @staticmethod
+    def _pack(w: torch.Tensor):
+        """`w` [out, in] in oneDNN's layout for `mkldnn._linear_pointwise`, or None where that is missing."""
+        if w.dtype != torch.float32 or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return None
+        try:
+            return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 8)
+        except (RuntimeError, AttributeError):
+            return None
+
+    def plain_for(self, rows: int) -> bool:
+        """Whether `rows` rows at once take the plain copy (always without a packed one)."""
+        return self.packed is None or rows == 1
 
     def __call__(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -62,14 +85,18 @@ class Weight:
         if self.int8:
             y = int8_matmul(x2, self.w if n is None else self.w[:n], self.scales if n is None else self.scales[:n])
             y = y if b is None else y + b.to(y.dtype)
+        elif not self.plain_for(x2.shape[0]) and (n or self.w.shape[1]) == self.main:
+            bias = None if self.b is None else self.b[: self.main]
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
         else:
             w = self.w if n is None else self.w[:, :n]
             y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
         return y.view(*x.shape[:-1], y.shape[1])
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """h + x @ W^T (x, h: [..., *]), one addmm for a bias-free float weight."""
-        if self.int8 or self.b is not None:
+        """h + x @ W^T (x, h: [..., *]), one addmm for a bias-free float weight read plain."""
+        rows = x.numel() // x.shape[-1]
+        if self.int8 or self.b is not None or not self.plain_for(rows):
             return h + self(x)
         return torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), self.w).view(h.shape)
 
@@ -100,9 +127,9 @@ def _rotated_rows(m: nn.Module, head_dim: int):
 
 def _residual(m: nn.Module, copy: bool):
     """`(x, h) -> h + m(x)`, as one addmm for a plain bias-free `nn.Linear` (x, h: [B, T, *]); with
-    `copy`, on a transposed contiguous copy of the weight (see `Weight`)."""
+    `copy` (CPUs), on a transposed contiguous copy of the weight and a prepacked one (see `Weight`)."""
     if fusable(m):
-        return Weight([m], copy=copy).add
+        return Weight([m], copy=copy, pack=copy).add
     return lambda x, h: h + m(x)
 
 
@@ -149,16 +176,16 @@ class _Layer:
             rot_b = [
                 None if m.bias is None else _rotated(m.bias[:, None], head_dim)[:, 0] for m in (a.q_proj, a.k_proj)
             ]
-            self.w_qkv = Weight([a.q_proj, a.k_proj, a.v_proj], rot, rot_b)
+            self.w_qkv = Weight([a.q_proj, a.k_proj, a.v_proj], rot, rot_b, pack=True)
         elif fuse and fusable(a.q_proj, a.k_proj, a.v_proj):
-            self.w_qkv = Weight([a.q_proj, a.k_proj, a.v_proj])
+            self.w_qkv = Weight([a.q_proj, a.k_proj, a.v_proj], pack=True)
         else:
             self.w_qkv = None
             self.q, self.k, self.v = a.q_proj, a.k_proj, a.v_proj
         self.kv = kv_heads * head_dim
         self.w_gu = None
         if fuse and fusable(mlp.gate_proj, mlp.up_proj):
-            self.w_gu = Weight([mlp.gate_proj, mlp.up_proj])
+            self.w_gu = Weight([mlp.gate_proj, mlp.up_proj], pack=True)
             self.inter = mlp.gate_proj.out_features
         else:
             self.gate, self.up = mlp.gate_proj, mlp.up_proj
@@ -230,7 +257,7 @@ class Decoder:
             if L.xattn is not None and cross_context is not None:
                 h = L.xattn(h, *cross_context)
             x = L.n1(h)
-            fold = L.fold and b * t <= FOLD_ROWS
+            fold = L.fold and b * t <= FOLD_ROWS and L.w_qkv.plain_for(b * t)
             if L.w_qkv is not None:
                 if fold:  # the rotated rows too: rope(x) = x cos + rotate_half(x) sin in three operations
                     y = L.w_qkv(x)

@@ -81,7 +81,7 @@ class Engine:
         self.lm_forward = Decoder(model, self.max_len, fast)
         # the LM head as [D, V], contiguous (a copy; see decoder.Weight for why) on CPUs
         cpu = self.device.type == "cpu" and self.lm_forward.fast
-        self.head_w = Weight([self.head], copy=cpu) if fusable(self.head) else self.head
+        self.head_w = Weight([self.head], copy=cpu, pack=cpu) if fusable(self.head) else self.head
         self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
         self.max_batch, self.max_queue, self.max_prefills = max_batch, max_queue, max_prefills_per_step
         self.prefill_tokens = prefill_tokens
