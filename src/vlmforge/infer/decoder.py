@@ -26,6 +26,10 @@ from vlmforge.model.quant import Int8Linear, int8_matmul
 # Up to this many rows (batch x new tokens) a forward folds the rotation into the projection:
 # below it, operations cost more than the extra matmul columns; above, the other way round.
 FOLD_ROWS = 4
+# A weight of at least this many elements is also kept prepacked (see `Weight`): one that size is
+# read from memory at every step, where the packed layout pays; smaller ones stay in the caches,
+# where the plain matmul is faster (the tiny model's weights).
+PACK_MIN = 1 << 19  # 2 MB of float32, a core's L2 here
 FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
 
@@ -63,7 +67,8 @@ class Weight:
             if any(x is not None for x in biases):
                 dtype = torch.float32 if self.int8 else self.w.dtype
                 self.b = torch.cat([(x if x is not None else torch.zeros(n)).to(dtype) for x, n in zip(biases, sizes)])
-            self.packed = self._pack(w[: self.main]) if pack and not self.int8 else None
+            big = self.main * self.w.shape[0] >= PACK_MIN
+            self.packed = self._pack(w[: self.main]) if pack and big and not self.int8 else None
 
     @staticmethod
     def _pack(w: torch.Tensor):
