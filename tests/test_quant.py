@@ -117,3 +117,17 @@ def test_chat_serves_a_saved_model_with_int8_weights(vlm, tmp_path, capsys):
     )
     int8 = capsys.readouterr().out.strip()
     assert int8 and f32 and int8.split()[:1] == f32.split()[:1], (int8, f32)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 64])
+@pytest.mark.parametrize("width", [128, 344])
+def test_int8_linear_matches_its_dequantized_weight_at_any_width_and_row_count(rows, width):
+    """torch's int8 kernel reads its input in blocks of 16 (a width of 344, the demo LM's MLP, crashed
+    it at 2 rows); a prefill's many rows take another path. All agree with the dequantized weight."""
+    torch.manual_seed(0)
+    linear = nn.Linear(width, 96, bias=True)
+    q = Int8Linear(linear)
+    x = torch.randn(rows, width)
+    want = x @ q.dequantized().t() + linear.bias
+    got = q(x)
+    assert got.shape == (rows, 96) and (got - want).abs().max() <= 0.02 * want.abs().max()

@@ -29,7 +29,8 @@ KERNEL_ROWS = 16
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (weight [N, K] int8 * scales [N])^T -> [M, N] in x's dtype."""
-    if x.device.type == "cpu" and x.shape[0] <= KERNEL_ROWS:
+    # (the kernel reads the input dimension in blocks of 16: another width crashes it beyond one row)
+    if x.device.type == "cpu" and x.shape[0] <= KERNEL_ROWS and x.shape[1] % 16 == 0:
         return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales).to(x.dtype)
     if x.device.type == "cpu":
         y = torch.mm(x.to(torch.bfloat16), weight.to(torch.bfloat16).t())
