@@ -538,3 +538,14 @@ def test_a_report_of_older_rules_says_so_when_read(tmp_path, capsys):
     assert "metrics version 1: other rules than this vlmforge's" in rows[0]["metric"]
     assert rows[1]["metric"] == "f1"
     assert "old.json: scored with metrics version 1" in capsys.readouterr().out
+
+
+def test_qa_files_of_one_name_in_two_folders_are_two_tasks(tmp_path):
+    """`--data test/shapes_qa.json other/shapes_qa.json`: each file its own task (folder_stem), so
+    the second does not resume from the first's saved answers; a name still shared is refused."""
+    from vlmforge.eval.harness import qa_tasks
+
+    tasks = qa_tasks(["a/test/shapes_qa.json", "a/other/shapes_qa.json", "b/text_qa.json"])
+    assert [t.name for t in tasks] == ["test_shapes_qa", "other_shapes_qa", "text_qa"]
+    with pytest.raises(ValueError, match="same task 'x_shapes_qa': a/x/shapes_qa.json and b/x/shapes_qa.json"):
+        qa_tasks(["a/x/shapes_qa.json", "b/x/shapes_qa.json"])

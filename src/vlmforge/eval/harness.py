@@ -376,6 +376,19 @@ def save_report(report: dict, out) -> None:
     atomic_write_text(Path(out) / "report.md", format_markdown(report))
 
 
+def qa_tasks(files: list[str]) -> list[QAFile]:
+    """A task per QA file, named by its file's stem, or by its folder and stem where stems repeat
+    (`test/shapes_qa.json`, `other_96x64/shapes_qa.json`: their answers and scores kept apart)."""
+    paths = [Path(f) for f in files]
+    stems = [p.stem for p in paths]
+    names = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            first = paths[names.index(name)]
+            raise ValueError(f"two QA files would be the same task {name!r}: {first} and {paths[i]}")
+    return [QAFile(p, name) for p, name in zip(paths, names)]
+
+
 def evaluate(
     model: str | None = None,
     data: list[str] | None = None,
@@ -438,7 +451,7 @@ def evaluate(
         raise ValueError("--dtype sets a local model's weights (--model); an --endpoint serves its own")
     if html and not out:
         raise ValueError("--html needs --out DIR (the page shows the answers saved there)")
-    tasks = [b for b in (bench or "").split(",") if b.strip()] + [QAFile(f) for f in data or []]
+    tasks = [b for b in (bench or "").split(",") if b.strip()] + qa_tasks(data or [])
     if endpoint:
         key = api_key or os.environ.get("OPENAI_API_KEY")
         gen = EndpointGenerator(endpoint, endpoint_model, key, max_new_tokens, concurrency)
