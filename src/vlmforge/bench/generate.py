@@ -404,13 +404,6 @@ def format_table(r: dict) -> str:
             f"llama.cpp ran the LM as GGUF {lc['gguf_type']}, the tower f32{extra}; its greedy tokens equal the "
             f"engine's for {lc.get('same_tokens', 0)} of {n} sequences"
         )
-    lines += [
-        "",
-        "| generate (greedy, fixed length) | transformers tok/s | engine tok/s | engine / transformers |",
-        "|---|---:|---:|---:|",
-    ]
-    for key, g in r["generate"].items():
-        lines.append(
-            f"| batch {key[1:]} | {g['hf_tokens_per_s']:.0f} | {g['engine_tokens_per_s']:.0f} | {g['speedup']:.2f}x |"
-        )
-    return "\n".join(lines)
+    from vlmforge.bench.serve import generate_table
+
+    return "\n".join([*lines, "", *generate_table(r["generate"])])

@@ -396,17 +396,24 @@ def _serve_figures(result: dict, model_dir: str, size: int, levels, requests: in
             proc.kill()
 
 
+def generate_table(figures: dict) -> list[str]:
+    """`bench_generate`'s figures as a markdown table's lines."""
+    lines = [
+        "| generate (greedy, fixed length) | transformers tok/s | engine tok/s | engine / transformers |",
+        "|---|---:|---:|---:|",
+    ]
+    for b, g in figures.items():
+        lines.append(
+            f"| batch {b[1:]} | {g['hf_tokens_per_s']:.0f} | {g['engine_tokens_per_s']:.0f} | {g['speedup']:.2f}x |"
+        )
+    return lines
+
+
 def format_table(r: dict) -> str:
     lines = [
         f"model: {r['model']}, {r['visual_tokens_per_image']} visual tokens per image, {r['threads']} torch thread(s)",
         "",
-        "| generate (greedy, fixed length) | transformers tok/s | engine tok/s | engine / transformers |",
-        "|---|---:|---:|---:|",
-    ]
-    for b, g in r["generate"].items():
-        lines.append(
-            f"| batch {b[1:]} | {g['hf_tokens_per_s']:.0f} | {g['engine_tokens_per_s']:.0f} | {g['speedup']:.2f}x |"
-        )
+    ] + generate_table(r["generate"])
     if "serve" in r:
         lines += [
             "",
