@@ -248,9 +248,10 @@ def run(
     repeats: int = 3,
     threads: int | None = None,
 ) -> dict:
-    """The engine's prefill and decode beside the machine's own bounds (measured in the same run),
-    and beside llama.cpp on the same weights, prompts and images; then the engine against
-    transformers' `generate`.
+    """The engine's prefill and decode beside this machine's bounds and beside llama.cpp.
+
+    The bounds are measured in the same run; llama.cpp (`--vs llama.cpp`) runs the same weights,
+    prompts and images; then the engine against transformers' `generate`.
 
     Args:
         model: a vlmforge model folder (default: a model of --preset).

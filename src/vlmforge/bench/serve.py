@@ -329,8 +329,10 @@ def serve(
     serve_tokens: int = 32,
     threads: int | None = None,
 ) -> dict:
-    """`bench generate`, then a live `vlmforge serve`: throughput and p50/p95 latency at 1, 4, 16, 64
-    concurrent clients against one by one, and time to first token for a repeated image vs a new one.
+    """The engine against transformers' `generate`, then a live `vlmforge serve` under many clients.
+
+    Throughput and p50/p95 latency at 1, 4, 16, 64 concurrent clients against one by one, and time
+    to first token for a repeated image against a new one, over HTTP and inside the engine.
 
     Args:
         model: a vlmforge model folder (default: a random-weight model of --preset).
