@@ -73,23 +73,15 @@ def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
 
 # ---- the model's costs ------------------------------------------------------------------------
 def step_bytes(vlm) -> int:
-    """Bytes of LM weights one decode step reads: all of the LM's parameters and buffers as stored,
-    but the input embedding table (a row a token) unless the head shares it."""
-    lm = vlm.causal_lm
-    embed, head = lm.get_input_embeddings().weight, getattr(lm.get_output_embeddings(), "weight", None)
-    seen, total = set(), 0
-    for t in list(lm.parameters()) + list(lm.buffers()):
-        if id(t) in seen or (t is embed and head is not embed) or not t.is_floating_point() and t.dtype != _int8():
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
-
-
-def _int8():
+    """Bytes of LM weights one decode step reads: all of the LM's parameters and buffers as stored
+    (float, or int8 rows), but the input embedding table (a row a token) unless the head shares it."""
     import torch
 
-    return torch.int8
+    lm = vlm.causal_lm
+    embed, head = lm.get_input_embeddings().weight, getattr(lm.get_output_embeddings(), "weight", None)
+    tensors = {id(t): t for t in [*lm.parameters(), *lm.buffers()]}  # shared ones once
+    read = [t for t in tensors.values() if t.is_floating_point() or t.dtype == torch.int8]
+    return sum(t.numel() * t.element_size() for t in read if t is not embed or head is embed)
 
 
 def token_flops(vlm) -> int:
@@ -168,9 +160,8 @@ def llamacpp_obstacle(vlm) -> str | None:
     from vlmforge.export.gguf import mmproj_obstacles
 
     kind = getattr(vlm.causal_lm.config, "model_type", "")
-    problems = ([] if kind == "llama" else [f"LM type {kind!r} (the GGUF export writes Llama LMs)"]) + mmproj_obstacles(
-        vlm
-    )
+    problems = [] if kind == "llama" else [f"LM type {kind!r} (the GGUF export writes Llama LMs)"]
+    problems += mmproj_obstacles(vlm)
     return "; ".join(problems) or None
 
 
