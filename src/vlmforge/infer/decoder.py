@@ -72,7 +72,8 @@ class Weight:
             self.b = None
             if any(x is not None for x in biases):
                 dtype = torch.float32 if self.int8 else self.w.dtype
-                self.b = torch.cat([(x if x is not None else torch.zeros(n)).to(dtype) for x, n in zip(biases, sizes)])
+                zeros = lambda n: torch.zeros(n, device=self.w.device)  # noqa: E731
+                self.b = torch.cat([(x if x is not None else zeros(n)).to(dtype) for x, n in zip(biases, sizes)])
 
     @staticmethod
     def _pack(w: torch.Tensor):
