@@ -63,6 +63,24 @@ def setup(work: Path, preset: str, n_images: int, seed: int = 0, spec: TinySpec 
     return {"data": files[0], "vision": str(bb / "vision"), "lm": str(bb / "lm"), "spec": spec}
 
 
+def random_image(seed: int, size: int):
+    """A `size` x `size` RGB image of uniform noise, the same for the same seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def random_png(seed: int, size: int) -> bytes:
+    """`random_image` encoded as a PNG file's bytes."""
+    import io
+
+    buf = io.BytesIO()
+    random_image(seed, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def memory_mb(field: str = "VmHWM") -> float:
     """This process's peak (`VmHWM`) or current (`VmRSS`) resident memory, in MB, from
     /proc/self/status. (`getrusage`'s ru_maxrss is kept across exec on Linux: a spawned child

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from vlmforge import runtime
+from vlmforge.bench.common import random_png
 from vlmforge.config import check_choice
 from vlmforge.model.quant import WEIGHT_DTYPES
 
@@ -108,12 +109,11 @@ def prefill_flops(engine, prompt: list[int], image) -> int:
 
 
 # ---- the engine's figures ----------------------------------------------------------------------
-def _png(seed: int, size: int) -> bytes:
-    from vlmforge.bench.serve import _image
+def _picture(seed: int, size: int):
+    """`random_png`'s image decoded from its PNG bytes, as a user's file would be."""
+    from PIL import Image
 
-    buf = io.BytesIO()
-    _image(seed, size).save(buf, format="PNG")
-    return buf.getvalue()
+    return Image.open(io.BytesIO(random_png(seed, size))).convert("RGB")
 
 
 def _decode_rate(reqs) -> float:
@@ -133,16 +133,16 @@ def engine_figures(vlm, engine, size: int, tokens: int, batch: int, repeats: int
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     prefill, b1, bn = [], [], []
     for r in range(repeats):
-        png = _png(seed + 1000 * r, size)
+        png = random_png(seed + 1000 * r, size)
         t0 = time.perf_counter()
         image = Image.open(io.BytesIO(png)).convert("RGB")
         req = engine.submit(vlm.build_prompt(QUESTION, images=[image]), [image], SamplingParams(max_tokens=1))
         while not req.done:
             engine.step()
         prefill.append(req.first_token_at - t0)
-        image = Image.open(io.BytesIO(_png(seed + 1000 * r + 1, size))).convert("RGB")
+        image = _picture(seed + 1000 * r + 1, size)
         b1.append(_decode_rate(engine.generate([vlm.build_prompt(QUESTION, images=[image])], [[image]], params)))
-        images = [Image.open(io.BytesIO(_png(seed + 1000 * r + 2 + i, size))).convert("RGB") for i in range(batch)]
+        images = [_picture(seed + 1000 * r + 2 + i, size) for i in range(batch)]
         prompts = [vlm.build_prompt(QUESTION, images=[im]) for im in images]
         reqs = engine.generate(prompts, [[im] for im in images], params)
         bn.append(_decode_rate(reqs))
@@ -202,17 +202,17 @@ def llamacpp_figures(vlm, files: tuple[Path, Path], size: int, tokens: int, batc
         times, b1, bn, last = [], [], [], []
         for r in range(repeats):
             L.clear()
-            png = _png(seed + 1000 * r, size)
+            png = random_png(seed + 1000 * r, size)
             t0 = time.perf_counter()
             prefill(png)
             times.append(time.perf_counter() - t0)
             L.clear()
-            first, pos = prefill(_png(seed + 1000 * r + 1, size))
+            first, pos = prefill(random_png(seed + 1000 * r + 1, size))
             t0 = time.perf_counter()
             L.greedy([first], [pos], tokens)
             b1.append((tokens - 1) / (time.perf_counter() - t0))
             L.clear()
-            started = [prefill(_png(seed + 1000 * r + 2 + i, size), i) for i in range(batch)]
+            started = [prefill(random_png(seed + 1000 * r + 2 + i, size), i) for i in range(batch)]
             t0 = time.perf_counter()
             last = L.greedy([f for f, _ in started], [p for _, p in started], tokens)
             bn.append(batch * (tokens - 1) / (time.perf_counter() - t0))
@@ -266,7 +266,6 @@ def run(
 
 
 def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dict:
-    from PIL import Image
 
     from vlmforge.bench import publish
     from vlmforge.bench.serve import bench_generate, bench_model
@@ -277,7 +276,7 @@ def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dic
     model_dir = model or bench_model(Path(work), preset)
     vlm = VLM.from_pretrained(model_dir).eval()
     size = vlm.processor.size
-    probe = Image.open(io.BytesIO(_png(7, size))).convert("RGB")
+    probe = _picture(7, size)
     # counted on the plain forward (the same arithmetic; FlopCounterMode does not see oneDNN's packed calls)
     plain = Engine(vlm, prefix_cache_tokens=0, fast=False)
     flops = prefill_flops(plain, vlm.build_prompt(QUESTION, images=[probe]), probe)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import os
 import socket
@@ -36,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vlmforge import runtime
+from vlmforge.bench.common import random_image, random_png
 
 QUESTIONS = [
     "What is in the picture?",
@@ -71,20 +71,6 @@ def bench_model(work: Path, preset: str) -> str:
     return str(out)
 
 
-def _image(seed: int, size: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def _png(seed: int, size: int) -> bytes:
-    buf = io.BytesIO()
-    _image(seed, size).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ---- generate ---------------------------------------------------------------------------------
 def hf_generate(model, prompts: list[list[int]], images: list, tokens: int) -> int:
     """transformers' `generate` on the VLM's embeddings (left-padded), exactly `tokens` new tokens."""
@@ -104,7 +90,7 @@ def bench_generate(model, tokens: int = 64, repeats: int = 5, batches=(1, 8)) ->
     engine = Engine(model, prefix_cache_tokens=0, feature_cache=1)  # no help from caches: same work as HF
     out = {}
     for b in batches:
-        images = [_image(1000 + i, size) for i in range(b)]
+        images = [random_image(1000 + i, size) for i in range(b)]
         prompts = [model.build_prompt(QUESTIONS[i % len(QUESTIONS)], images=[im]) for i, im in enumerate(images)]
         params = SamplingParams(max_tokens=tokens, ignore_eos=True)
 
@@ -189,6 +175,11 @@ def _body(png: bytes, question: str, tokens: int) -> dict:
     }
 
 
+def _bodies(seed: int, size: int, n: int, tokens: int) -> list[dict]:
+    """`n` requests, each with a new image (seeds `seed`, `seed + 1`, ...) and one of the questions."""
+    return [_body(random_png(seed + i, size), QUESTIONS[i % len(QUESTIONS)], tokens) for i in range(n)]
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
@@ -243,9 +234,7 @@ def bench_serve_levels(port: int, size: int, levels=(1, 4, 16, 64), requests: in
 
     out = {}
     for li, level in enumerate(tqdm(levels, desc="bench serve", unit="level")):
-        bodies = [
-            _body(_png(10_000 * (li + 1) + i, size), QUESTIONS[i % len(QUESTIONS)], tokens) for i in range(requests)
-        ]
+        bodies = _bodies(10_000 * (li + 1), size, requests, tokens)
         local = threading.local()
 
         def send(body, local=local):
@@ -255,9 +244,7 @@ def bench_serve_levels(port: int, size: int, levels=(1, 4, 16, 64), requests: in
 
         with ThreadPoolExecutor(level) as pool:
             list(pool.map(send, bodies[:level]))  # warm the connections (not timed)
-            bodies = [
-                _body(_png(20_000 * (li + 1) + i, size), QUESTIONS[i % len(QUESTIONS)], tokens) for i in range(requests)
-            ]
+            bodies = _bodies(20_000 * (li + 1), size, requests, tokens)
             t0 = time.perf_counter()
             results = list(pool.map(send, bodies))
             wall = time.perf_counter() - t0
@@ -290,9 +277,9 @@ def engine_ttft(model, n: int = 12) -> dict:
             engine.step()
         return req.ttft
 
-    first(_image(70_000, size), "Warm up.")
-    new = [first(_image(80_000 + i, size), f"{QUESTIONS[i % len(QUESTIONS)]} ({i})") for i in range(n)]
-    seen = _image(90_000, size)
+    first(random_image(70_000, size), "Warm up.")
+    new = [first(random_image(80_000 + i, size), f"{QUESTIONS[i % len(QUESTIONS)]} ({i})") for i in range(n)]
+    seen = random_image(90_000, size)
     first(seen, "Look at this picture.")
     repeat = [first(seen, f"{QUESTIONS[i % len(QUESTIONS)]} ({i})") for i in range(n)]
     return {
@@ -305,8 +292,8 @@ def engine_ttft(model, n: int = 12) -> dict:
 
 def bench_ttft(port: int, size: int, n: int = 12, tokens: int = 4) -> dict:
     client = _Client(port)
-    new = [client.first_token(_body(_png(50_000 + i, size), QUESTIONS[i % len(QUESTIONS)], tokens)) for i in range(n)]
-    seen = _png(60_000, size)
+    new = [client.first_token(body) for body in _bodies(50_000, size, n, tokens)]
+    seen = random_png(60_000, size)
     client.first_token(_body(seen, "Look at this picture.", tokens))  # the image, sent once
     repeat = [client.first_token(_body(seen, f"{QUESTIONS[i % len(QUESTIONS)]} ({i})", tokens)) for i in range(n)]
     return {
