@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import fields
 
 from vlmforge import runtime
 from vlmforge.infer.engine import Engine
@@ -56,21 +57,14 @@ def serve(
         dtype: the LM's weights as served: float32 (as saved), bfloat16, or int8 (weight-only, one scale
             per output row, torch's int8 kernel; the vision tower and connector stay float32).
     """
+    flags = locals()
     from pathlib import Path
 
     import uvicorn
 
     from vlmforge.model.quant import load
 
-    limits = ServeLimits(
-        max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels,
-        max_images=max_images,
-        max_body_bytes=max_body_bytes,
-        max_depth=max_depth,
-        default_max_tokens=default_max_tokens,
-        allow_remote_images=allow_remote_images,
-    )
+    limits = ServeLimits(**{f.name: flags[f.name] for f in fields(ServeLimits) if f.name in flags})
     api_key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
     engine = Engine(load(model, dtype), max_batch=max_batch, max_queue=max_queue)
     server = Server(engine, name or Path(model).resolve().name, limits, api_key, drain_seconds)
