@@ -21,9 +21,9 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt scripts/setup.
 demo: setup
 	$(BIN)/vlmforge demo --out runs/demo
 
-# everything (what CI runs)
+# everything (what CI runs), with the 15 slowest tests named at the end
 test: setup-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=15
 
 # all but the slow, llama.cpp, browser and multi-process tests: what to run between edits
 test-fast: setup-test
