@@ -131,3 +131,19 @@ def test_int8_linear_matches_its_dequantized_weight_at_any_width_and_row_count(r
     want = x @ q.dequantized().t() + linear.bias
     got = q(x)
     assert got.shape == (rows, 96) and (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_one_fused_weight_of_a_biased_and_an_unbiased_projection_equals_the_two(int8):
+    """`decoder.Weight` fuses projections whose biases differ (one missing: zeros in its place), float or int8."""
+    from vlmforge.infer.decoder import Weight
+
+    torch.manual_seed(0)
+    mods = [nn.Linear(64, 32, bias=True), nn.Linear(64, 48, bias=False)]
+    if int8:
+        mods = [Int8Linear(m) for m in mods]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = torch.cat([m(x) for m in mods], dim=-1)
+        got = Weight(mods)(x)
+    assert got.shape == (3, 80) and (got - want).abs().max() <= 0.02 * want.abs().max()

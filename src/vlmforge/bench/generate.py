@@ -266,7 +266,6 @@ def run(
 
 
 def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dict:
-
     from vlmforge.bench import publish
     from vlmforge.bench.serve import bench_generate, bench_model
     from vlmforge.infer.engine import Engine

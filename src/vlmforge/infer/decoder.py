@@ -72,8 +72,10 @@ class Weight:
             self.b = None
             if any(x is not None for x in biases):
                 dtype = torch.float32 if self.int8 else self.w.dtype
-                zeros = lambda n: torch.zeros(n, device=self.w.device)  # noqa: E731
-                self.b = torch.cat([(x if x is not None else zeros(n)).to(dtype) for x, n in zip(biases, sizes)])
+                parts = [
+                    x.to(dtype) if x is not None else self.w.new_zeros(n, dtype=dtype) for x, n in zip(biases, sizes)
+                ]
+                self.b = torch.cat(parts)
 
     @staticmethod
     def _pack(w: torch.Tensor):
