@@ -102,14 +102,20 @@ def test_interrupted_run_resumes_exactly(model_cfg, data_dir, tmp_path, monkeypa
 
 
 def sigkill_and_resume(cmd, tmp_path, at_step: int = 6):
-    """Run `cmd(out, *extra)` (a `vlmforge train` command line) to the end; run it again, SIGKILL it
-    once its checkpoint is at step `at_step` or later, then `--resume`: the final weights must be,
-    bit for bit, those of the uninterrupted run."""
+    """Run `cmd(out, *extra)` (a `python -m vlmforge train` command line) to the end; run it again
+    as a process of its own, SIGKILL it once its checkpoint is at step `at_step` or later, then
+    `--resume`: the final weights must be, bit for bit, those of the uninterrupted run. The run to
+    the end and the resumed one go through the same command line in this process."""
     import signal
     import subprocess
     import time
 
-    subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True)
+    from vlmforge.cli import main
+
+    def here(argv):
+        main(argv[argv.index("vlmforge") + 1 :])
+
+    here(cmd(tmp_path / "full"))
     proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "cut" / "checkpoint" / "state.json"
     deadline = time.time() + 120
@@ -126,7 +132,7 @@ def sigkill_and_resume(cmd, tmp_path, at_step: int = 6):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut" / "model").exists()
-    subprocess.run(cmd(tmp_path / "cut", "--resume", "true"), check=True, capture_output=True)
+    here(cmd(tmp_path / "cut", "--resume", "true"))
     full, cut = VLM.from_pretrained(tmp_path / "full" / "model"), VLM.from_pretrained(tmp_path / "cut" / "model")
     for (name, a), b in zip(full.named_parameters(), cut.parameters()):
         assert torch.equal(a, b), name
@@ -153,7 +159,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(model_cfg, data_dir, tmp_path
             "--train.batch_size",
             "8",
             "--train.max_steps",
-            "60",
+            "30",
             "--train.epochs",
             "20",
             "--train.save_every",
