@@ -5,7 +5,6 @@ engine against `generate`, save and load, and the export to transformers' LLaVA 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def real(backbones, data_dir, tmp_path_factory):
         stage="align",
         data=[str(data_dir / "shapes_captions.json")],
         out=str(out / "align"),
-        batch_size=8,
+        batch_size=4,
         max_steps=12,
         epochs=10,
         lr=2e-3,
@@ -47,8 +46,8 @@ def real(backbones, data_dir, tmp_path_factory):
 
 
 def test_the_real_chat_template_labels_exactly_the_assistant_turns(real):
-    cfg, _, _ = real
-    vlm = VLM.from_backbones(dataclasses.replace(cfg))
+    _, model_dir, _ = real
+    vlm = VLM.from_pretrained(model_dir)  # built from the GGUF file by the fixture, saved with its tokenizer
     assert type(vlm.causal_lm).__name__ == "LlamaForCausalLM" and vlm.causal_lm.config.hidden_size == 576
     assert "<|im_start|>" in vlm.tokenizer.chat_template  # the file's own template (ChatML)
     messages = [
@@ -165,6 +164,7 @@ def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, 
 
     _, model_dir, _ = real
     export(str(model_dir), str(tmp_path / "g"), "gguf", gguf_type=gguf_type)
+    assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # and the tower's projector file beside it
     vlm = VLM.from_pretrained(model_dir)
     prompts = [vlm.build_prompt(q, 0) for q in QUESTIONS]
     ours = [r.tokens for r in Engine(vlm).generate(prompts, None, SamplingParams(max_tokens=12, ignore_eos=True))]
@@ -216,26 +216,21 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     from vlmforge.infer.request import SamplingParams
 
     _, model_dir, _ = real
-    export(str(model_dir), str(tmp_path / "g"), "gguf", gguf_type=gguf_type)
     vlm = VLM.from_pretrained(model_dir)
     with torch.no_grad():  # a connector whose visual tokens sway the answers (12 align steps barely do)
         for p in vlm.connector.parameters():
             p.mul_(8.0)
+    images = sorted((data_dir / "images").glob("shapes_*.png"))[:20]
+    assert {load_image(p).size for p in images} == {(32, 32)} and vlm.processor.size == 32
+    ids = vlm.build_prompt("Describe the image.", 1)
+    greedy = SamplingParams(max_tokens=10, ignore_eos=True)
     if tower:
         from vlmforge.config import TrainConfig
         from vlmforge.train.stages import apply_stage
 
-        engine = Engine(vlm)
-        before = [
-            engine.generate(
-                [vlm.build_prompt("Describe the image.", 1)],
-                [[load_image(p)]],
-                SamplingParams(max_tokens=10, ignore_eos=True),
-            )[0].tokens
-            for p in sorted((data_dir / "images").glob("shapes_*.png"))[:20]
-        ]
+        before = [r.tokens for r in Engine(vlm).generate([ids] * 20, [[load_image(p)] for p in images], greedy)]
+        torch.manual_seed(0)  # the adapters' A and B drawn the same whatever ran before
         apply_stage(vlm, TrainConfig(stage="sft", lm_mode="frozen", vision_mode="lora", lora_r=4))
-        torch.manual_seed(0)
         with torch.no_grad():
             for n, p in vlm.vision.named_parameters():
                 if "lora_B" in n:
@@ -243,14 +238,7 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
         vlm.eval()
     vlm.save_pretrained(tmp_path / "m")
     export(str(tmp_path / "m"), str(tmp_path / "g8"), "gguf", gguf_type=gguf_type)
-    images = sorted((data_dir / "images").glob("shapes_*.png"))[:20]
-    assert {load_image(p).size for p in images} == {(32, 32)} and vlm.processor.size == 32
-    ids = vlm.build_prompt("Describe the image.", 1)
-    engine = Engine(vlm)
-    ours = [
-        engine.generate([ids], [[load_image(p)]], SamplingParams(max_tokens=10, ignore_eos=True))[0].tokens
-        for p in images
-    ]
+    ours = [r.tokens for r in Engine(vlm).generate([ids] * 20, [[load_image(p)] for p in images], greedy)]  # one batch
     pad = vlm.tokenizer.convert_ids_to_tokens(vlm.image_token_id) * vlm.tokens_per_image
     text = vlm.tokenizer.decode(ids)
     assert text.count(pad) == 1
@@ -268,7 +256,6 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     assert same >= needed, [
         (p.name, vlm.tokenizer.decode(a), vlm.tokenizer.decode(b)) for p, a, b in zip(images, theirs, ours) if a != b
     ]
-    assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # the trained model's own projector file
 
 
 def test_a_missing_or_damaged_gguf_file_is_one_line_naming_it(backbones, data_dir, tmp_path, capsys):
