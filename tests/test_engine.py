@@ -60,6 +60,48 @@ def test_kv_cache_output_equals_no_cache_output(vlm, fast):
         assert r.finish_reason == "length" and len(r.tokens) == 12
 
 
+def recording(engine) -> list[torch.Tensor]:
+    """The logits of every token the engine picks, in order (appended as it runs)."""
+    seen, sample = [], engine._sample
+
+    def record(logits, reqs):
+        seen.append(logits.clone())
+        return sample(logits, reqs)
+
+    engine._sample = record
+    return seen
+
+
+def test_compiled_decode_step_equals_the_eager_one(vlm):
+    """`compile=True`: one sequence's steps go through the compiled graph and give the eager engine's
+    logits (to 1e-5 of their range) and tokens (sampled with a seed: varied tokens), across the
+    cache's growth (40 tokens: its length doubles twice) and after a batch (eager) has widened the
+    cache's slots; the cross-attention LM is refused by name and runs eager."""
+    eng = Engine(vlm, compile=True, prefix_cache_tokens=0)
+    step = eng.lm_forward.compiled
+    if vlm.cross_attention:
+        assert step is None and "cross-attention" in eng.lm_forward.why_not_compiled
+    else:
+        assert step is not None
+    p = prompts(vlm, QUESTIONS[:2])
+    imgs = [[image("red")], [image("blue")]]
+    params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=1.0, seed=3)
+    eager = Engine(vlm, prefix_cache_tokens=0)
+    ours, theirs = recording(eng), recording(eager)
+    one = eng.generate(p[:1], imgs[:1], params)[0]
+    assert one.tokens == eager.generate(p[:1], imgs[:1], params)[0].tokens
+    both = eng.generate(p, imgs, params)
+    assert [r.tokens for r in both] == [r.tokens for r in eager.generate(p, imgs, params)]
+    again = eng.generate(p[1:], imgs[1:], params)[0]
+    assert again.tokens == both[1].tokens == eager.generate(p[1:], imgs[1:], params)[0].tokens
+    assert len(set(one.tokens)) > 10  # answers that vary token to token
+    assert len(ours) == len(theirs) == 40 + 40 + 40
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max() <= 1e-5 * (b.max() - b.min())
+    if step is not None:
+        assert step.steps == 2 * 39  # the two single answers' steps after their first token, no batch's
+
+
 def test_batched_equals_one_by_one_and_hf_generate(vlm):
     p = prompts(vlm, QUESTIONS)  # different lengths: slots at different positions
     imgs = [[image(c)] for c in COLORS[:4]]

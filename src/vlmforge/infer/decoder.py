@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmforge.infer.compiled import CompiledStep, eligible
 from vlmforge.model.quant import Int8Linear, int8_matmul
 
 # Up to this many rows (batch x new tokens) a forward folds the rotation into the projection:
@@ -177,6 +178,8 @@ class _Layer:
 
     def __init__(self, layer, heads: int, kv_heads: int, head_dim: int, xattn, fuse: bool):
         a, mlp = layer.self_attn, layer.mlp
+        self.attn, self.mlp = a, mlp  # the modules as they are (the compiled step reads them)
+        self.linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         self.n1, self.n2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
         self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
@@ -209,14 +212,17 @@ class Decoder:
     """`forward(embeds [B, T, D], positions [B, T], mask [B, 1, T, L] or None, cache, cross_context)`
     → last hidden states [B, T, D]."""
 
-    def __init__(self, model, max_len: int, fast: bool | None = None):
+    def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False):
         lm = model.causal_lm
+        self.compiled, self.why_not_compiled = None, "not asked for"
+
         self.hf = lm.get_decoder()
         self.bridge = model.connector if model.cross_attention else None
         reason = fast_path_reason(lm.config, max_len)
         self.fast = reason is None if fast is None else fast
         self.why_slow = reason
         if not self.fast:
+            self.why_not_compiled = f"the lean forward does not run it ({reason})" if compile else self.why_not_compiled
             return
         cfg = lm.config
         self.heads = cfg.num_attention_heads
@@ -237,6 +243,10 @@ class Decoder:
             for i, layer in enumerate(self.hf.layers[: cfg.num_hidden_layers])
         ]
         self.norm = _rms(self.hf.norm)
+        if compile:
+            self.why_not_compiled = eligible(self.layers, param.dtype, param.device)
+            if self.why_not_compiled is None:
+                self.compiled = CompiledStep(self, lm.get_output_embeddings())
 
     def forward(self, embeds, positions, mask, cache, cross_context=None) -> torch.Tensor:
         """`positions`: [B, T] tensor, or an int when T is 1 and every row is at that position."""
@@ -253,6 +263,8 @@ class Decoder:
                     use_cache=True,
                 ).last_hidden_state
         b, t, _ = embeds.shape
+        if self.compiled is not None and b == t == 1 and isinstance(positions, int) and mask is None:
+            return self.compiled(embeds, positions, cache)
         hd, nh = self.head_dim, self.heads
         if isinstance(positions, int):  # one new token per row, all at this position
             cos = self.cos[positions : positions + 1, None]  # [1, 1, hd]: broadcast over [B, T, H, hd]

@@ -53,6 +53,8 @@ class Engine:
         max_prefills_per_step: new requests admitted (prefilled together) between two decode steps.
         prefill_tokens: prompt tokens prefilled together at most (one request always goes).
         fast: the lean Llama-family forward (`decoder.Decoder`); None: wherever it applies.
+        compile: one sequence's decode step as one compiled graph (`infer/compiled.py`: float32 on
+            CPUs, the lean forward's LMs; its first step compiles for about a minute).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class Engine:
         max_prefills_per_step: int = 16,
         prefill_tokens: int = 8192,
         fast: bool | None = None,
+        compile: bool = False,
     ):
         self.model = model.eval()
         lm = model.causal_lm
@@ -78,7 +81,7 @@ class Engine:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.lm_forward = Decoder(model, self.max_len, fast)
+        self.lm_forward = Decoder(model, self.max_len, fast, compile)
         # the LM head as [D, V], contiguous (a copy; see decoder.Weight for why) on CPUs
         cpu = self.device.type == "cpu" and self.lm_forward.fast
         self.head_w = Weight([self.head], copy=cpu, pack=cpu) if fusable(self.head) else self.head
@@ -144,6 +147,12 @@ class Engine:
             self.live.add(req)
             self._lock.notify()
         return req
+
+    def warm_up(self) -> None:
+        """Compile the decode step now (`compile=True`) with one short answer to a text-only
+        question, so that no request waits for it; nothing to do otherwise."""
+        if self.lm_forward.compiled is not None:
+            self.generate([self.model.build_prompt("hello", 0)], [[]], SamplingParams(max_tokens=4, ignore_eos=True))
 
     def generate(
         self, prompts: list[list[int]], images: list[list] | None = None, params: SamplingParams | None = None
@@ -352,7 +361,9 @@ class Engine:
             self._accept(i, nxt[i])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V], float32
-        return self.head_w(hidden).float()
+        compiled = self.lm_forward.compiled
+        logits = compiled.logits(hidden) if compiled is not None else None
+        return (self.head_w(hidden) if logits is None else logits).float()
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         return sample(logits, [r.params for r in reqs], [r.generator for r in reqs])

@@ -22,6 +22,7 @@ class SlotCache:
         self.slots, self.length = 0, 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.k_all = self.v_all = None  # [layers, slots, kv_heads, length, head_dim]: k[i] is k_all[i]
         self._mode: tuple = ()
         self._flat = None  # (positions, flat row indices) of the current decode step
 
@@ -34,15 +35,13 @@ class SlotCache:
         new_l = max(length, 2 * self.length, BLOCK) if length > self.length else self.length
         if max_length:
             new_l = max(min(new_l, max_length), length)
-        shape = (new_s, self.kv_heads, new_l, self.head_dim)
-        for buffers in (self.k, self.v):
-            for i in range(self.layers):
-                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if i < len(buffers):
-                    fresh[: self.slots, :, : self.length] = buffers[i]
-                    buffers[i] = fresh
-                else:
-                    buffers.append(fresh)
+        shape = (self.layers, new_s, self.kv_heads, new_l, self.head_dim)
+        for name in ("k", "v"):  # one tensor per kind; the per-layer buffers are its views
+            fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.slots:
+                fresh[:, : self.slots, :, : self.length] = getattr(self, f"{name}_all")
+            setattr(self, f"{name}_all", fresh)
+            setattr(self, name, list(fresh.unbind(0)))
         self.slots, self.length = new_s, new_l
 
     def prefill(self, slot: int, starts: list[int], lengths: list[int]) -> None:

@@ -1,0 +1,111 @@
+"""One sequence's decode step as one compiled graph (`Engine(compile=True)`, CPUs, float32).
+
+At one token a step, a decode step reads every weight once and does little else, so its speed is
+the rate at which it streams the weights. Eager PyTorch loses twice there: its one-row matmul reads
+float32 weights at 12-20 GB/s on a CPU that sums a buffer at ~30, and the ~15 small operations of
+each layer cost their dispatch. Here every layer is written as reductions that Inductor turns into
+C++ loops of its own: each projection `(W * x).sum(-1)` over the weight's rows as stored (no copy),
+the norms, the rotation and the attention fused around them, and the step's wrapper in C++
+(`cpp_wrapper`), so nothing runs in Python between the layers. The keys and values are only read
+inside the graph (a write to an input would copy the whole buffer): attention covers the cached
+positions and the new token apart, and the step returns the new keys and values for the caller to
+write. The LM head is the graph's last reduction.
+
+Built by `Decoder` where `eligible` says so; used for a step of one sequence and one new token.
+The first call compiles (about a minute for a 30-layer LM on a 2-core machine; Inductor keeps the
+result in its cache directory, so later processes load it in seconds); sequences of any length
+share the graph (the cache's length is a dynamic dimension).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def eligible(layers, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the compiled step cannot run these `decoder._Layer`s (None: it can)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return f"{device.type} {dtype} (the compiled step is for float32 on CPUs)"
+    for layer in layers:
+        if layer.xattn is not None or layer.q_norm is not None:
+            return "cross-attention or per-head q/k norms"
+        if not all(type(m) is nn.Linear for m in layer.linears):
+            return "adapted or quantized projections"
+    return None
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [1, in] @ w[out, in]^T as a reduction over w's rows (read once, as stored)."""
+    y = (w * x).sum(-1)[None]
+    return y if b is None else y + b
+
+
+class _Graph(nn.Module):
+    """The layers' formula on the model's own weights (`decoder.Decoder` holds the same one, eager)."""
+
+    def __init__(self, decoder, head: nn.Module):
+        super().__init__()
+        self.decoder, self.head = decoder, head
+
+    def forward(self, x, pos, keys: torch.Tensor, values: torch.Tensor):
+        """x [1, D]; pos [1] (the new token's position); keys/values [layers, kv_heads, length, head_dim]
+        → (the final norm's output [1, D], its logits [1, V], new keys [layers, kv_heads, head_dim], new values)."""
+        d = self.decoder
+        hd, nh, nkv = d.head_dim, d.heads, d.kv_heads
+        g, half = nh // nkv, hd // 2
+        cos, sin = d.cos[pos], d.sin[pos]  # [1, hd]
+        earlier = torch.arange(keys.shape[2])[None, None, :] < pos  # [1, 1, length]
+        hide = torch.where(earlier, 0.0, float("-inf"))[:, :, None]  # [1, 1, 1, length] over [kv, g, 1, L]
+        new_k, new_v = [], []
+        for i, L in enumerate(d.layers):
+            a, mlp = L.attn, L.mlp
+            x1 = L.n1(x)
+            q = _project(x1, a.q_proj.weight, a.q_proj.bias).view(nh, hd)
+            k = _project(x1, a.k_proj.weight, a.k_proj.bias).view(nkv, hd)
+            v = _project(x1, a.v_proj.weight, a.v_proj.bias).view(nkv, hd)
+            q = q * cos + torch.cat((-q[:, half:], q[:, :half]), -1) * sin
+            k = k * cos + torch.cat((-k[:, half:], k[:, :half]), -1) * sin
+            new_k.append(k)
+            new_v.append(v)
+            qg = (q * L.scale).view(nkv, g, 1, hd)
+            s_old = qg @ keys[i][:, None].transpose(-1, -2) + hide[0]  # [kv, g, 1, length]
+            s_new = (qg * k[:, None, None]).sum(-1, keepdim=True)  # [kv, g, 1, 1]
+            top = torch.maximum(s_old.amax(-1, keepdim=True), s_new)
+            p_old, p_new = torch.exp(s_old - top), torch.exp(s_new - top)
+            att = (p_old @ values[i][:, None] + p_new * v[:, None, None]) / (p_old.sum(-1, keepdim=True) + p_new)
+            x = x + _project(att.reshape(1, nh * hd), a.o_proj.weight, a.o_proj.bias)
+            x2 = L.n2(x)
+            gate = _project(x2, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            up = _project(x2, mlp.up_proj.weight, mlp.up_proj.bias)
+            x = x + _project(L.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = d.norm(x)
+        return x, _project(x, self.head.weight, self.head.bias), torch.stack(new_k), torch.stack(new_v)
+
+
+class CompiledStep:
+    """`step(embeds [1, 1, D], position, cache)` → the final norm's output [1, 1, D], the new
+    token's keys and values written to the cache's slot 0 (where the one running sequence is);
+    `logits(hidden)` → the LM head's output, computed in the same graph."""
+
+    def __init__(self, decoder, head: nn.Module):
+        self.graph = torch.compile(_Graph(decoder, head), fullgraph=True, options={"cpp_wrapper": True})
+        self.steps = 0  # steps taken through the graph
+        self._last = None  # (the last step's output, its logits)
+
+    def __call__(self, embeds: torch.Tensor, position: int, cache) -> torch.Tensor:
+        keys, values = cache.k_all[:, 0], cache.v_all[:, 0]
+        for t in (keys, values):  # one graph for every cache length
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        h, logits, new_k, new_v = self.graph(embeds[0], torch.tensor([position]), keys, values)
+        keys[:, :, position] = new_k
+        values[:, :, position] = new_v
+        self.steps += 1
+        self._last = (h, logits)
+        return h[None]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits [1, V] of the hidden state [1, D] the last step returned (None for any other)."""
+        if self._last is None or hidden.data_ptr() != self._last[0].data_ptr():
+            return None
+        return self._last[1]
