@@ -238,6 +238,7 @@ def run(
     batch: int = 8,
     repeats: int = 3,
     threads: int | None = None,
+    compile: bool = False,
 ) -> dict:
     """The engine's prefill and decode beside this machine's bounds and beside llama.cpp.
 
@@ -257,15 +258,17 @@ def run(
         batch: sequences decoded together in the batched figures.
         repeats: runs per figure (medians are reported).
         threads: torch CPU threads, and llama.cpp's (default: torch's).
+        compile: the engine's one-sequence decode step as one compiled graph (`Engine(compile=True)`;
+            compiled before the timing starts, and said in the table).
     """
     check_choice("weights dtype", dtype, WEIGHT_DTYPES)
     if vs is not None:
         check_choice("--vs", vs, VS)
     with runtime.threads(threads):
-        return _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats)
+        return _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats, compile)
 
 
-def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dict:
+def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats, compile) -> dict:
     from vlmforge.bench import publish
     from vlmforge.bench.serve import bench_generate, bench_model
     from vlmforge.infer.engine import Engine
@@ -284,7 +287,8 @@ def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dic
         files = write_gguf(vlm, model_dir, dtype, Path(tmp)) if vs and not unavailable else None
         quantize(vlm, dtype)
         result = _costs(vlm, model_dir if model else f"preset {preset}", dtype, flops, tokens, batch)
-        engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1)  # no help from caches
+        engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1, compile=compile)  # no help from caches
+        result["compiled"] = _compiled(engine) if compile else None
         result["engine"], ours = engine_figures(vlm, engine, size, tokens, batch, repeats, seed=3000)
         if files:
             figures, theirs = llamacpp_figures(vlm, files, size, tokens, batch, repeats, seed=3000)
@@ -295,6 +299,15 @@ def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats) -> dic
     result["generate"] = bench_generate(vlm, tokens, repeats)
     _fractions(result)
     return publish(result, format_table(result), out)
+
+
+def _compiled(engine) -> str:
+    """Compile the engine's decode step (one short answer) before anything is timed; what happened."""
+    if engine.lm_forward.compiled is None:
+        return f"not compiled: {engine.lm_forward.why_not_compiled}"
+    t0 = time.perf_counter()
+    engine.warm_up()
+    return f"compiled (first answer {time.perf_counter() - t0:.0f} s, the compilation included)"
 
 
 def _llamacpp_unavailable(vlm) -> str | None:
@@ -373,6 +386,8 @@ def format_table(r: dict) -> str:
         f"{c['token_flops'] / 1e9:.3f} GFLOP per token; prefill with the image {c['prefill_flops'] / 1e9:.2f} GFLOP",
         "",
     ]
+    if r.get("compiled"):
+        lines.insert(-1, f"engine's one-sequence decode step: {r['compiled']}")
     sides = [s for s in ("engine", "llama.cpp") if s in r and "unavailable" not in r[s]]
     head = "| | " + " | ".join(f"{s} | of bound" for s in sides) + " | bound |"
     lines += [head, "|---|" + "---:|" * (2 * len(sides) + 1)]

@@ -29,6 +29,7 @@ def serve(
     max_queue: int = 256,
     drain_seconds: float = 10.0,
     dtype: str = "float32",
+    compile: bool = False,
 ) -> None:
     """Serve a model with the OpenAI chat-completions API (/v1/chat/completions, /v1/models, /health).
 
@@ -56,6 +57,8 @@ def serve(
         drain_seconds: on shutdown, how long running requests may finish before they are ended.
         dtype: the LM's weights as served: float32 (as saved), bfloat16, or int8 (weight-only, one scale
             per output row, torch's int8 kernel; the vision tower and connector stay float32).
+        compile: decode one sequence at a time through one compiled graph (float32 on CPUs, Llama-family
+            LMs: see docs/engine.md); compiled before the server listens (about a minute the first time).
     """
     flags = locals()
     from pathlib import Path
@@ -66,7 +69,11 @@ def serve(
 
     limits = ServeLimits(**{f.name: flags[f.name] for f in fields(ServeLimits) if f.name in flags})
     api_key = api_key or os.environ.get("VLMFORGE_API_KEY") or None
-    engine = Engine(load(model, dtype), max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(load(model, dtype), max_batch=max_batch, max_queue=max_queue, compile=compile)
+    if compile:
+        why = engine.lm_forward.why_not_compiled
+        print("vlmforge serve: compiling the decode step" if why is None else f"vlmforge serve: not compiled: {why}")
+        engine.warm_up()
     server = Server(engine, name or Path(model).resolve().name, limits, api_key, drain_seconds)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=drain_seconds + 5)
     sock = listen(host, port)
