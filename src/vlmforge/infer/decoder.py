@@ -215,14 +215,14 @@ class Decoder:
     def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False):
         lm = model.causal_lm
         self.compiled, self.why_not_compiled = None, "not asked for"
-
         self.hf = lm.get_decoder()
         self.bridge = model.connector if model.cross_attention else None
         reason = fast_path_reason(lm.config, max_len)
         self.fast = reason is None if fast is None else fast
         self.why_slow = reason
         if not self.fast:
-            self.why_not_compiled = f"the lean forward does not run it ({reason})" if compile else self.why_not_compiled
+            if compile:
+                self.why_not_compiled = f"the lean forward does not run it ({reason})"
             return
         cfg = lm.config
         self.heads = cfg.num_attention_heads

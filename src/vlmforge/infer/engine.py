@@ -54,7 +54,7 @@ class Engine:
         prefill_tokens: prompt tokens prefilled together at most (one request always goes).
         fast: the lean Llama-family forward (`decoder.Decoder`); None: wherever it applies.
         compile: one sequence's decode step as one compiled graph (`infer/compiled.py`: float32 on
-            CPUs, the lean forward's LMs; its first step compiles for about a minute).
+            CPUs, the lean forward's LMs; its first step compiles: minutes for a 30-layer LM on 2 cores).
     """
 
     def __init__(

@@ -77,6 +77,15 @@ class SlotCache:
             v.view(-1, self.head_dim).index_copy_(0, idx, value.reshape(-1, self.head_dim))
         return k[:b, :, :width], v[:b, :, :width]
 
+    def slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's keys and values of every layer, `[layers, kv_heads, length, head_dim]` (views)."""
+        return self.k_all[:, slot], self.v_all[:, slot]
+
+    def put(self, slot: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one token's keys and values of every layer (`[layers, kv_heads, head_dim]`) at `position`."""
+        self.k_all[:, slot, :, position] = keys
+        self.v_all[:, slot, :, position] = values
+
     def read(self, slot: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return [k[slot, :, :n].clone() for k in self.k], [v[slot, :, :n].clone() for v in self.v]
 

@@ -58,7 +58,7 @@ def serve(
         dtype: the LM's weights as served: float32 (as saved), bfloat16, or int8 (weight-only, one scale
             per output row, torch's int8 kernel; the vision tower and connector stay float32).
         compile: decode one sequence at a time through one compiled graph (float32 on CPUs, Llama-family
-            LMs: see docs/engine.md); compiled before the server listens (about a minute the first time).
+            LMs: see docs/engine.md); compiled before the server listens (minutes the first time).
     """
     flags = locals()
     from pathlib import Path
