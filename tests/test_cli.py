@@ -30,6 +30,19 @@ def test_a_verb_prints_what_it_made(tmp_path, capsys):
     assert len(json.loads((tmp_path / "shapes_qa.json").read_text())) > 0
 
 
+def test_a_verb_that_takes_a_config_has_its_fields_as_flags(tmp_path, capsys):
+    """`bench data` runs `run(cfg: DataBench)`: the fields are the flags, their docstrings the help;
+    the config's own checks refuse a bad value by name before any work."""
+    with pytest.raises(SystemExit):
+        main(["bench", "data", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--multiples" in shown and "corpus sizes in caps." in shown and "--stream_batches" in shown
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "cache", "--presets", "tiny", "nope", "--work", str(tmp_path / "w")])
+    assert e.value.code == 2 and "unknown preset 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_cli_help_does_not_import_torch():
     code = "import sys; from vlmforge.cli import main; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -26,11 +26,12 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge import runtime
 from vlmforge.bench.common import SPECS, in_process, machine, setup
-from vlmforge.config import TinySpec, TrainConfig
+from vlmforge.config import TinySpec, TrainConfig, check_choice
 
 # Records per align step: the larger preset's steps are 6x longer, so it takes smaller batches.
 PRESET_BATCH = {"tiny": 64, "llama3v_shape": 16}
@@ -289,54 +290,56 @@ def _accuracy(work: Path, dtypes: list[str]) -> dict:
     return results
 
 
-def run(
-    out: str | None = None,
-    work: str = "runs/bench-cache",
-    presets: list[str] | None = None,
-    n_images: int = 1024,
-    batch_size: int | None = None,
-    steps: int = 20,
-    warmup: int = 3,
-    threads: int = 1,
-    num_workers: int = 1,
-    build_images: int = 4096,
-    accuracy: bool = False,
-) -> dict:
+@dataclass
+class CacheBench:
     """Measure the feature store: align step time re-encoding vs cached vs LM-only, peak memory,
-    cache build throughput (1 and 2 processes) against the encoder alone, disk per dtype.
+    cache build throughput (1 and 2 processes) against the encoder alone, disk per dtype."""
 
-    Args:
-        out: write the figures to this JSON file.
-        work: folder for the bench's data, backbones and stores.
-        presets: model presets (tiny, llama3v_shape); default both.
-        n_images: images in the step-time data.
-        batch_size: records per align step (default per preset: tiny 64, llama3v_shape 16).
-        steps: timed steps per variant.
-        warmup: untimed steps first.
-        threads: torch CPU threads of each measurement.
-        num_workers: DataLoader workers decoding images (re-encode variant, cache build).
-        build_images: images in the cache build measurement.
-        accuracy: also train the demo's model from fp32, fp16 and bf16 stores and score each (on
-            synthetic data and tiny backbones of its own, made first in WORK/accuracy).
-    """
+    out: str | None = None
+    """write the figures to this JSON file."""
+    work: str = "runs/bench-cache"
+    """folder for the bench's data, backbones and stores."""
+    presets: list[str] = field(default_factory=lambda: list(SPECS))
+    """model presets (tiny, llama3v_shape)."""
+    n_images: int = 1024
+    """images in the step-time data."""
+    batch_size: int | None = None
+    """records per align step (default per preset: tiny 64, llama3v_shape 16)."""
+    steps: int = 20
+    """timed steps per variant."""
+    warmup: int = 3
+    """untimed steps first."""
+    build_images: int = 4096
+    """images in the cache build measurement."""
+    accuracy: bool = False
+    """also train the demo's model from fp32, fp16 and bf16 stores and score each (on synthetic data
+    and tiny backbones of its own, made first in WORK/accuracy)."""
+    threads: int = 1
+    """torch CPU threads of each measurement."""
+    num_workers: int = 1
+    """DataLoader workers decoding images (re-encode variant, cache build)."""
+
+    def __post_init__(self):
+        for preset in self.presets:
+            check_choice("preset", preset, SPECS)
+
+
+def run(cfg: CacheBench) -> dict:
+    """`vlmforge bench cache`: every measurement, printed as a table (and written to `cfg.out`)."""
     from vlmforge.bench import publish
 
-    presets = presets or list(SPECS)
-    for preset in presets:
-        if preset not in SPECS:
-            raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(SPECS)})")
-    work_dir = Path(work)
-    common = {"threads": threads, "num_workers": num_workers, "steps": steps, "warmup": warmup}
-    result: dict = {"machine": machine(), "threads": threads, "steps": steps, "presets": {}}
-    for preset in presets:
-        result["presets"][preset] = _preset_steps(work_dir, preset, n_images, batch_size, common)
+    work_dir = Path(cfg.work)
+    common = {"threads": cfg.threads, "num_workers": cfg.num_workers, "steps": cfg.steps, "warmup": cfg.warmup}
+    result: dict = {"machine": machine(), "threads": cfg.threads, "steps": cfg.steps, "presets": {}}
+    for preset in cfg.presets:
+        result["presets"][preset] = _preset_steps(work_dir, preset, cfg.n_images, cfg.batch_size, common)
     result["llama3v_flop_encoder_share"] = flop_share(**LLAMA3V)
     result["build"], result["top"] = {}, {}
     for name, tower in TOWERS.items():
-        result["build"][name] = _build_figures(work_dir, name, tower, build_images, threads, num_workers)
-        result["top"][name] = _top_figures(work_dir, name, tower, n_images, common)
-    result["disk"] = _disk_figures(work_dir, build_images, threads, num_workers)
-    if accuracy:
+        result["build"][name] = _build_figures(work_dir, name, tower, cfg.build_images, cfg.threads, cfg.num_workers)
+        result["top"][name] = _top_figures(work_dir, name, tower, cfg.n_images, common)
+    result["disk"] = _disk_figures(work_dir, cfg.build_images, cfg.threads, cfg.num_workers)
+    if cfg.accuracy:
         result["accuracy"] = _accuracy(work_dir, ["fp32", "fp16", "bf16"])
     tiny_rows = result["presets"].get("tiny")
     if tiny_rows:
@@ -345,7 +348,7 @@ def run(
     result["build_fraction_of_encoder_bound"] = min(
         b["build_fraction_of_encoder_bound"] for b in result["build"].values()
     )
-    return publish(result, format_table(result), out)
+    return publish(result, format_table(result), cfg.out)
 
 
 def _preset_steps(work_dir: Path, preset: str, n_images: int, batch_size: int | None, common: dict) -> dict:

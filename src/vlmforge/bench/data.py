@@ -29,6 +29,7 @@ import os
 import random
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmforge import runtime
@@ -57,33 +58,38 @@ def _long_tail(records: list, seed: int, n: int) -> list[dict]:
     return rows
 
 
-def run(
-    out: str | None = None,
-    work: str = "runs/bench-data",
-    n_images: int = 96,
-    batch_size: int = 32,
-    steps: int = 8,
-    warmup: int = 2,
-    threads: int = 1,
-    cap_mb: float = 32.0,
-    multiples: list[float] | None = None,
-    stream_batches: int = 100,
-) -> dict:
-    """Packing against padding (step time and label tokens/s, on the demo's mix and on a long
-    tail), and streaming against loading (samples/s and memory as the corpus grows).
+@dataclass
+class DataBench:
+    """Packing against padding, and streaming against loading, side by side.
 
-    Args:
-        out: write the figures to this JSON file.
-        work: folder for the bench's data and backbones.
-        n_images: synthetic images behind both sets.
-        batch_size: records per step.
-        steps: timed steps per mode and set.
-        warmup: untimed steps first.
-        threads: torch CPU threads.
-        cap_mb: the memory cap the streaming corpora are measured against (megabytes of text).
-        multiples: corpus sizes in caps (default 1 4 20).
-        stream_batches: micro-batches each reading process reads.
+    Packing: step time and label tokens/s, on the demo's mix and on a long tail. Streaming:
+    samples/s and memory as the corpus grows.
     """
+
+    out: str | None = None
+    """write the figures to this JSON file."""
+    work: str = "runs/bench-data"
+    """folder for the bench's data and backbones."""
+    n_images: int = 96
+    """synthetic images behind both sets."""
+    batch_size: int = 32
+    """records per step."""
+    steps: int = 8
+    """timed steps per mode and set."""
+    warmup: int = 2
+    """untimed steps first."""
+    threads: int = 1
+    """torch CPU threads."""
+    cap_mb: float = 32.0
+    """the memory cap the streaming corpora are measured against (megabytes of text)."""
+    multiples: list[float] = field(default_factory=lambda: [1, 4, 20])
+    """corpus sizes in caps."""
+    stream_batches: int = 100
+    """micro-batches each reading process reads."""
+
+
+def run(cfg: DataBench) -> dict:
+    """`vlmforge bench data`: both measurements, printed as a table (and written to `cfg.out`)."""
     import torch
 
     from vlmforge.config import ModelConfig
@@ -93,16 +99,21 @@ def run(
     from vlmforge.model.vlm import VLM
     from vlmforge.train.step import step
 
-    multiples = multiples or [1, 4, 20]
-    work_dir = Path(work)
-    s = setup(work_dir, "tiny", n_images)
+    work_dir = Path(cfg.work)
+    s = setup(work_dir, "tiny", cfg.n_images)
     data = Path(s["data"]).parent
     if not (data / "text_sft.json").exists():
-        synth(data, "text", n_images // 4, 0, s["spec"].image_size, s["spec"].image_size)
+        synth(data, "text", cfg.n_images // 4, 0, s["spec"].image_size, s["spec"].image_size)
     mix = load_records(data / "shapes_sft.json") + load_records(data / "text_sft.json")
     tail = parse_records(list(enumerate(_long_tail(mix, 0, len(mix)))), data / "long-tail", Path("/"))
-    result: dict = {"machine": machine(), "threads": threads, "batch_size": batch_size, "steps": steps, "sets": {}}
-    with runtime.threads(threads), runtime.seeded(0):
+    result: dict = {
+        "machine": machine(),
+        "threads": cfg.threads,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.steps,
+        "sets": {},
+    }
+    with runtime.threads(cfg.threads), runtime.seeded(0):
         model = VLM.from_backbones(ModelConfig(vision=s["vision"], lm=s["lm"], connector="mlp"))
         model.lm_mode = "full"
         model.train()
@@ -119,17 +130,17 @@ def run(
                         feats[key] = model.encode_images(it["views"][0])
                 items.append({**it, "views": [feats[key]]})
             order = random.Random(1).sample(range(len(records)), len(records))
-            batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+            batches = [order[i : i + cfg.batch_size] for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
             times: dict[str, list[float]] = {"padded": [], "packed": []}
             seen: dict[str, dict] = {}
-            for k in range(warmup + steps):
+            for k in range(cfg.warmup + cfg.steps):
                 batch = [items[i] for i in batches[k % len(batches)]]
                 budget = max(len(it["input_ids"]) for it in batch)
                 for mode in ("padded", "packed") if k % 2 == 0 else ("packed", "padded"):
                     b = collate(batch, pad, pack=budget if mode == "packed" else None)
                     t = time.perf_counter()
                     step(model, opt, b)
-                    if k >= warmup:
+                    if k >= cfg.warmup:
                         times[mode].append(time.perf_counter() - t)
                         row = seen.setdefault(mode, {"labels": [], "tokens": [], "computed": []})
                         row["labels"].append(int((b["labels"][:, 1:] != -100).sum()))
@@ -149,8 +160,8 @@ def run(
             rate = {mode: res[mode]["label_tokens_per_s"] for mode in times}
             res["packed_vs_padded"] = round(rate["packed"] / rate["padded"], 3)
             result["sets"][name] = res
-    result["streaming"] = streaming(work_dir, s, cap_mb, multiples, stream_batches, batch_size)
-    return publish(result, format_table(result), out)
+    result["streaming"] = streaming(work_dir, s, cfg.cap_mb, cfg.multiples, cfg.stream_batches, cfg.batch_size)
+    return publish(result, format_table(result), cfg.out)
 
 
 def _corpus(folder: Path, images: list[str], n: int, seed: int = 0) -> float:

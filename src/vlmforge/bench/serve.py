@@ -71,6 +71,14 @@ def bench_model(work: Path, preset: str) -> str:
     return str(out)
 
 
+def open_model(model: str | None, preset: str, work: Path):
+    """The model a bench measures, in eval mode, and its folder: `model`, else `preset`'s (`bench_model`)."""
+    from vlmforge.model.vlm import VLM
+
+    model_dir = model or bench_model(work, preset)
+    return model_dir, VLM.from_pretrained(model_dir).eval()
+
+
 # ---- generate ---------------------------------------------------------------------------------
 def hf_generate(model, prompts: list[list[int]], images: list, tokens: int) -> int:
     """transformers' `generate` on the VLM's embeddings (left-padded), exactly `tokens` new tokens."""
@@ -343,10 +351,8 @@ def _measure(model, preset, out, work, tokens, repeats, requests, levels, serve_
 
     from vlmforge.bench import publish
     from vlmforge.bench.common import machine
-    from vlmforge.model.vlm import VLM
 
-    model_dir = model or bench_model(Path(work), preset)
-    vlm = VLM.from_pretrained(model_dir).eval()
+    model_dir, vlm = open_model(model, preset, Path(work))
     size = vlm.processor.size
     result = {
         "machine": machine(),
