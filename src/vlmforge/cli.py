@@ -105,9 +105,14 @@ def _entry(argv: list[str], table: dict = COMMANDS) -> str | None:
     return _entry(argv[1:], entry) if isinstance(entry, dict) else entry
 
 
+def _words(argv: list[str]) -> list[str]:
+    """The words that can name a verb: the command line's first two that are not flags."""
+    return [a for a in argv if not a.startswith("-")][:2]
+
+
 def _verb(argv: list[str]):
     """The function (or config class) the command line names, or None."""
-    entry = _entry(argv)
+    entry = _entry(_words(argv))
     return command(entry) if entry else None
 
 
@@ -115,7 +120,7 @@ def _argv(argv: list[str]) -> list[str]:
     """The command line as jsonargparse reads it, in one pass: `--data-root` is `--data_root`, a list
     flag (a list or tuple in the verb's type hints) gathers the words after it (and its repeats)
     into one `[a,b]`, and a bare word after `vlmforge chat`'s options is its `--question`."""
-    verb = _verb([a for a in argv if not a.startswith("-")][:2])
+    verb = _verb(argv)
     flags = list_flags(verb) if verb is not None else set()
     out, lists, i, chat = [], {}, 0, argv[:1] == ["chat"]
     while i < len(argv):
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = CLI(commands(argv), args=argv, as_positional=False, description=__doc__.split("\n")[0])
         if dataclasses.is_dataclass(result):  # a config: the function that takes it runs it
-            load(_entry([a for a in argv if not a.startswith("-")][:2]))(result)
+            load(_entry(_words(argv)))(result)
     except (DataError, ImageError, FileNotFoundError, ValueError, EndpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
