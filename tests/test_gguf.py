@@ -154,7 +154,8 @@ QUESTIONS = [
 def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, gguf_type, needed):
     """The SmolLM2 VLM's LM exported as GGUF, run in llama.cpp itself (llama-cpp-python, built by
     `make setup-test`): llama.cpp's tokenizer gives vlmforge's ids for each of 20 ChatML prompts, and
-    its greedy 12 tokens equal vlmforge's engine's on all 20 (f32) or at least 19 (f16)."""
+    its greedy 12 tokens equal vlmforge's engine's on all 20 (f32) or at least 19 (f16), but for
+    answers that part at a near tie (`_near_tie`), at most 3."""
     import numpy as np
     from llama_cpp import Llama
 
@@ -180,10 +181,28 @@ def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, 
         for _ in range(12):
             got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             llm.eval([got[-1]])
-        same += got == want
+        same += got == want or _near_tie(vlm, ids, None, want, got)
         if got != want:
             differ.append((vlm.tokenizer.decode(ids[-12:]), vlm.tokenizer.decode(got), vlm.tokenizer.decode(want)))
-    assert same >= needed, differ
+    assert same >= needed and len(differ) <= 3, differ
+
+
+# Two greedy answers that part only where vlmforge's own top two logits lie this close part by the
+# order of the arithmetic alone (llama.cpp sums in another order), not by a wrong export.
+TIE = 0.02
+
+
+def _near_tie(vlm, ids: list[int], image, ours: list[int], theirs: list[int]) -> bool:
+    """Whether `theirs` parts from `ours` (vlmforge's greedy tokens after the prompt `ids`, with
+    `image` or None) at a near tie: at the first token where they differ, vlmforge's logit for
+    llama.cpp's token is within TIE of its highest."""
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if k is None:
+        return len(ours) == len(theirs)
+    pixels = None if image is None else vlm.processor(image)[None]
+    with torch.no_grad():
+        logits = vlm(torch.tensor([ids + ours[:k]]), pixel_values=pixels).logits[0, -1].float()
+    return float(logits.max() - logits[theirs[k]]) <= TIE
 
 
 def _mtmd_greedy(lm: Path, mmproj: Path, text: str, images: list[Path], n: int) -> list[list[int]]:
@@ -207,7 +226,8 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     """`export --format gguf` of the SmolLM2 VLM (tiny SigLIP, `mlp` connector): the LM and
     llama.cpp's projector file (`--mmproj`), run in llama.cpp itself on 20 held-out images, the
     image encoded by llama.cpp's clip graph: its greedy 10 tokens equal vlmforge's engine's on all
-    20 (f32) or at least 19 (f16), the images changing the answers. The images are the encoder's
+    20 (f32) or at least 19 (f16), but for answers that part at a near tie (`_near_tie`, at most
+    3), the images changing the answers. The images are the encoder's
     32 px squares, so neither side resamples them. `tower`: the vision tower carries LoRA adapters
     (as `vision_mode lora` trains it), folded in when saved: llama.cpp answers as the adapted model,
     whose answers differ from the unadapted tower's."""
@@ -252,8 +272,8 @@ def test_the_exported_vlm_answers_in_llama_cpp_as_in_vlmforge(real, data_dir, tm
     assert len({tuple(t) for t in ours}) >= 2  # the images change the answers (3 distinct here)
     if tower:
         assert ours != before  # the adapters change what the model answers
-    same = sum(a == b for a, b in zip(ours, theirs))
-    assert same >= needed, [
+    same = sum(a == b or _near_tie(vlm, ids, load_image(p), a, b) for p, a, b in zip(images, ours, theirs))
+    assert same >= needed and sum(a != b for a, b in zip(ours, theirs)) <= 3, [
         (p.name, vlm.tokenizer.decode(a), vlm.tokenizer.decode(b)) for p, a, b in zip(images, theirs, ours) if a != b
     ]
 
