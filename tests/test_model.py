@@ -3,6 +3,7 @@ import torch
 
 from vlmforge.data.formats import load_records
 from vlmforge.model.connectors import CONNECTORS, build_connector
+from vlmforge.model.vision import vision_core
 from vlmforge.model.vlm import VLM
 
 
@@ -164,6 +165,32 @@ def test_pooled_embedding_adds_one_visual_token(model_cfg, data_dir):
         pooled = m.vision.model(pixel_values=b["pixel_values"]).pooler_output
     torch.testing.assert_close(feats[:, 0], pooled)
     assert torch.isfinite(m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"]).loss)
+
+
+def test_the_attention_pool_head_runs_only_for_the_pooled_token(model_cfg, data_dir, tmp_path):
+    """SigLIP's head pools the patches into one embedding; without `vision_pooled` nothing reads it,
+    so the tower does not run it (the features are the same), and its weights are still saved."""
+    import dataclasses
+
+    b = _batch(VLM.from_backbones(model_cfg), data_dir, n=2)
+    for pooled in (False, True):
+        m = VLM.from_backbones(dataclasses.replace(model_cfg, vision_pooled=pooled)).eval()
+        head = vision_core(m.vision.model).head
+        calls = []
+        head.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        with torch.no_grad():
+            feats = m.encode_images(b["pixel_values"])
+            core = vision_core(m.vision.model)
+            states = core.post_layernorm(
+                core.encoder(inputs_embeds=core.embeddings(b["pixel_values"])).last_hidden_state
+            )
+        torch.testing.assert_close(feats[:, int(pooled) :], states)
+        assert len(calls) == int(pooled), (pooled, len(calls))
+        if not pooled:
+            m.save_pretrained(tmp_path / "m")  # the head's weights go with the tower all the same
+            torch.testing.assert_close(
+                vision_core(VLM.from_pretrained(tmp_path / "m").vision.model).head.state_dict(), head.state_dict()
+            )
 
 
 def _xattn(model_cfg, **kw):

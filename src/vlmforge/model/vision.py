@@ -138,6 +138,9 @@ class VisionTower(nn.Module):
         # a ViT that can encode other sizes than its own (transformers' `interpolate_pos_encoding`)
         self.interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self.released = False
+        core = vision_core(model)
+        if not pooled and getattr(core, "use_head", False):
+            core.use_head = False  # SigLIP's attention-pool head: its output is unused unless pooled (its weights stay)
         self._fingerprint: dict[int, str] = {}  # by cut (`fingerprint`)
         self.mode = "frozen"  # how it trains (`set_trainable`)
         self.top = 0  # the blocks that train with mode `top`
