@@ -451,7 +451,7 @@ class VisionTower(nn.Module):
 
     def above(self, states: torch.Tensor, top: int) -> torch.Tensor:
         """Patch features [N, P, Dv] from `below`'s states: only the top `top` blocks and what
-        follows them (final norm, pooling head) run; the embeddings and lower blocks are skipped."""
+        follows them (final norm; the pooling head where `pooled`) run; the embeddings and lower blocks are skipped."""
         self.check_cut(top)
         core, blocks = vision_core(self.model), self.blocks
         first = blocks[len(blocks) - top]
