@@ -175,12 +175,11 @@ def test_the_attention_pool_head_runs_only_for_the_pooled_token(model_cfg, data_
     b = _batch(VLM.from_backbones(model_cfg), data_dir, n=2)
     for pooled in (False, True):
         m = VLM.from_backbones(dataclasses.replace(model_cfg, vision_pooled=pooled)).eval()
-        head = vision_core(m.vision.model).head
+        core = vision_core(m.vision.model)
         calls = []
-        head.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        core.head.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         with torch.no_grad():
             feats = m.encode_images(b["pixel_values"])
-            core = vision_core(m.vision.model)
             states = core.post_layernorm(
                 core.encoder(inputs_embeds=core.embeddings(b["pixel_values"])).last_hidden_state
             )
@@ -189,7 +188,7 @@ def test_the_attention_pool_head_runs_only_for_the_pooled_token(model_cfg, data_
         if not pooled:
             m.save_pretrained(tmp_path / "m")  # the head's weights go with the tower all the same
             torch.testing.assert_close(
-                vision_core(VLM.from_pretrained(tmp_path / "m").vision.model).head.state_dict(), head.state_dict()
+                vision_core(VLM.from_pretrained(tmp_path / "m").vision.model).head.state_dict(), core.head.state_dict()
             )
 
 
