@@ -72,17 +72,19 @@ def recording(engine) -> list[torch.Tensor]:
     return seen
 
 
-def test_compiled_decode_step_equals_the_eager_one(vlm):
+@pytest.mark.parametrize("projections", ["rows", "mm"])
+def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
     """`compile=True`: one sequence's steps go through the compiled graph and give the eager engine's
     logits (to 1e-5 of their range) and tokens (sampled with a seed: varied tokens), across the
     cache's growth (40 tokens: its length doubles twice) and after a batch (eager) has widened the
-    cache's slots; the cross-attention LM is refused by name and runs eager."""
-    eng = Engine(vlm, compile=True, prefix_cache_tokens=0)
+    cache's slots, with either way of multiplying by the weights; the cross-attention LM is refused
+    by name and runs eager."""
+    eng = Engine(vlm, compile=True, prefix_cache_tokens=0, projections=projections)
     step = eng.lm_forward.compiled
     if vlm.cross_attention:
         assert step is None and "cross-attention" in eng.lm_forward.why_not_compiled
     else:
-        assert step is not None
+        assert step is not None and step.projections == projections
     p = prompts(vlm, QUESTIONS[:2])
     imgs = [[image("red")], [image("blue")]]
     params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=1.0, seed=3)
@@ -100,6 +102,20 @@ def test_compiled_decode_step_equals_the_eager_one(vlm):
         assert (a - b).abs().max() <= 1e-5 * (b.max() - b.min())
     if step is not None:
         assert step.steps == 2 * 39  # the two single answers' steps after their first token, no batch's
+
+
+def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):
+    """ "auto" measures the matmul's and a sum's read rates over the step's own weights and says
+    which it took and why; an unknown choice is refused by name."""
+    from vlmforge.infer.compiled import _weights, read_rates
+
+    vlm = VLM.from_backbones(dataclasses.replace(model_cfg, architecture="autoregressive")).eval()
+    step = Engine(vlm, compile=True, prefix_cache_tokens=0).lm_forward.compiled
+    assert step.projections in ("rows", "mm") and "GB/s" in step.why
+    mm, total = read_rates(_weights(step.graph._orig_mod.decoder))
+    assert mm > 0 and total > 0
+    with pytest.raises(ValueError, match="unknown projections 'fast'"):
+        Engine(vlm, compile=True, projections="fast")
 
 
 def test_batched_equals_one_by_one_and_hf_generate(vlm):

@@ -261,9 +261,15 @@ class GenerateBench:
     compile: bool = False
     """the engine's one-sequence decode step as one compiled graph (`Engine(compile=True)`; compiled
     before the timing starts, and said in the table)."""
+    projections: str = "auto"
+    """with --compile true: how the step multiplies by its weights: rows (reductions Inductor writes),
+    mm (torch's matmul), or auto (measured now: see docs/engine.md)."""
 
     def __post_init__(self):
         check_choice("weights dtype", self.dtype, WEIGHT_DTYPES)
+        from vlmforge.infer.compiled import PROJECTIONS
+
+        check_choice("--projections", self.projections, PROJECTIONS)
         if self.vs is not None:
             check_choice("--vs", self.vs, VS)
 
@@ -293,7 +299,9 @@ def _measure(cfg: GenerateBench) -> dict:
         quantize(vlm, cfg.dtype)
         name = model_dir if cfg.model else f"preset {cfg.preset}"
         result = _costs(vlm, name, cfg.dtype, flops, tokens, batch)
-        engine = Engine(vlm, prefix_cache_tokens=0, feature_cache=1, compile=cfg.compile)  # no help from caches
+        engine = Engine(  # no help from caches
+            vlm, prefix_cache_tokens=0, feature_cache=1, compile=cfg.compile, projections=cfg.projections
+        )
         result["compiled"] = _compiled(engine) if cfg.compile else None
         result["engine"], ours = engine_figures(vlm, engine, size, tokens, batch, repeats, seed=3000)
         if files:
@@ -313,7 +321,11 @@ def _compiled(engine) -> str:
         return f"not compiled: {engine.lm_forward.why_not_compiled}"
     t0 = time.perf_counter()
     engine.warm_up()
-    return f"compiled (first answer {time.perf_counter() - t0:.0f} s, the compilation included)"
+    step = engine.lm_forward.compiled
+    return (
+        f"compiled (first answer {time.perf_counter() - t0:.0f} s, the compilation included; "
+        f"projections {step.projections}: {step.why})"
+    )
 
 
 def _llamacpp_unavailable(vlm) -> str | None:

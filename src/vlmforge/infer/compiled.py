@@ -2,7 +2,7 @@
 
 At one token a step, a decode step reads every weight once and does little else, so its speed is
 the rate at which it streams the weights. Eager PyTorch loses twice there: its one-row matmul reads
-float32 weights at 12-20 GB/s on a CPU that sums a buffer at ~30, and the ~15 small operations of
+float32 weights at 12-20 GB/s on an AVX2 CPU that sums a buffer at ~30, and the ~15 small operations of
 each layer cost their dispatch. Here every layer is written as reductions that Inductor turns into
 C++ loops of its own: each projection `(W * x).sum(-1)` over the weight's rows as stored (no copy),
 the norms, the rotation and the attention fused around them, and the step's wrapper in C++
@@ -10,6 +10,13 @@ the norms, the rotation and the attention fused around them, and the step's wrap
 inside the graph (a write to an input would copy the whole buffer): attention covers the cached
 positions and the new token apart, and the step returns the new keys and values for the caller to
 write. The LM head is the graph's last reduction.
+
+Which way of multiplying by the weights streams them faster depends on the machine, so `pick`
+measures it when the step is built: "mm" is torch's one-row matmul on the lean forward's transposed
+copies (`decoder.Weight`; Inductor calls the same kernel from its C++ wrapper), "rows" the
+reductions above. Where the matmul reads the weights at `MM_SHARE` of a sum's rate or more (an
+AVX-512 machine) it is used; elsewhere (an AVX2 machine, where it reads at about half the sum's
+rate) the reductions are. docs/engine.md has the figures of both.
 
 Built by `Decoder` where `eligible` says so; used for a step of one sequence and one new token.
 The first call compiles (about 3 minutes for SmolLM2's 30 layers on a 2-core machine; Inductor
@@ -19,8 +26,17 @@ share the graph (the cache's length is a dynamic dimension).
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import nn
+
+from vlmforge.config import check_choice
+
+PROJECTIONS = ("auto", "rows", "mm")
+# the matmul's share of a sum's read rate from which the step multiplies by it ("mm")
+MM_SHARE = 0.85
 
 
 def eligible(layers, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -32,7 +48,47 @@ def eligible(layers, dtype: torch.dtype, device: torch.device) -> str | None:
             return "cross-attention or per-head q/k norms"
         if not all(type(m) is nn.Linear for m in layer.linears):
             return "adapted or quantized projections"
+        if None in (layer.w_qkv, layer.w_o, layer.w_gu, layer.w_down):
+            return "projections not fused"
     return None
+
+
+def _weights(decoder) -> list[torch.Tensor]:
+    """The [in, out] matrices the "mm" step reads: per layer [q k v], o, [gate up], down; the head."""
+    out = []
+    for L in decoder.layers:
+        out += [L.w_qkv.w[:, : L.qk + L.kv], L.w_o.w, L.w_gu.w, L.w_down.w]
+    return out + [decoder.head_w.w]
+
+
+def read_rates(weights: list[torch.Tensor], repeats: int = 3) -> tuple[float, float]:
+    """(bytes/s, bytes/s): how fast one row times each of `weights` (torch's matmul), and a sum over
+    each of them, read these weights; medians of `repeats` passes after one to warm up."""
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    rows = {w.shape[0]: torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device) for w in weights}
+
+    def rate(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return nbytes / statistics.median(times)
+
+    with torch.no_grad():
+        return rate(lambda: [rows[w.shape[0]] @ w for w in weights]), rate(lambda: [w.sum() for w in weights])
+
+
+def pick(decoder, projections: str = "auto") -> tuple[str, str]:
+    """("rows" or "mm", why): `projections` itself, or for "auto" the matmul where it reads the
+    weights at `MM_SHARE` of a sum's rate or more on this machine (measured now: ~0.3 s for SmolLM2)."""
+    check_choice("projections", projections, PROJECTIONS)
+    if projections != "auto":
+        return projections, "as asked"
+    mm, total = read_rates(_weights(decoder))
+    kind = "mm" if mm >= MM_SHARE * total else "rows"
+    return kind, f"the one-row matmul read the weights at {mm / 1e9:.1f} GB/s, a sum at {total / 1e9:.1f}"
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -41,12 +97,19 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.
     return y if b is None else y + b
 
 
+def _mm(x: torch.Tensor, w, n: int | None = None) -> torch.Tensor:
+    """x [1, in] @ the `decoder.Weight` `w` (its first `n` outputs), torch's matmul on its [in, out] copy."""
+    y = x @ (w.w if n is None else w.w[:, :n])
+    b = w.b if n is None or w.b is None else w.b[:n]
+    return y if b is None else y + b
+
+
 class _Graph(nn.Module):
     """The layers' formula on the model's own weights (`decoder.Decoder` holds the same one, eager)."""
 
-    def __init__(self, decoder, head: nn.Module):
+    def __init__(self, decoder, head: nn.Module, mm: bool):
         super().__init__()
-        self.decoder, self.head = decoder, head
+        self.decoder, self.head, self.mm = decoder, head, mm
 
     def forward(self, x, pos, keys: torch.Tensor, values: torch.Tensor):
         """x [1, D]; pos [1] (the new token's position); keys/values [layers, kv_heads, length, head_dim]
@@ -61,9 +124,13 @@ class _Graph(nn.Module):
         for i, L in enumerate(d.layers):
             a, mlp = L.attn, L.mlp
             x1 = L.n1(x)
-            q = _project(x1, a.q_proj.weight, a.q_proj.bias).view(nh, hd)
-            k = _project(x1, a.k_proj.weight, a.k_proj.bias).view(nkv, hd)
-            v = _project(x1, a.v_proj.weight, a.v_proj.bias).view(nkv, hd)
+            if self.mm:
+                y = _mm(x1, L.w_qkv, L.qk + L.kv)[0]
+                q, k, v = y[: nh * hd].view(nh, hd), y[nh * hd : L.qk].view(nkv, hd), y[L.qk :].view(nkv, hd)
+            else:
+                q = _project(x1, a.q_proj.weight, a.q_proj.bias).view(nh, hd)
+                k = _project(x1, a.k_proj.weight, a.k_proj.bias).view(nkv, hd)
+                v = _project(x1, a.v_proj.weight, a.v_proj.bias).view(nkv, hd)
             q = q * cos + torch.cat((-q[:, half:], q[:, :half]), -1) * sin
             k = k * cos + torch.cat((-k[:, half:], k[:, :half]), -1) * sin
             new_k.append(k)
@@ -74,13 +141,19 @@ class _Graph(nn.Module):
             top = torch.maximum(s_old.amax(-1, keepdim=True), s_new)
             p_old, p_new = torch.exp(s_old - top), torch.exp(s_new - top)
             att = (p_old @ values[i][:, None] + p_new * v[:, None, None]) / (p_old.sum(-1, keepdim=True) + p_new)
+            if self.mm:
+                x = x + _mm(att.reshape(1, nh * hd), L.w_o)
+                gu = _mm(L.n2(x), L.w_gu)
+                x = x + _mm(L.act(gu[:, : L.inter]) * gu[:, L.inter :], L.w_down)
+                continue
             x = x + _project(att.reshape(1, nh * hd), a.o_proj.weight, a.o_proj.bias)
             x2 = L.n2(x)
             gate = _project(x2, mlp.gate_proj.weight, mlp.gate_proj.bias)
             up = _project(x2, mlp.up_proj.weight, mlp.up_proj.bias)
             x = x + _project(L.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
         x = d.norm(x)
-        return x, _project(x, self.head.weight, self.head.bias), torch.stack(new_k), torch.stack(new_v)
+        logits = _mm(x, d.head_w) if self.mm else _project(x, self.head.weight, self.head.bias)
+        return x, logits, torch.stack(new_k), torch.stack(new_v)
 
 
 class CompiledStep:
@@ -88,8 +161,10 @@ class CompiledStep:
     token's keys and values written to the cache's slot 0 (where the one running sequence is);
     `logits(hidden)` → the LM head's output, computed in the same graph."""
 
-    def __init__(self, decoder, head: nn.Module):
-        self.graph = torch.compile(_Graph(decoder, head), fullgraph=True, options={"cpp_wrapper": True})
+    def __init__(self, decoder, head: nn.Module, projections: str = "auto"):
+        self.projections, self.why = pick(decoder, projections)  # "rows" or "mm", and why
+        graph = _Graph(decoder, head, self.projections == "mm")
+        self.graph = torch.compile(graph, fullgraph=True, options={"cpp_wrapper": True})
         self.steps = 0  # steps taken through the graph
         self._last = None  # (the last step's output, its logits)
 

@@ -140,12 +140,14 @@ def _rotated_rows(m: nn.Module, head_dim: int):
     return _rotated(m.weight, head_dim)
 
 
-def _residual(m: nn.Module, copy: bool):
-    """`(x, h) -> h + m(x)`, as one addmm for a plain bias-free `nn.Linear` (x, h: [B, T, *]); with
-    `copy` (CPUs), on a transposed contiguous copy of the weight and a prepacked one (see `Weight`)."""
+def _residual(m: nn.Module, copy: bool) -> tuple[Weight | None, object]:
+    """(its `Weight`, `(x, h) -> h + m(x)`): one addmm for a plain bias-free `nn.Linear` (x, h:
+    [B, T, *]); with `copy` (CPUs), on a transposed contiguous copy of the weight and a prepacked one
+    (see `Weight`). No `Weight` for other modules."""
     if fusable(m):
-        return Weight([m], copy=copy, pack=copy).add
-    return lambda x, h: h + m(x)
+        w = Weight([m], copy=copy, pack=copy)
+        return w, w.add
+    return None, lambda x, h: h + m(x)
 
 
 def _rms(norm: nn.Module):
@@ -183,7 +185,7 @@ class _Layer:
         self.n1, self.n2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
         self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
-        self.o, self.down = _residual(a.o_proj, fuse), _residual(mlp.down_proj, fuse)
+        (self.w_o, self.o), (self.w_down, self.down) = _residual(a.o_proj, fuse), _residual(mlp.down_proj, fuse)
         self.qk = (heads + kv_heads) * head_dim
         self.fold = fuse and self.q_norm is None and fusable(a.q_proj, a.k_proj, a.v_proj)
         if self.fold:
@@ -212,7 +214,7 @@ class Decoder:
     """`forward(embeds [B, T, D], positions [B, T], mask [B, 1, T, L] or None, cache, cross_context)`
     → last hidden states [B, T, D]."""
 
-    def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False):
+    def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False, projections: str = "auto"):
         lm = model.causal_lm
         self.compiled, self.why_not_compiled = None, "not asked for"
         self.hf = lm.get_decoder()
@@ -220,6 +222,10 @@ class Decoder:
         reason = fast_path_reason(lm.config, max_len)
         self.fast = reason is None if fast is None else fast
         self.why_slow = reason
+        head = lm.get_output_embeddings()
+        # the LM head as [D, V], contiguous (a copy; see `Weight` for why) on CPUs
+        cpu = self.fast and head.weight.device.type == "cpu"
+        self.head_w = Weight([head], copy=cpu, pack=cpu) if fusable(head) else head
         if not self.fast:
             if compile:
                 self.why_not_compiled = f"the lean forward does not run it ({reason})"
@@ -245,8 +251,10 @@ class Decoder:
         self.norm = _rms(self.hf.norm)
         if compile:
             self.why_not_compiled = eligible(self.layers, param.dtype, param.device)
+            if self.why_not_compiled is None and not isinstance(self.head_w, Weight):
+                self.why_not_compiled = "the LM head is not a plain linear layer"
             if self.why_not_compiled is None:
-                self.compiled = CompiledStep(self, lm.get_output_embeddings())
+                self.compiled = CompiledStep(self, head, projections)
 
     def forward(self, embeds, positions, mask, cache, cross_context=None) -> torch.Tensor:
         """`positions`: [B, T] tensor, or an int when T is 1 and every row is at that position."""

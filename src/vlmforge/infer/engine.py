@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vlmforge.infer.decoder import Decoder, Weight, fusable
+from vlmforge.infer.decoder import Decoder
 from vlmforge.infer.detokenize import Detokenizer, byte_level_table
 from vlmforge.infer.kv_cache import SlotCache
 from vlmforge.infer.prefix_cache import PrefixCache
@@ -55,6 +55,8 @@ class Engine:
         fast: the lean Llama-family forward (`decoder.Decoder`); None: wherever it applies.
         compile: one sequence's decode step as one compiled graph (`infer/compiled.py`: float32 on
             CPUs, the lean forward's LMs; its first step compiles: minutes for a 30-layer LM on 2 cores).
+        projections: how the compiled step multiplies by its weights: "rows" (reductions Inductor
+            writes), "mm" (torch's matmul), or "auto": the faster on this machine (`compiled.pick`).
     """
 
     def __init__(
@@ -69,22 +71,20 @@ class Engine:
         prefill_tokens: int = 8192,
         fast: bool | None = None,
         compile: bool = False,
+        projections: str = "auto",
     ):
         self.model = model.eval()
         lm = model.causal_lm
         cfg = lm.config
         self.embed_tokens = lm.get_input_embeddings()
-        self.head = lm.get_output_embeddings()
         self.max_len = max_len or getattr(cfg, "max_position_embeddings", 4096)
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.lm_forward = Decoder(model, self.max_len, fast, compile)
-        # the LM head as [D, V], contiguous (a copy; see decoder.Weight for why) on CPUs
-        cpu = self.device.type == "cpu" and self.lm_forward.fast
-        self.head_w = Weight([self.head], copy=cpu, pack=cpu) if fusable(self.head) else self.head
+        self.lm_forward = Decoder(model, self.max_len, fast, compile, projections)
+        self.head_w = self.lm_forward.head_w
         self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
         self.max_batch, self.max_queue, self.max_prefills = max_batch, max_queue, max_prefills_per_step
         self.prefill_tokens = prefill_tokens

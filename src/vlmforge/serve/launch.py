@@ -72,7 +72,11 @@ def serve(
     engine = Engine(load(model, dtype), max_batch=max_batch, max_queue=max_queue, compile=compile)
     if compile:
         why = engine.lm_forward.why_not_compiled
-        print("vlmforge serve: compiling the decode step" if why is None else f"vlmforge serve: not compiled: {why}")
+        if why is None:
+            step = engine.lm_forward.compiled
+            print(f"vlmforge serve: compiling the decode step (projections {step.projections}: {step.why})")
+        else:
+            print(f"vlmforge serve: not compiled: {why}")
         engine.warm_up()
     server = Server(engine, name or Path(model).resolve().name, limits, api_key, drain_seconds)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=drain_seconds + 5)
