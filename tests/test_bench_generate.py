@@ -52,7 +52,24 @@ def test_bench_generate_vs_llama_cpp_on_a_model_it_cannot_run_says_why_in_one_li
     assert r["engine"]["decode_b1_tokens_per_s"] > 0  # the engine's own figures all the same
     out = capsys.readouterr().out
     assert why in out and "| decode, batch 1 |" in out
-    for bad, name in ((["--dtype", "fp4"], "unknown weights dtype 'fp4'"), (["--vs", "vllm"], "unknown --vs 'vllm'")):
+    for bad, name in (
+        (["--dtype", "fp4"], "unknown weights dtype 'fp4'"),
+        (["--vs", "vllm"], "unknown --vs 'vllm'"),
+        (["--projections", "fast"], "unknown --projections 'fast'"),
+    ):
         with pytest.raises(SystemExit):
             main(["bench", "generate", "--model", str(tmp_path / "x"), *bad])
         assert name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("projections", ["mm", "rows"])
+def test_bench_generate_compiles_the_step_first_and_says_how_it_projects(vlm, tmp_path, capsys, projections):
+    """`--compile true`: the step is compiled before anything is timed, and the table says so, with
+    the way of projecting asked for (`auto` measures it: tests/test_engine.py)."""
+    vlm.save_pretrained(tmp_path / "m")
+    r = _bench(tmp_path / "m", tmp_path / "c.json", "--compile", "true", "--projections", projections)
+    assert (
+        r["compiled"].startswith("compiled (first answer") and f"projections {projections}: as asked" in r["compiled"]
+    )
+    assert r["engine"]["decode_b1_tokens_per_s"] > 0
+    assert f"projections {projections}: as asked" in capsys.readouterr().out
