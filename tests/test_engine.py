@@ -112,8 +112,12 @@ def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):
     vlm = VLM.from_backbones(dataclasses.replace(model_cfg, architecture="autoregressive")).eval()
     step = Engine(vlm, compile=True, prefix_cache_tokens=0).lm_forward.compiled
     assert step.projections in ("rows", "mm") and "GB/s" in step.why
-    mm, total = read_rates(_weights(step.graph._orig_mod.decoder))
+    decoder = step.graph._orig_mod.decoder
+    every = _weights(decoder)
+    mm, total = read_rates(every)
     assert mm > 0 and total > 0
+    assert len(every) == 4 * len(decoder.layers) + 1 and every[-1] is decoder.head_w.w  # all, the head last
+    assert len(_weights(decoder, limit=1)) == 4  # a first layer past the limit: the rest left out
     with pytest.raises(ValueError, match="unknown projections 'fast'"):
         Engine(vlm, compile=True, projections="fast")
 

@@ -53,11 +53,15 @@ def eligible(layers, dtype: torch.dtype, device: torch.device) -> str | None:
     return None
 
 
-def _weights(decoder) -> list[torch.Tensor]:
-    """The [in, out] matrices the "mm" step reads: per layer [q k v], o, [gate up], down; the head."""
-    out = []
+def _weights(decoder, limit: int = 1 << 30) -> list[torch.Tensor]:
+    """The [in, out] matrices the "mm" step reads: per layer [q k v], o, [gate up], down; then the
+    head; the layers only up to `limit` bytes (enough to measure by, beyond any cache)."""
+    out, nbytes = [], 0
     for L in decoder.layers:
         out += [L.w_qkv.w[:, : L.qk + L.kv], L.w_o.w, L.w_gu.w, L.w_down.w]
+        nbytes += sum(w.numel() * w.element_size() for w in out[-4:])
+        if nbytes >= limit:
+            return out
     return out + [decoder.head_w.w]
 
 
@@ -82,7 +86,8 @@ def read_rates(weights: list[torch.Tensor], repeats: int = 3) -> tuple[float, fl
 
 def pick(decoder, projections: str = "auto") -> tuple[str, str]:
     """("rows" or "mm", why): `projections` itself, or for "auto" the matmul where it reads the
-    weights at `MM_SHARE` of a sum's rate or more on this machine (measured now: ~0.3 s for SmolLM2)."""
+    weights at `MM_SHARE` of a sum's rate or more on this machine (measured now, on up to 1 GB of
+    them: ~0.3 s for SmolLM2)."""
     check_choice("projections", projections, PROJECTIONS)
     if projections != "auto":
         return projections, "as asked"
