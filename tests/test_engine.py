@@ -105,7 +105,7 @@ def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
 
 
 def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):
-    """ "auto" measures the matmul's and a sum's read rates over the step's own weights and says
+    """ "auto" measures the matmul's read rate over the step's own weights and the machine's, and says
     which it took and why; an unknown choice is refused by name."""
     from vlmforge.infer.compiled import _weights, read_rates
 

@@ -1,6 +1,6 @@
 """Process-wide state, owned here and nowhere else: torch's CPU threads, seeds, library logging
 and progress bars, the garbage collector's view of long-lived objects, and the torch.distributed
-process group; and what this process runs on (its device, its matmul rate).
+process group; and what this process runs on (its device, its matmul and memory read rates).
 
 Each setting is a context manager that undoes its change on exit, so a library call never leaves
 the caller's process changed (a thread count leaked by one step once slowed every later test).
@@ -135,6 +135,23 @@ def matmul_peak(n_threads: int | None = None, sizes=(512, 1024, 2048), repeats: 
             if rate > best:
                 best, best_n = rate, n
     return best, best_n
+
+
+def read_rate(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s at which this process reads a buffer of `nbytes` (at least 1 MB) once, best of
+    `repeats` (a sum over it): the machine's memory bound, for the weights a decode step streams."""
+    import time
+
+    import torch
+
+    buf = torch.ones(max(nbytes, 1 << 20) // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
 
 
 def join_process_group(timeout_s: float, cuda: bool | None = None) -> tuple[int, int, int]:

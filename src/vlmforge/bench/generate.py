@@ -43,20 +43,6 @@ GGUF_TYPE = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
 
 
 # ---- the machine's bounds ----------------------------------------------------------------------
-def read_rate(nbytes: int, repeats: int = 5) -> float:
-    """Bytes/s of reading a buffer of `nbytes` (at least 1 MB) once, best of `repeats`."""
-    import torch
-
-    buf = torch.ones(max(nbytes, 1 << 20) // 4)
-    buf.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best
-
-
 def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
     """FLOP/s of an [m, k] x [k, n] matmul in `dtype`, best of `repeats` (a few calls each)."""
     import torch
@@ -362,7 +348,7 @@ def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) ->
         "tokens": tokens,
         "batch": batch,
         "bounds": {
-            "read_bytes_per_s": read_rate(nbytes),
+            "read_bytes_per_s": runtime.read_rate(nbytes),
             "read_over_bytes": nbytes,
             "matmul_flops_per_s": matmul_rate(prompt_len, cfg.hidden_size, inter, mm_dtype),
             "matmul_shape": [prompt_len, cfg.hidden_size, inter],

@@ -14,9 +14,10 @@ write. The LM head is the graph's last reduction.
 Which way of multiplying by the weights streams them faster depends on the machine, so `pick`
 measures it when the step is built: "mm" is torch's one-row matmul on the lean forward's transposed
 copies (`decoder.Weight`; Inductor calls the same kernel from its C++ wrapper), "rows" the
-reductions above. Where the matmul reads the weights at `MM_SHARE` of a sum's rate or more (an
-AVX-512 machine) it is used; elsewhere (an AVX2 machine, where it reads at about half the sum's
-rate) the reductions are. docs/engine.md has the figures of both.
+reductions above, which read at ~80% of the machine's read rate (a sum over one buffer) on both
+machines measured. Where the matmul reads the weights at `MM_SHARE` of that rate or more (an
+AVX-512 machine) it is used; elsewhere (an AVX2 machine, where it reads at about half of it) the
+reductions are. docs/engine.md has the figures of both.
 
 Built by `Decoder` where `eligible` says so; used for a step of one sequence and one new token.
 The first call compiles (about 3 minutes for SmolLM2's 30 layers on a 2-core machine; Inductor
@@ -26,16 +27,16 @@ share the graph (the cache's length is a dynamic dimension).
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from torch import nn
 
+from vlmforge import runtime
 from vlmforge.config import check_choice
 
 PROJECTIONS = ("auto", "rows", "mm")
-# the matmul's share of a sum's read rate from which the step multiplies by it ("mm")
+# the share of the machine's read rate from which the step multiplies by the matmul ("mm")
 MM_SHARE = 0.85
 
 
@@ -65,35 +66,36 @@ def _weights(decoder, limit: int = 1 << 30) -> list[torch.Tensor]:
     return out + [decoder.head_w.w]
 
 
-def read_rates(weights: list[torch.Tensor], repeats: int = 3) -> tuple[float, float]:
-    """(bytes/s, bytes/s): how fast one row times each of `weights` (torch's matmul), and a sum over
-    each of them, read these weights; medians of `repeats` passes after one to warm up."""
+def read_rates(weights: list[torch.Tensor], repeats: int = 5) -> tuple[float, float]:
+    """(bytes/s, bytes/s): how fast one row times each of `weights` (torch's matmul) reads them, and
+    how fast this machine reads a buffer of their size (`runtime.read_rate`); best of `repeats`."""
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     rows = {w.shape[0]: torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device) for w in weights}
 
-    def rate(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return nbytes / statistics.median(times)
+    def once() -> None:
+        for w in weights:
+            rows[w.shape[0]] @ w
 
     with torch.no_grad():
-        return rate(lambda: [rows[w.shape[0]] @ w for w in weights]), rate(lambda: [w.sum() for w in weights])
+        once()  # to warm up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            once()
+            best = min(best, time.perf_counter() - t0)
+    return nbytes / best, runtime.read_rate(nbytes, repeats)
 
 
 def pick(decoder, projections: str = "auto") -> tuple[str, str]:
     """("rows" or "mm", why): `projections` itself, or for "auto" the matmul where it reads the
-    weights at `MM_SHARE` of a sum's rate or more on this machine (measured now, on up to 1 GB of
-    them: ~0.3 s for SmolLM2)."""
+    weights at `MM_SHARE` of this machine's read rate or more (both measured now, on up to 1 GB of
+    them: ~0.5 s for SmolLM2)."""
     check_choice("projections", projections, PROJECTIONS)
     if projections != "auto":
         return projections, "as asked"
     mm, total = read_rates(_weights(decoder))
     kind = "mm" if mm >= MM_SHARE * total else "rows"
-    return kind, f"the one-row matmul read the weights at {mm / 1e9:.1f} GB/s, a sum at {total / 1e9:.1f}"
+    return kind, f"the one-row matmul read the weights at {mm / 1e9:.1f} GB/s, this machine reads {total / 1e9:.1f}"
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
