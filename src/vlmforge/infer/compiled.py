@@ -112,7 +112,8 @@ def _mm(x: torch.Tensor, w, n: int | None = None) -> torch.Tensor:
 
 
 class _Graph(nn.Module):
-    """The layers' formula on the model's own weights (`decoder.Decoder` holds the same one, eager)."""
+    """The layers' formula (`decoder.Decoder` holds the same one, eager) on the model's own weights
+    ("rows"), or on the lean forward's [in, out] copies of them (`mm`)."""
 
     def __init__(self, decoder, head: nn.Module, mm: bool):
         super().__init__()
