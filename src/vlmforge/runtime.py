@@ -137,21 +137,26 @@ def matmul_peak(n_threads: int | None = None, sizes=(512, 1024, 2048), repeats: 
     return best, best_n
 
 
-def read_rate(nbytes: int, repeats: int = 5) -> float:
-    """Bytes/s at which this process reads a buffer of `nbytes` (at least 1 MB) once, best of
-    `repeats` (a sum over it): the machine's memory bound, for the weights a decode step streams."""
+def best_seconds(fn, repeats: int = 5) -> float:
+    """The shortest of `repeats` timed calls of `fn`, after one untimed call to warm it up."""
     import time
 
-    import torch
-
-    buf = torch.ones(max(nbytes, 1 << 20) // 4)
-    buf.sum()
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        buf.sum()
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best
+    return best
+
+
+def read_rate(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s at which this process reads a buffer of `nbytes` (at least 1 MB) once, best of
+    `repeats` (a sum over it): the machine's memory bound, for the weights a decode step streams."""
+    import torch
+
+    buf = torch.ones(max(nbytes, 1 << 20) // 4)
+    return buf.numel() * 4 / best_seconds(buf.sum, repeats)
 
 
 def join_process_group(timeout_s: float, cuda: bool | None = None) -> tuple[int, int, int]:

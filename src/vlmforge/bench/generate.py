@@ -49,14 +49,12 @@ def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
 
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     calls = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP a timing
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def some() -> None:
         for _ in range(calls):
             torch.mm(a, b)
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return 2 * m * k * n / best
+
+    return 2 * m * k * n * calls / runtime.best_seconds(some, repeats)
 
 
 # ---- the model's costs ------------------------------------------------------------------------

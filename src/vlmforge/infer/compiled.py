@@ -27,8 +27,6 @@ share the graph (the cache's length is a dynamic dimension).
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
@@ -77,13 +75,7 @@ def read_rates(weights: list[torch.Tensor], repeats: int = 5) -> tuple[float, fl
             rows[w.shape[0]] @ w
 
     with torch.no_grad():
-        once()  # to warm up
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            once()
-            best = min(best, time.perf_counter() - t0)
-    return nbytes / best, runtime.read_rate(nbytes, repeats)
+        return nbytes / runtime.best_seconds(once, repeats), runtime.read_rate(nbytes, repeats)
 
 
 def pick(decoder, projections: str = "auto") -> tuple[str, str]:
