@@ -77,8 +77,12 @@ def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
     """`compile=True`: one sequence's steps go through the compiled graph and give the eager engine's
     logits (to 1e-5 of their range) and tokens (sampled with a seed: varied tokens), across the
     cache's growth (40 tokens: its length doubles twice) and after a batch (eager) has widened the
-    cache's slots, with either way of multiplying by the weights; the cross-attention LM is refused
-    by name and runs eager."""
+    cache's slots, with either way of multiplying by the weights, compiled once for all of it (a
+    second compilation of SmolLM2's step stalls a server for minutes); the cross-attention LM is
+    refused by name and runs eager."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     eng = Engine(vlm, compile=True, prefix_cache_tokens=0, projections=projections)
     step = eng.lm_forward.compiled
     if vlm.cross_attention:
@@ -102,6 +106,7 @@ def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
         assert (a - b).abs().max() <= 1e-5 * (b.max() - b.min())
     if step is not None:
         assert step.steps == 2 * 39  # the two single answers' steps after their first token, no batch's
+        assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph, before and after the batch
 
 
 def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):

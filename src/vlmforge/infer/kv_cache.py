@@ -15,14 +15,19 @@ BLOCK = 8  # prefix-cache granularity (tokens); buffers grow by at least this mu
 class SlotCache:
     """Per-layer key/value buffers `[slots, kv_heads, length, head_dim]`, passed to the HF decoder
     as `past_key_values`. `prefill(slot, start)` or `decode(positions)` says where the next forward
-    writes; `update` (called by every attention layer) writes and returns what to attend to."""
+    writes; `update` (called by every attention layer) writes and returns what to attend to.
+
+    Each kind is one tensor, slot-major (`[slots, layers, kv_heads, length, head_dim]`), so that one
+    slot's keys of every layer (`slot`) are one contiguous block whose strides do not depend on how
+    many slots there are: the compiled step's graph, which reads them, then serves any batch width
+    without being compiled again."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         self.layers, self.kv_heads, self.head_dim, self.dtype, self.device = layers, kv_heads, head_dim, dtype, device
         self.slots, self.length = 0, 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.k_all = self.v_all = None  # [layers, slots, kv_heads, length, head_dim]: k[i] is k_all[i]
+        self.k_all = self.v_all = None  # [slots, layers, kv_heads, length, head_dim]: k[i] is k_all[:, i]
         self._mode: tuple = ()
         self._flat = None  # (positions, flat row indices) of the current decode step
 
@@ -35,14 +40,15 @@ class SlotCache:
         new_l = max(length, 2 * self.length, BLOCK) if length > self.length else self.length
         if max_length:
             new_l = max(min(new_l, max_length), length)
-        shape = (self.layers, new_s, self.kv_heads, new_l, self.head_dim)
+        shape = (new_s, self.layers, self.kv_heads, new_l, self.head_dim)
         for name in ("k", "v"):  # one tensor per kind; the per-layer buffers are its views
             fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if self.slots:
-                fresh[:, : self.slots, :, : self.length] = getattr(self, f"{name}_all")
+                fresh[: self.slots, :, :, : self.length] = getattr(self, f"{name}_all")
             setattr(self, f"{name}_all", fresh)
-            setattr(self, name, list(fresh.unbind(0)))
+            setattr(self, name, list(fresh.unbind(1)))
         self.slots, self.length = new_s, new_l
+        self._flat = None
 
     def prefill(self, slot: int, starts: list[int], lengths: list[int]) -> None:
         """Rows i of the next forward go to slot `slot + i`, positions `starts[i]` on, `lengths[i]` real tokens."""
@@ -66,25 +72,26 @@ class SlotCache:
         if isinstance(pos, int):
             k[:b, :, pos : pos + 1] = key
             v[:b, :, pos : pos + 1] = value
-        else:  # one row of [slots * heads * length, head_dim] per (slot, head): one index_copy_
+        else:  # one row of the buffers as [rows, head_dim] per (slot, head): one index_copy_ a layer
             if self._flat is None or self._flat[0] is not pos:
                 heads = torch.arange(self.kv_heads, device=key.device)[None]
                 slots = torch.arange(b, device=key.device)[:, None]
-                rows = (slots * self.kv_heads + heads) * self.length + pos[:, None]
-                self._flat = (pos, rows.reshape(-1))
-            idx = self._flat[1]
-            k.view(-1, self.head_dim).index_copy_(0, idx, key.reshape(-1, self.head_dim))
-            v.view(-1, self.head_dim).index_copy_(0, idx, value.reshape(-1, self.head_dim))
+                rows = ((slots * self.layers) * self.kv_heads + heads) * self.length + pos[:, None]
+                layer = self.kv_heads * self.length * torch.arange(self.layers, device=key.device)[:, None]
+                self._flat = (pos, rows.reshape(1, -1) + layer)  # [layers, slots * heads]
+            idx = self._flat[1][layer_idx]
+            self.k_all.view(-1, self.head_dim).index_copy_(0, idx, key.reshape(-1, self.head_dim))
+            self.v_all.view(-1, self.head_dim).index_copy_(0, idx, value.reshape(-1, self.head_dim))
         return k[:b, :, :width], v[:b, :, :width]
 
     def slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One slot's keys and values of every layer, `[layers, kv_heads, length, head_dim]` (views)."""
-        return self.k_all[:, slot], self.v_all[:, slot]
+        """One slot's keys and values of every layer, `[layers, kv_heads, length, head_dim]` (contiguous views)."""
+        return self.k_all[slot], self.v_all[slot]
 
     def put(self, slot: int, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one token's keys and values of every layer (`[layers, kv_heads, head_dim]`) at `position`."""
-        self.k_all[:, slot, :, position] = keys
-        self.v_all[:, slot, :, position] = values
+        self.k_all[slot, :, :, position] = keys
+        self.v_all[slot, :, :, position] = values
 
     def read(self, slot: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return [k[slot, :, :n].clone() for k in self.k], [v[slot, :, :n].clone() for v in self.v]
