@@ -14,15 +14,16 @@ write. The LM head is the graph's last reduction.
 Which way of multiplying by the weights streams them faster depends on the machine, so `pick`
 measures it when the step is built: "mm" is torch's one-row matmul on the lean forward's transposed
 copies (`decoder.Weight`; Inductor calls the same kernel from its C++ wrapper), "rows" the
-reductions above, which read at ~80% of the machine's read rate (a sum over one buffer) on both
-machines measured. Where the matmul reads the weights at `MM_SHARE` of that rate or more (an
-AVX-512 machine) it is used; elsewhere (an AVX2 machine, where it reads at about half of it) the
-reductions are. docs/engine.md has the figures of both.
+reductions above, which read at 70-80% of the machine's read rate (a sum over one buffer) on the
+machines measured. Where the matmul reads the weights at `MM_SHARE` of that rate or more (an Intel
+AVX-512 machine) it is used; elsewhere (an AVX2 machine, an AMD AVX-512 one, where it reads at a
+third to a half of it) the reductions are. docs/engine.md has the figures of each.
 
 Built by `Decoder` where `eligible` says so; used for a step of one sequence and one new token.
 The first call compiles (about 3 minutes for SmolLM2's 30 layers on a 2-core machine; Inductor
 keeps the result in its cache directory, so a later process starts in seconds); sequences of any length
-share the graph (the cache's length is a dynamic dimension).
+share the graph (the cache's length is a dynamic dimension), whatever batches ran between them (one
+slot's keys are laid out alike at any number of slots: `kv_cache.SlotCache`).
 """
 
 from __future__ import annotations
