@@ -82,6 +82,7 @@ def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
     refused by name and runs eager."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # no graph of an earlier test to reuse: each one this test needs is compiled here
     graphs = counters["stats"]["unique_graphs"]
     eng = Engine(vlm, compile=True, prefix_cache_tokens=0, projections=projections)
     step = eng.lm_forward.compiled
