@@ -78,7 +78,7 @@ def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
     logits (to 1e-5 of their range) and tokens (sampled with a seed: varied tokens), across the
     cache's growth (40 tokens: its length doubles twice) and after a batch (eager) has widened the
     cache's slots, with either way of multiplying by the weights, compiled once for all of it (a
-    second compilation of SmolLM2's step stalls a server for minutes); the cross-attention LM is
+    second compilation of SmolLM2's step stalls a server for about two minutes); the cross-attention LM is
     refused by name and runs eager."""
     from torch._dynamo.utils import counters
 

@@ -29,7 +29,7 @@ class SlotCache:
         self.v: list[torch.Tensor] = []
         self.k_all = self.v_all = None  # [slots, layers, kv_heads, length, head_dim]: k[i] is k_all[:, i]
         self._mode: tuple = ()
-        self._flat = None  # (positions, flat row indices) of the current decode step
+        self._flat = None  # (positions, each layer's flat row indices) of the current decode step
 
     def reserve(self, slots: int, length: int, max_length: int | None = None) -> None:
         """Grow (never shrink) to at least `slots` x `length`, keeping the contents; growth
@@ -74,11 +74,11 @@ class SlotCache:
             v[:b, :, pos : pos + 1] = value
         else:  # one row of the buffers as [rows, head_dim] per (slot, head): one index_copy_ a layer
             if self._flat is None or self._flat[0] is not pos:
-                heads = torch.arange(self.kv_heads, device=key.device)[None]
+                layers = torch.arange(self.layers, device=key.device)[:, None, None]
                 slots = torch.arange(b, device=key.device)[:, None]
-                rows = ((slots * self.layers) * self.kv_heads + heads) * self.length + pos[:, None]
-                layer = self.kv_heads * self.length * torch.arange(self.layers, device=key.device)[:, None]
-                self._flat = (pos, rows.reshape(1, -1) + layer)  # [layers, slots * heads]
+                heads = torch.arange(self.kv_heads, device=key.device)
+                rows = ((slots * self.layers + layers) * self.kv_heads + heads) * self.length + pos[:, None]
+                self._flat = (pos, rows.reshape(self.layers, -1))  # [layers, slots * heads]
             idx = self._flat[1][layer_idx]
             self.k_all.view(-1, self.head_dim).index_copy_(0, idx, key.reshape(-1, self.head_dim))
             self.v_all.view(-1, self.head_dim).index_copy_(0, idx, value.reshape(-1, self.head_dim))
