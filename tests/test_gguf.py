@@ -323,5 +323,6 @@ def test_bench_generate_runs_on_the_smollm2_model_beside_llama_cpp(real, tmp_pat
     for side in ("engine", "llama.cpp"):
         assert all(0 < f < 1.5 for f in r[side]["of_bound"].values()), r[side]
     assert r["costs"]["step_bytes"] > 500e6  # SmolLM2-135M in float32 (its tied head read once)
+    assert len(r["bounds"]["read_rates"]) == 3  # before, and after the engine's and llama.cpp's turns
     table = capsys.readouterr().out
     assert "| llama.cpp | of bound |" in table.replace("engine | of bound | ", "")

@@ -17,7 +17,9 @@ In one run, on one model and one dtype:
 * **`--vs llama.cpp`**: the model exported to GGUF (`f32`, `bf16`, or `q8_0` for int8: llama.cpp's
   8-bit type, a scale per 32 weights), run in llama.cpp itself (`bench.llamacpp`) on the same
   prompts and images: prefill with the image, decode at batch 1, and the same sequences at once
-  through `llama_decode`'s batches; and how many of its greedy tokens equal the engine's.
+  through `llama_decode`'s batches; and how many of its greedy tokens equal the engine's. The two
+  take turns, a repeat each, so that both see the same moments of a machine whose speed moves; the
+  read and matmul rates are measured again after each turn, and each bound takes the run's highest.
 * transformers' `generate` against the engine, tokens/s at batch 1 and 8 (as `bench serve`).
 
 Every request generates exactly `--tokens` tokens (end of turn ignored); medians of `--repeats`.
@@ -107,16 +109,15 @@ def _decode_rate(reqs) -> float:
     return sum(len(r.tokens) - 1 for r in reqs) / span
 
 
-def engine_figures(vlm, engine, size: int, tokens: int, batch: int, repeats: int, seed: int):
-    """Prefill (PNG bytes to the first token, a new image each time), decode at batch 1 and at
-    `batch` (new images, so neither cache helps); medians of `repeats`. Also the tokens of the last
-    batch (to compare with llama.cpp's)."""
+def engine_repeats(vlm, engine, size: int, tokens: int, batch: int, repeats: int, seed: int):
+    """Per repeat, (prefill s, decode tok/s at batch 1, at `batch`, the batch's tokens): prefill is PNG
+    bytes to the first token, a new image each time, and the decodes take new images too (so neither
+    cache helps)."""
     from PIL import Image
 
     from vlmforge.infer.request import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    prefill, b1, bn = [], [], []
     for r in range(repeats):
         png = random_png(seed + 1000 * r, size)
         t0 = time.perf_counter()
@@ -124,19 +125,21 @@ def engine_figures(vlm, engine, size: int, tokens: int, batch: int, repeats: int
         req = engine.submit(vlm.build_prompt(QUESTION, images=[image]), [image], SamplingParams(max_tokens=1))
         while not req.done:
             engine.step()
-        prefill.append(req.first_token_at - t0)
+        prefill = req.first_token_at - t0
         image = _picture(seed + 1000 * r + 1, size)
-        b1.append(_decode_rate(engine.generate([vlm.build_prompt(QUESTION, images=[image])], [[image]], params)))
+        b1 = _decode_rate(engine.generate([vlm.build_prompt(QUESTION, images=[image])], [[image]], params))
         images = [_picture(seed + 1000 * r + 2 + i, size) for i in range(batch)]
         prompts = [vlm.build_prompt(QUESTION, images=[im]) for im in images]
         reqs = engine.generate(prompts, [[im] for im in images], params)
-        bn.append(_decode_rate(reqs))
-    figures = {
-        "prefill_s": statistics.median(prefill),
-        "decode_b1_tokens_per_s": statistics.median(b1),
-        "decode_batch_tokens_per_s": statistics.median(bn),
+        yield prefill, b1, _decode_rate(reqs), [r.tokens for r in reqs]
+
+
+def medians(rows: list[tuple]) -> dict:
+    """The figures of a side's repeats (`engine_repeats`, `llamacpp_repeats`): medians."""
+    return {
+        key: statistics.median(row[i] for row in rows)
+        for i, key in enumerate(("prefill_s", "decode_b1_tokens_per_s", "decode_batch_tokens_per_s"))
     }
-    return figures, [r.tokens for r in reqs]
 
 
 # ---- llama.cpp's figures -----------------------------------------------------------------------
@@ -164,9 +167,10 @@ def write_gguf(vlm, model_dir: str, dtype: str, folder: Path) -> tuple[Path, Pat
     return lm, mmproj
 
 
-def llamacpp_figures(vlm, files: tuple[Path, Path], size: int, tokens: int, batch: int, repeats: int, seed: int):
-    """llama.cpp on the GGUF `files`: the same figures as the engine's, and its greedy tokens for
-    the last batch's prompts (to compare)."""
+def llamacpp_repeats(vlm, files: tuple[Path, Path], size: int, tokens: int, batch: int, repeats: int, seed: int):
+    """llama.cpp on the GGUF `files`: per repeat, the same figures as `engine_repeats` on the same
+    images, with its greedy tokens for the batch's prompts (to compare). First yields whether its
+    extra buffer types are on (they crash on some files and CPUs: `extra_buffers_work`)."""
     import torch
 
     from vlmforge.bench.llamacpp import LlamaCpp, extra_buffers_work
@@ -184,31 +188,23 @@ def llamacpp_figures(vlm, files: tuple[Path, Path], size: int, tokens: int, batc
             text = vlm.tokenizer.decode(vlm.build_prompt(QUESTION, images=[im.size]))
             return L.prefill(text.replace(pad * text.count(pad), "<__media__>", 1), png, seq)
 
-        times, b1, bn, last = [], [], [], []
+        yield extra
         for r in range(repeats):
             L.clear()
             png = random_png(seed + 1000 * r, size)
             t0 = time.perf_counter()
             prefill(png)
-            times.append(time.perf_counter() - t0)
+            prefill_s = time.perf_counter() - t0
             L.clear()
             first, pos = prefill(random_png(seed + 1000 * r + 1, size))
             t0 = time.perf_counter()
             L.greedy([first], [pos], tokens)
-            b1.append((tokens - 1) / (time.perf_counter() - t0))
+            b1 = (tokens - 1) / (time.perf_counter() - t0)
             L.clear()
             started = [prefill(random_png(seed + 1000 * r + 2 + i, size), i) for i in range(batch)]
             t0 = time.perf_counter()
             last = L.greedy([f for f, _ in started], [p for _, p in started], tokens)
-            bn.append(batch * (tokens - 1) / (time.perf_counter() - t0))
-    figures = {
-        "gguf_type": files[0].stem.split("-", 1)[1],
-        "extra_buffers": extra,
-        "prefill_s": statistics.median(times),
-        "decode_b1_tokens_per_s": statistics.median(b1),
-        "decode_batch_tokens_per_s": statistics.median(bn),
-    }
-    return figures, last
+            yield prefill_s, b1, batch * (tokens - 1) / (time.perf_counter() - t0), last
 
 
 # ---- the verb ----------------------------------------------------------------------------------
@@ -287,16 +283,43 @@ def _measure(cfg: GenerateBench) -> dict:
             vlm, prefix_cache_tokens=0, feature_cache=1, compile=cfg.compile, projections=cfg.projections
         )
         result["compiled"] = _compiled(engine) if cfg.compile else None
-        result["engine"], ours = engine_figures(vlm, engine, size, tokens, batch, repeats, seed=3000)
+        # the two sides take turns, a repeat each, with a reading of the read rate after each turn:
+        # this machine's speed moves within a run, and both then see the same moments of it
+        sides = {"engine": engine_repeats(vlm, engine, size, tokens, batch, repeats, seed=3000)}
         if files:
-            figures, theirs = llamacpp_figures(vlm, files, size, tokens, batch, repeats, seed=3000)
-            figures["same_tokens"] = sum(a == b for a, b in zip(theirs, ours))
-            result["llama.cpp"] = figures
+            sides["llama.cpp"] = llamacpp_repeats(vlm, files, size, tokens, batch, repeats, seed=3000)
+            extra = next(sides["llama.cpp"])
+        rows = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side, it in sides.items():
+                rows[side].append(next(it))
+                _measure_bounds(result)
+        for it in sides.values():
+            it.close()
+        result["engine"] = medians(rows["engine"])
+        if files:
+            result["llama.cpp"] = medians(rows["llama.cpp"]) | {
+                "gguf_type": files[0].stem.split("-", 1)[1],
+                "extra_buffers": extra,
+                "same_tokens": sum(a == b for a, b in zip(rows["llama.cpp"][-1][3], rows["engine"][-1][3])),
+            }
         elif cfg.vs:
             result["llama.cpp"] = {"unavailable": unavailable}
     result["generate"] = bench_generate(vlm, tokens, repeats)
     _fractions(result)
     return publish(result, format_table(result), cfg.out)
+
+
+def _measure_bounds(result: dict) -> None:
+    """Read the machine's rates once more (after a side's repeat): each bound takes the run's
+    highest reading, so that a moment when the machine ran slowly cannot make a figure look closer
+    to its bound."""
+    import torch
+
+    b = result["bounds"]
+    b["read_rates"].append(runtime.read_rate(b["read_over_bytes"]))
+    mm_dtype = torch.float32 if result["dtype"] == "float32" else torch.bfloat16
+    b["matmul_rates"].append(matmul_rate(*b["matmul_shape"], mm_dtype))
 
 
 def _compiled(engine) -> str:
@@ -345,10 +368,10 @@ def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) ->
         "prompt_tokens": prompt_len,
         "tokens": tokens,
         "batch": batch,
-        "bounds": {
-            "read_bytes_per_s": runtime.read_rate(nbytes),
+        "bounds": {  # each reading of the run: one now, one after each side's repeat (`_measure_bounds`)
+            "read_rates": [runtime.read_rate(nbytes)],
             "read_over_bytes": nbytes,
-            "matmul_flops_per_s": matmul_rate(prompt_len, cfg.hidden_size, inter, mm_dtype),
+            "matmul_rates": [matmul_rate(prompt_len, cfg.hidden_size, inter, mm_dtype)],
             "matmul_shape": [prompt_len, cfg.hidden_size, inter],
         },
         "costs": {"step_bytes": nbytes, "token_flops": token_flops(vlm), "prefill_flops": prefill},
@@ -358,6 +381,8 @@ def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) ->
 def _fractions(r: dict) -> None:
     """Each figure's bound and the fraction of it reached, in place."""
     b, c, n = r["bounds"], r["costs"], r["batch"]
+    b["read_bytes_per_s"] = max(b["read_rates"])  # the run's highest readings (`_measure_bounds`)
+    b["matmul_flops_per_s"] = max(b["matmul_rates"])
     r["bound"] = {
         "prefill_s": c["prefill_flops"] / b["matmul_flops_per_s"],
         "decode_b1_tokens_per_s": b["read_bytes_per_s"] / c["step_bytes"],
@@ -376,6 +401,10 @@ def _fractions(r: dict) -> None:
         f["batch_over_b1"] = f["decode_batch_tokens_per_s"] / f["decode_b1_tokens_per_s"]
 
 
+def _readings(rates: list[float], unit: float, name: str) -> str:
+    return " / ".join(f"{x / unit:.{1 if name == 'GB/s' else 0}f}" for x in rates) + f" {name}"
+
+
 def format_table(r: dict) -> str:
     b, c, n = r["bounds"], r["costs"], r["batch"]
     m, k, i = b["matmul_shape"]
@@ -384,6 +413,8 @@ def format_table(r: dict) -> str:
         f"{r['prompt_tokens']}-token prompts, {r['threads']} thread(s)",
         f"machine (measured now): memory read {b['read_bytes_per_s'] / 1e9:.1f} GB/s over "
         f"{b['read_over_bytes'] / 1e6:.0f} MB; matmul {b['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s at {m}x{k}x{i}",
+        f"(each the highest of the run's {len(b['read_rates'])} readings: {_readings(b['read_rates'], 1e9, 'GB/s')}; "
+        f"{_readings(b['matmul_rates'], 1e9, 'GFLOP/s')})",
         f"model costs: {c['step_bytes'] / 1e6:.1f} MB of weights read per decode step, "
         f"{c['token_flops'] / 1e9:.3f} GFLOP per token; prefill with the image {c['prefill_flops'] / 1e9:.2f} GFLOP",
         "",
