@@ -283,19 +283,21 @@ def _measure(cfg: GenerateBench) -> dict:
             vlm, prefix_cache_tokens=0, feature_cache=1, compile=cfg.compile, projections=cfg.projections
         )
         result["compiled"] = _compiled(engine) if cfg.compile else None
-        # the two sides take turns, a repeat each, with a reading of the read rate after each turn:
-        # this machine's speed moves within a run, and both then see the same moments of it
+        # the two sides take turns, a repeat each, with the machine's rates read again after each
+        # turn: a machine's speed can move within a run, and both sides then see the same moments of it
         sides = {"engine": engine_repeats(vlm, engine, size, tokens, batch, repeats, seed=3000)}
-        if files:
-            sides["llama.cpp"] = llamacpp_repeats(vlm, files, size, tokens, batch, repeats, seed=3000)
-            extra = next(sides["llama.cpp"])
-        rows = {side: [] for side in sides}
-        for _ in range(repeats):
-            for side, it in sides.items():
-                rows[side].append(next(it))
-                _measure_bounds(result)
-        for it in sides.values():
-            it.close()
+        rows = {"engine": []}
+        try:
+            if files:
+                sides["llama.cpp"] = llamacpp_repeats(vlm, files, size, tokens, batch, repeats, seed=3000)
+                extra, rows["llama.cpp"] = next(sides["llama.cpp"]), []
+            for _ in range(repeats):
+                for side, it in sides.items():
+                    rows[side].append(next(it))
+                    _measure_bounds(result)
+        finally:  # llama.cpp's context closes here, also when a turn fails
+            for it in sides.values():
+                it.close()
         result["engine"] = medians(rows["engine"])
         if files:
             result["llama.cpp"] = medians(rows["llama.cpp"]) | {
@@ -314,12 +316,16 @@ def _measure_bounds(result: dict) -> None:
     """Read the machine's rates once more (after a side's repeat): each bound takes the run's
     highest reading, so that a moment when the machine ran slowly cannot make a figure look closer
     to its bound."""
-    import torch
-
     b = result["bounds"]
     b["read_rates"].append(runtime.read_rate(b["read_over_bytes"]))
-    mm_dtype = torch.float32 if result["dtype"] == "float32" else torch.bfloat16
-    b["matmul_rates"].append(matmul_rate(*b["matmul_shape"], mm_dtype))
+    b["matmul_rates"].append(matmul_rate(*b["matmul_shape"], _matmul_dtype(result["dtype"])))
+
+
+def _matmul_dtype(dtype: str):
+    """The dtype a prefill's matmuls run in for LM weights of `dtype` (int8's prefill runs in bfloat16)."""
+    import torch
+
+    return torch.float32 if dtype == "float32" else torch.bfloat16
 
 
 def _compiled(engine) -> str:
@@ -358,7 +364,6 @@ def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) ->
     prompt_len = len(vlm.build_prompt(QUESTION, images=[(size, size)]))
     nbytes = step_bytes(vlm)
     inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-    mm_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
     return {
         "machine": machine(),
         "model": name,
@@ -371,7 +376,7 @@ def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) ->
         "bounds": {  # each reading of the run: one now, one after each side's repeat (`_measure_bounds`)
             "read_rates": [runtime.read_rate(nbytes)],
             "read_over_bytes": nbytes,
-            "matmul_rates": [matmul_rate(prompt_len, cfg.hidden_size, inter, mm_dtype)],
+            "matmul_rates": [matmul_rate(prompt_len, cfg.hidden_size, inter, _matmul_dtype(dtype))],
             "matmul_shape": [prompt_len, cfg.hidden_size, inter],
         },
         "costs": {"step_bytes": nbytes, "token_flops": token_flops(vlm), "prefill_flops": prefill},
@@ -401,8 +406,8 @@ def _fractions(r: dict) -> None:
         f["batch_over_b1"] = f["decode_batch_tokens_per_s"] / f["decode_b1_tokens_per_s"]
 
 
-def _readings(rates: list[float], unit: float, name: str) -> str:
-    return " / ".join(f"{x / unit:.{1 if name == 'GB/s' else 0}f}" for x in rates) + f" {name}"
+def _readings(rates: list[float], unit: float, digits: int, name: str) -> str:
+    return " / ".join(f"{x / unit:.{digits}f}" for x in rates) + f" {name}"
 
 
 def format_table(r: dict) -> str:
@@ -413,8 +418,8 @@ def format_table(r: dict) -> str:
         f"{r['prompt_tokens']}-token prompts, {r['threads']} thread(s)",
         f"machine (measured now): memory read {b['read_bytes_per_s'] / 1e9:.1f} GB/s over "
         f"{b['read_over_bytes'] / 1e6:.0f} MB; matmul {b['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s at {m}x{k}x{i}",
-        f"(each the highest of the run's {len(b['read_rates'])} readings: {_readings(b['read_rates'], 1e9, 'GB/s')}; "
-        f"{_readings(b['matmul_rates'], 1e9, 'GFLOP/s')})",
+        f"(each the highest of the run's {len(b['read_rates'])} readings: "
+        f"{_readings(b['read_rates'], 1e9, 1, 'GB/s')}; {_readings(b['matmul_rates'], 1e9, 0, 'GFLOP/s')})",
         f"model costs: {c['step_bytes'] / 1e6:.1f} MB of weights read per decode step, "
         f"{c['token_flops'] / 1e9:.3f} GFLOP per token; prefill with the image {c['prefill_flops'] / 1e9:.2f} GFLOP",
         "",
