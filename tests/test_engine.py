@@ -11,6 +11,7 @@ from PIL import Image
 from vlmforge.infer.detokenize import byte_level_table
 from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import EngineBusy, PromptTooLong, SamplingParams
+from vlmforge.infer.tower import LeanTower
 from vlmforge.model.vlm import VLM
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]
@@ -52,12 +53,33 @@ def no_cache_greedy(m, prompt, img, n):
 @pytest.mark.parametrize("fast", [True, False])
 def test_kv_cache_output_equals_no_cache_output(vlm, fast):
     eng = Engine(vlm, fast=fast)
-    assert eng.lm_forward.fast == fast
+    assert eng.lm_forward.fast == fast and (eng.vision.lean is not None) == fast
     p = prompts(vlm, QUESTIONS[:2])
     reqs = eng.generate(p, [[image("red")], [image("blue")]], SamplingParams(max_tokens=12, ignore_eos=True))
     for r, prompt, color in zip(reqs, p, ["red", "blue"]):
         assert r.tokens == no_cache_greedy(vlm, prompt, image(color), 12)
         assert r.finish_reason == "length" and len(r.tokens) == 12
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_lean_tower_equals_the_towers_own_forward(model_cfg, feature_layer):
+    torch.manual_seed(0)
+    m = VLM.from_backbones(dataclasses.replace(model_cfg, feature_layer=feature_layer)).eval()
+    assert LeanTower.reason(m.vision) is None
+    lean = LeanTower(m.vision)
+    side = m.vision.image_size
+    pixels = torch.rand(3, 3, side, side) * 2 - 1  # every patch different: their order shows
+    with torch.no_grad():
+        ref = m.vision(pixels)
+    out = lean(pixels)
+    assert out.shape == ref.shape == (3, m.vision.num_patches, m.vision.hidden_size)
+    torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.max() - ref.min()), rtol=0)
+    assert lean.runs(pixels) and not lean.runs(torch.rand(1, 3, side + 8, side))  # other sizes: the tower's own
+    m.vision.pooled = True
+    assert "pooled" in LeanTower.reason(m.vision)
+    m.vision.pooled = False
+    m.vision.set_trainable("lora")
+    assert LeanTower.reason(m.vision) == "LoRA adapters"
 
 
 def recording(engine) -> list[torch.Tensor]:

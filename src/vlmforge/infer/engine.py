@@ -52,7 +52,8 @@ class Engine:
         prefix_cache_tokens: prompt tokens whose keys/values are kept for reuse (0: off).
         max_prefills_per_step: new requests admitted (prefilled together) between two decode steps.
         prefill_tokens: prompt tokens prefilled together at most (one request always goes).
-        fast: the lean Llama-family forward (`decoder.Decoder`); None: wherever it applies.
+        fast: the lean Llama-family forward (`decoder.Decoder`) and the lean SigLIP one
+            (`tower.LeanTower`); None: wherever they apply.
         compile: one sequence's decode step as one compiled graph (`infer/compiled.py`: float32 on
             CPUs, the lean forward's LMs; its first step compiles: minutes for a 30-layer LM on 2 cores).
         projections: how the compiled step multiplies by its weights: "rows" (reductions Inductor
@@ -94,7 +95,7 @@ class Engine:
         self.image_token_id = model.image_token_id
         self.cross_attention = model.cross_attention
         self.stats = collections.Counter()
-        self.vision = VisionCache(model, feature_cache, self.dtype, self.stats)
+        self.vision = VisionCache(model, feature_cache, self.dtype, self.stats, lean=fast is not False)
         self.prefixes = PrefixCache(prefix_cache_tokens, model.image_starts, model.cross_attention)
         self.waiting: collections.deque[Request] = collections.deque()
         self.live: set[Request] = set()  # submitted and not finished

@@ -9,6 +9,7 @@ import torch
 
 from vlmforge.infer.kv_cache import LRU
 from vlmforge.infer.request import ImageInput, Request
+from vlmforge.infer.tower import LeanTower
 
 
 class VisionCache:
@@ -19,11 +20,14 @@ class VisionCache:
         capacity: images kept.
         dtype: the LM's dtype (tokens are stored in it).
         stats: the engine's counters (`encoded_images` is added to).
+        lean: encode through `tower.LeanTower` where it runs this tower (False: the tower's own forward).
     """
 
-    def __init__(self, model, capacity: int, dtype: torch.dtype, stats: collections.Counter):
+    def __init__(self, model, capacity: int, dtype: torch.dtype, stats: collections.Counter, lean: bool = True):
         self.model, self.dtype, self.stats = model, dtype, stats
         self.features = LRU(capacity)
+        self.why_not_lean = LeanTower.reason(model.vision) if lean else "not asked for"
+        self.lean = LeanTower(model.vision) if self.why_not_lean is None else None
 
     def needed(self, req: Request, start: int) -> list[ImageInput]:
         """The images whose tokens a prefill from token `start` on needs."""
@@ -49,7 +53,10 @@ class VisionCache:
         if not images:
             return {}
         proc = self.model.processor
-        vis = self.model.image_tokens([proc.views(im).to(device) for im in images.values()])
+        views = [proc.views(im).to(device) for im in images.values()]
+        if self.lean is not None:  # patch features, which the connector takes as they are
+            views = [self.lean(v) if self.lean.runs(v) else v for v in views]
+        vis = self.model.image_tokens(views)
         out = {}
         for key, tokens in zip(images, vis):
             out[key] = tokens.to(self.dtype)
