@@ -11,6 +11,7 @@ from PIL import Image
 from vlmforge.infer.detokenize import byte_level_table
 from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import EngineBusy, PromptTooLong, SamplingParams
+from vlmforge.infer import decoder
 from vlmforge.infer.tower import LeanTower
 from vlmforge.model.vlm import VLM
 
@@ -61,12 +62,15 @@ def test_kv_cache_output_equals_no_cache_output(vlm, fast):
         assert r.finish_reason == "length" and len(r.tokens) == 12
 
 
-@pytest.mark.parametrize("feature_layer", [-1, -2])
-def test_lean_tower_equals_the_towers_own_forward(model_cfg, feature_layer):
+@pytest.mark.parametrize("feature_layer,packed", [(-1, False), (-2, False), (-1, True)])
+def test_lean_tower_equals_the_towers_own_forward(model_cfg, feature_layer, packed, monkeypatch):
     torch.manual_seed(0)
     m = VLM.from_backbones(dataclasses.replace(model_cfg, feature_layer=feature_layer)).eval()
     assert LeanTower.reason(m.vision) is None
+    if packed:  # every weight in oneDNN's layout, as a large tower's are: the GELU runs inside fc1's matmul
+        monkeypatch.setattr(decoder, "PACK_MIN", 0)
     lean = LeanTower(m.vision)
+    assert (lean.layers[0][4].packed is not None) == packed and lean.layers[0][5] == "tanh"
     side = m.vision.image_size
     pixels = torch.rand(3, 3, side, side) * 2 - 1  # every patch different: their order shows
     with torch.no_grad():

@@ -108,6 +108,15 @@ class Weight:
             y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
         return y.view(*x.shape[:-1], y.shape[1])
 
+    def gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        """gelu(x @ W^T + b): one oneDNN call (the activation fused into the matmul) where the
+        weight is packed and several rows go, otherwise the matmul, then the activation."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.int8 or self.plain_for(x2.shape[0]) or self.w.shape[1] != self.main:
+            return F.gelu(self(x), approximate=approximate)
+        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.b, "gelu", [], approximate)
+        return y.view(*x.shape[:-1], y.shape[1])
+
     def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """h + x @ W^T (x, h: [..., *]), one addmm for a bias-free float weight read plain."""
         rows = x.numel() // x.shape[-1]
@@ -211,8 +220,8 @@ class _Layer:
 
 
 class Decoder:
-    """`forward(embeds [B, T, D], positions [B, T], mask [B, 1, T, L] or None, cache, cross_context)`
-    → last hidden states [B, T, D]."""
+    """`forward(embeds [B, T, D], positions [B, T], mask [B, 1, T, L] or None, cache, cross_context,
+    rows)` → last hidden states [B, T, D]; with `rows` [B] only those positions' ([B, 1, D])."""
 
     def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False, projections: str = "auto"):
         lm = model.causal_lm
@@ -256,20 +265,28 @@ class Decoder:
             if self.why_not_compiled is None:
                 self.compiled = CompiledStep(self, head, projections)
 
-    def forward(self, embeds, positions, mask, cache, cross_context=None) -> torch.Tensor:
-        """`positions`: [B, T] tensor, or an int when T is 1 and every row is at that position."""
+    def _hf(self, embeds, positions, mask, cache, cross_context) -> torch.Tensor:
+        """The Hugging Face decoder's forward on the same cache and mask."""
+        if isinstance(positions, int):
+            positions = torch.full((embeds.shape[0], 1), positions, device=embeds.device)
+        attending = self.bridge.attending(cross_context) if self.bridge is not None else contextlib.nullcontext()
+        with attending:
+            return self.hf(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+
+    def forward(self, embeds, positions, mask, cache, cross_context=None, rows=None) -> torch.Tensor:
+        """`positions`: [B, T] tensor, or an int when T is 1 and every row is at that position.
+        `rows`: the one position of each row whose hidden state is wanted (a prefill's last): the
+        last layer then runs past its keys and values for those positions alone, as llama.cpp's
+        graph does."""
         if not self.fast:
-            if isinstance(positions, int):
-                positions = torch.full((embeds.shape[0], 1), positions, device=embeds.device)
-            attending = self.bridge.attending(cross_context) if self.bridge is not None else contextlib.nullcontext()
-            with attending:
-                return self.hf(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state
+            out = self._hf(embeds, positions, mask, cache, cross_context)
+            return out if rows is None else out[torch.arange(out.shape[0], device=out.device), rows][:, None]
         b, t, _ = embeds.shape
         if self.compiled is not None and b == t == 1 and isinstance(positions, int) and mask is None:
             return self.compiled(embeds, positions, cache)
@@ -307,9 +324,15 @@ class Decoder:
                 if L.q_norm is not None:
                     qk = torch.cat((L.q_norm(qk[:, :, :nh]), L.k_norm(qk[:, :, nh:])), dim=2)
                 qk = rope(qk)
-            qs = qk[:, :, :nh].transpose(1, 2)
+            qs = qk[:, :, :nh]
             ks, vs = cache.update(qk[:, :, nh:].transpose(1, 2), vs.view(b, t, -1, hd).transpose(1, 2), i)
-            att = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=L.scale, enable_gqa=gqa)
+            if rows is not None and i == len(self.layers) - 1:  # past the keys and values: the wanted rows alone
+                pick = torch.arange(b, device=h.device)
+                qs, h, t = qs[pick, rows][:, None], h[pick, rows][:, None], 1
+                mask = None if mask is None else mask[pick, :, rows][:, :, None]
+            att = F.scaled_dot_product_attention(
+                qs.transpose(1, 2), ks, vs, attn_mask=mask, scale=L.scale, enable_gqa=gqa
+            )
             h = L.o(att.transpose(1, 2).reshape(b, t, -1), h)
             x = L.n2(h)
             if L.w_gu is not None:

@@ -306,8 +306,9 @@ class Engine:
             ~allowed, torch.finfo(self.dtype).min
         )[:, None]
         self.cache.prefill(base, starts, q)
-        hidden = self.lm_forward.forward(embeds, pos, mask, self.cache, self._context(contexts) if contexts else None)
-        last = hidden[torch.arange(len(reqs)), torch.tensor(q) - 1]  # [N, D]
+        context = self._context(contexts) if contexts else None
+        rows = torch.tensor(q, device=self.device) - 1  # each prompt's last position: its first token's
+        last = self.lm_forward.forward(embeds, pos, mask, self.cache, context, rows)[:, 0]  # [N, D]
         logits = self._logits(last)  # [N, V]
         for i, req in enumerate(reqs):
             req.cached_tokens = starts[i]

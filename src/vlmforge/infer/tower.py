@@ -7,7 +7,8 @@ copy, and embed the patches with a convolution whose stride is its kernel: one m
 unfolded patches. This module runs SigLIP's formula,
 `h = patches @ P + pos; h += o(attn(qkv(ln1(h)))); h += fc2(act(fc1(ln2(h))))`, then the final norm,
 with the tower's own weights through `decoder.Weight` (q/k/v as one weight; transposed copies, or
-oneDNN's packed layout for weights that size), and stops at the tower's `feature_layer`. The copies
+oneDNN's packed layout for weights that size, which also runs a GELU inside fc1's matmul: apart,
+the activation costs a quarter of a large tower's MLP here), and stops at the tower's `feature_layer`. The copies
 are made when the engine is built: it serves the weights it was built with, as for the LM.
 
 Every other case runs through `VisionTower.forward`: another encoder, a tower on an accelerator, one
@@ -17,18 +18,34 @@ of another size than the tower's own (their position embeddings are interpolated
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from vlmforge.infer.decoder import PACK_MIN, Weight
+from vlmforge.infer import decoder
+from vlmforge.infer.decoder import Weight
 from vlmforge.model.vision import vision_core
 
 
 def _weight(*mods) -> Weight:
     """`mods` as one `Weight`: a transposed copy, or for a weight of `PACK_MIN` elements and more
     only oneDNN's packed copy (a tower's calls have many rows, which read the packed one)."""
-    big = sum(m.weight.numel() for m in mods) >= PACK_MIN
+    big = sum(m.weight.numel() for m in mods) >= decoder.PACK_MIN
     return Weight(list(mods), copy=not big, pack=big)
+
+
+def gelu_kind(act) -> str | None:
+    """ "tanh" or "none": the approximation of torch's GELU that the activation module `act` runs
+    (transformers' and torch's); None for any other activation."""
+    if isinstance(act, torch.nn.GELU):
+        return act.approximate
+    f = getattr(act, "act", None)
+    if f is F.gelu:
+        return "none"
+    if isinstance(f, functools.partial) and f.func is F.gelu and not f.args and set(f.keywords) <= {"approximate"}:
+        return f.keywords.get("approximate", "none")
+    return None
 
 
 class LeanTower:
@@ -61,7 +78,7 @@ class LeanTower:
                     _weight(a.out_proj),
                     layer.layer_norm2,
                     _weight(mlp.fc1),
-                    mlp.activation_fn,
+                    gelu_kind(mlp.activation_fn) or mlp.activation_fn,  # a GELU is fused into fc1 where it can
                     _weight(mlp.fc2),
                     a.num_heads,
                     a.scale,
@@ -97,7 +114,8 @@ class LeanTower:
         n, c, s, _ = pixels.shape
         p, g = self.patch, s // self.patch
         # [N, C, g, p, g, p] -> [N, g, g, C, p, p]: each patch's pixels in the conv weight's order
-        x = pixels.to(self.dtype).view(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, c * p * p)
+        x = pixels[..., : g * p, : g * p].to(self.dtype)  # the convolution drops what is left of a patch
+        x = x.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, c * p * p)
         h = torch.addmm(self.embed_b, x, self.embed_w).view(n, g * g, -1) + self.pos
         for ln1, qkv, o, ln2, fc1, act, fc2, heads, scale in self.layers:
             y = qkv(F.layer_norm(h, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps))
@@ -105,5 +123,5 @@ class LeanTower:
             att = F.scaled_dot_product_attention(q, k, v, scale=scale)
             h = o.add(att.transpose(1, 2).reshape(n, g * g, -1), h)
             x = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-            h = fc2.add(act(fc1(x)), h)
+            h = fc2.add(fc1.gelu(x, act) if isinstance(act, str) else act(fc1(x)), h)
         return self.post(h) if self.post is not None else h
