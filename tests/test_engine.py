@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmforge.infer import decoder
 from vlmforge.infer.detokenize import byte_level_table
 from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import EngineBusy, PromptTooLong, SamplingParams
-from vlmforge.infer import decoder
 from vlmforge.infer.tower import LeanTower
 from vlmforge.model.vlm import VLM
 
