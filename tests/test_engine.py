@@ -81,7 +81,9 @@ def test_lean_tower_equals_the_towers_own_forward(model_cfg, feature_layer, pack
     assert lean.runs(pixels) and not lean.runs(torch.rand(1, 3, side + 8, side))  # other sizes: the tower's own
     m.vision.pooled = True
     assert "pooled" in LeanTower.reason(m.vision)
-    m.vision.pooled = False
+    m.vision.pooled, m.vision.feature_layer = False, 99
+    assert "out of range" in LeanTower.reason(m.vision)
+    m.vision.feature_layer = feature_layer
     m.vision.set_trainable("lora")
     assert LeanTower.reason(m.vision) == "LoRA adapters"
 

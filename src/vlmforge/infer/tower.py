@@ -36,7 +36,7 @@ def _weight(*mods) -> Weight:
 
 
 def gelu_kind(act) -> str | None:
-    """ "tanh" or "none": the approximation of torch's GELU that the activation module `act` runs
+    """The approximation of torch's GELU ("tanh" or "none") that the activation module `act` runs
     (transformers' and torch's); None for any other activation."""
     if isinstance(act, torch.nn.GELU):
         return act.approximate
@@ -100,6 +100,9 @@ class LeanTower:
             return "released, on stored states, or pooled"
         if tower.has_lora:
             return "LoRA adapters"
+        depth = len(core.encoder.layers)
+        if not -(depth + 1) <= tower.feature_layer <= depth:  # the tower's own forward says why
+            return f"feature_layer {tower.feature_layer} out of range"
         conv = core.embeddings.patch_embedding
         if conv.kernel_size != conv.stride or conv.padding not in ((0, 0), "valid") or conv.bias is None:
             return "a patch embedding that is not one matmul"
