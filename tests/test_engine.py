@@ -55,8 +55,13 @@ def no_cache_greedy(m, prompt, img, n):
 def test_kv_cache_output_equals_no_cache_output(vlm, fast):
     eng = Engine(vlm, fast=fast)
     assert eng.lm_forward.fast == fast and (eng.vision.lean is not None) == fast
+    calls, lean = [], eng.vision.lean
+    if fast:
+        eng.vision.lean = lambda x: calls.append(len(x)) or lean(x)
+        eng.vision.lean.runs = lean.runs
     p = prompts(vlm, QUESTIONS[:2])
     reqs = eng.generate(p, [[image("red")], [image("blue")]], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert calls == ([2] if fast else [])  # the prefill's two images in one forward of the tower
     for r, prompt, color in zip(reqs, p, ["red", "blue"]):
         assert r.tokens == no_cache_greedy(vlm, prompt, image(color), 12)
         assert r.finish_reason == "length" and len(r.tokens) == 12

@@ -10,6 +10,7 @@ import torch
 from vlmforge.infer.kv_cache import LRU
 from vlmforge.infer.request import ImageInput, Request
 from vlmforge.infer.tower import LeanTower
+from vlmforge.model.vision import by_shape
 
 
 class VisionCache:
@@ -54,8 +55,11 @@ class VisionCache:
             return {}
         proc = self.model.processor
         views = [proc.views(im).to(device) for im in images.values()]
-        if self.lean is not None:  # patch features, which the connector takes as they are
-            views = [self.lean(v) if self.lean.runs(v) else v for v in views]
+        if self.lean is not None:
+            # patch features, which the connector takes as they are: one forward per shape of views
+            # (all the batch's images together), as `image_tokens` runs the tower's own
+            feats = iter(by_shape([v for v in views if self.lean.runs(v)], self.lean))
+            views = [next(feats) if self.lean.runs(v) else v for v in views]
         vis = self.model.image_tokens(views)
         out = {}
         for key, tokens in zip(images, vis):
