@@ -105,6 +105,21 @@ def recording(engine) -> list[torch.Tensor]:
     return seen
 
 
+def test_prefill_logits_equal_the_models_own_forward(vlm):
+    """A prompt alone (causal attention without a mask) and beside a longer one (padded, masked):
+    the first token's logits are the model's own forward's, where the last layer ran for the last
+    position only."""
+    eng = Engine(vlm, prefix_cache_tokens=0)
+    seen = recording(eng)
+    p, imgs = prompts(vlm, QUESTIONS[:2]), [image("red"), image("blue")]
+    eng.generate(p[:1], [imgs[:1]], SamplingParams(max_tokens=1))
+    eng.generate(p, [[i] for i in imgs], SamplingParams(max_tokens=1))
+    with torch.no_grad():
+        ref = [vlm(torch.tensor([q]), pixel_values=vlm.processor.views(i)).logits[0, -1] for q, i in zip(p, imgs)]
+    for got, want in zip((seen[0][0], seen[1][0], seen[1][1]), (ref[0], ref[0], ref[1])):
+        torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
+
+
 @pytest.mark.parametrize("projections", ["rows", "mm"])
 def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
     """`compile=True`: one sequence's steps go through the compiled graph and give the eager engine's

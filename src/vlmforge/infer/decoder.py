@@ -221,7 +221,9 @@ class _Layer:
 
 class Decoder:
     """`forward(embeds [B, T, D], positions [B, T], mask [B, 1, T, L] or None, cache, cross_context,
-    rows)` → last hidden states [B, T, D]; with `rows` [B] only those positions' ([B, 1, D])."""
+    rows)` → last hidden states [B, T, D]; with `rows` [B] only those positions' ([B, 1, D]). No
+    mask: every key is visible to a decode step (T 1); to T > 1 new tokens without a cached prefix,
+    the causal ones (the lean forward only)."""
 
     def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False, projections: str = "auto"):
         lm = model.causal_lm
@@ -331,7 +333,13 @@ class Decoder:
                 qs, h, t = qs[pick, rows][:, None], h[pick, rows][:, None], 1
                 mask = None if mask is None else mask[pick, :, rows][:, :, None]
             att = F.scaled_dot_product_attention(
-                qs.transpose(1, 2), ks, vs, attn_mask=mask, scale=L.scale, enable_gqa=gqa
+                qs.transpose(1, 2),
+                ks,
+                vs,
+                attn_mask=mask,
+                scale=L.scale,
+                enable_gqa=gqa,
+                is_causal=mask is None and t > 1,
             )
             h = L.o(att.transpose(1, 2).reshape(b, t, -1), h)
             x = L.n2(h)

@@ -299,12 +299,15 @@ class Engine:
                 embeds[i, : q[i]][mask] = flat[flat.shape[0] - int(mask.sum()) :]
         start_t = torch.tensor(starts, device=self.device)[:, None]
         pos = (start_t + torch.arange(width, device=self.device)[None]).clamp(max=self.max_len - 1)  # [N, W]
-        keys = torch.arange(length, device=self.device)[None, None]  # [1, 1, L]
-        n_t = torch.tensor(n, device=self.device)[:, None, None]
-        allowed = (keys <= pos[:, :, None]) & (keys < n_t)  # [N, W, L]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~allowed, torch.finfo(self.dtype).min
-        )[:, None]
+        if self.lm_forward.fast and not any(starts) and min(n) == width:
+            mask = None  # no cached prefix, no padding: causal attention over the new tokens says it all
+        else:
+            keys = torch.arange(length, device=self.device)[None, None]  # [1, 1, L]
+            n_t = torch.tensor(n, device=self.device)[:, None, None]
+            allowed = (keys <= pos[:, :, None]) & (keys < n_t)  # [N, W, L]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~allowed, torch.finfo(self.dtype).min
+            )[:, None]
         self.cache.prefill(base, starts, q)
         context = self._context(contexts) if contexts else None
         rows = torch.tensor(q, device=self.device) - 1  # each prompt's last position: its first token's
