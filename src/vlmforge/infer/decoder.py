@@ -94,13 +94,18 @@ class Weight:
         """Whether `rows` rows at once take the plain copy (always without a packed one)."""
         return self.packed is None or (rows == 1 and not self.bf16_packed)
 
+    def reads_packed(self, rows: int, n: int | None = None) -> bool:
+        """Whether `rows` rows, multiplied by the first `n` outputs (None: all), read the packed copy
+        (which holds no extra rows)."""
+        return not self.plain_for(rows) and (n or self.w.shape[1]) == self.main
+
     def __call__(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         b = self.b if n is None or self.b is None else self.b[:n]
         if self.int8:
             y = int8_matmul(x2, self.w if n is None else self.w[:n], self.scales if n is None else self.scales[:n])
             y = y if b is None else y + b.to(y.dtype)
-        elif not self.plain_for(x2.shape[0]) and (n or self.w.shape[1]) == self.main:
+        elif self.reads_packed(x2.shape[0], n):
             bias = None if self.b is None else self.b[: self.main]
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
         else:
@@ -112,7 +117,7 @@ class Weight:
         """gelu(x @ W^T + b): one oneDNN call (the activation fused into the matmul) where the
         weight is packed and several rows go, otherwise the matmul, then the activation."""
         x2 = x.reshape(-1, x.shape[-1])
-        if self.int8 or self.plain_for(x2.shape[0]) or self.w.shape[1] != self.main:
+        if not self.reads_packed(x2.shape[0]):
             return F.gelu(self(x), approximate=approximate)
         y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.b, "gelu", [], approximate)
         return y.view(*x.shape[:-1], y.shape[1])

@@ -66,10 +66,10 @@ class LeanTower:
         depth = len(core.encoder.layers)
         # hidden_states[k]: the embeddings' output (k 0), then each layer's; -1: after the final norm
         last = tower.feature_layer == -1
-        self.depth = depth if last else tower.feature_layer % (depth + 1)
+        stop = depth if last else tower.feature_layer % (depth + 1)
         self.post = core.post_layernorm if last else None
         self.layers = []
-        for layer in core.encoder.layers[: self.depth]:
+        for layer in core.encoder.layers[:stop]:
             a, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 (

@@ -58,8 +58,9 @@ class VisionCache:
         if self.lean is not None:
             # patch features, which the connector takes as they are: one forward per shape of views
             # (all the batch's images together), as `image_tokens` runs the tower's own
-            feats = iter(by_shape([v for v in views if self.lean.runs(v)], self.lean))
-            views = [next(feats) if self.lean.runs(v) else v for v in views]
+            native = [i for i, v in enumerate(views) if self.lean.runs(v)]
+            for i, feats in zip(native, by_shape([views[i] for i in native], self.lean)):
+                views[i] = feats
         vis = self.model.image_tokens(views)
         out = {}
         for key, tokens in zip(images, vis):
