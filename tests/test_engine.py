@@ -13,6 +13,7 @@ from vlmforge.infer.detokenize import byte_level_table
 from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import EngineBusy, PromptTooLong, SamplingParams
 from vlmforge.infer.tower import LeanTower
+from vlmforge.model.vision import vision_core
 from vlmforge.model.vlm import VLM
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]
@@ -84,6 +85,13 @@ def test_lean_tower_equals_the_towers_own_forward(model_cfg, feature_layer, pack
     assert out.shape == ref.shape == (3, m.vision.num_patches, m.vision.hidden_size)
     torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.max() - ref.min()), rtol=0)
     assert lean.runs(pixels) and not lean.runs(torch.rand(1, 3, side + 8, side))  # other sizes: the tower's own
+    if packed:  # only the packed copy is kept (no plain one, no concatenated q/k/v), read at one row too
+        _, qkv, o, _, fc1, _, fc2, *_ = lean.layers[0]
+        assert all(w.w is None and w.packed_only for w in (qkv, o, fc1, fc2))
+        a = vision_core(m.vision.model).encoder.layers[0].self_attn
+        x = torch.randn(1, m.vision.hidden_size)
+        want = torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], dim=-1)
+        torch.testing.assert_close(qkv(x), want, atol=1e-5 * float(want.abs().max()), rtol=0)
     m.vision.pooled = True
     assert "pooled" in LeanTower.reason(m.vision)
     m.vision.pooled, m.vision.feature_layer = False, 99

@@ -48,35 +48,46 @@ class Weight:
     oneDNN's blocked layout. float32 (weights of `PACK_MIN` elements and more): several rows at
     once (a batched decode step, a prefill) read it at up to 1.6x the rate of the plain layout, so
     8 rows cost ~1.6x one row instead of ~3x; one row keeps the plain copy, which reads faster
-    alone. bfloat16: the packed layout reads ~2x faster at every row count, so it is the only one."""
+    alone. bfloat16: the packed layout reads ~2x faster at every row count, so it is the only one;
+    so it is too with `plain` False (a packed weight without extra rows: a vision tower's, whose
+    calls have many rows), and no plain copy or concatenation is kept beside it."""
 
     def __init__(
-        self, mods: list[nn.Module], extra: list = (), extra_bias: list = (), copy: bool = True, pack: bool = False
+        self,
+        mods: list[nn.Module],
+        extra: list = (),
+        extra_bias: list = (),
+        copy: bool = True,
+        pack: bool = False,
+        plain: bool = True,
     ):
         with torch.no_grad():
             self.int8 = type(mods[0]) is Int8Linear
             biases = [m.bias for m in mods] + list(extra_bias)
             self.main = sum(m.out_features for m in mods)  # outputs before the extra rows
-            self.packed, self.bf16_packed = None, False
+            self.packed, self.packed_only = None, False
             if self.int8:  # extra: (int8 rows, scales) pairs
                 self.w = torch.cat([m.weight for m in mods] + [e[0] for e in extra])
                 self.scales = torch.cat([m.scales for m in mods] + [e[1] for e in extra])
                 sizes = [m.out_features for m in mods] + [e[0].shape[0] for e in extra]
             else:
                 w = torch.cat([m.weight for m in mods] + list(extra)) if len(mods) + len(extra) > 1 else mods[0].weight
-                # bfloat16 is read packed at every row count: no plain copy then (a view)
+                # bfloat16 is read packed at every row count: no plain copy then
                 big = self.main * w.shape[1] >= PACK_MIN or w.dtype == torch.bfloat16
                 self.packed = self._pack(w[: self.main]) if pack and big else None
-                self.bf16_packed = self.packed is not None and w.dtype == torch.bfloat16
-                self.w = w.t().contiguous() if copy and not self.bf16_packed else w.t()
+                only = w.dtype == torch.bfloat16 or not (plain or extra)
+                self.packed_only = self.packed is not None and only
+                if self.packed_only and not extra:
+                    self.w = None  # every call reads the packed copy
+                else:
+                    self.w = w.t().contiguous() if copy and not self.packed_only else w.t()
                 sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
+            self.width = sum(sizes)  # outputs, the extra rows included
             self.b = None
             if any(x is not None for x in biases):
-                dtype = torch.float32 if self.int8 else self.w.dtype
-                parts = [
-                    x.to(dtype) if x is not None else self.w.new_zeros(n, dtype=dtype) for x, n in zip(biases, sizes)
-                ]
-                self.b = torch.cat(parts)
+                dtype, dev = torch.float32 if self.int8 else mods[0].weight.dtype, mods[0].weight.device
+                zeros = [torch.zeros(n, dtype=dtype, device=dev) for n in sizes]
+                self.b = torch.cat([z if x is None else x.to(dtype) for x, z in zip(biases, zeros)])
 
     @staticmethod
     def _pack(w: torch.Tensor):
@@ -92,12 +103,12 @@ class Weight:
 
     def plain_for(self, rows: int) -> bool:
         """Whether `rows` rows at once take the plain copy (always without a packed one)."""
-        return self.packed is None or (rows == 1 and not self.bf16_packed)
+        return self.packed is None or (rows == 1 and not self.packed_only)
 
     def reads_packed(self, rows: int, n: int | None = None) -> bool:
         """Whether `rows` rows, multiplied by the first `n` outputs (None: all), read the packed copy
         (which holds no extra rows)."""
-        return not self.plain_for(rows) and (n or self.w.shape[1]) == self.main
+        return not self.plain_for(rows) and (n or self.width) == self.main
 
     def __call__(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

@@ -32,7 +32,7 @@ def _weight(*mods) -> Weight:
     """`mods` as one `Weight`: a transposed copy, or for a weight of `PACK_MIN` elements and more
     only oneDNN's packed copy (a tower's calls have many rows, which read the packed one)."""
     big = sum(m.weight.numel() for m in mods) >= decoder.PACK_MIN
-    return Weight(list(mods), copy=not big, pack=big)
+    return Weight(list(mods), copy=not big, pack=big, plain=not big)
 
 
 def gelu_kind(act) -> str | None:
