@@ -48,9 +48,9 @@ class Weight:
     oneDNN's blocked layout. float32 (weights of `PACK_MIN` elements and more): several rows at
     once (a batched decode step, a prefill) read it at up to 1.6x the rate of the plain layout, so
     8 rows cost ~1.6x one row instead of ~3x; one row keeps the plain copy, which reads faster
-    alone. bfloat16: the packed layout reads ~2x faster at every row count, so it is the only one;
-    so it is too with `plain` False (a packed weight without extra rows: a vision tower's, whose
-    calls have many rows), and no plain copy or concatenation is kept beside it."""
+    alone. bfloat16: the packed layout reads ~2x faster at every row count, so it is the only one
+    read; so it is with `plain` False too (a vision tower's weights, whose calls have many rows).
+    Without extra rows, no plain copy or concatenation is then kept beside it."""
 
     def __init__(
         self,
@@ -72,11 +72,10 @@ class Weight:
                 sizes = [m.out_features for m in mods] + [e[0].shape[0] for e in extra]
             else:
                 w = torch.cat([m.weight for m in mods] + list(extra)) if len(mods) + len(extra) > 1 else mods[0].weight
-                # bfloat16 is read packed at every row count: no plain copy then
                 big = self.main * w.shape[1] >= PACK_MIN or w.dtype == torch.bfloat16
                 self.packed = self._pack(w[: self.main]) if pack and big else None
-                only = w.dtype == torch.bfloat16 or not (plain or extra)
-                self.packed_only = self.packed is not None and only
+                # the packed copy is the one read at every row count: bfloat16's, and without `plain`
+                self.packed_only = self.packed is not None and (w.dtype == torch.bfloat16 or not plain)
                 if self.packed_only and not extra:
                     self.w = None  # every call reads the packed copy
                 else:
