@@ -50,7 +50,8 @@ class Weight:
     8 rows cost ~1.6x one row instead of ~3x; one row keeps the plain copy, which reads faster
     alone. bfloat16: the packed layout reads ~2x faster at every row count, so it is the only one
     read; so it is with `plain` False too (a vision tower's weights, whose calls have many rows).
-    Without extra rows, no plain copy or concatenation is then kept beside it."""
+    No plain copy or concatenation is then kept beside it (extra rows are read only where a
+    plain copy is: `Decoder` folds the rotation into the projection there alone)."""
 
     def __init__(
         self,
@@ -76,10 +77,10 @@ class Weight:
                 self.packed = self._pack(w[: self.main]) if pack and big else None
                 # the packed copy is the one read at every row count: bfloat16's, and without `plain`
                 self.packed_only = self.packed is not None and (w.dtype == torch.bfloat16 or not plain)
-                if self.packed_only and not extra:
+                if self.packed_only:
                     self.w = None  # every call reads the packed copy
                 else:
-                    self.w = w.t().contiguous() if copy and not self.packed_only else w.t()
+                    self.w = w.t().contiguous() if copy else w.t()
                 sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
             self.width = sum(sizes)  # outputs, the extra rows included
             self.b = None
