@@ -8,7 +8,8 @@
 #                  file is used, so not its dependencies); llama.cpp through llama-cpp-python (built
 #                  from source with cmake and g++ the first time; pip keeps the wheel); lmms-eval and
 #                  coco-caption's scorer without their dependencies (the differential tests import their
-#                  scoring code alone); Debian's Chromium and its driver (the playground's browser test).
+#                  scoring code alone); Debian's Chromium and its driver (the playground's browser
+#                  test); gcc (the row-tile kernel's tests: users without one keep torch's kernels).
 #                                                                                -> $VENV/.installed-test
 # System tools are checked (and installed with apt-get when possible) before any pip work; whatever
 # cannot be had stops the setup with one line naming it and how to install it.
@@ -59,7 +60,7 @@ case "$layer" in
   test)
     test -x "$VENV/bin/python" || die "$VENV has no python: run \`make setup\` first"
     : >>"$VENV/setup.log"
-    tools=(chromium:chromium chromedriver:chromium-driver)
+    tools=(gcc:gcc chromium:chromium chromedriver:chromium-driver)  # gcc: the row-tile kernel (infer/rowmm.c)
     "$VENV/bin/python" -c 'import llama_cpp' >/dev/null 2>&1 || tools=(cmake:cmake g++:g++ "${tools[@]}")
     system_tools "${tools[@]}"
     pip_install -r requirements-test.txt

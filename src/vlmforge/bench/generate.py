@@ -283,6 +283,7 @@ def _measure(cfg: GenerateBench) -> dict:
             vlm, prefix_cache_tokens=0, feature_cache=1, compile=cfg.compile, projections=cfg.projections
         )
         result["compiled"] = _compiled(engine) if cfg.compile else None
+        result["batch_kernels"] = engine.lm_forward.kernels(batch) if engine.lm_forward.fast else None
         # the two sides take turns, a repeat each, with the machine's rates read again after each
         # turn: a machine's speed can move within a run, and both sides then see the same moments of it
         sides = {"engine": engine_repeats(vlm, engine, size, tokens, batch, repeats, seed=3000)}
@@ -426,6 +427,8 @@ def format_table(r: dict) -> str:
     ]
     if r.get("compiled"):
         lines.insert(-1, f"engine's one-sequence decode step: {r['compiled']}")
+    if r.get("batch_kernels"):
+        lines.insert(-1, f"engine's {n}-sequence step, matmuls: {r['batch_kernels']}")
     sides = [s for s in ("engine", "llama.cpp") if s in r and "unavailable" not in r[s]]
     head = "| | " + " | ".join(f"{s} | of bound" for s in sides) + " | bound |"
     lines += [head, "|---|" + "---:|" * (2 * len(sides) + 1)]

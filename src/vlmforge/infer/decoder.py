@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmforge.infer import rowmm
 from vlmforge.infer.compiled import CompiledStep, eligible
 from vlmforge.model.quant import Int8Linear, int8_matmul
 
 # Up to this many rows (batch x new tokens) a forward folds the rotation into the projection:
 # below it, operations cost more than the extra matmul columns; above, the other way round.
 FOLD_ROWS = 4
-# A weight of at least this many elements is also kept prepacked (see `Weight`): one that size is
-# read from memory at every step, where the packed layout pays; smaller ones stay in the caches,
+# A weight of at least this many elements is also kept as row tiles or prepacked (see `Weight`): one
+# that size is read from memory at every step, where those layouts pay; smaller ones stay in the caches,
 # where the plain matmul is faster (the tiny model's weights).
 PACK_MIN = 1 << 19  # 2 MB of float32, a core's L2 here
 FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -44,14 +45,16 @@ class Weight:
     by `quant.int8_matmul`. A copy: the modules are left as they are, so training and saving see
     no change.
 
-    With `pack` (a CPU with oneDNN), the weight without its extra rows is also kept prepacked in
-    oneDNN's blocked layout. float32 (weights of `PACK_MIN` elements and more): several rows at
-    once (a batched decode step, a prefill) read it at up to 1.6x the rate of the plain layout, so
-    8 rows cost ~1.6x one row instead of ~3x; one row keeps the plain copy, which reads faster
-    alone. bfloat16: the packed layout reads ~2x faster at every row count, so it is the only one
-    read; so it is with `plain` False too (a vision tower's weights, whose calls have many rows).
-    No plain copy or concatenation is then kept beside it (extra rows are read only where a
-    plain copy is: `Decoder` folds the rotation into the projection there alone)."""
+    With `pack` (on the CPU), the weight without its extra rows (of `PACK_MIN` elements and more)
+    is also kept in a layout for several rows at once. float32: as row tiles (`rowmm`), read from 2
+    to `rowmm.MAX_ROWS` rows (a batched decode step: 8 rows read SmolLM2's weights at ~1.5x the rate
+    of oneDNN's packed layout); where that kernel cannot be built, in oneDNN's packed layout, read
+    at 2 rows and more. One row keeps the plain copy, which reads faster alone, and so do the many
+    rows of a prefill beside the tiles. bfloat16: oneDNN's packed layout reads ~2x faster at every
+    row count, so it is the only one read; so it is with `plain` False too (a vision tower's
+    weights, whose calls have many rows), and no plain copy or concatenation is kept beside it
+    (extra rows are read only where a plain copy is: `Decoder` folds the rotation into the
+    projection there alone)."""
 
     def __init__(
         self,
@@ -66,28 +69,38 @@ class Weight:
             self.int8 = type(mods[0]) is Int8Linear
             biases = [m.bias for m in mods] + list(extra_bias)
             self.main = sum(m.out_features for m in mods)  # outputs before the extra rows
-            self.packed, self.packed_only = None, False
+            self.packed, self.tiles, self.packed_only = None, None, False
             if self.int8:  # extra: (int8 rows, scales) pairs
                 self.w = torch.cat([m.weight for m in mods] + [e[0] for e in extra])
                 self.scales = torch.cat([m.scales for m in mods] + [e[1] for e in extra])
                 sizes = [m.out_features for m in mods] + [e[0].shape[0] for e in extra]
+                self.b = self._bias(biases, sizes, torch.float32, self.w.device)
             else:
                 w = torch.cat([m.weight for m in mods] + list(extra)) if len(mods) + len(extra) > 1 else mods[0].weight
+                sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
                 big = self.main * w.shape[1] >= PACK_MIN or w.dtype == torch.bfloat16
-                self.packed = self._pack(w[: self.main]) if pack and big else None
+                tiled = pack and big and plain and w.dtype == torch.float32
+                self.b = self._bias(biases, sizes, w.dtype, w.device)
+                if tiled and w.device.type == "cpu" and rowmm.library():
+                    # float32 read by several rows at once (a batched decode step): the row tiles
+                    self.tiles = rowmm.Tiles(w[: self.main], None if self.b is None else self.b[: self.main])
+                else:
+                    self.packed = self._pack(w[: self.main]) if pack and big else None
                 # the packed copy is the one read at every row count: bfloat16's, and without `plain`
                 self.packed_only = self.packed is not None and (w.dtype == torch.bfloat16 or not plain)
                 if self.packed_only:
                     self.w = None  # every call reads the packed copy
                 else:
                     self.w = w.t().contiguous() if copy else w.t()
-                sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
             self.width = sum(sizes)  # outputs, the extra rows included
-            self.b = None
-            if any(x is not None for x in biases):
-                dtype, dev = torch.float32 if self.int8 else mods[0].weight.dtype, mods[0].weight.device
-                zeros = [torch.zeros(n, dtype=dtype, device=dev) for n in sizes]
-                self.b = torch.cat([z if x is None else x.to(dtype) for x, z in zip(biases, zeros)])
+
+    @staticmethod
+    def _bias(biases: list, sizes: list[int], dtype, device) -> torch.Tensor | None:
+        """The biases of every output (zeros where a projection has none), or None where none has one."""
+        if all(x is None for x in biases):
+            return None
+        zeros = [torch.zeros(n, dtype=dtype, device=device) for n in sizes]
+        return torch.cat([z if x is None else x.to(dtype) for x, z in zip(biases, zeros)])
 
     @staticmethod
     def _pack(w: torch.Tensor):
@@ -102,13 +115,27 @@ class Weight:
             return None
 
     def plain_for(self, rows: int) -> bool:
-        """Whether `rows` rows at once take the plain copy (always without a packed one)."""
+        """Whether `rows` rows at once take the plain copy (always without a packed one or tiles)."""
+        if self.tiles is not None:
+            return rows == 1 or rows > rowmm.MAX_ROWS
         return self.packed is None or (rows == 1 and not self.packed_only)
 
     def reads_packed(self, rows: int, n: int | None = None) -> bool:
         """Whether `rows` rows, multiplied by the first `n` outputs (None: all), read the packed copy
-        (which holds no extra rows)."""
+        or the tiles (which hold no extra rows)."""
         return not self.plain_for(rows) and (n or self.width) == self.main
+
+    def kernel(self, rows: int) -> str:
+        """In words, what multiplies `rows` rows by this weight (all its outputs)."""
+        if self.int8:
+            return "torch's int8 kernel"
+        if not self.reads_packed(rows, self.main):
+            why = rowmm.why_unavailable() if self.packed is not None and rows > 1 else None
+            return "torch's matmul" + (f" (row tiles unavailable: {why})" if why else "")
+        if self.tiles is not None:
+            return f"row tiles (`rowmm`, {self.tiles.tiles.shape[-1]} outputs a tile; up to {rowmm.MAX_ROWS} rows)"
+        why = rowmm.why_unavailable()
+        return "oneDNN's packed layout" + (f" (row tiles unavailable: {why})" if why else "")
 
     def __call__(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -116,6 +143,8 @@ class Weight:
         if self.int8:
             y = int8_matmul(x2, self.w if n is None else self.w[:n], self.scales if n is None else self.scales[:n])
             y = y if b is None else y + b.to(y.dtype)
+        elif self.reads_packed(x2.shape[0], n) and self.tiles is not None:
+            y = self.tiles(x2)  # the bias included
         elif self.reads_packed(x2.shape[0], n):
             bias = None if self.b is None else self.b[: self.main]
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
@@ -128,7 +157,7 @@ class Weight:
         """gelu(x @ W^T + b): one oneDNN call (the activation fused into the matmul) where the
         weight is packed and several rows go, otherwise the matmul, then the activation."""
         x2 = x.reshape(-1, x.shape[-1])
-        if not self.reads_packed(x2.shape[0]):
+        if not self.reads_packed(x2.shape[0]) or self.packed is None:
             return F.gelu(self(x), approximate=approximate)
         y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.b, "gelu", [], approximate)
         return y.view(*x.shape[:-1], y.shape[1])
@@ -282,6 +311,19 @@ class Decoder:
                 self.why_not_compiled = "the LM head is not a plain linear layer"
             if self.why_not_compiled is None:
                 self.compiled = CompiledStep(self, head, projections)
+
+    def kernels(self, rows: int) -> str:
+        """In words, what multiplies `rows` rows by the LM's weights (each kind, with its count)."""
+        names = {"w_qkv": "q/k/v", "w_o": "o", "w_gu": "gate/up", "w_down": "down"}
+        found: dict[str, list[str]] = {}
+        for L in self.layers:
+            for attr, name in names.items():
+                w = getattr(L, attr, None)
+                if isinstance(w, Weight) and name not in found.get(w.kernel(rows), []):
+                    found.setdefault(w.kernel(rows), []).append(name)
+        if isinstance(self.head_w, Weight):
+            found.setdefault(self.head_w.kernel(rows), []).append("head")
+        return "; ".join(f"{', '.join(names)}: {kernel}" for kernel, names in found.items()) or "the modules' own"
 
     def _hf(self, embeds, positions, mask, cache, cross_context) -> torch.Tensor:
         """The Hugging Face decoder's forward on the same cache and mask."""
