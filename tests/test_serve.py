@@ -381,6 +381,7 @@ def test_shutdown_ends_running_streams_cleanly(model_cfg):
 
 @pytest.mark.slow
 def test_bench_serve_writes_every_figure(model_cfg, tmp_path, capsys):
+    from vlmforge.bench.serve import format_table
     from vlmforge.cli import main
 
     model_dir = tmp_path / "model"
@@ -412,6 +413,8 @@ def test_bench_serve_writes_every_figure(model_cfg, tmp_path, capsys):
         assert r[key] > 0
     assert set(r["serve"]) == {"1", "16"} and r["serve"]["16"]["completion_tokens"] == 16 * 4
     assert "| 16 |" in capsys.readouterr().out
+    del r["serve"]["1"], r["serve"]["16"]["throughput_vs_one_by_one"]  # as `--levels 16` alone leaves it
+    assert "| 16 | " in format_table(r) and "- (no level 1) |" in format_table(r)
 
 
 @pytest.mark.browser

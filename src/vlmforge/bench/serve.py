@@ -416,10 +416,11 @@ def format_table(r: dict) -> str:
             "|---:|---:|---:|---:|---:|---:|",
         ]
         for level, v in r["serve"].items():
+            ratio = v.get("throughput_vs_one_by_one")  # None where --levels leaves 1 out
             lines.append(
                 f"| {level} | {v['tokens_per_s']:.0f} | {v['requests_per_s']:.2f} | "
                 f"{1e3 * v['latency_p50_s']:.0f} ms | {1e3 * v['latency_p95_s']:.0f} ms | "
-                f"{v['throughput_vs_one_by_one']:.2f}x |"
+                + ("- (no level 1) |" if ratio is None else f"{ratio:.2f}x |")
             )
         t = r["ttft"]
         lines += [
