@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmforge import runtime
 from vlmforge.infer import rowmm
 
 
@@ -34,6 +35,8 @@ def test_tiles_equal_the_matmul_at_every_row_count():
                 assert got.shape == (rows, out)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * inp**0.5)
     assert rowmm.Tiles(torch.ones(4, 3))(torch.empty(0, 3)).shape == (0, 4)
+    with runtime.threads(1):  # the kernel runs on torch's thread count of the calling thread
+        torch.testing.assert_close(tiles(x), want, rtol=1e-5, atol=1e-5 * inp**0.5)
 
 
 def test_bad_input_is_refused_by_name():

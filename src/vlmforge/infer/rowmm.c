@@ -55,10 +55,10 @@ static const block_fn BLOCKS[] = {0, block1, block2, block3, block4,
 };
 
 /* x: [m, k] contiguous; tiles: [ceil(n / TW), k, TW] (outputs past n are zeros); bias: [n] or NULL;
- * y: [m, n] contiguous. */
-void rowmm(const float *x, long m, long k, const float *tiles, const float *bias, long n, float *y) {
+ * y: [m, n] contiguous; threads: torch's count for the calling thread. */
+void rowmm(const float *x, long m, long k, const float *tiles, const float *bias, long n, float *y, int threads) {
     const long count = (n + TW - 1) / TW;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < count; i++) {
         const long col = i * TW, cols = n - col < TW ? n - col : TW;
         for (long r = 0; r < m; r += RB) {

@@ -81,7 +81,7 @@ def _build() -> ctypes.CDLL:
     # loaded after torch, whose libgomp (same soname) the library's OpenMP calls then share
     lib = ctypes.CDLL(str(target))
     lib.rowmm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    lib.rowmm.argtypes += [ctypes.c_long, ctypes.c_void_p]
+    lib.rowmm.argtypes += [ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.rowmm.restype = None
     lib.rowmm_tile_width.restype = ctypes.c_int
     return lib
@@ -130,5 +130,6 @@ class Tiles:
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.out, dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self.lib.rowmm(x.data_ptr(), x.shape[0], self.inp, self.tiles.data_ptr(), bias, self.out, y.data_ptr())
+        threads = torch.get_num_threads()  # as torch's own kernels would run here (`runtime.threads`)
+        self.lib.rowmm(x.data_ptr(), x.shape[0], self.inp, self.tiles.data_ptr(), bias, self.out, y.data_ptr(), threads)
         return y
