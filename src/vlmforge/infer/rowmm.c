@@ -11,7 +11,7 @@
 #define RB 8  /* 16 accumulators of 32 */
 #else
 #define TW 16 /* two 8-float vectors (AVX2), or four 4-float ones */
-#define RB 4
+#define RB 6  /* 12 accumulators of 8 (AVX2 has 16 registers) */
 #endif
 #define AHEAD 1024 /* floats prefetched ahead within a tile: 32 inputs of a 32-wide tile */
 
@@ -40,19 +40,13 @@ BLOCK(1)
 BLOCK(2)
 BLOCK(3)
 BLOCK(4)
-#if RB > 4
 BLOCK(5)
 BLOCK(6)
 BLOCK(7)
 BLOCK(8)
-#endif
 
 typedef void (*block_fn)(const float *, long, const float *, const float *, float *, long, long);
-static const block_fn BLOCKS[] = {0, block1, block2, block3, block4,
-#if RB > 4
-                                  block5, block6, block7, block8
-#endif
-};
+static const block_fn BLOCKS[] = {0, block1, block2, block3, block4, block5, block6, block7, block8}; /* by rows, <= RB */
 
 /* x: [m, k] contiguous; tiles: [ceil(n / TW), k, TW] (outputs past n are zeros); bias: [n] or NULL;
  * y: [m, n] contiguous; threads: torch's count for the calling thread. */
