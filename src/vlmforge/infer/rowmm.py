@@ -3,8 +3,8 @@ kernel (`rowmm.c`), compiled for this CPU on first use and kept in a cache folde
 
 Why: a decode step for several sequences multiplies 2 to a few dozen rows by every weight of the
 LM. torch's kernels for so few rows (MKL's `x @ W`, oneDNN's packed layout) read float32 weights at
-about half the rate a plain sum reads memory (12-14 GB/s against 24 on the 2-core AVX-512 Xeon),
-while one row reads at the full rate; so 8 sequences cost ~3x one where the memory allows ~1.2x.
+about half the rate a plain sum reads memory (12-13 GB/s against 22-24 on the 2-core AVX-512 Xeon),
+while one row reads at the full rate; so 8 rows cost 1.7-1.8x one row where the memory allows ~1x.
 Here the weight is stored in tiles of 32 outputs (16 without AVX-512), each tile one contiguous
 stream read once for 8 rows whose 32 outputs stay in vector registers: SmolLM2's 538 MB at 8 rows
 in 28 ms against oneDNN's 43 and a plain sum's 24 (docs/engine.md).
