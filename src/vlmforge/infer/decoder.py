@@ -313,14 +313,16 @@ class Decoder:
                 self.compiled = CompiledStep(self, head, projections)
 
     def kernels(self, rows: int) -> str:
-        """In words, what multiplies `rows` rows by the LM's weights (each kind, with its count)."""
+        """In words, what multiplies `rows` rows by the LM's weights: each kernel, with the kinds of
+        weight (q/k/v, o, gate/up, down, head) that take it in any layer."""
         names = {"w_qkv": "q/k/v", "w_o": "o", "w_gu": "gate/up", "w_down": "down"}
         found: dict[str, list[str]] = {}
         for L in self.layers:
             for attr, name in names.items():
                 w = getattr(L, attr, None)
-                if isinstance(w, Weight) and name not in found.get(w.kernel(rows), []):
-                    found.setdefault(w.kernel(rows), []).append(name)
+                kernel = w.kernel(rows) if isinstance(w, Weight) else None
+                if kernel and name not in found.get(kernel, []):
+                    found.setdefault(kernel, []).append(name)
         if isinstance(self.head_w, Weight):
             found.setdefault(self.head_w.kernel(rows), []).append("head")
         return "; ".join(f"{', '.join(names)}: {kernel}" for kernel, names in found.items()) or "the modules' own"
