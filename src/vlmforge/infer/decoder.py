@@ -143,11 +143,12 @@ class Weight:
         if self.int8:
             y = int8_matmul(x2, self.w if n is None else self.w[:n], self.scales if n is None else self.scales[:n])
             y = y if b is None else y + b.to(y.dtype)
-        elif self.reads_packed(x2.shape[0], n) and self.tiles is not None:
-            y = self.tiles(x2)  # the bias included
         elif self.reads_packed(x2.shape[0], n):
-            bias = None if self.b is None else self.b[: self.main]
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
+            if self.tiles is not None:
+                y = self.tiles(x2)  # the bias included
+            else:
+                bias = None if self.b is None else self.b[: self.main]
+                y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
         else:
             w = self.w if n is None else self.w[:, :n]
             y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
