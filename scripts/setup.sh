@@ -60,7 +60,7 @@ case "$layer" in
   test)
     test -x "$VENV/bin/python" || die "$VENV has no python: run \`make setup\` first"
     : >>"$VENV/setup.log"
-    tools=(gcc:gcc chromium:chromium chromedriver:chromium-driver)  # gcc: the row-tile kernel (infer/rowmm.c)
+    tools=(gcc:gcc chromium:chromium chromedriver:chromium-driver)  # gcc: the row-tile kernel (infer/kernels.c)
     "$VENV/bin/python" -c 'import llama_cpp' >/dev/null 2>&1 || tools=(cmake:cmake g++:g++ "${tools[@]}")
     system_tools "${tools[@]}"
     pip_install -r requirements-test.txt

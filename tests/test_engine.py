@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmforge.infer import decoder, rowmm
+from vlmforge.infer import decoder, kernels
 from vlmforge.infer.detokenize import byte_level_table
 from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import EngineBusy, PromptTooLong, SamplingParams
@@ -187,16 +187,18 @@ def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):
 @pytest.mark.parametrize("weights", ["plain", "tiles", "packed"])
 def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
     """`weights`: the tiny LM's as they are (too small for another copy), or each also kept as row
-    tiles (read at 2 to `rowmm.MAX_ROWS` rows: the batch and these short prompts' prefills), or,
+    tiles (read at 2 to `kernels.MAX_ROWS` rows: the batch and these short prompts' prefills), or,
     where the tile kernel is unavailable, in oneDNN's packed layout."""
     if weights != "plain":
         monkeypatch.setattr(decoder, "PACK_MIN", 0)
     if weights == "packed":
-        monkeypatch.setattr(rowmm, "library", lambda: None)
+        monkeypatch.setattr(kernels, "library", lambda: None)
     engine = Engine(vlm, max_batch=3, max_prefills_per_step=1)
     qkv = engine.lm_forward.layers[0].w_qkv
     assert (qkv.tiles is not None, qkv.packed is not None) == (weights == "tiles", weights == "packed")
-    said = {"plain": "torch's matmul", "tiles": "row tiles (`rowmm`", "packed": "oneDNN's packed layout"}[weights]
+    said = {"plain": "torch's matmul", "tiles": "row tiles (`kernels.Tiles`", "packed": "oneDNN's packed layout"}[
+        weights
+    ]
     assert engine.lm_forward.kernels(3).startswith(f"q/k/v, o, gate/up, down, head: {said}")
     p = prompts(vlm, QUESTIONS)  # different lengths: slots at different positions
     imgs = [[image(c)] for c in COLORS[:4]]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmforge.infer import rowmm
+from vlmforge.infer import kernels
 from vlmforge.infer.compiled import CompiledStep, eligible
 from vlmforge.model.quant import Int8Linear, int8_matmul
 
@@ -46,8 +46,8 @@ class Weight:
     no change.
 
     With `pack` (on the CPU), the weight without its extra rows (of `PACK_MIN` elements and more)
-    is also kept in a layout for several rows at once. float32: as row tiles (`rowmm`), read from 2
-    to `rowmm.MAX_ROWS` rows (a batched decode step: 8 rows read SmolLM2's weights at ~1.5x the rate
+    is also kept in a layout for several rows at once. float32: as row tiles (`kernels.Tiles`), read from 2
+    to `kernels.MAX_ROWS` rows (a batched decode step: 8 rows read SmolLM2's weights at ~1.5x the rate
     of oneDNN's packed layout); where that kernel cannot be built, in oneDNN's packed layout, read
     at 2 rows and more. One row keeps the plain copy, which reads faster alone, and so do the many
     rows of a prefill beside the tiles. bfloat16: oneDNN's packed layout reads ~2x faster at every
@@ -81,9 +81,9 @@ class Weight:
                 big = self.main * w.shape[1] >= PACK_MIN or w.dtype == torch.bfloat16
                 tiled = pack and big and plain and w.dtype == torch.float32
                 self.b = self._bias(biases, sizes, w.dtype, w.device)
-                if tiled and w.device.type == "cpu" and rowmm.library():
+                if tiled and w.device.type == "cpu" and kernels.library():
                     # float32 read by several rows at once (a batched decode step): the row tiles
-                    self.tiles = rowmm.Tiles(w[: self.main], None if self.b is None else self.b[: self.main])
+                    self.tiles = kernels.Tiles(w[: self.main], None if self.b is None else self.b[: self.main])
                 else:
                     self.packed = self._pack(w[: self.main]) if pack and big else None
                 # the packed copy is the one read at every row count: bfloat16's, and without `plain`
@@ -117,7 +117,7 @@ class Weight:
     def plain_for(self, rows: int) -> bool:
         """Whether `rows` rows at once take the plain copy (always without a packed one or tiles)."""
         if self.tiles is not None:
-            return rows == 1 or rows > rowmm.MAX_ROWS
+            return rows == 1 or rows > kernels.MAX_ROWS
         return self.packed is None or (rows == 1 and not self.packed_only)
 
     def reads_packed(self, rows: int, n: int | None = None) -> bool:
@@ -130,11 +130,12 @@ class Weight:
         if self.int8:
             return "torch's int8 kernel"
         if not self.reads_packed(rows, self.main):
-            why = rowmm.why_unavailable() if self.packed is not None and rows > 1 else None
+            why = kernels.why_unavailable() if self.packed is not None and rows > 1 else None
             return "torch's matmul" + (f" (row tiles unavailable: {why})" if why else "")
         if self.tiles is not None:
-            return f"row tiles (`rowmm`, {self.tiles.tiles.shape[-1]} outputs a tile; up to {rowmm.MAX_ROWS} rows)"
-        why = rowmm.why_unavailable()
+            width = self.tiles.tiles.shape[-1]
+            return f"row tiles (`kernels.Tiles`, {width} outputs a tile; up to {kernels.MAX_ROWS} rows)"
+        why = kernels.why_unavailable()
         return "oneDNN's packed layout" + (f" (row tiles unavailable: {why})" if why else "")
 
     def __call__(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:

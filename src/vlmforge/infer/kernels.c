@@ -1,4 +1,4 @@
-/* y = x @ W^T (+ b) for a few rows of x, reading each weight once (see rowmm.py).
+/* y = x @ W^T (+ b) for a few rows of x, reading each weight once (see kernels.py).
  *
  * W is stored in tiles of TW outputs: tile i is [K, TW], the weights of outputs i*TW .. i*TW+TW-1,
  * input by input, so a tile is one contiguous stream. Each tile is read once for up to RB rows of

@@ -1,4 +1,4 @@
-"""The row-tile kernel (`infer/rowmm.py`): equal to torch's matmul at every row count and shape it
+"""The row-tile kernel (`infer/kernels.py`): equal to torch's matmul at every row count and shape it
 takes, bad input refused by name, and a clear reason where it cannot be built."""
 
 from __future__ import annotations
@@ -7,63 +7,63 @@ import pytest
 import torch
 
 from vlmforge import runtime
-from vlmforge.infer import rowmm
+from vlmforge.infer import kernels
 
 
 @pytest.fixture
 def rebuilt(monkeypatch, tmp_path):
-    """`rowmm` loading afresh (its cached library forgotten) into `tmp_path`, and as before after."""
-    monkeypatch.setenv("VLMFORGE_KERNELS", str(tmp_path))
-    rowmm._load.cache_clear()
+    """`kernels` loading afresh (its cached library forgotten) into `tmp_path`, and as before after."""
+    monkeypatch.setenv("VLMFORGE_KERNEL_CACHE", str(tmp_path))
+    kernels._load.cache_clear()
     yield tmp_path
-    rowmm._load.cache_clear()
+    kernels._load.cache_clear()
 
 
 def test_tiles_equal_the_matmul_at_every_row_count():
-    assert rowmm.library() is not None, rowmm.why_unavailable()
-    width = rowmm.library().rowmm_tile_width()
+    assert kernels.library() is not None, kernels.why_unavailable()
+    width = kernels.library().rowmm_tile_width()
     g = torch.Generator().manual_seed(0)
     # outputs below, at and past a tile's width, and not a multiple of it; inputs of 1 and odd widths
     for out, inp in [(1, 1), (width - 1, 7), (width, 64), (3 * width + 5, 33), (200, 576)]:
         for bias in (None, torch.randn(out, generator=g)):
             w = torch.randn(out, inp, generator=g)
-            tiles = rowmm.Tiles(w, bias)
-            for rows in (1, 2, 3, 5, 8, 9, 13, 17, rowmm.MAX_ROWS):
+            tiles = kernels.Tiles(w, bias)
+            for rows in (1, 2, 3, 5, 8, 9, 13, 17, kernels.MAX_ROWS):
                 x = torch.randn(inp, rows, generator=g).t()  # not contiguous
                 want = x @ w.t() + (0 if bias is None else bias)
                 got = tiles(x)
                 assert got.shape == (rows, out)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * inp**0.5)
-    assert rowmm.Tiles(torch.ones(4, 3))(torch.empty(0, 3)).shape == (0, 4)
+    assert kernels.Tiles(torch.ones(4, 3))(torch.empty(0, 3)).shape == (0, 4)
     with runtime.threads(1):  # the kernel runs on torch's thread count of the calling thread
         torch.testing.assert_close(tiles(x), want, rtol=1e-5, atol=1e-5 * inp**0.5)
 
 
 def test_bad_input_is_refused_by_name():
-    tiles = rowmm.Tiles(torch.ones(40, 16))
+    tiles = kernels.Tiles(torch.ones(40, 16))
     with pytest.raises(ValueError, match=r"x \[rows, 16\].*\(2, 15\)"):
         tiles(torch.ones(2, 15))
     with pytest.raises(ValueError, match="float64"):
         tiles(torch.ones(2, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="torch.float16"):
-        rowmm.Tiles(torch.ones(40, 16, dtype=torch.float16))
+        kernels.Tiles(torch.ones(40, 16, dtype=torch.float16))
 
 
 def test_a_kernel_that_cannot_be_built_says_why(rebuilt, monkeypatch):
-    monkeypatch.setenv("VLMFORGE_ROWMM", "0")
-    assert rowmm.library() is None and "VLMFORGE_ROWMM=0" in rowmm.why_unavailable()
+    monkeypatch.setenv("VLMFORGE_KERNELS", "0")
+    assert kernels.library() is None and "VLMFORGE_KERNELS=0" in kernels.why_unavailable()
     with pytest.raises(RuntimeError, match="unavailable: turned off"):
-        rowmm.Tiles(torch.ones(4, 4))
-    rowmm._load.cache_clear()
-    monkeypatch.delenv("VLMFORGE_ROWMM")
+        kernels.Tiles(torch.ones(4, 4))
+    kernels._load.cache_clear()
+    monkeypatch.delenv("VLMFORGE_KERNELS")
     monkeypatch.setenv("CC", "false")  # a compiler that fails
-    assert rowmm.library() is None and "false could not build rowmm.c" in rowmm.why_unavailable()
+    assert kernels.library() is None and "false could not build kernels.c" in kernels.why_unavailable()
     assert list(rebuilt.iterdir()) == []  # nothing half-written left behind
 
 
 def test_the_library_is_built_once_into_the_cache_folder(rebuilt):
-    assert rowmm.library() is not None, rowmm.why_unavailable()
-    (built,) = rebuilt.glob("rowmm-*.so")
+    assert kernels.library() is not None, kernels.why_unavailable()
+    (built,) = rebuilt.glob("kernels-*.so")
     stamp = built.stat().st_mtime_ns
-    rowmm._load.cache_clear()
-    assert rowmm.library() is not None and built.stat().st_mtime_ns == stamp  # taken from the cache
+    kernels._load.cache_clear()
+    assert kernels.library() is not None and built.stat().st_mtime_ns == stamp  # taken from the cache

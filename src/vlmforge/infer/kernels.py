@@ -1,5 +1,5 @@
 """x @ W^T for a few rows at once (a batched decode step), reading each weight once: a small C
-kernel (`rowmm.c`), compiled for this CPU on first use and kept in a cache folder.
+kernel (`kernels.c`), compiled for this CPU on first use and kept in a cache folder.
 
 Why: a decode step for several sequences multiplies 2 to a few dozen rows by every weight of the
 LM. torch's kernels for so few rows (MKL's `x @ W`, oneDNN's packed layout) read float32 weights at
@@ -9,7 +9,7 @@ Here the weight is stored in tiles of 32 outputs (16 without AVX-512), each tile
 stream read once for 8 rows whose 32 outputs stay in vector registers: SmolLM2's 538 MB at 8 rows
 in 28 ms against oneDNN's 43 and a plain sum's 24 (docs/engine.md).
 
-Where the kernel cannot be built (no C compiler, another architecture, `VLMFORGE_ROWMM=0`),
+Where the kernel cannot be built (no C compiler, another architecture, `VLMFORGE_KERNELS=0`),
 `library()` is None and `why_unavailable()` says why; callers keep torch's kernels then.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("rowmm.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # Up to this many rows the tiles are read; above, torch's matmul, whose blocking wins as the rows
 # make it compute-bound (SmolLM2's weights: 16 rows 68 ms as tiles against 80 by `x @ W`, 24 rows 68
@@ -36,10 +36,10 @@ MAX_ROWS = 16
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept: `$VLMFORGE_KERNELS`, else `$XDG_CACHE_HOME/vlmforge/kernels`
+    """Where compiled kernels are kept: `$VLMFORGE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/vlmforge/kernels`
     (default `~/.cache/vlmforge/kernels`)."""
-    if os.environ.get("VLMFORGE_KERNELS"):
-        return Path(os.environ["VLMFORGE_KERNELS"])
+    if os.environ.get("VLMFORGE_KERNEL_CACHE"):
+        return Path(os.environ["VLMFORGE_KERNEL_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "vlmforge" / "kernels"
 
@@ -59,8 +59,8 @@ class _Unavailable(Exception):
 
 
 def _build() -> ctypes.CDLL:
-    if os.environ.get("VLMFORGE_ROWMM", "1") == "0":
-        raise _Unavailable("turned off by VLMFORGE_ROWMM=0")
+    if os.environ.get("VLMFORGE_KERNELS", "1") == "0":
+        raise _Unavailable("turned off by VLMFORGE_KERNELS=0")
     if platform.machine() not in ("x86_64", "AMD64"):
         raise _Unavailable(f"written for x86-64 vector units, not {platform.machine()}")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -69,7 +69,7 @@ def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     # the library is built for this CPU (-march=native): the key names the source, flags, compiler and CPU
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), _cpu_flags().encode()]))
-    target = cache_dir() / f"rowmm-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
