@@ -128,6 +128,24 @@ def test_prefill_logits_equal_the_models_own_forward(vlm):
         torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
 
 
+def test_decode_logits_equal_the_models_own_forward(vlm):
+    """Two prompts of different lengths decoding together (each slot's keys end at its own position):
+    every step's logits are the model's own forward's over the whole sequence so far, to 1e-4 of
+    their range (the decode steps' attention is the engine's kernel where it runs)."""
+    eng = Engine(vlm, prefix_cache_tokens=0)
+    seen = recording(eng)
+    p, imgs = prompts(vlm, QUESTIONS[:2]), [image("red"), image("blue")]
+    reqs = eng.generate(p, [[i] for i in imgs], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert eng.lm_forward.attention == decoder.OWN_ATTENTION
+    with torch.no_grad():
+        for step in range(1, 6):  # the decode steps (step 0 was the prefill)
+            for row, (q, i, r) in enumerate(zip(p, imgs, reqs)):
+                ids = torch.tensor([q + r.tokens[:step]])
+                want = vlm(ids, pixel_values=vlm.processor.views(i)).logits[0, -1]
+                got = seen[step][row]
+                torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
+
+
 @pytest.mark.parametrize("projections", ["rows", "mm"])
 def test_compiled_decode_step_equals_the_eager_one(vlm, projections):
     """`compile=True`: one sequence's steps go through the compiled graph and give the eager engine's
@@ -188,7 +206,8 @@ def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):
 def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
     """`weights`: the tiny LM's as they are (too small for another copy), or each also kept as row
     tiles (read at 2 to `kernels.MAX_ROWS` rows: the batch and these short prompts' prefills), or,
-    where the tile kernel is unavailable, in oneDNN's packed layout."""
+    where the engine's kernels are unavailable, in oneDNN's packed layout (and the decode steps'
+    attention torch's)."""
     if weights != "plain":
         monkeypatch.setattr(decoder, "PACK_MIN", 0)
     if weights == "packed":
@@ -205,6 +224,8 @@ def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
     params = SamplingParams(max_tokens=10)
     alone = [Engine(vlm, prefix_cache_tokens=0).generate([q], [i], params)[0] for q, i in zip(p, imgs)]
     batched = engine.generate(p, imgs, params)  # requests join mid-way
+    own = engine.lm_forward.attention == decoder.OWN_ATTENTION  # decode steps attend with the engine's kernel
+    assert own == (weights != "packed"), engine.lm_forward.attention
     assert [r.tokens for r in batched] == [r.tokens for r in alone]
     assert [r.text for r in batched] == [r.text for r in alone]
     views = [vlm.processor.views(i[0]) for i in imgs]

@@ -1,10 +1,12 @@
-"""The row-tile kernel (`infer/kernels.py`): equal to torch's matmul at every row count and shape it
-takes, bad input refused by name, and a clear reason where it cannot be built."""
+"""The engine's CPU kernels (`infer/kernels.py`): the row tiles equal to torch's matmul at every row
+count and shape they take, the decode attention to torch's masked `scaled_dot_product_attention`, the
+RMS norm to torch's; bad input refused by name, and a clear reason where they cannot be built."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlmforge import runtime
 from vlmforge.infer import kernels
@@ -47,6 +49,61 @@ def test_bad_input_is_refused_by_name():
         tiles(torch.ones(2, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="torch.float16"):
         kernels.Tiles(torch.ones(40, 16, dtype=torch.float16))
+
+
+def test_attend_equals_masked_sdpa():
+    """Views into a slot-major cache ([slots, layers, heads, length, dim], as `SlotCache` keeps it), each
+    sequence seeing its own number of keys; query groups of 1 (no grouping) to 5, head dims the
+    kernel inlines (64, 128) and others, lengths below, at and past its 16-key blocks."""
+    g = torch.Generator().manual_seed(1)
+    for b, h, group, d in [(1, 1, 1, 16), (8, 3, 3, 64), (2, 8, 4, 128), (3, 2, 5, 48)]:
+        for length in (1, 5, 16, 17, 40, 300):
+            cache = torch.randn(2, b + 1, 3, h, length + 9, d, generator=g)  # [k/v, slots, layers, heads, L, dim]
+            keys, values = cache[0, :b, 1, :, :length], cache[1, :b, 1, :, :length]
+            q = 3 * torch.randn(b, h, group, d, generator=g)  # scores over a wide range: a peaked softmax too
+            counts = torch.randint(1, length + 1, (b,), generator=g)
+            counts[0] = length
+            hide = torch.where(torch.arange(length)[None] < counts[:, None], 0.0, float("-inf"))[:, None, None]
+            want = F.scaled_dot_product_attention(q, keys, values, attn_mask=hide, scale=0.3)
+            got = kernels.attend(q, keys, values, kernels.Visible(counts), 0.3)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    with runtime.threads(1):
+        torch.testing.assert_close(
+            kernels.attend(q, keys, values, kernels.Visible(counts), 0.3), want, rtol=1e-5, atol=2e-5
+        )
+
+
+def test_rms_norm_equals_torch():
+    g = torch.Generator().manual_seed(2)
+    for shape in [(1, 576), (8, 1, 576), (2, 48, 256), (3, 7)]:
+        x, w = 5 * torch.randn(*shape, generator=g), torch.randn(shape[-1], generator=g)
+        torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, w.shape, w, 1e-5))
+    x, w = torch.randn(40, 6, generator=g).t(), torch.randn(40, generator=g)  # x not contiguous
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), F.rms_norm(x, w.shape, w, 1e-6))
+
+
+def test_attend_and_rms_norm_refuse_bad_input_by_name():
+    q, kv = torch.ones(2, 3, 2, 64), torch.ones(2, 3, 10, 64)
+    few = kernels.Visible(torch.tensor([10, 4]))
+    with pytest.raises(ValueError, match="head dim must be a multiple of 16, got 24"):
+        kernels.attend(torch.ones(2, 3, 2, 24), torch.ones(2, 3, 10, 24), torch.ones(2, 3, 10, 24), few, 1.0)
+    with pytest.raises(ValueError, match=r"keys and values \[2, 3, L, 64\].*\(2, 4, 10, 64\)"):
+        kernels.attend(q, torch.ones(2, 4, 10, 64), torch.ones(2, 4, 10, 64), few, 1.0)
+    with pytest.raises(ValueError, match="at most 10 keys, got counts \\[11, 4\\]"):
+        kernels.attend(q, kv, kv, kernels.Visible(torch.tensor([11, 4])), 1.0)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        kernels.attend(q, torch.ones(2, 3, 10, 128)[..., ::2], kv, few, 1.0)
+    with pytest.raises(ValueError, match="values must be float32 on the CPU, not torch.bfloat16"):
+        kernels.attend(q, kv, kv.bfloat16(), few, 1.0)
+    with pytest.raises(ValueError, match="one positive count per sequence, got \\[3, 0\\]"):
+        kernels.Visible(torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match=r"x \[\.\.\., 8\].*got x \(2, 7\)"):
+        kernels.rms_norm(torch.ones(2, 7), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="x must be float32 on the CPU, not torch.float64"):
+        kernels.rms_norm(torch.ones(2, 8, dtype=torch.float64), torch.ones(8), 1e-6)
+    assert "multiple of 16" in kernels.attendable(torch.ones(1, 1, 1, 24), torch.ones(1, 1, 3, 24))
+    assert "bfloat16" in kernels.attendable(q.bfloat16(), kv.bfloat16())
+    assert kernels.attendable(q, kv) is None
 
 
 def test_a_kernel_that_cannot_be_built_says_why(rebuilt, monkeypatch):

@@ -300,6 +300,7 @@ def _measure(cfg: GenerateBench) -> dict:
             for it in sides.values():
                 it.close()
         result["engine"] = medians(rows["engine"])
+        result["batch_attention"] = engine.lm_forward.attention  # what the batch's last step ran
         if files:
             result["llama.cpp"] = medians(rows["llama.cpp"]) | {
                 "gguf_type": files[0].stem.split("-", 1)[1],
@@ -429,6 +430,8 @@ def format_table(r: dict) -> str:
         lines.insert(-1, f"engine's one-sequence decode step: {r['compiled']}")
     if r.get("batch_kernels"):
         lines.insert(-1, f"engine's {n}-sequence step, matmuls: {r['batch_kernels']}")
+    if r.get("batch_attention"):
+        lines.insert(-1, f"engine's {n}-sequence step, attention: {r['batch_attention']}")
     sides = [s for s in ("engine", "llama.cpp") if s in r and "unavailable" not in r[s]]
     head = "| | " + " | ".join(f"{s} | of bound" for s in sides) + " | bound |"
     lines += [head, "|---|" + "---:|" * (2 * len(sides) + 1)]

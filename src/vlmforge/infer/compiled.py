@@ -124,7 +124,7 @@ class _Graph(nn.Module):
         new_k, new_v = [], []
         for i, L in enumerate(d.layers):
             a, mlp = L.attn, L.mlp
-            x1 = L.n1(x)
+            x1 = L.traced_n1(x)
             if self.mm:
                 y = _mm(x1, L.w_qkv, L.qk + L.kv)[0]
                 q, k, v = y[: nh * hd].view(nh, hd), y[nh * hd : L.qk].view(nkv, hd), y[L.qk :].view(nkv, hd)
@@ -144,15 +144,15 @@ class _Graph(nn.Module):
             att = (p_old @ values[i][:, None] + p_new * v[:, None, None]) / (p_old.sum(-1, keepdim=True) + p_new)
             if self.mm:
                 x = x + _mm(att.reshape(1, nh * hd), L.w_o)
-                gu = _mm(L.n2(x), L.w_gu)
+                gu = _mm(L.traced_n2(x), L.w_gu)
                 x = x + _mm(L.act(gu[:, : L.inter]) * gu[:, L.inter :], L.w_down)
                 continue
             x = x + _project(att.reshape(1, nh * hd), a.o_proj.weight, a.o_proj.bias)
-            x2 = L.n2(x)
+            x2 = L.traced_n2(x)
             gate = _project(x2, mlp.gate_proj.weight, mlp.gate_proj.bias)
             up = _project(x2, mlp.up_proj.weight, mlp.up_proj.bias)
             x = x + _project(L.act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        x = d.norm(x)
+        x = d.traced_norm(x)
         logits = _mm(x, d.head_w) if self.mm else _project(x, self.head.weight, self.head.bias)
         return x, logits, torch.stack(new_k), torch.stack(new_v)
 

@@ -33,6 +33,7 @@ FOLD_ROWS = 4
 # where the plain matmul is faster (the tiny model's weights).
 PACK_MIN = 1 << 19  # 2 MB of float32, a core's L2 here
 FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+OWN_ATTENTION = "the engine's kernel (`kernels.attend`)"  # `Decoder.attention` where a decode step used it
 STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
 
 
@@ -206,11 +207,16 @@ def _residual(m: nn.Module, copy: bool) -> tuple[Weight | None, object]:
     return None, lambda x, h: h + m(x)
 
 
-def _rms(norm: nn.Module):
-    """LlamaRMSNorm (float32 statistics, weight applied in the input dtype) as one fused op."""
+def _rms(norm: nn.Module, own: bool = True):
+    """LlamaRMSNorm (float32 statistics, weight applied in the input dtype) as one fused op: with
+    `own`, on the CPU in float32, the engine's kernel (`kernels.rms_norm`; torch's runs six kernels);
+    without, torch's (a compiled graph traces it)."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
     if type(norm).__name__.endswith("RMSNorm") and eps is not None and "gemma" not in type(norm).__name__.lower():
         w = norm.weight
+        if own and w.dtype == torch.float32 and w.device.type == "cpu" and kernels.library():
+            w = w.detach()
+            return lambda x: kernels.rms_norm(x, w, eps) if x.dtype == torch.float32 else norm(x)
         if w.dtype == torch.float32:
             return lambda x: F.rms_norm(x, w.shape, w, eps) if x.dtype == torch.float32 else norm(x)
         return lambda x: w * F.rms_norm(x.float(), w.shape, eps=eps).to(x.dtype)
@@ -239,6 +245,7 @@ class _Layer:
         self.attn, self.mlp = a, mlp  # the modules as they are (the compiled step reads them)
         self.linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         self.n1, self.n2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
+        self.traced_n1, self.traced_n2 = _rms(layer.input_layernorm, False), _rms(layer.post_attention_layernorm, False)
         self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
         (self.w_o, self.o), (self.w_down, self.down) = _residual(a.o_proj, fuse), _residual(mlp.down_proj, fuse)
@@ -275,6 +282,7 @@ class Decoder:
     def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False, projections: str = "auto"):
         lm = model.causal_lm
         self.compiled, self.why_not_compiled = None, "not asked for"
+        self.attention = None  # in words, what the last decode step attended with (the lean forward's)
         self.hf = lm.get_decoder()
         self.bridge = model.connector if model.cross_attention else None
         reason = fast_path_reason(lm.config, max_len)
@@ -306,7 +314,7 @@ class Decoder:
             _Layer(layer, self.heads, self.kv_heads, self.head_dim, xattn.get(i), fuse)
             for i, layer in enumerate(self.hf.layers[: cfg.num_hidden_layers])
         ]
-        self.norm = _rms(self.hf.norm)
+        self.norm, self.traced_norm = _rms(self.hf.norm), _rms(self.hf.norm, False)
         if compile:
             self.why_not_compiled = eligible(self.layers, param.dtype, param.device)
             if self.why_not_compiled is None and not isinstance(self.head_w, Weight):
@@ -367,6 +375,9 @@ class Decoder:
         def rope(x):  # [B, T, H, hd]
             return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
+        # a decode step: the keys each row sees, as the cache says (the engine's own attention reads them)
+        counts = cache.visible(b) if t == 1 and rows is None and hasattr(cache, "visible") else None
+        visible = None  # `counts` checked, once the kernel takes them
         h = embeds
         for i, L in enumerate(self.layers):
             if L.xattn is not None and cross_context is not None:
@@ -394,16 +405,21 @@ class Decoder:
                 pick = torch.arange(b, device=h.device)
                 qs, h, t = qs[pick, rows][:, None], h[pick, rows][:, None], 1
                 mask = None if mask is None else mask[pick, :, rows][:, :, None]
-            att = F.scaled_dot_product_attention(
-                qs.transpose(1, 2),
-                ks,
-                vs,
-                attn_mask=mask,
-                scale=L.scale,
-                enable_gqa=gqa,
-                is_causal=mask is None and t > 1,
-            )
-            h = L.o(att.transpose(1, 2).reshape(b, t, -1), h)
+            if t == 1:  # one query a row: the heads that share a key head are that head's query rows
+                q1 = qs.reshape(b, self.kv_heads, nh // self.kv_heads, hd)
+                why = "a prefill's last rows" if counts is None else kernels.attendable(q1, ks)
+                if why is None:
+                    visible = visible or kernels.Visible(counts)
+                    att = kernels.attend(q1, ks, vs, visible, L.scale)
+                else:
+                    att = F.scaled_dot_product_attention(q1, ks, vs, attn_mask=mask, scale=L.scale)
+                if counts is not None:
+                    self.attention = OWN_ATTENTION if why is None else f"torch's scaled_dot_product_attention ({why})"
+            else:
+                att = F.scaled_dot_product_attention(
+                    qs.transpose(1, 2), ks, vs, attn_mask=mask, scale=L.scale, enable_gqa=gqa, is_causal=mask is None
+                ).transpose(1, 2)
+            h = L.o(att.reshape(b, t, -1), h)
             x = L.n2(h)
             if L.w_gu is not None:
                 gu = L.w_gu(x)

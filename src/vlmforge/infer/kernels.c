@@ -1,9 +1,11 @@
-/* y = x @ W^T (+ b) for a few rows of x, reading each weight once (see kernels.py).
+/* The engine's CPU kernels (see kernels.py): float32 throughout, threads from OpenMP in torch's own
+ * runtime, vectorised by gcc for the CPU that builds them.
  *
- * W is stored in tiles of TW outputs: tile i is [K, TW], the weights of outputs i*TW .. i*TW+TW-1,
+ * rowmm: y = x @ W^T (+ b) for a few rows of x, reading each weight once. W is stored in tiles of TW outputs: tile i is [K, TW], the weights of outputs i*TW .. i*TW+TW-1,
  * input by input, so a tile is one contiguous stream. Each tile is read once for up to RB rows of
  * x, whose TW outputs stay in vector registers; more rows take the tile again, from the caches.
  * Threads (OpenMP, torch's own runtime) take the tiles in contiguous runs. */
+#include <math.h>
 #include <stddef.h>
 
 #ifdef __AVX512F__
@@ -59,5 +61,129 @@ void rowmm(const float *x, long m, long k, const float *tiles, const float *bias
             const long rows = m - r < RB ? m - r : RB;
             BLOCKS[rows](x + r * k, k, tiles + i * k * TW, bias ? bias + col : 0, y + r * n + col, n, cols);
         }
+    }
+}
+
+/* rms_norm: y = x / sqrt(mean(x^2) + eps) * w, row by row; x, y: [m, d] contiguous. */
+void rms_norm(const float *x, long m, long d, const float *w, float eps, float *y) {
+    for (long r = 0; r < m; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d, s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (long j = 0; j < d; j++) s += xr[j] * xr[j];
+        const float inv = 1.f / sqrtf(s / d + eps);
+#pragma omp simd
+        for (long j = 0; j < d; j++) yr[j] = xr[j] * inv * w[j];
+    }
+}
+
+/* attend: one new query token per sequence over its cached keys and values (a decode step), the g
+ * query heads that share a key/value head together, so each key and value row is read from memory
+ * once for all g. Two passes over a (sequence, head) pair: scores of 16 keys at a time (their dot
+ * products summed across vector lanes in one tree), an exact softmax over them, then the values. */
+typedef float vf __attribute__((vector_size(64), aligned(4))); /* 16 floats; loads need not be aligned */
+typedef int vi __attribute__((vector_size(64), aligned(4)));
+#define SHUF __builtin_shufflevector
+#define ROWS_AHEAD 16 /* key and value rows prefetched ahead */
+
+/* the sums of a[0] .. a[15]'s lanes, as lanes 0 .. 15 of one vector */
+static inline vf sums16(const vf *a) {
+    vf b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        c[i] = SHUF(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               SHUF(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        d[i] = SHUF(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               SHUF(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUF(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUF(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+static inline vf pick(vi keep, vf a, vf b) { return (vf)(((vi)a & keep) | ((vi)b & ~keep)); }
+
+/* e^x of 16 lanes x <= 0 (shifted scores; below -87, 0), as Cephes' expf: x = n ln2 + r, a degree-5
+ * polynomial in r, times 2^n built in the exponent's bits */
+static inline vf exp16(vf x) {
+    const vi live = x >= -87.f;
+    x = pick(live, x, (vf){0} - 87.f);
+    const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f; /* rounded to the nearest integer */
+    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const vi two_n = (__builtin_convertvector(n, vi) + 127) << 23;
+    return pick(live, p * (vf)two_n, (vf){0});
+}
+
+/* one (sequence, head) pair: q [g, D]; keys and values [len, D] (rows D apart); s: [g, len rounded
+ * up to 16] scratch; out [g, D]. D, a multiple of 16, is a constant where inlined for 64 and 128. */
+static inline __attribute__((always_inline)) void pair(const float *q, long g, const long D, const float *k,
+                                                        const float *v, long len, float scale, float *s, float *out) {
+    const long padded = (len + 15) & ~15L, chunks = D / 16;
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (long t0 = 0; t0 < padded; t0 += 16) {
+        const long count = len - t0 < 16 ? len - t0 : 16;
+        for (long t = 0; t < count; t++)
+            for (long c = 0; c < D; c += 16) __builtin_prefetch(k + (t0 + t + ROWS_AHEAD) * D + c);
+        for (long r = 0; r < g; r++) {
+            vf dots[16];
+            for (long t = 0; t < 16; t++) {
+                vf a = {0};
+                if (t < count)
+                    for (long c = 0; c < chunks; c++)
+                        a += *(const vf *)(q + r * D + 16 * c) * *(const vf *)(k + (t0 + t) * D + 16 * c);
+                dots[t] = a;
+            }
+            *(vf *)(s + r * padded + t0) = pick(lane < (int)count, sums16(dots) * scale, (vf){0} - INFINITY);
+        }
+    }
+    for (long r = 0; r < g; r++) {
+        float *sr = s + r * padded, top = -INFINITY, z = 0.f;
+        vf m = *(const vf *)sr, sum = {0};
+        for (long t = 16; t < padded; t += 16) {
+            const vf x = *(const vf *)(sr + t);
+            m = pick(m >= x, m, x);
+        }
+        for (int l = 0; l < 16; l++) top = m[l] > top ? m[l] : top;
+        for (long t = 0; t < padded; t += 16) {
+            const vf e = exp16(*(const vf *)(sr + t) - top);
+            *(vf *)(sr + t) = e;
+            sum += e;
+        }
+        for (int l = 0; l < 16; l++) z += sum[l];
+        vf a[D / 16];
+        for (long c = 0; c < chunks; c++) a[c] = (vf){0};
+        for (long t = 0; t < len; t++) {
+            if (r == 0)
+                for (long c = 0; c < D; c += 16) __builtin_prefetch(v + (t + ROWS_AHEAD) * D + c);
+            for (long c = 0; c < chunks; c++) a[c] += sr[t] * *(const vf *)(v + t * D + 16 * c);
+        }
+        for (long c = 0; c < chunks; c++) *(vf *)(out + r * D + 16 * c) = a[c] / z;
+    }
+}
+
+/* q: [b, h, g, d] contiguous; keys of sequence i, head j: rows of d floats from k + i * seq + j * head
+ * (values alike from v); n[i] of them visible (1 or more); out: [b, h, g, d]; scratch: b * h * g *
+ * (longest n rounded up to 16) floats; d a multiple of 16. */
+void attend(const float *q, long b, long h, long g, long d, const float *k, const float *v, long seq, long head,
+            const long *n, float scale, float *out, float *scratch, long longest, int threads) {
+    const long padded = (longest + 15) & ~15L;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (long p = 0; p < b * h; p++) {
+        const long i = p / h, j = p % h, at = i * seq + j * head;
+        float *s = scratch + p * g * padded;
+        if (d == 64)
+            pair(q + p * g * d, g, 64, k + at, v + at, n[i], scale, s, out + p * g * d);
+        else if (d == 128)
+            pair(q + p * g * d, g, 128, k + at, v + at, n[i], scale, s, out + p * g * d);
+        else
+            pair(q + p * g * d, g, d, k + at, v + at, n[i], scale, s, out + p * g * d);
     }
 }

@@ -1,15 +1,20 @@
-"""x @ W^T for a few rows at once (a batched decode step), reading each weight once: a small C
-kernel (`kernels.c`), compiled for this CPU on first use and kept in a cache folder.
+"""The engine's own CPU kernels (`kernels.c`), compiled for this CPU on first use and kept in a
+cache folder, for the operations of a decode step that torch's kernels run well below the machine's
+memory rate at a few rows:
 
-Why: a decode step for several sequences multiplies 2 to a few dozen rows by every weight of the
-LM. torch's kernels for so few rows (MKL's `x @ W`, oneDNN's packed layout) read float32 weights at
-about half the rate a plain sum reads memory (12-13 GB/s against 22-24 on the 2-core AVX-512 Xeon),
-while one row reads at the full rate; so 8 rows cost 1.7-1.8x one row where the memory allows ~1x.
-Here the weight is stored in tiles of 32 outputs (16 without AVX-512), each tile one contiguous
-stream read once for 8 rows whose 32 outputs stay in vector registers: SmolLM2's 538 MB at 8 rows
-in 28 ms against oneDNN's 43 and a plain sum's 24 (docs/engine.md).
+* `Tiles`: x @ W^T for a few rows at once (a batched decode step), reading each weight once. torch's
+  kernels for so few rows (MKL's `x @ W`, oneDNN's packed layout) read float32 weights at about half
+  the rate a plain sum reads memory (12-13 GB/s against 22-24 on the 2-core AVX-512 Xeon), while one
+  row reads at the full rate; so 8 rows cost 1.7-1.8x one row where the memory allows ~1x. Here the
+  weight is stored in tiles of 32 outputs (16 without AVX-512), each tile one contiguous stream read
+  once for 8 rows whose 32 outputs stay in vector registers: SmolLM2's 538 MB at 8 rows in 28 ms
+  against oneDNN's 43 and a plain sum's 24 (docs/engine.md).
+* `attend`: a decode step's attention, one query token per sequence over its cached keys and
+  values, the query heads that share a key/value head (grouped-query attention) together, so that
+  each cached row is read once for all of them.
+* `rms_norm`: one call where torch's CPU `rms_norm` runs six kernels.
 
-Where the kernel cannot be built (no C compiler, another architecture, `VLMFORGE_KERNELS=0`),
+Where the kernels cannot be built (no C compiler, another architecture, `VLMFORGE_KERNELS=0`),
 `library()` is None and `why_unavailable()` says why; callers keep torch's kernels then.
 """
 
@@ -28,7 +33,16 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffp-contract=fast",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+]
 # Up to this many rows the tiles are read; above, torch's matmul, whose blocking wins as the rows
 # make it compute-bound (SmolLM2's weights: 16 rows 68 ms as tiles against 80 by `x @ W`, 24 rows 68
 # against 71, 32 rows 85 against 81, 236 rows 489 against 437; docs/engine.md).
@@ -84,6 +98,11 @@ def _build() -> ctypes.CDLL:
     lib.rowmm.argtypes += [ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.rowmm.restype = None
     lib.rowmm_tile_width.restype = ctypes.c_int
+    p, n = ctypes.c_void_p, ctypes.c_long
+    lib.rms_norm.argtypes = [p, n, n, p, ctypes.c_float, p]
+    lib.rms_norm.restype = None
+    lib.attend.argtypes = [p, n, n, n, n, p, p, n, n, p, ctypes.c_float, p, p, n, ctypes.c_int]
+    lib.attend.restype = None
     return lib
 
 
@@ -94,11 +113,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     except _Unavailable as e:
         return None, str(e)
     except OSError as e:  # a library that does not load
-        return None, f"the compiled kernel did not load: {e}"
+        return None, f"the compiled kernels did not load: {e}"
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first call (about a second), or None (`why_unavailable`)."""
+    """The compiled kernels, built on first call (about two seconds), or None (`why_unavailable`)."""
     return _load()[0]
 
 
@@ -106,14 +125,28 @@ def why_unavailable() -> str | None:
     return _load()[1]
 
 
+def _threads() -> int:
+    return torch.get_num_threads()  # as torch's own kernels would run here (`runtime.threads`)
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the engine's CPU kernels are unavailable: {why_unavailable()}")
+    return lib
+
+
+def _float_cpu(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"{name} must be float32 on the CPU, not {t.dtype} on {t.device}")
+
+
 class Tiles:
     """A float32 weight [out, in] (+ bias [out]) laid out for `rowmm`; `tiles(x)` is x @ W^T + b for
     x [rows, in] (float32, on the CPU). A copy: the weight is left as it is."""
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
-        lib = library()
-        if lib is None:
-            raise RuntimeError(f"the row-tile kernel is unavailable: {why_unavailable()}")
+        lib = _lib()
         if w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 2:
             raise ValueError(f"Tiles takes a 2-d float32 CPU weight, not {w.dtype} {tuple(w.shape)} on {w.device}")
         self.lib, self.out, self.inp = lib, w.shape[0], w.shape[1]
@@ -130,6 +163,90 @@ class Tiles:
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.out, dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        threads = torch.get_num_threads()  # as torch's own kernels would run here (`runtime.threads`)
-        self.lib.rowmm(x.data_ptr(), x.shape[0], self.inp, self.tiles.data_ptr(), bias, self.out, y.data_ptr(), threads)
+        self.lib.rowmm(
+            x.data_ptr(), x.shape[0], self.inp, self.tiles.data_ptr(), bias, self.out, y.data_ptr(), _threads()
+        )
         return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.rms_norm(x, weight.shape, weight, eps)` over x's last dimension (float32, on the CPU)."""
+    lib = _lib()
+    for name, t in (("x", x), ("weight", weight)):
+        _float_cpu(name, t)
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(
+            f"rms_norm: x [..., {weight.shape[0]}] for a weight {tuple(weight.shape)}, got x {tuple(x.shape)}"
+        )
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(x)
+    lib.rms_norm(x.data_ptr(), x.numel() // max(x.shape[-1], 1), x.shape[-1], weight.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def attendable(q: torch.Tensor, keys: torch.Tensor) -> str | None:
+    """Why `attend` cannot take these queries and keys (None: it can)."""
+    if library() is None:
+        return why_unavailable() or "the kernels are unavailable"
+    if q.dtype != torch.float32 or keys.dtype != torch.float32 or q.device.type != "cpu" or keys.device.type != "cpu":
+        return f"{q.dtype} on {q.device} (float32 on the CPU only)"
+    if q.shape[-1] % 16:
+        return f"head dim {q.shape[-1]}, not a multiple of 16"
+    return None
+
+
+class Visible:
+    """How many cached keys each sequence of a decode step sees (`counts`, 1 or more each): checked
+    and laid out once for all the step's layers."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts.to(torch.int64).contiguous()
+        self.fewest, self.most = int(self.counts.min()), int(self.counts.max())
+        if self.counts.dim() != 1 or self.fewest < 1:
+            raise ValueError(f"visible key counts must be one positive count per sequence, got {self.counts.tolist()}")
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: Visible, scale: float) -> torch.Tensor:
+    """Attention of one new token per sequence: q [B, H, G, D] (the G query heads that share key/value
+    head h are q[:, h]), keys and values [B, H, L, D] whose rows are contiguous (a view into a cache
+    is fine), of which the first `visible.counts[b]` are seen by sequence b → [B, H, G, D]; as
+    `scaled_dot_product_attention` with `scale` and a mask that hides the rest."""
+    lib = _lib()
+    for name, t in (("q", q), ("keys", keys), ("values", values)):
+        _float_cpu(name, t)
+    b, h, g, d = q.shape
+    if keys.shape[:2] != (b, h) or keys.shape[3] != d or values.shape != keys.shape:
+        raise ValueError(
+            f"attend: keys and values [{b}, {h}, L, {d}] for q {tuple(q.shape)}, "
+            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    if d % 16:
+        raise ValueError(f"attend: the head dim must be a multiple of 16, got {d}")
+    if keys.stride() != values.stride() or keys.stride(3) != 1 or keys.stride(2) != d:
+        raise ValueError(
+            f"attend: keys and values need contiguous rows and equal strides, got {keys.stride()} and {values.stride()}"
+        )
+    if visible.counts.shape != (b,) or visible.most > keys.shape[2]:
+        raise ValueError(f"attend: {b} sequences of at most {keys.shape[2]} keys, got counts {visible.counts.tolist()}")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    longest = visible.most
+    scratch = torch.empty(b * h * g * ((longest + 15) // 16 * 16))  # the scores, 16 keys to a vector
+    lib.attend(
+        q.data_ptr(),
+        b,
+        h,
+        g,
+        d,
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.stride(0),
+        keys.stride(1),
+        visible.counts.data_ptr(),
+        scale,
+        out.data_ptr(),
+        scratch.data_ptr(),
+        longest,
+        _threads(),
+    )
+    return out

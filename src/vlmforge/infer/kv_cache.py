@@ -58,6 +58,16 @@ class SlotCache:
         """Positions [B] of the new token of each slot, or one int when all slots share it."""
         self._mode = ("decode", positions, width)
 
+    def visible(self, b: int) -> torch.Tensor | None:
+        """In a decode step, how many keys each of the first `b` slots attends to (its new token's
+        position + 1), int64 [b]; None in a prefill."""
+        if not self._mode or self._mode[0] != "decode":
+            return None
+        pos = self._mode[1]
+        if isinstance(pos, int):
+            return torch.full((b,), pos + 1, dtype=torch.int64)
+        return pos[:b].to(torch.int64) + 1
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         k, v = self.k[layer_idx], self.v[layer_idx]
         if self._mode[0] == "prefill":
