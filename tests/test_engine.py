@@ -128,10 +128,14 @@ def test_prefill_logits_equal_the_models_own_forward(vlm):
         torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
 
 
-def test_decode_logits_equal_the_models_own_forward(vlm):
+@pytest.mark.parametrize("fold_rows", [decoder.FOLD_ROWS, 0])
+def test_decode_logits_equal_the_models_own_forward(vlm, fold_rows, monkeypatch):
     """Two prompts of different lengths decoding together (each slot's keys end at its own position):
     every step's logits are the model's own forward's over the whole sequence so far, to 1e-4 of
-    their range (the decode steps' attention is the engine's kernel where it runs)."""
+    their range. The decode steps' attention is the engine's kernel; the rotation and the cache's
+    writes are torch's where the rotation is folded into the projection (few rows of small weights),
+    the engine's kernel (`kernels.rope_store`) where not (`fold_rows` 0)."""
+    monkeypatch.setattr(decoder, "FOLD_ROWS", fold_rows)
     eng = Engine(vlm, prefix_cache_tokens=0)
     seen = recording(eng)
     p, imgs = prompts(vlm, QUESTIONS[:2]), [image("red"), image("blue")]

@@ -73,6 +73,37 @@ def test_attend_equals_masked_sdpa():
         )
 
 
+def test_rope_store_rotates_and_writes_as_torch():
+    """q and k rotated as Llama's rotate_half does it, k and v written at each row's slot and position
+    of a slot-major cache's layer, nothing else in the cache touched."""
+    g = torch.Generator().manual_seed(3)
+    b, heads, kv_heads, d, length = 3, 6, 2, 32, 20
+    y = torch.randn(b, (heads + 2 * kv_heads) * d, generator=g)
+    angles = torch.rand(length, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    cache = torch.randn(2, b + 1, 3, kv_heads, length, d, generator=g)  # [k/v, slots, layers, heads, L, dim]
+    before = cache.clone()
+    keys, values = cache[0, :, 1], cache[1, :, 1]
+    counts = torch.tensor([5, 20, 1])
+    q = kernels.rope_store(y, heads, kv_heads, cos, sin, kernels.Visible(counts), keys, values)
+
+    def rope(x, at):  # [B, H, d] at positions [B]
+        c, s = cos[at][:, None], sin[at][:, None]
+        return x * c + torch.cat((-x[..., d // 2 :], x[..., : d // 2]), -1) * s
+
+    at = counts - 1
+    q_want = rope(y[:, : heads * d].view(b, heads, d), at).view(b, kv_heads, heads // kv_heads, d)
+    torch.testing.assert_close(q, q_want)
+    k_want = rope(y[:, heads * d : (heads + kv_heads) * d].view(b, kv_heads, d), at)
+    v_want = y[:, (heads + kv_heads) * d :].view(b, kv_heads, d)
+    pick = torch.arange(b)
+    torch.testing.assert_close(keys[pick, :, at], k_want)
+    torch.testing.assert_close(values[pick, :, at], v_want)
+    written = torch.zeros_like(cache, dtype=torch.bool)
+    written[:, pick, 1, :, at] = True
+    assert torch.equal(cache[~written], before[~written])
+
+
 def test_rms_norm_equals_torch():
     g = torch.Generator().manual_seed(2)
     for shape in [(1, 576), (8, 1, 576), (2, 48, 256), (3, 7)]:
@@ -101,9 +132,17 @@ def test_attend_and_rms_norm_refuse_bad_input_by_name():
         kernels.rms_norm(torch.ones(2, 7), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="x must be float32 on the CPU, not torch.float64"):
         kernels.rms_norm(torch.ones(2, 8, dtype=torch.float64), torch.ones(8), 1e-6)
-    assert "multiple of 16" in kernels.attendable(torch.ones(1, 1, 1, 24), torch.ones(1, 1, 3, 24))
-    assert "bfloat16" in kernels.attendable(q.bfloat16(), kv.bfloat16())
-    assert kernels.attendable(q, kv) is None
+    y, cos = torch.ones(2, (6 + 2 * 3) * 64), torch.ones(30, 64)
+    with pytest.raises(ValueError, match=r"y \[B, \(6 \+ 2 x 3\) x 64\], got \(2, 700\)"):
+        kernels.rope_store(torch.ones(2, 700), 6, 3, cos, cos, few, kv, kv)
+    with pytest.raises(ValueError, match=r"positions below 10, got \[10, 3\]"):
+        kernels.rope_store(y, 6, 3, cos, cos, kernels.Visible(torch.tensor([11, 4])), kv, kv)
+    with pytest.raises(ValueError, match=r"a cache \[>= 2, 3, L, 64\], got \(1, 3, 10, 64\)"):
+        kernels.rope_store(y, 6, 3, cos, cos, few, kv[:1], kv[:1])
+    cpu = torch.device("cpu")
+    assert "multiple of 16" in kernels.attendable(torch.float32, cpu, 24)
+    assert "bfloat16" in kernels.attendable(torch.bfloat16, cpu, 64)
+    assert kernels.attendable(torch.float32, cpu, 64) is None
 
 
 def test_a_kernel_that_cannot_be_built_says_why(rebuilt, monkeypatch):

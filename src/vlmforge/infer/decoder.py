@@ -351,6 +351,47 @@ class Decoder:
                 use_cache=True,
             ).last_hidden_state
 
+    def _attention(self, L, i, x, h, fold, cos, sin, mask, cache, rows, own, visible):
+        """Layer `i`'s attention output [B, T, heads x head_dim] for its normed input x [B, T, D] by torch's
+        operations (the cache written through its `update`), and the residual `h` of the rows kept
+        (`rows`: the last layer of a prefill keeps each prompt's last position alone)."""
+        b, t, _ = x.shape
+        hd, nh = self.head_dim, self.heads
+        half = hd // 2
+        if L.w_qkv is not None:
+            if fold:  # the rotated rows too: rope(x) = x cos + rotate_half(x) sin in three operations
+                y = L.w_qkv(x)
+                qk = y[..., : L.qk].view(b, t, -1, hd) * cos + y[..., L.qk + L.kv :].view(b, t, -1, hd) * sin
+            else:  # many rows: the matmul dominates, so only [q k v] (the first columns)
+                y = L.w_qkv(x, L.qk + L.kv)
+                qk = y[..., : L.qk].view(b, t, -1, hd)
+            vs = y[..., L.qk : L.qk + L.kv]
+        else:
+            qk = torch.cat((L.q(x), L.k(x)), dim=-1).view(b, t, -1, hd)
+            vs = L.v(x)
+        if not fold:
+            if L.q_norm is not None:
+                qk = torch.cat((L.q_norm(qk[:, :, :nh]), L.k_norm(qk[:, :, nh:])), dim=2)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        qs = qk[:, :, :nh]
+        ks, vs = cache.update(qk[:, :, nh:].transpose(1, 2), vs.view(b, t, -1, hd).transpose(1, 2), i)
+        if rows is not None and i == len(self.layers) - 1:  # past the keys and values: the wanted rows alone
+            pick = torch.arange(b, device=x.device)
+            qs, h, t = qs[pick, rows][:, None], h[pick, rows][:, None], 1
+            mask = None if mask is None else mask[pick, :, rows][:, :, None]
+        if t == 1:  # one query a row: the heads that share a key head are that head's query rows
+            q1 = qs.reshape(b, self.kv_heads, nh // self.kv_heads, hd)
+            if own is None:
+                att = kernels.attend(q1, ks, vs, visible, L.scale)
+            else:
+                att = F.scaled_dot_product_attention(q1, ks, vs, attn_mask=mask, scale=L.scale)
+        else:
+            gqa = self.kv_heads != nh
+            att = F.scaled_dot_product_attention(
+                qs.transpose(1, 2), ks, vs, attn_mask=mask, scale=L.scale, enable_gqa=gqa, is_causal=mask is None
+            ).transpose(1, 2)
+        return att.reshape(b, t, -1), h
+
     def forward(self, embeds, positions, mask, cache, cross_context=None, rows=None) -> torch.Tensor:
         """`positions`: [B, T] tensor, or an int when T is 1 and every row is at that position.
         `rows`: the one position of each row whose hidden state is wanted (a prefill's last): the
@@ -369,61 +410,31 @@ class Decoder:
         else:
             cos = self.cos[positions][:, :, None]  # [B, T, 1, hd]
             sin = self.sin[positions][:, :, None]
-        half = hd // 2
-        gqa = self.kv_heads != nh
-
-        def rope(x):  # [B, T, H, hd]
-            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-        # a decode step: the keys each row sees, as the cache says (the engine's own attention reads them)
+        # a decode step: the keys each row sees, as the cache says; the engine's kernels take the step
+        # (rotation, cache writes, attention) where `own` is None, and `own` says why not otherwise
         counts = cache.visible(b) if t == 1 and rows is None and hasattr(cache, "visible") else None
-        visible = None  # `counts` checked, once the kernel takes them
+        own = "a prefill" if counts is None else kernels.attendable(embeds.dtype, embeds.device, hd)
+        visible = None if own is not None else kernels.Visible(counts)
         h = embeds
         for i, L in enumerate(self.layers):
             if L.xattn is not None and cross_context is not None:
                 h = L.xattn(h, *cross_context)
             x = L.n1(h)
             fold = L.fold and b * t <= FOLD_ROWS and L.w_qkv.plain_for(b * t)
-            if L.w_qkv is not None:
-                if fold:  # the rotated rows too: rope(x) = x cos + rotate_half(x) sin in three operations
-                    y = L.w_qkv(x)
-                    qk = y[..., : L.qk].view(b, t, -1, hd) * cos + y[..., L.qk + L.kv :].view(b, t, -1, hd) * sin
-                else:  # many rows: the matmul dominates, so only [q k v] (the first columns)
-                    y = L.w_qkv(x, L.qk + L.kv)
-                    qk = y[..., : L.qk].view(b, t, -1, hd)
-                vs = y[..., L.qk : L.qk + L.kv]
+            if own is None and L.w_qkv is not None and L.q_norm is None and not fold:
+                y = L.w_qkv(x, L.qk + L.kv).view(b, -1)
+                kb, vb = cache.k[i], cache.v[i]
+                q1 = kernels.rope_store(y, nh, self.kv_heads, self.cos, self.sin, visible, kb, vb)
+                h = L.o(kernels.attend(q1, kb[:b], vb[:b], visible, L.scale).view(b, 1, -1), h)
             else:
-                qk = torch.cat((L.q(x), L.k(x)), dim=-1).view(b, t, -1, hd)
-                vs = L.v(x)
-            if not fold:
-                if L.q_norm is not None:
-                    qk = torch.cat((L.q_norm(qk[:, :, :nh]), L.k_norm(qk[:, :, nh:])), dim=2)
-                qk = rope(qk)
-            qs = qk[:, :, :nh]
-            ks, vs = cache.update(qk[:, :, nh:].transpose(1, 2), vs.view(b, t, -1, hd).transpose(1, 2), i)
-            if rows is not None and i == len(self.layers) - 1:  # past the keys and values: the wanted rows alone
-                pick = torch.arange(b, device=h.device)
-                qs, h, t = qs[pick, rows][:, None], h[pick, rows][:, None], 1
-                mask = None if mask is None else mask[pick, :, rows][:, :, None]
-            if t == 1:  # one query a row: the heads that share a key head are that head's query rows
-                q1 = qs.reshape(b, self.kv_heads, nh // self.kv_heads, hd)
-                why = "a prefill's last rows" if counts is None else kernels.attendable(q1, ks)
-                if why is None:
-                    visible = visible or kernels.Visible(counts)
-                    att = kernels.attend(q1, ks, vs, visible, L.scale)
-                else:
-                    att = F.scaled_dot_product_attention(q1, ks, vs, attn_mask=mask, scale=L.scale)
-                if counts is not None:
-                    self.attention = OWN_ATTENTION if why is None else f"torch's scaled_dot_product_attention ({why})"
-            else:
-                att = F.scaled_dot_product_attention(
-                    qs.transpose(1, 2), ks, vs, attn_mask=mask, scale=L.scale, enable_gqa=gqa, is_causal=mask is None
-                ).transpose(1, 2)
-            h = L.o(att.reshape(b, t, -1), h)
+                att, h = self._attention(L, i, x, h, fold, cos, sin, mask, cache, rows, own, visible)
+                h = L.o(att, h)
             x = L.n2(h)
             if L.w_gu is not None:
                 gu = L.w_gu(x)
                 h = L.down(L.act(gu[..., : L.inter]) * gu[..., L.inter :], h)
             else:
                 h = L.down(L.act(L.gate(x)) * L.up(x), h)
+        if counts is not None:
+            self.attention = OWN_ATTENTION if own is None else f"torch's scaled_dot_product_attention ({own})"
         return self.norm(h)

@@ -77,6 +77,33 @@ void rms_norm(const float *x, long m, long d, const float *w, float eps, float *
     }
 }
 
+/* x rotated by the position whose angles' cosines and sines are c and s (Llama's rotate_half: the
+ * first half of x pairs with the second) → out */
+static inline void rotate(const float *x, const float *c, const float *s, long half, float *out) {
+#pragma omp simd
+    for (long j = 0; j < half; j++) out[j] = x[j] * c[j] - x[j + half] * s[j];
+#pragma omp simd
+    for (long j = 0; j < half; j++) out[j + half] = x[j + half] * c[j + half] + x[j] * s[j + half];
+}
+
+/* rope_store: a decode step's projected q, k, v (y: [b, (h * g + 2 * h) * d] contiguous: the h * g
+ * query heads, the h key heads, the h value heads), each row at its position pos[i] (cos, sin:
+ * [positions, d] tables): q and k rotated, k and v written to the cache (rows of d floats from
+ * k_cache + i * seq + j * head, row pos[i]; v_cache alike), q to q_out [b, h, g, d]. */
+void rope_store(const float *y, long b, long h, long g, long d, const float *cos, const float *sin, const long *pos,
+                float *k_cache, float *v_cache, long seq, long head, float *q_out) {
+    const long width = (h * g + 2 * h) * d;
+    for (long i = 0; i < b; i++) {
+        const float *row = y + i * width, *c = cos + pos[i] * d, *s = sin + pos[i] * d;
+        for (long j = 0; j < h * g; j++) rotate(row + j * d, c, s, d / 2, q_out + (i * h * g + j) * d);
+        for (long j = 0; j < h; j++) {
+            const long at = i * seq + j * head + pos[i] * d;
+            rotate(row + (h * g + j) * d, c, s, d / 2, k_cache + at);
+            for (long e = 0; e < d; e++) v_cache[at + e] = row[(h * g + h + j) * d + e];
+        }
+    }
+}
+
 /* attend: one new query token per sequence over its cached keys and values (a decode step), the g
  * query heads that share a key/value head together, so each key and value row is read from memory
  * once for all g. Two passes over a (sequence, head) pair: scores of 16 keys at a time (their dot

@@ -103,6 +103,8 @@ def _build() -> ctypes.CDLL:
     lib.rms_norm.restype = None
     lib.attend.argtypes = [p, n, n, n, n, p, p, n, n, p, ctypes.c_float, p, p, n, ctypes.c_int]
     lib.attend.restype = None
+    lib.rope_store.argtypes = [p, n, n, n, n, p, p, p, p, p, n, n, p]
+    lib.rope_store.restype = None
     return lib
 
 
@@ -184,26 +186,76 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-def attendable(q: torch.Tensor, keys: torch.Tensor) -> str | None:
-    """Why `attend` cannot take these queries and keys (None: it can)."""
+def attendable(dtype: torch.dtype, device: torch.device, head_dim: int) -> str | None:
+    """Why `attend` and `rope_store` cannot take queries and keys of this dtype, device and head dim
+    (None: they can)."""
     if library() is None:
         return why_unavailable() or "the kernels are unavailable"
-    if q.dtype != torch.float32 or keys.dtype != torch.float32 or q.device.type != "cpu" or keys.device.type != "cpu":
-        return f"{q.dtype} on {q.device} (float32 on the CPU only)"
-    if q.shape[-1] % 16:
-        return f"head dim {q.shape[-1]}, not a multiple of 16"
+    if dtype != torch.float32 or device.type != "cpu":
+        return f"{dtype} on {device} (float32 on the CPU only)"
+    if head_dim % 16:
+        return f"head dim {head_dim}, not a multiple of 16"
     return None
 
 
 class Visible:
-    """How many cached keys each sequence of a decode step sees (`counts`, 1 or more each): checked
-    and laid out once for all the step's layers."""
+    """How many cached keys each sequence of a decode step sees (`counts`, 1 or more each; its new
+    token is the last, at `positions` = counts - 1): checked and laid out once for all the step's
+    layers."""
 
     def __init__(self, counts: torch.Tensor):
         self.counts = counts.to(torch.int64).contiguous()
         self.fewest, self.most = int(self.counts.min()), int(self.counts.max())
         if self.counts.dim() != 1 or self.fewest < 1:
             raise ValueError(f"visible key counts must be one positive count per sequence, got {self.counts.tolist()}")
+        self.positions = self.counts - 1
+
+
+def rope_store(
+    y: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    visible: Visible,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """A decode step's projections y [B, (heads + 2 kv_heads) * D] (q, then k, then v), each row at its
+    position (`visible.positions`): q and k rotated (cos, sin: [positions, D] tables, Llama's
+    rotate_half), k and v written to the cache `keys`, `values` ([slots, kv_heads, length, D], rows
+    contiguous) at each row's slot and position → q [B, kv_heads, heads // kv_heads, D], each key
+    head's query heads together (as `attend` takes them)."""
+    lib = _lib()
+    b, d = y.shape[0], cos.shape[-1]
+    for name, t in (("y", y), ("cos", cos), ("sin", sin), ("keys", keys), ("values", values)):
+        _float_cpu(name, t)
+    if y.dim() != 2 or y.shape[1] != (heads + 2 * kv_heads) * d or heads % kv_heads:
+        raise ValueError(f"rope_store: y [B, ({heads} + 2 x {kv_heads}) x {d}], got {tuple(y.shape)}")
+    if keys.shape[0] < b or keys.shape[1:] != (kv_heads, keys.shape[2], d) or values.shape != keys.shape:
+        raise ValueError(f"rope_store: a cache [>= {b}, {kv_heads}, L, {d}], got {tuple(keys.shape)}")
+    if keys.stride() != values.stride() or keys.stride(3) != 1 or keys.stride(2) != d:
+        raise ValueError(f"rope_store: the cache needs contiguous rows and equal strides, got {keys.stride()}")
+    if visible.counts.shape != (b,) or visible.most > min(keys.shape[2], cos.shape[0]):
+        raise ValueError(f"rope_store: {b} positions below {keys.shape[2]}, got {visible.positions.tolist()}")
+    y, cos, sin = y.contiguous(), cos.contiguous(), sin.contiguous()
+    q = torch.empty(b, kv_heads, heads // kv_heads, d)
+    lib.rope_store(
+        y.data_ptr(),
+        b,
+        kv_heads,
+        heads // kv_heads,
+        d,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        visible.positions.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.stride(0),
+        keys.stride(1),
+        q.data_ptr(),
+    )
+    return q
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: Visible, scale: float) -> torch.Tensor:
