@@ -128,15 +128,19 @@ def test_prefill_logits_equal_the_models_own_forward(vlm):
         torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
 
 
-@pytest.mark.parametrize("fold_rows", [decoder.FOLD_ROWS, 0])
-def test_decode_logits_equal_the_models_own_forward(vlm, fold_rows, monkeypatch):
+@pytest.mark.parametrize("kernels_take", ["attention", "the whole step"])
+def test_decode_logits_equal_the_models_own_forward(vlm, kernels_take, monkeypatch):
     """Two prompts of different lengths decoding together (each slot's keys end at its own position):
     every step's logits are the model's own forward's over the whole sequence so far, to 1e-4 of
-    their range. The decode steps' attention is the engine's kernel; the rotation and the cache's
-    writes are torch's where the rotation is folded into the projection (few rows of small weights),
-    the engine's kernel (`kernels.rope_store`) where not (`fold_rows` 0)."""
-    monkeypatch.setattr(decoder, "FOLD_ROWS", fold_rows)
+    their range. The decode steps' attention is the engine's kernel; the rotation, the cache's
+    writes and the projections are torch's where the rotation is folded into the projection (few
+    rows of small weights); or the engine's kernels take the whole step: `rope_store`, the
+    projections as row tiles, the down projection with its SwiGLU (`Tiles.swiglu`)."""
+    if kernels_take == "the whole step":
+        monkeypatch.setattr(decoder, "FOLD_ROWS", 0)
+        monkeypatch.setattr(decoder, "PACK_MIN", 0)
     eng = Engine(vlm, prefix_cache_tokens=0)
+    assert (eng.lm_forward.layers[0].w_down.tiles is not None) == (kernels_take == "the whole step")
     seen = recording(eng)
     p, imgs = prompts(vlm, QUESTIONS[:2]), [image("red"), image("blue")]
     reqs = eng.generate(p, [[i] for i in imgs], SamplingParams(max_tokens=6, ignore_eos=True))

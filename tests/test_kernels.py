@@ -41,6 +41,24 @@ def test_tiles_equal_the_matmul_at_every_row_count():
         torch.testing.assert_close(tiles(x), want, rtol=1e-5, atol=1e-5 * inp**0.5)
 
 
+def test_tiles_add_a_residual_and_take_swiglu():
+    g = torch.Generator().manual_seed(4)
+    for inp, out in [(40, 70), (33, 32)]:  # SwiGLU's input past and below a 16-wide vector
+        w, bias = torch.randn(out, inp, generator=g), torch.randn(out, generator=g)
+        tiles = kernels.Tiles(w, bias)
+        for rows in (1, 3, 9):
+            x, res = torch.randn(rows, inp, generator=g), torch.randn(rows, out, generator=g)
+            torch.testing.assert_close(tiles(x, res), x @ w.t() + bias + res, rtol=1e-5, atol=1e-4)
+            gu = 4 * torch.randn(rows, 2 * inp, generator=g)  # gates far below and above 0
+            want = (F.silu(gu[:, :inp]) * gu[:, inp:]) @ w.t() + bias
+            torch.testing.assert_close(tiles.swiglu(gu), want, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(tiles.swiglu(gu, res), want + res, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"residual \[9, 32\], got torch.float32 \(9, 31\)"):
+        tiles(x, torch.ones(9, 31))
+    with pytest.raises(ValueError, match=r"gate\|up \[rows, 66\].*\(9, 33\)"):
+        tiles.swiglu(x)
+
+
 def test_bad_input_is_refused_by_name():
     tiles = kernels.Tiles(torch.ones(40, 16))
     with pytest.raises(ValueError, match=r"x \[rows, 16\].*\(2, 15\)"):

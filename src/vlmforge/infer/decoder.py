@@ -166,11 +166,23 @@ class Weight:
         return y.view(*x.shape[:-1], y.shape[1])
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """h + x @ W^T (x, h: [..., *]), one addmm for a bias-free float weight read plain."""
+        """h + x @ W^T (x, h: [..., *]): one addmm for a bias-free float weight read plain, one call
+        of the tiles where they are read."""
         rows = x.numel() // x.shape[-1]
+        if self.tiles is not None and self.reads_packed(rows) and h.is_contiguous():
+            return self.tiles(x.reshape(rows, -1), h.view(rows, -1)).view(h.shape)
         if self.int8 or self.b is not None or not self.plain_for(rows):
             return h + self(x)
         return torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), self.w).view(h.shape)
+
+    def swiglu_add(self, gu: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h + (silu(gate) * up) @ W^T for gu = [gate | up] ([..., 2 x in]): a SwiGLU MLP's down
+        projection, in one call of the tiles where they are read."""
+        half = gu.shape[-1] // 2
+        rows = gu.numel() // gu.shape[-1]
+        if self.tiles is not None and self.reads_packed(rows) and h.is_contiguous():
+            return self.tiles.swiglu(gu.reshape(rows, -1), h.view(rows, -1)).view(h.shape)
+        return self.add(F.silu(gu[..., :half]) * gu[..., half:], h)
 
 
 def fusable(*mods: nn.Module) -> bool:
@@ -248,6 +260,7 @@ class _Layer:
         self.traced_n1, self.traced_n2 = _rms(layer.input_layernorm, False), _rms(layer.post_attention_layernorm, False)
         self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
+        silu = isinstance(self.act, nn.SiLU) or type(self.act).__name__ == "SiLUActivation"  # transformers' own
         (self.w_o, self.o), (self.w_down, self.down) = _residual(a.o_proj, fuse), _residual(mlp.down_proj, fuse)
         self.qk = (heads + kv_heads) * head_dim
         self.fold = fuse and self.q_norm is None and fusable(a.q_proj, a.k_proj, a.v_proj)
@@ -271,6 +284,8 @@ class _Layer:
             self.inter = mlp.gate_proj.out_features
         else:
             self.gate, self.up = mlp.gate_proj, mlp.up_proj
+        # SwiGLU with both weights fused: the activation goes with the down projection (`Weight.swiglu_add`)
+        self.swiglu = silu and self.w_gu is not None and self.w_down is not None
 
 
 class Decoder:
@@ -430,7 +445,9 @@ class Decoder:
                 att, h = self._attention(L, i, x, h, fold, cos, sin, mask, cache, rows, own, visible)
                 h = L.o(att, h)
             x = L.n2(h)
-            if L.w_gu is not None:
+            if L.swiglu:
+                h = L.w_down.swiglu_add(L.w_gu(x), h)
+            elif L.w_gu is not None:
                 gu = L.w_gu(x)
                 h = L.down(L.act(gu[..., : L.inter]) * gu[..., L.inter :], h)
             else:

@@ -20,8 +20,8 @@
 int rowmm_tile_width(void) { return TW; }
 
 #define BLOCK(R)                                                                                       \
-    static void block##R(const float *x, long k_in, const float *tile, const float *bias, float *y,    \
-                         long n_out, long cols) {                                                      \
+    static void block##R(const float *x, long k_in, const float *tile, const float *bias, const float *res, \
+                         float *y, long n_out, long cols) {                                            \
         float acc[R][TW];                                                                              \
         for (int r = 0; r < R; r++)                                                                    \
             for (int j = 0; j < TW; j++) acc[r][j] = bias ? (j < cols ? bias[j] : 0.f) : 0.f;          \
@@ -35,7 +35,7 @@ int rowmm_tile_width(void) { return TW; }
             }                                                                                          \
         }                                                                                              \
         for (int r = 0; r < R; r++)                                                                    \
-            for (long j = 0; j < cols; j++) y[r * n_out + j] = acc[r][j];                              \
+            for (long j = 0; j < cols; j++) y[r * n_out + j] = acc[r][j] + (res ? res[r * n_out + j] : 0.f); \
     }
 
 BLOCK(1)
@@ -47,19 +47,22 @@ BLOCK(6)
 BLOCK(7)
 BLOCK(8)
 
-typedef void (*block_fn)(const float *, long, const float *, const float *, float *, long, long);
+typedef void (*block_fn)(const float *, long, const float *, const float *, const float *, float *, long, long);
 static const block_fn BLOCKS[] = {0, block1, block2, block3, block4, block5, block6, block7, block8}; /* by rows, <= RB */
 
 /* x: [m, k] contiguous; tiles: [ceil(n / TW), k, TW] (outputs past n are zeros); bias: [n] or NULL;
- * y: [m, n] contiguous; threads: torch's count for the calling thread. */
-void rowmm(const float *x, long m, long k, const float *tiles, const float *bias, long n, float *y, int threads) {
+ * residual: [m, n] contiguous, added to the product, or NULL; y: [m, n] contiguous; threads: torch's
+ * count for the calling thread. */
+void rowmm(const float *x, long m, long k, const float *tiles, const float *bias, const float *residual, long n,
+           float *y, int threads) {
     const long count = (n + TW - 1) / TW;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long i = 0; i < count; i++) {
         const long col = i * TW, cols = n - col < TW ? n - col : TW;
         for (long r = 0; r < m; r += RB) {
             const long rows = m - r < RB ? m - r : RB;
-            BLOCKS[rows](x + r * k, k, tiles + i * k * TW, bias ? bias + col : 0, y + r * n + col, n, cols);
+            BLOCKS[rows](x + r * k, k, tiles + i * k * TW, bias ? bias + col : 0,
+                         residual ? residual + r * n + col : 0, y + r * n + col, n, cols);
         }
     }
 }
@@ -213,4 +216,21 @@ void attend(const float *q, long b, long h, long g, long d, const float *k, cons
         else
             pair(q + p * g * d, g, d, k + at, v + at, n[i], scale, s, out + p * g * d);
     }
+}
+
+/* rowmm_swiglu: rowmm of x = silu(gate) * up, gu: [m, 2 * k] contiguous (gate's k columns, then up's),
+ * x computed into scratch [m, k] first (SwiGLU's down projection, as Llama's MLP has it). */
+void rowmm_swiglu(const float *gu, long m, long k, float *scratch, const float *tiles, const float *bias,
+                  const float *residual, long n, float *y, int threads) {
+    for (long r = 0; r < m; r++) {
+        const float *g = gu + r * 2 * k, *u = g + k;
+        float *x = scratch + r * k;
+        long j = 0;
+        for (; j + 16 <= k; j += 16) { /* silu(g) = g / (1 + e^-g), as g e^g / (1 + e^g) below 0 */
+            const vf a = *(const vf *)(g + j), e = exp16(pick(a >= 0.f, -a, a));
+            *(vf *)(x + j) = pick(a >= 0.f, a, a * e) / (1.f + e) * *(const vf *)(u + j);
+        }
+        for (; j < k; j++) x[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+    }
+    rowmm(scratch, m, k, tiles, bias, residual, n, y, threads);
 }

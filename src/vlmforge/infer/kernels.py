@@ -94,11 +94,12 @@ def _build() -> ctypes.CDLL:
             os.replace(out, target)  # atomic: a concurrent process sees the whole library or none
     # loaded after torch, whose libgomp (same soname) the library's OpenMP calls then share
     lib = ctypes.CDLL(str(target))
-    lib.rowmm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    lib.rowmm.argtypes += [ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
-    lib.rowmm.restype = None
-    lib.rowmm_tile_width.restype = ctypes.c_int
     p, n = ctypes.c_void_p, ctypes.c_long
+    lib.rowmm.argtypes = [p, n, n, p, p, p, n, p, ctypes.c_int]
+    lib.rowmm.restype = None
+    lib.rowmm_swiglu.argtypes = [p, n, n, p, p, p, p, n, p, ctypes.c_int]
+    lib.rowmm_swiglu.restype = None
+    lib.rowmm_tile_width.restype = ctypes.c_int
     lib.rms_norm.argtypes = [p, n, n, p, ctypes.c_float, p]
     lib.rms_norm.restype = None
     lib.attend.argtypes = [p, n, n, n, n, p, p, n, n, p, ctypes.c_float, p, p, n, ctypes.c_int]
@@ -158,17 +159,52 @@ class Tiles:
             w = torch.cat([w, w.new_zeros(pad, self.inp)]) if pad else w
             self.tiles = w.reshape(-1, width, self.inp).transpose(1, 2).contiguous()  # [tiles, in, width]
             self.bias = None if bias is None else bias.detach().float().contiguous()
+        self._b = None if self.bias is None else self.bias.data_ptr()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T + b (+ `residual` [rows, out])."""
         if x.dim() != 2 or x.shape[1] != self.inp or x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"expected x [rows, {self.inp}] float32 on the CPU, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
-        y = torch.empty(x.shape[0], self.out, dtype=torch.float32)
-        bias = None if self.bias is None else self.bias.data_ptr()
+        y = torch.empty(x.shape[0], self.out)
+        res = self._residual(residual, x.shape[0])
         self.lib.rowmm(
-            x.data_ptr(), x.shape[0], self.inp, self.tiles.data_ptr(), bias, self.out, y.data_ptr(), _threads()
+            x.data_ptr(), x.shape[0], self.inp, self.tiles.data_ptr(), self._b, res, self.out, y.data_ptr(), _threads()
         )
         return y
+
+    def swiglu(self, gu: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`self(silu(gate) * up)` (+ `residual`) for gu = [gate | up], [rows, 2 x in]: a SwiGLU MLP's
+        down projection, its activation in the same call."""
+        if gu.dim() != 2 or gu.shape[1] != 2 * self.inp or gu.dtype != torch.float32 or gu.device.type != "cpu":
+            raise ValueError(
+                f"expected gate|up [rows, {2 * self.inp}] float32 on the CPU, got {gu.dtype} {tuple(gu.shape)}"
+            )
+        gu = gu.contiguous()
+        rows = gu.shape[0]
+        scratch, y = torch.empty(rows, self.inp), torch.empty(rows, self.out)
+        res = self._residual(residual, rows)
+        self.lib.rowmm_swiglu(
+            gu.data_ptr(),
+            rows,
+            self.inp,
+            scratch.data_ptr(),
+            self.tiles.data_ptr(),
+            self._b,
+            res,
+            self.out,
+            y.data_ptr(),
+            _threads(),
+        )
+        return y
+
+    def _residual(self, residual: torch.Tensor | None, rows: int) -> int | None:
+        if residual is None:
+            return None
+        if residual.shape != (rows, self.out) or residual.dtype != torch.float32 or not residual.is_contiguous():
+            want = f"a contiguous float32 residual [{rows}, {self.out}]"
+            raise ValueError(f"expected {want}, got {residual.dtype} {tuple(residual.shape)}")
+        return residual.data_ptr()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
