@@ -9,9 +9,12 @@ memory rate at a few rows:
   weight is stored in tiles of 32 outputs (16 without AVX-512), each tile one contiguous stream read
   once for 8 rows whose 32 outputs stay in vector registers: SmolLM2's 538 MB at 8 rows in 28 ms
   against oneDNN's 43 and a plain sum's 24 (docs/engine.md).
+  `Tiles` also add a residual, and take a SwiGLU MLP's activation with its down projection.
 * `attend`: a decode step's attention, one query token per sequence over its cached keys and
   values, the query heads that share a key/value head (grouped-query attention) together, so that
   each cached row is read once for all of them.
+* `rope_store`: a decode step's q and k rotated and its k and v written into the cache, one call
+  where torch takes about a dozen operations.
 * `rms_norm`: one call where torch's CPU `rms_norm` runs six kernels.
 
 Where the kernels cannot be built (no C compiler, another architecture, `VLMFORGE_KERNELS=0`),
