@@ -128,19 +128,26 @@ def test_prefill_logits_equal_the_models_own_forward(vlm):
         torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
 
 
-@pytest.mark.parametrize("kernels_take", ["attention", "the whole step"])
+@pytest.mark.parametrize("kernels_take", ["attention", "each operation", "the stack", "the stack on plain copies"])
 def test_decode_logits_equal_the_models_own_forward(vlm, kernels_take, monkeypatch):
     """Two prompts of different lengths decoding together (each slot's keys end at its own position):
     every step's logits are the model's own forward's over the whole sequence so far, to 1e-4 of
-    their range. The decode steps' attention is the engine's kernel; the rotation, the cache's
-    writes and the projections are torch's where the rotation is folded into the projection (few
-    rows of small weights); or the engine's kernels take the whole step: `rope_store`, the
-    projections as row tiles, the down projection with its SwiGLU (`Tiles.swiglu`)."""
-    if kernels_take == "the whole step":
-        monkeypatch.setattr(decoder, "FOLD_ROWS", 0)
-        monkeypatch.setattr(decoder, "PACK_MIN", 0)
+    their range. The layers operation by operation (the cross-attention LM's, always): the attention
+    the engine's kernel, the rotation, the cache's writes and the projections torch's where the
+    rotation is folded into the projection (few rows of small weights); or the engine's kernels for
+    each: `rope_store`, the projections as row tiles, the down projection with its SwiGLU
+    (`Tiles.swiglu`). Or the whole stack in one call (`kernels.Stack`), on row tiles or on the
+    weights' plain copies."""
+    if kernels_take != "the stack on plain copies":
+        monkeypatch.setattr(decoder, "FOLD_ROWS", 0 if kernels_take != "attention" else decoder.FOLD_ROWS)
+        monkeypatch.setattr(decoder, "PACK_MIN", 0 if kernels_take != "attention" else decoder.PACK_MIN)
+    if kernels_take in ("attention", "each operation"):
+        monkeypatch.setattr(decoder.Decoder, "stack", lambda self, rows: (None, "turned off"))
     eng = Engine(vlm, prefix_cache_tokens=0)
-    assert (eng.lm_forward.layers[0].w_down.tiles is not None) == (kernels_take == "the whole step")
+    tiled = kernels_take in ("each operation", "the stack")
+    assert (eng.lm_forward.layers[0].w_down.tiles is not None) == tiled
+    stacked = kernels_take.startswith("the stack") and not vlm.cross_attention
+    assert eng.lm_forward.kernels(2).startswith("the layers in one call") == stacked
     seen = recording(eng)
     p, imgs = prompts(vlm, QUESTIONS[:2]), [image("red"), image("blue")]
     reqs = eng.generate(p, [[i] for i in imgs], SamplingParams(max_tokens=6, ignore_eos=True))
@@ -213,9 +220,9 @@ def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):
 @pytest.mark.parametrize("weights", ["plain", "tiles", "packed"])
 def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
     """`weights`: the tiny LM's as they are (too small for another copy), or each also kept as row
-    tiles (read at 2 to `kernels.MAX_ROWS` rows: the batch and these short prompts' prefills), or,
-    where the engine's kernels are unavailable, in oneDNN's packed layout (and the decode steps'
-    attention torch's)."""
+    tiles (read at 2 to `kernels.MAX_ROWS` rows: the batch and these short prompts' prefills), the
+    decode steps' layers in one call either way (`kernels.Stack`); or, where the engine's kernels are
+    unavailable, in oneDNN's packed layout (and the decode steps' operations torch's)."""
     if weights != "plain":
         monkeypatch.setattr(decoder, "PACK_MIN", 0)
     if weights == "packed":
@@ -223,10 +230,20 @@ def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
     engine = Engine(vlm, max_batch=3, max_prefills_per_step=1)
     qkv = engine.lm_forward.layers[0].w_qkv
     assert (qkv.tiles is not None, qkv.packed is not None) == (weights == "tiles", weights == "packed")
-    said = {"plain": "torch's matmul", "tiles": "row tiles (`kernels.Tiles`", "packed": "oneDNN's packed layout"}[
-        weights
-    ]
-    assert engine.lm_forward.kernels(3).startswith(f"q/k/v, o, gate/up, down, head: {said}")
+    # the decode steps' layers in one call of the engine's kernels, but where those are unavailable
+    # or the layers have cross-attention
+    stacked = weights != "packed" and not vlm.cross_attention
+    said = {
+        "plain": "q/k/v, o, gate/up, down, head: torch's matmul",
+        "tiles": "q/k/v, o, gate/up, down, head: row tiles (`kernels.Tiles`",
+        "packed": "q/k/v, o, gate/up, down, head: oneDNN's packed layout",
+    }[weights]
+    if stacked:
+        said = "the layers in one call (`kernels.Stack`); " + said.replace(
+            "o, gate/up, down, head: torch's matmul", "o, gate/up, down: the engine's kernel on the plain copy"
+        )
+    assert engine.lm_forward.kernels(3).startswith(said)
+    assert (engine.lm_forward.stack(3)[0] is not None) == stacked, engine.lm_forward.stack(3)[1]
     p = prompts(vlm, QUESTIONS)  # different lengths: slots at different positions
     imgs = [[image(c)] for c in COLORS[:4]]
     params = SamplingParams(max_tokens=10)

@@ -131,6 +131,108 @@ def test_rms_norm_equals_torch():
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), F.rms_norm(x, w.shape, w, 1e-6))
 
 
+def _llama_layers(g, layers, dim, heads, kv_heads, d, inter, bias):
+    """Random weights of Llama's layer: (norm 1, [q; k; v], its bias, o, norm 2, [gate; up], down)."""
+    qkv = (heads + 2 * kv_heads) * d
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+
+    return [
+        (
+            1 + 0.1 * torch.randn(dim, generator=g),
+            rand(qkv, dim),
+            torch.randn(qkv, generator=g) if bias else None,
+            rand(dim, heads * d),
+            1 + 0.1 * torch.randn(dim, generator=g),
+            rand(2 * inter, dim),
+            rand(dim, inter),
+        )
+        for _ in range(layers)
+    ]
+
+
+def _reference_step(weights, h, counts, keys, values, cos, sin, heads, kv_heads, d, inter, eps, scale):
+    """The decode step by torch's operations: the cache [slots, layers, kv_heads, L, d] written in place."""
+    b, at, half = h.shape[0], counts - 1, d // 2
+
+    def rope(x):  # [B, H, d]
+        c, s = cos[at][:, None], sin[at][:, None]
+        return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
+
+    pick = torch.arange(b)
+    hide = torch.where(torch.arange(keys.shape[3])[None] < counts[:, None], 0.0, float("-inf"))[:, None, None]
+    for i, (n1, wqkv, bqkv, wo, n2, wgu, wdown) in enumerate(weights):
+        y = F.rms_norm(h, n1.shape, n1, eps) @ wqkv.t() + (0 if bqkv is None else bqkv)
+        q = rope(y[:, : heads * d].view(b, heads, d))
+        keys[pick, i, :, at] = rope(y[:, heads * d : (heads + kv_heads) * d].view(b, kv_heads, d))
+        values[pick, i, :, at] = y[:, (heads + kv_heads) * d :].view(b, kv_heads, d)
+        att = F.scaled_dot_product_attention(
+            q[:, :, None], keys[:b, i], values[:b, i], attn_mask=hide, scale=scale, enable_gqa=True
+        )
+        h = h + att.reshape(b, -1) @ wo.t()
+        gu = F.rms_norm(h, n2.shape, n2, eps) @ wgu.t()
+        h = h + (F.silu(gu[:, :inter]) * gu[:, inter:]) @ wdown.t()
+    return h
+
+
+@pytest.mark.parametrize("layout", ["tiles", "transposed"])
+def test_stack_equals_the_layers_by_torch(layout):
+    """`Stack`: a decode step's whole layer stack in one call equals Llama's layers by torch's operations
+    (the cache written at each sequence's own position, nothing else in it touched), for 1 to 11
+    sequences, with the weights as tiles or as transposed copies with more columns than are read
+    (the folded rotation's rows) and widths that are no multiple of a tile."""
+    g = torch.Generator().manual_seed(5)
+    layers, dim, heads, kv_heads, d, inter, eps, scale = 3, 96, 6, 2, 16, 172, 1e-5, 0.25
+    weights = _llama_layers(g, layers, dim, heads, kv_heads, d, inter, bias=True)
+    angles = torch.rand(40, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+    def as_read(w, b=None):
+        if layout == "tiles":
+            return kernels.Tiles(w), b  # the tiles hold the bias
+        extra = torch.randn(7, w.shape[1], generator=g)  # columns past the outputs, never read
+        return torch.cat([w, extra]).t().contiguous(), None if b is None else torch.cat([b, torch.zeros(7)])
+
+    def tiles_bias(w, b):
+        return (kernels.Tiles(w, b), None) if layout == "tiles" else as_read(w, b)
+
+    stack = kernels.Stack(
+        [
+            (n1, tiles_bias(wqkv, bqkv), as_read(wo), n2, as_read(wgu), as_read(wdown))
+            for n1, wqkv, bqkv, wo, n2, wgu, wdown in weights
+        ],
+        heads,
+        kv_heads,
+        d,
+        inter,
+        eps,
+        scale,
+    )
+    for b in (1, 3, 8, 11):
+        cache = torch.randn(2, b + 1, layers, kv_heads, 40, d, generator=g)  # [k/v, slots, layers, heads, L, d]
+        counts = torch.randint(1, 40, (b,), generator=g)
+        h = torch.randn(b, dim, generator=g)
+        want_cache = cache.clone()
+        want = _reference_step(
+            weights, h, counts, want_cache[0], want_cache[1], cos, sin, heads, kv_heads, d, inter, eps, scale
+        )
+        got = stack(h, kernels.Visible(counts), cache[0], cache[1], cos, sin)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Stack: h \[B, 96\], got \(2, 95\)"):
+        stack(torch.ones(2, 95), kernels.Visible(torch.tensor([1, 1])), cache[0], cache[1], cos, sin)
+    with pytest.raises(ValueError, match=r"Stack: a cache \[>= 2, 3, 2, L, 16\]"):
+        stack(torch.ones(2, 96), kernels.Visible(torch.tensor([1, 1])), cache[0, :, :2], cache[1, :, :2], cos, sin)
+    with pytest.raises(ValueError, match=r"layer 1's tiles are \[96, 95\], not \[96, 96\]"):
+        bad = [
+            (n1, as_read(wqkv), as_read(wo), n2, as_read(wgu), as_read(wdown))
+            for n1, wqkv, _, wo, n2, wgu, wdown in weights
+        ]
+        bad[1] = (*bad[1][:2], (kernels.Tiles(torch.ones(96, 95)), None), *bad[1][3:])
+        kernels.Stack(bad, heads, kv_heads, d, inter, eps, scale)
+
+
 def test_attend_and_rms_norm_refuse_bad_input_by_name():
     q, kv = torch.ones(2, 3, 2, 64), torch.ones(2, 3, 10, 64)
     few = kernels.Visible(torch.tensor([10, 4]))

@@ -283,7 +283,11 @@ def _measure(cfg: GenerateBench) -> dict:
             vlm, prefix_cache_tokens=0, feature_cache=1, compile=cfg.compile, projections=cfg.projections
         )
         result["compiled"] = _compiled(engine) if cfg.compile else None
-        result["batch_kernels"] = engine.lm_forward.kernels(batch) if engine.lm_forward.fast else None
+        lean = engine.lm_forward.fast
+        result["batch_kernels"] = engine.lm_forward.kernels(batch) if lean else None
+        eager_one = lean and engine.lm_forward.compiled is None
+        result["one_kernels"] = engine.lm_forward.kernels(1) if eager_one else None
+        result["one_row"] = engine.lm_forward.one_row if lean else None
         # the two sides take turns, a repeat each, with the machine's rates read again after each
         # turn: a machine's speed can move within a run, and both sides then see the same moments of it
         sides = {"engine": engine_repeats(vlm, engine, size, tokens, batch, repeats, seed=3000)}
@@ -428,6 +432,10 @@ def format_table(r: dict) -> str:
     ]
     if r.get("compiled"):
         lines.insert(-1, f"engine's one-sequence decode step: {r['compiled']}")
+    if r.get("one_kernels"):
+        lines.insert(-1, f"engine's one-sequence step, matmuls: {r['one_kernels']}")
+    if r.get("one_row"):
+        lines.insert(-1, f"engine's one row, by the weights kept as tiles: {r['one_row']}")
     if r.get("batch_kernels"):
         lines.insert(-1, f"engine's {n}-sequence step, matmuls: {r['batch_kernels']}")
     if r.get("batch_attention"):

@@ -7,8 +7,11 @@ Llama, Mistral, Qwen2, Qwen3 (which adds per-head q/k norms) — this module run
 the model's own weights: plain `nn.Linear`s as matmuls (on CPUs on fused, transposed copies: q/k/v
 and gate/up as one matmul each), LoRA-wrapped ones through their module, a rotary table computed
 once by the model's own rotary module, and `scaled_dot_product_attention` on the engine's slot
-cache. Every other decoder (or a rotary scaling that changes with length, or a sliding window
-shorter than the context) runs through the Hugging Face forward, with the same cache and mask.
+cache. On CPUs a decode step of Llama's plain float32 layers runs the whole layer stack in one call
+of the engine's C kernels (`kernels.Stack`: no Python between operations); its other steps run the
+layers operation by operation, with the engine's kernels where they apply. Every other decoder (or
+a rotary scaling that changes with length, or a sliding window shorter than the context) runs
+through the Hugging Face forward, with the same cache and mask.
 The cross-attention architecture's gated layers are applied before the layers they are attached
 to, as their hooks would.
 """
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmforge import runtime
 from vlmforge.infer import kernels
 from vlmforge.infer.compiled import CompiledStep, eligible
 from vlmforge.model.quant import Int8Linear, int8_matmul
@@ -50,8 +54,9 @@ class Weight:
     is also kept in a layout for several rows at once. float32: as row tiles (`kernels.Tiles`), read from 2
     to `kernels.MAX_ROWS` rows (a batched decode step: 8 rows read SmolLM2's weights at ~1.5x the rate
     of oneDNN's packed layout); where that kernel cannot be built, in oneDNN's packed layout, read
-    at 2 rows and more. One row keeps the plain copy, which reads faster alone, and so do the many
-    rows of a prefill beside the tiles. bfloat16: oneDNN's packed layout reads ~2x faster at every
+    at 2 rows and more. One row reads the plain copy, or the tiles where `Decoder` measured them
+    faster at one row on this machine (`one_row_tiles`); the many rows of a prefill read the plain
+    copy. bfloat16: oneDNN's packed layout reads ~2x faster at every
     row count, so it is the only one read; so it is with `plain` False too (a vision tower's
     weights, whose calls have many rows), and no plain copy or concatenation is kept beside it
     (extra rows are read only where a plain copy is: `Decoder` folds the rotation into the
@@ -71,6 +76,7 @@ class Weight:
             biases = [m.bias for m in mods] + list(extra_bias)
             self.main = sum(m.out_features for m in mods)  # outputs before the extra rows
             self.packed, self.tiles, self.packed_only = None, None, False
+            self.one_row_tiles = False  # one row reads the tiles too (`Decoder` measures which is faster)
             if self.int8:  # extra: (int8 rows, scales) pairs
                 self.w = torch.cat([m.weight for m in mods] + [e[0] for e in extra])
                 self.scales = torch.cat([m.scales for m in mods] + [e[1] for e in extra])
@@ -118,7 +124,7 @@ class Weight:
     def plain_for(self, rows: int) -> bool:
         """Whether `rows` rows at once take the plain copy (always without a packed one or tiles)."""
         if self.tiles is not None:
-            return rows == 1 or rows > kernels.MAX_ROWS
+            return (rows == 1 and not self.one_row_tiles) or rows > kernels.MAX_ROWS
         return self.packed is None or (rows == 1 and not self.packed_only)
 
     def reads_packed(self, rows: int, n: int | None = None) -> bool:
@@ -126,10 +132,13 @@ class Weight:
         or the tiles (which hold no extra rows)."""
         return not self.plain_for(rows) and (n or self.width) == self.main
 
-    def kernel(self, rows: int) -> str:
-        """In words, what multiplies `rows` rows by this weight (all its outputs)."""
+    def kernel(self, rows: int, stacked: bool = False) -> str:
+        """In words, what multiplies `rows` rows by this weight (all its outputs); `stacked`: within
+        `kernels.Stack`, which reads the tiles where this weight would, else the plain copy."""
         if self.int8:
             return "torch's int8 kernel"
+        if stacked and not self.reads_packed(rows, self.main):
+            return "the engine's kernel on the plain copy"
         if not self.reads_packed(rows, self.main):
             why = kernels.why_unavailable() if self.packed is not None and rows > 1 else None
             return "torch's matmul" + (f" (row tiles unavailable: {why})" if why else "")
@@ -185,6 +194,36 @@ class Weight:
         return self.add(F.silu(gu[..., :half]) * gu[..., half:], h)
 
 
+def _tiled(w) -> bool:
+    return isinstance(w, Weight) and w.tiles is not None
+
+
+def _one_row_tiles(weights: list[Weight], limit: int = 1 << 30, repeats: int = 5) -> tuple[bool, str]:
+    """(whether one row reads these weights faster as row tiles than torch's matmul reads their plain
+    copies, the two rates in words), measured now on up to `limit` bytes of them (~0.3 s for
+    SmolLM2): the tiles read at 2-2.7x the matmul's rate on an AMD AVX-512 machine and at 0.86x on an
+    Intel one (docs/engine.md)."""
+    picked, nbytes = [], 0
+    for w in weights:
+        if nbytes < limit:
+            picked.append(w)
+            nbytes += w.tiles.tiles.numel() * 4
+    rows = {w.tiles.inp: torch.ones(1, w.tiles.inp) for w in picked}
+
+    def tiles() -> None:
+        for w in picked:
+            w.tiles(rows[w.tiles.inp])
+
+    def matmul() -> None:
+        for w in picked:
+            rows[w.tiles.inp] @ w.w[:, : w.main]
+
+    with torch.no_grad():
+        t = nbytes / runtime.best_seconds(tiles, repeats)
+        m = nbytes / runtime.best_seconds(matmul, repeats)
+    return t > m, f"tiles read at {t / 1e9:.1f} GB/s, torch's matmul at {m / 1e9:.1f}"
+
+
 def fusable(*mods: nn.Module) -> bool:
     """Plain `nn.Linear`s (not LoRA wrappers) or `Int8Linear`s, all alike on one dtype and device:
     these can be one `Weight`."""
@@ -219,6 +258,16 @@ def _residual(m: nn.Module, copy: bool) -> tuple[Weight | None, object]:
     return None, lambda x, h: h + m(x)
 
 
+def _own_rms(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a LlamaRMSNorm that the engine's kernel computes (float32, on the CPU), else None."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    if type(norm).__name__.endswith("RMSNorm") and eps is not None and "gemma" not in type(norm).__name__.lower():
+        w = norm.weight
+        if w.dtype == torch.float32 and w.device.type == "cpu" and kernels.library():
+            return w.detach(), eps
+    return None
+
+
 def _rms(norm: nn.Module, own: bool = True):
     """LlamaRMSNorm (float32 statistics, weight applied in the input dtype) as one fused op: with
     `own`, on the CPU in float32, the engine's kernel (`kernels.rms_norm`; torch's runs six kernels);
@@ -226,7 +275,7 @@ def _rms(norm: nn.Module, own: bool = True):
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
     if type(norm).__name__.endswith("RMSNorm") and eps is not None and "gemma" not in type(norm).__name__.lower():
         w = norm.weight
-        if own and w.dtype == torch.float32 and w.device.type == "cpu" and kernels.library():
+        if own and _own_rms(norm) is not None:
             w = w.detach()
             return lambda x: kernels.rms_norm(x, w, eps) if x.dtype == torch.float32 else norm(x)
         if w.dtype == torch.float32:
@@ -257,6 +306,7 @@ class _Layer:
         self.attn, self.mlp = a, mlp  # the modules as they are (the compiled step reads them)
         self.linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         self.n1, self.n2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
+        self.norms = (_own_rms(layer.input_layernorm), _own_rms(layer.post_attention_layernorm))
         self.traced_n1, self.traced_n2 = _rms(layer.input_layernorm, False), _rms(layer.post_attention_layernorm, False)
         self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         self.scale, self.act, self.xattn = a.scaling, mlp.act_fn, xattn
@@ -330,6 +380,16 @@ class Decoder:
             for i, layer in enumerate(self.hf.layers[: cfg.num_hidden_layers])
         ]
         self.norm, self.traced_norm = _rms(self.hf.norm), _rms(self.hf.norm, False)
+        self._stacks: dict[bool, tuple[kernels.Stack | None, str | None]] = {}
+        tiled = [w for L in self.layers for w in (L.w_qkv, L.w_o, L.w_gu, L.w_down) if _tiled(w)]
+        tiled += [self.head_w] if _tiled(self.head_w) else []
+        self.one_row, self.one_row_tiles = None, False  # how one row reads the tiled weights, and why (measured now)
+        if tiled:
+            win, why = _one_row_tiles(tiled)
+            for w in tiled:
+                w.one_row_tiles = win
+            self.one_row_tiles = win
+            self.one_row = f"{'row tiles' if win else 'torch matmul on the plain copies'} ({why}; measured now)"
         if compile:
             self.why_not_compiled = eligible(self.layers, param.dtype, param.device)
             if self.why_not_compiled is None and not isinstance(self.head_w, Weight):
@@ -337,20 +397,74 @@ class Decoder:
             if self.why_not_compiled is None:
                 self.compiled = CompiledStep(self, head, projections)
 
+    def stack(self, rows: int) -> tuple[kernels.Stack | None, str | None]:
+        """(the layer stack as one call of the engine's kernels for a decode step of `rows` (1 to
+        `kernels.MAX_ROWS`) sequences, None), or (None, why not). `kernels.Stack` reads each weight
+        as the weight itself would at that many rows: its tiles, or its plain copy; one row of a model
+        whose tiles read slower than torch's matmul at one row (`one_row`) keeps the operations
+        apart, whose matmul then reads the plain copies."""
+        if not 1 <= rows <= kernels.MAX_ROWS:
+            return None, f"{rows} rows (the stack takes 1 to {kernels.MAX_ROWS})"
+        one = rows == 1
+        if one not in self._stacks:
+            self._stacks[one] = self._build_stack(rows)
+        return self._stacks[one]
+
+    def _build_stack(self, rows: int) -> tuple[kernels.Stack | None, str | None]:
+        param = self.cos
+        why = kernels.attendable(param.dtype, param.device, self.head_dim)
+        if why is not None:
+            return None, why
+        if rows == 1 and self.one_row is not None and not self.one_row_tiles:
+            return None, f"one row reads {self.one_row}"
+        layers, eps, scale = [], set(), set()
+        for i, L in enumerate(self.layers):
+            ws = (L.w_qkv, L.w_o, L.w_gu, L.w_down)
+            if L.xattn is not None:
+                return None, f"layer {i} has cross-attention"
+            if L.q_norm is not None:
+                return None, f"layer {i} norms q and k per head"
+            if not L.swiglu or any(not isinstance(w, Weight) or w.int8 for w in ws):
+                return None, f"layer {i} is not float32 linear layers with a SwiGLU MLP (LoRA, int8 or another MLP)"
+            if None in L.norms:
+                return None, f"layer {i}'s norms are not float32 RMS norms"
+            picked = []
+            for w in ws:
+                if w.tiles is not None and w.reads_packed(rows, w.main):
+                    picked.append((w.tiles, None))
+                elif w.w is not None:
+                    picked.append((w.w, w.b))
+                else:
+                    return None, f"layer {i} keeps a weight in oneDNN's packed layout alone"
+            (n1, e1), (n2, e2) = L.norms
+            layers.append((n1, picked[0], picked[1], n2, picked[2], picked[3]))
+            eps |= {e1, e2}
+            scale.add(L.scale)
+        if len(eps) > 1 or len(scale) > 1:
+            return None, "the layers' norms or attention scales differ"
+        try:
+            inter = self.layers[0].inter
+            stack = kernels.Stack(layers, self.heads, self.kv_heads, self.head_dim, inter, eps.pop(), scale.pop())
+        except ValueError as e:
+            return None, str(e)
+        return stack, None
+
     def kernels(self, rows: int) -> str:
         """In words, what multiplies `rows` rows by the LM's weights: each kernel, with the kinds of
         weight (q/k/v, o, gate/up, down, head) that take it in any layer."""
         names = {"w_qkv": "q/k/v", "w_o": "o", "w_gu": "gate/up", "w_down": "down"}
         found: dict[str, list[str]] = {}
+        stacked = self.fast and self.stack(rows)[0] is not None
         for L in self.layers:
             for attr, name in names.items():
                 w = getattr(L, attr, None)
-                kernel = w.kernel(rows) if isinstance(w, Weight) else None
+                kernel = w.kernel(rows, stacked) if isinstance(w, Weight) else None
                 if kernel and name not in found.get(kernel, []):
                     found.setdefault(kernel, []).append(name)
         if isinstance(self.head_w, Weight):
             found.setdefault(self.head_w.kernel(rows), []).append("head")
-        return "; ".join(f"{', '.join(names)}: {kernel}" for kernel, names in found.items()) or "the modules' own"
+        said = "; ".join(f"{', '.join(names)}: {kernel}" for kernel, names in found.items()) or "the modules' own"
+        return ("the layers in one call (`kernels.Stack`); " if stacked else "") + said
 
     def _hf(self, embeds, positions, mask, cache, cross_context) -> torch.Tensor:
         """The Hugging Face decoder's forward on the same cache and mask."""
@@ -430,6 +544,12 @@ class Decoder:
         counts = cache.visible(b) if t == 1 and rows is None and hasattr(cache, "visible") else None
         own = "a prefill" if counts is None else kernels.attendable(embeds.dtype, embeds.device, hd)
         visible = None if own is not None else kernels.Visible(counts)
+        if own is None:
+            stack = self.stack(b)[0]
+            if stack is not None:  # the whole stack in one call
+                h = stack(embeds.view(b, -1), visible, cache.k_all, cache.v_all, self.cos, self.sin)
+                self.attention = OWN_ATTENTION
+                return self.norm(h.view(b, 1, -1))
         h = embeds
         for i, L in enumerate(self.layers):
             if L.xattn is not None and cross_context is not None:

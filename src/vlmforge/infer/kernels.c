@@ -1,5 +1,6 @@
 /* The engine's CPU kernels (see kernels.py): float32 throughout, threads from OpenMP in torch's own
- * runtime, vectorised by gcc for the CPU that builds them.
+ * runtime, vectorised by gcc for the CPU that builds them. decode_layers (at the end) runs a decode
+ * step's whole layer stack with the others.
  *
  * rowmm: y = x @ W^T (+ b) for a few rows of x, reading each weight once. W is stored in tiles of TW outputs: tile i is [K, TW], the weights of outputs i*TW .. i*TW+TW-1,
  * input by input, so a tile is one contiguous stream. Each tile is read once for up to RB rows of
@@ -15,20 +16,20 @@
 #define TW 16 /* two 8-float vectors (AVX2), or four 4-float ones */
 #define RB 6  /* 12 accumulators of 8 (AVX2 has 16 registers) */
 #endif
-#define AHEAD 1024 /* floats prefetched ahead within a tile: 32 inputs of a 32-wide tile */
 
 int rowmm_tile_width(void) { return TW; }
 
 #define BLOCK(R)                                                                                       \
-    static void block##R(const float *x, long k_in, const float *tile, const float *bias, const float *res, \
-                         float *y, long n_out, long cols) {                                            \
+    static void block##R(const float *x, long k_in, const float *tile, long ld, const float *bias,             \
+                         const float *res, float *y, long n_out, long cols) {                                  \
         float acc[R][TW];                                                                              \
         for (int r = 0; r < R; r++)                                                                    \
             for (int j = 0; j < TW; j++) acc[r][j] = bias ? (j < cols ? bias[j] : 0.f) : 0.f;          \
+        const long ahead = 32 * ld; /* 32 inputs ahead: 4 KB of a 32-wide tile */                      \
         for (long k = 0; k < k_in; k++) {                                                              \
-            const float *w = tile + k * TW;                                                            \
-            __builtin_prefetch(w + AHEAD);                                                             \
-            __builtin_prefetch(w + AHEAD + 16);                                                        \
+            const float *w = tile + k * ld;                                                            \
+            __builtin_prefetch(w + ahead);                                                             \
+            __builtin_prefetch(w + ahead + 16);                                                        \
             for (int r = 0; r < R; r++) {                                                              \
                 const float a = x[r * k_in + k];                                                       \
                 _Pragma("omp simd") for (int j = 0; j < TW; j++) acc[r][j] += a * w[j];                \
@@ -47,24 +48,50 @@ BLOCK(6)
 BLOCK(7)
 BLOCK(8)
 
-typedef void (*block_fn)(const float *, long, const float *, const float *, const float *, float *, long, long);
+typedef void (*block_fn)(const float *, long, const float *, long, const float *, const float *, float *, long,
+                         long);
 static const block_fn BLOCKS[] = {0, block1, block2, block3, block4, block5, block6, block7, block8}; /* by rows, <= RB */
+
+/* the last cols < TW outputs of a transposed weight [k, ld] (w: their first column), for m rows: a
+ * tile's loads would read past the weight's last row */
+static void tail(const float *x, long m, long k, const float *w, long ld, const float *bias, const float *res,
+                 float *y, long n, long cols) {
+    for (long r = 0; r < m; r++) {
+        float acc[TW];
+        for (long j = 0; j < cols; j++) acc[j] = bias ? bias[j] : 0.f;
+        for (long kk = 0; kk < k; kk++)
+            for (long j = 0; j < cols; j++) acc[j] += x[r * k + kk] * w[kk * ld + j];
+        for (long j = 0; j < cols; j++) y[r * n + j] = acc[j] + (res ? res[r * n + j] : 0.f);
+    }
+}
+
+/* y = x @ W^T (+ b) (+ residual), W's tile i (outputs i*TW ..) from w + i * tile_step, input k of it
+ * at + k * ld: tiles [ceil(n / TW), k, TW] (tile_step k * TW, ld TW), or a transposed weight [k, ld]
+ * whose first n columns are read (tile_step TW). residual may be y itself. */
+static void mm(const float *x, long m, long k, const float *w, long tile_step, long ld, const float *bias,
+               const float *residual, long n, float *y, int threads) {
+    const long count = (n + TW - 1) / TW;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < count; i++) {
+        const long col = i * TW, cols = n - col < TW ? n - col : TW;
+        if (cols < TW && tile_step == TW) {
+            tail(x, m, k, w + col, ld, bias ? bias + col : 0, residual ? residual + col : 0, y + col, n, cols);
+            continue;
+        }
+        for (long r = 0; r < m; r += RB) {
+            const long rows = m - r < RB ? m - r : RB;
+            BLOCKS[rows](x + r * k, k, w + i * tile_step, ld, bias ? bias + col : 0,
+                         residual ? residual + r * n + col : 0, y + r * n + col, n, cols);
+        }
+    }
+}
 
 /* x: [m, k] contiguous; tiles: [ceil(n / TW), k, TW] (outputs past n are zeros); bias: [n] or NULL;
  * residual: [m, n] contiguous, added to the product, or NULL; y: [m, n] contiguous; threads: torch's
  * count for the calling thread. */
 void rowmm(const float *x, long m, long k, const float *tiles, const float *bias, const float *residual, long n,
            float *y, int threads) {
-    const long count = (n + TW - 1) / TW;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (long i = 0; i < count; i++) {
-        const long col = i * TW, cols = n - col < TW ? n - col : TW;
-        for (long r = 0; r < m; r += RB) {
-            const long rows = m - r < RB ? m - r : RB;
-            BLOCKS[rows](x + r * k, k, tiles + i * k * TW, bias ? bias + col : 0,
-                         residual ? residual + r * n + col : 0, y + r * n + col, n, cols);
-        }
-    }
+    mm(x, m, k, tiles, k * TW, TW, bias, residual, n, y, threads);
 }
 
 /* rms_norm: y = x / sqrt(mean(x^2) + eps) * w, row by row; x, y: [m, d] contiguous. */
@@ -218,19 +245,66 @@ void attend(const float *q, long b, long h, long g, long d, const float *k, cons
     }
 }
 
+/* x = silu(gate) * up for one row gu = [gate | up] (k each): SwiGLU's activation, as Llama's MLP has it */
+static void swiglu(const float *gu, long k, float *x) {
+    const float *g = gu, *u = gu + k;
+    long j = 0;
+    for (; j + 16 <= k; j += 16) { /* silu(g) = g / (1 + e^-g), as g e^g / (1 + e^g) below 0 */
+        const vf a = *(const vf *)(g + j), e = exp16(pick(a >= 0.f, -a, a));
+        *(vf *)(x + j) = pick(a >= 0.f, a, a * e) / (1.f + e) * *(const vf *)(u + j);
+    }
+    for (; j < k; j++) x[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+}
+
 /* rowmm_swiglu: rowmm of x = silu(gate) * up, gu: [m, 2 * k] contiguous (gate's k columns, then up's),
- * x computed into scratch [m, k] first (SwiGLU's down projection, as Llama's MLP has it). */
+ * x computed into scratch [m, k] first (SwiGLU's down projection). */
 void rowmm_swiglu(const float *gu, long m, long k, float *scratch, const float *tiles, const float *bias,
                   const float *residual, long n, float *y, int threads) {
-    for (long r = 0; r < m; r++) {
-        const float *g = gu + r * 2 * k, *u = g + k;
-        float *x = scratch + r * k;
-        long j = 0;
-        for (; j + 16 <= k; j += 16) { /* silu(g) = g / (1 + e^-g), as g e^g / (1 + e^g) below 0 */
-            const vf a = *(const vf *)(g + j), e = exp16(pick(a >= 0.f, -a, a));
-            *(vf *)(x + j) = pick(a >= 0.f, a, a * e) / (1.f + e) * *(const vf *)(u + j);
-        }
-        for (; j < k; j++) x[j] = g[j] / (1.f + expf(-g[j])) * u[j];
-    }
+    for (long r = 0; r < m; r++) swiglu(gu + r * 2 * k, k, scratch + r * k);
     rowmm(scratch, m, k, tiles, bias, residual, n, y, threads);
+}
+
+/* decode_layers: a decode step's whole layer stack for b sequences, one new token each, Llama's layer
+ * (the residual stream h [b, D] updated in place):
+ *   h += o(attend(rope_store(qkv(rms_norm(h)))));  h += down(silu(gate) * up), [gate | up] = gu(rms_norm(h))
+ * table: per layer, LAYER_PTRS addresses (below; a bias may be 0); q/k/v, gate/up and down are read
+ * as tiles (tile_step k * TW, ld TW) or as transposed weights [k, ld] (their *_ld > 0: tile_step TW),
+ * o likewise. k_all, v_all: the cache, layer l's keys of sequence i, head j from
+ * k_all + l * layer + i * seq + j * head; n[i] keys visible to sequence i, its new token the last.
+ * scratch: decode_scratch(...) floats. */
+enum { N1, QKV, QKV_B, O, O_B, N2, GU, GU_B, DOWN, DOWN_B, LAYER_PTRS };
+
+long decode_scratch(long b, long dim, long heads, long kv_heads, long d, long inter, long longest) {
+    const long qkv = (heads + 2 * kv_heads) * d, padded = (longest + 15) & ~15L;
+    return b * (dim + qkv + 2 * heads * d + 3 * inter) + b * heads * padded;
+}
+
+void decode_layers(float *h, long b, long dim, long layers, const long *table, const long *lds, long heads,
+                   long kv_heads, long d, long inter, const float *cos, const float *sin, const long *n, long longest,
+                   float *k_all, float *v_all, long layer, long seq, long head, float eps, float scale,
+                   float *scratch, int threads) {
+    const long g = heads / kv_heads, qkv = (heads + 2 * kv_heads) * d;
+    long pos[b];
+    for (long i = 0; i < b; i++) pos[i] = n[i] - 1;
+    float *x = scratch, *y = x + b * dim, *q = y + b * qkv, *att = q + b * heads * d, *gu = att + b * heads * d;
+    float *act = gu + 2 * b * inter, *scores = act + b * inter;
+    /* each weight's layout: tiles where its ld is 0, else a transposed weight with that ld */
+#define STEP(ld, k) ((ld) ? TW : (k) * TW)
+#define LD(ld) ((ld) ? (ld) : TW)
+    const long qkv_ld = lds[0], o_ld = lds[1], gu_ld = lds[2], down_ld = lds[3];
+    for (long l = 0; l < layers; l++) {
+        const float *const *w = (const float *const *)(table + l * LAYER_PTRS);
+        float *kl = k_all + l * layer, *vl = v_all + l * layer;
+        rms_norm(h, b, dim, w[N1], eps, x);
+        mm(x, b, dim, w[QKV], STEP(qkv_ld, dim), LD(qkv_ld), w[QKV_B], 0, qkv, y, threads);
+        rope_store(y, b, kv_heads, g, d, cos, sin, pos, kl, vl, seq, head, q);
+        attend(q, b, kv_heads, g, d, kl, vl, seq, head, n, scale, att, scores, longest, threads);
+        mm(att, b, heads * d, w[O], STEP(o_ld, heads * d), LD(o_ld), w[O_B], h, dim, h, threads);
+        rms_norm(h, b, dim, w[N2], eps, x);
+        mm(x, b, dim, w[GU], STEP(gu_ld, dim), LD(gu_ld), w[GU_B], 0, 2 * inter, gu, threads);
+        for (long r = 0; r < b; r++) swiglu(gu + r * 2 * inter, inter, act + r * inter);
+        mm(act, b, inter, w[DOWN], STEP(down_ld, inter), LD(down_ld), w[DOWN_B], h, dim, h, threads);
+    }
+#undef STEP
+#undef LD
 }

@@ -16,6 +16,10 @@ memory rate at a few rows:
 * `rope_store`: a decode step's q and k rotated and its k and v written into the cache, one call
   where torch takes about a dozen operations.
 * `rms_norm`: one call where torch's CPU `rms_norm` runs six kernels.
+* `Stack`: a decode step's whole layer stack (Llama's layer: the norms, q/k/v, `rope_store`,
+  `attend`, o, gate/up, SwiGLU and down, each residual added) in one call, the weights read as
+  tiles or as their transposed copies: no Python between the ~8 operations of each layer, whose
+  dispatch cost as much as their work at a few rows.
 
 Where the kernels cannot be built (no C compiler, another architecture, `VLMFORGE_KERNELS=0`),
 `library()` is None and `why_unavailable()` says why; callers keep torch's kernels then.
@@ -109,6 +113,11 @@ def _build() -> ctypes.CDLL:
     lib.attend.restype = None
     lib.rope_store.argtypes = [p, n, n, n, n, p, p, p, p, p, n, n, p]
     lib.rope_store.restype = None
+    lib.decode_scratch.argtypes = [n] * 7
+    lib.decode_scratch.restype = n
+    lib.decode_layers.argtypes = [p, n, n, n, p, p, n, n, n, n, p, p, p, n, p, p, n, n, n, ctypes.c_float]
+    lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int]
+    lib.decode_layers.restype = None
     return lib
 
 
@@ -341,3 +350,128 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: V
         _threads(),
     )
     return out
+
+
+class Stack:
+    """A decode step's whole layer stack in one call (`decode_layers`): Llama's layer, for float32
+    weights on the CPU, RMS norms, fused q/k/v and gate/up, a SwiGLU MLP, no q/k norms.
+
+    `layers`: per layer, (norm 1's weight, q/k/v, o, norm 2's weight, gate/up, down), each projection
+    a (weight, bias or None) pair: `Tiles` (read as tiles, with their own bias) or a transposed weight [in, >= out]
+    (`Weight.w`: its first `out` columns are read). The same kind
+    of projection takes the same layout and row length in every layer. `out` of each projection:
+    q/k/v (heads + 2 kv_heads) x head_dim, o `dim`, gate/up 2 x `inter`, down `dim`."""
+
+    def __init__(
+        self, layers: list[tuple], heads: int, kv_heads: int, head_dim: int, inter: int, eps: float, scale: float
+    ):
+        self.lib = _lib()
+        self.width = self.lib.rowmm_tile_width()
+        dim = layers[0][0].shape[0]
+        self.dims = (dim, heads, kv_heads, head_dim, inter)
+        if heads % kv_heads or head_dim % 16:
+            raise ValueError(f"Stack: {heads} heads over {kv_heads} key heads of dim {head_dim} (a multiple of 16)")
+        qkv = (heads + 2 * kv_heads) * head_dim
+        shapes = [(qkv, dim), (dim, heads * head_dim), (2 * inter, dim), (dim, inter)]  # (out, in) of each projection
+        rows, lds = [], None
+        for i, (n1, wqkv, wo, n2, wgu, wdown) in enumerate(layers):
+            ptrs, layer_lds = [], []
+            for norm in (n1, n2):
+                _float_cpu(f"layer {i}'s norm", norm)
+                if norm.shape != (dim,) or not norm.is_contiguous():
+                    raise ValueError(f"Stack: layer {i}'s norm weights must be [{dim}], got {tuple(norm.shape)}")
+            for (w, b), (out, inp) in zip((wqkv, wo, wgu, wdown), shapes):
+                ld, ptr = self._layout(i, w, out, inp)
+                b = w.bias if isinstance(w, Tiles) else b  # tiles hold their own bias
+                if b is not None:
+                    _float_cpu(f"layer {i}'s bias", b)
+                    if b.dim() != 1 or b.shape[0] < out or not b.is_contiguous():
+                        raise ValueError(f"Stack: layer {i}'s bias must be [>= {out}], got {tuple(b.shape)}")
+                ptrs += [ptr, 0 if b is None else b.data_ptr()]
+                layer_lds.append(ld)
+            if lds is not None and layer_lds != lds:
+                raise ValueError(
+                    f"Stack: layer {i}'s weights are laid out unlike layer 0's ({layer_lds} against {lds})"
+                )
+            lds = layer_lds
+            qkv_p, qkv_b, o_p, o_b, gu_p, gu_b, down_p, down_b = ptrs
+            rows.append([n1.data_ptr(), qkv_p, qkv_b, o_p, o_b, n2.data_ptr(), gu_p, gu_b, down_p, down_b])
+        self.layers = layers  # the weights the table points into, kept alive
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.lds = torch.tensor(lds, dtype=torch.int64)
+        self.eps, self.scale = float(eps), float(scale)
+
+    def _layout(self, i: int, w, out: int, inp: int) -> tuple[int, int]:
+        """(ld, address) of one projection: ld 0 for tiles, else the transposed weight's row length."""
+        if isinstance(w, Tiles):
+            if (w.out, w.inp) != (out, inp):
+                raise ValueError(f"Stack: layer {i}'s tiles are [{w.out}, {w.inp}], not [{out}, {inp}]")
+            return 0, w.tiles.data_ptr()
+        _float_cpu(f"layer {i}'s weight", w)
+        if w.dim() != 2 or w.shape[0] != inp or w.shape[1] < out or w.stride(1) != 1:
+            raise ValueError(
+                f"Stack: layer {i}'s transposed weight must be [{inp}, >= {out}] with rows contiguous, "
+                f"got {tuple(w.shape)} strides {w.stride()}"
+            )
+        return w.stride(0), w.data_ptr()
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        visible: Visible,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """The layers on the residual stream h [B, dim] (one new token per sequence, at
+        `visible.positions`) → h after them (a new tensor); keys, values: the cache [slots, layers,
+        kv_heads, length, head_dim], rows contiguous, written at each sequence's position."""
+        dim, heads, kv_heads, d, inter = self.dims
+        b = h.shape[0]
+        for name, t in (("h", h), ("keys", keys), ("values", values), ("cos", cos), ("sin", sin)):
+            _float_cpu(name, t)
+        if h.dim() != 2 or h.shape[1] != dim:
+            raise ValueError(f"Stack: h [B, {dim}], got {tuple(h.shape)}")
+        layers = self.table.shape[0]
+        if keys.dim() != 5 or keys.shape[0] < b or keys.shape[1:] != (layers, kv_heads, keys.shape[3], d):
+            raise ValueError(f"Stack: a cache [>= {b}, {layers}, {kv_heads}, L, {d}], got {tuple(keys.shape)}")
+        if values.shape != keys.shape or keys.stride() != values.stride() or keys.stride()[3:] != (d, 1):
+            raise ValueError(f"Stack: keys and values alike with contiguous rows, got strides {keys.stride()}")
+        if visible.counts.shape != (b,) or visible.most > min(keys.shape[3], cos.shape[0]):
+            raise ValueError(f"Stack: {b} sequences of at most {keys.shape[3]} keys, got {visible.counts.tolist()}")
+        if (
+            cos.shape != sin.shape
+            or cos.dim() != 2
+            or cos.shape[1] != d
+            or not (cos.is_contiguous() and sin.is_contiguous())
+        ):
+            raise ValueError(f"Stack: contiguous cos and sin tables [positions, {d}], got {tuple(cos.shape)}")
+        h = h.contiguous().clone()
+        scratch = torch.empty(self.lib.decode_scratch(b, dim, heads, kv_heads, d, inter, visible.most))
+        self.lib.decode_layers(
+            h.data_ptr(),
+            b,
+            dim,
+            layers,
+            self.table.data_ptr(),
+            self.lds.data_ptr(),
+            heads,
+            kv_heads,
+            d,
+            inter,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            visible.counts.data_ptr(),
+            visible.most,
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.stride(1),
+            keys.stride(0),
+            keys.stride(2),
+            self.eps,
+            self.scale,
+            scratch.data_ptr(),
+            _threads(),
+        )
+        return h
