@@ -201,7 +201,7 @@ def _tiled(w) -> bool:
 def _one_row_tiles(weights: list[Weight], limit: int = 1 << 30, repeats: int = 5) -> tuple[bool, str]:
     """(whether one row reads these weights faster as row tiles than torch's matmul reads their plain
     copies, the two rates in words), measured now on up to `limit` bytes of them (~0.3 s for
-    SmolLM2): the tiles read at 2-2.7x the matmul's rate on an AMD AVX-512 machine and at 0.86x on an
+    SmolLM2): the tiles read at 1.9-2.7x the matmul's rate on an AMD AVX-512 machine and at 0.86x on an
     Intel one (docs/engine.md)."""
     picked, nbytes = [], 0
     for w in weights:
