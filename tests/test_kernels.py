@@ -181,7 +181,8 @@ def test_stack_equals_the_layers_by_torch(layout):
     """`Stack`: a decode step's whole layer stack in one call equals Llama's layers by torch's operations
     (the cache written at each sequence's own position, nothing else in it touched), for 1 to 11
     sequences, with the weights as tiles or as transposed copies with more columns than are read
-    (the folded rotation's rows) and widths that are no multiple of a tile."""
+    (the folded rotation's rows) and widths that are no multiple of a tile; and so do the final
+    norm and the LM head where the stack takes them too."""
     g = torch.Generator().manual_seed(5)
     layers, dim, heads, kv_heads, d, inter, eps, scale = 3, 96, 6, 2, 16, 172, 1e-5, 0.25
     weights = _llama_layers(g, layers, dim, heads, kv_heads, d, inter, bias=True)
@@ -197,29 +198,31 @@ def test_stack_equals_the_layers_by_torch(layout):
     def tiles_bias(w, b):
         return (kernels.Tiles(w, b), None) if layout == "tiles" else as_read(w, b)
 
-    stack = kernels.Stack(
-        [
-            (n1, tiles_bias(wqkv, bqkv), as_read(wo), n2, as_read(wgu), as_read(wdown))
-            for n1, wqkv, bqkv, wo, n2, wgu, wdown in weights
-        ],
-        heads,
-        kv_heads,
-        d,
-        inter,
-        eps,
-        scale,
-    )
+    layer_weights = [
+        (n1, tiles_bias(wqkv, bqkv), as_read(wo), n2, as_read(wgu), as_read(wdown))
+        for n1, wqkv, bqkv, wo, n2, wgu, wdown in weights
+    ]
+    stack = kernels.Stack(layer_weights, heads, kv_heads, d, inter, eps, scale)
+    # and with the final norm and an LM head of 101 outputs (no multiple of a tile), with its bias
+    norm, head, head_b = 1 + 0.1 * torch.randn(dim, generator=g), torch.randn(101, dim, generator=g), torch.randn(101)
+    final = (norm, tiles_bias(head, head_b))
+    headed = kernels.Stack(layer_weights, heads, kv_heads, d, inter, eps, scale, final, 101)
     for b in (1, 3, 8, 11):
         cache = torch.randn(2, b + 1, layers, kv_heads, 40, d, generator=g)  # [k/v, slots, layers, heads, L, d]
         counts = torch.randint(1, 40, (b,), generator=g)
         h = torch.randn(b, dim, generator=g)
-        want_cache = cache.clone()
+        want_cache, cache_2 = cache.clone(), cache.clone()
         want = _reference_step(
             weights, h, counts, want_cache[0], want_cache[1], cos, sin, heads, kv_heads, d, inter, eps, scale
         )
-        got = stack(h, kernels.Visible(counts), cache[0], cache[1], cos, sin)
+        got, none = stack(h, kernels.Visible(counts), cache[0], cache[1], cos, sin)
+        assert none is None
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
+        normed, logits = headed(h, kernels.Visible(counts), cache_2[0], cache_2[1], cos, sin)
+        want_normed = F.rms_norm(want, norm.shape, norm, eps)
+        torch.testing.assert_close(normed, want_normed, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, want_normed @ head.t() + head_b, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match=r"Stack: h \[B, 96\], got \(2, 95\)"):
         stack(torch.ones(2, 95), kernels.Visible(torch.tensor([1, 1])), cache[0], cache[1], cos, sin)
     with pytest.raises(ValueError, match=r"Stack: a cache \[>= 2, 3, 2, L, 16\]"):

@@ -347,6 +347,7 @@ class Decoder:
     def __init__(self, model, max_len: int, fast: bool | None = None, compile: bool = False, projections: str = "auto"):
         lm = model.causal_lm
         self.compiled, self.why_not_compiled = None, "not asked for"
+        self._last = None  # (the hidden states, their logits) of the last step through the stack with the head
         self.attention = None  # in words, what the last decode step attended with (the lean forward's)
         self.hf = lm.get_decoder()
         self.bridge = model.connector if model.cross_attention else None
@@ -442,19 +443,36 @@ class Decoder:
             scale.add(L.scale)
         if len(eps) > 1 or len(scale) > 1:
             return None, "the layers' norms or attention scales differ"
+        final, vocab, norm, hw = None, 0, _own_rms(self.hf.norm), self.head_w
+        if norm is not None and norm[1] in eps and isinstance(hw, Weight) and not hw.int8:  # the head goes too
+            if hw.tiles is not None and hw.reads_packed(rows, hw.main):
+                final, vocab = (norm[0], (hw.tiles, None)), hw.main
+            elif hw.w is not None:
+                final, vocab = (norm[0], (hw.w, hw.b)), hw.main
         try:
-            inter = self.layers[0].inter
-            stack = kernels.Stack(layers, self.heads, self.kv_heads, self.head_dim, inter, eps.pop(), scale.pop())
+            inter, e, sc = self.layers[0].inter, eps.pop(), scale.pop()
+            stack = kernels.Stack(layers, self.heads, self.kv_heads, self.head_dim, inter, e, sc, final, vocab)
         except ValueError as e:
             return None, str(e)
         return stack, None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits of the hidden states [N, D] the last decode step returned, where that step
+        computed them (the compiled step, or the stack with the head); None otherwise."""
+        if self.compiled is not None and (logits := self.compiled.logits(hidden)) is not None:
+            return logits
+        last = self._last
+        if last is None or hidden.data_ptr() != last[0].data_ptr() or hidden.shape[0] != last[1].shape[0]:
+            return None
+        return last[1]
 
     def kernels(self, rows: int) -> str:
         """In words, what multiplies `rows` rows by the LM's weights: each kernel, with the kinds of
         weight (q/k/v, o, gate/up, down, head) that take it in any layer."""
         names = {"w_qkv": "q/k/v", "w_o": "o", "w_gu": "gate/up", "w_down": "down"}
         found: dict[str, list[str]] = {}
-        stacked = self.fast and self.stack(rows)[0] is not None
+        stack = self.stack(rows)[0] if self.fast else None
+        stacked = stack is not None
         for L in self.layers:
             for attr, name in names.items():
                 w = getattr(L, attr, None)
@@ -462,7 +480,7 @@ class Decoder:
                 if kernel and name not in found.get(kernel, []):
                     found.setdefault(kernel, []).append(name)
         if isinstance(self.head_w, Weight):
-            found.setdefault(self.head_w.kernel(rows), []).append("head")
+            found.setdefault(self.head_w.kernel(rows, stacked and stack.final is not None), []).append("head")
         said = "; ".join(f"{', '.join(names)}: {kernel}" for kernel, names in found.items()) or "the modules' own"
         return ("the layers in one call (`kernels.Stack`); " if stacked else "") + said
 
@@ -546,10 +564,13 @@ class Decoder:
         visible = None if own is not None else kernels.Visible(counts)
         if own is None:
             stack = self.stack(b)[0]
-            if stack is not None:  # the whole stack in one call
-                h = stack(embeds.view(b, -1), visible, cache.k_all, cache.v_all, self.cos, self.sin)
+            if stack is not None:  # the whole stack in one call, the final norm and the head with it
+                h, logits = stack(embeds.view(b, -1), visible, cache.k_all, cache.v_all, self.cos, self.sin)
                 self.attention = OWN_ATTENTION
-                return self.norm(h.view(b, 1, -1))
+                if logits is None:
+                    return self.norm(h.view(b, 1, -1))
+                self._last = (h, logits)  # for `logits`
+                return h.view(b, 1, -1)
         h = embeds
         for i, L in enumerate(self.layers):
             if L.xattn is not None and cross_context is not None:

@@ -366,8 +366,7 @@ class Engine:
             self._accept(i, nxt[i])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V], float32
-        compiled = self.lm_forward.compiled
-        logits = compiled.logits(hidden) if compiled is not None else None
+        logits = self.lm_forward.logits(hidden)  # where the step computed them with the layers
         return (self.head_w(hidden) if logits is None else logits).float()
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:

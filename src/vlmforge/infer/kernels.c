@@ -271,7 +271,8 @@ void rowmm_swiglu(const float *gu, long m, long k, float *scratch, const float *
  * as tiles (tile_step k * TW, ld TW) or as transposed weights [k, ld] (their *_ld > 0: tile_step TW),
  * o likewise. k_all, v_all: the cache, layer l's keys of sequence i, head j from
  * k_all + l * layer + i * seq + j * head; n[i] keys visible to sequence i, its new token the last.
- * scratch: decode_scratch(...) floats. */
+ * scratch: decode_scratch(...) floats. With final_norm (else 0): the final norm into normed [b, dim]
+ * and the LM head (vocab outputs, laid out as head_ld says) into logits [b, vocab]. */
 enum { N1, QKV, QKV_B, O, O_B, N2, GU, GU_B, DOWN, DOWN_B, LAYER_PTRS };
 
 long decode_scratch(long b, long dim, long heads, long kv_heads, long d, long inter, long longest) {
@@ -282,7 +283,8 @@ long decode_scratch(long b, long dim, long heads, long kv_heads, long d, long in
 void decode_layers(float *h, long b, long dim, long layers, const long *table, const long *lds, long heads,
                    long kv_heads, long d, long inter, const float *cos, const float *sin, const long *n, long longest,
                    float *k_all, float *v_all, long layer, long seq, long head, float eps, float scale,
-                   float *scratch, int threads) {
+                   float *scratch, int threads, const float *final_norm, const float *lm_head, long head_ld,
+                   const float *head_b, long vocab, float *normed, float *logits) {
     const long g = heads / kv_heads, qkv = (heads + 2 * kv_heads) * d;
     long pos[b];
     for (long i = 0; i < b; i++) pos[i] = n[i] - 1;
@@ -304,6 +306,10 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
         mm(x, b, dim, w[GU], STEP(gu_ld, dim), LD(gu_ld), w[GU_B], 0, 2 * inter, gu, threads);
         for (long r = 0; r < b; r++) swiglu(gu + r * 2 * inter, inter, act + r * inter);
         mm(act, b, inter, w[DOWN], STEP(down_ld, inter), LD(down_ld), w[DOWN_B], h, dim, h, threads);
+    }
+    if (final_norm) { /* the final norm and the LM head: normed [b, dim], logits [b, vocab] */
+        rms_norm(h, b, dim, final_norm, eps, normed);
+        mm(normed, b, dim, lm_head, STEP(head_ld, dim), LD(head_ld), head_b, 0, vocab, logits, threads);
     }
 #undef STEP
 #undef LD

@@ -116,7 +116,7 @@ def _build() -> ctypes.CDLL:
     lib.decode_scratch.argtypes = [n] * 7
     lib.decode_scratch.restype = n
     lib.decode_layers.argtypes = [p, n, n, n, p, p, n, n, n, n, p, p, p, n, p, p, n, n, n, ctypes.c_float]
-    lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int]
+    lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int, p, p, n, p, n, p, p]
     lib.decode_layers.restype = None
     return lib
 
@@ -357,13 +357,24 @@ class Stack:
     weights on the CPU, RMS norms, fused q/k/v and gate/up, a SwiGLU MLP, no q/k norms.
 
     `layers`: per layer, (norm 1's weight, q/k/v, o, norm 2's weight, gate/up, down), each projection
-    a (weight, bias or None) pair: `Tiles` (read as tiles, with their own bias) or a transposed weight [in, >= out]
-    (`Weight.w`: its first `out` columns are read). The same kind
-    of projection takes the same layout and row length in every layer. `out` of each projection:
-    q/k/v (heads + 2 kv_heads) x head_dim, o `dim`, gate/up 2 x `inter`, down `dim`."""
+    a (weight, bias or None) pair: `Tiles` (read as tiles, with their own bias) or a transposed
+    weight [in, >= out] (`Weight.w`: its first `out` columns are read). The same kind of projection
+    takes the same layout and row length in every layer. `out` of each projection: q/k/v (heads + 2
+    kv_heads) x head_dim, o `dim`, gate/up 2 x `inter`, down `dim`. `final`: the final norm's weight
+    and the LM head (a projection as above, `vocab` outputs), run after the layers in the same call
+    (None: not)."""
 
     def __init__(
-        self, layers: list[tuple], heads: int, kv_heads: int, head_dim: int, inter: int, eps: float, scale: float
+        self,
+        layers: list[tuple],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        inter: int,
+        eps: float,
+        scale: float,
+        final: tuple | None = None,
+        vocab: int = 0,
     ):
         self.lib = _lib()
         self.width = self.lib.rowmm_tile_width()
@@ -381,7 +392,7 @@ class Stack:
                 if norm.shape != (dim,) or not norm.is_contiguous():
                     raise ValueError(f"Stack: layer {i}'s norm weights must be [{dim}], got {tuple(norm.shape)}")
             for (w, b), (out, inp) in zip((wqkv, wo, wgu, wdown), shapes):
-                ld, ptr = self._layout(i, w, out, inp)
+                ld, ptr = self._layout(f"layer {i}'s", w, out, inp)
                 b = w.bias if isinstance(w, Tiles) else b  # tiles hold their own bias
                 if b is not None:
                     _float_cpu(f"layer {i}'s bias", b)
@@ -396,21 +407,32 @@ class Stack:
             lds = layer_lds
             qkv_p, qkv_b, o_p, o_b, gu_p, gu_b, down_p, down_b = ptrs
             rows.append([n1.data_ptr(), qkv_p, qkv_b, o_p, o_b, n2.data_ptr(), gu_p, gu_b, down_p, down_b])
-        self.layers = layers  # the weights the table points into, kept alive
+        self.layers, self.final, self.vocab = layers, final, vocab  # the weights the table points into, kept alive
+        self._final = (0, 0, 0, 0)  # the final norm's, the head's and its bias' addresses, the head's ld
+        if final is not None:
+            norm, (w, b) = final
+            _float_cpu("the final norm", norm)
+            if norm.shape != (dim,) or not norm.is_contiguous():
+                raise ValueError(f"Stack: the final norm's weight must be [{dim}], got {tuple(norm.shape)}")
+            ld, ptr = self._layout("the head's", w, vocab, dim)
+            b = w.bias if isinstance(w, Tiles) else b
+            if b is not None and (b.dim() != 1 or b.shape[0] < vocab or b.dtype != torch.float32):
+                raise ValueError(f"Stack: the head's bias must be float32 [>= {vocab}], got {tuple(b.shape)}")
+            self._final = (norm.data_ptr(), ptr, ld, 0 if b is None else b.data_ptr())
         self.table = torch.tensor(rows, dtype=torch.int64)
         self.lds = torch.tensor(lds, dtype=torch.int64)
         self.eps, self.scale = float(eps), float(scale)
 
-    def _layout(self, i: int, w, out: int, inp: int) -> tuple[int, int]:
+    def _layout(self, whose: str, w, out: int, inp: int) -> tuple[int, int]:
         """(ld, address) of one projection: ld 0 for tiles, else the transposed weight's row length."""
         if isinstance(w, Tiles):
             if (w.out, w.inp) != (out, inp):
-                raise ValueError(f"Stack: layer {i}'s tiles are [{w.out}, {w.inp}], not [{out}, {inp}]")
+                raise ValueError(f"Stack: {whose} tiles are [{w.out}, {w.inp}], not [{out}, {inp}]")
             return 0, w.tiles.data_ptr()
-        _float_cpu(f"layer {i}'s weight", w)
+        _float_cpu(f"{whose} weight", w)
         if w.dim() != 2 or w.shape[0] != inp or w.shape[1] < out or w.stride(1) != 1:
             raise ValueError(
-                f"Stack: layer {i}'s transposed weight must be [{inp}, >= {out}] with rows contiguous, "
+                f"Stack: {whose} transposed weight must be [{inp}, >= {out}] with rows contiguous, "
                 f"got {tuple(w.shape)} strides {w.stride()}"
             )
         return w.stride(0), w.data_ptr()
@@ -423,10 +445,11 @@ class Stack:
         values: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layers on the residual stream h [B, dim] (one new token per sequence, at
-        `visible.positions`) → h after them (a new tensor); keys, values: the cache [slots, layers,
-        kv_heads, length, head_dim], rows contiguous, written at each sequence's position."""
+        `visible.positions`) → (h after them, a new tensor, through the final norm where the stack
+        has it; the logits [B, vocab], or None without a head); keys, values: the cache [slots,
+        layers, kv_heads, length, head_dim], rows contiguous, written at each sequence's position."""
         dim, heads, kv_heads, d, inter = self.dims
         b = h.shape[0]
         for name, t in (("h", h), ("keys", keys), ("values", values), ("cos", cos), ("sin", sin)):
@@ -449,6 +472,8 @@ class Stack:
             raise ValueError(f"Stack: contiguous cos and sin tables [positions, {d}], got {tuple(cos.shape)}")
         h = h.contiguous().clone()
         scratch = torch.empty(self.lib.decode_scratch(b, dim, heads, kv_heads, d, inter, visible.most))
+        norm, head, head_ld, head_b = self._final
+        normed, logits = (torch.empty(b, dim), torch.empty(b, self.vocab)) if norm else (None, None)
         self.lib.decode_layers(
             h.data_ptr(),
             b,
@@ -473,5 +498,12 @@ class Stack:
             self.scale,
             scratch.data_ptr(),
             _threads(),
+            norm,
+            head,
+            head_ld,
+            head_b,
+            self.vocab,
+            normed.data_ptr() if norm else 0,
+            logits.data_ptr() if norm else 0,
         )
-        return h
+        return (h, None) if not norm else (normed, logits)
