@@ -154,7 +154,8 @@ QUESTIONS = [
 def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, gguf_type, needed):
     """The SmolLM2 VLM's LM exported as GGUF, run in llama.cpp itself (llama-cpp-python, built by
     `make setup-test`): llama.cpp's tokenizer gives vlmforge's ids for each of 20 ChatML prompts, and
-    its greedy 12 tokens equal vlmforge's engine's on all 20 (f32) or at least 19 (f16), but for
+    its greedy 12 tokens equal vlmforge's engine's (8 sequences at a time: through its layer stack in one
+    call) on all 20 (f32) or at least 19 (f16), but for
     answers that part at a near tie (`_near_tie`), at most 3."""
     import numpy as np
     from llama_cpp import Llama
@@ -168,7 +169,10 @@ def test_the_exported_lm_runs_in_llama_cpp_with_the_same_tokens(real, tmp_path, 
     assert (tmp_path / "g" / f"mmproj-{gguf_type}.gguf").is_file()  # and the tower's projector file beside it
     vlm = VLM.from_pretrained(model_dir)
     prompts = [vlm.build_prompt(q, 0) for q in QUESTIONS]
-    ours = [r.tokens for r in Engine(vlm).generate(prompts, None, SamplingParams(max_tokens=12, ignore_eos=True))]
+    # 8 at a time: the engine's decode steps of 8 and 4 sequences run its layer stack in one call
+    eng = Engine(vlm, max_batch=8)
+    assert eng.lm_forward.stack(8)[0] is not None, eng.lm_forward.stack(8)[1]
+    ours = [r.tokens for r in eng.generate(prompts, None, SamplingParams(max_tokens=12, ignore_eos=True))]
     llm = Llama(
         model_path=str(tmp_path / "g" / f"lm-{gguf_type}.gguf"), n_ctx=256, logits_all=True, verbose=False, n_threads=2
     )
