@@ -272,12 +272,13 @@ def _rms(norm: nn.Module, own: bool = True):
     """LlamaRMSNorm (float32 statistics, weight applied in the input dtype) as one fused op: with
     `own`, on the CPU in float32, the engine's kernel (`kernels.rms_norm`; torch's runs six kernels);
     without, torch's (a compiled graph traces it)."""
+    found = _own_rms(norm) if own else None
+    if found is not None:
+        w, eps = found
+        return lambda x: kernels.rms_norm(x, w, eps) if x.dtype == torch.float32 else norm(x)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
     if type(norm).__name__.endswith("RMSNorm") and eps is not None and "gemma" not in type(norm).__name__.lower():
         w = norm.weight
-        if own and _own_rms(norm) is not None:
-            w = w.detach()
-            return lambda x: kernels.rms_norm(x, w, eps) if x.dtype == torch.float32 else norm(x)
         if w.dtype == torch.float32:
             return lambda x: F.rms_norm(x, w.shape, w, eps) if x.dtype == torch.float32 else norm(x)
         return lambda x: w * F.rms_norm(x.float(), w.shape, eps=eps).to(x.dtype)
@@ -412,8 +413,7 @@ class Decoder:
         return self._stacks[one]
 
     def _build_stack(self, rows: int) -> tuple[kernels.Stack | None, str | None]:
-        param = self.cos
-        why = kernels.attendable(param.dtype, param.device, self.head_dim)
+        why = kernels.attendable(self.cos.dtype, self.cos.device, self.head_dim)  # the LM's dtype and device
         if why is not None:
             return None, why
         if rows == 1 and self.one_row is not None and not self.one_row_tiles:
@@ -551,12 +551,6 @@ class Decoder:
         if self.compiled is not None and b == t == 1 and isinstance(positions, int) and mask is None:
             return self.compiled(embeds, positions, cache)
         hd, nh = self.head_dim, self.heads
-        if isinstance(positions, int):  # one new token per row, all at this position
-            cos = self.cos[positions : positions + 1, None]  # [1, 1, hd]: broadcast over [B, T, H, hd]
-            sin = self.sin[positions : positions + 1, None]
-        else:
-            cos = self.cos[positions][:, :, None]  # [B, T, 1, hd]
-            sin = self.sin[positions][:, :, None]
         # a decode step: the keys each row sees, as the cache says; the engine's kernels take the step
         # (rotation, cache writes, attention) where `own` is None, and `own` says why not otherwise
         counts = cache.visible(b) if t == 1 and rows is None and hasattr(cache, "visible") else None
@@ -571,6 +565,12 @@ class Decoder:
                     return self.norm(h.view(b, 1, -1))
                 self._last = (h, logits)  # for `logits`
                 return h.view(b, 1, -1)
+        if isinstance(positions, int):  # one new token per row, all at this position
+            cos = self.cos[positions : positions + 1, None]  # [1, 1, hd]: broadcast over [B, T, H, hd]
+            sin = self.sin[positions : positions + 1, None]
+        else:
+            cos = self.cos[positions][:, :, None]  # [B, T, 1, hd]
+            sin = self.sin[positions][:, :, None]
         h = embeds
         for i, L in enumerate(self.layers):
             if L.xattn is not None and cross_context is not None:
