@@ -352,6 +352,13 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: V
     return out
 
 
+def _vector(whose: str, t: torch.Tensor, size: int, exact: bool) -> None:
+    """`t` must be a contiguous float32 CPU vector of `size` values (or more, unless `exact`)."""
+    _float_cpu(f"Stack: {whose}", t)
+    if t.dim() != 1 or not t.is_contiguous() or (t.shape[0] != size if exact else t.shape[0] < size):
+        raise ValueError(f"Stack: {whose} must be [{'' if exact else '>= '}{size}], got {tuple(t.shape)}")
+
+
 class Stack:
     """A decode step's whole layer stack in one call (`decode_layers`): Llama's layer, for float32
     weights on the CPU, RMS norms, fused q/k/v and gate/up, a SwiGLU MLP, no q/k norms.
@@ -377,7 +384,6 @@ class Stack:
         vocab: int = 0,
     ):
         self.lib = _lib()
-        self.width = self.lib.rowmm_tile_width()
         dim = layers[0][0].shape[0]
         self.dims = (dim, heads, kv_heads, head_dim, inter)
         if heads % kv_heads or head_dim % 16:
@@ -388,17 +394,10 @@ class Stack:
         for i, (n1, wqkv, wo, n2, wgu, wdown) in enumerate(layers):
             ptrs, layer_lds = [], []
             for norm in (n1, n2):
-                _float_cpu(f"layer {i}'s norm", norm)
-                if norm.shape != (dim,) or not norm.is_contiguous():
-                    raise ValueError(f"Stack: layer {i}'s norm weights must be [{dim}], got {tuple(norm.shape)}")
+                _vector(f"layer {i}'s norm weights", norm, dim, exact=True)
             for (w, b), (out, inp) in zip((wqkv, wo, wgu, wdown), shapes):
-                ld, ptr = self._layout(f"layer {i}'s", w, out, inp)
-                b = w.bias if isinstance(w, Tiles) else b  # tiles hold their own bias
-                if b is not None:
-                    _float_cpu(f"layer {i}'s bias", b)
-                    if b.dim() != 1 or b.shape[0] < out or not b.is_contiguous():
-                        raise ValueError(f"Stack: layer {i}'s bias must be [>= {out}], got {tuple(b.shape)}")
-                ptrs += [ptr, 0 if b is None else b.data_ptr()]
+                ld, ptr, bias = self._layout(f"layer {i}'s", w, b, out, inp)
+                ptrs += [ptr, bias]
                 layer_lds.append(ld)
             if lds is not None and layer_lds != lds:
                 raise ValueError(
@@ -411,31 +410,32 @@ class Stack:
         self._final = (0, 0, 0, 0)  # the final norm's, the head's and its bias' addresses, the head's ld
         if final is not None:
             norm, (w, b) = final
-            _float_cpu("the final norm", norm)
-            if norm.shape != (dim,) or not norm.is_contiguous():
-                raise ValueError(f"Stack: the final norm's weight must be [{dim}], got {tuple(norm.shape)}")
-            ld, ptr = self._layout("the head's", w, vocab, dim)
-            b = w.bias if isinstance(w, Tiles) else b
-            if b is not None and (b.dim() != 1 or b.shape[0] < vocab or b.dtype != torch.float32):
-                raise ValueError(f"Stack: the head's bias must be float32 [>= {vocab}], got {tuple(b.shape)}")
-            self._final = (norm.data_ptr(), ptr, ld, 0 if b is None else b.data_ptr())
+            _vector("the final norm's weight", norm, dim, exact=True)
+            ld, ptr, bias = self._layout("the head's", w, b, vocab, dim)
+            self._final = (norm.data_ptr(), ptr, ld, bias)
         self.table = torch.tensor(rows, dtype=torch.int64)
         self.lds = torch.tensor(lds, dtype=torch.int64)
         self.eps, self.scale = float(eps), float(scale)
 
-    def _layout(self, whose: str, w, out: int, inp: int) -> tuple[int, int]:
-        """(ld, address) of one projection: ld 0 for tiles, else the transposed weight's row length."""
+    @staticmethod
+    def _layout(whose: str, w, b: torch.Tensor | None, out: int, inp: int) -> tuple[int, int, int]:
+        """(ld, address, the bias' address or 0) of one projection: ld 0 for tiles (which hold their
+        own bias), else the transposed weight's row length."""
         if isinstance(w, Tiles):
             if (w.out, w.inp) != (out, inp):
                 raise ValueError(f"Stack: {whose} tiles are [{w.out}, {w.inp}], not [{out}, {inp}]")
-            return 0, w.tiles.data_ptr()
-        _float_cpu(f"{whose} weight", w)
-        if w.dim() != 2 or w.shape[0] != inp or w.shape[1] < out or w.stride(1) != 1:
-            raise ValueError(
-                f"Stack: {whose} transposed weight must be [{inp}, >= {out}] with rows contiguous, "
-                f"got {tuple(w.shape)} strides {w.stride()}"
-            )
-        return w.stride(0), w.data_ptr()
+            ld, ptr, b = 0, w.tiles.data_ptr(), w.bias
+        else:
+            _float_cpu(f"{whose} weight", w)
+            if w.dim() != 2 or w.shape[0] != inp or w.shape[1] < out or w.stride(1) != 1:
+                raise ValueError(
+                    f"Stack: {whose} transposed weight must be [{inp}, >= {out}] with rows contiguous, "
+                    f"got {tuple(w.shape)} strides {w.stride()}"
+                )
+            ld, ptr = w.stride(0), w.data_ptr()
+        if b is not None:
+            _vector(f"{whose} bias", b, out, exact=False)
+        return ld, ptr, 0 if b is None else b.data_ptr()
 
     def __call__(
         self,
