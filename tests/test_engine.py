@@ -138,9 +138,10 @@ def test_decode_logits_equal_the_models_own_forward(vlm, kernels_take, monkeypat
     each: `rope_store`, the projections as row tiles, the down projection with its SwiGLU
     (`Tiles.swiglu`). Or the whole stack in one call (`kernels.Stack`), on row tiles or on the
     weights' plain copies."""
+    if kernels_take in ("attention", "the stack on plain copies"):
+        monkeypatch.setattr(decoder, "TILE_MIN", 1 << 62)  # no weight takes tiles
     if kernels_take != "the stack on plain copies":
         monkeypatch.setattr(decoder, "FOLD_ROWS", 0 if kernels_take != "attention" else decoder.FOLD_ROWS)
-        monkeypatch.setattr(decoder, "PACK_MIN", 0 if kernels_take != "attention" else decoder.PACK_MIN)
     if kernels_take in ("attention", "each operation"):
         monkeypatch.setattr(decoder.Decoder, "stack", lambda self, rows: (None, "turned off"))
     eng = Engine(vlm, prefix_cache_tokens=0)
@@ -219,13 +220,15 @@ def test_the_compiled_step_picks_its_projections_by_measuring_them(model_cfg):
 
 @pytest.mark.parametrize("weights", ["plain", "tiles", "packed"])
 def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
-    """`weights`: the tiny LM's as they are (too small for another copy), or each also kept as row
-    tiles (read at 2 to `kernels.MAX_ROWS` rows: the batch and these short prompts' prefills), the
-    decode steps' layers in one call either way (`kernels.Stack`); or, where the engine's kernels are
-    unavailable, in oneDNN's packed layout (and the decode steps' operations torch's)."""
-    if weights != "plain":
-        monkeypatch.setattr(decoder, "PACK_MIN", 0)
+    """`weights`: the tiny LM's plain copies alone (no weight as large as `TILE_MIN`), or each also
+    kept as row tiles (read at 2 to `kernels.MAX_ROWS` rows: the batch and these short prompts'
+    prefills), the decode steps' layers in one call either way (`kernels.Stack`); or, where the
+    engine's kernels are unavailable, in oneDNN's packed layout (and the decode steps' operations
+    torch's)."""
+    if weights == "plain":
+        monkeypatch.setattr(decoder, "TILE_MIN", 1 << 62)
     if weights == "packed":
+        monkeypatch.setattr(decoder, "PACK_MIN", 0)
         monkeypatch.setattr(kernels, "library", lambda: None)
     engine = Engine(vlm, max_batch=3, max_prefills_per_step=1)
     qkv = engine.lm_forward.layers[0].w_qkv

@@ -35,7 +35,10 @@ FOLD_ROWS = 4
 # A weight of at least this many elements is also kept as row tiles or prepacked (see `Weight`): one
 # that size is read from memory at every step, where those layouts pay; smaller ones stay in the caches,
 # where the plain matmul is faster (the tiny model's weights).
-PACK_MIN = 1 << 19  # 2 MB of float32, a core's L2 here
+PACK_MIN = 1 << 19  # 2 MB of float32, a core's L2 here: oneDNN's packed copy of weights this large
+# float32 weights of this many elements and more also take row tiles: all of them, since within the
+# stack even small ones read faster as tiles (the tiny model's step, docs/engine.md)
+TILE_MIN = 0
 FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 OWN_ATTENTION = "the engine's kernel (`kernels.attend`)"  # `Decoder.attention` where a decode step used it
 STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
@@ -50,14 +53,14 @@ class Weight:
     by `quant.int8_matmul`. A copy: the modules are left as they are, so training and saving see
     no change.
 
-    With `pack` (on the CPU), the weight without its extra rows (of `PACK_MIN` elements and more)
-    is also kept in a layout for several rows at once. float32: as row tiles (`kernels.Tiles`), read from 2
-    to `kernels.MAX_ROWS` rows (a batched decode step: 8 rows read SmolLM2's weights at ~1.5x the rate
-    of oneDNN's packed layout); where that kernel cannot be built, in oneDNN's packed layout, read
-    at 2 rows and more. One row reads the plain copy, or the tiles where `Decoder` measured them
-    faster at one row on this machine (`one_row_tiles`); the many rows of a prefill read the plain
-    copy. bfloat16: oneDNN's packed layout reads ~2x faster at every
-    row count, so it is the only one read; so it is with `plain` False too (a vision tower's
+    With `pack` (on the CPU), the weight without its extra rows is also kept in a layout for several
+    rows at once. float32 (of `TILE_MIN` elements and more): as row tiles (`kernels.Tiles`), read
+    from 2 to `kernels.MAX_ROWS` rows (a batched decode step: 8 rows read SmolLM2's weights at ~1.5x
+    the rate of oneDNN's packed layout); where that kernel cannot be built, in oneDNN's packed layout
+    (of `PACK_MIN` elements and more), read at 2 rows and more. One row reads the plain copy, or the
+    tiles where `Decoder` measured them faster at one row on this machine (`one_row_tiles`); the
+    many rows of a prefill read the plain copy. bfloat16: oneDNN's packed layout reads ~2x faster at
+    every row count, so it is the only one read; so it is with `plain` False too (a vision tower's
     weights, whose calls have many rows), and no plain copy or concatenation is kept beside it
     (extra rows are read only where a plain copy is: `Decoder` folds the rotation into the
     projection there alone)."""
@@ -86,7 +89,7 @@ class Weight:
                 w = torch.cat([m.weight for m in mods] + list(extra)) if len(mods) + len(extra) > 1 else mods[0].weight
                 sizes = [m.out_features for m in mods] + [e.shape[0] for e in extra]
                 big = self.main * w.shape[1] >= PACK_MIN or w.dtype == torch.bfloat16
-                tiled = pack and big and plain and w.dtype == torch.float32
+                tiled = pack and plain and w.dtype == torch.float32 and self.main * w.shape[1] >= TILE_MIN
                 self.b = self._bias(biases, sizes, w.dtype, w.device)
                 if tiled and w.device.type == "cpu" and kernels.library():
                     # float32 read by several rows at once (a batched decode step): the row tiles
