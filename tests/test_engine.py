@@ -105,9 +105,10 @@ def recording(engine) -> list[torch.Tensor]:
     """The logits of every token the engine picks, in order (appended as it runs)."""
     seen, sample = [], engine._sample
 
-    def record(logits, reqs):
+    def record(logits, reqs, greedy=None):
         seen.append(logits.clone())
-        return sample(logits, reqs)
+        assert greedy is None or greedy == logits.argmax(-1).tolist()  # the stack's own argmax: torch's
+        return sample(logits, reqs, greedy)
 
     engine._sample = record
     return seen

@@ -182,7 +182,8 @@ def test_stack_equals_the_layers_by_torch(layout):
     (the cache written at each sequence's own position, nothing else in it touched), for 1 to 11
     sequences, with the weights as tiles or as transposed copies with more columns than are read
     (the folded rotation's rows) and widths that are no multiple of a tile; and so do the final
-    norm and the LM head where the stack takes them too."""
+    norm and the LM head where the stack takes them too, and the engine's step from token ids
+    (`from_tokens`: the embedding too, the scratch kept from one call to the next)."""
     g = torch.Generator().manual_seed(5)
     layers, dim, heads, kv_heads, d, inter, eps, scale = 3, 96, 6, 2, 16, 172, 1e-5, 0.25
     weights = _llama_layers(g, layers, dim, heads, kv_heads, d, inter, bias=True)
@@ -207,11 +208,13 @@ def test_stack_equals_the_layers_by_torch(layout):
     norm, head, head_b = 1 + 0.1 * torch.randn(dim, generator=g), torch.randn(101, dim, generator=g), torch.randn(101)
     final = (norm, tiles_bias(head, head_b))
     headed = kernels.Stack(layer_weights, heads, kv_heads, d, inter, eps, scale, final, 101)
+    embed = torch.randn(50, dim, generator=g)
     for b in (1, 3, 8, 11):
         cache = torch.randn(2, b + 1, layers, kv_heads, 40, d, generator=g)  # [k/v, slots, layers, heads, L, d]
         counts = torch.randint(1, 40, (b,), generator=g)
-        h = torch.randn(b, dim, generator=g)
-        want_cache, cache_2 = cache.clone(), cache.clone()
+        ids = torch.randint(0, len(embed), (b,), generator=g)
+        h = embed[ids]
+        want_cache, cache_2, cache_3 = cache.clone(), cache.clone(), cache.clone()
         want = _reference_step(
             weights, h, counts, want_cache[0], want_cache[1], cos, sin, heads, kv_heads, d, inter, eps, scale
         )
@@ -223,10 +226,32 @@ def test_stack_equals_the_layers_by_torch(layout):
         want_normed = F.rms_norm(want, norm.shape, norm, eps)
         torch.testing.assert_close(normed, want_normed, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, want_normed @ head.t() + head_b, rtol=1e-4, atol=1e-3)
+        stepped, best = headed.from_tokens(embed, ids.tolist(), counts.tolist(), cache_3[0], cache_3[1], cos, sin)
+        torch.testing.assert_close(stepped, logits, rtol=1e-5, atol=1e-5)
+        assert best == stepped.argmax(-1).tolist()
+        torch.testing.assert_close(cache_3, want_cache, rtol=1e-5, atol=1e-5)
+    # the greedy tokens as torch's argmax picks them: the first of equal logits, else the first NaN
+    for bias, want in (([0.0, 3, 3, 1, 3], 1), ([0.0, 3, 3, float("nan"), 3, float("nan")], 3)):
+        flat = (norm, tiles_bias(torch.zeros(len(bias), dim), torch.tensor(bias)))
+        tied = kernels.Stack(layer_weights, heads, kv_heads, d, inter, eps, scale, flat, len(bias))
+        _, best = tied.from_tokens(embed, [3, 4], [1, 2], cache[0], cache[1], cos, sin)
+        assert best == [want, want]
     with pytest.raises(ValueError, match=r"Stack: h \[B, 96\], got \(2, 95\)"):
         stack(torch.ones(2, 95), kernels.Visible(torch.tensor([1, 1])), cache[0], cache[1], cos, sin)
-    with pytest.raises(ValueError, match=r"Stack: a cache \[>= 2, 3, 2, L, 16\]"):
+    with pytest.raises(ValueError, match=r"Stack: a cache \[slots, 3, 2, L, 16\]"):
         stack(torch.ones(2, 96), kernels.Visible(torch.tensor([1, 1])), cache[0, :, :2], cache[1, :, :2], cos, sin)
+    with pytest.raises(ValueError, match=r"a cache of 12 slots for 13 sequences"):
+        stack(torch.ones(13, 96), kernels.Visible(torch.ones(13, dtype=torch.long)), cache[0], cache[1], cos, sin)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\), got \[3, 50\]"):
+        headed.from_tokens(embed, [3, 50], [1, 1], cache[0], cache[1], cos, sin)
+    with pytest.raises(ValueError, match=r"2 sequences of 1 to 40 keys, got \[41, 1\]"):
+        headed.from_tokens(embed, [3, 4], [41, 1], cache[0], cache[1], cos, sin)
+    with pytest.raises(ValueError, match=r"1 to 16 ids with a count each, got 2 and 1"):
+        headed.from_tokens(embed, [3, 4], [1], cache[0], cache[1], cos, sin)
+    with pytest.raises(ValueError, match=r"a contiguous embedding table \[tokens, 96\], got \(50, 95\)"):
+        headed.from_tokens(embed[:, :95], [3], [1], cache[0], cache[1], cos, sin)
+    with pytest.raises(ValueError, match=r"the stack has no final norm and head"):
+        stack.from_tokens(embed, [3], [1], cache[0], cache[1], cos, sin)
     with pytest.raises(ValueError, match=r"layer 1's tiles are \[96, 95\], not \[96, 96\]"):
         bad = [
             (n1, as_read(wqkv), as_read(wo), n2, as_read(wgu), as_read(wdown))

@@ -359,6 +359,10 @@ class Decoder:
         self.fast = reason is None if fast is None else fast
         self.why_slow = reason
         head = lm.get_output_embeddings()
+        embed = lm.get_input_embeddings()
+        # the table a decode step through the stack embeds its tokens from, in the same call
+        plain_embed = type(embed) is nn.Embedding and embed.max_norm is None and embed.weight.dtype == torch.float32
+        self.embed = embed.weight.detach() if plain_embed and embed.weight.is_contiguous() else None
         # the LM head as [D, V], contiguous (a copy; see `Weight` for why) on CPUs
         cpu = self.fast and head.weight.device.type == "cpu"
         self.head_w = Weight([head], copy=cpu, pack=cpu) if fusable(head) else head
@@ -458,6 +462,23 @@ class Decoder:
         except ValueError as e:
             return None, str(e)
         return stack, None
+
+    def decode(self, tokens: list[int], lengths: list[int], cache) -> tuple[torch.Tensor, list[int]] | None:
+        """A decode step of `len(tokens)` sequences, each sequence's new token at position
+        `lengths[i]` of its slot in `cache` (a `SlotCache` grown to hold it), run whole by the
+        stack (the embedding, the layers, the final norm and the head in one call) → (the logits
+        [B, vocab], each row's argmax); None where the stack does not take it (then `forward` runs
+        the step)."""
+        b = len(tokens)
+        if not self.fast or self.embed is None or (self.compiled is not None and b == 1):
+            return None
+        stack = self.stack(b)[0]
+        if stack is None or stack.final is None:
+            return None
+        counts = [n + 1 for n in lengths]
+        stepped = stack.from_tokens(self.embed, tokens, counts, cache.k_all, cache.v_all, self.cos, self.sin)
+        self.attention = OWN_ATTENTION
+        return stepped
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The logits of the hidden states [N, D] the last decode step returned, where that step

@@ -341,10 +341,22 @@ class Engine:
 
     def _decode(self) -> None:
         b = len(self.running)
-        last = torch.tensor([[r.tokens[-1]] for r in self.running], device=self.device)  # [B, 1]
         top = max(self.lengths)  # where each new token goes: lengths[i]
         width = top + 1
         self.cache.reserve(b, width, self.max_len)
+        # the whole step in one call of the engine's kernels where they take it, else the forward
+        stepped = self.lm_forward.decode([r.tokens[-1] for r in self.running], self.lengths, self.cache)
+        logits, greedy = stepped if stepped is not None else (self._forward_step(top, width), None)
+        for i in range(b):
+            self.lengths[i] += 1
+        nxt = self._sample(logits, self.running, greedy)
+        self.stats["decode_steps"] += 1
+        for i in reversed(range(b)):  # reversed: releasing slot i moves the last slot into it
+            self._accept(i, nxt[i])
+
+    def _forward_step(self, top: int, width: int) -> torch.Tensor:
+        """A decode step through `Decoder.forward`: the logits [B, V]."""
+        last = torch.tensor([[r.tokens[-1]] for r in self.running], device=self.device)  # [B, 1]
         if min(self.lengths) == top:  # every slot at the same position: nothing to hide, one write
             mask, positions = None, top
             self.cache.decode(top, width)
@@ -357,20 +369,14 @@ class Engine:
             positions = pos[:, None]
         embeds = F.embedding(last, self.embed_tokens.weight)  # [B, 1, D]
         hidden = self.lm_forward.forward(embeds, positions, mask, self.cache, self._context(self.contexts))
-        logits = self._logits(hidden[:, -1])  # [B, V]
-        for i in range(b):
-            self.lengths[i] += 1
-        nxt = self._sample(logits, self.running)
-        self.stats["decode_steps"] += 1
-        for i in reversed(range(b)):  # reversed: releasing slot i moves the last slot into it
-            self._accept(i, nxt[i])
+        return self._logits(hidden[:, -1])  # [B, V]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V], float32
         logits = self.lm_forward.logits(hidden)  # where the step computed them with the layers
         return (self.head_w(hidden) if logits is None else logits).float()
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        return sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], greedy: list[int] | None = None) -> list[int]:
+        return sample(logits, [r.params for r in reqs], [r.generator for r in reqs], greedy)
 
     def _accept(self, slot: int, token: int) -> None:
         req = self.running[slot]

@@ -272,7 +272,10 @@ void rowmm_swiglu(const float *gu, long m, long k, float *scratch, const float *
  * o likewise. k_all, v_all: the cache, layer l's keys of sequence i, head j from
  * k_all + l * layer + i * seq + j * head; n[i] keys visible to sequence i, its new token the last.
  * scratch: decode_scratch(...) floats. With final_norm (else 0): the final norm into normed [b, dim]
- * and the LM head (vocab outputs, laid out as head_ld says) into logits [b, vocab]. */
+ * and the LM head (vocab outputs, laid out as head_ld says) into logits [b, vocab], and with argmax
+ * (else 0) each row's greedy token into argmax [b] (as torch's argmax: the first of equal maxima, the
+ * first NaN where there is one). With ids (else 0): h is first each sequence's token's row of the
+ * embedding table embed [*, dim]. */
 enum { N1, QKV, QKV_B, O, O_B, N2, GU, GU_B, DOWN, DOWN_B, LAYER_PTRS };
 
 long decode_scratch(long b, long dim, long heads, long kv_heads, long d, long inter, long longest) {
@@ -284,10 +287,14 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
                    long kv_heads, long d, long inter, const float *cos, const float *sin, const long *n, long longest,
                    float *k_all, float *v_all, long layer, long seq, long head, float eps, float scale,
                    float *scratch, int threads, const float *final_norm, const float *lm_head, long head_ld,
-                   const float *head_b, long vocab, float *normed, float *logits) {
+                   const float *head_b, long vocab, float *normed, float *logits, long *argmax, const long *ids,
+                   const float *embed) {
     const long g = heads / kv_heads, qkv = (heads + 2 * kv_heads) * d;
     long pos[b];
     for (long i = 0; i < b; i++) pos[i] = n[i] - 1;
+    if (ids)
+        for (long r = 0; r < b; r++)
+            for (long j = 0; j < dim; j++) h[r * dim + j] = embed[ids[r] * dim + j];
     float *x = scratch, *y = x + b * dim, *q = y + b * qkv, *att = q + b * heads * d, *gu = att + b * heads * d;
     float *act = gu + 2 * b * inter, *scores = act + b * inter;
     /* each weight's layout: tiles where its ld is 0, else a transposed weight with that ld */
@@ -310,6 +317,13 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
     if (final_norm) { /* the final norm and the LM head: normed [b, dim], logits [b, vocab] */
         rms_norm(h, b, dim, final_norm, eps, normed);
         mm(normed, b, dim, lm_head, STEP(head_ld, dim), LD(head_ld), head_b, 0, vocab, logits, threads);
+        for (long r = 0; argmax && r < b; r++) {
+            const float *row = logits + r * vocab;
+            long best = 0;
+            for (long j = 1; j < vocab && !isnan(row[best]); j++)
+                if (row[j] > row[best] || isnan(row[j])) best = j;
+            argmax[r] = best;
+        }
     }
 #undef STEP
 #undef LD

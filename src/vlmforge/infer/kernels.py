@@ -116,7 +116,7 @@ def _build() -> ctypes.CDLL:
     lib.decode_scratch.argtypes = [n] * 7
     lib.decode_scratch.restype = n
     lib.decode_layers.argtypes = [p, n, n, n, p, p, n, n, n, n, p, p, p, n, p, p, n, n, n, ctypes.c_float]
-    lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int, p, p, n, p, n, p, p]
+    lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int, p, p, n, p, n, p, p, p, p, p]
     lib.decode_layers.restype = None
     return lib
 
@@ -416,6 +416,10 @@ class Stack:
         self.table = torch.tensor(rows, dtype=torch.int64)
         self.lds = torch.tensor(lds, dtype=torch.int64)
         self.eps, self.scale = float(eps), float(scale)
+        # `from_tokens`' state: the tensors last checked, its residual stream, normed rows and scratch
+        self._checked: tuple | None = None
+        self._h, self._normed = torch.empty(MAX_ROWS, dim), torch.empty(MAX_ROWS, dim)
+        self._scratch = torch.empty(0)
 
     @staticmethod
     def _layout(whose: str, w, b: torch.Tensor | None, out: int, inp: int) -> tuple[int, int, int]:
@@ -450,19 +454,75 @@ class Stack:
         `visible.positions`) → (h after them, a new tensor, through the final norm where the stack
         has it; the logits [B, vocab], or None without a head); keys, values: the cache [slots,
         layers, kv_heads, length, head_dim], rows contiguous, written at each sequence's position."""
-        dim, heads, kv_heads, d, inter = self.dims
+        dim = self.dims[0]
         b = h.shape[0]
-        for name, t in (("h", h), ("keys", keys), ("values", values), ("cos", cos), ("sin", sin)):
-            _float_cpu(name, t)
+        _float_cpu("h", h)
         if h.dim() != 2 or h.shape[1] != dim:
             raise ValueError(f"Stack: h [B, {dim}], got {tuple(h.shape)}")
-        layers = self.table.shape[0]
-        if keys.dim() != 5 or keys.shape[0] < b or keys.shape[1:] != (layers, kv_heads, keys.shape[3], d):
-            raise ValueError(f"Stack: a cache [>= {b}, {layers}, {kv_heads}, L, {d}], got {tuple(keys.shape)}")
-        if values.shape != keys.shape or keys.stride() != values.stride() or keys.stride()[3:] != (d, 1):
-            raise ValueError(f"Stack: keys and values alike with contiguous rows, got strides {keys.stride()}")
+        self._check(keys, values, cos, sin)
         if visible.counts.shape != (b,) or visible.most > min(keys.shape[3], cos.shape[0]):
             raise ValueError(f"Stack: {b} sequences of at most {keys.shape[3]} keys, got {visible.counts.tolist()}")
+        h = h.contiguous().clone()
+        scratch = torch.empty(self._scratch_size(b, visible.most))
+        normed, logits = (torch.empty(b, dim), torch.empty(b, self.vocab)) if self._final[0] else (None, None)
+        self._run(h, b, visible.counts.data_ptr(), visible.most, keys, values, cos, sin, scratch, normed, logits)
+        return (h, None) if normed is None else (normed, logits)
+
+    def from_tokens(
+        self,
+        embed: torch.Tensor,
+        ids: list[int],
+        counts: list[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """A decode step from each sequence's new token: `ids` (rows of the embedding table `embed`
+        [tokens, dim]), embedded in the same call, through the layers, the final norm and the head
+        → (the logits [B, vocab], a new tensor; each row's argmax, as torch's). `counts`: the keys
+        each sequence sees, its new token's the last (at position counts[i] - 1); keys, values,
+        cos, sin as `__call__` takes them. The engine's step: tensors are checked when they change
+        (the cache grows), and the scratch is kept, so that besides the C call a step costs a few
+        list operations."""
+        if not self._final[0]:
+            raise ValueError("Stack.from_tokens: the stack has no final norm and head")
+        b = len(ids)
+        if not 1 <= b <= MAX_ROWS or len(counts) != b:
+            raise ValueError(f"Stack.from_tokens: 1 to {MAX_ROWS} ids with a count each, got {b} and {len(counts)}")
+        checked = (embed, keys, values, cos, sin)
+        if self._checked is None or any(a is not c for a, c in zip(checked, self._checked)):
+            self._check(keys, values, cos, sin)
+            _float_cpu("the embedding table", embed)
+            if embed.dim() != 2 or embed.shape[1] != self.dims[0] or not embed.is_contiguous():
+                raise ValueError(
+                    f"Stack: a contiguous embedding table [tokens, {self.dims[0]}], got {tuple(embed.shape)}"
+                )
+            self._checked = checked
+        most = max(counts)
+        if min(counts) < 1 or most > min(keys.shape[3], cos.shape[0]):
+            raise ValueError(f"Stack: {b} sequences of 1 to {keys.shape[3]} keys, got {counts}")
+        if min(ids) < 0 or max(ids) >= embed.shape[0]:
+            raise ValueError(f"Stack: token ids must be in [0, {embed.shape[0]}), got {ids}")
+        need = self._scratch_size(b, most)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(2 * need)
+        logits = torch.empty(b, self.vocab)
+        longs = ctypes.c_long * b  # the lists as C arrays, alive through the call
+        best = longs()
+        args = (self._h, b, longs(*counts), most, keys, values, cos, sin, self._scratch, self._normed, logits)
+        self._run(*args, ids=longs(*ids), embed=embed, best=best)
+        return logits, best[:]
+
+    def _check(self, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        _, heads, kv_heads, d, _ = self.dims
+        for name, t in (("keys", keys), ("values", values), ("cos", cos), ("sin", sin)):
+            _float_cpu(name, t)
+        layers = self.table.shape[0]
+        if keys.dim() != 5 or keys.shape[1:] != (layers, kv_heads, keys.shape[3], d):
+            raise ValueError(f"Stack: a cache [slots, {layers}, {kv_heads}, L, {d}], got {tuple(keys.shape)}")
+        if values.shape != keys.shape or keys.stride() != values.stride() or keys.stride()[3:] != (d, 1):
+            raise ValueError(f"Stack: keys and values alike with contiguous rows, got strides {keys.stride()}")
         if (
             cos.shape != sin.shape
             or cos.dim() != 2
@@ -470,15 +530,23 @@ class Stack:
             or not (cos.is_contiguous() and sin.is_contiguous())
         ):
             raise ValueError(f"Stack: contiguous cos and sin tables [positions, {d}], got {tuple(cos.shape)}")
-        h = h.contiguous().clone()
-        scratch = torch.empty(self.lib.decode_scratch(b, dim, heads, kv_heads, d, inter, visible.most))
+
+    def _scratch_size(self, b: int, most: int) -> int:
+        dim, heads, kv_heads, d, inter = self.dims
+        return self.lib.decode_scratch(b, dim, heads, kv_heads, d, inter, most)
+
+    def _run(
+        self, h, b, counts, most, keys, values, cos, sin, scratch, normed, logits, ids=None, embed=None, best=None
+    ):
+        if keys.shape[0] < b:
+            raise ValueError(f"Stack: a cache of {keys.shape[0]} slots for {b} sequences")
+        dim, heads, kv_heads, d, inter = self.dims
         norm, head, head_ld, head_b = self._final
-        normed, logits = (torch.empty(b, dim), torch.empty(b, self.vocab)) if norm else (None, None)
         self.lib.decode_layers(
             h.data_ptr(),
             b,
             dim,
-            layers,
+            self.table.shape[0],
             self.table.data_ptr(),
             self.lds.data_ptr(),
             heads,
@@ -487,8 +555,8 @@ class Stack:
             inter,
             cos.data_ptr(),
             sin.data_ptr(),
-            visible.counts.data_ptr(),
-            visible.most,
+            counts,
+            most,
             keys.data_ptr(),
             values.data_ptr(),
             keys.stride(1),
@@ -503,7 +571,9 @@ class Stack:
             head_ld,
             head_b,
             self.vocab,
-            normed.data_ptr() if norm else 0,
-            logits.data_ptr() if norm else 0,
+            0 if normed is None else normed.data_ptr(),
+            0 if logits is None else logits.data_ptr(),
+            best,
+            ids,
+            0 if embed is None else embed.data_ptr(),
         )
-        return (h, None) if not norm else (normed, logits)

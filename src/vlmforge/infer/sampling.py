@@ -19,10 +19,10 @@ def filter_logits(logits: torch.Tensor, p) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: list, generators: list) -> list[int]:
-    """One token per row of `logits` [B, V]: the argmax where the temperature is 0, else drawn
-    with that row's generator (None: torch's global one)."""
-    out = logits.argmax(-1).tolist()
+def sample(logits: torch.Tensor, params: list, generators: list, greedy: list[int] | None = None) -> list[int]:
+    """One token per row of `logits` [B, V]: the argmax where the temperature is 0 (`greedy`, where
+    the step computed them already), else drawn with that row's generator (None: torch's global one)."""
+    out = logits.argmax(-1).tolist() if greedy is None else list(greedy)
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.temperature > 0:
             out[i] = int(torch.multinomial(filter_logits(logits[i], p).softmax(-1), 1, generator=g))
