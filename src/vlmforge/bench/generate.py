@@ -288,6 +288,7 @@ def _measure(cfg: GenerateBench) -> dict:
         eager_one = lean and engine.lm_forward.compiled is None
         result["one_kernels"] = engine.lm_forward.kernels(1) if eager_one else None
         result["one_row"] = engine.lm_forward.one_row if lean else None
+        result["many_rows"] = engine.lm_forward.many_rows if lean else None
         # the two sides take turns, a repeat each, with the machine's rates read again after each
         # turn: a machine's speed can move within a run, and both sides then see the same moments of it
         sides = {"engine": engine_repeats(vlm, engine, size, tokens, batch, repeats, seed=3000)}
@@ -441,6 +442,8 @@ def format_table(r: dict) -> str:
         lines.insert(-1, f"engine's one-sequence step, matmuls: {r['one_kernels']}")
     if r.get("one_row"):
         lines.insert(-1, f"engine's one row, by the weights kept as tiles: {r['one_row']}")
+    if r.get("many_rows"):
+        lines.insert(-1, f"engine's prefill, by the weights kept as tiles: {r['many_rows']}")
     if r.get("batch_kernels"):
         lines.insert(-1, f"engine's {n}-sequence step, matmuls: {r['batch_kernels']}")
     if r.get("batch_attention"):

@@ -59,7 +59,8 @@ class Weight:
     the rate of oneDNN's packed layout); where that kernel cannot be built, in oneDNN's packed layout
     (of `PACK_MIN` elements and more), read at 2 rows and more. One row reads the plain copy, or the
     tiles where `Decoder` measured them faster at one row on this machine (`one_row_tiles`); the
-    many rows of a prefill read the plain copy. bfloat16: oneDNN's packed layout reads ~2x faster at
+    many rows of a prefill read the plain copy, or the tiles up to `tile_rows` rows where `Decoder`
+    measured them faster at that many. bfloat16: oneDNN's packed layout reads ~2x faster at
     every row count, so it is the only one read; so it is with `plain` False too (a vision tower's
     weights, whose calls have many rows), and no plain copy or concatenation is kept beside it
     (extra rows are read only where a plain copy is: `Decoder` folds the rotation into the
@@ -80,6 +81,7 @@ class Weight:
             self.main = sum(m.out_features for m in mods)  # outputs before the extra rows
             self.packed, self.tiles, self.packed_only = None, None, False
             self.one_row_tiles = False  # one row reads the tiles too (`Decoder` measures which is faster)
+            self.tile_rows = kernels.MAX_ROWS  # the most rows that read the tiles (`Decoder` may raise it)
             if self.int8:  # extra: (int8 rows, scales) pairs
                 self.w = torch.cat([m.weight for m in mods] + [e[0] for e in extra])
                 self.scales = torch.cat([m.scales for m in mods] + [e[1] for e in extra])
@@ -127,7 +129,7 @@ class Weight:
     def plain_for(self, rows: int) -> bool:
         """Whether `rows` rows at once take the plain copy (always without a packed one or tiles)."""
         if self.tiles is not None:
-            return (rows == 1 and not self.one_row_tiles) or rows > kernels.MAX_ROWS
+            return (rows == 1 and not self.one_row_tiles) or rows > self.tile_rows
         return self.packed is None or (rows == 1 and not self.packed_only)
 
     def reads_packed(self, rows: int, n: int | None = None) -> bool:
@@ -147,7 +149,7 @@ class Weight:
             return "torch's matmul" + (f" (row tiles unavailable: {why})" if why else "")
         if self.tiles is not None:
             width = self.tiles.tiles.shape[-1]
-            return f"row tiles (`kernels.Tiles`, {width} outputs a tile; up to {kernels.MAX_ROWS} rows)"
+            return f"row tiles (`kernels.Tiles`, {width} outputs a tile; up to {self.tile_rows} rows)"
         why = kernels.why_unavailable()
         return "oneDNN's packed layout" + (f" (row tiles unavailable: {why})" if why else "")
 
@@ -201,30 +203,54 @@ def _tiled(w) -> bool:
     return isinstance(w, Weight) and w.tiles is not None
 
 
-def _one_row_tiles(weights: list[Weight], limit: int = 1 << 30, repeats: int = 5) -> tuple[bool, str]:
-    """(whether one row reads these weights faster as row tiles than torch's matmul reads their plain
-    copies, the two rates in words), measured now on up to `limit` bytes of them (~0.3 s for
-    SmolLM2): the tiles read at 1.9-2.7x the matmul's rate on an AMD AVX-512 machine and at 0.86x on an
-    Intel one (docs/engine.md)."""
+def _rates(weights: list[Weight], rows: int, limit: int, repeats: int = 5) -> tuple[float, float]:
+    """Bytes/s at which `rows` rows read these weights (up to `limit` bytes of them) as row tiles,
+    and as torch's matmul reads their plain copies: best of `repeats`, measured now."""
     picked, nbytes = [], 0
     for w in weights:
         if nbytes < limit:
             picked.append(w)
             nbytes += w.tiles.tiles.numel() * 4
-    rows = {w.tiles.inp: torch.ones(1, w.tiles.inp) for w in picked}
+    xs = {w.tiles.inp: torch.ones(rows, w.tiles.inp) for w in picked}
 
     def tiles() -> None:
         for w in picked:
-            w.tiles(rows[w.tiles.inp])
+            w.tiles(xs[w.tiles.inp])
 
     def matmul() -> None:
         for w in picked:
-            rows[w.tiles.inp] @ w.w[:, : w.main]
+            xs[w.tiles.inp] @ w.w[:, : w.main]
 
     with torch.no_grad():
-        t = nbytes / runtime.best_seconds(tiles, repeats)
-        m = nbytes / runtime.best_seconds(matmul, repeats)
+        return nbytes / runtime.best_seconds(tiles, repeats), nbytes / runtime.best_seconds(matmul, repeats)
+
+
+def _one_row_tiles(weights: list[Weight], limit: int = 1 << 30) -> tuple[bool, str]:
+    """(whether one row reads these weights faster as row tiles than torch's matmul reads their plain
+    copies, the two rates in words), measured now on up to `limit` bytes of them (~0.3 s for
+    SmolLM2): the tiles read at 1.9-2.7x the matmul's rate on an AMD AVX-512 machine and at 0.86x on an
+    Intel one (docs/engine.md)."""
+    t, m = _rates(weights, 1, limit)
     return t > m, f"tiles read at {t / 1e9:.1f} GB/s, torch's matmul at {m / 1e9:.1f}"
+
+
+TILE_ROWS = (64, 256)  # row counts past `kernels.MAX_ROWS` at which `_tile_rows` tries the tiles
+
+
+def _tile_rows(weights: list[Weight], limit: int = 1 << 25) -> tuple[int, str]:
+    """(the most rows, of `kernels.MAX_ROWS` and `TILE_ROWS`, up to which the tiles beat torch's
+    matmul at each count tried, the figures in words), measured now on up to `limit` bytes of the
+    weights (~0.5 s for SmolLM2). A prefill's rows are compute-bound, where torch's blocking won on an
+    Intel machine (236 rows 0.89x) and the tiles win on an AMD one (1.1-1.7x at 64-256 rows,
+    docs/engine.md)."""
+    most, said = kernels.MAX_ROWS, []
+    for rows in TILE_ROWS:
+        t, m = _rates(weights, rows, limit, repeats=3)
+        said.append(f"{rows} rows {t / m:.2f}x torch's matmul")
+        if t <= m:
+            break
+        most = rows
+    return most, ", ".join(said)
 
 
 def fusable(*mods: nn.Module) -> bool:
@@ -393,12 +419,15 @@ class Decoder:
         tiled = [w for L in self.layers for w in (L.w_qkv, L.w_o, L.w_gu, L.w_down) if _tiled(w)]
         tiled += [self.head_w] if _tiled(self.head_w) else []
         self.one_row, self.one_row_tiles = None, False  # how one row reads the tiled weights, and why (measured now)
+        self.many_rows = None  # up to how many rows the tiles are read, and why (measured now)
         if tiled:
             win, why = _one_row_tiles(tiled)
+            most, figures = _tile_rows(tiled)
             for w in tiled:
-                w.one_row_tiles = win
+                w.one_row_tiles, w.tile_rows = win, most
             self.one_row_tiles = win
             self.one_row = f"{'row tiles' if win else 'torch matmul on the plain copies'} ({why}; measured now)"
+            self.many_rows = f"row tiles up to {most} rows, torch's matmul past that ({figures}; measured now)"
         if compile:
             self.why_not_compiled = eligible(self.layers, param.dtype, param.device)
             if self.why_not_compiled is None and not isinstance(self.head_w, Weight):
