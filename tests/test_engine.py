@@ -85,6 +85,14 @@ def test_lean_tower_equals_the_towers_own_forward(model_cfg, feature_layer, pack
     assert out.shape == ref.shape == (3, m.vision.num_patches, m.vision.hidden_size)
     torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.max() - ref.min()), rtol=0)
     assert lean.runs(pixels) and not lean.runs(torch.rand(1, 3, side + 8, side))  # other sizes: the tower's own
+    if not packed:  # small weights: row tiles too, which one image's patches read where they are few
+        patches, weights = m.vision.num_patches, [lean.layers[0][i] for i in (1, 2, 4, 6)]
+        assert all(w.tiles is not None for w in weights)
+        assert lean.layers[0][1].reads_packed(patches) == (patches <= kernels.MAX_ROWS)
+        for layer in lean.layers:
+            for i in (1, 2, 4, 6):
+                layer[i].tile_rows = patches  # whatever the count: one image reads the tiles
+        torch.testing.assert_close(lean(pixels[:1]), ref[:1], atol=1e-5 * float(ref.max() - ref.min()), rtol=0)
     if packed:  # only the packed copy is kept (no plain one, no concatenated q/k/v), read at one row too
         _, qkv, o, _, fc1, _, fc2, *_ = lean.layers[0]
         assert all(w.w is None and w.packed_only for w in (qkv, o, fc1, fc2))

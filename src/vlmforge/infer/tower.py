@@ -29,10 +29,12 @@ from vlmforge.model.vision import vision_core
 
 
 def _weight(*mods) -> Weight:
-    """`mods` as one `Weight`: a transposed copy, or for a weight of `PACK_MIN` elements and more
-    only oneDNN's packed copy (a tower's calls have many rows, which read the packed one)."""
+    """`mods` as one `Weight`: for a weight of `PACK_MIN` elements and more only oneDNN's packed copy
+    (a large tower's calls have many rows, which read the packed one); a smaller one as a transposed
+    copy, and as row tiles too where the engine's kernels build (read by up to `kernels.MAX_ROWS`
+    rows: a small tower's patches of one image, 16 for the tiny preset's, ~1.8x torch's matmul)."""
     big = sum(m.weight.numel() for m in mods) >= decoder.PACK_MIN
-    return Weight(list(mods), copy=not big, pack=big, plain=not big)
+    return Weight(list(mods), copy=not big, pack=True, plain=not big)
 
 
 def gelu_kind(act) -> str | None:
