@@ -311,3 +311,19 @@ def test_the_library_is_built_once_into_the_cache_folder(rebuilt):
     stamp = built.stat().st_mtime_ns
     kernels._load.cache_clear()
     assert kernels.library() is not None and built.stat().st_mtime_ns == stamp  # taken from the cache
+
+
+def test_large_tiles_sit_from_a_huge_page_boundary_and_multiply_alike():
+    """A weight of 2 MB and more is laid out in memory advised for transparent huge pages, from a 2 MB
+    boundary (`huge_pages`), and multiplies as the small ones do; below a page, plain memory."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(1030, 1024, generator=g), torch.randn(1030, generator=g)  # 4 MB, no multiple of a tile
+    tiles = kernels.Tiles(w, b)
+    assert tiles.tiles.data_ptr() % kernels.HUGE_PAGE == 0
+    x = torch.randn(5, 1024, generator=g)
+    torch.testing.assert_close(tiles(x), x @ w.t() + b, rtol=1e-4, atol=1e-3)
+    small = kernels.huge_pages((3, 7))
+    assert small.shape == (3, 7) and small.dtype == torch.float32
+    big = kernels.huge_pages((2, 1 << 20))
+    big.fill_(1.5)
+    assert big.shape == (2, 1 << 20) and big.is_contiguous() and float(big.sum()) == 1.5 * 2 * (1 << 20)

@@ -150,12 +150,14 @@ def best_seconds(fn, repeats: int = 5) -> float:
     return best
 
 
-def read_rate(nbytes: int, repeats: int = 5) -> float:
+def read_rate(nbytes: int, repeats: int = 5, alloc=None) -> float:
     """Bytes/s at which this process reads a buffer of `nbytes` (at least 1 MB) once, best of
-    `repeats` (a sum over it): the machine's memory bound, for the weights a decode step streams."""
+    `repeats` (a sum over it): the machine's memory bound, for the weights a decode step streams.
+    `alloc(shape)`: the float32 buffer, in the kind of memory those weights sit in (default
+    `torch.empty`)."""
     import torch
 
-    buf = torch.ones(max(nbytes, 1 << 20) // 4)
+    buf = (alloc or torch.empty)((max(nbytes, 1 << 20) // 4,)).fill_(1.0)
     return buf.numel() * 4 / best_seconds(buf.sum, repeats)
 
 

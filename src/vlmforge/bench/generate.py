@@ -3,9 +3,10 @@
 In one run, on one model and one dtype:
 
 * **The machine's bounds, measured here**: the memory read rate over as many bytes as a decode
-  step reads (a sum over a buffer that size: the cache when the weights fit in it, DRAM when they
-  do not), and the matmul rate at the prefill's own shapes (prompt rows x the LM's width x its MLP
-  width, in the LM's dtype).
+  step reads (a sum over a buffer that size, in the memory the engine's tiles take,
+  `kernels.huge_pages`: the cache when the weights fit in it, DRAM when they do not), and the
+  matmul rate at the prefill's own shapes (prompt rows x the LM's width x its MLP width, in the
+  LM's dtype).
 * **The model's costs**: the bytes a decode step reads (the LM's weights, the input embeddings
   apart unless tied to the head, as stored: int8 rows and their scales for `int8`), the FLOPs of a
   token (2 per weight), and the FLOPs of a prefill with its image (counted by torch's
@@ -323,8 +324,10 @@ def _measure_bounds(result: dict) -> None:
     """Read the machine's rates once more (after a side's repeat): each bound takes the run's
     highest reading, so that a moment when the machine ran slowly cannot make a figure look closer
     to its bound."""
+    from vlmforge.infer.kernels import huge_pages
+
     b = result["bounds"]
-    b["read_rates"].append(runtime.read_rate(b["read_over_bytes"]))
+    b["read_rates"].append(runtime.read_rate(b["read_over_bytes"], alloc=huge_pages))
     b["matmul_rates"].append(matmul_rate(*b["matmul_shape"], _matmul_dtype(result["dtype"])))
 
 
@@ -365,6 +368,7 @@ def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) ->
     import torch
 
     from vlmforge.bench.common import machine
+    from vlmforge.infer.kernels import huge_pages
 
     cfg = vlm.causal_lm.config
     size = vlm.processor.size
@@ -381,7 +385,7 @@ def _costs(vlm, name: str, dtype: str, prefill: int, tokens: int, batch: int) ->
         "tokens": tokens,
         "batch": batch,
         "bounds": {  # each reading of the run: one now, one after each side's repeat (`_measure_bounds`)
-            "read_rates": [runtime.read_rate(nbytes)],
+            "read_rates": [runtime.read_rate(nbytes, alloc=huge_pages)],
             "read_over_bytes": nbytes,
             "matmul_rates": [matmul_rate(prompt_len, cfg.hidden_size, inter, _matmul_dtype(dtype))],
             "matmul_shape": [prompt_len, cfg.hidden_size, inter],
