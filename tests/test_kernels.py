@@ -72,9 +72,10 @@ def test_bad_input_is_refused_by_name():
 def test_attend_equals_masked_sdpa():
     """Views into a slot-major cache ([slots, layers, heads, length, dim], as `SlotCache` keeps it), each
     sequence seeing its own number of keys; query groups of 1 (no grouping) to 5, head dims the
-    kernel inlines (64, 128) and others, lengths below, at and past its 16-key blocks."""
+    kernel inlines (64, 128) and others (160: more than the 8 vectors of a value row it sums at once),
+    lengths below, at and past its 16-key blocks."""
     g = torch.Generator().manual_seed(1)
-    for b, h, group, d in [(1, 1, 1, 16), (8, 3, 3, 64), (2, 8, 4, 128), (3, 2, 5, 48)]:
+    for b, h, group, d in [(1, 1, 1, 16), (8, 3, 3, 64), (2, 8, 4, 128), (3, 2, 5, 48), (2, 1, 2, 160)]:
         for length in (1, 5, 16, 17, 40, 300):
             cache = torch.randn(2, b + 1, 3, h, length + 9, d, generator=g)  # [k/v, slots, layers, heads, L, dim]
             keys, values = cache[0, :b, 1, :, :length], cache[1, :b, 1, :, :length]
