@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from vlmforge import runtime
 from vlmforge.infer import kernels
+from vlmforge.infer.kv_cache import SlotCache
 
 
 @pytest.fixture
@@ -328,3 +329,20 @@ def test_large_tiles_sit_from_a_huge_page_boundary_and_multiply_alike():
     big = kernels.huge_pages((2, 1 << 20))
     big.fill_(1.5)
     assert big.shape == (2, 1 << 20) and big.is_contiguous() and float(big.sum()) == 1.5 * 2 * (1 << 20)
+    half = kernels.huge_pages((3, 1 << 20), torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.data_ptr() % kernels.HUGE_PAGE == 0
+
+
+def test_the_kv_cache_in_huge_pages_starts_at_zero_and_keeps_its_rows_as_it_grows():
+    """`SlotCache` with `huge_pages` (as the engine has it on a CPU): buffers of 2 MB and more from a
+    huge page's boundary, zero where nothing was written, and what was written kept when it grows."""
+    cache = SlotCache(2, 3, 64, torch.float32, torch.device("cpu"), alloc=kernels.huge_pages)
+    cache.reserve(2, 8)  # 24 KB a kind: plain memory
+    rows = torch.randn(2, 3, 64)
+    cache.put(1, 5, rows, -rows)
+    cache.reserve(4, 1024)  # 6 MB a kind
+    for kind, sign in ((cache.k_all, 1), (cache.v_all, -1)):
+        assert kind.data_ptr() % kernels.HUGE_PAGE == 0 and kind.shape == (4, 2, 3, 1024, 64)
+        assert torch.equal(kind[1, :, :, 5], sign * rows)
+        kind[1, :, :, 5] = 0
+        assert not kind.any()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from vlmforge.infer.decoder import Decoder
 from vlmforge.infer.detokenize import Detokenizer, byte_level_table
+from vlmforge.infer.kernels import huge_pages
 from vlmforge.infer.kv_cache import SlotCache
 from vlmforge.infer.prefix_cache import PrefixCache
 from vlmforge.infer.request import EngineBusy, Event, ImageInput, PromptTooLong, Request, SamplingParams
@@ -86,7 +87,9 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.lm_forward = Decoder(model, self.max_len, fast, compile, projections)
         self.head_w = self.lm_forward.head_w
-        self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device)
+        # on a CPU the cache sits in huge pages, as the weights' tiles do (`huge_pages`)
+        alloc = huge_pages if self.device.type == "cpu" else None
+        self.cache = SlotCache(cfg.num_hidden_layers, kv_heads, head_dim, self.dtype, self.device, alloc)
         self.max_batch, self.max_queue, self.max_prefills = max_batch, max_queue, max_prefills_per_step
         self.prefill_tokens = prefill_tokens
         self.tok = model.tokenizer

@@ -161,16 +161,17 @@ def _float_cpu(name: str, t: torch.Tensor) -> None:
 HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64
 
 
-def huge_pages(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor of `shape` in memory the kernel is asked to back with
+def huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised CPU tensor of `shape` and `dtype` in memory the kernel is asked to back with
     transparent huge pages (`madvise(MADV_HUGEPAGE)` before anything is written to it, from a 2 MB
     boundary), where it is at least one such page and the platform has them; else `torch.empty`. A
     decode step streams its weights once: with 4 KB pages every 4 KB of them costs a TLB miss, and on
     the AMD machine a sum over 538 MB read 1.04-1.11x faster from huge pages in its slow mode and
-    1.43x in its fast one (docs/engine.md). Where the kernel's setting is "never" this is plain memory."""
-    nbytes = math.prod(shape) * 4
+    1.43x in its fast one (docs/engine.md). The engine's KV cache takes them too (`attend` reads its
+    rows 1.05-1.11x faster). Where the kernel's setting is "never" this is plain memory."""
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape)
+        return torch.empty(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         region.madvise(mmap.MADV_HUGEPAGE)
@@ -178,7 +179,7 @@ def huge_pages(shape: tuple[int, ...]) -> torch.Tensor:
         pass
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as any view
     start = -raw.data_ptr() % HUGE_PAGE
-    return raw[start : start + nbytes].view(torch.float32).view(shape)
+    return raw[start : start + nbytes].view(dtype).view(shape)
 
 
 class Tiles:

@@ -22,8 +22,13 @@ class SlotCache:
     many slots there are: the compiled step's graph, which reads them, then serves any batch width
     without being compiled again."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, alloc: Callable | None = None
+    ):
+        """`alloc(shape, dtype)`: an uninitialised CPU tensor for the buffers (the engine's on a CPU:
+        `kernels.huge_pages`), zeroed here; default zeros by torch on `device`."""
         self.layers, self.kv_heads, self.head_dim, self.dtype, self.device = layers, kv_heads, head_dim, dtype, device
+        self.alloc = alloc
         self.slots, self.length = 0, 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -42,7 +47,10 @@ class SlotCache:
             new_l = max(min(new_l, max_length), length)
         shape = (new_s, self.layers, self.kv_heads, new_l, self.head_dim)
         for name in ("k", "v"):  # one tensor per kind; the per-layer buffers are its views
-            fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.alloc:
+                fresh = self.alloc(shape, self.dtype).zero_()
+            else:
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if self.slots:
                 fresh[: self.slots, :, :, : self.length] = getattr(self, f"{name}_all")
             setattr(self, f"{name}_all", fresh)
