@@ -67,11 +67,13 @@ static void tail(const float *x, long m, long k, const float *w, long ld, const 
 
 /* y = x @ W^T (+ b) (+ residual), W's tile i (outputs i*TW ..) from w + i * tile_step, input k of it
  * at + k * ld: tiles [ceil(n / TW), k, TW] (tile_step k * TW, ld TW), or a transposed weight [k, ld]
- * whose first n columns are read (tile_step TW). residual may be y itself. */
-static void mm(const float *x, long m, long k, const float *w, long tile_step, long ld, const float *bias,
-               const float *residual, long n, float *y, int threads) {
+ * whose first n columns are read (tile_step TW). residual may be y itself. The tiles are shared out
+ * among the threads of the parallel region it is called in (an orphaned `omp for`, whose end waits
+ * for all), or all run by the caller outside one; `mm` opens a region of its own. */
+static void mm_for(const float *x, long m, long k, const float *w, long tile_step, long ld, const float *bias,
+                   const float *residual, long n, float *y) {
     const long count = (n + TW - 1) / TW;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (long i = 0; i < count; i++) {
         const long col = i * TW, cols = n - col < TW ? n - col : TW;
         if (cols < TW && tile_step == TW) {
@@ -86,6 +88,12 @@ static void mm(const float *x, long m, long k, const float *w, long tile_step, l
     }
 }
 
+static void mm(const float *x, long m, long k, const float *w, long tile_step, long ld, const float *bias,
+               const float *residual, long n, float *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    mm_for(x, m, k, w, tile_step, ld, bias, residual, n, y);
+}
+
 /* x: [m, k] contiguous; tiles: [ceil(n / TW), k, TW] (outputs past n are zeros); bias: [n] or NULL;
  * residual: [m, n] contiguous, added to the product, or NULL; y: [m, n] contiguous; threads: torch's
  * count for the calling thread. */
@@ -94,8 +102,10 @@ void rowmm(const float *x, long m, long k, const float *tiles, const float *bias
     mm(x, m, k, tiles, k * TW, TW, bias, residual, n, y, threads);
 }
 
-/* rms_norm: y = x / sqrt(mean(x^2) + eps) * w, row by row; x, y: [m, d] contiguous. */
+/* rms_norm: y = x / sqrt(mean(x^2) + eps) * w, row by row; x, y: [m, d] contiguous. Rows shared out
+ * among the threads of an enclosing parallel region (as `mm_for`). */
 void rms_norm(const float *x, long m, long d, const float *w, float eps, float *y) {
+#pragma omp for schedule(static)
     for (long r = 0; r < m; r++) {
         const float *xr = x + r * d;
         float *yr = y + r * d, s = 0.f;
@@ -119,10 +129,12 @@ static inline void rotate(const float *x, const float *c, const float *s, long h
 /* rope_store: a decode step's projected q, k, v (y: [b, (h * g + 2 * h) * d] contiguous: the h * g
  * query heads, the h key heads, the h value heads), each row at its position pos[i] (cos, sin:
  * [positions, d] tables): q and k rotated, k and v written to the cache (rows of d floats from
- * k_cache + i * seq + j * head, row pos[i]; v_cache alike), q to q_out [b, h, g, d]. */
+ * k_cache + i * seq + j * head, row pos[i]; v_cache alike), q to q_out [b, h, g, d]. Rows shared
+ * out as `rms_norm`'s. */
 void rope_store(const float *y, long b, long h, long g, long d, const float *cos, const float *sin, const long *pos,
                 float *k_cache, float *v_cache, long seq, long head, float *q_out) {
     const long width = (h * g + 2 * h) * d;
+#pragma omp for schedule(static)
     for (long i = 0; i < b; i++) {
         const float *row = y + i * width, *c = cos + pos[i] * d, *s = sin + pos[i] * d;
         for (long j = 0; j < h * g; j++) rotate(row + j * d, c, s, d / 2, q_out + (i * h * g + j) * d);
@@ -258,10 +270,10 @@ static inline __attribute__((always_inline)) void pair(const float *q, long g, c
 /* q: [b, h, g, d] contiguous; keys of sequence i, head j: rows of d floats from k + i * seq + j * head
  * (values alike from v); n[i] of them visible (1 or more); out: [b, h, g, d]; scratch: b * h * g *
  * (longest n rounded up to 16) floats; d a multiple of 16. */
-void attend(const float *q, long b, long h, long g, long d, const float *k, const float *v, long seq, long head,
-            const long *n, float scale, float *out, float *scratch, long longest, int threads) {
+static void attend_for(const float *q, long b, long h, long g, long d, const float *k, const float *v, long seq,
+                       long head, const long *n, float scale, float *out, float *scratch, long longest) {
     const long padded = (longest + 15) & ~15L;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp for schedule(dynamic, 1)
     for (long p = 0; p < b * h; p++) {
         const long i = p / h, j = p % h, at = i * seq + j * head;
         float *s = scratch + p * g * padded;
@@ -274,9 +286,14 @@ void attend(const float *q, long b, long h, long g, long d, const float *k, cons
     }
 }
 
-/* x = silu(gate) * up for one row gu = [gate | up] (k each): SwiGLU's activation, as Llama's MLP has it */
-static void swiglu(const float *gu, long k, float *x) {
-    const float *g = gu, *u = gu + k;
+void attend(const float *q, long b, long h, long g, long d, const float *k, const float *v, long seq, long head,
+            const long *n, float scale, float *out, float *scratch, long longest, int threads) {
+#pragma omp parallel num_threads(threads)
+    attend_for(q, b, h, g, d, k, v, seq, head, n, scale, out, scratch, longest);
+}
+
+/* x = silu(g) * u for k values: SwiGLU's activation, as Llama's MLP has it */
+static void swiglu(const float *g, const float *u, long k, float *x) {
     long j = 0;
     for (; j + 16 <= k; j += 16) { /* silu(g) = g / (1 + e^-g), as g e^g / (1 + e^g) below 0 */
         const vf a = *(const vf *)(g + j), e = exp16(pick(a >= 0.f, -a, a));
@@ -289,7 +306,7 @@ static void swiglu(const float *gu, long k, float *x) {
  * x computed into scratch [m, k] first (SwiGLU's down projection). */
 void rowmm_swiglu(const float *gu, long m, long k, float *scratch, const float *tiles, const float *bias,
                   const float *residual, long n, float *y, int threads) {
-    for (long r = 0; r < m; r++) swiglu(gu + r * 2 * k, k, scratch + r * k);
+    for (long r = 0; r < m; r++) swiglu(gu + r * 2 * k, gu + r * 2 * k + k, k, scratch + r * k);
     rowmm(scratch, m, k, tiles, bias, residual, n, y, threads);
 }
 
@@ -306,6 +323,7 @@ void rowmm_swiglu(const float *gu, long m, long k, float *scratch, const float *
  * first NaN where there is one). With ids (else 0): h is first each sequence's token's row of the
  * embedding table embed [*, dim]. */
 enum { N1, QKV, QKV_B, O, O_B, N2, GU, GU_B, DOWN, DOWN_B, LAYER_PTRS };
+#define SWIGLU_SEGMENT 64 /* activations a thread computes at a time (a multiple of 16) */
 
 long decode_scratch(long b, long dim, long heads, long kv_heads, long d, long inter, long longest) {
     const long qkv = (heads + 2 * kv_heads) * d, padded = (longest + 15) & ~15L;
@@ -319,39 +337,55 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
                    const float *head_b, long vocab, float *normed, float *logits, long *argmax, const long *ids,
                    const float *embed) {
     const long g = heads / kv_heads, qkv = (heads + 2 * kv_heads) * d;
+    const long segments = (inter + SWIGLU_SEGMENT - 1) / SWIGLU_SEGMENT; /* of each row's activation */
     long pos[b];
     for (long i = 0; i < b; i++) pos[i] = n[i] - 1;
-    if (ids)
-        for (long r = 0; r < b; r++)
-            for (long j = 0; j < dim; j++) h[r * dim + j] = embed[ids[r] * dim + j];
     float *x = scratch, *y = x + b * dim, *q = y + b * qkv, *att = q + b * heads * d, *gu = att + b * heads * d;
     float *act = gu + 2 * b * inter, *scores = act + b * inter;
     /* each weight's layout: tiles where its ld is 0, else a transposed weight with that ld */
 #define STEP(ld, k) ((ld) ? TW : (k) * TW)
 #define LD(ld) ((ld) ? (ld) : TW)
     const long qkv_ld = lds[0], o_ld = lds[1], gu_ld = lds[2], down_ld = lds[3];
-    for (long l = 0; l < layers; l++) {
-        const float *const *w = (const float *const *)(table + l * LAYER_PTRS);
-        float *kl = k_all + l * layer, *vl = v_all + l * layer;
-        rms_norm(h, b, dim, w[N1], eps, x);
-        mm(x, b, dim, w[QKV], STEP(qkv_ld, dim), LD(qkv_ld), w[QKV_B], 0, qkv, y, threads);
-        rope_store(y, b, kv_heads, g, d, cos, sin, pos, kl, vl, seq, head, q);
-        attend(q, b, kv_heads, g, d, kl, vl, seq, head, n, scale, att, scores, longest, threads);
-        mm(att, b, heads * d, w[O], STEP(o_ld, heads * d), LD(o_ld), w[O_B], h, dim, h, threads);
-        rms_norm(h, b, dim, w[N2], eps, x);
-        mm(x, b, dim, w[GU], STEP(gu_ld, dim), LD(gu_ld), w[GU_B], 0, 2 * inter, gu, threads);
-        for (long r = 0; r < b; r++) swiglu(gu + r * 2 * inter, inter, act + r * inter);
-        mm(act, b, inter, w[DOWN], STEP(down_ld, inter), LD(down_ld), w[DOWN_B], h, dim, h, threads);
-    }
-    if (final_norm) { /* the final norm and the LM head: normed [b, dim], logits [b, vocab] */
-        rms_norm(h, b, dim, final_norm, eps, normed);
-        mm(normed, b, dim, lm_head, STEP(head_ld, dim), LD(head_ld), head_b, 0, vocab, logits, threads);
-        for (long r = 0; argmax && r < b; r++) {
-            const float *row = logits + r * vocab;
-            long best = 0;
-            for (long j = 1; j < vocab && !isnan(row[best]); j++)
-                if (row[j] > row[best] || isnan(row[j])) best = j;
-            argmax[r] = best;
+    /* one parallel region for the whole step: each operation's rows, tiles or (sequence, head) pairs
+     * shared out among its threads, which wait for each other at the end of each (omp for) */
+#pragma omp parallel num_threads(threads)
+    {
+        if (ids) {
+#pragma omp for schedule(static)
+            for (long r = 0; r < b; r++)
+                for (long j = 0; j < dim; j++) h[r * dim + j] = embed[ids[r] * dim + j];
+        }
+        for (long l = 0; l < layers; l++) {
+            const float *const *w = (const float *const *)(table + l * LAYER_PTRS);
+            float *kl = k_all + l * layer, *vl = v_all + l * layer;
+            rms_norm(h, b, dim, w[N1], eps, x);
+            mm_for(x, b, dim, w[QKV], STEP(qkv_ld, dim), LD(qkv_ld), w[QKV_B], 0, qkv, y);
+            rope_store(y, b, kv_heads, g, d, cos, sin, pos, kl, vl, seq, head, q);
+            attend_for(q, b, kv_heads, g, d, kl, vl, seq, head, n, scale, att, scores, longest);
+            mm_for(att, b, heads * d, w[O], STEP(o_ld, heads * d), LD(o_ld), w[O_B], h, dim, h);
+            rms_norm(h, b, dim, w[N2], eps, x);
+            mm_for(x, b, dim, w[GU], STEP(gu_ld, dim), LD(gu_ld), w[GU_B], 0, 2 * inter, gu);
+#pragma omp for schedule(static)
+            for (long i = 0; i < b * segments; i++) {
+                const long r = i / segments, j = i % segments * SWIGLU_SEGMENT;
+                const long count = inter - j < SWIGLU_SEGMENT ? inter - j : SWIGLU_SEGMENT;
+                swiglu(gu + r * 2 * inter + j, gu + r * 2 * inter + inter + j, count, act + r * inter + j);
+            }
+            mm_for(act, b, inter, w[DOWN], STEP(down_ld, inter), LD(down_ld), w[DOWN_B], h, dim, h);
+        }
+        if (final_norm) { /* the final norm and the LM head: normed [b, dim], logits [b, vocab] */
+            rms_norm(h, b, dim, final_norm, eps, normed);
+            mm_for(normed, b, dim, lm_head, STEP(head_ld, dim), LD(head_ld), head_b, 0, vocab, logits);
+            if (argmax) {
+#pragma omp for schedule(static)
+                for (long r = 0; r < b; r++) {
+                    const float *row = logits + r * vocab;
+                    long best = 0;
+                    for (long j = 1; j < vocab && !isnan(row[best]); j++)
+                        if (row[j] > row[best] || isnan(row[j])) best = j;
+                    argmax[r] = best;
+                }
+            }
         }
     }
 #undef STEP
