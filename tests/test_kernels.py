@@ -232,12 +232,31 @@ def test_stack_equals_the_layers_by_torch(layout):
         torch.testing.assert_close(stepped, logits, rtol=1e-5, atol=1e-5)
         assert best == stepped.argmax(-1).tolist()
         torch.testing.assert_close(cache_3, want_cache, rtol=1e-5, atol=1e-5)
-    # the greedy tokens as torch's argmax picks them: the first of equal logits, else the first NaN
-    for bias, want in (([0.0, 3, 3, 1, 3], 1), ([0.0, 3, 3, float("nan"), 3, float("nan")], 3)):
+    # the greedy tokens as torch's argmax picks them: the first of equal logits, else the first NaN;
+    # in rows of 40, past the kernel's 16 lanes: equal maxima in other lanes and blocks, a larger one
+    # in the last (partial) block, NaNs there or in a block, a row of -inf
+    nan, inf = float("nan"), float("inf")
+
+    def row(*at):
+        out = [0.0] * 40
+        for i, v in at:
+            out[i] = v
+        return out
+
+    for bias, want in (
+        ([0.0, 3, 3, 1, 3], 1),
+        ([0.0, 3, 3, nan, 3, nan], 3),
+        (row((20, 3), (7, 3), (35, 3), (23, 3)), 7),
+        (row((20, 3), (7, 3), (38, 5)), 38),
+        (row((3, 9), (25, nan), (30, nan), (36, nan)), 25),
+        (row((3, 9), (36, nan), (39, nan)), 36),
+        (row((0, nan), (3, 9)), 0),
+        ([-inf] * 40, 0),
+    ):
         flat = (norm, tiles_bias(torch.zeros(len(bias), dim), torch.tensor(bias)))
         tied = kernels.Stack(layer_weights, heads, kv_heads, d, inter, eps, scale, flat, len(bias))
-        _, best = tied.from_tokens(embed, [3, 4], [1, 2], cache[0], cache[1], cos, sin)
-        assert best == [want, want]
+        logits, best = tied.from_tokens(embed, [3, 4], [1, 2], cache[0], cache[1], cos, sin)
+        assert best == [want, want] == logits.argmax(-1).tolist(), bias
     with pytest.raises(ValueError, match=r"Stack: h \[B, 96\], got \(2, 95\)"):
         stack(torch.ones(2, 95), kernels.Visible(torch.tensor([1, 1])), cache[0], cache[1], cos, sin)
     with pytest.raises(ValueError, match=r"Stack: a cache \[slots, 3, 2, L, 16\]"):

@@ -310,6 +310,35 @@ void rowmm_swiglu(const float *gu, long m, long k, float *scratch, const float *
     rowmm(scratch, m, k, tiles, bias, residual, n, y, threads);
 }
 
+/* the index of row's largest of n values as torch's argmax has it: the first of equal maxima, or the
+ * first NaN where there is one. Sixteen lanes keep their largest value and where it first came. */
+static long first_max(const float *row, long n) {
+    long best = 0, j = 0;
+    float top = row[0];
+    if (n >= 16) {
+        const vi step = (vi){0} + 16;
+        vf m = *(const vf *)row;
+        vi at = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, here = at, nan = m != m;
+        for (j = 16; j + 16 <= n; j += 16) {
+            const vf x = *(const vf *)(row + j);
+            here += step;
+            const vi more = x > m;
+            m = pick(more, x, m);
+            at = (at & ~more) | (here & more);
+            nan |= x != x;
+        }
+        top = m[0], best = at[0];
+        for (int l = 1; l < 16; l++)
+            if (m[l] > top || (m[l] == top && at[l] < best)) top = m[l], best = at[l];
+        for (int l = 0; l < 16; l++)
+            if (nan[l]) j = 0; /* a NaN: the scalar scan below from the start finds the first */
+        if (!j) top = row[0], best = 0;
+    }
+    for (long i = j ? j : 1; i < n && !isnan(top); i++)
+        if (row[i] > top || isnan(row[i])) top = row[i], best = i;
+    return best;
+}
+
 /* decode_layers: a decode step's whole layer stack for b sequences, one new token each, Llama's layer
  * (the residual stream h [b, D] updated in place):
  *   h += o(attend(rope_store(qkv(rms_norm(h)))));  h += down(silu(gate) * up), [gate | up] = gu(rms_norm(h))
@@ -378,13 +407,7 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
             mm_for(normed, b, dim, lm_head, STEP(head_ld, dim), LD(head_ld), head_b, 0, vocab, logits);
             if (argmax) {
 #pragma omp for schedule(static)
-                for (long r = 0; r < b; r++) {
-                    const float *row = logits + r * vocab;
-                    long best = 0;
-                    for (long j = 1; j < vocab && !isnan(row[best]); j++)
-                        if (row[j] > row[best] || isnan(row[j])) best = j;
-                    argmax[r] = best;
-                }
+                for (long r = 0; r < b; r++) argmax[r] = first_max(logits + r * vocab, vocab);
             }
         }
     }
