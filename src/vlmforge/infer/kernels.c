@@ -199,14 +199,19 @@ static inline vf exp16(vf x) {
  * in out between blocks: 1.4-2x faster from the caches than summing each row over all its values
  * (docs/engine.md). */
 #define MAXC 8 /* 16-float vectors of a value row summed in registers at once: head dims to 128 */
+
+/* the rows ROWS_AHEAD past rows t0 .. t0 + count - 1 of D floats each, asked for from memory */
+static inline void prefetch_rows(const float *rows, long t0, long count, long D) {
+    for (long t = 0; t < count; t++)
+        for (long c = 0; c < D; c += 16) __builtin_prefetch(rows + (t0 + t + ROWS_AHEAD) * D + c);
+}
 static inline __attribute__((always_inline)) void pair(const float *q, long g, const long D, const float *k,
                                                         const float *v, long len, float scale, float *s, float *out) {
     const long padded = (len + 15) & ~15L, chunks = D / 16;
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (long t0 = 0; t0 < padded; t0 += 16) {
         const long count = len - t0 < 16 ? len - t0 : 16;
-        for (long t = 0; t < count; t++)
-            for (long c = 0; c < D; c += 16) __builtin_prefetch(k + (t0 + t + ROWS_AHEAD) * D + c);
+        prefetch_rows(k, t0, count, D);
         const float *kb = k + t0 * D;
         for (long r = 0; r < g; r++) {
             const float *qr = q + r * D;
@@ -247,8 +252,7 @@ static inline __attribute__((always_inline)) void pair(const float *q, long g, c
     }
     for (long t0 = 0; t0 < len; t0 += 16) {
         const long count = len - t0 < 16 ? len - t0 : 16;
-        for (long t = 0; t < count; t++)
-            for (long c = 0; c < D; c += 16) __builtin_prefetch(v + (t0 + t + ROWS_AHEAD) * D + c);
+        prefetch_rows(v, t0, count, D);
         const float *vb = v + t0 * D;
         for (long r = 0; r < g; r++) {
             const float *p = s + r * padded + t0;
