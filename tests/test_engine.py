@@ -272,6 +272,43 @@ def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
         assert r.text == vlm.tokenizer.decode(r.tokens, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("faster", ["tiles", "plain copies"])
+def test_one_row_takes_the_stack_on_the_layout_whose_step_was_faster(vlm, faster, monkeypatch):
+    """A one-sequence decode step goes through the stack, which reads the weights' tiles or their
+    plain copies, whichever made its step faster when the engine was built (here made to win by
+    turns); the model with cross-attention, which the stack does not take, reads at one row what
+    read faster by the operations' own matmul. Either way the tokens are transformers' own."""
+    steps = []
+
+    def timed(dec, stacks):
+        steps.append(len(stacks))
+        return [1.0, 2.0] if faster == "tiles" else [2.0, 1.0]
+
+    monkeypatch.setattr(decoder, "_one_row_step", timed)
+    engine = Engine(vlm, prefix_cache_tokens=0)
+    dec = engine.lm_forward
+    stack, why = dec.stack(1)
+    if vlm.cross_attention:
+        assert stack is None and "cross-attention" in why and not steps
+        assert "torch's matmul at" in dec.one_row and "measured now" in dec.one_row
+        assert not dec.kernels(1).startswith("the layers in one call")
+    else:
+        assert steps == [2], "the two layouts' steps were timed"
+        tiles = faster == "tiles"
+        lds = set(stack.lds.tolist())  # each kind of projection's row length: 0 for tiles
+        assert (lds == {0}) if tiles else (0 not in lds)
+        assert (stack._final[2] == 0) == tiles  # the head's layout too
+        ms = "1000.00 ms on the tiles, 2000.00" if tiles else "2000.00 ms on the tiles, 1000.00"
+        layout = "row tiles" if tiles else "its kernel on the plain copies"
+        assert dec.one_row == f"the stack, reading {layout} (a step {ms} ms on the plain copies; measured now)"
+        word = "row tiles (`kernels.Tiles`" if tiles else "the engine's kernel on the plain copy"
+        said = "the layers in one call (`kernels.Stack`); q/k/v, o, gate/up, down, head: " + word
+        assert dec.kernels(1).startswith(said)
+    p, img = prompts(vlm, QUESTIONS[:1]), [image("green")]
+    got = engine.generate(p, [img], SamplingParams(max_tokens=8))[0].tokens
+    assert got == vlm.generate(p, pixel_values=vlm.processor.views(img[0]), max_new_tokens=8)[0]
+
+
 def test_repeated_image_reuses_features_and_prefix(vlm):
     eng = Engine(vlm)
     p = prompts(vlm, QUESTIONS[:2])

@@ -139,14 +139,23 @@ def matmul_peak(n_threads: int | None = None, sizes=(512, 1024, 2048), repeats: 
 
 def best_seconds(fn, repeats: int = 5) -> float:
     """The shortest of `repeats` timed calls of `fn`, after one untimed call to warm it up."""
+    return best_seconds_each([fn], repeats)[0]
+
+
+def best_seconds_each(fns, repeats: int = 5) -> list[float]:
+    """The shortest of `repeats` timed calls of each of `fns`, after an untimed call of each to warm
+    it up; the calls take turns, so that a machine whose speed moves within a process shows each
+    function the same moments of it."""
     import time
 
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t0)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 

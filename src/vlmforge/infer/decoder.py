@@ -19,6 +19,7 @@ to, as their hooks would.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -222,7 +223,21 @@ def _rates(weights: list[Weight], rows: int, limit: int, repeats: int = 5) -> tu
             xs[w.tiles.inp] @ w.w[:, : w.main]
 
     with torch.no_grad():
-        return nbytes / runtime.best_seconds(tiles, repeats), nbytes / runtime.best_seconds(matmul, repeats)
+        t, m = runtime.best_seconds_each([tiles, matmul], repeats)
+    return nbytes / t, nbytes / m
+
+
+def _one_row_step(decoder, stacks: list[kernels.Stack], keys: int = 16, repeats: int = 3) -> list[float]:
+    """Seconds of one sequence's decode step through each of `stacks`, best of `repeats` (the stacks
+    taking turns), on a scratch cache of `keys` keys: the weights' read is what differs between them."""
+    keys = min(keys, decoder.cos.shape[0])
+    shape = (1, len(decoder.layers), decoder.kv_heads, keys, decoder.head_dim)
+    k, v = torch.zeros(shape), torch.zeros(shape)
+    h = torch.zeros(1, stacks[0].dims[0])
+    visible = kernels.Visible(torch.tensor([keys]))
+    calls = [functools.partial(s, h, visible, k, v, decoder.cos, decoder.sin) for s in stacks]
+    with torch.no_grad():
+        return runtime.best_seconds_each(calls, repeats)
 
 
 def _one_row_tiles(weights: list[Weight], limit: int = 1 << 30) -> tuple[bool, str]:
@@ -421,12 +436,9 @@ class Decoder:
         self.one_row, self.one_row_tiles = None, False  # how one row reads the tiled weights, and why (measured now)
         self.many_rows = None  # up to how many rows the tiles are read, and why (measured now)
         if tiled:
-            win, why = _one_row_tiles(tiled)
             most, figures = _tile_rows(tiled)
             for w in tiled:
-                w.one_row_tiles, w.tile_rows = win, most
-            self.one_row_tiles = win
-            self.one_row = f"{'row tiles' if win else 'torch matmul on the plain copies'} ({why}; measured now)"
+                w.tile_rows = most
             self.many_rows = f"row tiles up to {most} rows, torch's matmul past that ({figures}; measured now)"
         if compile:
             self.why_not_compiled = eligible(self.layers, param.dtype, param.device)
@@ -434,13 +446,42 @@ class Decoder:
                 self.why_not_compiled = "the LM head is not a plain linear layer"
             if self.why_not_compiled is None:
                 self.compiled = CompiledStep(self, head, projections)
+        if tiled:
+            self._pick_one_row(tiled)
+
+    def _pick_one_row(self, tiled: list[Weight]) -> None:
+        """How one row reads the tiled weights (`one_row`, in words, `one_row_tiles`), measured now.
+        Where the stack takes a one-sequence step (`stack`), it does, reading the tiles or the plain
+        copies, whichever made its step faster (`_one_row_step`): on an Intel AVX-512 machine the stack
+        on the tiles took SmolLM2's step at 1.34x the operations' rate, though torch's matmul alone
+        read the plain copies at 1.05x the tiles' rate (the operations' ~300 calls a step cost more,
+        docs/engine.md). Elsewhere (a compiled one-row step, cross-attention) the operations read the
+        tiles or torch's matmul the plain copies, whichever reads faster (`_one_row_tiles`)."""
+        if self.compiled is None:
+            built = {tiles: self._build_stack(1, tiles) for tiles in (True, False)}
+            ran = {tiles: stack for tiles, (stack, _) in built.items() if stack is not None}
+            if ran:
+                seconds = dict(zip(ran, _one_row_step(self, list(ran.values()))))
+                win = min(seconds, key=seconds.get)
+                self._stacks[True] = built[win]
+                on = {True: "tiles", False: "plain copies"}
+                said = ", ".join(f"{seconds[t] * 1e3:.2f} ms on the {on[t]}" for t in seconds)
+                layout = "row tiles" if win else "its kernel on the plain copies"
+                self._pick(tiled, win, f"the stack, reading {layout} (a step {said}; measured now)")
+                return
+        win, why = _one_row_tiles(tiled)
+        self._pick(tiled, win, f"{'row tiles' if win else 'torch matmul on the plain copies'} ({why}; measured now)")
+
+    def _pick(self, tiled: list[Weight], tiles: bool, said: str) -> None:
+        for w in tiled:
+            w.one_row_tiles = tiles
+        self.one_row_tiles, self.one_row = tiles, said
 
     def stack(self, rows: int) -> tuple[kernels.Stack | None, str | None]:
         """(the layer stack as one call of the engine's kernels for a decode step of `rows` (1 to
         `kernels.MAX_ROWS`) sequences, None), or (None, why not). `kernels.Stack` reads each weight
-        as the weight itself would at that many rows: its tiles, or its plain copy; one row of a model
-        whose tiles read slower than torch's matmul at one row (`one_row`) keeps the operations
-        apart, whose matmul then reads the plain copies."""
+        as the weight itself would at that many rows: its tiles, or its plain copy; at one row, the
+        layout that made the stack's step faster (`one_row`)."""
         if not 1 <= rows <= kernels.MAX_ROWS:
             return None, f"{rows} rows (the stack takes 1 to {kernels.MAX_ROWS})"
         one = rows == 1
@@ -448,12 +489,12 @@ class Decoder:
             self._stacks[one] = self._build_stack(rows)
         return self._stacks[one]
 
-    def _build_stack(self, rows: int) -> tuple[kernels.Stack | None, str | None]:
+    def _build_stack(self, rows: int, tiles: bool | None = None) -> tuple[kernels.Stack | None, str | None]:
+        """The stack for `rows` rows, reading each weight's tiles where `tiles` (None: where the
+        weight itself would at that many rows), else its plain copy; or (None, why not)."""
         why = kernels.attendable(self.cos.dtype, self.cos.device, self.head_dim)  # the LM's dtype and device
         if why is not None:
             return None, why
-        if rows == 1 and self.one_row is not None and not self.one_row_tiles:
-            return None, f"one row reads {self.one_row}"
         layers, eps, scale = [], set(), set()
         for i, L in enumerate(self.layers):
             ws = (L.w_qkv, L.w_o, L.w_gu, L.w_down)
@@ -467,7 +508,7 @@ class Decoder:
                 return None, f"layer {i}'s norms are not float32 RMS norms"
             picked = []
             for w in ws:
-                if w.tiles is not None and w.reads_packed(rows, w.main):
+                if w.tiles is not None and (w.reads_packed(rows, w.main) if tiles is None else tiles):
                     picked.append((w.tiles, None))
                 elif w.w is not None:
                     picked.append((w.w, w.b))
@@ -481,7 +522,7 @@ class Decoder:
             return None, "the layers' norms or attention scales differ"
         final, vocab, norm, hw = None, 0, _own_rms(self.hf.norm), self.head_w
         if norm is not None and norm[1] in eps and isinstance(hw, Weight) and not hw.int8:  # the head goes too
-            if hw.tiles is not None and hw.reads_packed(rows, hw.main):
+            if hw.tiles is not None and (hw.reads_packed(rows, hw.main) if tiles is None else tiles):
                 final, vocab = (norm[0], (hw.tiles, None)), hw.main
             elif hw.w is not None:
                 final, vocab = (norm[0], (hw.w, hw.b)), hw.main
