@@ -13,6 +13,7 @@ from torch import nn
 
 from vlmforge.infer.engine import Engine
 from vlmforge.infer.request import SamplingParams
+from vlmforge.model import quant
 from vlmforge.model.quant import Int8Linear, quantize
 
 QUESTIONS = ["what is it?", "describe the picture in many words please", "color?", "how many shapes are there"]
@@ -131,6 +132,24 @@ def test_int8_linear_matches_its_dequantized_weight_at_any_width_and_row_count(r
     want = x @ q.dequantized().t() + linear.bias
     got = q(x)
     assert got.shape == (rows, 96) and (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_a_prefills_int8_matmul_runs_in_the_dtype_whose_matmul_was_faster(faster, monkeypatch):
+    """Past `KERNEL_ROWS` rows the int8 weight meets the rows in bfloat16 or in float32, whichever
+    matmul was faster when first asked (here made to win by turns): float32 then agrees with the
+    dequantized weight to float32's rounding, bfloat16 to its own."""
+    monkeypatch.setattr(quant, "_PREFILL", [])
+    timed = {"float32": [1.0, 2.0], "bfloat16": [2.0, 1.0]}[faster]  # (float32's, bfloat16's) seconds
+    monkeypatch.setattr(quant.runtime, "best_seconds_each", lambda fns, repeats=5: timed)
+    assert quant.prefill_dtype() == getattr(torch, faster)
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=True)
+    q = Int8Linear(linear)
+    x = torch.randn(quant.KERNEL_ROWS + 8, 128)
+    want = x @ q.dequantized().t() + linear.bias
+    err = float((q(x) - want).abs().max() / want.abs().max())
+    assert err < 1e-5 if faster == "float32" else 1e-4 < err < 0.02, err
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -332,10 +332,12 @@ def _measure_bounds(result: dict) -> None:
 
 
 def _matmul_dtype(dtype: str):
-    """The dtype a prefill's matmuls run in for LM weights of `dtype` (int8's prefill runs in bfloat16)."""
+    """The dtype a prefill's matmuls run in for LM weights of `dtype` (int8's: `quant.prefill_dtype`)."""
     import torch
 
-    return torch.float32 if dtype == "float32" else torch.bfloat16
+    from vlmforge.model.quant import prefill_dtype
+
+    return prefill_dtype() if dtype == "int8" else getattr(torch, dtype)
 
 
 def _compiled(engine) -> str:

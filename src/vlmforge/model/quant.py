@@ -5,7 +5,8 @@
   becomes an `Int8Linear`: int8 weights with one scale per output row (symmetric, max-abs / 127),
   multiplied by torch's own CPU kernel (`aten._weight_int8pack_mm`, activations in bfloat16, as
   torchao's int8 weight-only mode does) up to `KERNEL_ROWS` rows; a prefill's many rows take the
-  bfloat16 matmul on the weight cast for the call; on other devices the weight is dequantized per call.
+  bfloat16 or the float32 matmul, whichever is faster on this CPU (`prefill_dtype`), on the weight
+  cast for the call; on other devices the weight is dequantized per call.
   The input embeddings stay as they are (a decode step reads one row of them).
 
 LoRA adapters are merged into the LM first (the quantized weights are the adapted ones). What is
@@ -17,14 +18,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmforge import runtime
 from vlmforge.config import check_choice
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
 
-# Up to this many rows torch's int8 kernel is the fastest; beyond (a prefill), the weight is cast to
-# bfloat16 for the call and multiplied by the bfloat16 matmul (6x faster at 236 rows here).
+# Up to this many rows torch's int8 kernel is the fastest; beyond (a prefill), the weight is cast for
+# the call and multiplied by the bfloat16 or the float32 matmul (`prefill_dtype`).
 KERNEL_ROWS = 16
+_PREFILL: list[torch.dtype] = []  # `prefill_dtype`'s answer, measured once per process
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dtype in which int8 weights meet a prefill's many rows on the CPU: bfloat16 where torch's
+    bfloat16 matmul is faster than its float32 one here (with the CPU's bfloat16 instructions: 1848
+    against 271 GFLOP/s on one), else float32 (an Intel AVX-512 CPU without them: 63 against 255);
+    measured once, at a prefill's shape (236 x 576 x 1536, taking turns, ~20 ms)."""
+    if not _PREFILL:
+        a, b = torch.randn(236, 576), torch.randn(576, 1536)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        f32, bf16 = runtime.best_seconds_each([lambda: torch.mm(a, b), lambda: torch.mm(a16, b16)], 3)
+        _PREFILL.append(torch.bfloat16 if bf16 < f32 else torch.float32)
+    return _PREFILL[0]
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -33,7 +49,8 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     if x.device.type == "cpu" and x.shape[0] <= KERNEL_ROWS and x.shape[1] % 16 == 0:
         return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales).to(x.dtype)
     if x.device.type == "cpu":
-        y = torch.mm(x.to(torch.bfloat16), weight.to(torch.bfloat16).t())
+        wide = prefill_dtype()
+        y = torch.mm(x.to(wide), weight.to(wide).t())
         return (y.float() * scales.float()).to(x.dtype)
     return torch.mm(x, weight.to(x.dtype).t()) * scales.to(x.dtype)
 
