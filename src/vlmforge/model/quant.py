@@ -36,7 +36,7 @@ def prefill_dtype() -> torch.dtype:
     against 271 GFLOP/s on one), else float32 (an Intel AVX-512 CPU without them: 63 against 255);
     measured once, at a prefill's shape (236 x 576 x 1536, taking turns, ~20 ms)."""
     if not _PREFILL:
-        a, b = torch.randn(236, 576), torch.randn(576, 1536)
+        a, b = torch.full((236, 576), 0.5), torch.full((576, 1536), 0.25)  # not randn: leave the RNG be
         a16, b16 = a.bfloat16(), b.bfloat16()
         f32, bf16 = runtime.best_seconds_each([lambda: torch.mm(a, b), lambda: torch.mm(a16, b16)], 3)
         _PREFILL.append(torch.bfloat16 if bf16 < f32 else torch.float32)
@@ -100,6 +100,8 @@ def quantize(vlm, dtype: str = "float32"):
             for child_name, child in list(module.named_children()):
                 if type(child) is nn.Linear:
                     setattr(module, child_name, Int8Linear(child))
+    if next(lm.parameters()).device.type == "cpu":
+        prefill_dtype()  # measured now, at load, so that no request's prefill pays for it
     return vlm
 
 
