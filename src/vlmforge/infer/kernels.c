@@ -5,7 +5,8 @@
  * rowmm: y = x @ W^T (+ b) for a few rows of x, reading each weight once. W is stored in tiles of TW outputs: tile i is [K, TW], the weights of outputs i*TW .. i*TW+TW-1,
  * input by input, so a tile is one contiguous stream. Each tile is read once for up to RB rows of
  * x, whose TW outputs stay in vector registers; more rows take the tile again, from the caches.
- * Threads (OpenMP, torch's own runtime) take the tiles in contiguous runs. */
+ * Threads (OpenMP, torch's own runtime) take the tiles in contiguous runs. The hardware prefetches
+ * the stream: on the AMD machine prefetching 4 KB ahead in software made 8 rows slower (docs/engine.md). */
 #include <math.h>
 #include <stddef.h>
 
@@ -25,11 +26,8 @@ int rowmm_tile_width(void) { return TW; }
         float acc[R][TW];                                                                              \
         for (int r = 0; r < R; r++)                                                                    \
             for (int j = 0; j < TW; j++) acc[r][j] = bias ? (j < cols ? bias[j] : 0.f) : 0.f;          \
-        const long ahead = 32 * ld; /* 32 inputs ahead: 4 KB of a 32-wide tile */                      \
         for (long k = 0; k < k_in; k++) {                                                              \
             const float *w = tile + k * ld;                                                            \
-            __builtin_prefetch(w + ahead);                                                             \
-            __builtin_prefetch(w + ahead + 16);                                                        \
             for (int r = 0; r < R; r++) {                                                              \
                 const float a = x[r * k_in + k];                                                       \
                 _Pragma("omp simd") for (int j = 0; j < TW; j++) acc[r][j] += a * w[j];                \
@@ -149,26 +147,32 @@ void rope_store(const float *y, long b, long h, long g, long d, const float *cos
 /* attend: one new query token per sequence over its cached keys and values (a decode step), the g
  * query heads that share a key/value head together, so each key and value row is read from memory
  * once for all g. Two passes over a (sequence, head) pair: scores of 16 keys at a time (their dot
- * products summed across vector lanes in one tree), an exact softmax over them, then the values. */
+ * products summed across vector lanes in one tree), an exact softmax over them, then the values.
+ * The rows are not prefetched in software: on the AMD machine the hardware's prefetch alone read
+ * them faster (docs/engine.md). */
 typedef float vf __attribute__((vector_size(64), aligned(4))); /* 16 floats; loads need not be aligned */
 typedef int vi __attribute__((vector_size(64), aligned(4)));
 #define SHUF __builtin_shufflevector
-#define ROWS_AHEAD 16 /* key and value rows prefetched ahead */
 
-/* the sums of a[0] .. a[15]'s lanes, as lanes 0 .. 15 of one vector */
-static inline vf sums16(const vf *a) {
-    vf b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++)
-        b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; i++)
-        c[i] = SHUF(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               SHUF(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++)
-        d[i] = SHUF(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               SHUF(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return SHUF(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           SHUF(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+/* the levels of a tree that sums 16 vectors' lanes into lanes 0 .. 15 of one vector: each merges two
+ * vectors into one, every input's lanes summed down to half as many. Sixteen dot products go through
+ * it as they come, four at a time (in `pair`): gcc kept an array of all sixteen in memory, and from
+ * memory the attention took 0.8x the time on the AMD machine (docs/engine.md). */
+static inline vf merge1(vf x, vf y) {
+    return SHUF(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUF(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline vf merge2(vf x, vf y) {
+    return SHUF(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           SHUF(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+static inline vf merge3(vf x, vf y) {
+    return SHUF(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           SHUF(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+static inline vf merge4(vf x, vf y) {
+    return SHUF(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUF(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 static inline vf pick(vi keep, vf a, vf b) { return (vf)(((vi)a & keep) | ((vi)b & ~keep)); }
@@ -200,37 +204,31 @@ static inline vf exp16(vf x) {
  * (docs/engine.md). */
 #define MAXC 8 /* 16-float vectors of a value row summed in registers at once: head dims to 128 */
 
-/* the rows ROWS_AHEAD past rows t0 .. t0 + count - 1 of D floats each, asked for from memory */
-static inline void prefetch_rows(const float *rows, long t0, long count, long D) {
-    for (long t = 0; t < count; t++)
-        for (long c = 0; c < D; c += 16) __builtin_prefetch(rows + (t0 + t + ROWS_AHEAD) * D + c);
-}
 static inline __attribute__((always_inline)) void pair(const float *q, long g, const long D, const float *k,
                                                         const float *v, long len, float scale, float *s, float *out) {
     const long padded = (len + 15) & ~15L, chunks = D / 16;
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (long t0 = 0; t0 < padded; t0 += 16) {
         const long count = len - t0 < 16 ? len - t0 : 16;
-        prefetch_rows(k, t0, count, D);
         const float *kb = k + t0 * D;
         for (long r = 0; r < g; r++) {
             const float *qr = q + r * D;
-            vf dots[16];
-            if (count == 16) {
-                for (long t = 0; t < 16; t++) {
-                    vf a = *(const vf *)qr * *(const vf *)(kb + t * D);
-                    for (long c = 1; c < chunks; c++) a += *(const vf *)(qr + 16 * c) * *(const vf *)(kb + t * D + 16 * c);
-                    dots[t] = a;
-                }
-            } else {
-                for (long t = 0; t < 16; t++) {
+            vf quads[4];
+            for (long u = 0; u < 4; u++) {
+                vf dots[4];
+                for (long j = 0; j < 4; j++) {
+                    const long t = 4 * u + j;
                     vf a = {0};
-                    if (t < count)
-                        for (long c = 0; c < chunks; c++) a += *(const vf *)(qr + 16 * c) * *(const vf *)(kb + t * D + 16 * c);
-                    dots[t] = a;
+                    if (t < count) {
+                        a = *(const vf *)qr * *(const vf *)(kb + t * D);
+                        for (long c = 1; c < chunks; c++) a += *(const vf *)(qr + 16 * c) * *(const vf *)(kb + t * D + 16 * c);
+                    }
+                    dots[j] = a;
                 }
+                quads[u] = merge2(merge1(dots[0], dots[1]), merge1(dots[2], dots[3]));
             }
-            *(vf *)(s + r * padded + t0) = pick(lane < (int)count, sums16(dots) * scale, (vf){0} - INFINITY);
+            const vf sums = merge4(merge3(quads[0], quads[1]), merge3(quads[2], quads[3]));
+            *(vf *)(s + r * padded + t0) = pick(lane < (int)count, sums * scale, (vf){0} - INFINITY);
         }
     }
     float z[g];
@@ -252,7 +250,6 @@ static inline __attribute__((always_inline)) void pair(const float *q, long g, c
     }
     for (long t0 = 0; t0 < len; t0 += 16) {
         const long count = len - t0 < 16 ? len - t0 : 16;
-        prefetch_rows(v, t0, count, D);
         const float *vb = v + t0 * D;
         for (long r = 0; r < g; r++) {
             const float *p = s + r * padded + t0;
