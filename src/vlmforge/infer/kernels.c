@@ -156,8 +156,8 @@ typedef int vi __attribute__((vector_size(64), aligned(4)));
 
 /* the levels of a tree that sums 16 vectors' lanes into lanes 0 .. 15 of one vector: each merges two
  * vectors into one, every input's lanes summed down to half as many. Sixteen dot products go through
- * it as they come, four at a time (in `pair`): gcc kept an array of all sixteen in memory, and from
- * memory the attention took 0.8x the time on the AMD machine (docs/engine.md). */
+ * it as they come, four at a time (in `pair`): gcc kept an array of all sixteen in memory, and the
+ * attention from memory took 0.92x the time on the AMD machine (docs/engine.md). */
 static inline vf merge1(vf x, vf y) {
     return SHUF(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
            SHUF(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
