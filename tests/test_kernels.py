@@ -178,14 +178,23 @@ def _reference_step(weights, h, counts, keys, values, cos, sin, heads, kv_heads,
     return h
 
 
+@pytest.fixture
+def keep_threads():
+    """torch's thread count, restored after the test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("layout", ["tiles", "transposed"])
-def test_stack_equals_the_layers_by_torch(layout):
+def test_stack_equals_the_layers_by_torch(layout, keep_threads):
     """`Stack`: a decode step's whole layer stack in one call equals Llama's layers by torch's operations
     (the cache written at each sequence's own position, nothing else in it touched), for 1 to 11
-    sequences, with the weights as tiles or as transposed copies with more columns than are read
-    (the folded rotation's rows) and widths that are no multiple of a tile; and so do the final
-    norm and the LM head where the stack takes them too, and the engine's step from token ids
-    (`from_tokens`: the embedding too, the scratch kept from one call to the next)."""
+    sequences on 1 to 3 threads (each with rows of its own in the scratch), with the weights as tiles
+    or as transposed copies with more columns than are read (the folded rotation's rows) and widths
+    that are no multiple of a tile; and so do the final norm and the LM head where the stack takes
+    them too, and the engine's step from token ids (`from_tokens`: the embedding too, the scratch
+    kept from one call to the next)."""
     g = torch.Generator().manual_seed(5)
     layers, dim, heads, kv_heads, d, inter, eps, scale = 3, 96, 6, 2, 16, 172, 1e-5, 0.25
     weights = _llama_layers(g, layers, dim, heads, kv_heads, d, inter, bias=True)
@@ -211,7 +220,8 @@ def test_stack_equals_the_layers_by_torch(layout):
     final = (norm, tiles_bias(head, head_b))
     headed = kernels.Stack(layer_weights, heads, kv_heads, d, inter, eps, scale, final, 101)
     embed = torch.randn(50, dim, generator=g)
-    for b in (1, 3, 8, 11):
+    for b, n in ((1, 2), (3, 3), (8, 2), (11, 1)):  # on n threads, each with rows of its own
+        torch.set_num_threads(n)
         cache = torch.randn(2, b + 1, layers, kv_heads, 40, d, generator=g)  # [k/v, slots, layers, heads, L, d]
         counts = torch.randint(1, 40, (b,), generator=g)
         ids = torch.randint(0, len(embed), (b,), generator=g)

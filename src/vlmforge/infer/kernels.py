@@ -115,7 +115,7 @@ def _build() -> ctypes.CDLL:
     lib.attend.restype = None
     lib.rope_store.argtypes = [p, n, n, n, n, p, p, p, p, p, n, n, p]
     lib.rope_store.restype = None
-    lib.decode_scratch.argtypes = [n] * 7
+    lib.decode_scratch.argtypes = [n] * 8
     lib.decode_scratch.restype = n
     lib.decode_layers.argtypes = [p, n, n, n, p, p, n, n, n, n, p, p, p, n, p, p, n, n, n, ctypes.c_float]
     lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int, p, p, n, p, n, p, p, p, p, p]
@@ -490,9 +490,11 @@ class Stack:
         if visible.counts.shape != (b,) or visible.most > min(keys.shape[3], cos.shape[0]):
             raise ValueError(f"Stack: {b} sequences of at most {keys.shape[3]} keys, got {visible.counts.tolist()}")
         h = h.contiguous().clone()
-        scratch = torch.empty(self._scratch_size(b, visible.most))
+        threads = _threads()
+        scratch = torch.empty(self._scratch_size(b, visible.most, threads))
         normed, logits = (torch.empty(b, dim), torch.empty(b, self.vocab)) if self._final[0] else (None, None)
-        self._run(h, b, visible.counts.data_ptr(), visible.most, keys, values, cos, sin, scratch, normed, logits)
+        args = (h, b, visible.counts.data_ptr(), visible.most, keys, values, cos, sin, scratch, normed, logits)
+        self._run(*args, threads=threads)
         return (h, None) if normed is None else (normed, logits)
 
     def from_tokens(
@@ -531,14 +533,15 @@ class Stack:
             raise ValueError(f"Stack: {b} sequences of 1 to {keys.shape[3]} keys, got {counts}")
         if min(ids) < 0 or max(ids) >= embed.shape[0]:
             raise ValueError(f"Stack: token ids must be in [0, {embed.shape[0]}), got {ids}")
-        need = self._scratch_size(b, most)
+        threads = _threads()
+        need = self._scratch_size(b, most, threads)
         if self._scratch.numel() < need:
             self._scratch = torch.empty(2 * need)
         logits = torch.empty(b, self.vocab)
         longs = ctypes.c_long * b  # the lists as C arrays, alive through the call
         best = longs()
         args = (self._h, b, longs(*counts), most, keys, values, cos, sin, self._scratch, self._normed, logits)
-        self._run(*args, ids=longs(*ids), embed=embed, best=best)
+        self._run(*args, threads=threads, ids=longs(*ids), embed=embed, best=best)
         return logits, best[:]
 
     def _check(self, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -558,13 +561,31 @@ class Stack:
         ):
             raise ValueError(f"Stack: contiguous cos and sin tables [positions, {d}], got {tuple(cos.shape)}")
 
-    def _scratch_size(self, b: int, most: int) -> int:
+    def _scratch_size(self, b: int, most: int, threads: int) -> int:
+        """Floats of scratch for b sequences of at most `most` keys on `threads` threads (each has
+        rows of its own)."""
         dim, heads, kv_heads, d, inter = self.dims
-        return self.lib.decode_scratch(b, dim, heads, kv_heads, d, inter, most)
+        return self.lib.decode_scratch(b, dim, heads, kv_heads, d, inter, most, threads)
 
     def _run(
-        self, h, b, counts, most, keys, values, cos, sin, scratch, normed, logits, ids=None, embed=None, best=None
+        self,
+        h,
+        b,
+        counts,
+        most,
+        keys,
+        values,
+        cos,
+        sin,
+        scratch,
+        normed,
+        logits,
+        threads,
+        ids=None,
+        embed=None,
+        best=None,
     ):
+        """decode_layers; `scratch` sized for `threads` (`_scratch_size`)."""
         if keys.shape[0] < b:
             raise ValueError(f"Stack: a cache of {keys.shape[0]} slots for {b} sequences")
         dim, heads, kv_heads, d, inter = self.dims
@@ -592,7 +613,7 @@ class Stack:
             self.eps,
             self.scale,
             scratch.data_ptr(),
-            _threads(),
+            threads,
             norm,
             head,
             head_ld,
