@@ -144,7 +144,8 @@ static void rope_pair(const float *y, long i, long j, long h, long g, long d, co
 void rope_store(const float *y, long b, long h, long g, long d, const float *cos, const float *sin, const long *pos,
                 float *k_cache, float *v_cache, long seq, long head, float *q_out) {
 #pragma omp for schedule(static)
-    for (long p = 0; p < b * h; p++) rope_pair(y, p / h, p % h, h, g, d, cos, sin, pos, k_cache, v_cache, seq, head, q_out);
+    for (long p = 0; p < b * h; p++)
+        rope_pair(y, p / h, p % h, h, g, d, cos, sin, pos, k_cache, v_cache, seq, head, q_out);
 }
 
 /* attend: one new query token per sequence over its cached keys and values (a decode step), the g
@@ -271,10 +272,7 @@ static inline __attribute__((always_inline)) void pair(const float *q, long g, c
         for (long c = 0; c < chunks; c++) *(vf *)(out + r * D + 16 * c) /= z[r];
 }
 
-/* q: [b, h, g, d] contiguous; keys of sequence i, head j: rows of d floats from k + i * seq + j * head
- * (values alike from v); n[i] of them visible (1 or more); out: [b, h, g, d]; scratch: b * h * g *
- * (longest n rounded up to 16) floats; d a multiple of 16. */
-/* pair p = (sequence i, key head j) of attend's arguments */
+/* pair p = (sequence i, key head j) of attend's arguments (below) */
 static void attend_pair(const float *q, long p, long h, long g, long d, const float *k, const float *v, long seq,
                         long head, const long *n, float scale, float *out, float *scratch, long longest) {
     const long i = p / h, at = i * seq + p % h * head;
@@ -287,6 +285,9 @@ static void attend_pair(const float *q, long p, long h, long g, long d, const fl
         pair(q + p * g * d, g, d, k + at, v + at, n[i], scale, s, out + p * g * d);
 }
 
+/* q: [b, h, g, d] contiguous; keys of sequence i, head j: rows of d floats from k + i * seq + j * head
+ * (values alike from v); n[i] of them visible (1 or more); out: [b, h, g, d]; scratch: b * h * g *
+ * (longest n rounded up to 16) floats; d a multiple of 16. */
 static void attend_for(const float *q, long b, long h, long g, long d, const float *k, const float *v, long seq,
                        long head, const long *n, float scale, float *out, float *scratch, long longest) {
 #pragma omp for schedule(dynamic, 1)
@@ -353,11 +354,11 @@ static long first_max(const float *row, long n) {
  * as tiles (tile_step k * TW, ld TW) or as transposed weights [k, ld] (their *_ld > 0: tile_step TW),
  * o likewise. k_all, v_all: the cache, layer l's keys of sequence i, head j from
  * k_all + l * layer + i * seq + j * head; n[i] keys visible to sequence i, its new token the last.
- * scratch: decode_scratch(...) floats (threads: as many as it is called with). With final_norm (else 0): the final norm into normed [b, dim]
- * and the LM head (vocab outputs, laid out as head_ld says) into logits [b, vocab], and with argmax
- * (else 0) each row's greedy token into argmax [b] (as torch's argmax: the first of equal maxima, the
- * first NaN where there is one). With ids (else 0): h is first each sequence's token's row of the
- * embedding table embed [*, dim]. */
+ * scratch: decode_scratch(...) floats (its threads: as many as decode_layers is called with). With
+ * final_norm (else 0): the final norm into normed [b, dim] and the LM head (vocab outputs, laid out
+ * as head_ld says) into logits [b, vocab], and with argmax (else 0) each row's greedy token into
+ * argmax [b] (as torch's argmax: the first of equal maxima, the first NaN where there is one). With
+ * ids (else 0): h is first each sequence's token's row of the embedding table embed [*, dim]. */
 enum { N1, QKV, QKV_B, O, O_B, N2, GU, GU_B, DOWN, DOWN_B, LAYER_PTRS };
 
 long decode_scratch(long b, long dim, long heads, long kv_heads, long d, long inter, long longest, long threads) {
@@ -408,7 +409,8 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
             mm_for(att, b, heads * d, w[O], STEP(o_ld, heads * d), LD(o_ld), w[O_B], h, dim, h);
             for (long r = 0; r < b; r++) norm_row(h + r * dim, dim, w[N2], eps, x + r * dim);
             mm_for(x, b, dim, w[GU], STEP(gu_ld, dim), LD(gu_ld), w[GU_B], 0, 2 * inter, gu);
-            for (long r = 0; r < b; r++) swiglu(gu + r * 2 * inter, gu + r * 2 * inter + inter, inter, act + r * inter);
+            for (long r = 0; r < b; r++)
+                swiglu(gu + r * 2 * inter, gu + r * 2 * inter + inter, inter, act + r * inter);
             mm_for(act, b, inter, w[DOWN], STEP(down_ld, inter), LD(down_ld), w[DOWN_B], h, dim, h);
         }
         if (final_norm) { /* the final norm and the LM head: normed [b, dim], logits [b, vocab] */
