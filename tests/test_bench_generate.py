@@ -47,6 +47,8 @@ def test_bench_generate_puts_each_figure_beside_its_measured_bound(vlm, tmp_path
     assert r["batch_kernels"] == "q/k/v, o, gate/up, down, head: torch's int8 kernel"
     assert f"engine's 2-sequence step, matmuls: {r['batch_kernels']}" in table
     assert f"engine's 2-sequence step, attention: {r['batch_attention']}" in table
+    assert r["tower"] == "the engine's kernels, the encoder in one call (`kernels.Encoder`)"  # small: one call
+    assert f"engine's vision tower: {r['tower']}" in table
 
 
 def test_bench_generate_vs_llama_cpp_on_a_model_it_cannot_run_says_why_in_one_line(model_cfg, tmp_path, capsys):

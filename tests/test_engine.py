@@ -85,7 +85,12 @@ def test_lean_tower_equals_the_towers_own_forward(model_cfg, feature_layer, pack
     assert out.shape == ref.shape == (3, m.vision.num_patches, m.vision.hidden_size)
     torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.max() - ref.min()), rtol=0)
     assert lean.runs(pixels) and not lean.runs(torch.rand(1, 3, side + 8, side))  # other sizes: the tower's own
-    if not packed:  # small weights: row tiles too, which one image's patches read where they are few
+    # small weights: the whole encoder in one call of the engine's kernels (`out` above); large ones not
+    assert (lean.encoder is None) == packed
+    assert lean.why_no_encoder == ("weights too large for row tiles" if packed else None)
+    if not packed:  # the layers operation by operation too, reading row tiles where the patches are few
+        lean.encoder = None
+        torch.testing.assert_close(lean(pixels), ref, atol=1e-5 * float(ref.max() - ref.min()), rtol=0)
         patches, weights = m.vision.num_patches, [lean.layers[0][i] for i in (1, 2, 4, 6)]
         assert all(w.tiles is not None for w in weights)
         assert lean.layers[0][1].reads_packed(patches) == (patches <= kernels.MAX_ROWS)

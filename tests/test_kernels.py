@@ -292,6 +292,71 @@ def test_stack_equals_the_layers_by_torch(layout, keep_threads):
         kernels.Stack(bad, heads, kv_heads, d, inter, eps, scale)
 
 
+def _vit_layers(g, layers, dim, inter):
+    """Random weights of SigLIP's layer: (norm 1 (w, b), q/k/v, its bias, o, its bias, norm 2 (w, b),
+    fc1, its bias, fc2, its bias)."""
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+
+    def norm():
+        return 1 + 0.1 * torch.randn(dim, generator=g), 0.1 * torch.randn(dim, generator=g)
+
+    out = []
+    for _ in range(layers):
+        n1, qkv, bqkv, o, bo = norm(), rand(3 * dim, dim), rand(3 * dim), rand(dim, dim), rand(dim)
+        out.append((n1, qkv, bqkv, o, bo, norm(), rand(inter, dim), rand(inter), rand(dim, inter), rand(dim)))
+    return out
+
+
+def _reference_encoder(patches, embed, embed_b, pos, weights, heads, eps, scale, gelu, post):
+    """SigLIP's encoder by torch's operations."""
+    n, p, _ = patches.shape
+    h = patches @ embed.t() + embed_b + pos
+    for n1, wqkv, bqkv, wo, bo, n2, w1, b1, w2, b2 in weights:
+        x = F.layer_norm(h, h.shape[-1:], *n1, eps)
+        q, k, v = (x @ wqkv.t() + bqkv).view(n, p, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(n, p, -1)
+        h = h + att @ wo.t() + bo
+        x = F.layer_norm(h, h.shape[-1:], *n2, eps)
+        h = h + F.gelu(x @ w1.t() + b1, approximate=gelu) @ w2.t() + b2
+    return h if post is None else F.layer_norm(h, h.shape[-1:], *post, eps)
+
+
+@pytest.mark.parametrize("heads,d", [(3, 16), (2, 48), (1, 64)])
+def test_encoder_equals_the_layers_by_torch(heads, d, keep_threads):
+    """`Encoder`: a small ViT's encoder in one call equals SigLIP's layers by torch's operations, for
+    1 to 3 images of 5 or 20 patches (no multiple of 16: the attention's padded blocks) on 1 to 3
+    threads, with either GELU, with and without the final norm, widths no multiple of a tile; the
+    head dims: one of 16, one the attention's generic code takes (48), one it inlines (64)."""
+    g = torch.Generator().manual_seed(11)
+    dim, inter, cpp, eps, scale = heads * d, 72, 27, 1e-6, d**-0.5
+    weights = _vit_layers(g, 2, dim, inter)
+    embed, embed_b = torch.randn(dim, cpp, generator=g) / cpp**0.5, torch.randn(dim, generator=g)
+    post = (1 + 0.1 * torch.randn(dim, generator=g), 0.1 * torch.randn(dim, generator=g))
+    layers = [
+        (n1, kernels.Tiles(wqkv, bqkv), kernels.Tiles(wo, bo), n2, kernels.Tiles(w1, b1), kernels.Tiles(w2, b2))
+        for n1, wqkv, bqkv, wo, bo, n2, w1, b1, w2, b2 in weights
+    ]
+    for n, p, threads, gelu, final in ((1, 5, 2, "tanh", post), (3, 20, 3, "none", None), (2, 5, 1, "tanh", None)):
+        torch.set_num_threads(threads)
+        pos = torch.randn(p, dim, generator=g)
+        enc = kernels.Encoder(kernels.Tiles(embed, embed_b), pos, layers, heads, eps, scale, gelu, final)
+        patches = torch.randn(n, p, cpp, generator=g)
+        want = _reference_encoder(patches, embed, embed_b, pos, weights, heads, eps, scale, gelu, final)
+        torch.testing.assert_close(enc(patches), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"Encoder: patches \[N, 5, 27\], got \(1, 6, 27\)"):
+        kernels.Encoder(kernels.Tiles(embed, embed_b), pos, layers, heads, eps, scale, "tanh")(torch.ones(1, 6, 27))
+    with pytest.raises(ValueError, match=r"Encoder: a GELU approximation 'tanh' or 'none', not 'relu'"):
+        kernels.Encoder(kernels.Tiles(embed, embed_b), pos, layers, heads, eps, scale, "relu")
+    with pytest.raises(ValueError, match=rf"layer 1's projections must be tiles of \[{inter}, {dim}\]"):
+        bad = list(layers)
+        bad[1] = (*bad[1][:4], kernels.Tiles(torch.ones(inter, dim + 1)), bad[1][5])
+        kernels.Encoder(kernels.Tiles(embed, embed_b), pos, bad, heads, eps, scale, "tanh")
+    with pytest.raises(ValueError, match=r"a head dim that is a multiple of 16"):
+        kernels.Encoder(kernels.Tiles(embed, embed_b), pos, layers, dim // 8, eps, scale, "tanh")
+
+
 def test_attend_and_rms_norm_refuse_bad_input_by_name():
     q, kv = torch.ones(2, 3, 2, 64), torch.ones(2, 3, 10, 64)
     few = kernels.Visible(torch.tensor([10, 4]))

@@ -290,6 +290,7 @@ def _measure(cfg: GenerateBench) -> dict:
         result["one_kernels"] = engine.lm_forward.kernels(1) if eager_one else None
         result["one_row"] = engine.lm_forward.one_row if lean else None
         result["many_rows"] = engine.lm_forward.many_rows if lean else None
+        result["tower"] = engine.vision.how()
         # the two sides take turns, a repeat each, with the machine's rates read again after each
         # turn: a machine's speed can move within a run, and both sides then see the same moments of it
         sides = {"engine": engine_repeats(vlm, engine, size, tokens, batch, repeats, seed=3000)}
@@ -442,6 +443,8 @@ def format_table(r: dict) -> str:
         f"{c['token_flops'] / 1e9:.3f} GFLOP per token; prefill with the image {c['prefill_flops'] / 1e9:.2f} GFLOP",
         "",
     ]
+    if r.get("tower"):
+        lines.insert(-1, f"engine's vision tower: {r['tower']}")
     if r.get("compiled"):
         lines.insert(-1, f"engine's one-sequence decode step: {r['compiled']}")
     if r.get("one_kernels"):

@@ -425,3 +425,101 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
 #undef STEP
 #undef LD
 }
+
+/* encode_layers: a small vision tower's (SigLIP's) whole encoder for n images of p patches each, in
+ * one call: rows = n * p, the residual stream h [rows, dim],
+ *   h = patches @ E + b + pos;  per layer: h += o(attention(qkv(ln1(h))));  h += fc2(gelu(fc1(ln2(h))))
+ * and, with post_w (else 0), the final layer norm into out [rows, dim]. Each projection is read as
+ * tiles ([ceil(out / TW), in, TW], `rowmm`'s) with its bias (or 0): patches [rows, cpp] by E, pos
+ * [p, dim]; table: per layer, ENC_PTRS addresses (below). The attention: each (image, head) pair's
+ * p patches over the same p, as `pair` takes a head's g query rows (d a multiple of 16), from copies
+ * into the thread's own rows. gelu: 1 the tanh approximation, 0 the exact one (erf). Each thread
+ * normalises every row, and takes the activation of every row, into rows of its own, as
+ * decode_layers does. scratch: encode_scratch(...) floats. A tower this small spends more in the
+ * dispatch of its ~10 operations a layer than in their arithmetic (docs/engine.md). */
+enum { LN1_W, LN1_B, E_QKV, E_QKV_B, E_O, E_O_B, LN2_W, LN2_B, FC1, FC1_B, FC2, FC2_B, ENC_PTRS };
+
+static void layer_norm_row(const float *x, long d, const float *w, const float *b, float eps, float *y) {
+    float s = 0.f, v = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (long j = 0; j < d; j++) s += x[j];
+    const float mean = s / d;
+#pragma omp simd reduction(+ : v)
+    for (long j = 0; j < d; j++) v += (x[j] - mean) * (x[j] - mean);
+    const float inv = 1.f / sqrtf(v / d + eps);
+#pragma omp simd
+    for (long j = 0; j < d; j++) y[j] = (x[j] - mean) * inv * w[j] + b[j];
+}
+
+/* y = gelu(x) for k values: with tanh, x sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3), which is
+ * 0.5 x (1 + tanh(u)); else 0.5 x (1 + erf(x / sqrt(2))) */
+static void gelu_row(const float *x, long k, int tanh_kind, float *y) {
+    long j = 0;
+    if (tanh_kind) {
+        for (; j + 16 <= k; j += 16) {
+            const vf a = *(const vf *)(x + j), t = 1.5957691216057308f * (a + 0.044715f * a * a * a);
+            const vf e = exp16(pick(t >= 0.f, -t, t)); /* sigmoid(t) = 1 / (1 + e^-t), e^t / (1 + e^t) below 0 */
+            *(vf *)(y + j) = a * pick(t >= 0.f, (vf){0} + 1.f, e) / (1.f + e);
+        }
+        for (; j < k; j++) y[j] = x[j] / (1.f + expf(-1.5957691216057308f * (x[j] + 0.044715f * x[j] * x[j] * x[j])));
+    } else
+        for (; j < k; j++) y[j] = 0.5f * x[j] * (1.f + erff(x[j] * 0.70710678118654752f));
+}
+
+/* g query rows q [g, d] over len keys and values [len, d] → out [g, d] (s: [g, len rounded up to 16]) */
+static void attend_rows(const float *q, long g, long d, const float *k, const float *v, long len, float scale,
+                        float *s, float *out) {
+    if (d == 64)
+        pair(q, g, 64, k, v, len, scale, s, out);
+    else
+        pair(q, g, d, k, v, len, scale, s, out);
+}
+
+long encode_scratch(long rows, long p, long dim, long heads, long d, long inter, long threads) {
+    const long padded = (p + 15) & ~15L;
+    return rows * (4 * heads * d + inter) + threads * (rows * (dim + inter) + 4 * p * d + p * padded);
+}
+
+void encode_layers(const float *patches, long n, long p, long cpp, const float *embed, const float *embed_b,
+                   const float *pos, float *h, long dim, long layers, const long *table, long heads, long d,
+                   long inter, float eps, float scale, int gelu_tanh, const float *post_w, const float *post_b,
+                   float *out, float *scratch, int threads) {
+    const long rows = n * p, hd = heads * d, padded = (p + 15) & ~15L;
+    float *y = scratch, *att = y + rows * 3 * hd, *f = att + rows * hd, *own = f + rows * inter;
+#pragma omp parallel num_threads(threads)
+    {
+        float *x = own + omp_get_thread_num() * (rows * (dim + inter) + 4 * p * d + p * padded);
+        float *act = x + rows * dim, *qh = act + rows * inter, *kh = qh + p * d, *vh = kh + p * d;
+        float *oh = vh + p * d, *s = oh + p * d;
+        for (long i = 0; i < n; i++) /* each image's patches embedded, its positions added */
+            mm_for(patches + i * p * cpp, p, cpp, embed, cpp * TW, TW, embed_b, pos, dim, h + i * p * dim);
+        for (long l = 0; l < layers; l++) {
+            const float *const *w = (const float *const *)(table + l * ENC_PTRS);
+            for (long r = 0; r < rows; r++) layer_norm_row(h + r * dim, dim, w[LN1_W], w[LN1_B], eps, x + r * dim);
+            mm_for(x, rows, dim, w[E_QKV], dim * TW, TW, w[E_QKV_B], 0, 3 * hd, y);
+#pragma omp for schedule(static)
+            for (long a = 0; a < n * heads; a++) { /* pair (image i, head j): its q, k, v rows copied together */
+                const long i = a / heads, j = a % heads;
+                const float *yi = y + i * p * 3 * hd + j * d;
+                for (long t = 0; t < p; t++)
+                    for (long e = 0; e < d; e++) {
+                        qh[t * d + e] = yi[t * 3 * hd + e];
+                        kh[t * d + e] = yi[t * 3 * hd + hd + e];
+                        vh[t * d + e] = yi[t * 3 * hd + 2 * hd + e];
+                    }
+                attend_rows(qh, p, d, kh, vh, p, scale, s, oh);
+                for (long t = 0; t < p; t++)
+                    for (long e = 0; e < d; e++) att[(i * p + t) * hd + j * d + e] = oh[t * d + e];
+            }
+            mm_for(att, rows, hd, w[E_O], hd * TW, TW, w[E_O_B], h, dim, h);
+            for (long r = 0; r < rows; r++) layer_norm_row(h + r * dim, dim, w[LN2_W], w[LN2_B], eps, x + r * dim);
+            mm_for(x, rows, dim, w[FC1], dim * TW, TW, w[FC1_B], 0, inter, f);
+            for (long r = 0; r < rows; r++) gelu_row(f + r * inter, inter, gelu_tanh, act + r * inter);
+            mm_for(act, rows, inter, w[FC2], inter * TW, TW, w[FC2_B], h, dim, h);
+        }
+        if (post_w) {
+#pragma omp for schedule(static)
+            for (long r = 0; r < rows; r++) layer_norm_row(h + r * dim, dim, post_w, post_b, eps, out + r * dim);
+        }
+    }
+}

@@ -20,6 +20,9 @@ memory rate at a few rows:
   `attend`, o, gate/up, SwiGLU and down, each residual added) in one call, the weights read as
   tiles or as their transposed copies: no Python between the ~8 operations of each layer, whose
   dispatch cost as much as their work at a few rows.
+* `Encoder`: a small vision tower's whole encoder (SigLIP's layer: layer norms, q/k/v, attention
+  over an image's patches, o, a GELU MLP) in one call, for the same reason: a tower of a few
+  hundred kilobytes over a few dozen patches costs more in dispatch than in arithmetic.
 
 Where the kernels cannot be built (no C compiler, another architecture, `VLMFORGE_KERNELS=0`),
 `library()` is None and `why_unavailable()` says why; callers keep torch's kernels then.
@@ -120,6 +123,11 @@ def _build() -> ctypes.CDLL:
     lib.decode_layers.argtypes = [p, n, n, n, p, p, n, n, n, n, p, p, p, n, p, p, n, n, n, ctypes.c_float]
     lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int, p, p, n, p, n, p, p, p, p, p]
     lib.decode_layers.restype = None
+    lib.encode_scratch.argtypes = [n] * 7
+    lib.encode_scratch.restype = n
+    lib.encode_layers.argtypes = [p, n, n, n, p, p, p, p, n, n, p, n, n, n, ctypes.c_float, ctypes.c_float]
+    lib.encode_layers.argtypes += [ctypes.c_int, p, p, p, p, ctypes.c_int]
+    lib.encode_layers.restype = None
     return lib
 
 
@@ -625,3 +633,101 @@ class Stack:
             ids,
             0 if embed is None else embed.data_ptr(),
         )
+
+
+class Encoder:
+    """A small vision tower's whole encoder in one call (`encode_layers`): SigLIP's layer, float32 on
+    the CPU, every projection as `Tiles` (with its bias), layer norms with weights and biases, a
+    GELU MLP, attention of every patch of an image over every patch of it.
+
+    `embed`: the patch embedding as `Tiles` ([dim, channels x patch x patch], the convolution's
+    bias its own); `pos` [patches, dim]; `layers`: per layer (norm 1's (weight, bias), q/k/v, o,
+    norm 2's (weight, bias), fc1, fc2), the projections `Tiles`: q/k/v 3 x `dim` outputs (the
+    heads' queries, then keys, then values), o and fc2 `dim`, fc1 the MLP's width; `gelu`: "tanh"
+    or "none" (torch's approximations); `post`: the final norm's (weight, bias), or None. One `eps`
+    for every norm."""
+
+    def __init__(
+        self,
+        embed: Tiles,
+        pos: torch.Tensor,
+        layers: list[tuple],
+        heads: int,
+        eps: float,
+        scale: float,
+        gelu: str,
+        post: tuple | None = None,
+    ):
+        self.lib = _lib()
+        dim = pos.shape[-1]
+        if dim % heads or (dim // heads) % 16:
+            raise ValueError(f"Encoder: {dim} wide over {heads} heads: a head dim that is a multiple of 16")
+        if gelu not in ("tanh", "none"):
+            raise ValueError(f"Encoder: a GELU approximation 'tanh' or 'none', not {gelu!r}")
+        if not isinstance(embed, Tiles) or embed.out != dim:
+            raise ValueError(f"Encoder: the patch embedding as tiles of {dim} outputs")
+        _float_cpu("Encoder: the position embeddings", pos)
+        if pos.dim() != 2 or not pos.is_contiguous():
+            raise ValueError(f"Encoder: contiguous position embeddings [patches, {dim}], got {tuple(pos.shape)}")
+        inter = layers[0][4].out if layers else 0
+        shapes = [(3 * dim, dim), (dim, dim), (inter, dim), (dim, inter)]  # (out, in) of q/k/v, o, fc1, fc2
+        rows = []
+        for i, (n1, qkv, o, n2, fc1, fc2) in enumerate(layers):
+            for name, t in (("norm 1", n1), ("norm 2", n2)):
+                for part in t:
+                    _vector(f"Encoder's layer {i}'s {name}", part, dim, exact=True)
+            for w, (out, inp) in zip((qkv, o, fc1, fc2), shapes):
+                if not isinstance(w, Tiles) or (w.out, w.inp) != (out, inp):
+                    raise ValueError(f"Encoder: layer {i}'s projections must be tiles of [{out}, {inp}]")
+            ptrs = [n1[0], n1[1], qkv.tiles, qkv.bias, o.tiles, o.bias, n2[0], n2[1], fc1.tiles, fc1.bias]
+            rows.append([0 if t is None else t.data_ptr() for t in ptrs + [fc2.tiles, fc2.bias]])
+        if post is not None:
+            for part in post:
+                _vector("Encoder's final norm", part, dim, exact=True)
+        # the tensors the table points into, kept alive
+        self.embed, self.pos, self.layers, self.post = embed, pos, layers, post
+        self.table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 12)
+        self.dims = (dim, heads, inter)
+        self.eps, self.scale, self.tanh = float(eps), float(scale), int(gelu == "tanh")
+
+    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches [N, P, channels x patch x patch] (each patch's pixels in the convolution weight's
+        order) → the features [N, P, dim] after the layers (and the final norm, where there is one)."""
+        dim, heads, inter = self.dims
+        _float_cpu("patches", patches)
+        n, p = patches.shape[:2]
+        if patches.dim() != 3 or patches.shape[2] != self.embed.inp or p != self.pos.shape[0] or n < 1:
+            want = f"[N, {self.pos.shape[0]}, {self.embed.inp}]"
+            raise ValueError(f"Encoder: patches {want}, got {tuple(patches.shape)}")
+        patches = patches.contiguous()
+        threads = _threads()
+        d = dim // heads
+        scratch = torch.empty(self.lib.encode_scratch(n * p, p, dim, heads, d, inter, threads))
+        h = torch.empty(n, p, dim)
+        out = torch.empty(n, p, dim) if self.post is not None else h
+        post_w, post_b = (0, 0) if self.post is None else (self.post[0].data_ptr(), self.post[1].data_ptr())
+        self.lib.encode_layers(
+            patches.data_ptr(),
+            n,
+            p,
+            self.embed.inp,
+            self.embed.tiles.data_ptr(),
+            0 if self.embed.bias is None else self.embed.bias.data_ptr(),
+            self.pos.data_ptr(),
+            h.data_ptr(),
+            dim,
+            self.table.shape[0],
+            self.table.data_ptr(),
+            heads,
+            d,
+            inter,
+            self.eps,
+            self.scale,
+            self.tanh,
+            post_w,
+            post_b,
+            out.data_ptr(),
+            scratch.data_ptr(),
+            threads,
+        )
+        return out

@@ -9,7 +9,10 @@ unfolded patches. This module runs SigLIP's formula,
 with the tower's own weights through `decoder.Weight` (q/k/v as one weight; transposed copies, or
 oneDNN's packed layout for weights that size, which also runs a GELU inside fc1's matmul: apart,
 the activation costs a quarter of a large tower's MLP here), and stops at the tower's `feature_layer`. The copies
-are made when the engine is built: it serves the weights it was built with, as for the LM.
+are made when the engine is built: it serves the weights it was built with, as for the LM. A tower
+whose weights are all small enough for row tiles runs the whole formula in one call of the engine's
+C kernels (`kernels.Encoder`): there the ~10 operations of each layer cost more in dispatch than in
+arithmetic (the tiny preset's 4 layers over 16 patches: docs/engine.md).
 
 Every other case runs through `VisionTower.forward`: another encoder, a tower on an accelerator, one
 with LoRA adapters, pooled features, stored states (`from_states`), and inputs
@@ -23,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from vlmforge.infer import decoder
+from vlmforge.infer import decoder, kernels
 from vlmforge.infer.decoder import Weight
 from vlmforge.model.vision import vision_core
 
@@ -86,6 +89,37 @@ class LeanTower:
                     a.scale,
                 )
             )
+        self.encoder, self.why_no_encoder = self._encoder()
+
+    def _encoder(self) -> tuple[kernels.Encoder | None, str | None]:
+        """The layers as one call of the engine's kernels, or None and why not."""
+        if kernels.library() is None:
+            return None, kernels.why_unavailable()
+        if self.dtype != torch.float32:
+            return None, f"{self.dtype} weights"
+        norms = [n for layer in self.layers for n in (layer[0], layer[3])] + ([self.post] if self.post else [])
+        if any(n.weight is None or n.bias is None for n in norms) or len({n.eps for n in norms}) > 1:
+            return None, "layer norms without weights and biases, or of different eps"
+        if not all(w.tiles is not None for layer in self.layers for w in (layer[1], layer[2], layer[4], layer[6])):
+            return None, "weights too large for row tiles"
+        if any(layer[5] not in ("tanh", "none") for layer in self.layers):
+            return None, "an activation other than torch's GELU"
+        if len({layer[5] for layer in self.layers}) > 1:
+            return None, "layers of different activations"
+        with torch.no_grad():
+            embed = kernels.Tiles(self.embed_w.t().contiguous(), self.embed_b)
+            layers = [
+                ((n1.weight, n1.bias), qkv.tiles, o.tiles, (n2.weight, n2.bias), fc1.tiles, fc2.tiles)
+                for n1, qkv, o, n2, fc1, _, fc2, *_ in self.layers
+            ]
+        heads, scale = (self.layers[0][7], self.layers[0][8]) if self.layers else (1, 1.0)
+        gelu = self.layers[0][5] if self.layers else "tanh"
+        post = None if self.post is None else (self.post.weight, self.post.bias)
+        eps = norms[0].eps if norms else 1e-6
+        try:
+            return kernels.Encoder(embed, self.pos.detach().contiguous(), layers, heads, eps, scale, gelu, post), None
+        except ValueError as e:  # e.g. a head dim that is no multiple of 16
+            return None, str(e)
 
     @staticmethod
     def reason(tower) -> str | None:
@@ -121,6 +155,8 @@ class LeanTower:
         # [N, C, g, p, g, p] -> [N, g, g, C, p, p]: each patch's pixels in the conv weight's order
         x = pixels[..., : g * p, : g * p].to(self.dtype)  # the convolution drops what is left of a patch
         x = x.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, c * p * p)
+        if self.encoder is not None:
+            return self.encoder(x.view(n, g * g, -1))
         h = torch.addmm(self.embed_b, x, self.embed_w).view(n, g * g, -1) + self.pos
         for ln1, qkv, o, ln2, fc1, act, fc2, heads, scale in self.layers:
             y = qkv(F.layer_norm(h, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps))

@@ -30,6 +30,14 @@ class VisionCache:
         self.why_not_lean = LeanTower.reason(model.vision) if lean else "not asked for"
         self.lean = LeanTower(model.vision) if self.why_not_lean is None else None
 
+    def how(self) -> str:
+        """In words, what encodes an image of the tower's own size."""
+        if self.lean is None:
+            return f"the tower's own forward ({self.why_not_lean})"
+        if self.lean.encoder is not None:
+            return "the engine's kernels, the encoder in one call (`kernels.Encoder`)"
+        return f"the lean forward, operation by operation (not in one call: {self.lean.why_no_encoder})"
+
     def needed(self, req: Request, start: int) -> list[ImageInput]:
         """The images whose tokens a prefill from token `start` on needs."""
         if self.model.cross_attention:  # every token attends to every image of the request
