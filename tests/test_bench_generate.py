@@ -49,6 +49,8 @@ def test_bench_generate_puts_each_figure_beside_its_measured_bound(vlm, tmp_path
     assert f"engine's 2-sequence step, attention: {r['batch_attention']}" in table
     assert r["tower"] == "the engine's kernels, the encoder in one call (`kernels.Encoder`)"  # small: one call
     assert f"engine's vision tower: {r['tower']}" in table
+    assert r["prefilled"].startswith("operation by operation")  # int8 weights: not the stack's
+    assert f"engine's prefill, the LM: {r['prefilled']}" in table
 
 
 def test_bench_generate_vs_llama_cpp_on_a_model_it_cannot_run_says_why_in_one_line(model_cfg, tmp_path, capsys):

@@ -127,18 +127,26 @@ def recording(engine) -> list[torch.Tensor]:
     return seen
 
 
-def test_prefill_logits_equal_the_models_own_forward(vlm):
-    """A prompt alone (causal attention without a mask) and beside a longer one (padded, masked):
-    the first token's logits are the model's own forward's, where the last layer ran for the last
-    position only."""
-    eng = Engine(vlm, prefix_cache_tokens=0)
+@pytest.mark.parametrize("through", ["the stack", "operations"])
+def test_prefill_logits_equal_the_models_own_forward(vlm, through, monkeypatch):
+    """A prompt alone (causal attention without a mask), beside a longer one (padded, masked), and
+    after its cached prefix: the first token's logits are the model's own forward's, where the last
+    layer ran for the last position only; through the layer stack in one call (each prompt's rows
+    alone, no padding: `Stack.prefill`), or operation by operation (the cross-attention LM's always)."""
+    monkeypatch.setattr(decoder, "PREFILL_ROWS", 0 if through == "operations" else 1000)  # two prompts: 65 rows
+    eng = Engine(vlm, prefix_cache_tokens=64)
     seen = recording(eng)
     p, imgs = prompts(vlm, QUESTIONS[:2]), [image("red"), image("blue")]
+    stacked = through == "the stack" and not vlm.cross_attention
     eng.generate(p[:1], [imgs[:1]], SamplingParams(max_tokens=1))
+    assert (eng.lm_forward.prefilled == decoder.PREFILL_STACK) == stacked, eng.lm_forward.prefilled
     eng.generate(p, [[i] for i in imgs], SamplingParams(max_tokens=1))
+    assert (eng.lm_forward.prefilled == decoder.PREFILL_STACK) == stacked
+    eng.generate(p[1:], [imgs[1:]], SamplingParams(max_tokens=1))
+    assert eng.stats["cached_tokens"] > len(p[0])  # the second prompt's prefix too, the last time
     with torch.no_grad():
         ref = [vlm(torch.tensor([q]), pixel_values=vlm.processor.views(i)).logits[0, -1] for q, i in zip(p, imgs)]
-    for got, want in zip((seen[0][0], seen[1][0], seen[1][1]), (ref[0], ref[0], ref[1])):
+    for got, want in zip((seen[0][0], seen[1][0], seen[1][1], seen[2][0]), (ref[0], ref[0], ref[1], ref[1])):
         torch.testing.assert_close(got, want, atol=1e-4 * float(want.max() - want.min()), rtol=0)
 
 

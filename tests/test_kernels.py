@@ -4,6 +4,8 @@ RMS norm to torch's; bad input refused by name, and a clear reason where they ca
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,15 +156,16 @@ def _llama_layers(g, layers, dim, heads, kv_heads, d, inter, bias):
     ]
 
 
-def _reference_step(weights, h, counts, keys, values, cos, sin, heads, kv_heads, d, inter, eps, scale):
-    """The decode step by torch's operations: the cache [slots, layers, kv_heads, L, d] written in place."""
+def _reference_step(weights, h, counts, keys, values, cos, sin, heads, kv_heads, d, inter, eps, scale, slots=None):
+    """The decode step by torch's operations: the cache [slots, layers, kv_heads, L, d] written in place;
+    row i in slot i, or in slots[i] (a prefill's rows, several to a slot: all written, then read)."""
     b, at, half = h.shape[0], counts - 1, d // 2
+    pick = torch.arange(b) if slots is None else slots
 
     def rope(x):  # [B, H, d]
         c, s = cos[at][:, None], sin[at][:, None]
         return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
 
-    pick = torch.arange(b)
     hide = torch.where(torch.arange(keys.shape[3])[None] < counts[:, None], 0.0, float("-inf"))[:, None, None]
     for i, (n1, wqkv, bqkv, wo, n2, wgu, wdown) in enumerate(weights):
         y = F.rms_norm(h, n1.shape, n1, eps) @ wqkv.t() + (0 if bqkv is None else bqkv)
@@ -170,7 +173,7 @@ def _reference_step(weights, h, counts, keys, values, cos, sin, heads, kv_heads,
         keys[pick, i, :, at] = rope(y[:, heads * d : (heads + kv_heads) * d].view(b, kv_heads, d))
         values[pick, i, :, at] = y[:, (heads + kv_heads) * d :].view(b, kv_heads, d)
         att = F.scaled_dot_product_attention(
-            q[:, :, None], keys[:b, i], values[:b, i], attn_mask=hide, scale=scale, enable_gqa=True
+            q[:, :, None], keys[pick, i], values[pick, i], attn_mask=hide, scale=scale, enable_gqa=True
         )
         h = h + att.reshape(b, -1) @ wo.t()
         gu = F.rms_norm(h, n2.shape, n2, eps) @ wgu.t()
@@ -290,6 +293,72 @@ def test_stack_equals_the_layers_by_torch(layout, keep_threads):
         ]
         bad[1] = (*bad[1][:2], (kernels.Tiles(torch.ones(96, 95)), None), *bad[1][3:])
         kernels.Stack(bad, heads, kv_heads, d, inter, eps, scale)
+
+
+def test_a_prefill_through_the_stack_equals_the_layers_by_torch(keep_threads):
+    """`Stack.prefill`: prompts' rows through the layers, several rows to a slot (each seeing its
+    slot's keys up to its own position, those of a cached prefix too), equal Llama's layers by torch's
+    operations on the rows kept (each prompt's last: the last layer goes on with them alone), the
+    final norm and the head on them too; every row's keys and values written, nothing else touched."""
+    g = torch.Generator().manual_seed(7)
+    layers, dim, heads, kv_heads, d, inter, eps, scale = 2, 96, 6, 2, 16, 172, 1e-5, 0.25
+    weights = _llama_layers(g, layers, dim, heads, kv_heads, d, inter, bias=True)
+    angles = torch.rand(40, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    lw = [
+        (
+            n1,
+            (kernels.Tiles(wqkv, bqkv), None),
+            (kernels.Tiles(wo), None),
+            n2,
+            (kernels.Tiles(wgu), None),
+            (wdown.t().contiguous(), None),
+        )
+        for n1, wqkv, bqkv, wo, n2, wgu, wdown in weights
+    ]
+    norm, head = 1 + 0.1 * torch.randn(dim, generator=g), torch.randn(101, dim, generator=g)
+    headed = kernels.Stack(lw, heads, kv_heads, d, inter, eps, scale, (norm, (kernels.Tiles(head), None)), 101)
+    bare = kernels.Stack(lw, heads, kv_heads, d, inter, eps, scale)
+    # prompts in slots 2, 0 and 3: 13 tokens, 1 token after a cached prefix of 6, 20 tokens after 4
+    prompts = [(2, 0, 13), (0, 6, 1), (3, 4, 20)]
+    slots = [s for s, start, n in prompts for _ in range(n)]
+    counts = [start + j + 1 for s, start, n in prompts for j in range(n)]
+    keep = list(itertools.accumulate(n for *_, n in prompts))
+    keep = [k - 1 for k in keep]
+    for threads in (2, 1, 3):
+        torch.set_num_threads(threads)
+        h = torch.randn(len(slots), dim, generator=g)
+        cache = torch.randn(2, 4, layers, kv_heads, 40, d, generator=g)
+        want_cache, cache_2 = cache.clone(), cache.clone()
+        want = _reference_step(
+            weights,
+            h,
+            torch.tensor(counts),
+            want_cache[0],
+            want_cache[1],
+            cos,
+            sin,
+            heads,
+            kv_heads,
+            d,
+            inter,
+            eps,
+            scale,
+            torch.tensor(slots),
+        )[keep]
+        got, none = bare.prefill(h, slots, counts, keep, cache[0], cache[1], cos, sin)
+        assert none is None
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
+        normed, logits = headed.prefill(h, slots, counts, keep, cache_2[0], cache_2[1], cos, sin)
+        want_normed = F.rms_norm(want, norm.shape, norm, eps)
+        torch.testing.assert_close(normed, want_normed, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, want_normed @ head.t(), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(cache_2, want_cache, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"the rows kept must ascend within \[0, 34\), got \[12, 12\]"):
+        bare.prefill(h, slots, counts, [12, 12], cache[0], cache[1], cos, sin)
+    with pytest.raises(ValueError, match=r"rows in slots below 4 seeing 1 to 40 keys"):
+        bare.prefill(h, [4] * len(slots), counts, keep, cache[0], cache[1], cos, sin)
 
 
 def _vit_layers(g, layers, dim, inter):

@@ -308,6 +308,7 @@ def _measure(cfg: GenerateBench) -> dict:
                 it.close()
         result["engine"] = medians(rows["engine"])
         result["batch_attention"] = engine.lm_forward.attention  # what the batch's last step ran
+        result["prefilled"] = engine.lm_forward.prefilled if lean else None  # what ran the last prefill
         if files:
             result["llama.cpp"] = medians(rows["llama.cpp"]) | {
                 "gguf_type": files[0].stem.split("-", 1)[1],
@@ -445,6 +446,8 @@ def format_table(r: dict) -> str:
     ]
     if r.get("tower"):
         lines.insert(-1, f"engine's vision tower: {r['tower']}")
+    if r.get("prefilled"):
+        lines.insert(-1, f"engine's prefill, the LM: {r['prefilled']}")
     if r.get("compiled"):
         lines.insert(-1, f"engine's one-sequence decode step: {r['compiled']}")
     if r.get("one_kernels"):

@@ -8,8 +8,9 @@ the model's own weights: plain `nn.Linear`s as matmuls (on CPUs on fused, transp
 and gate/up as one matmul each), LoRA-wrapped ones through their module, a rotary table computed
 once by the model's own rotary module, and `scaled_dot_product_attention` on the engine's slot
 cache. On CPUs a decode step of Llama's plain float32 layers runs the whole layer stack in one call
-of the engine's C kernels (`kernels.Stack`: no Python between operations); its other steps run the
-layers operation by operation, with the engine's kernels where they apply. Every other decoder (or
+of the engine's C kernels (`kernels.Stack`: no Python between operations), and so does a prefill of
+up to `PREFILL_ROWS` new tokens (`Stack.prefill`); other steps run the layers operation by
+operation, with the engine's kernels where they apply. Every other decoder (or
 a rotary scaling that changes with length, or a sliding window shorter than the context) runs
 through the Hugging Face forward, with the same cache and mask.
 The cross-attention architecture's gated layers are applied before the layers they are attached
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,14 @@ PACK_MIN = 1 << 19  # 2 MB of float32, a core's L2 here: oneDNN's packed copy of
 # float32 weights of this many elements and more also take row tiles: all of them, since within the
 # stack even small ones read faster as tiles (the tiny model's step, docs/engine.md)
 TILE_MIN = 0
+# Up to this many rows in all (the new tokens of every prompt), a prefill runs through the layer
+# stack in one call (`Decoder.prefill`): on the Intel AVX-512 machine 0.56-0.64x the time of the
+# operations at 16-64 rows of the tiny model, 0.88x at 256; SmolLM2's 0.74x at 16, 0.93x at 236
+# (docs/engine.md). Past it, operation by operation (the stack's scratch grows with rows squared)
+PREFILL_ROWS = 256
 FAST_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 OWN_ATTENTION = "the engine's kernel (`kernels.attend`)"  # `Decoder.attention` where a decode step used it
+PREFILL_STACK = "the layers in one call (`kernels.Stack.prefill`)"  # `Decoder.prefilled` where a prefill ran so
 STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "longrope"}
 
 
@@ -394,6 +402,7 @@ class Decoder:
         self.compiled, self.why_not_compiled = None, "not asked for"
         self._last = None  # (the hidden states, their logits) of the last step through the stack with the head
         self.attention = None  # in words, what the last decode step attended with (the lean forward's)
+        self.prefilled = None  # in words, what ran the last prefill (the lean forward's)
         self.hf = lm.get_decoder()
         self.bridge = model.connector if model.cross_attention else None
         reason = fast_path_reason(lm.config, max_len)
@@ -430,9 +439,10 @@ class Decoder:
             for i, layer in enumerate(self.hf.layers[: cfg.num_hidden_layers])
         ]
         self.norm, self.traced_norm = _rms(self.hf.norm), _rms(self.hf.norm, False)
-        self._stacks: dict[bool, tuple[kernels.Stack | None, str | None]] = {}
+        self._stacks: dict[object, tuple[kernels.Stack | None, str | None]] = {}  # by rows or a prefill's layout
         tiled = [w for L in self.layers for w in (L.w_qkv, L.w_o, L.w_gu, L.w_down) if _tiled(w)]
         tiled += [self.head_w] if _tiled(self.head_w) else []
+        self._tiled = tiled
         self.one_row, self.one_row_tiles = None, False  # how one row reads the tiled weights, and why (measured now)
         self.many_rows = None  # up to how many rows the tiles are read, and why (measured now)
         if tiled:
@@ -532,6 +542,46 @@ class Decoder:
         except ValueError as e:
             return None, str(e)
         return stack, None
+
+    def prefill(self, embeds: torch.Tensor, cache, rows: torch.Tensor) -> torch.Tensor | None:
+        """A prefill (the cache set for it: `SlotCache.prefill`) of up to `PREFILL_ROWS` new tokens
+        in all through the stack in one call (`kernels.Stack.prefill`): each prompt's real tokens
+        alone, no padding, each seeing its slot's keys up to its own position (a cached prefix's too),
+        the last layer and the head for the `rows` [N] wanted (each prompt's last) alone → their hidden
+        states [N, 1, D] after the final norm (their logits kept for `logits`); None where the stack
+        does not take it (then `forward` runs it operation by operation)."""
+        mode = cache.prefilling() if hasattr(cache, "prefilling") else None
+        if mode is None or embeds.dtype != torch.float32:
+            self.prefilled = "operation by operation (not a float32 prefill into the slot cache)"
+            return None
+        slot, starts, lengths = mode
+        total = sum(lengths)
+        wanted = rows.tolist()
+        if (
+            total > PREFILL_ROWS
+            or len(lengths) != embeds.shape[0]
+            or any(not 0 <= r < n for r, n in zip(wanted, lengths))
+        ):
+            self.prefilled = f"operation by operation ({total} rows: the stack takes up to {PREFILL_ROWS})"
+            return None
+        key = ("prefill", total == 1, total <= max((w.tile_rows for w in self._tiled), default=0))
+        if key not in self._stacks:
+            self._stacks[key] = self._build_stack(total)
+        stack, why = self._stacks[key]
+        if stack is None:
+            self.prefilled = f"operation by operation ({why})"
+            return None
+        self.prefilled = PREFILL_STACK
+        h = embeds[0, :total] if len(lengths) == 1 else torch.cat([e[:n] for e, n in zip(embeds, lengths)])
+        slots = [slot + i for i, n in enumerate(lengths) for _ in range(n)]
+        counts = [start + j + 1 for start, n in zip(starts, lengths) for j in range(n)]
+        offsets = [0, *itertools.accumulate(lengths)]
+        keep = [o + r for o, r in zip(offsets, wanted)]
+        h, logits = stack.prefill(h, slots, counts, keep, cache.k_all, cache.v_all, self.cos, self.sin)
+        if logits is None:
+            return self.norm(h).view(len(keep), 1, -1)
+        self._last = (h, logits)  # for `logits`
+        return h.view(len(keep), 1, -1)
 
     def decode(self, tokens: list[int], lengths: list[int], cache) -> tuple[torch.Tensor, list[int]] | None:
         """A decode step of `len(tokens)` sequences, each sequence's new token at position
@@ -644,6 +694,8 @@ class Decoder:
         b, t, _ = embeds.shape
         if self.compiled is not None and b == t == 1 and isinstance(positions, int) and mask is None:
             return self.compiled(embeds, positions, cache)
+        if rows is not None and (stacked := self.prefill(embeds, cache, rows)) is not None:
+            return stacked
         hd, nh = self.head_dim, self.heads
         # a decode step: the keys each row sees, as the cache says; the engine's kernels take the step
         # (rotation, cache writes, attention) where `own` is None, and `own` says why not otherwise

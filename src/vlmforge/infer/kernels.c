@@ -133,9 +133,9 @@ static inline void rotate(const float *x, const float *c, const float *s, long h
  * key head) pairs shared out as `rms_norm`'s rows: rope_pair does one, its g query heads, its key and
  * its value. */
 static void rope_pair(const float *y, long i, long j, long h, long g, long d, const float *cos, const float *sin,
-                      const long *pos, float *k_cache, float *v_cache, long seq, long head, float *q_out) {
+                      const long *pos, float *k_cache, float *v_cache, long seq, long head, long slot, float *q_out) {
     const float *row = y + i * (h * g + 2 * h) * d, *c = cos + pos[i] * d, *s = sin + pos[i] * d;
-    const long at = i * seq + j * head + pos[i] * d;
+    const long at = slot * seq + j * head + pos[i] * d;
     for (long r = j * g; r < j * g + g; r++) rotate(row + r * d, c, s, d / 2, q_out + (i * h * g + r) * d);
     rotate(row + (h * g + j) * d, c, s, d / 2, k_cache + at);
     for (long e = 0; e < d; e++) v_cache[at + e] = row[(h * g + h + j) * d + e];
@@ -145,7 +145,7 @@ void rope_store(const float *y, long b, long h, long g, long d, const float *cos
                 float *k_cache, float *v_cache, long seq, long head, float *q_out) {
 #pragma omp for schedule(static)
     for (long p = 0; p < b * h; p++)
-        rope_pair(y, p / h, p % h, h, g, d, cos, sin, pos, k_cache, v_cache, seq, head, q_out);
+        rope_pair(y, p / h, p % h, h, g, d, cos, sin, pos, k_cache, v_cache, seq, head, p / h, q_out);
 }
 
 /* attend: one new query token per sequence over its cached keys and values (a decode step), the g
@@ -272,17 +272,23 @@ static inline __attribute__((always_inline)) void pair(const float *q, long g, c
         for (long c = 0; c < chunks; c++) *(vf *)(out + r * D + 16 * c) /= z[r];
 }
 
+/* `pair` with the head dims 64 and 128 inlined as constants */
+static void attend_rows(const float *q, long g, long d, const float *k, const float *v, long len, float scale,
+                        float *s, float *out) {
+    if (d == 64)
+        pair(q, g, 64, k, v, len, scale, s, out);
+    else if (d == 128)
+        pair(q, g, 128, k, v, len, scale, s, out);
+    else
+        pair(q, g, d, k, v, len, scale, s, out);
+}
+
 /* pair p = (sequence i, key head j) of attend's arguments (below) */
 static void attend_pair(const float *q, long p, long h, long g, long d, const float *k, const float *v, long seq,
                         long head, const long *n, float scale, float *out, float *scratch, long longest) {
     const long i = p / h, at = i * seq + p % h * head;
     float *s = scratch + p * g * ((longest + 15) & ~15L);
-    if (d == 64)
-        pair(q + p * g * d, g, 64, k + at, v + at, n[i], scale, s, out + p * g * d);
-    else if (d == 128)
-        pair(q + p * g * d, g, 128, k + at, v + at, n[i], scale, s, out + p * g * d);
-    else
-        pair(q + p * g * d, g, d, k + at, v + at, n[i], scale, s, out + p * g * d);
+    attend_rows(q + p * g * d, g, d, k + at, v + at, n[i], scale, s, out + p * g * d);
 }
 
 /* q: [b, h, g, d] contiguous; keys of sequence i, head j: rows of d floats from k + i * seq + j * head
@@ -358,7 +364,15 @@ static long first_max(const float *row, long n) {
  * final_norm (else 0): the final norm into normed [b, dim] and the LM head (vocab outputs, laid out
  * as head_ld says) into logits [b, vocab], and with argmax (else 0) each row's greedy token into
  * argmax [b] (as torch's argmax: the first of equal maxima, the first NaN where there is one). With
- * ids (else 0): h is first each sequence's token's row of the embedding table embed [*, dim]. */
+ * ids (else 0): h is first each sequence's token's row of the embedding table embed [*, dim].
+ *
+ * A prefill's rows (slots, else 0): row i goes to the cache's slot slots[i], where several rows may
+ * share a slot (a prompt's tokens, at positions n[i] - 1, each seeing the keys up to its own). The
+ * rotation then writes every row's keys and values before any row attends, and the attention's
+ * pairs are shared out dynamically (their lengths differ). With keep (else 0), the last layer goes
+ * on past its keys and values with the kept rows alone (keep[0 .. kept - 1], ascending: each
+ * prompt's last), moved to h's first kept rows, and so do the final norm and the head; a prompt's
+ * other rows are wanted only for their keys and values, as llama.cpp's graph has it. */
 enum { N1, QKV, QKV_B, O, O_B, N2, GU, GU_B, DOWN, DOWN_B, LAYER_PTRS };
 
 long decode_scratch(long b, long dim, long heads, long kv_heads, long d, long inter, long longest, long threads) {
@@ -371,7 +385,7 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
                    float *k_all, float *v_all, long layer, long seq, long head, float eps, float scale,
                    float *scratch, int threads, const float *final_norm, const float *lm_head, long head_ld,
                    const float *head_b, long vocab, float *normed, float *logits, long *argmax, const long *ids,
-                   const float *embed) {
+                   const float *embed, const long *slots, const long *keep, long kept) {
     const long g = heads / kv_heads, qkv = (heads + 2 * kv_heads) * d;
     long pos[b];
     for (long i = 0; i < b; i++) pos[i] = n[i] - 1;
@@ -391,6 +405,7 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
 #pragma omp parallel num_threads(threads)
     {
         float *x = own + omp_get_thread_num() * b * (dim + inter), *act = x + b * dim;
+        long rows = b; /* the rows past the attention: all, or in a prefill's last layer the kept ones */
         if (ids) {
 #pragma omp for schedule(static)
             for (long r = 0; r < b; r++)
@@ -401,24 +416,46 @@ void decode_layers(float *h, long b, long dim, long layers, const long *table, c
             float *kl = k_all + l * layer, *vl = v_all + l * layer;
             for (long r = 0; r < b; r++) norm_row(h + r * dim, dim, w[N1], eps, x + r * dim);
             mm_for(x, b, dim, w[QKV], STEP(qkv_ld, dim), LD(qkv_ld), w[QKV_B], 0, qkv, y);
+            if (!slots) {
 #pragma omp for schedule(static)
-            for (long p = 0; p < b * kv_heads; p++) { /* a pair's rotation, then its attention */
-                rope_pair(y, p / kv_heads, p % kv_heads, kv_heads, g, d, cos, sin, pos, kl, vl, seq, head, q);
-                attend_pair(q, p, kv_heads, g, d, kl, vl, seq, head, n, scale, att, scores, longest);
+                for (long p = 0; p < b * kv_heads; p++) { /* a pair's rotation, then its attention */
+                    rope_pair(y, p / kv_heads, p % kv_heads, kv_heads, g, d, cos, sin, pos, kl, vl, seq, head,
+                              p / kv_heads, q);
+                    attend_pair(q, p, kv_heads, g, d, kl, vl, seq, head, n, scale, att, scores, longest);
+                }
+            } else {
+#pragma omp for schedule(static)
+                for (long p = 0; p < b * kv_heads; p++)
+                    rope_pair(y, p / kv_heads, p % kv_heads, kv_heads, g, d, cos, sin, pos, kl, vl, seq, head,
+                              slots[p / kv_heads], q);
+                if (keep && l == layers - 1) {
+                    rows = kept;
+#pragma omp single
+                    for (long r = 0; r < kept; r++) /* ascending: a row is read before it is written */
+                        for (long j = 0; j < dim; j++) h[r * dim + j] = h[keep[r] * dim + j];
+                }
+                const long padded = (longest + 15) & ~15L;
+#pragma omp for schedule(dynamic, 1)
+                for (long p = 0; p < rows * kv_heads; p++) { /* pair p of the rows attending: row i, key head j */
+                    const long i = rows < b ? keep[p / kv_heads] : p / kv_heads, j = p % kv_heads;
+                    const long at = slots[i] * seq + j * head;
+                    attend_rows(q + (i * kv_heads + j) * g * d, g, d, kl + at, vl + at, n[i], scale,
+                                scores + p * g * padded, att + p * g * d);
+                }
             }
-            mm_for(att, b, heads * d, w[O], STEP(o_ld, heads * d), LD(o_ld), w[O_B], h, dim, h);
-            for (long r = 0; r < b; r++) norm_row(h + r * dim, dim, w[N2], eps, x + r * dim);
-            mm_for(x, b, dim, w[GU], STEP(gu_ld, dim), LD(gu_ld), w[GU_B], 0, 2 * inter, gu);
-            for (long r = 0; r < b; r++)
+            mm_for(att, rows, heads * d, w[O], STEP(o_ld, heads * d), LD(o_ld), w[O_B], h, dim, h);
+            for (long r = 0; r < rows; r++) norm_row(h + r * dim, dim, w[N2], eps, x + r * dim);
+            mm_for(x, rows, dim, w[GU], STEP(gu_ld, dim), LD(gu_ld), w[GU_B], 0, 2 * inter, gu);
+            for (long r = 0; r < rows; r++)
                 swiglu(gu + r * 2 * inter, gu + r * 2 * inter + inter, inter, act + r * inter);
-            mm_for(act, b, inter, w[DOWN], STEP(down_ld, inter), LD(down_ld), w[DOWN_B], h, dim, h);
+            mm_for(act, rows, inter, w[DOWN], STEP(down_ld, inter), LD(down_ld), w[DOWN_B], h, dim, h);
         }
-        if (final_norm) { /* the final norm and the LM head: normed [b, dim], logits [b, vocab] */
-            rms_norm(h, b, dim, final_norm, eps, normed);
-            mm_for(normed, b, dim, lm_head, STEP(head_ld, dim), LD(head_ld), head_b, 0, vocab, logits);
+        if (final_norm) { /* the final norm and the LM head: normed [rows, dim], logits [rows, vocab] */
+            rms_norm(h, rows, dim, final_norm, eps, normed);
+            mm_for(normed, rows, dim, lm_head, STEP(head_ld, dim), LD(head_ld), head_b, 0, vocab, logits);
             if (argmax) {
 #pragma omp for schedule(static)
-                for (long r = 0; r < b; r++) argmax[r] = first_max(logits + r * vocab, vocab);
+                for (long r = 0; r < rows; r++) argmax[r] = first_max(logits + r * vocab, vocab);
             }
         }
     }
@@ -464,15 +501,6 @@ static void gelu_row(const float *x, long k, int tanh_kind, float *y) {
         for (; j < k; j++) y[j] = x[j] / (1.f + expf(-1.5957691216057308f * (x[j] + 0.044715f * x[j] * x[j] * x[j])));
     } else
         for (; j < k; j++) y[j] = 0.5f * x[j] * (1.f + erff(x[j] * 0.70710678118654752f));
-}
-
-/* g query rows q [g, d] over len keys and values [len, d] → out [g, d] (s: [g, len rounded up to 16]) */
-static void attend_rows(const float *q, long g, long d, const float *k, const float *v, long len, float scale,
-                        float *s, float *out) {
-    if (d == 64)
-        pair(q, g, 64, k, v, len, scale, s, out);
-    else
-        pair(q, g, d, k, v, len, scale, s, out);
 }
 
 long encode_scratch(long rows, long p, long dim, long heads, long d, long inter, long threads) {

@@ -19,7 +19,8 @@ memory rate at a few rows:
 * `Stack`: a decode step's whole layer stack (Llama's layer: the norms, q/k/v, `rope_store`,
   `attend`, o, gate/up, SwiGLU and down, each residual added) in one call, the weights read as
   tiles or as their transposed copies: no Python between the ~8 operations of each layer, whose
-  dispatch cost as much as their work at a few rows.
+  dispatch cost as much as their work at a few rows. A prefill's rows too (`Stack.prefill`: a
+  prompt's tokens share its slot, each attending up to its own position).
 * `Encoder`: a small vision tower's whole encoder (SigLIP's layer: layer norms, q/k/v, attention
   over an image's patches, o, a GELU MLP) in one call, for the same reason: a tower of a few
   hundred kilobytes over a few dozen patches costs more in dispatch than in arithmetic.
@@ -121,7 +122,7 @@ def _build() -> ctypes.CDLL:
     lib.decode_scratch.argtypes = [n] * 8
     lib.decode_scratch.restype = n
     lib.decode_layers.argtypes = [p, n, n, n, p, p, n, n, n, n, p, p, p, n, p, p, n, n, n, ctypes.c_float]
-    lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int, p, p, n, p, n, p, p, p, p, p]
+    lib.decode_layers.argtypes += [ctypes.c_float, p, ctypes.c_int, p, p, n, p, n, p, p, p, p, p, p, p, n]
     lib.decode_layers.restype = None
     lib.encode_scratch.argtypes = [n] * 7
     lib.encode_scratch.restype = n
@@ -552,6 +553,48 @@ class Stack:
         self._run(*args, threads=threads, ids=longs(*ids), embed=embed, best=best)
         return logits, best[:]
 
+    def prefill(
+        self,
+        h: torch.Tensor,
+        slots: list[int],
+        counts: list[int],
+        keep: list[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A prefill's rows through the layers: h [R, dim], row i a prompt's token at position
+        counts[i] - 1 of the cache's slot slots[i] (rows may share a slot: a prompt's tokens, each
+        seeing the keys up to its own, those of its slot's earlier positions too: a cached prefix), its
+        key and value written there; the last layer goes on past its keys and values with the rows
+        `keep` alone (ascending; each prompt's last) → (their hidden states [len(keep), dim], a new
+        tensor, through the final norm where the stack has it; their logits, or None without a head)."""
+        dim = self.dims[0]
+        r = h.shape[0]
+        _float_cpu("h", h)
+        if h.dim() != 2 or h.shape[1] != dim or not 1 <= r == len(slots) == len(counts):
+            raise ValueError(f"Stack.prefill: h [R, {dim}] with a slot and a count per row, got {tuple(h.shape)}")
+        self._check(keys, values, cos, sin)
+        most = max(counts)
+        if (
+            min(counts) < 1
+            or most > min(keys.shape[3], cos.shape[0])
+            or not 0 <= min(slots) <= max(slots) < keys.shape[0]
+        ):
+            raise ValueError(f"Stack.prefill: rows in slots below {keys.shape[0]} seeing 1 to {keys.shape[3]} keys")
+        if not keep or any(a >= b for a, b in zip(keep, keep[1:])) or keep[0] < 0 or keep[-1] >= r:
+            raise ValueError(f"Stack.prefill: the rows kept must ascend within [0, {r}), got {keep}")
+        h = h.contiguous().clone()
+        threads = _threads()
+        scratch = torch.empty(self._scratch_size(r, most, threads))
+        k = len(keep)
+        normed, logits = (torch.empty(k, dim), torch.empty(k, self.vocab)) if self._final[0] else (None, None)
+        longs = ctypes.c_long
+        args = (h, r, (longs * r)(*counts), most, keys, values, cos, sin, scratch, normed, logits)
+        self._run(*args, threads=threads, slots=(longs * r)(*slots), keep=(longs * k)(*keep))
+        return (h[:k], None) if normed is None else (normed, logits)
+
     def _check(self, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         _, heads, kv_heads, d, _ = self.dims
         for name, t in (("keys", keys), ("values", values), ("cos", cos), ("sin", sin)):
@@ -592,9 +635,11 @@ class Stack:
         ids=None,
         embed=None,
         best=None,
+        slots=None,
+        keep=None,
     ):
         """decode_layers; `scratch` sized for `threads` (`_scratch_size`)."""
-        if keys.shape[0] < b:
+        if slots is None and keys.shape[0] < b:
             raise ValueError(f"Stack: a cache of {keys.shape[0]} slots for {b} sequences")
         dim, heads, kv_heads, d, inter = self.dims
         norm, head, head_ld, head_b = self._final
@@ -632,6 +677,9 @@ class Stack:
             best,
             ids,
             0 if embed is None else embed.data_ptr(),
+            slots,
+            keep,
+            0 if keep is None else len(keep),
         )
 
 

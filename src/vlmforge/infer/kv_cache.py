@@ -62,6 +62,10 @@ class SlotCache:
         """Rows i of the next forward go to slot `slot + i`, positions `starts[i]` on, `lengths[i]` real tokens."""
         self._mode = ("prefill", slot, starts, lengths)
 
+    def prefilling(self) -> tuple[int, list[int], list[int]] | None:
+        """In a prefill, (its first slot, each row's start, its real tokens), as `prefill` set them; else None."""
+        return self._mode[1:] if self._mode and self._mode[0] == "prefill" else None
+
     def decode(self, positions: torch.Tensor | int, width: int) -> None:
         """Positions [B] of the new token of each slot, or one int when all slots share it."""
         self._mode = ("decode", positions, width)
