@@ -285,6 +285,31 @@ def test_batched_equals_one_by_one_and_hf_generate(vlm, weights, monkeypatch):
         assert r.text == vlm.tokenizer.decode(r.tokens, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("faster", ["on", "off"])
+def test_the_tiles_prefetch_in_software_where_that_read_them_faster(faster, monkeypatch):
+    """The tiles' blocks of several rows prefetch their weights in software, or leave it to the
+    hardware, whichever read the weights faster when the engine was built (here made to win by
+    turns): the setting of the process (`kernels.set_prefetch`), said in words."""
+    weights = [decoder.Weight([torch.nn.Linear(64, 96)], pack=True) for _ in range(3)]
+    assert all(w.tiles is not None for w in weights)
+    set_to = []
+
+    def timed(fns, repeats):
+        for fn in fns:
+            fn()  # each sets its prefetch, then reads the tiles
+            set_to.append(kernels.prefetch())
+        return [2.0, 1.0] if faster == "on" else [1.0, 2.0]
+
+    monkeypatch.setattr(decoder.runtime, "best_seconds_each", timed)
+    try:
+        said = decoder._pick_prefetch(weights)
+        assert set_to == [0, kernels.PREFETCH_BYTES]
+        assert kernels.prefetch() == (kernels.PREFETCH_BYTES if faster == "on" else 0)
+        assert said.startswith(f"{faster}, 4 KB ahead (8 rows read 0 MB in ") and said.endswith("; measured now)")
+    finally:
+        kernels.set_prefetch(0)
+
+
 @pytest.mark.parametrize("faster", ["tiles", "plain copies"])
 def test_one_row_takes_the_stack_on_the_layout_whose_step_was_faster(vlm, faster, monkeypatch):
     """A one-sequence decode step goes through the stack, which reads the weights' tiles or their

@@ -28,17 +28,24 @@ def test_tiles_equal_the_matmul_at_every_row_count():
     assert kernels.library() is not None, kernels.why_unavailable()
     width = kernels.library().rowmm_tile_width()
     g = torch.Generator().manual_seed(0)
-    # outputs below, at and past a tile's width, and not a multiple of it; inputs of 1 and odd widths
-    for out, inp in [(1, 1), (width - 1, 7), (width, 64), (3 * width + 5, 33), (200, 576)]:
-        for bias in (None, torch.randn(out, generator=g)):
-            w = torch.randn(out, inp, generator=g)
-            tiles = kernels.Tiles(w, bias)
-            for rows in (1, 2, 3, 5, 8, 9, 13, 17, kernels.MAX_ROWS):
-                x = torch.randn(inp, rows, generator=g).t()  # not contiguous
-                want = x @ w.t() + (0 if bias is None else bias)
-                got = tiles(x)
-                assert got.shape == (rows, out)
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * inp**0.5)
+    # outputs below, at and past a tile's width, and not a multiple of it; inputs of 1 and odd widths;
+    # with and without the software prefetch of the blocks of several rows (the same sums)
+    for ahead in (0, kernels.PREFETCH_BYTES):
+        kernels.set_prefetch(ahead)
+        for out, inp in [(1, 1), (width - 1, 7), (width, 64), (3 * width + 5, 33), (200, 576)]:
+            for bias in (None, torch.randn(out, generator=g)):
+                w = torch.randn(out, inp, generator=g)
+                tiles = kernels.Tiles(w, bias)
+                for rows in (1, 2, 3, 5, 8, 9, 13, 17, kernels.MAX_ROWS):
+                    x = torch.randn(inp, rows, generator=g).t()  # not contiguous
+                    want = x @ w.t() + (0 if bias is None else bias)
+                    got = tiles(x)
+                    assert got.shape == (rows, out)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * inp**0.5)
+    kernels.set_prefetch(0)
+    assert kernels.prefetch() == 0
+    with pytest.raises(ValueError, match="a non-negative multiple of 4, got 6"):
+        kernels.set_prefetch(6)
     assert kernels.Tiles(torch.ones(4, 3))(torch.empty(0, 3)).shape == (0, 4)
     with runtime.threads(1):  # the kernel runs on torch's thread count of the calling thread
         torch.testing.assert_close(tiles(x), want, rtol=1e-5, atol=1e-5 * inp**0.5)

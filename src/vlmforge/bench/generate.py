@@ -290,6 +290,7 @@ def _measure(cfg: GenerateBench) -> dict:
         result["one_kernels"] = engine.lm_forward.kernels(1) if eager_one else None
         result["one_row"] = engine.lm_forward.one_row if lean else None
         result["many_rows"] = engine.lm_forward.many_rows if lean else None
+        result["prefetch"] = engine.lm_forward.prefetch if lean else None
         result["tower"] = engine.vision.how()
         # the two sides take turns, a repeat each, with the machine's rates read again after each
         # turn: a machine's speed can move within a run, and both sides then see the same moments of it
@@ -456,6 +457,8 @@ def format_table(r: dict) -> str:
         lines.insert(-1, f"engine's one row, by the weights kept as tiles: {r['one_row']}")
     if r.get("many_rows"):
         lines.insert(-1, f"engine's prefill, by the weights kept as tiles: {r['many_rows']}")
+    if r.get("prefetch"):
+        lines.insert(-1, f"engine's row tiles, software prefetch at several rows: {r['prefetch']}")
     if r.get("batch_kernels"):
         lines.insert(-1, f"engine's {n}-sequence step, matmuls: {r['batch_kernels']}")
     if r.get("batch_attention"):

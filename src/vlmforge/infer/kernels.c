@@ -6,7 +6,9 @@
  * input by input, so a tile is one contiguous stream. Each tile is read once for up to RB rows of
  * x, whose TW outputs stay in vector registers; more rows take the tile again, from the caches.
  * Threads (OpenMP, torch's own runtime) take the tiles in contiguous runs. The hardware prefetches
- * the stream: on the AMD machine prefetching 4 KB ahead in software made 8 rows slower (docs/engine.md). */
+ * the stream; a block of 2 rows or more also prefetches it in software `ahead` floats on where
+ * `set_prefetch` says so: on the AMD machine 4 KB ahead made 8 rows slower, on an Intel one 1.4x
+ * faster (docs/engine.md), so kernels.py measures which on the machine it runs on. */
 #include <math.h>
 #include <omp.h>
 #include <stddef.h>
@@ -21,14 +23,22 @@
 
 int rowmm_tile_width(void) { return TW; }
 
+static long ahead = 0; /* floats of a tile's stream a block of 2 rows or more prefetches ahead (0: none) */
+void set_prefetch(long floats) { ahead = floats; }
+
 #define BLOCK(R)                                                                                       \
     static void block##R(const float *x, long k_in, const float *tile, long ld, const float *bias,             \
                          const float *res, float *y, long n_out, long cols) {                                  \
         float acc[R][TW];                                                                              \
         for (int r = 0; r < R; r++)                                                                    \
             for (int j = 0; j < TW; j++) acc[r][j] = bias ? (j < cols ? bias[j] : 0.f) : 0.f;          \
+        const long pf = R > 1 && ld == TW ? ahead : 0;                                                 \
         for (long k = 0; k < k_in; k++) {                                                              \
             const float *w = tile + k * ld;                                                            \
+            if (pf) {                                                                                  \
+                __builtin_prefetch(w + pf, 0, 3);                                                      \
+                __builtin_prefetch(w + pf + 16, 0, 3);                                                 \
+            }                                                                                          \
             for (int r = 0; r < R; r++) {                                                              \
                 const float a = x[r * k_in + k];                                                       \
                 _Pragma("omp simd") for (int j = 0; j < TW; j++) acc[r][j] += a * w[j];                \

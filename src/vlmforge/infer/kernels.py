@@ -113,6 +113,8 @@ def _build() -> ctypes.CDLL:
     lib.rowmm_swiglu.argtypes = [p, n, n, p, p, p, p, n, p, ctypes.c_int]
     lib.rowmm_swiglu.restype = None
     lib.rowmm_tile_width.restype = ctypes.c_int
+    lib.set_prefetch.argtypes = [n]
+    lib.set_prefetch.restype = None
     lib.rms_norm.argtypes = [p, n, n, p, ctypes.c_float, p]
     lib.rms_norm.restype = None
     lib.attend.argtypes = [p, n, n, n, n, p, p, n, n, p, ctypes.c_float, p, p, n, ctypes.c_int]
@@ -149,6 +151,29 @@ def library() -> ctypes.CDLL | None:
 
 def why_unavailable() -> str | None:
     return _load()[1]
+
+
+# How far ahead the tiles' blocks of 2 rows or more prefetch their stream in software where that
+# is on (`set_prefetch`): the distance that read SmolLM2's weights fastest at 8 rows on the Intel
+# machine of 2026-12-08 (1, 2, 4, 8 and 16 KB tried: 4-16 KB alike, docs/engine.md)
+PREFETCH_BYTES = 4096
+_PREFETCH = [0]  # bytes ahead, as last set in the library (the process's one setting)
+
+
+def set_prefetch(nbytes: int) -> None:
+    """Whether (and how many bytes ahead) the tiles' blocks of 2 rows or more prefetch their weights
+    in software, for every `Tiles` and `Stack` of this process (0: the hardware's prefetch alone,
+    the default). The results are the same either way; which is faster depends on the machine
+    (`decoder` measures it)."""
+    if nbytes < 0 or nbytes % 4:
+        raise ValueError(f"set_prefetch: bytes ahead must be a non-negative multiple of 4, got {nbytes}")
+    _lib().set_prefetch(nbytes // 4)
+    _PREFETCH[0] = nbytes
+
+
+def prefetch() -> int:
+    """Bytes ahead the tiles' blocks of several rows prefetch (0: none): `set_prefetch`'s setting."""
+    return _PREFETCH[0]
 
 
 def _threads() -> int:
