@@ -212,15 +212,21 @@ def _tiled(w) -> bool:
     return isinstance(w, Weight) and w.tiles is not None
 
 
-def _rates(weights: list[Weight], rows: int, limit: int, repeats: int = 5) -> tuple[float, float]:
-    """Bytes/s at which `rows` rows read these weights (up to `limit` bytes of them) as row tiles,
-    and as torch's matmul reads their plain copies: best of `repeats`, measured now."""
+def _sample(weights: list[Weight], rows: int, limit: int) -> tuple[list[Weight], int, dict]:
+    """(the first of these tiled weights up to `limit` bytes of tiles, their bytes, an input of
+    `rows` rows for each input width): what the measurements below read."""
     picked, nbytes = [], 0
     for w in weights:
         if nbytes < limit:
             picked.append(w)
             nbytes += w.tiles.tiles.numel() * 4
-    xs = {w.tiles.inp: torch.ones(rows, w.tiles.inp) for w in picked}
+    return picked, nbytes, {w.tiles.inp: torch.ones(rows, w.tiles.inp) for w in picked}
+
+
+def _rates(weights: list[Weight], rows: int, limit: int, repeats: int = 5) -> tuple[float, float]:
+    """Bytes/s at which `rows` rows read these weights (up to `limit` bytes of them) as row tiles,
+    and as torch's matmul reads their plain copies: best of `repeats`, measured now."""
+    picked, nbytes, xs = _sample(weights, rows, limit)
 
     def tiles() -> None:
         for w in picked:
@@ -263,12 +269,7 @@ def _pick_prefetch(weights: list[Weight], rows: int = 8, limit: int = 1 << 30) -
     where they are that large) faster at `rows` rows, measured now (~0.3 s for SmolLM2); returns the
     figures in words. SmolLM2's 8 rows: 1.4x faster with it on an Intel machine, 0.94x on an AMD
     one (docs/engine.md)."""
-    picked, nbytes = [], 0
-    for w in weights:
-        if nbytes < limit:
-            picked.append(w)
-            nbytes += w.tiles.tiles.numel() * 4
-    xs = {w.tiles.inp: torch.ones(rows, w.tiles.inp) for w in picked}
+    picked, nbytes, xs = _sample(weights, rows, limit)
 
     def read(ahead: int):
         def run() -> None:
