@@ -75,9 +75,17 @@ def test_bench_generate_vs_llama_cpp_on_a_model_it_cannot_run_says_why_in_one_li
 
 
 @pytest.mark.parametrize("projections", ["mm", "rows"])
-def test_bench_generate_compiles_the_step_first_and_says_how_it_projects(vlm, tmp_path, capsys, projections):
+def test_bench_generate_compiles_the_step_first_and_says_how_it_projects(
+    vlm, tmp_path, capsys, projections, monkeypatch
+):
     """`--compile true`: the step is compiled before anything is timed, and the table says so, with
-    the way of projecting asked for (`auto` measures it: tests/test_engine.py)."""
+    the way of projecting asked for (`auto` measures it: tests/test_engine.py). And what ran the
+    timed prefill's LM: one prompt, through the stack, though the batch's prefill after it is not."""
+    from vlmforge.bench.generate import QUESTION
+    from vlmforge.infer import decoder
+
+    side = vlm.processor.size
+    monkeypatch.setattr(decoder, "PREFILL_ROWS", 3 * len(vlm.build_prompt(QUESTION, images=[(side, side)])) // 2)
     vlm.save_pretrained(tmp_path / "m")
     r = _bench(tmp_path / "m", tmp_path / "c.json", "--compile", "true", "--projections", projections)
     assert (
@@ -85,3 +93,4 @@ def test_bench_generate_compiles_the_step_first_and_says_how_it_projects(vlm, tm
     )
     assert r["engine"]["decode_b1_tokens_per_s"] > 0
     assert f"projections {projections}: as asked" in capsys.readouterr().out
+    assert r["prefilled"] == decoder.PREFILL_STACK

@@ -111,9 +111,9 @@ def _decode_rate(reqs) -> float:
 
 
 def engine_repeats(vlm, engine, size: int, tokens: int, batch: int, repeats: int, seed: int):
-    """Per repeat, (prefill s, decode tok/s at batch 1, at `batch`, the batch's tokens): prefill is PNG
-    bytes to the first token, a new image each time, and the decodes take new images too (so neither
-    cache helps)."""
+    """Per repeat, (prefill s, decode tok/s at batch 1, at `batch`, the batch's tokens, what ran the
+    prefill's LM in words): prefill is PNG bytes to the first token, a new image each time, and the
+    decodes take new images too (so neither cache helps)."""
     from PIL import Image
 
     from vlmforge.infer.request import SamplingParams
@@ -127,12 +127,13 @@ def engine_repeats(vlm, engine, size: int, tokens: int, batch: int, repeats: int
         while not req.done:
             engine.step()
         prefill = req.first_token_at - t0
+        prefilled = getattr(engine.lm_forward, "prefilled", None)
         image = _picture(seed + 1000 * r + 1, size)
         b1 = _decode_rate(engine.generate([vlm.build_prompt(QUESTION, images=[image])], [[image]], params))
         images = [_picture(seed + 1000 * r + 2 + i, size) for i in range(batch)]
         prompts = [vlm.build_prompt(QUESTION, images=[im]) for im in images]
         reqs = engine.generate(prompts, [[im] for im in images], params)
-        yield prefill, b1, _decode_rate(reqs), [r.tokens for r in reqs]
+        yield prefill, b1, _decode_rate(reqs), [r.tokens for r in reqs], prefilled
 
 
 def medians(rows: list[tuple]) -> dict:
@@ -309,7 +310,7 @@ def _measure(cfg: GenerateBench) -> dict:
                 it.close()
         result["engine"] = medians(rows["engine"])
         result["batch_attention"] = engine.lm_forward.attention  # what the batch's last step ran
-        result["prefilled"] = engine.lm_forward.prefilled if lean else None  # what ran the last prefill
+        result["prefilled"] = rows["engine"][-1][4] if lean else None  # what ran the timed prefill
         if files:
             result["llama.cpp"] = medians(rows["llama.cpp"]) | {
                 "gguf_type": files[0].stem.split("-", 1)[1],
