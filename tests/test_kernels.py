@@ -429,6 +429,9 @@ def test_encoder_equals_the_layers_by_torch(heads, d, keep_threads):
         bad = list(layers)
         bad[1] = (*bad[1][:4], kernels.Tiles(torch.ones(inter, dim + 1)), bad[1][5])
         kernels.Encoder(kernels.Tiles(embed, embed_b), pos, bad, heads, eps, scale, "tanh")
+    with pytest.raises(ValueError, match=rf"Encoder: layer 0's norm 2 must be \[{dim}\], got \({dim + 1},\)"):
+        bad = [(layers[0][0], *layers[0][1:3], (torch.ones(dim + 1), torch.ones(dim)), *layers[0][4:])]
+        kernels.Encoder(kernels.Tiles(embed, embed_b), pos, bad, heads, eps, scale, "tanh")
     with pytest.raises(ValueError, match=r"a head dim that is a multiple of 16"):
         kernels.Encoder(kernels.Tiles(embed, embed_b), pos, layers, dim // 8, eps, scale, "tanh")
 

@@ -127,7 +127,7 @@ def engine_repeats(vlm, engine, size: int, tokens: int, batch: int, repeats: int
         while not req.done:
             engine.step()
         prefill = req.first_token_at - t0
-        prefilled = getattr(engine.lm_forward, "prefilled", None)
+        prefilled = engine.lm_forward.prefilled
         image = _picture(seed + 1000 * r + 1, size)
         b1 = _decode_rate(engine.generate([vlm.build_prompt(QUESTION, images=[image])], [[image]], params))
         images = [_picture(seed + 1000 * r + 2 + i, size) for i in range(batch)]

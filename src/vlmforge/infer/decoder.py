@@ -588,12 +588,11 @@ class Decoder:
         slot, starts, lengths = mode
         total = sum(lengths)
         wanted = rows.tolist()
-        if (
-            total > PREFILL_ROWS
-            or len(lengths) != embeds.shape[0]
-            or any(not 0 <= r < n for r, n in zip(wanted, lengths))
-        ):
+        if total > PREFILL_ROWS:
             self.prefilled = f"operation by operation ({total} rows: the stack takes up to {PREFILL_ROWS})"
+            return None
+        if len(lengths) != embeds.shape[0] or any(not 0 <= r < n for r, n in zip(wanted, lengths)):
+            self.prefilled = "operation by operation (rows wanted past a prompt's tokens)"
             return None
         key = ("prefill", total == 1, total <= max((w.tile_rows for w in self._tiled), default=0))
         if key not in self._stacks:

@@ -413,11 +413,11 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: V
     return out
 
 
-def _vector(whose: str, t: torch.Tensor, size: int, exact: bool) -> None:
+def _vector(whose: str, t: torch.Tensor, size: int, exact: bool, owner: str = "Stack") -> None:
     """`t` must be a contiguous float32 CPU vector of `size` values (or more, unless `exact`)."""
-    _float_cpu(f"Stack: {whose}", t)
+    _float_cpu(f"{owner}: {whose}", t)
     if t.dim() != 1 or not t.is_contiguous() or (t.shape[0] != size if exact else t.shape[0] < size):
-        raise ValueError(f"Stack: {whose} must be [{'' if exact else '>= '}{size}], got {tuple(t.shape)}")
+        raise ValueError(f"{owner}: {whose} must be [{'' if exact else '>= '}{size}], got {tuple(t.shape)}")
 
 
 class Stack:
@@ -748,7 +748,7 @@ class Encoder:
         for i, (n1, qkv, o, n2, fc1, fc2) in enumerate(layers):
             for name, t in (("norm 1", n1), ("norm 2", n2)):
                 for part in t:
-                    _vector(f"Encoder's layer {i}'s {name}", part, dim, exact=True)
+                    _vector(f"layer {i}'s {name}", part, dim, exact=True, owner="Encoder")
             for w, (out, inp) in zip((qkv, o, fc1, fc2), shapes):
                 if not isinstance(w, Tiles) or (w.out, w.inp) != (out, inp):
                     raise ValueError(f"Encoder: layer {i}'s projections must be tiles of [{out}, {inp}]")
@@ -756,7 +756,7 @@ class Encoder:
             rows.append([0 if t is None else t.data_ptr() for t in ptrs + [fc2.tiles, fc2.bias]])
         if post is not None:
             for part in post:
-                _vector("Encoder's final norm", part, dim, exact=True)
+                _vector("the final norm", part, dim, exact=True, owner="Encoder")
         # the tensors the table points into, kept alive
         self.embed, self.pos, self.layers, self.post = embed, pos, layers, post
         self.table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 12)
